@@ -1,0 +1,34 @@
+"""vdisk: sparse virtual-disk images that track their own changes.
+
+    >>> import vdisk
+    >>> d = vdisk.create("disk.vdk", size="10GiB")
+    >>> d.pwrite(b"hello", 0)
+    >>> cid = d.checkpoint()
+    >>> d.changes_since(cid)
+
+The compiled core (vdisk._fast) is required: there is no pure-Python
+stand-in, so a broken build fails here, loudly.
+"""
+try:
+    from . import _fast  # noqa: F401
+except ImportError as exc:  # pragma: no cover - a broken install
+    raise ImportError(
+        "vdisk's compiled extension vdisk._fast is missing or broken; reinstall with "
+        "'pip install .' (needs a C compiler, Cython and numpy)") from exc
+
+from .check import CheckResult, check
+from .disk import Disk, create, open
+from .errors import (ClosedError, CorruptImageError, FormatError, ImageLockedError, InvalidArgumentError,
+                     OutOfRangeError, ReadOnlyError, StaleChangeIdError, UnsupportedFeatureError, VdiskError,
+                     VdiskIOError)
+from .extents import Extents
+from .layout import parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "create", "open", "check", "Disk", "Extents", "CheckResult", "parse_size",
+    "VdiskError", "FormatError", "CorruptImageError", "ImageLockedError", "UnsupportedFeatureError",
+    "OutOfRangeError", "ReadOnlyError", "StaleChangeIdError", "VdiskIOError", "ClosedError",
+    "InvalidArgumentError", "__version__",
+]

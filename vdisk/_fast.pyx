@@ -1,0 +1,310 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Data-oriented kernels for vdisk: zero detection, run building, counter
+folds and scans, table walks.
+
+Every function takes typed memoryviews and returns arrays or scalars.  The
+Python callers check index ranges before calling in (these kernels run with
+bounds checking off), and each loop releases the GIL.
+"""
+import numpy as np
+cimport numpy as cnp
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int64_t, uint64_t
+from libc.string cimport memcmp
+from libc.stdlib cimport malloc, realloc, free
+
+cnp.import_array()
+
+
+# ---------------------------------------------------------------------------
+# growable run buffer (start, length) pairs in C memory
+cdef struct RunBuf:
+    int64_t *starts
+    int64_t *lengths
+    Py_ssize_t n
+    Py_ssize_t cap
+
+
+cdef int runbuf_push(RunBuf *rb, int64_t start, int64_t length) noexcept nogil:
+    cdef Py_ssize_t newcap
+    cdef int64_t *s
+    cdef int64_t *l
+    if rb.n > 0 and rb.starts[rb.n - 1] + rb.lengths[rb.n - 1] == start:
+        rb.lengths[rb.n - 1] += length
+        return 0
+    if rb.n == rb.cap:
+        newcap = rb.cap * 2 if rb.cap else 256
+        s = <int64_t *> realloc(rb.starts, newcap * sizeof(int64_t))
+        if s == NULL:
+            return -1
+        rb.starts = s
+        l = <int64_t *> realloc(rb.lengths, newcap * sizeof(int64_t))
+        if l == NULL:
+            return -1
+        rb.lengths = l
+        rb.cap = newcap
+    rb.starts[rb.n] = start
+    rb.lengths[rb.n] = length
+    rb.n += 1
+    return 0
+
+
+cdef object runbuf_finish(RunBuf *rb, int failed):
+    cdef Py_ssize_t i
+    cdef cnp.ndarray[int64_t, ndim=1] starts
+    cdef cnp.ndarray[int64_t, ndim=1] lengths
+    try:
+        if failed:
+            raise MemoryError("vdisk._fast: out of memory building runs")
+        starts = np.empty(rb.n, dtype=np.int64)
+        lengths = np.empty(rb.n, dtype=np.int64)
+        for i in range(rb.n):
+            starts[i] = rb.starts[i]
+            lengths[i] = rb.lengths[i]
+        return starts, lengths
+    finally:
+        free(rb.starts)
+        free(rb.lengths)
+        rb.starts = NULL
+        rb.lengths = NULL
+
+
+# ---------------------------------------------------------------------------
+def is_zero(const uint8_t[::1] buf) -> bool:
+    """True when every byte of buf is zero."""
+    cdef Py_ssize_t n = buf.shape[0]
+    cdef Py_ssize_t i, head
+    cdef const uint8_t *p
+    cdef bint result = True
+    if n == 0:
+        return True
+    p = &buf[0]
+    with nogil:
+        head = 16 if n >= 16 else n
+        for i in range(head):
+            if p[i]:
+                result = False
+                break
+        if result and n > 16:
+            result = memcmp(p, p + 16, n - 16) == 0
+    return result
+
+
+def zero_blocks(const uint8_t[::1] buf, Py_ssize_t block_size):
+    """uint8 array, one entry per block_size chunk of buf: 1 where the chunk is all zeros."""
+    cdef Py_ssize_t n = buf.shape[0]
+    cdef Py_ssize_t nb = (n + block_size - 1) // block_size if block_size > 0 else 0
+    cdef cnp.ndarray[uint8_t, ndim=1] out = np.zeros(nb, dtype=np.uint8)
+    cdef uint8_t *o = <uint8_t *> out.data
+    cdef const uint8_t *p
+    cdef Py_ssize_t b, i, lo, ln
+    cdef bint z
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    if n == 0:
+        return out
+    p = &buf[0]
+    with nogil:
+        for b in range(nb):
+            lo = b * block_size
+            ln = block_size if lo + block_size <= n else n - lo
+            z = True
+            for i in range(16 if ln >= 16 else ln):
+                if p[lo + i]:
+                    z = False
+                    break
+            if z and ln > 16:
+                z = memcmp(p + lo, p + lo + 16, ln - 16) == 0
+            o[b] = z
+    return out
+
+
+def nonzero_runs(const uint32_t[::1] a, Py_ssize_t start, Py_ssize_t stop):
+    """Runs (starts, lengths) of indices in [start, stop) where a[i] != 0."""
+    cdef RunBuf rb
+    cdef Py_ssize_t i, run = -1
+    cdef int failed = 0
+    rb.starts = NULL; rb.lengths = NULL; rb.n = 0; rb.cap = 0
+    if not 0 <= start <= stop <= a.shape[0]:
+        raise IndexError(f"range [{start}, {stop}) outside 0..{a.shape[0]}")
+    with nogil:
+        for i in range(start, stop):
+            if a[i]:
+                if run < 0:
+                    run = i
+            elif run >= 0:
+                if runbuf_push(&rb, run, i - run):
+                    failed = 1
+                    break
+                run = -1
+        if not failed and run >= 0:
+            failed = runbuf_push(&rb, run, stop - run)
+    return runbuf_finish(&rb, failed)
+
+
+# ---------------------------------------------------------------------------
+# change tracking
+def build_summary(const uint32_t[::1] counters, uint32_t[::1] summary, int group_shift, Py_ssize_t nblocks):
+    """summary[g] = max(counters[g << shift : (g + 1) << shift]) for the first nblocks counters."""
+    cdef Py_ssize_t ng = (nblocks + (1 << group_shift) - 1) >> group_shift
+    cdef Py_ssize_t g, i, hi
+    cdef uint32_t m
+    if nblocks > counters.shape[0] or ng > summary.shape[0]:
+        raise IndexError("build_summary: arrays too short")
+    with nogil:
+        for g in range(ng):
+            m = 0
+            hi = (g + 1) << group_shift
+            if hi > nblocks:
+                hi = nblocks
+            for i in range(g << group_shift, hi):
+                if counters[i] > m:
+                    m = counters[i]
+            summary[g] = m
+    return None
+
+
+def fold(uint8_t[::1] dirty, uint8_t[::1] dirty_groups, uint32_t[::1] counters, uint32_t[::1] summary,
+         const int64_t[::1] groups, uint32_t generation, int group_shift, Py_ssize_t nblocks):
+    """Fold the fine dirty bits of the listed groups into the counters.
+
+    For every block i of those groups with dirty[i] set: counters[i] =
+    generation, dirty[i] cleared; the group's summary becomes at least
+    generation and its dirty_groups flag is cleared.  Returns the number of
+    blocks folded.
+    """
+    cdef Py_ssize_t k, g, i, hi, count = 0
+    cdef Py_ssize_t ngroups = groups.shape[0]
+    cdef Py_ssize_t nsum = summary.shape[0]
+    if nblocks > dirty.shape[0] or nblocks > counters.shape[0]:
+        raise IndexError("fold: arrays shorter than nblocks")
+    for k in range(ngroups):
+        if groups[k] < 0 or groups[k] >= nsum or groups[k] >= dirty_groups.shape[0]:
+            raise IndexError(f"fold: group {groups[k]} out of range")
+    with nogil:
+        for k in range(ngroups):
+            g = groups[k]
+            hi = (g + 1) << group_shift
+            if hi > nblocks:
+                hi = nblocks
+            for i in range(g << group_shift, hi):
+                if dirty[i]:
+                    dirty[i] = 0
+                    counters[i] = generation
+                    count += 1
+            if summary[g] < generation:
+                summary[g] = generation
+            dirty_groups[g] = 0
+    return count
+
+
+def changed_runs(const uint32_t[::1] counters, const uint8_t[::1] dirty, const uint32_t[::1] summary,
+                 const uint8_t[::1] dirty_groups, uint32_t since, int group_shift, Py_ssize_t nblocks):
+    """Runs (starts, lengths) of blocks i < nblocks with counters[i] > since or dirty[i].
+
+    Groups whose summary is <= since and whose dirty_groups flag is clear
+    are skipped without touching their counters.
+    """
+    cdef RunBuf rb
+    cdef Py_ssize_t ng = (nblocks + (1 << group_shift) - 1) >> group_shift
+    cdef Py_ssize_t g, i, lo, hi, run = -1
+    cdef int failed = 0
+    rb.starts = NULL; rb.lengths = NULL; rb.n = 0; rb.cap = 0
+    if nblocks > counters.shape[0] or nblocks > dirty.shape[0] or ng > summary.shape[0] \
+            or ng > dirty_groups.shape[0]:
+        raise IndexError("changed_runs: arrays too short")
+    with nogil:
+        for g in range(ng):
+            lo = g << group_shift
+            hi = lo + (1 << group_shift)
+            if hi > nblocks:
+                hi = nblocks
+            if summary[g] <= since and not dirty_groups[g]:
+                if run >= 0:
+                    if runbuf_push(&rb, run, lo - run):
+                        failed = 1
+                        break
+                    run = -1
+                continue
+            for i in range(lo, hi):
+                if counters[i] > since or dirty[i]:
+                    if run < 0:
+                        run = i
+                elif run >= 0:
+                    if runbuf_push(&rb, run, i - run):
+                        failed = 1
+                        break
+                    run = -1
+            if failed:
+                break
+        if not failed and run >= 0:
+            failed = runbuf_push(&rb, run, nblocks - run)
+    return runbuf_finish(&rb, failed)
+
+
+# ---------------------------------------------------------------------------
+# table walks
+def check_table(const uint32_t[::1] table, Py_ssize_t n, uint64_t lo, uint64_t hi) -> int:
+    """Index of the first entry of table[:n] that is nonzero and outside [lo, hi), or -1."""
+    cdef Py_ssize_t i, bad = -1
+    cdef uint32_t v
+    if n > table.shape[0]:
+        raise IndexError("check_table: n beyond the table")
+    with nogil:
+        for i in range(n):
+            v = table[i]
+            if v != 0 and (v < lo or v >= hi):
+                bad = i
+                break
+    return bad
+
+
+def count_refs(const uint32_t[::1] table, Py_ssize_t n, uint32_t[::1] refs) -> int:
+    """refs[table[i]] += 1 for every nonzero entry of table[:n]; returns the number counted.
+
+    Entries >= len(refs) raise IndexError (validate with check_table first).
+    """
+    cdef Py_ssize_t i, count = 0, bad = -1
+    cdef uint32_t v
+    cdef Py_ssize_t nrefs = refs.shape[0]
+    if n > table.shape[0]:
+        raise IndexError("count_refs: n beyond the table")
+    with nogil:
+        for i in range(n):
+            v = table[i]
+            if v:
+                if v >= nrefs:
+                    bad = i
+                    break
+                refs[v] += 1
+                count += 1
+    if bad >= 0:
+        raise IndexError(f"count_refs: entry {bad} points past the refcount array")
+    return count
+
+
+def pages_touched(const int64_t[::1] starts, const int64_t[::1] lengths, int page_shift):
+    """Sorted unique page numbers (index >> page_shift) covered by the runs."""
+    cdef Py_ssize_t k, n = starts.shape[0]
+    cdef int64_t p, first, last, prev = -1
+    cdef RunBuf rb
+    cdef int failed = 0
+    rb.starts = NULL; rb.lengths = NULL; rb.n = 0; rb.cap = 0
+    if lengths.shape[0] != n:
+        raise ValueError("pages_touched: starts and lengths differ in length")
+    with nogil:
+        for k in range(n):
+            if lengths[k] <= 0:
+                continue
+            first = starts[k] >> page_shift
+            last = (starts[k] + lengths[k] - 1) >> page_shift
+            if first <= prev:
+                first = prev + 1
+            if first <= last:
+                if runbuf_push(&rb, first, last - first + 1):
+                    failed = 1
+                    break
+                prev = last
+    s, l = runbuf_finish(&rb, failed)
+    if len(s) == 0:
+        return np.empty(0, dtype=np.int64)
+    return np.concatenate([np.arange(a, a + b, dtype=np.int64) for a, b in zip(s, l)])

@@ -1,0 +1,205 @@
+"""Consistency check and repair (``vdisk check``), after ``qemu-img check``.
+
+Recomputes every reference from the header and the block table and
+compares it with the stored refcounts:
+
+* corruption: a pointer outside the data area or into metadata, a block
+  referenced more often than its refcount says (it could be handed out
+  again), a table entry past the virtual size, a change counter newer
+  than the image's generation;
+* leak: a block whose refcount is higher than its references (space that
+  a crash left allocated; harmless, reclaimed by repair).
+
+``repair=True`` clears bad pointers (their blocks read as zeros and count
+as changed), rewrites the refcounts from the references, clamps counters,
+and syncs.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import _fast
+from . import layout as L
+from .disk import _load_array, _read_header
+from .errors import CorruptImageError, FormatError
+from .fileio import FileIO
+
+MAX_LISTED = 20   # corruptions listed one by one; the rest are counted
+
+
+@dataclasses.dataclass
+class CheckResult:
+    ok: bool = True
+    corruptions: list = dataclasses.field(default_factory=list)
+    leaked_blocks: int = 0
+    repaired: bool = False
+    allocated_blocks: int = 0
+    total_blocks: int = 0
+    image_end_offset: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Report:
+    def __init__(self):
+        self.items: list[str] = []
+        self.extra = 0
+
+    def add(self, msg: str) -> None:
+        if len(self.items) < MAX_LISTED:
+            self.items.append(msg)
+        else:
+            self.extra += 1
+
+    def finish(self) -> list[str]:
+        if self.extra:
+            return self.items + [f"... and {self.extra} more"]
+        return self.items
+
+
+def check(path, repair: bool = False, *, io_factory=FileIO) -> CheckResult:
+    """Check (and with repair=True, repair) the image at path."""
+    fio = io_factory(path, writable=repair)
+    try:
+        fio.lock(exclusive=repair)
+        result = _check(fio, repair=False)
+        if repair and not result.ok:
+            _check(fio, repair=True)
+            result2 = _check(fio, repair=False)
+            result2.repaired = True
+            return result2
+        return result
+    finally:
+        fio.close()
+
+
+def _check(fio, repair: bool) -> CheckResult:
+    if fio.size() < 2 * L.SLOT_SIZE and fio.pread(8, 0) != L.MAGIC:
+        raise FormatError(f"{fio.path}: not a vdisk image")
+    hdr, _slot = _read_header(fio)
+    if hdr.snapshot_count:
+        from .errors import UnsupportedFeatureError
+        raise UnsupportedFeatureError(f"{fio.path}: checking images with snapshots is not supported yet")
+    file_size = fio.size()
+    bs = hdr.block_size
+    nb = hdr.nblocks
+    end_block = -(-file_size // bs)
+    report = _Report()
+    table = _load_array(fio, hdr.table_offset, hdr.table_capacity, np.uint32, file_size)
+    refcounts = _load_array(fio, hdr.refcount_offset, hdr.refcount_capacity, np.uint16, file_size)
+    table_dirty = False
+
+    # entries past the virtual size must be zero
+    beyond = np.flatnonzero(table[nb:])
+    for i in beyond[:MAX_LISTED].tolist():
+        report.add(f"block table entry {nb + i} past the virtual size ({nb} blocks) is set")
+    report.extra += max(0, len(beyond) - MAX_LISTED)
+    if len(beyond) and repair:
+        table[nb:] = 0
+        table_dirty = True
+
+    # pointers inside the data area
+    meta_end = L.round_up(L.HEADER_AREA, bs) // bs
+    hi = min(end_block, hdr.refcount_capacity)
+    live = table[:nb]
+    bad = np.flatnonzero((live != 0) & ((live < meta_end) | (live >= hi)))
+    for i in bad[:MAX_LISTED].tolist():
+        report.add(f"block {i}: points to physical block {int(live[i])} outside the data area [{meta_end}, {hi})")
+    report.extra += max(0, len(bad) - MAX_LISTED)
+    cleared = list(bad.tolist())
+
+    # reference counts: metadata regions + the live table
+    size = max(hi, 1)
+    refs = np.zeros(size, dtype=np.uint32)
+    meta = np.zeros(size, dtype=bool)
+    for _name, off, length in hdr.regions():
+        lo_b, hi_b = off // bs, min((off + length) // bs, size)
+        refs[lo_b:hi_b] += 1
+        meta[lo_b:hi_b] = True
+    valid = live.copy()
+    valid[bad] = 0
+    live_refs = np.zeros(size, dtype=np.uint32)
+    _fast.count_refs(valid, nb, live_refs)
+    dup = np.flatnonzero(live_refs > 1)
+    for p in dup[:MAX_LISTED].tolist():
+        report.add(f"physical block {p} is mapped by {int(live_refs[p])} virtual blocks")
+    report.extra += max(0, len(dup) - MAX_LISTED)
+    into_meta = np.flatnonzero(meta & (live_refs > 0))
+    for p in into_meta[:MAX_LISTED].tolist():
+        report.add(f"physical block {p} belongs to a metadata region but is mapped as data")
+    report.extra += max(0, len(into_meta) - MAX_LISTED)
+    if repair and (len(dup) or len(into_meta)):
+        # keep the first mapping of a shared block, drop the others and any into metadata
+        seen = set()
+        for i in np.flatnonzero(valid).tolist():
+            p = int(valid[i])
+            if meta[p] or p in seen:
+                cleared.append(i)
+                valid[i] = 0
+            else:
+                seen.add(p)
+        live_refs[:] = 0
+        _fast.count_refs(valid, nb, live_refs)
+    refs += live_refs
+
+    stored = refcounts[:size].astype(np.uint32)
+    under = np.flatnonzero(refs > stored)
+    for p in under[:MAX_LISTED].tolist():
+        if not meta[p] or live_refs[p] == 0:
+            report.add(f"physical block {p}: refcount {int(stored[p])}, but {int(refs[p])} references")
+    report.extra += max(0, len(under) - MAX_LISTED)
+    leaked = int(np.count_nonzero(refs < stored))
+    past = refcounts[size:]
+    leaked += int(np.count_nonzero(past))
+
+    # tracking counters
+    if hdr.tracking:
+        counters = _load_array(fio, hdr.counter_offset, hdr.table_capacity, np.uint32, file_size)
+        future = np.flatnonzero(counters[:nb] > hdr.generation)
+        for i in future[:MAX_LISTED].tolist():
+            report.add(f"block {i}: change counter {int(counters[i])} is newer than generation {hdr.generation}")
+        report.extra += max(0, len(future) - MAX_LISTED)
+        if repair:
+            counters[future] = hdr.generation
+            counters[cleared] = hdr.generation      # their content changed: report them
+            counters[nb:] = 0
+            _write_all(fio, counters, hdr.counter_offset)
+
+    if repair:
+        if cleared:
+            table[cleared] = 0
+            table_dirty = True
+        if table_dirty:
+            _write_all(fio, table, hdr.table_offset)
+        new_refs = np.zeros(hdr.refcount_capacity, dtype=np.uint16)
+        new_refs[:size] = np.minimum(refs, L.MAX_REFCOUNT)
+        # order: the cleared table durable before the refcounts drop
+        fio.fsync()
+        _write_all(fio, new_refs, hdr.refcount_offset)
+        fio.fsync()
+
+    corruptions = report.finish()
+    return CheckResult(
+        ok=not corruptions and leaked == 0, corruptions=corruptions, leaked_blocks=leaked,
+        allocated_blocks=int(np.count_nonzero(valid)), total_blocks=nb, image_end_offset=file_size)
+
+
+def _write_all(fio, arr: np.ndarray, base: int) -> None:
+    """Rewrite a region: nonzero pages written, zero pages punched (or written as zeros)."""
+    raw = arr.view(np.uint8)
+    page = 4096
+    npages = -(-raw.nbytes // page)
+    for i in range(npages):
+        chunk = raw[i * page:(i + 1) * page]
+        if chunk.any():
+            fio.pwrite(chunk, base + i * page)
+        else:
+            existing = fio.pread(len(chunk), base + i * page)
+            if existing.strip(b"\0"):
+                fio.pwrite(chunk, base + i * page)
+
+
+__all__ = ["check", "CheckResult", "CorruptImageError"]

@@ -1,0 +1,298 @@
+"""The ``vdisk`` command line, in the manner of ``qemu-img``.
+
+Commands::
+
+    vdisk create FILE SIZE [--block-size N] [--no-track-changes] [--overwrite]
+    vdisk info FILE [--output human|json]
+    vdisk check FILE [--repair] [--output human|json]
+    vdisk map FILE [--output human|json]
+    vdisk resize FILE [+|-]SIZE
+    vdisk checkpoint FILE
+    vdisk changes FILE --since ID|* [--output human|json]
+
+Sizes are bytes or take a unit: 512, 64KiB, 10GiB, 1G (K/M/G/T are binary).
+
+Exit codes
+----------
+0   success (for ``check``: the image is clean)
+1   error: the operation failed, or ``check`` could not check the image
+    (not a vdisk image, locked, unreadable, ...)
+2   usage error (unknown command or option, missing argument);
+    for ``check``: the image is corrupt
+3   ``check`` only: leaked blocks were found, but no corruption
+
+Every error is reported as exactly one line on stderr,
+``vdisk: error: <message>``, never as a traceback.  A traceback means a
+bug in vdisk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+import vdisk
+from vdisk.layout import format_size
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CORRUPT = 2
+EXIT_LEAKS = 3
+
+
+# ---------------------------------------------------------------------------- errors
+def _error_message(exc: BaseException) -> str:
+    """One line describing a user-facing error."""
+    if isinstance(exc, click.UsageError):
+        msg = exc.format_message()
+        if exc.ctx is not None:
+            msg += f" (try '{exc.ctx.command_path} --help')"
+    elif isinstance(exc, click.ClickException):
+        msg = exc.format_message()
+    elif isinstance(exc, OSError) and exc.strerror:
+        # OSError's str() is "[Errno 2] ...: 'path'"; say "path: reason" once
+        msg = exc.strerror
+        if exc.filename is not None and os.fspath(exc.filename) not in msg:
+            msg = f"{os.fspath(exc.filename)}: {msg}"
+    else:
+        msg = str(exc) or type(exc).__name__
+    return " ".join(msg.split())
+
+
+def _report_error(exc: BaseException) -> None:
+    click.echo(f"vdisk: error: {_error_message(exc)}", err=True)
+
+
+class VdiskGroup(click.Group):
+    """A click group that turns user errors into one ``vdisk: error:`` line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if prog_name is None:
+            prog_name = "vdisk"
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            # non-standalone: exceptions reach us, and ctx.exit(n) comes back as n
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            _report_error(exc)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("vdisk: error: aborted", err=True)
+            sys.exit(EXIT_ERROR)
+        except (vdisk.VdiskError, OSError) as exc:
+            _report_error(exc)
+            sys.exit(EXIT_ERROR)
+        # the commands return None; an int is an exit code from ctx.exit()
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+# ---------------------------------------------------------------------------- shared helpers
+output_option = click.option(
+    "--output", type=click.Choice(["human", "json"]), default="human", show_default=True,
+    help="Output format.")
+
+file_argument = click.argument("file", type=click.Path())
+
+
+def _emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+def _size(text: str, what: str = "size") -> int:
+    return vdisk.parse_size(text, what)
+
+
+def _table(rows: list[tuple[str, object]]) -> None:
+    """Print aligned ``key: value`` lines."""
+    width = max(len(k) for k, _ in rows) + 2
+    for key, value in rows:
+        click.echo(f"{key + ':':<{width}}{value}")
+
+
+# ---------------------------------------------------------------------------- commands
+@click.group(cls=VdiskGroup, context_settings={"help_option_names": ["--help"]})
+@click.version_option(vdisk.__version__, prog_name="vdisk")
+def main() -> None:
+    """Create, inspect, check and track sparse vdisk images."""
+
+
+@main.command()
+@file_argument
+@click.argument("size")
+@click.option("--block-size", default="64KiB", show_default=True, help="Allocation unit (4KiB..4MiB).")
+@click.option("--no-track-changes", is_flag=True, help="Create the image without change tracking.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+def create(file: str, size: str, block_size: str, no_track_changes: bool, overwrite: bool) -> None:
+    """Create an image FILE of virtual size SIZE."""
+    nbytes = _size(size)
+    bs = _size(block_size, "block size")
+    if os.path.exists(file) and not overwrite:
+        raise vdisk.InvalidArgumentError(f"{file} exists (use --overwrite to replace it)")
+    with vdisk.create(file, nbytes, block_size=bs, overwrite=overwrite,
+                      track_changes=not no_track_changes) as d:
+        click.echo(f"Formatting '{file}', fmt=vdisk size={d.size} block_size={d.block_size}")
+
+
+@main.command()
+@file_argument
+@output_option
+def info(file: str, output: str) -> None:
+    """Show the image's geometry, allocation and tracking state."""
+    with vdisk.open(file) as d:
+        data = d.info()
+    if output == "json":
+        _emit_json(data)
+        return
+    rows = [
+        ("image", data["path"]),
+        ("file format", data["format"]),
+        ("version", data["version"]),
+        ("virtual size", f"{format_size(data['virtual_size'])} ({data['virtual_size']} bytes)"),
+        ("block size", data["block_size"]),
+        ("allocated", f"{format_size(data['allocated_bytes'])} ({data['allocated_blocks']} blocks)"),
+        ("file size", f"{format_size(data['file_size'])} ({data['file_size']} bytes)"),
+        ("uuid", data["uuid"]),
+        ("created", data["created"]),
+        ("snapshots", data["snapshots"]),
+        ("change tracking", "on" if data["track_changes"] else "off"),
+    ]
+    if data["track_changes"]:
+        rows += [
+            ("coarse region size", data["coarse_region_size"]),
+            ("generation", data["generation"]),
+            ("tracking id", data["tracking_id"]),
+            ("change id", data["change_id"] or "none (no checkpoint yet)"),
+            ("dirty coarse regions", data["dirty_coarse_regions"]),
+        ]
+    _table(rows)
+
+
+def _check_exit_code(result: vdisk.CheckResult) -> int:
+    if result.corruptions:
+        return EXIT_CORRUPT
+    if result.leaked_blocks:
+        return EXIT_LEAKS
+    return EXIT_OK
+
+
+def _print_findings(result: vdisk.CheckResult) -> None:
+    for msg in result.corruptions:
+        click.echo(f"ERROR {msg}")
+    if result.corruptions:
+        click.echo(f"\n{len(result.corruptions)} errors were found on the image.")
+        click.echo("Data may be corrupted, or further writes to the image may corrupt it.")
+    if result.leaked_blocks:
+        if result.corruptions:
+            click.echo()
+        click.echo(f"{result.leaked_blocks} leaked clusters were found on the image.")
+        click.echo("This means waste of disk space, but no harm to data.")
+    if not result.corruptions and not result.leaked_blocks:
+        click.echo("No errors were found on the image.")
+
+
+@main.command()
+@file_argument
+@click.option("--repair", is_flag=True, help="Repair leaks and corruptions.")
+@output_option
+@click.pass_context
+def check(ctx: click.Context, file: str, repair: bool, output: str) -> None:
+    """Check the image for consistency (exit 0 clean, 2 corrupt, 3 leaks, 1 could not check)."""
+    before = result = vdisk.check(file)
+    if repair and not before.ok:
+        # check(repair=True) reports the state after the repair; ``before`` says what it fixed
+        result = vdisk.check(file, repair=True)
+    if output == "json":
+        data = result.to_dict()
+        data.update({
+            "filename": file, "format": "vdisk", "check-errors": 0,
+            "corruption-count": len(result.corruptions), "leaks": result.leaked_blocks,
+        })
+        if result.repaired:
+            data.update({"corruptions-fixed": len(before.corruptions) - len(result.corruptions),
+                         "leaks-fixed": before.leaked_blocks - result.leaked_blocks})
+        _emit_json(data)
+    else:
+        if result.repaired:
+            click.echo("The following inconsistencies were found and repaired:\n")
+            click.echo(f"    {before.leaked_blocks} leaked clusters")
+            click.echo(f"    {len(before.corruptions)} corruptions\n")
+            click.echo("Double checking the fixed image now...")
+        _print_findings(result)
+        if result.total_blocks:
+            pct = 100.0 * result.allocated_blocks / result.total_blocks
+            click.echo(f"{result.allocated_blocks}/{result.total_blocks} = {pct:.2f}% allocated")
+        click.echo(f"Image end offset: {result.image_end_offset}")
+    ctx.exit(_check_exit_code(result))
+
+
+@main.command(name="map")
+@file_argument
+@output_option
+def map_(file: str, output: str) -> None:
+    """List the allocated (data) extents of the image."""
+    with vdisk.open(file) as d:
+        extents = list(d.map())
+    if output == "json":
+        _emit_json([{"offset": o, "length": n, "data": True} for o, n in extents])
+        return
+    click.echo(f"{'Offset':<16}Length")
+    for o, n in extents:
+        click.echo(f"{o:<#16x}{n:<#16x}".rstrip())
+
+
+def _new_size(spec: str, current: int) -> int:
+    """SIZE, +SIZE or -SIZE relative to current."""
+    sign = spec[:1] if spec[:1] in "+-" else ""
+    n = _size(spec[1:] if sign else spec)
+    if sign == "+":
+        return current + n
+    if sign == "-":
+        if n > current:
+            raise vdisk.OutOfRangeError(f"cannot shrink by {n} bytes: the image has only {current}")
+        return current - n
+    return n
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@file_argument
+@click.argument("size")
+def resize(file: str, size: str) -> None:
+    """Set the virtual size to SIZE, or grow/shrink it by +SIZE/-SIZE."""
+    with vdisk.open(file, "r+") as d:
+        d.resize(_new_size(size, d.size))
+    click.echo("Image resized.")
+
+
+@main.command()
+@file_argument
+def checkpoint(file: str) -> None:
+    """Take a change-tracking point; prints its change id."""
+    with vdisk.open(file, "r+") as d:
+        cid = d.checkpoint()
+    click.echo(cid)
+
+
+@main.command()
+@file_argument
+@click.option("--since", "since", required=True, metavar="ID",
+              help="A change id from 'vdisk checkpoint', or '*' for every allocated extent.")
+@output_option
+def changes(file: str, since: str, output: str) -> None:
+    """List the extents changed after the point ID."""
+    with vdisk.open(file) as d:
+        extents = d.changes_since(since)
+        change_id = d.change_id
+    if output == "json":
+        _emit_json({"since": since, "change_id": change_id, "extents": extents.to_list(),
+                    "bytes": extents.nbytes})
+        return
+    for o, n in extents:
+        click.echo(f"{o} {n}")
+    click.echo(f"{len(extents)} extents, {extents.nbytes} bytes")
+
+
+if __name__ == "__main__":
+    main()

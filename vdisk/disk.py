@@ -1,0 +1,878 @@
+"""The Disk: a sparse, crash-safe, change-tracking virtual disk in one file.
+
+The crash contract
+------------------
+After a crash or power loss at any moment the image opens, and every block
+reads either its content as of the last completed ``flush()`` or content
+written after it: never zeros in place of flushed data, never another
+block's data, never garbage.  ``check`` then finds no corruption (leaked
+blocks are allowed, reported and repairable).
+
+How: data is written before any metadata that points to it; the metadata
+changes of an interval live in memory and reach the file at ``flush()`` in
+a fixed order (docs/FORMAT.md, "Write order"):
+
+1. counter pages of the tracking fold, refcount pages with increments;
+2. fsync  (data, refcounts and counters durable);
+3. block table pages;
+4. fsync  (the new mapping is durable);
+5. refcount decrements of blocks the table stopped referencing; only now
+   may those blocks be reused; coarse change bits cleared.
+
+Geometry changes (resize, table relocation) and generation changes commit
+through the header, written to the slot the current header does not occupy
+and fsynced: a torn header write leaves the other slot valid.
+
+Threads: every public method takes the Disk's lock; data I/O runs in
+os.pread/os.pwrite, which release the GIL.  Processes: a writer holds an
+exclusive flock on the file, readers a shared one.
+"""
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+import uuid as _uuid
+
+import numpy as np
+
+from . import _fast
+from . import layout as L
+from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError,
+                     ReadOnlyError, UnsupportedFeatureError, VdiskError)
+from .extents import Extents
+from .fileio import FileIO
+from .tracking import ChangeTracker, format_change_id, parse_change_id, _page_runs
+
+PAGE = 4096
+TABLE_PER_PAGE = PAGE // L.TABLE_ENTRY_BYTES
+REFS_PER_PAGE = PAGE // L.REFCOUNT_BYTES
+DEFAULT_FOLD_INTERVAL = 1 << 16   # writes between automatic folds
+
+
+def _as_bytes_view(data) -> memoryview:
+    if isinstance(data, np.ndarray) and not data.flags.c_contiguous:
+        data = np.ascontiguousarray(data)
+    try:
+        mv = memoryview(data)
+    except TypeError:
+        raise InvalidArgumentError(f"expected a bytes-like object, got {type(data).__name__}") from None
+    if not mv.c_contiguous:
+        mv = memoryview(mv.tobytes())
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+
+
+def _load_array(fio, offset: int, count: int, dtype, file_size: int) -> np.ndarray:
+    """Read count entries at offset, touching only the data (non-hole) parts of
+    the file: never-used pages stay shared zero pages in memory."""
+    arr = np.zeros(count, dtype=dtype)
+    raw = arr.view(np.uint8)
+    end = offset + raw.nbytes
+    for off, length in fio.data_extents(offset, min(end, file_size)):
+        fio.preadinto(raw[off - offset:off - offset + length], off)
+    return arr
+
+
+def _parse_block_size(block_size) -> int:
+    bs = L.parse_size(block_size, "block_size")
+    if bs & (bs - 1) or not (1 << L.MIN_BLOCK_SHIFT) <= bs <= (1 << L.MAX_BLOCK_SHIFT):
+        raise InvalidArgumentError(f"block_size {bs}: must be a power of two from 4 KiB to 4 MiB")
+    return bs
+
+
+def _check_size(size: int, block_shift: int) -> None:
+    if size % L.SECTOR:
+        raise OutOfRangeError(f"size {size} is not a multiple of {L.SECTOR} bytes")
+    if L.blocks_for(size, block_shift) > L.MAX_BLOCKS:
+        raise OutOfRangeError(
+            f"size {size} needs {L.blocks_for(size, block_shift)} blocks of {1 << block_shift} bytes; "
+            f"the limit is {L.MAX_BLOCKS} blocks ({L.format_size(L.MAX_BLOCKS << block_shift)})")
+
+
+def _read_header(fio) -> tuple[L.Header, int]:
+    """The valid header slot with the highest sequence, and its slot index."""
+    file_size = fio.size()
+    raw = fio.pread(2 * L.SLOT_SIZE, 0)
+    if raw[:8] != L.MAGIC and raw[L.SLOT_SIZE:L.SLOT_SIZE + 8] != L.MAGIC:
+        raise FormatError(f"{fio.path}: not a vdisk image (no vdisk magic in either header slot)")
+    best, errors = None, []
+    for i in (0, 1):
+        try:
+            h = L.Header.unpack(raw[i * L.SLOT_SIZE:(i + 1) * L.SLOT_SIZE])
+        except FormatError as exc:
+            if raw[i * L.SLOT_SIZE:i * L.SLOT_SIZE + 8] == L.MAGIC:
+                raise FormatError(f"{fio.path}: header slot {i}: {exc}") from None
+            errors.append(f"slot {i}: {exc}")
+            continue
+        except CorruptImageError as exc:
+            errors.append(f"slot {i}: {exc}")
+            continue
+        if best is None or h.sequence > best[0].sequence:
+            best = (h, i)
+    if best is None:
+        raise CorruptImageError(f"{fio.path}: no valid header slot ({'; '.join(errors)})")
+    best[0].validate(file_size)
+    return best
+
+
+class Disk(io.RawIOBase):
+    """An open vdisk image.  Use :func:`vdisk.create` or :func:`vdisk.open`."""
+
+    def __init__(self, fio, header: L.Header, slot: int, writable: bool):
+        super().__init__()
+        self._io = fio
+        self._hdr = header
+        self._slot = slot
+        self._writable = writable
+        self._lock = threading.RLock()
+        self._pos = 0
+        self._shut = False
+        self.fold_interval = DEFAULT_FOLD_INTERVAL
+        self._load()
+
+    # ------------------------------------------------------------------ loading
+    def _load(self) -> None:
+        h, fio = self._hdr, self._io
+        if h.snapshot_count:
+            raise UnsupportedFeatureError(
+                f"{fio.path}: the image holds {h.snapshot_count} snapshots; this build of vdisk cannot open "
+                f"images with snapshots yet")
+        file_size = fio.size()
+        bs = h.block_size
+        nb = h.nblocks
+        self._table = _load_array(fio, h.table_offset, h.table_capacity, np.uint32, file_size)
+        self._table[nb:] = 0        # entries past the virtual size are never data
+        self._refcounts = _load_array(fio, h.refcount_offset, h.refcount_capacity, np.uint16, file_size)
+        self._end_block = -(-file_size // bs)
+        self._meta_end_block = L.round_up(L.HEADER_AREA, bs) // bs
+        self._validate_table(self._table, nb, "block table")
+        self._table_mv = memoryview(self._table)
+        self._refs_mv = memoryview(self._refcounts)
+        self._dirty_table_pages: set[int] = set()
+        self._dirty_ref_pages: set[int] = set()
+        self._pending_decref: list[int] = []
+        limit = min(self._end_block, h.refcount_capacity)
+        free = np.flatnonzero(self._refcounts[self._meta_end_block:limit] == 0) + self._meta_end_block
+        self._free = free[::-1].tolist()      # pop() hands out the lowest free block first
+        self._tracker = None
+        if h.tracking:
+            counters = _load_array(fio, h.counter_offset, h.table_capacity, np.uint32, file_size)
+            counters[nb:] = 0
+            bitmap = fio.pread(h.bitmap_length, h.bitmap_offset)
+            self._tracker = ChangeTracker(fio, h, counters, bitmap, self._writable)
+
+    def _validate_table(self, table, n: int, what: str) -> None:
+        """Every pointer inside the file and the refcount table, outside the
+        metadata regions, and held by a nonzero refcount."""
+        h = self._hdr
+        hi = min(self._end_block, h.refcount_capacity)
+        bad = _fast.check_table(table, n, self._meta_end_block, hi)
+        if bad >= 0:
+            raise CorruptImageError(
+                f"{self._io.path}: {what} entry {bad} points to physical block {int(table[bad])}, outside "
+                f"the data area [{self._meta_end_block}, {hi}) (run 'vdisk check --repair')")
+        used = table[:n][table[:n] != 0]
+        if len(used):
+            meta = self._metadata_mask()
+            hits = used[used < len(meta)]
+            hits = hits[meta[hits]]
+            if len(hits):
+                raise CorruptImageError(
+                    f"{self._io.path}: {what} points into a metadata region (physical block {int(hits[0])})")
+            zero = used[self._refcounts[used] == 0]
+            if len(zero):
+                raise CorruptImageError(
+                    f"{self._io.path}: {what} references physical block {int(zero[0])} whose refcount is 0 "
+                    f"(run 'vdisk check --repair')")
+
+    def _metadata_mask(self) -> np.ndarray:
+        bs = self._hdr.block_size
+        ends = [off + length for _, off, length in self._hdr.regions()]
+        mask = np.zeros(max(ends) // bs + 1, dtype=bool)
+        for _, off, length in self._hdr.regions():
+            mask[off // bs:(off + length) // bs] = True
+        return mask
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def size(self) -> int:
+        return self._hdr.virtual_size
+
+    @property
+    def block_size(self) -> int:
+        return self._hdr.block_size
+
+    @property
+    def uuid(self) -> _uuid.UUID:
+        return _uuid.UUID(bytes=self._hdr.image_uuid)
+
+    @property
+    def path(self) -> str:
+        return self._io.path
+
+    @property
+    def mode(self) -> str:
+        return "r+" if self._writable else "r"
+
+    @property
+    def generation(self) -> int:
+        return self._hdr.generation
+
+    @property
+    def tracking_id(self) -> str | None:
+        return str(_uuid.UUID(bytes=self._hdr.tracking_uuid)) if self._tracker else None
+
+    @property
+    def change_id(self) -> str | None:
+        """The id of the last point taken (None before the first, or without tracking)."""
+        if self._tracker is None or self._hdr.generation <= 1:
+            return None
+        return format_change_id(self._hdr.tracking_uuid, self._hdr.generation - 1)
+
+    @property
+    def track_changes(self) -> bool:
+        return self._tracker is not None
+
+    def info(self) -> dict:
+        """A summary for ``vdisk info``."""
+        with self._lock:
+            self._check_open()
+            h = self._hdr
+            allocated = int(np.count_nonzero(self._table[:h.nblocks]))
+            out = {
+                "path": self.path,
+                "format": "vdisk",
+                "version": h.version,
+                "virtual_size": h.virtual_size,
+                "block_size": h.block_size,
+                "uuid": str(self.uuid),
+                "allocated_blocks": allocated,
+                "allocated_bytes": allocated * h.block_size,
+                "file_size": self._io.size(),
+                "coarse_region_size": 1 << h.coarse_shift,
+                "track_changes": self.track_changes,
+                "snapshots": h.snapshot_count,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.created_ns / 1e9)),
+            }
+            if self._tracker:
+                out.update(generation=h.generation, tracking_id=self.tracking_id, change_id=self.change_id,
+                           dirty_coarse_regions=self._tracker.dirty_regions)
+            return out
+
+    # ------------------------------------------------------------------ io.RawIOBase
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return self._writable
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._check_open()
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self.size + offset
+        else:
+            raise InvalidArgumentError(f"invalid whence {whence}")
+        if pos < 0:
+            raise OutOfRangeError(f"negative seek position {pos}")
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        self._check_open()
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        mv = _as_bytes_view(buffer)
+        n = max(0, min(len(mv), self.size - self._pos))
+        if n:
+            self.preadinto(mv[:n], self._pos)
+        self._pos += n
+        return n
+
+    def write(self, data) -> int:
+        mv = _as_bytes_view(data)
+        n = self.pwrite(mv, self._pos)
+        self._pos += n
+        return n
+
+    # ------------------------------------------------------------------ guards
+    def _check_open(self) -> None:
+        if self._shut:
+            raise ClosedError("I/O operation on a closed Disk")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if not self._writable:
+            raise ReadOnlyError(f"{self.path} is open read-only (open with mode='r+' to write)")
+
+    def _check_range(self, offset: int, length: int, what: str) -> None:
+        if offset < 0 or length < 0:
+            raise OutOfRangeError(f"{what}: negative offset {offset} or length {length}")
+        if offset + length > self.size:
+            raise OutOfRangeError(
+                f"{what} of {length} bytes at offset {offset} reaches {offset + length}, past the virtual "
+                f"size {self.size}")
+
+    # ------------------------------------------------------------------ reads
+    def pread(self, length: int, offset: int) -> bytes:
+        """length bytes at offset; never-written areas read as zeros."""
+        self._check_range(offset, length, "read")
+        buf = bytearray(length)
+        self.preadinto(buf, offset)
+        return bytes(buf)
+
+    def preadinto(self, buffer, offset: int) -> int:
+        mv = _as_bytes_view(buffer)
+        if mv.readonly:
+            raise InvalidArgumentError("preadinto needs a writable buffer")
+        n = len(mv)
+        self._check_range(offset, n, "read")
+        with self._lock:
+            self._check_open()
+            self._read_locked(mv, offset)
+        return n
+
+    def _read_locked(self, mv: memoryview, offset: int) -> None:
+        shift = self._hdr.block_shift
+        bs = 1 << shift
+        table = self._table_mv
+        end = offset + len(mv)
+        pos = offset
+        run_phys = run_buf = None    # a run of physically contiguous blocks: one pread
+        while pos < end:
+            b = pos >> shift
+            lo = pos - (b << shift)
+            piece = min(bs - lo, end - pos)
+            p = table[b]
+            dst = mv[pos - offset:pos - offset + piece]
+            if p:
+                phys = (p << shift) + lo
+                if run_phys is not None and run_phys + run_len == phys:
+                    run_len += piece
+                else:
+                    if run_phys is not None:
+                        self._io.preadinto(mv[run_buf:run_buf + run_len], run_phys)
+                    run_phys, run_buf, run_len = phys, pos - offset, piece
+            else:
+                if run_phys is not None:
+                    self._io.preadinto(mv[run_buf:run_buf + run_len], run_phys)
+                    run_phys = None
+                dst[:] = bytes(piece) if piece < 4096 else np.zeros(piece, np.uint8).data
+            pos += piece
+        if run_phys is not None:
+            self._io.preadinto(mv[run_buf:run_buf + run_len], run_phys)
+
+    # ------------------------------------------------------------------ writes
+    def pwrite(self, data, offset: int) -> int:
+        """Write data at offset; returns len(data).  Zeros written to
+        unallocated blocks allocate nothing."""
+        mv = _as_bytes_view(data)
+        n = len(mv)
+        self._check_range(offset, n, "write")
+        with self._lock:
+            self._check_writable()
+            if n:
+                self._write_locked(mv, offset)
+        return n
+
+    def _write_locked(self, mv: memoryview, offset: int) -> None:
+        shift = self._hdr.block_shift
+        bs = 1 << shift
+        table, refs = self._table_mv, self._refs_mv
+        tracker = self._tracker
+        end = offset + len(mv)
+        pos = offset
+        run_phys = None              # pending contiguous physical writes: one pwritev
+        run_bufs: list = []
+        run_len = 0
+        while pos < end:
+            b = pos >> shift
+            lo = pos - (b << shift)
+            piece = min(bs - lo, end - pos)
+            src = mv[pos - offset:pos - offset + piece]
+            p = table[b]
+            if p and refs[p] == 1:
+                if piece == bs and _fast.is_zero(src):
+                    # a whole block of zeros: give the block back (detect-zeroes=unmap)
+                    if tracker:
+                        tracker.mark(b)
+                    self._unmap(b)
+                    pos += piece
+                    continue
+                if tracker:
+                    tracker.mark(b)
+                phys, buf = (p << shift) + lo, src
+            else:
+                if not p and _fast.is_zero(src):
+                    pos += piece            # zeros onto zeros: nothing changes
+                    continue
+                if tracker:
+                    tracker.mark(b)
+                if piece == bs:
+                    buf = src
+                else:                       # partial block: zeros or the shared block's data around it
+                    whole = bytearray(bs) if not p else bytearray(self._io.pread(bs, p << shift).ljust(bs, b"\0"))
+                    whole[lo:lo + piece] = src
+                    buf = whole
+                newp = self._alloc()
+                if p:                       # copy-on-write away from a shared block
+                    self._decref_later(p)
+                table[b] = newp
+                self._dirty_table_pages.add(b // TABLE_PER_PAGE)
+                phys = newp << shift
+            if run_phys is not None and run_phys + run_len == phys:
+                run_bufs.append(buf)
+                run_len += len(buf)
+            else:
+                if run_phys is not None:
+                    self._io.pwritev(run_bufs, run_phys)
+                run_phys, run_bufs, run_len = phys, [buf], len(buf)
+            pos += piece
+        if run_phys is not None:
+            self._io.pwritev(run_bufs, run_phys)
+        if tracker:
+            tracker.writes_since_fold += 1
+            if tracker.writes_since_fold >= self.fold_interval:
+                self._flush_locked()
+
+    def _unmap(self, b: int) -> None:
+        p = self._table_mv[b]
+        if p:
+            self._table_mv[b] = 0
+            self._dirty_table_pages.add(b // TABLE_PER_PAGE)
+            self._decref_later(p)
+
+    def discard(self, offset: int, length: int) -> None:
+        """The range reads back as zeros; whole blocks are freed."""
+        self._check_range(offset, length, "discard")
+        with self._lock:
+            self._check_writable()
+            self._discard_locked(offset, length)
+
+    def _discard_locked(self, offset: int, length: int) -> None:
+        shift = self._hdr.block_shift
+        end = offset + length
+        pos = offset
+        while pos < end:
+            b = pos >> shift
+            lo = pos - (b << shift)
+            block_end = min((b + 1) << shift, self.size)
+            piece = min(block_end, end) - pos
+            if lo == 0 and pos + piece == block_end:
+                if self._table_mv[b]:
+                    if self._tracker:
+                        self._tracker.mark(b)
+                    self._unmap(b)
+            elif self._table_mv[b]:
+                self._write_locked(memoryview(bytes(piece)), pos)
+            pos += piece
+
+    # ------------------------------------------------------------------ allocation
+    def _alloc(self) -> int:
+        if self._free:
+            p = self._free.pop()
+        else:
+            if self._end_block + 1 >= self._hdr.refcount_capacity:
+                self._grow_refcounts(self._end_block + 2)
+            p = self._end_block
+            if p > L.MAX_PHYS_BLOCKS:
+                raise OutOfRangeError(f"{self.path}: the image file reached the format's limit of "
+                                      f"{L.MAX_PHYS_BLOCKS} physical blocks")
+            self._end_block += 1
+        self._refs_mv[p] = 1
+        self._dirty_ref_pages.add(p // REFS_PER_PAGE)
+        return p
+
+    def _alloc_run(self, count: int) -> int:
+        """count contiguous new blocks at the end of the file (for metadata regions)."""
+        if self._end_block + count + 1 >= self._hdr.refcount_capacity:
+            self._grow_refcounts(self._end_block + count + 2)
+        p = self._end_block
+        self._end_block += count
+        self._refcounts[p:p + count] = 1
+        self._dirty_ref_pages.update(range(p // REFS_PER_PAGE, (p + count - 1) // REFS_PER_PAGE + 1))
+        self._io.truncate(max(self._io.size(), self._end_block << self._hdr.block_shift))
+        return p
+
+    def _decref_later(self, p: int) -> None:
+        """Drop a reference once the table that no longer holds it is durable."""
+        self._pending_decref.append(p)
+
+    # ------------------------------------------------------------------ flush
+    def flush(self) -> None:
+        """Make every write before this call durable (survives crash and power loss)."""
+        if self._shut:
+            return
+        with self._lock:
+            self._check_open()
+            if self._writable:
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        h = self._hdr
+        # 1. counters of the tracking fold, refcount increments
+        folded = self._tracker.fold(h.generation) if self._tracker else False
+        self._write_ref_pages()
+        # 2. data, refcounts and counters durable
+        self._io.fsync()
+        # 3-4. the new mapping
+        if self._dirty_table_pages:
+            self._write_pages(self._table, sorted(self._dirty_table_pages), h.table_offset)
+            self._dirty_table_pages.clear()
+            self._io.fsync()
+        # 5. references the durable table no longer holds: release them
+        if self._pending_decref:
+            pending, self._pending_decref = self._pending_decref, []
+            refs = self._refs_mv
+            for p in pending:
+                refs[p] -= 1
+                self._dirty_ref_pages.add(p // REFS_PER_PAGE)
+                if refs[p] == 0:
+                    self._free.append(p)
+            self._free.sort(reverse=True)
+            self._write_ref_pages()
+        if self._tracker and (folded or self._tracker.dirty_regions):
+            self._tracker.clear_coarse()
+
+    def _write_ref_pages(self) -> None:
+        if self._dirty_ref_pages:
+            self._write_pages(self._refcounts, sorted(self._dirty_ref_pages), self._hdr.refcount_offset)
+            self._dirty_ref_pages.clear()
+
+    def _write_pages(self, arr: np.ndarray, pages, base: int) -> None:
+        raw = arr.view(np.uint8)
+        for start, stop in _page_runs(pages):
+            self._io.pwrite(raw[start * PAGE:stop * PAGE], base + start * PAGE)
+
+    def _commit_header(self) -> None:
+        """Write the header to the other slot and fsync: the atomic commit point."""
+        self._hdr.sequence += 1
+        slot = self._hdr.sequence % 2
+        self._io.pwrite(self._hdr.pack(), L.SLOT_OFFSETS[slot])
+        self._io.fsync()
+        self._slot = slot
+
+    # ------------------------------------------------------------------ tracking
+    def checkpoint(self) -> str:
+        """Fold and persist tracking, advance the generation; returns the id of this point."""
+        with self._lock:
+            self._check_writable()
+            tracker = self._require_tracking()
+            self._flush_locked()
+            if self._hdr.generation >= L.MAX_GENERATION:
+                raise OutOfRangeError("the generation counter is exhausted; call reset_tracking()")
+            self._hdr.generation += 1
+            self._commit_header()
+            del tracker
+            return format_change_id(self._hdr.tracking_uuid, self._hdr.generation - 1)
+
+    def changes_since(self, change_id) -> Extents:
+        """Extents of every block changed after the point named by change_id.
+
+        ``"*"`` means every allocated extent (a first, full backup).
+        """
+        with self._lock:
+            self._check_open()
+            tracker = self._require_tracking()
+            if change_id == "*":
+                return self._map_locked()
+            since = parse_change_id(change_id, self._hdr.tracking_uuid, self._hdr.generation)
+            return tracker.changes_since(since)
+
+    def reset_tracking(self) -> None:
+        """Start a new tracking epoch: every id handed out so far becomes stale."""
+        with self._lock:
+            self._check_writable()
+            tracker = self._require_tracking()
+            self._flush_locked()
+            tracker.reset()
+            h = self._hdr
+            # zero the counter region on disk before the header names the new epoch
+            length = L.round_up(h.table_capacity * L.COUNTER_BYTES, h.block_size)
+            if not self._io.punch_hole(h.counter_offset, length):
+                self._io.pwrite(bytes(length), h.counter_offset)
+            self._io.fsync()
+            h.tracking_uuid = L.new_uuid()
+            h.generation = 1
+            self._commit_header()
+
+    def _require_tracking(self) -> ChangeTracker:
+        if self._tracker is None:
+            raise UnsupportedFeatureError(f"{self.path}: change tracking is off for this image "
+                                          f"(create it with track_changes=True)")
+        return self._tracker
+
+    # ------------------------------------------------------------------ map
+    def map(self) -> Extents:
+        """Allocated (data) extents."""
+        with self._lock:
+            self._check_open()
+            return self._map_locked()
+
+    def _map_locked(self) -> Extents:
+        starts, lengths = _fast.nonzero_runs(self._table, 0, self._hdr.nblocks)
+        return Extents.from_block_runs(starts, lengths, self._hdr.block_shift, self.size)
+
+    # ------------------------------------------------------------------ resize
+    def resize(self, new_size) -> None:
+        """Grow or shrink the virtual disk.  A grown area reads as zeros and
+        counts as changed; a shrink frees the blocks past the new end."""
+        new_size = L.parse_size(new_size, "size")
+        _check_size(new_size, self._hdr.block_shift)
+        with self._lock:
+            self._check_writable()
+            h = self._hdr
+            old_size, old_nb = h.virtual_size, h.nblocks
+            if new_size == old_size:
+                return
+            new_nb = L.blocks_for(new_size, h.block_shift)
+            self._flush_locked()
+            if new_size > old_size:
+                if new_nb > h.table_capacity:
+                    self._grow_tables(new_nb)
+                h.virtual_size = new_size
+                if self._tracker:       # the grown area (and the old last block) count as changed
+                    first = old_size >> h.block_shift
+                    self._tracker.mark_range(first, new_nb)
+                self._commit_header()
+            else:
+                tail = new_size % h.block_size
+                if tail and self._table_mv[new_nb - 1]:   # zero the cut-off part of the new last block
+                    cut = min(old_size, new_nb << h.block_shift) - new_size
+                    self._write_locked(memoryview(bytes(cut)), new_size)
+                for b in np.flatnonzero(self._table[new_nb:old_nb]).tolist():
+                    self._unmap(new_nb + b)
+                if self._tracker:
+                    self._tracker.drop_blocks(new_nb, old_nb)
+                    self._tracker.write_counter_pages(
+                        np.arange(new_nb // 1024, (old_nb - 1) // 1024 + 1, dtype=np.int64))
+                self._flush_locked()    # the table past the new end is zero and durable ...
+                h.virtual_size = new_size
+                self._commit_header()   # ... before the header shrinks
+            self._pos = min(self._pos, new_size) if self._pos > new_size else self._pos
+
+    def _grow_tables(self, need: int) -> None:
+        """Relocate the block table and the counters to a larger region at the end of the file."""
+        h = self._hdr
+        bs = h.block_size
+        cap = min(L.MAX_BLOCKS, max(need, 2 * h.table_capacity))
+        tbytes = L.round_up(cap * 4, bs)
+        cap = tbytes // 4
+        nblk = tbytes // bs
+        first = self._alloc_run(2 * nblk)
+        t_off, c_off = first * bs, (first + nblk) * bs
+        table = np.zeros(cap, dtype=np.uint32)
+        table[:h.table_capacity] = self._table
+        self._write_nonzero_pages(table, t_off)
+        old = [(h.table_offset, h.table_capacity), (h.counter_offset, h.table_capacity)]
+        if self._tracker:
+            self._tracker.grow_arrays(cap)
+            self._write_nonzero_pages(self._tracker.counters, c_off)
+        self._write_ref_pages()
+        self._io.fsync()
+        coarse = L.coarse_shift_for(cap, h.block_shift)
+        h.table_offset, h.counter_offset, h.table_capacity = t_off, c_off, cap
+        if coarse != h.coarse_shift:
+            h.coarse_shift = coarse      # all coarse bits are clear: flushed just before
+        h.bitmap_length = L.bitmap_length_for(cap, h.block_shift, h.coarse_shift)
+        self._commit_header()
+        if self._tracker:
+            self._tracker.recoarsen()
+            self._io.pwrite(bytes(h.bitmap_length), h.bitmap_offset)
+        self._table = table
+        self._table_mv = memoryview(table)
+        for off, capacity in old:       # the old regions are unreferenced now
+            nbytes = L.round_up(capacity * 4, bs)
+            for p in range(off // bs, (off + nbytes) // bs):
+                self._pending_decref.append(p)
+        self._flush_locked()
+
+    def _grow_refcounts(self, need: int) -> None:
+        """Relocate the refcount table to a larger region at the end of the file."""
+        h = self._hdr
+        bs = h.block_size
+        cap = max(need, h.refcount_capacity + h.refcount_capacity // 2)
+        while True:
+            rbytes = L.round_up(cap * L.REFCOUNT_BYTES, bs)
+            nblk = rbytes // bs
+            if self._end_block + nblk + 2 <= cap:
+                break
+            cap = self._end_block + nblk + 2 + 1024
+        cap = min(rbytes // L.REFCOUNT_BYTES, L.MAX_PHYS_BLOCKS)
+        first = self._end_block
+        self._end_block += nblk
+        self._io.truncate(max(self._io.size(), self._end_block * bs))
+        refs = np.zeros(cap, dtype=np.uint16)
+        refs[:len(self._refcounts)] = self._refcounts
+        refs[first:first + nblk] = 1
+        old_off, old_cap = h.refcount_offset, h.refcount_capacity
+        self._refcounts = refs
+        self._refs_mv = memoryview(refs)
+        self._write_nonzero_pages(refs, first * bs)
+        self._io.fsync()
+        h.refcount_offset, h.refcount_capacity = first * bs, cap
+        self._commit_header()
+        self._dirty_ref_pages.clear()
+        old_blocks = L.round_up(old_cap * L.REFCOUNT_BYTES, bs) // bs
+        for p in range(old_off // bs, old_off // bs + old_blocks):
+            self._pending_decref.append(p)
+
+    def _write_nonzero_pages(self, arr: np.ndarray, base: int) -> None:
+        raw = arr.view(np.uint8)
+        npages = -(-raw.nbytes // PAGE)
+        pages = np.flatnonzero(np.pad(raw, (0, npages * PAGE - raw.nbytes)).reshape(npages, PAGE).any(axis=1))
+        for start, stop in _page_runs(pages):
+            self._io.pwrite(raw[start * PAGE:stop * PAGE], base + start * PAGE)
+
+    # ------------------------------------------------------------------ close
+    def close(self) -> None:
+        if self._shut:
+            return
+        try:
+            with self._lock:
+                if self._writable and self._io.poisoned is None:
+                    self._flush_locked()
+                    self._io.fsync()     # the decrements and cleared bits of the last flush
+        finally:
+            self._shut = True
+            self._io.close()
+            super().close()
+
+    @property
+    def closed(self) -> bool:
+        return self._shut
+
+    def __enter__(self) -> "Disk":
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._shut else self.mode
+        return f"<vdisk.Disk {self.path!r} size={self.size} block_size={self.block_size} {state}>"
+
+    def __del__(self):
+        try:
+            if not self._shut:
+                self.close()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------- create / open
+def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_changes: bool = True,
+           io_factory=FileIO) -> Disk:
+    """Create a new image and return it open for writing (mode "r+").
+
+    The image is built under a temporary name and moved into place only
+    when complete and synced, so a crash never leaves a half-made image
+    under ``path``.  An existing file is refused unless ``overwrite=True``.
+    """
+    path = os.fspath(path)
+    size = L.parse_size(size, "size")
+    bs = _parse_block_size(block_size)
+    shift = bs.bit_length() - 1
+    _check_size(size, shift)
+    if os.path.exists(path) and not overwrite:
+        raise InvalidArgumentError(f"{path} exists (pass overwrite=True to replace it)")
+    if os.path.exists(path) and overwrite:
+        # never replace an image another process has open
+        probe = FileIO(path, writable=False)
+        try:
+            probe.lock(exclusive=True)
+        finally:
+            probe.close()
+
+    nb = L.blocks_for(size, shift)
+    tbytes = L.round_up(max(nb, 1) * L.TABLE_ENTRY_BYTES, bs)
+    cap = tbytes // L.TABLE_ENTRY_BYTES
+    coarse = L.coarse_shift_for(cap, shift)
+    header_blocks = L.round_up(L.HEADER_AREA, bs) // bs
+    meta_blocks = header_blocks + 2 * (tbytes // bs)
+    rcap = meta_blocks + nb + nb // 8 + 64
+    while True:
+        rbytes = L.round_up(rcap * L.REFCOUNT_BYTES, bs)
+        if rcap >= meta_blocks + rbytes // bs + nb // 8 + 64:
+            break
+        rcap = meta_blocks + rbytes // bs + nb + nb // 8 + 64
+    rcap = rbytes // L.REFCOUNT_BYTES
+    end_blocks = meta_blocks + rbytes // bs
+    hdr = L.Header(
+        virtual_size=size, block_shift=shift, coarse_shift=coarse, image_uuid=L.new_uuid(),
+        tracking_uuid=L.new_uuid(), generation=1,
+        table_offset=header_blocks * bs, table_capacity=cap,
+        counter_offset=(header_blocks + tbytes // bs) * bs,
+        refcount_offset=meta_blocks * bs, refcount_capacity=rcap,
+        bitmap_length=L.bitmap_length_for(cap, shift, coarse),
+        flags=L.FLAG_TRACKING if track_changes else 0, created_ns=time.time_ns(), sequence=1)
+    hdr.validate(end_blocks * bs)
+
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{_uuid.uuid4().hex[:8]}.creating")
+    fio = io_factory(tmp, writable=True, create=True)
+    try:
+        fio.lock(exclusive=True)
+        fio.truncate(end_blocks * bs)
+        refs = np.zeros(rcap, dtype=np.uint16)
+        refs[:end_blocks] = 1
+        raw = refs.view(np.uint8)[:L.round_up(end_blocks * 2, PAGE)]
+        fio.pwrite(raw, hdr.refcount_offset)
+        fio.pwrite(hdr.pack(), L.SLOT_OFFSETS[1])
+        fio.fsync()
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise InvalidArgumentError(f"{path} exists (pass overwrite=True to replace it)") from None
+            os.unlink(tmp)
+        _fsync_dir(directory)
+        fio.path = path
+    except BaseException:
+        fio.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return Disk(fio, hdr, 1, writable=True)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open(path, mode: str = "r", *, io_factory=FileIO) -> Disk:  # noqa: A001 - the API's name
+    """Open an existing image: mode "r" (default, shared lock) or "r+" (exclusive)."""
+    if mode not in ("r", "r+"):
+        raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InvalidArgumentError(f"{path}: no such file")
+    writable = mode == "r+"
+    fio = io_factory(path, writable=writable)
+    try:
+        fio.lock(exclusive=writable)
+        if fio.size() < 2 * L.SLOT_SIZE:
+            head = fio.pread(8, 0)
+            if head[:8] != L.MAGIC:
+                raise FormatError(f"{path}: not a vdisk image ({fio.size()} bytes, no vdisk magic)")
+            raise CorruptImageError(f"{path}: truncated to {fio.size()} bytes, shorter than the header")
+        header, slot = _read_header(fio)
+        return Disk(fio, header, slot, writable)
+    except BaseException:
+        fio.close()
+        raise

@@ -1,0 +1,55 @@
+"""The vdisk exception hierarchy.
+
+Everything vdisk raises on purpose derives from :class:`VdiskError`, so a
+caller can catch one class.  Messages name what was found, where (offset,
+field, block) and what was expected.
+"""
+
+
+class VdiskError(Exception):
+    """Base class of every error vdisk raises on purpose."""
+
+
+class FormatError(VdiskError):
+    """Not a vdisk image, or a version or incompatible feature this build does not know."""
+
+
+class CorruptImageError(VdiskError):
+    """The image is damaged: a checksum, a pointer or a table does not hold what it must."""
+
+
+class ImageLockedError(VdiskError):
+    """Another process holds a lock on the image that conflicts with the requested mode."""
+
+
+class UnsupportedFeatureError(VdiskError):
+    """The input uses a feature vdisk does not support; the message names the feature."""
+
+
+class OutOfRangeError(VdiskError, ValueError):
+    """An offset, length or size outside what the image or the format allows."""
+
+
+class ReadOnlyError(VdiskError):
+    """A write to an image (or snapshot) opened read-only."""
+
+
+class StaleChangeIdError(VdiskError, ValueError):
+    """A change id that is malformed, from another image or tracking epoch, or from the future."""
+
+
+class VdiskIOError(VdiskError, OSError):
+    """The host file system failed an I/O call (EIO, ENOSPC, ...).
+
+    After a failed fsync the Disk refuses further writes: the kernel may have
+    dropped the dirty pages, so retrying the fsync could report a false
+    success.
+    """
+
+
+class ClosedError(VdiskError, ValueError):
+    """An operation on a closed Disk."""
+
+
+class InvalidArgumentError(VdiskError, ValueError):
+    """A wrong argument: an unknown mode, an unparsable size, a bad block size."""

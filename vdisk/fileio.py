@@ -1,0 +1,184 @@
+"""The one small I/O layer every byte of an image goes through.
+
+:class:`FileIO` wraps a file descriptor with the four calls the format
+needs (pread, pwrite, fsync, truncate) plus locking.  Tests replace it with
+:class:`vdisk.testing.RecordingIO`, which simulates power loss by dropping
+any subset of the writes issued since the last fsync, so the write order
+that docs/FORMAT.md promises is what the tests check.
+
+OSErrors become :class:`vdisk.VdiskIOError`.  A failed fsync poisons the
+file: the kernel may already have dropped the dirty pages, so every later
+write or fsync raises instead of pretending to succeed (the fsyncgate
+lesson).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+from .errors import ImageLockedError, InvalidArgumentError, VdiskIOError
+
+
+def _io_error(op: str, path: str, exc: OSError) -> VdiskIOError:
+    return VdiskIOError(exc.errno, f"{op} failed on {path}: {exc.strerror or exc}")
+
+
+class FileIO:
+    """Positional I/O on one host file."""
+
+    def __init__(self, path: str, writable: bool, create: bool = False, overwrite: bool = False):
+        self.path = os.fspath(path)
+        self.writable = writable
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+        flags |= getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(self.path, flags, 0o644)
+        except FileExistsError:
+            raise
+        except FileNotFoundError:
+            raise InvalidArgumentError(f"{self.path}: no such file") from None
+        except OSError as exc:
+            raise _io_error("open", self.path, exc) from exc
+        self.poisoned: VdiskIOError | None = None
+
+    # --- locking ------------------------------------------------------------
+    def lock(self, exclusive: bool) -> None:
+        """flock the file: exclusive for a writer, shared for readers; never waits."""
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if exclusive:
+                raise ImageLockedError(
+                    f"{self.path} is in use: another process (or Disk object) has it open; "
+                    f"a writer needs it alone") from None
+            raise ImageLockedError(
+                f"{self.path} is open for writing by another process (or Disk object); "
+                f"readers wait until the writer closes it") from None
+        except OSError as exc:
+            raise _io_error("flock", self.path, exc) from exc
+
+    # --- I/O ----------------------------------------------------------------
+    def pread(self, length: int, offset: int) -> bytes:
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise _io_error("pread", self.path, exc) from exc
+
+    def preadinto(self, buf, offset: int) -> int:
+        """Fill buf (a writable buffer) from offset; bytes past EOF read as zeros."""
+        mv = memoryview(buf).cast("B")
+        done = 0
+        total = len(mv)
+        try:
+            while done < total:
+                n = os.preadv(self.fd, [mv[done:]], offset + done)
+                if n == 0:
+                    mv[done:] = bytes(total - done)
+                    break
+                done += n
+        except OSError as exc:
+            raise _io_error("pread", self.path, exc) from exc
+        return total
+
+    def pwrite(self, data, offset: int) -> None:
+        self._check_poison()
+        mv = memoryview(data).cast("B")
+        try:
+            while len(mv):
+                n = os.pwrite(self.fd, mv, offset)
+                mv = mv[n:]
+                offset += n
+        except OSError as exc:
+            raise _io_error("pwrite", self.path, exc) from exc
+
+    def pwritev(self, buffers, offset: int) -> None:
+        """Write a list of buffers back to back at offset (one syscall when it can)."""
+        if len(buffers) == 1:
+            return self.pwrite(buffers[0], offset)
+        self._check_poison()
+        total = sum(len(b) for b in buffers)
+        try:
+            n = os.pwritev(self.fd, buffers, offset)
+        except OSError as exc:
+            raise _io_error("pwrite", self.path, exc) from exc
+        if n != total:  # short write: finish the rest plainly
+            self.pwrite(b"".join(bytes(b) for b in buffers)[n:], offset + n)
+
+    def fsync(self) -> None:
+        self._check_poison()
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            self.poisoned = _io_error("fsync", self.path, exc)
+            raise self.poisoned from exc
+
+    def truncate(self, size: int) -> None:
+        self._check_poison()
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise _io_error("truncate", self.path, exc) from exc
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Give [offset, offset+length) back to the file system (reads as zeros).
+
+        Returns False where the file system cannot punch holes; the caller
+        then writes zeros or leaves the space allocated.
+        """
+        self._check_poison()
+        fallocate = getattr(os, "fallocate", None)
+        if fallocate is None:  # pragma: no cover - Linux always has it
+            return False
+        try:
+            # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            fallocate(self.fd, 0x02 | 0x01, offset, length)
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return False
+            raise _io_error("fallocate", self.path, exc) from exc
+
+    def size(self) -> int:
+        try:
+            return os.fstat(self.fd).st_size
+        except OSError as exc:
+            raise _io_error("fstat", self.path, exc) from exc
+
+    def data_extents(self, start: int, end: int):
+        """Yield (offset, length) of the data (non-hole) ranges in [start, end)."""
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    return
+                if exc.errno == errno.EINVAL:  # no SEEK_DATA: treat all as data
+                    yield pos, end - pos
+                    return
+                raise _io_error("lseek", self.path, exc) from exc
+            if data >= end:
+                return
+            try:
+                hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+            except OSError as exc:
+                raise _io_error("lseek", self.path, exc) from exc
+            hole = min(hole, end)
+            yield data, hole - data
+            pos = hole
+
+    def _check_poison(self) -> None:
+        if self.poisoned is not None:
+            raise VdiskIOError(self.poisoned.errno,
+                               f"{self.path}: an earlier fsync failed; refusing further writes "
+                               f"(reopen the image to recover)")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            finally:
+                self.fd = -1

@@ -1,0 +1,235 @@
+"""Changed-block tracking (after VMware's US patent 8443166).
+
+The contract
+------------
+* ``changes_since(id)`` never under-reports: every block whose content may
+  differ from its content at the id's point is in the answer, after clean
+  closes, crashes and power loss alike.  Without a crash it is exact, up to
+  whole blocks.
+* The write path only sets bits: a fine dirty byte per block, a dirty flag
+  per 64-block group, and, the first time a coarse region is written in an
+  interval, its coarse bit, which is made durable (written and fsynced)
+  before the write's data is issued (the write-ahead rule).
+* A fold (at flush, checkpoint, close, and every ``fold_interval`` writes)
+  turns dirty bits into per-block counters holding the current generation,
+  writes the counter pages, and, once the caller has fsynced them, clears
+  the coarse bits.
+* After a crash, every block of every region whose coarse bit is set counts
+  as changed in the current generation: the over-report is bounded by the
+  regions written since the last fold, and no tracking state is reset.
+
+Change ids are ``"<tracking-uuid>/<generation>"``: the state at the end of
+that generation.  An id from another image or tracking epoch, a generation
+not yet closed, or a malformed string raises StaleChangeIdError.
+"""
+from __future__ import annotations
+
+import re
+import uuid as _uuid
+
+import numpy as np
+
+from . import _fast
+from .errors import StaleChangeIdError
+from .extents import Extents
+from .layout import SECTOR, SUMMARY_SHIFT, regions_for
+
+PAGE = 4096
+COUNTERS_PER_PAGE = PAGE // 4
+_ID_RE = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/([0-9]{1,10})$")
+
+
+def format_change_id(tracking_uuid: bytes, generation: int) -> str:
+    return f"{_uuid.UUID(bytes=tracking_uuid)}/{generation}"
+
+
+def parse_change_id(change_id, tracking_uuid: bytes, generation: int) -> int:
+    """The generation an id names, checked against this image's tracking state.
+
+    Valid ids name a closed generation 1 <= g < generation of this tracking epoch.
+    """
+    if not isinstance(change_id, str):
+        raise StaleChangeIdError(f"change id must be a string, got {type(change_id).__name__}")
+    m = _ID_RE.match(change_id.strip().lower())
+    if not m:
+        raise StaleChangeIdError(f"malformed change id {change_id!r}: expected '<tracking-uuid>/<generation>' or '*'")
+    ours = str(_uuid.UUID(bytes=tracking_uuid))
+    if m.group(1) != ours:
+        raise StaleChangeIdError(
+            f"change id {change_id!r} belongs to tracking epoch {m.group(1)}, this image tracks as {ours} "
+            f"(another image, or tracking was reset): take a full backup")
+    gen = int(m.group(2))
+    if gen < 1 or gen >= generation:
+        raise StaleChangeIdError(
+            f"change id {change_id!r} names generation {gen}, but this image's last closed generation "
+            f"is {generation - 1}: the id is from the future (or from a reverted copy of the image)")
+    return gen
+
+
+class ChangeTracker:
+    """In-memory tracking state of one image and the writes that persist it.
+
+    The owner (Disk) holds the lock and decides when to call fold() and
+    clear_coarse(); this class knows where its regions are and what to write.
+    """
+
+    def __init__(self, io, header, counters: np.ndarray, bitmap: bytes, writable: bool):
+        self.io = io
+        self.hdr = header
+        self.writable = writable
+        self.counters = counters                      # uint32[capacity]
+        cap = len(counters)
+        self.dirty = np.zeros(cap, dtype=np.uint8)
+        ngroups = (cap >> SUMMARY_SHIFT) + 1
+        self.dirty_groups = np.zeros(ngroups, dtype=np.uint8)
+        self.summary = np.zeros(ngroups, dtype=np.uint32)
+        _fast.build_summary(self.counters, self.summary, SUMMARY_SHIFT, header.nblocks)
+        self._dirty_mv = memoryview(self.dirty)
+        self._groups_mv = memoryview(self.dirty_groups)
+        self.bitmap = bytearray(bitmap.ljust(header.bitmap_length, b"\0"))
+        self._coarse = np.zeros(regions_for(cap, self.rel_shift) + 1, dtype=np.uint8)
+        self._coarse_mv = memoryview(self._coarse)
+        self.writes_since_fold = 0
+        self.recovered_regions = self._recover()
+
+    @property
+    def rel_shift(self) -> int:
+        return self.hdr.coarse_shift - self.hdr.block_shift
+
+    # --- crash recovery ---------------------------------------------------------
+    def _recover(self) -> int:
+        """Regions whose coarse bit is set were written since the last fold:
+        count all their blocks as changed in the current generation."""
+        bits = np.unpackbits(np.frombuffer(bytes(self.bitmap), dtype=np.uint8), bitorder="little")
+        nregions = regions_for(self.hdr.nblocks, self.rel_shift)
+        set_regions = np.flatnonzero(bits[:nregions])
+        bpr = 1 << self.rel_shift
+        nb = self.hdr.nblocks
+        for r in set_regions.tolist():
+            lo, hi = r * bpr, min((r + 1) * bpr, nb)
+            self.dirty[lo:hi] = 1
+            self.dirty_groups[lo >> SUMMARY_SHIFT:((hi - 1) >> SUMMARY_SHIFT) + 1] = 1
+            self._coarse[r] = 1
+        # bits past the virtual size carry nothing; the next clear drops them
+        if len(bits) > nregions and bits[nregions:].any():
+            self._coarse[nregions:len(self._coarse)] = 0
+        return len(set_regions)
+
+    @property
+    def dirty_regions(self) -> int:
+        """Coarse regions whose bit is set on disk (written since the last fold)."""
+        return int(self._coarse.sum())
+
+    # --- the write path ---------------------------------------------------------
+    def mark(self, b: int) -> None:
+        """Block b is about to change.  Makes its coarse bit durable first."""
+        self._dirty_mv[b] = 1
+        self._groups_mv[b >> SUMMARY_SHIFT] = 1
+        if not self._coarse_mv[b >> self.rel_shift]:
+            self._persist_regions([b >> self.rel_shift])
+
+    def mark_range(self, b0: int, b1: int) -> None:
+        """Blocks [b0, b1) are about to change (resize, revert, import)."""
+        if b1 <= b0:
+            return
+        self.dirty[b0:b1] = 1
+        self.dirty_groups[b0 >> SUMMARY_SHIFT:((b1 - 1) >> SUMMARY_SHIFT) + 1] = 1
+        r0, r1 = b0 >> self.rel_shift, ((b1 - 1) >> self.rel_shift) + 1
+        todo = [r for r in range(r0, r1) if not self._coarse_mv[r]]
+        if todo:
+            self._persist_regions(todo)
+
+    def _persist_regions(self, regions) -> None:
+        for r in regions:
+            self.bitmap[r >> 3] |= 1 << (r & 7)
+        lo = (min(regions) >> 3) // SECTOR * SECTOR
+        hi = -(-((max(regions) >> 3) + 1) // SECTOR) * SECTOR
+        self.io.pwrite(memoryview(self.bitmap)[lo:hi], self.hdr.bitmap_offset + lo)
+        self.io.fsync()
+        for r in regions:
+            self._coarse_mv[r] = 1
+
+    # --- folds -----------------------------------------------------------------
+    def fold(self, generation: int) -> bool:
+        """Fold dirty bits into counters = generation and write the counter pages
+        (not fsynced: the caller fsyncs, then calls clear_coarse)."""
+        self.writes_since_fold = 0
+        ngroups = -(-self.hdr.nblocks >> SUMMARY_SHIFT)
+        groups = np.flatnonzero(self.dirty_groups[:ngroups]).astype(np.int64)
+        if len(groups) == 0:
+            return False
+        _fast.fold(self.dirty, self.dirty_groups, self.counters, self.summary, groups,
+                   generation, SUMMARY_SHIFT, self.hdr.nblocks)
+        pages = np.unique(groups >> (10 - SUMMARY_SHIFT))   # 1024 counters per 4 KiB page
+        self.write_counter_pages(pages)
+        return True
+
+    def write_counter_pages(self, pages) -> None:
+        raw = self.counters.view(np.uint8)
+        base = self.hdr.counter_offset
+        for start, stop in _page_runs(pages):
+            self.io.pwrite(raw[start * PAGE:stop * PAGE], base + start * PAGE)
+
+    def clear_coarse(self) -> None:
+        """Clear every coarse bit (after the folded counters are durable)."""
+        if not self._coarse.any() and not any(self.bitmap):
+            return
+        self.bitmap[:] = bytes(len(self.bitmap))
+        self._coarse[:] = 0
+        self.io.pwrite(self.bitmap, self.hdr.bitmap_offset)
+
+    # --- queries -----------------------------------------------------------------
+    def changed_blocks(self, since: int):
+        """Block runs (starts, lengths) changed after generation `since`."""
+        return _fast.changed_runs(self.counters, self.dirty, self.summary, self.dirty_groups,
+                                  since, SUMMARY_SHIFT, self.hdr.nblocks)
+
+    def changes_since(self, since: int) -> Extents:
+        starts, lengths = self.changed_blocks(since)
+        return Extents.from_block_runs(starts, lengths, self.hdr.block_shift, self.hdr.virtual_size)
+
+    # --- geometry changes ---------------------------------------------------------
+    def grow_arrays(self, capacity: int) -> None:
+        """Reallocate the per-block arrays for a larger table capacity."""
+        def grown(a, n):
+            b = np.zeros(n, dtype=a.dtype)
+            b[:len(a)] = a
+            return b
+        self.counters = grown(self.counters, capacity)
+        self.dirty = grown(self.dirty, capacity)
+        ngroups = (capacity >> SUMMARY_SHIFT) + 1
+        self.dirty_groups = grown(self.dirty_groups, ngroups)
+        self.summary = grown(self.summary, ngroups)
+        self._coarse = grown(self._coarse, regions_for(capacity, self.rel_shift) + 1)
+        self._dirty_mv = memoryview(self.dirty)
+        self._groups_mv = memoryview(self.dirty_groups)
+        self._coarse_mv = memoryview(self._coarse)
+
+    def recoarsen(self) -> None:
+        """After the header's coarse_shift or bitmap_length changed (all bits clear)."""
+        self.bitmap = bytearray(self.hdr.bitmap_length)
+        self._coarse = np.zeros(regions_for(len(self.counters), self.rel_shift) + 1, dtype=np.uint8)
+        self._coarse_mv = memoryview(self._coarse)
+
+    def drop_blocks(self, b0: int, b1: int) -> None:
+        """Blocks [b0, b1) left the disk (shrink): forget their dirty bits and counters."""
+        self.dirty[b0:b1] = 0
+        self.counters[b0:b1] = 0
+
+    def reset(self) -> None:
+        """A new tracking epoch: every counter and dirty bit cleared."""
+        self.counters[:] = 0
+        self.dirty[:] = 0
+        self.dirty_groups[:] = 0
+        self.summary[:] = 0
+
+
+def _page_runs(pages):
+    """Contiguous runs [start, stop) of a sorted array of page numbers."""
+    pages = np.asarray(pages, dtype=np.int64)
+    if len(pages) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = pages[np.concatenate(([0], breaks))]
+    stops = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] + 1
+    return list(zip(starts.tolist(), stops.tolist()))
