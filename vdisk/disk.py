@@ -648,12 +648,10 @@ class Disk(io.RawIOBase):
                 if tail and self._table_mv[new_nb - 1]:   # zero the cut-off part of the new last block
                     cut = min(old_size, new_nb << h.block_shift) - new_size
                     self._write_locked(memoryview(bytes(cut)), new_size)
+                if self._tracker:       # a crash before the commit shows the old size with these zeroed
+                    self._tracker.mark_range(new_nb, old_nb)
                 for b in np.flatnonzero(self._table[new_nb:old_nb]).tolist():
                     self._unmap(new_nb + b)
-                if self._tracker:
-                    self._tracker.drop_blocks(new_nb, old_nb)
-                    self._tracker.write_counter_pages(
-                        np.arange(new_nb // 1024, (old_nb - 1) // 1024 + 1, dtype=np.int64))
                 self._flush_locked()    # the table past the new end is zero and durable ...
                 h.virtual_size = new_size
                 self._commit_header()   # ... before the header shrinks

@@ -30,6 +30,7 @@ class RecordingIO(FileIO):
         self.durable = bytearray(self._read_all())
         self.pending: list[tuple] = []
         self.fsyncs = 0
+        self.on_fsync = None     # called (with self) before each fsync lands: crash states mid-operation
 
     def _read_all(self) -> bytes:
         out = bytearray()
@@ -61,6 +62,8 @@ class RecordingIO(FileIO):
         return True
 
     def fsync(self):
+        if self.on_fsync is not None:
+            self.on_fsync(self)
         super().fsync()
         self.durable = apply_ops(self.durable, self.pending)
         self.pending = []

@@ -211,11 +211,6 @@ class ChangeTracker:
         self._coarse = np.zeros(regions_for(len(self.counters), self.rel_shift) + 1, dtype=np.uint8)
         self._coarse_mv = memoryview(self._coarse)
 
-    def drop_blocks(self, b0: int, b1: int) -> None:
-        """Blocks [b0, b1) left the disk (shrink): forget their dirty bits and counters."""
-        self.dirty[b0:b1] = 0
-        self.counters[b0:b1] = 0
-
     def reset(self) -> None:
         """A new tracking epoch: every counter and dirty bit cleared."""
         self.counters[:] = 0
