@@ -17,7 +17,8 @@ a fixed order (docs/FORMAT.md, "Write order"):
 3. block table pages;
 4. fsync  (the new mapping is durable);
 5. refcount decrements of blocks the table stopped referencing; only now
-   may those blocks be reused; coarse change bits cleared.
+   may those blocks be reused; the coarse bits of regions not written in
+   the interval are cleared (hot regions stay set: no re-arming fsync).
 
 Geometry changes (resize, table relocation) and generation changes commit
 through the header, written to the slot the current header does not occupy
@@ -150,6 +151,7 @@ class Disk(io.RawIOBase):
         self._table_mv = memoryview(self._table)
         self._refs_mv = memoryview(self._refcounts)
         self._dirty_table_pages: set[int] = set()
+        self._fresh: set[int] = set()         # blocks remapped since the last flush
         self._dirty_ref_pages: set[int] = set()
         self._pending_decref: list[int] = []
         limit = min(self._end_block, h.refcount_capacity)
@@ -408,7 +410,10 @@ class Disk(io.RawIOBase):
                     pos += piece
                     continue
                 if tracker:
-                    tracker.mark(b)
+                    if b in self._fresh:    # mapping not durable yet: the flush orders it
+                        tracker.mark(b)
+                    else:                   # overwrite of durable data: write-ahead coarse bit
+                        tracker.mark_inplace(b)
                 phys, buf = (p << shift) + lo, src
             else:
                 if not p and _fast.is_zero(src):
@@ -426,6 +431,7 @@ class Disk(io.RawIOBase):
                 if p:                       # copy-on-write away from a shared block
                     self._decref_later(p)
                 table[b] = newp
+                self._fresh.add(b)
                 self._dirty_table_pages.add(b // TABLE_PER_PAGE)
                 phys = newp << shift
             if run_phys is not None and run_phys + run_len == phys:
@@ -447,6 +453,7 @@ class Disk(io.RawIOBase):
         p = self._table_mv[b]
         if p:
             self._table_mv[b] = 0
+            self._fresh.add(b)
             self._dirty_table_pages.add(b // TABLE_PER_PAGE)
             self._decref_later(p)
 
@@ -528,6 +535,7 @@ class Disk(io.RawIOBase):
             self._write_pages(self._table, sorted(self._dirty_table_pages), h.table_offset)
             self._dirty_table_pages.clear()
             self._io.fsync()
+        self._fresh.clear()
         # 5. references the durable table no longer holds: release them
         if self._pending_decref:
             pending, self._pending_decref = self._pending_decref, []
@@ -540,7 +548,7 @@ class Disk(io.RawIOBase):
             self._free.sort(reverse=True)
             self._write_ref_pages()
         if self._tracker and (folded or self._tracker.dirty_regions):
-            self._tracker.clear_coarse()
+            self._tracker.clear_idle_regions()
 
     def _write_ref_pages(self) -> None:
         if self._dirty_ref_pages:
@@ -738,6 +746,8 @@ class Disk(io.RawIOBase):
             with self._lock:
                 if self._writable and self._io.poisoned is None:
                     self._flush_locked()
+                    if self._tracker:    # counters are durable: a clean close leaves no bit set
+                        self._tracker.clear_idle_regions(everything=True)
                     self._io.fsync()     # the decrements and cleared bits of the last flush
         finally:
             self._shut = True
@@ -769,7 +779,7 @@ class Disk(io.RawIOBase):
 
 # ---------------------------------------------------------------------------- create / open
 def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_changes: bool = True,
-           io_factory=FileIO) -> Disk:
+           coarse_region_size=None, io_factory=FileIO) -> Disk:
     """Create a new image and return it open for writing (mode "r+").
 
     The image is built under a temporary name and moved into place only
@@ -795,6 +805,14 @@ def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_cha
     tbytes = L.round_up(max(nb, 1) * L.TABLE_ENTRY_BYTES, bs)
     cap = tbytes // L.TABLE_ENTRY_BYTES
     coarse = L.coarse_shift_for(cap, shift)
+    if coarse_region_size is not None:
+        crs = L.parse_size(coarse_region_size, "coarse_region_size")
+        if crs & (crs - 1) or crs < bs or crs.bit_length() - 1 > L.MAX_COARSE_SHIFT:
+            raise InvalidArgumentError(f"coarse_region_size {crs}: must be a power of two >= the block size")
+        if L.regions_for(cap, crs.bit_length() - 1 - shift) > L.MAX_BITMAP_LENGTH * 8:
+            raise InvalidArgumentError(f"coarse_region_size {crs}: the bitmap would exceed "
+                                       f"{L.MAX_BITMAP_LENGTH} bytes for this size")
+        coarse = crs.bit_length() - 1
     header_blocks = L.round_up(L.HEADER_AREA, bs) // bs
     meta_blocks = header_blocks + 2 * (tbytes // bs)
     rcap = meta_blocks + nb + nb // 8 + 64

@@ -110,7 +110,7 @@ class FileIO:
     def fsync(self) -> None:
         self._check_poison()
         try:
-            os.fsync(self.fd)
+            os.fdatasync(self.fd)   # data and the size needed to read it; not the timestamps
         except OSError as exc:
             self.poisoned = _io_error("fsync", self.path, exc)
             raise self.poisoned from exc

@@ -6,14 +6,19 @@ The contract
   differ from its content at the id's point is in the answer, after clean
   closes, crashes and power loss alike.  Without a crash it is exact, up to
   whole blocks.
-* The write path only sets bits: a fine dirty byte per block, a dirty flag
-  per 64-block group, and, the first time a coarse region is written in an
-  interval, its coarse bit, which is made durable (written and fsynced)
-  before the write's data is issued (the write-ahead rule).
+* The write path only sets bits: a fine dirty byte per block and a dirty
+  flag per 64-block group.  An overwrite in place of durably mapped data
+  also needs its coarse region's bit durable (written and synced) before
+  the data write is issued: the write-ahead rule.  Writes that remap a
+  block (allocation, copy-on-write, unmap) need no bit: the flush makes
+  the folded counters durable before the block table that exposes them.
+* Arming costs one sync per region per interval, at most ``arm_budget``
+  of them: past that, every region is armed in one sync (a crash in that
+  interval then reports the whole disk: more, never less).
 * A fold (at flush, checkpoint, close, and every ``fold_interval`` writes)
   turns dirty bits into per-block counters holding the current generation,
-  writes the counter pages, and, once the caller has fsynced them, clears
-  the coarse bits.
+  writes the counter pages, and, once the caller has synced them, clears
+  the coarse bits of the regions that were idle during the interval.
 * After a crash, every block of every region whose coarse bit is set counts
   as changed in the current generation: the over-report is bounded by the
   regions written since the last fold, and no tracking state is reset.
@@ -35,6 +40,7 @@ from .extents import Extents
 from .layout import SECTOR, SUMMARY_SHIFT, regions_for
 
 PAGE = 4096
+DEFAULT_ARM_BUDGET = 16     # write-ahead syncs per interval before arming every region at once
 COUNTERS_PER_PAGE = PAGE // 4
 _ID_RE = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/([0-9]{1,10})$")
 
@@ -89,7 +95,11 @@ class ChangeTracker:
         self.bitmap = bytearray(bitmap.ljust(header.bitmap_length, b"\0"))
         self._coarse = np.zeros(regions_for(cap, self.rel_shift) + 1, dtype=np.uint8)
         self._coarse_mv = memoryview(self._coarse)
+        self._touched = np.zeros_like(self._coarse)      # regions written in place this interval
+        self._touched_mv = memoryview(self._touched)
         self.writes_since_fold = 0
+        self.armings = 0                  # write-ahead syncs in this interval
+        self.arm_budget = DEFAULT_ARM_BUDGET
         self.recovered_regions = self._recover()
 
     @property
@@ -122,11 +132,30 @@ class ChangeTracker:
 
     # --- the write path ---------------------------------------------------------
     def mark(self, b: int) -> None:
-        """Block b is about to change.  Makes its coarse bit durable first."""
+        """Block b is about to change through a remap (new block, copy-on-write,
+        unmap): the flush makes its counter durable before the mapping."""
         self._dirty_mv[b] = 1
         self._groups_mv[b >> SUMMARY_SHIFT] = 1
-        if not self._coarse_mv[b >> self.rel_shift]:
-            self._persist_regions([b >> self.rel_shift])
+
+    def mark_inplace(self, b: int) -> None:
+        """Block b's durable data is about to be overwritten in place: its
+        coarse bit must be durable before the data write is issued."""
+        self._dirty_mv[b] = 1
+        self._groups_mv[b >> SUMMARY_SHIFT] = 1
+        r = b >> self.rel_shift
+        self._touched_mv[r] = 1
+        if not self._coarse_mv[r]:
+            self._arm(r)
+
+    def _arm(self, r: int) -> None:
+        """Make region r's bit durable; past the interval's arming budget, arm
+        every region at once (one sync; a crash then reports the whole disk)."""
+        if self.armings < self.arm_budget:
+            self.armings += 1
+            self._persist_regions([r])
+        else:
+            nregions = regions_for(self.hdr.nblocks, self.rel_shift)
+            self._persist_regions(range(nregions))
 
     def mark_range(self, b0: int, b1: int) -> None:
         """Blocks [b0, b1) are about to change (resize, revert, import)."""
@@ -135,19 +164,22 @@ class ChangeTracker:
         self.dirty[b0:b1] = 1
         self.dirty_groups[b0 >> SUMMARY_SHIFT:((b1 - 1) >> SUMMARY_SHIFT) + 1] = 1
         r0, r1 = b0 >> self.rel_shift, ((b1 - 1) >> self.rel_shift) + 1
-        todo = [r for r in range(r0, r1) if not self._coarse_mv[r]]
-        if todo:
+        self._touched[r0:r1] = 1
+        todo = np.flatnonzero(self._coarse[r0:r1] == 0) + r0
+        if len(todo):
             self._persist_regions(todo)
 
     def _persist_regions(self, regions) -> None:
-        for r in regions:
-            self.bitmap[r >> 3] |= 1 << (r & 7)
-        lo = (min(regions) >> 3) // SECTOR * SECTOR
-        hi = -(-((max(regions) >> 3) + 1) // SECTOR) * SECTOR
+        regions = np.asarray(regions, dtype=np.int64)
+        coarse = self._coarse.copy()
+        coarse[regions] = 1
+        bits = np.packbits(coarse[:len(self.bitmap) * 8], bitorder="little").tobytes()
+        self.bitmap[:] = bits.ljust(len(self.bitmap), b"\0")
+        lo = (int(regions.min()) >> 3) // SECTOR * SECTOR
+        hi = -(-((int(regions.max()) >> 3) + 1) // SECTOR) * SECTOR
         self.io.pwrite(memoryview(self.bitmap)[lo:hi], self.hdr.bitmap_offset + lo)
         self.io.fsync()
-        for r in regions:
-            self._coarse_mv[r] = 1
+        self._coarse[regions] = 1       # only once durable
 
     # --- folds -----------------------------------------------------------------
     def fold(self, generation: int) -> bool:
@@ -170,13 +202,25 @@ class ChangeTracker:
         for start, stop in _page_runs(pages):
             self.io.pwrite(raw[start * PAGE:stop * PAGE], base + start * PAGE)
 
-    def clear_coarse(self) -> None:
-        """Clear every coarse bit (after the folded counters are durable)."""
-        if not self._coarse.any() and not any(self.bitmap):
+    def clear_idle_regions(self, everything: bool = False) -> None:
+        """After the folded counters are durable: clear the coarse bits of the
+        regions not written in place during the interval.  Regions that were
+        stay set, so a steady workload pays no re-arming fsync; after a crash
+        the over-report is bounded by the regions written in the last two
+        intervals.  everything=True clears all bits (clean close)."""
+        if everything:      # a clean close: the counters say it all
+            self._touched[:] = 0
+        idle = np.flatnonzero(self._coarse[:len(self._touched)] & (self._touched == 0))
+        self._touched[:] = 0
+        self.armings = 0
+        if len(idle) == 0:
             return
-        self.bitmap[:] = bytes(len(self.bitmap))
-        self._coarse[:] = 0
-        self.io.pwrite(self.bitmap, self.hdr.bitmap_offset)
+        self._coarse[idle] = 0
+        bits = np.packbits(self._coarse[:self.hdr.bitmap_length * 8], bitorder="little")
+        self.bitmap[:] = bits.tobytes().ljust(len(self.bitmap), b"\0")
+        lo = (int(idle[0]) >> 3) // SECTOR * SECTOR
+        hi = -(-((int(idle[-1]) >> 3) + 1) // SECTOR) * SECTOR
+        self.io.pwrite(memoryview(self.bitmap)[lo:hi], self.hdr.bitmap_offset + lo)
 
     # --- queries -----------------------------------------------------------------
     def changed_blocks(self, since: int):
@@ -201,6 +245,8 @@ class ChangeTracker:
         self.dirty_groups = grown(self.dirty_groups, ngroups)
         self.summary = grown(self.summary, ngroups)
         self._coarse = grown(self._coarse, regions_for(capacity, self.rel_shift) + 1)
+        self._touched = grown(self._touched, len(self._coarse))
+        self._touched_mv = memoryview(self._touched)
         self._dirty_mv = memoryview(self.dirty)
         self._groups_mv = memoryview(self.dirty_groups)
         self._coarse_mv = memoryview(self._coarse)
@@ -210,6 +256,8 @@ class ChangeTracker:
         self.bitmap = bytearray(self.hdr.bitmap_length)
         self._coarse = np.zeros(regions_for(len(self.counters), self.rel_shift) + 1, dtype=np.uint8)
         self._coarse_mv = memoryview(self._coarse)
+        self._touched = np.zeros_like(self._coarse)
+        self._touched_mv = memoryview(self._touched)
 
     def reset(self) -> None:
         """A new tracking epoch: every counter and dirty bit cleared."""
