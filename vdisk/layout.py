@@ -52,7 +52,7 @@ COUNTER_BYTES = 4
 
 MAX_SNAPSHOTS = 1024
 SNAPSHOT_ENTRY_SIZE = 256
-MAX_SNAPSHOT_NAME = 128        # bytes of UTF-8
+MAX_SNAPSHOT_NAME = 120        # bytes of UTF-8
 
 SUMMARY_SHIFT = 6              # in memory only: one max-generation per 64 blocks
 
@@ -103,6 +103,24 @@ for _name, _code in _FIELDS:
     FIELD_OFFSETS[_name] = _off
     _off += struct.calcsize("<" + _code)
 del _off, _name, _code
+
+
+# snapshot table entry (SNAPSHOT_ENTRY_SIZE bytes each, CRC32C in the last 4)
+SNAPSHOT_FIELDS = [
+    ("snapshot_id", "Q"),          # unique, from header.snapshot_next_id
+    ("generation", "Q"),           # the generation the snapshot closed: its change id
+    ("virtual_size", "Q"),         # the snapshot's own size
+    ("created_ns", "Q"),
+    ("table_offset", "Q"),         # frozen block table: uint32 per block of virtual_size
+    ("counter_offset", "Q"),       # frozen change counters: uint32 per block
+    ("tracking_uuid", "16s"),      # tracking epoch at the snapshot
+    ("name_length", "H"),
+    ("reserved", "62s"),
+    ("name", "120s"),              # UTF-8, name_length bytes used
+    ("reserved2", "4s"),
+]
+SNAPSHOT_STRUCT = struct.Struct("<" + "".join(code for _, code in SNAPSHOT_FIELDS))
+assert SNAPSHOT_STRUCT.size == SNAPSHOT_ENTRY_SIZE - 4
 
 
 def crc32c(data) -> int:
