@@ -71,7 +71,7 @@ def test_seq_write_raw(benchmark, workdir, payload):
         os.fsync(fd)
 
     try:
-        benchmark.pedantic(run, setup=f.setup, rounds=rounds(7), warmup_rounds=1)
+        benchmark.pedantic(run, setup=f.setup, rounds=rounds(15), warmup_rounds=1)
     finally:
         f.close()
 
@@ -88,7 +88,7 @@ def _seq_write_vdisk(benchmark, workdir, payload, track):
         d.flush()
 
     try:
-        benchmark.pedantic(run, setup=img.setup, rounds=rounds(7), warmup_rounds=1)
+        benchmark.pedantic(run, setup=img.setup, rounds=rounds(15), warmup_rounds=1)
     finally:
         img.close()
 
@@ -110,7 +110,7 @@ def test_seq_read_raw(benchmark, filled_raw):
         for off in SEQ_OFFSETS:
             os.pread(fd, SEQ_IO, off)
 
-    benchmark.pedantic(run, rounds=rounds(15), warmup_rounds=1)
+    benchmark.pedantic(run, rounds=rounds(25), warmup_rounds=1)
 
 
 def test_seq_read_vdisk(benchmark, filled_vdisk):
@@ -121,7 +121,7 @@ def test_seq_read_vdisk(benchmark, filled_vdisk):
         for off in SEQ_OFFSETS:
             d.pread(SEQ_IO, off)
 
-    benchmark.pedantic(run, rounds=rounds(15), warmup_rounds=1)
+    benchmark.pedantic(run, rounds=rounds(25), warmup_rounds=1)
 
 
 # the same reads into a caller's buffer (no result object, no copy out)
@@ -134,7 +134,7 @@ def test_seq_readinto_raw(benchmark, filled_raw):
         for off in SEQ_OFFSETS:
             os.preadv(fd, [buf], off)
 
-    benchmark.pedantic(run, rounds=rounds(15), warmup_rounds=1)
+    benchmark.pedantic(run, rounds=rounds(25), warmup_rounds=1)
 
 
 def test_seq_readinto_vdisk(benchmark, filled_vdisk):
@@ -146,7 +146,7 @@ def test_seq_readinto_vdisk(benchmark, filled_vdisk):
         for off in SEQ_OFFSETS:
             d.preadinto(buf, off)
 
-    benchmark.pedantic(run, rounds=rounds(15), warmup_rounds=1)
+    benchmark.pedantic(run, rounds=rounds(25), warmup_rounds=1)
 
 
 # ---------------------------------------------------------------------------- 3. random 4 KiB writes
@@ -162,7 +162,7 @@ def _rand_write_raw(benchmark, fd, small, offsets, durable):
             os.fsync(fd)
 
     setup = None if durable else (lambda: os.fsync(fd))
-    benchmark.pedantic(run, setup=setup, rounds=rounds(11), warmup_rounds=1)
+    benchmark.pedantic(run, setup=setup, rounds=rounds(21), warmup_rounds=1)
 
 
 def _rand_write_vdisk(benchmark, d, small, offsets, durable):
@@ -179,7 +179,7 @@ def _rand_write_vdisk(benchmark, d, small, offsets, durable):
             d.flush()
 
     setup = None if durable else d.flush
-    benchmark.pedantic(run, setup=setup, rounds=rounds(11), warmup_rounds=1)
+    benchmark.pedantic(run, setup=setup, rounds=rounds(21), warmup_rounds=1)
 
 
 def test_rand_write_raw(benchmark, filled_raw, small_payload, random_offsets):
@@ -215,7 +215,7 @@ def test_rand_read_raw(benchmark, filled_raw, random_offsets):
         for off in random_offsets:
             os.pread(fd, RANDOM_IO, off)
 
-    benchmark.pedantic(run, rounds=rounds(15), warmup_rounds=1)
+    benchmark.pedantic(run, rounds=rounds(25), warmup_rounds=1)
 
 
 def test_rand_read_vdisk(benchmark, filled_vdisk, random_offsets):
@@ -226,7 +226,7 @@ def test_rand_read_vdisk(benchmark, filled_vdisk, random_offsets):
         for off in random_offsets:
             d.pread(RANDOM_IO, off)
 
-    benchmark.pedantic(run, rounds=rounds(15), warmup_rounds=1)
+    benchmark.pedantic(run, rounds=rounds(25), warmup_rounds=1)
 
 
 def test_region_is_allocated(filled_vdisk):

@@ -12,9 +12,11 @@ Knobs (environment variables, all optional):
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -171,6 +173,27 @@ def _mount_of(path: str) -> tuple[str, str, str]:
     return best
 
 
+def library_state() -> dict:
+    """The commit the library was measured at, and which of its files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, timeout=10).stdout
+    digest = hashlib.sha1()
+    src = os.path.join(ROOT, "vdisk")
+    for name in sorted(os.listdir(src)):
+        if name.endswith((".py", ".pyx")) or (name.startswith("_fast.") and name.endswith(".so")):
+            digest.update(name.encode())
+            with open(os.path.join(src, name), "rb") as f:
+                digest.update(f.read())
+    out = {"source_sha1": digest.hexdigest()[:12]}    # tells runs of different code apart
+    try:
+        out["commit"] = git("rev-parse", "--short", "HEAD").strip() or None
+        out["uncommitted"] = sorted(line[3:] for line in
+                                    git("status", "--porcelain", "--", "vdisk", "setup.py").splitlines())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
 def describe_machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -213,6 +236,7 @@ def describe_machine() -> dict:
         "region_bytes": REGION,
         "random_ops": RANDOM_OPS,
         "rounds_scale": ROUNDS_SCALE,
+        "library": library_state(),
     }
 
 

@@ -156,7 +156,8 @@ def test_resize_relative_and_absolute(image):
     assert r.exit_code == 0, r.stderr
     assert r.stdout == "Image resized.\n"
     assert info_json(image)["virtual_size"] == 5 * MiB
-    assert run("resize", image, "-512K").exit_code == 0
+    assert_user_error(run("resize", image, "-512K"), 2)      # shrinking needs --shrink
+    assert run("resize", image, "-512K", "--shrink").exit_code == 0
     assert info_json(image)["virtual_size"] == 5 * MiB - 512 * 1024
     assert run("resize", image, "8MiB").exit_code == 0
     assert info_json(image)["virtual_size"] == 8 * MiB

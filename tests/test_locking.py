@@ -195,7 +195,7 @@ def test_second_writer_in_same_process(image):
         assert d2.pread(4, 0) == b"one!"
 
 
-def test_create_holds_the_lock(image, tmp_path):
+def test_create_holds_the_lock(tmp_path):
     path = tmp_path / "fresh.vdk"
     with vdisk.create(path, "1MiB") as d:
         with pytest.raises(vdisk.ImageLockedError):

@@ -10,7 +10,7 @@ import numpy as np
 cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int64_t, uint64_t
 from libc.string cimport memcmp
-from libc.stdlib cimport malloc, realloc, free
+from libc.stdlib cimport calloc, malloc, realloc, free
 
 cnp.import_array()
 
@@ -197,47 +197,72 @@ def fold(uint8_t[::1] dirty, uint8_t[::1] dirty_groups, uint32_t[::1] counters, 
     return count
 
 
+cdef extern from *:
+    """
+    #define VDISK_PREFETCH(p) __builtin_prefetch((const void *)(p))
+    """
+    void VDISK_PREFETCH(const void *p) nogil
+
+
+cdef enum:
+    CAND_CHUNK = 4096       # candidate groups collected per pass (bounded stack memory)
+    PREFETCH_AHEAD = 8      # groups prefetched ahead of the scan
+
+
 def changed_runs(const uint32_t[::1] counters, const uint8_t[::1] dirty, const uint32_t[::1] summary,
                  const uint8_t[::1] dirty_groups, uint32_t since, int group_shift, Py_ssize_t nblocks):
     """Runs (starts, lengths) of blocks i < nblocks with counters[i] > since or dirty[i].
 
-    Groups whose summary is <= since and whose dirty_groups flag is clear
-    are skipped without touching their counters.
+    Two phases per chunk of groups: collect the candidate groups (summary >
+    since, or a dirty flag) from the summary alone, then scan only their
+    counters, prefetching a few groups ahead so the random accesses
+    overlap.  Groups whose summary is <= since and whose dirty_groups flag
+    is clear are never touched.
     """
     cdef RunBuf rb
     cdef Py_ssize_t ng = (nblocks + (1 << group_shift) - 1) >> group_shift
-    cdef Py_ssize_t g, i, lo, hi, run = -1
+    cdef Py_ssize_t g0, g, k, nc, i, lo, hi, run = -1, run_end = -1
     cdef int failed = 0
+    cdef Py_ssize_t cand[CAND_CHUNK]
+    cdef bint any_dirty
     rb.starts = NULL; rb.lengths = NULL; rb.n = 0; rb.cap = 0
     if nblocks > counters.shape[0] or nblocks > dirty.shape[0] or ng > summary.shape[0] \
             or ng > dirty_groups.shape[0]:
         raise IndexError("changed_runs: arrays too short")
     with nogil:
-        for g in range(ng):
-            lo = g << group_shift
-            hi = lo + (1 << group_shift)
-            if hi > nblocks:
-                hi = nblocks
-            if summary[g] <= since and not dirty_groups[g]:
-                if run >= 0:
-                    if runbuf_push(&rb, run, lo - run):
-                        failed = 1
-                        break
-                    run = -1
-                continue
-            for i in range(lo, hi):
-                if counters[i] > since or dirty[i]:
-                    if run < 0:
-                        run = i
-                elif run >= 0:
-                    if runbuf_push(&rb, run, i - run):
-                        failed = 1
-                        break
-                    run = -1
-            if failed:
-                break
+        g0 = 0
+        while g0 < ng and not failed:
+            nc = 0
+            g = g0
+            while g < ng and nc < CAND_CHUNK:
+                if summary[g] > since or dirty_groups[g]:
+                    cand[nc] = g
+                    nc += 1
+                g += 1
+            g0 = g
+            for k in range(nc):
+                if k + PREFETCH_AHEAD < nc:
+                    VDISK_PREFETCH(&counters[cand[k + PREFETCH_AHEAD] << group_shift])
+                g = cand[k]
+                lo = g << group_shift
+                hi = lo + (1 << group_shift)
+                if hi > nblocks:
+                    hi = nblocks
+                any_dirty = dirty_groups[g] != 0
+                for i in range(lo, hi):
+                    if counters[i] > since or (any_dirty and dirty[i]):
+                        if run >= 0 and run_end == i:
+                            run_end = i + 1
+                        else:
+                            if run >= 0 and runbuf_push(&rb, run, run_end - run):
+                                failed = 1
+                                break
+                            run = i
+                            run_end = i + 1
+                if failed:
+                    break
         if not failed and run >= 0:
-            failed = runbuf_push(&rb, run, nblocks - run)
+            failed = runbuf_push(&rb, run, run_end - run)
     return runbuf_finish(&rb, failed)
 
 
@@ -308,3 +333,32 @@ def pages_touched(const int64_t[::1] starts, const int64_t[::1] lengths, int pag
     if len(s) == 0:
         return np.empty(0, dtype=np.int64)
     return np.concatenate([np.arange(a, a + b, dtype=np.int64) for a, b in zip(s, l)])
+
+
+def find_duplicate(const uint32_t[::1] table, Py_ssize_t n, uint64_t nphys) -> int:
+    """Index of the first entry of table[:n] whose nonzero value appeared
+    earlier, or -1.  Values must be < nphys (validate with check_table)."""
+    cdef uint8_t *seen = <uint8_t *> calloc((nphys >> 3) + 1, 1)
+    cdef Py_ssize_t i, dup = -1
+    cdef uint32_t v
+    if seen == NULL:
+        raise MemoryError("find_duplicate: out of memory")
+    if n > table.shape[0]:
+        free(seen)
+        raise IndexError("find_duplicate: n beyond the table")
+    with nogil:
+        for i in range(n):
+            v = table[i]
+            if v == 0:
+                continue
+            if v >= nphys:
+                dup = -2
+                break
+            if seen[v >> 3] & (1 << (v & 7)):
+                dup = i
+                break
+            seen[v >> 3] |= 1 << (v & 7)
+    free(seen)
+    if dup == -2:
+        raise IndexError("find_duplicate: entry beyond nphys")
+    return dup

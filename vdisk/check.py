@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _fast
 from . import layout as L
-from .disk import _load_array, _read_header
+from .disk import _load_array, _nonzero_entries, _read_header
 from .errors import CorruptImageError, FormatError
 from .fileio import FileIO
 
@@ -88,22 +88,22 @@ def _check(fio, repair: bool) -> CheckResult:
     nb = hdr.nblocks
     end_block = -(-file_size // bs)
     report = _Report()
-    table = _load_array(fio, hdr.table_offset, hdr.table_capacity, np.uint32, file_size)
-    refcounts = _load_array(fio, hdr.refcount_offset, hdr.refcount_capacity, np.uint16, file_size)
+    table = _load_array(fio, hdr.table_offset, hdr.table_capacity, np.uint32, file_size, keep=nb)
+    refcounts = _load_array(fio, hdr.refcount_offset, hdr.refcount_capacity, np.uint16, file_size,
+                            keep=end_block)
     table_dirty = False
 
     # entries past the virtual size must be zero
-    beyond = np.flatnonzero(table[nb:])
-    for i in beyond[:MAX_LISTED].tolist():
-        report.add(f"block table entry {nb + i} past the virtual size ({nb} blocks) is set")
-    report.extra += max(0, len(beyond) - MAX_LISTED)
-    if len(beyond) and repair:
-        table[nb:] = 0
-        table_dirty = True
+    n_beyond, beyond = _nonzero_entries(fio, hdr.table_offset, nb, hdr.table_capacity, np.uint32, file_size)
+    for i in beyond:
+        report.add(f"block table entry {i} past the virtual size ({nb} blocks) is set")
+    report.extra += max(0, n_beyond - len(beyond))
+    if n_beyond and repair:
+        table_dirty = True          # rewriting the table region writes zeros past nb
 
-    # pointers inside the data area
+    # pointers inside the data area: a data block lies wholly inside the file
     meta_end = L.round_up(L.HEADER_AREA, bs) // bs
-    hi = min(end_block, hdr.refcount_capacity)
+    hi = min(file_size // bs, hdr.refcount_capacity)
     live = table[:nb]
     bad = np.flatnonzero((live != 0) & ((live < meta_end) | (live >= hi)))
     for i in bad[:MAX_LISTED].tolist():
@@ -111,16 +111,16 @@ def _check(fio, repair: bool) -> CheckResult:
     report.extra += max(0, len(bad) - MAX_LISTED)
     cleared = list(bad.tolist())
 
-    # reference counts: metadata regions + the live table
-    size = max(hi, 1)
-    refs = np.zeros(size, dtype=np.uint32)
-    meta = np.zeros(size, dtype=bool)
-    for _name, off, length in hdr.regions():
-        lo_b, hi_b = off // bs, min((off + length) // bs, size)
-        refs[lo_b:hi_b] += 1
-        meta[lo_b:hi_b] = True
+    # reference counts.  Dense arrays cover the blocks the table references
+    # (data); metadata regions are checked range by range and the rest of the
+    # refcount table in chunks, so a huge sparse file costs no memory.
     valid = live.copy()
     valid[bad] = 0
+    size = int(valid.max(initial=0)) + 1
+    meta_ranges = [(off // bs, min((off + length) // bs, hi)) for _n, off, length in hdr.regions()]
+    meta = np.zeros(size, dtype=bool)
+    for lo_b, hi_b in meta_ranges:
+        meta[lo_b:hi_b] = True
     live_refs = np.zeros(size, dtype=np.uint32)
     _fast.count_refs(valid, nb, live_refs)
     dup = np.flatnonzero(live_refs > 1)
@@ -143,7 +143,7 @@ def _check(fio, repair: bool) -> CheckResult:
                 seen.add(p)
         live_refs[:] = 0
         _fast.count_refs(valid, nb, live_refs)
-    refs += live_refs
+    refs = live_refs + meta          # expected references of blocks [0, size)
 
     stored = refcounts[:size].astype(np.uint32)
     under = np.flatnonzero(refs > stored)
@@ -152,12 +152,25 @@ def _check(fio, repair: bool) -> CheckResult:
             report.add(f"physical block {p}: refcount {int(stored[p])}, but {int(refs[p])} references")
     report.extra += max(0, len(under) - MAX_LISTED)
     leaked = int(np.count_nonzero(refs < stored))
-    past = refcounts[size:]
-    leaked += int(np.count_nonzero(past))
+    # past the data: metadata blocks hold exactly 1, everything else 0
+    n_past, _ = _nonzero_entries(fio, hdr.refcount_offset, size, hdr.refcount_capacity, np.uint16, file_size)
+    meta_nonzero = 0
+    for lo_b, hi_b in meta_ranges:
+        lo_b = max(lo_b, size)
+        if hi_b <= lo_b:
+            continue
+        stored_m = refcounts[lo_b:hi_b]
+        zero = np.flatnonzero(stored_m == 0)
+        for p in zero[:MAX_LISTED].tolist():
+            report.add(f"physical block {lo_b + p} (metadata): refcount 0, but 1 reference")
+        report.extra += max(0, len(zero) - MAX_LISTED)
+        meta_nonzero += len(stored_m) - len(zero)
+        leaked += int(np.count_nonzero(stored_m > 1))
+    leaked += n_past - meta_nonzero
 
     # tracking counters
     if hdr.tracking:
-        counters = _load_array(fio, hdr.counter_offset, hdr.table_capacity, np.uint32, file_size)
+        counters = _load_array(fio, hdr.counter_offset, hdr.table_capacity, np.uint32, file_size, keep=nb)
         future = np.flatnonzero(counters[:nb] > hdr.generation)
         for i in future[:MAX_LISTED].tolist():
             report.add(f"block {i}: change counter {int(counters[i])} is newer than generation {hdr.generation}")
@@ -165,7 +178,6 @@ def _check(fio, repair: bool) -> CheckResult:
         if repair:
             counters[future] = hdr.generation
             counters[cleared] = hdr.generation      # their content changed: report them
-            counters[nb:] = 0
             _write_all(fio, counters, hdr.counter_offset)
 
     if repair:
@@ -176,6 +188,8 @@ def _check(fio, repair: bool) -> CheckResult:
             _write_all(fio, table, hdr.table_offset)
         new_refs = np.zeros(hdr.refcount_capacity, dtype=np.uint16)
         new_refs[:size] = np.minimum(refs, L.MAX_REFCOUNT)
+        for lo_b, hi_b in meta_ranges:
+            new_refs[lo_b:hi_b] = 1
         # order: the cleared table durable before the refcounts drop
         fio.fsync()
         _write_all(fio, new_refs, hdr.refcount_offset)
@@ -188,18 +202,20 @@ def _check(fio, repair: bool) -> CheckResult:
 
 
 def _write_all(fio, arr: np.ndarray, base: int) -> None:
-    """Rewrite a region: nonzero pages written, zero pages punched (or written as zeros)."""
+    """Make the on-disk region equal arr: its nonzero pages, and zeros over
+    any page the file holds data for where arr is zero."""
+    from .tracking import _page_runs
     raw = arr.view(np.uint8)
     page = 4096
     npages = -(-raw.nbytes // page)
-    for i in range(npages):
-        chunk = raw[i * page:(i + 1) * page]
-        if chunk.any():
-            fio.pwrite(chunk, base + i * page)
-        else:
-            existing = fio.pread(len(chunk), base + i * page)
-            if existing.strip(b"\0"):
-                fio.pwrite(chunk, base + i * page)
+    full = raw[:raw.nbytes // page * page].reshape(-1, page)
+    pages = set(np.flatnonzero(full.any(axis=1)).tolist())
+    if raw.nbytes % page and raw[len(full) * page:].any():
+        pages.add(len(full))
+    for off, length in fio.data_extents(base, base + raw.nbytes):
+        pages.update(range((off - base) // page, min(npages, -(-(off + length - base) // page))))
+    for start, stop in _page_runs(sorted(pages)):
+        fio.pwrite(raw[start * page:stop * page], base + start * page)
 
 
 __all__ = ["check", "CheckResult", "CorruptImageError"]

@@ -259,10 +259,15 @@ def _new_size(spec: str, current: int) -> int:
 @main.command(context_settings={"ignore_unknown_options": True})
 @file_argument
 @click.argument("size")
-def resize(file: str, size: str) -> None:
+@click.option("--shrink", is_flag=True, help="Allow making the image smaller (data past the new end is lost).")
+def resize(file: str, size: str, shrink: bool) -> None:
     """Set the virtual size to SIZE, or grow/shrink it by +SIZE/-SIZE."""
     with vdisk.open(file, "r+") as d:
-        d.resize(_new_size(size, d.size))
+        new = _new_size(size, d.size)
+        if new < d.size and not shrink:
+            raise click.UsageError(
+                f"shrinking from {d.size} to {new} bytes loses the data past the new end; pass --shrink")
+        d.resize(new)
     click.echo("Image resized.")
 
 

@@ -44,6 +44,7 @@ from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumen
                      ReadOnlyError, UnsupportedFeatureError, VdiskError)
 from .extents import Extents
 from .fileio import FileIO
+from .layout import SUMMARY_SHIFT
 from .tracking import ChangeTracker, format_change_id, parse_change_id, _page_runs
 
 PAGE = 4096
@@ -64,15 +65,39 @@ def _as_bytes_view(data) -> memoryview:
     return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 
-def _load_array(fio, offset: int, count: int, dtype, file_size: int) -> np.ndarray:
-    """Read count entries at offset, touching only the data (non-hole) parts of
-    the file: never-used pages stay shared zero pages in memory."""
+def _load_array(fio, offset: int, count: int, dtype, file_size: int, keep: int | None = None) -> np.ndarray:
+    """An array of count entries, filled from the file at offset.
+
+    Only the data (non-hole) parts of the file are read, and only the first
+    `keep` entries (default: all): the rest of the array is never touched,
+    so its pages stay unallocated and a hostile capacity costs address
+    space, not memory.
+    """
     arr = np.zeros(count, dtype=dtype)
     raw = arr.view(np.uint8)
-    end = offset + raw.nbytes
-    for off, length in fio.data_extents(offset, min(end, file_size)):
+    keep_bytes = raw.nbytes if keep is None else min(raw.nbytes, keep * arr.itemsize)
+    end = min(offset + keep_bytes, file_size)
+    for off, length in fio.data_extents(offset, end):
         fio.preadinto(raw[off - offset:off - offset + length], off)
     return arr
+
+
+def _nonzero_entries(fio, offset: int, start: int, stop: int, dtype, file_size: int, most: int = 20):
+    """(count, first indices) of nonzero entries [start, stop) of an on-disk
+    array, read in bounded chunks."""
+    itemsize = np.dtype(dtype).itemsize
+    lo, hi = offset + start * itemsize, min(offset + stop * itemsize, file_size)
+    count, first = 0, []
+    chunk = 1 << 20
+    for off, length in fio.data_extents(lo, hi):
+        off -= (off - offset) % itemsize
+        for pos in range(off, off + length, chunk):
+            n = min(chunk, off + length - pos) // itemsize * itemsize
+            vals = np.frombuffer(fio.pread(n, pos), dtype=dtype)
+            nz = np.flatnonzero(vals)
+            count += len(nz)
+            first.extend(((pos - offset) // itemsize + nz[:most - len(first)]).tolist())
+    return count, first[:most]
 
 
 def _parse_block_size(block_size) -> int:
@@ -92,29 +117,30 @@ def _check_size(size: int, block_shift: int) -> None:
 
 
 def _read_header(fio) -> tuple[L.Header, int]:
-    """The valid header slot with the highest sequence, and its slot index."""
+    """The slot with the highest sequence that passes every check (magic,
+    CRC, fields, file size), and its index."""
     file_size = fio.size()
     raw = fio.pread(2 * L.SLOT_SIZE, 0)
     if raw[:8] != L.MAGIC and raw[L.SLOT_SIZE:L.SLOT_SIZE + 8] != L.MAGIC:
         raise FormatError(f"{fio.path}: not a vdisk image (no vdisk magic in either header slot)")
-    best, errors = None, []
+    valid, errors = [], []
     for i in (0, 1):
         try:
             h = L.Header.unpack(raw[i * L.SLOT_SIZE:(i + 1) * L.SLOT_SIZE])
+            if h.sequence % 2 != i:
+                raise CorruptImageError(f"sequence {h.sequence} does not belong in slot {i}")
+            h.validate(file_size)
         except FormatError as exc:
-            if raw[i * L.SLOT_SIZE:i * L.SLOT_SIZE + 8] == L.MAGIC:
+            if raw[i * L.SLOT_SIZE:i * L.SLOT_SIZE + 8] == L.MAGIC:   # a real header we cannot read
                 raise FormatError(f"{fio.path}: header slot {i}: {exc}") from None
             errors.append(f"slot {i}: {exc}")
-            continue
         except CorruptImageError as exc:
             errors.append(f"slot {i}: {exc}")
-            continue
-        if best is None or h.sequence > best[0].sequence:
-            best = (h, i)
-    if best is None:
+        else:
+            valid.append((h, i))
+    if not valid:
         raise CorruptImageError(f"{fio.path}: no valid header slot ({'; '.join(errors)})")
-    best[0].validate(file_size)
-    return best
+    return max(valid, key=lambda hv: hv[0].sequence)
 
 
 class Disk(io.RawIOBase):
@@ -129,6 +155,7 @@ class Disk(io.RawIOBase):
         self._lock = threading.RLock()
         self._pos = 0
         self._shut = False
+        self._closing = False
         self.fold_interval = DEFAULT_FOLD_INTERVAL
         self._load()
 
@@ -142,11 +169,13 @@ class Disk(io.RawIOBase):
         file_size = fio.size()
         bs = h.block_size
         nb = h.nblocks
-        self._table = _load_array(fio, h.table_offset, h.table_capacity, np.uint32, file_size)
-        self._table[nb:] = 0        # entries past the virtual size are never data
-        self._refcounts = _load_array(fio, h.refcount_offset, h.refcount_capacity, np.uint16, file_size)
+        # entries past the virtual size are never data: not even loaded
+        self._table = _load_array(fio, h.table_offset, h.table_capacity, np.uint32, file_size, keep=nb)
         self._end_block = -(-file_size // bs)
+        self._refcounts = _load_array(fio, h.refcount_offset, h.refcount_capacity, np.uint16, file_size,
+                                      keep=self._end_block)
         self._meta_end_block = L.round_up(L.HEADER_AREA, bs) // bs
+        self._refresh_meta_ranges()
         self._validate_table(self._table, nb, "block table")
         self._table_mv = memoryview(self._table)
         self._refs_mv = memoryview(self._refcounts)
@@ -154,13 +183,12 @@ class Disk(io.RawIOBase):
         self._fresh: set[int] = set()         # blocks remapped since the last flush
         self._dirty_ref_pages: set[int] = set()
         self._pending_decref: list[int] = []
-        limit = min(self._end_block, h.refcount_capacity)
-        free = np.flatnonzero(self._refcounts[self._meta_end_block:limit] == 0) + self._meta_end_block
-        self._free = free[::-1].tolist()      # pop() hands out the lowest free block first
+        self._free: list[int] = []      # blocks released since open (durably unreferenced)
+        self._holes: list[int] = []     # zero-refcount blocks found by the scan, lowest last
+        self._scan = self._meta_end_block
         self._tracker = None
         if h.tracking:
-            counters = _load_array(fio, h.counter_offset, h.table_capacity, np.uint32, file_size)
-            counters[nb:] = 0
+            counters = _load_array(fio, h.counter_offset, h.table_capacity, np.uint32, file_size, keep=nb)
             bitmap = fio.pread(h.bitmap_length, h.bitmap_offset)
             self._tracker = ChangeTracker(fio, h, counters, bitmap, self._writable)
 
@@ -168,7 +196,8 @@ class Disk(io.RawIOBase):
         """Every pointer inside the file and the refcount table, outside the
         metadata regions, and held by a nonzero refcount."""
         h = self._hdr
-        hi = min(self._end_block, h.refcount_capacity)
+        # a data block lies wholly inside the file (a file cut inside a block is truncated)
+        hi = min(self._io.size() // h.block_size, h.refcount_capacity)
         bad = _fast.check_table(table, n, self._meta_end_block, hi)
         if bad >= 0:
             raise CorruptImageError(
@@ -176,25 +205,28 @@ class Disk(io.RawIOBase):
                 f"the data area [{self._meta_end_block}, {hi}) (run 'vdisk check --repair')")
         used = table[:n][table[:n] != 0]
         if len(used):
-            meta = self._metadata_mask()
-            hits = used[used < len(meta)]
-            hits = hits[meta[hits]]
-            if len(hits):
-                raise CorruptImageError(
-                    f"{self._io.path}: {what} points into a metadata region (physical block {int(hits[0])})")
+            for lo, hi_m in self._meta_ranges:
+                hits = used[(used >= lo) & (used < hi_m)]
+                if len(hits):
+                    raise CorruptImageError(
+                        f"{self._io.path}: {what} points into a metadata region (physical block {int(hits[0])})")
             zero = used[self._refcounts[used] == 0]
             if len(zero):
                 raise CorruptImageError(
                     f"{self._io.path}: {what} references physical block {int(zero[0])} whose refcount is 0 "
                     f"(run 'vdisk check --repair')")
+            dup = _fast.find_duplicate(table, n, hi)
+            if dup >= 0:
+                raise CorruptImageError(
+                    f"{self._io.path}: {what} entry {dup} maps physical block {int(table[dup])}, which an "
+                    f"earlier entry maps too (run 'vdisk check --repair')")
 
-    def _metadata_mask(self) -> np.ndarray:
+    def _refresh_meta_ranges(self) -> None:
         bs = self._hdr.block_size
-        ends = [off + length for _, off, length in self._hdr.regions()]
-        mask = np.zeros(max(ends) // bs + 1, dtype=bool)
-        for _, off, length in self._hdr.regions():
-            mask[off // bs:(off + length) // bs] = True
-        return mask
+        self._meta_ranges = [(off // bs, (off + length) // bs) for _, off, length in self._hdr.regions()]
+
+    def _is_metadata(self, p: int) -> bool:
+        return any(lo <= p < hi for lo, hi in self._meta_ranges)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -326,12 +358,36 @@ class Disk(io.RawIOBase):
     # ------------------------------------------------------------------ reads
     def pread(self, length: int, offset: int) -> bytes:
         """length bytes at offset; never-written areas read as zeros."""
-        self._check_range(offset, length, "read")
-        buf = bytearray(length)
-        self.preadinto(buf, offset)
-        return bytes(buf)
+        hdr = self._hdr
+        if offset < 0 or length < 0 or offset + length > hdr.virtual_size:
+            self._check_range(offset, length, "read")
+        shift = hdr.block_shift
+        if length and (offset >> shift) == ((offset + length - 1) >> shift):
+            # within one block: one pread straight into the result (the hot path)
+            with self._lock:
+                if self._shut:
+                    self._check_open()
+                p = self._table_mv[offset >> shift]
+                if p:
+                    data = self._io.pread(length, (p << shift) | (offset & ((1 << shift) - 1)))
+                    return data if len(data) == length else data.ljust(length, b"\0")
+            return bytes(length)
+        with self._lock:
+            self._check_open()
+            plan = self._plan_read(offset, length)
+            if len(plan) == 1:                  # one contiguous run: no staging copy
+                _, phys, n = plan[0]
+                return self._pread_exact(n, phys) if phys >= 0 else bytes(n)
+            buf = np.empty(length, dtype=np.uint8)
+            self._read_plan(memoryview(buf), plan)
+        return buf.tobytes()
 
     def preadinto(self, buffer, offset: int) -> int:
+        if isinstance(buffer, np.ndarray) and not buffer.flags.c_contiguous:
+            staging = np.empty(buffer.shape, dtype=buffer.dtype)
+            n = self.preadinto(staging, offset)
+            buffer[...] = staging               # a strided view: copy into it
+            return n
         mv = _as_bytes_view(buffer)
         if mv.readonly:
             raise InvalidArgumentError("preadinto needs a writable buffer")
@@ -339,38 +395,44 @@ class Disk(io.RawIOBase):
         self._check_range(offset, n, "read")
         with self._lock:
             self._check_open()
-            self._read_locked(mv, offset)
+            self._read_plan(mv, self._plan_read(offset, n))
         return n
 
-    def _read_locked(self, mv: memoryview, offset: int) -> None:
+    def _pread_exact(self, length: int, phys: int) -> bytes:
+        data = self._io.pread(length, phys)
+        return data if len(data) == length else data.ljust(length, b"\0")
+
+    def _plan_read(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """Runs (buffer offset, physical offset or -1 for zeros, length) for a
+        read, merging blocks that are contiguous in the file."""
         shift = self._hdr.block_shift
         bs = 1 << shift
         table = self._table_mv
-        end = offset + len(mv)
+        plan: list[list[int]] = []
+        end = offset + length
         pos = offset
-        run_phys = run_buf = None    # a run of physically contiguous blocks: one pread
         while pos < end:
             b = pos >> shift
             lo = pos - (b << shift)
             piece = min(bs - lo, end - pos)
             p = table[b]
-            dst = mv[pos - offset:pos - offset + piece]
-            if p:
-                phys = (p << shift) + lo
-                if run_phys is not None and run_phys + run_len == phys:
-                    run_len += piece
-                else:
-                    if run_phys is not None:
-                        self._io.preadinto(mv[run_buf:run_buf + run_len], run_phys)
-                    run_phys, run_buf, run_len = phys, pos - offset, piece
-            else:
-                if run_phys is not None:
-                    self._io.preadinto(mv[run_buf:run_buf + run_len], run_phys)
-                    run_phys = None
-                dst[:] = bytes(piece) if piece < 4096 else np.zeros(piece, np.uint8).data
+            phys = (p << shift) + lo if p else -1
+            if plan:
+                last = plan[-1]
+                if (phys < 0 and last[1] < 0) or (phys >= 0 and last[1] >= 0 and last[1] + last[2] == phys):
+                    last[2] += piece
+                    pos += piece
+                    continue
+            plan.append([pos - offset, phys, piece])
             pos += piece
-        if run_phys is not None:
-            self._io.preadinto(mv[run_buf:run_buf + run_len], run_phys)
+        return [tuple(run) for run in plan]
+
+    def _read_plan(self, mv: memoryview, plan) -> None:
+        for at, phys, n in plan:
+            if phys >= 0:
+                self._io.preadinto(mv[at:at + n], phys)
+            else:
+                mv[at:at + n] = bytes(n) if n <= 65536 else np.zeros(n, np.uint8).data
 
     # ------------------------------------------------------------------ writes
     def pwrite(self, data, offset: int) -> int:
@@ -378,14 +440,59 @@ class Disk(io.RawIOBase):
         unallocated blocks allocate nothing."""
         mv = _as_bytes_view(data)
         n = len(mv)
-        self._check_range(offset, n, "write")
+        if offset < 0 or offset + n > self._hdr.virtual_size:
+            self._check_range(offset, n, "write")
         with self._lock:
-            self._check_writable()
+            if self._shut or not self._writable:
+                self._check_writable()
             if n:
                 self._write_locked(mv, offset)
         return n
 
     def _write_locked(self, mv: memoryview, offset: int) -> None:
+        shift = self._hdr.block_shift
+        bs = 1 << shift
+        table, refs = self._table_mv, self._refs_mv
+        tracker = self._tracker
+        end = offset + len(mv)
+        b = offset >> shift
+        if ((end - 1) >> shift) == b and len(mv) < bs:
+            # the hot path: a partial overwrite in place of an unshared block
+            p = table[b]
+            if p and refs[p] == 1:
+                if tracker is not None:
+                    if b in self._fresh:
+                        tracker._dirty_mv[b] = 1
+                        tracker._groups_mv[b >> SUMMARY_SHIFT] = 1
+                    else:
+                        tracker.mark_inplace(b)
+                self._io.pwrite(mv, (p << shift) + (offset & (bs - 1)))
+                if tracker is not None:
+                    tracker.writes_since_fold += 1
+                    if tracker.writes_since_fold >= self.fold_interval:
+                        self._flush_locked()
+                return
+        remaps: list[tuple[int, int, int]] = []   # (block, new, old): applied once the data is written
+        try:
+            self._write_blocks(mv, offset, remaps)
+        except BaseException:
+            for _b, newp, _old in remaps:           # give the new blocks back; the table never saw them
+                self._refs_mv[newp] = 0
+                self._free.append(newp)
+            raise
+        for b, newp, oldp in remaps:
+            table[b] = newp
+            self._fresh.add(b)
+            self._dirty_table_pages.add(b // TABLE_PER_PAGE)
+            if oldp:                                # copy-on-write away from a shared block
+                self._decref_later(oldp)
+        if tracker:
+            tracker.writes_since_fold += 1
+            if tracker.writes_since_fold >= self.fold_interval:
+                self._flush_locked()
+
+    def _write_blocks(self, mv: memoryview, offset: int, remaps: list) -> None:
+        """Issue the data writes of a request; remaps collects the table changes."""
         shift = self._hdr.block_shift
         bs = 1 << shift
         table, refs = self._table_mv, self._refs_mv
@@ -428,11 +535,7 @@ class Disk(io.RawIOBase):
                     whole[lo:lo + piece] = src
                     buf = whole
                 newp = self._alloc()
-                if p:                       # copy-on-write away from a shared block
-                    self._decref_later(p)
-                table[b] = newp
-                self._fresh.add(b)
-                self._dirty_table_pages.add(b // TABLE_PER_PAGE)
+                remaps.append((b, newp, p))
                 phys = newp << shift
             if run_phys is not None and run_phys + run_len == phys:
                 run_bufs.append(buf)
@@ -444,10 +547,6 @@ class Disk(io.RawIOBase):
             pos += piece
         if run_phys is not None:
             self._io.pwritev(run_bufs, run_phys)
-        if tracker:
-            tracker.writes_since_fold += 1
-            if tracker.writes_since_fold >= self.fold_interval:
-                self._flush_locked()
 
     def _unmap(self, b: int) -> None:
         p = self._table_mv[b]
@@ -483,10 +582,35 @@ class Disk(io.RawIOBase):
             pos += piece
 
     # ------------------------------------------------------------------ allocation
+    def _find_hole(self) -> int:
+        """The lowest never-reused block with refcount 0 inside the file, or -1.
+
+        Scans the refcounts lazily, 64 Ki entries at a time, so opening an
+        image with a huge sparse file costs nothing up front.
+        """
+        limit = min(self._end_block, self._hdr.refcount_capacity)
+        refs = self._refs_mv
+        while True:
+            while self._holes:
+                p = self._holes.pop()
+                if refs[p] == 0:
+                    return p
+            if self._scan >= limit:
+                return -1
+            hi = min(self._scan + 65536, limit)
+            zero = np.flatnonzero(self._refcounts[self._scan:hi] == 0) + self._scan
+            self._scan = hi
+            self._holes = [p for p in zero[::-1].tolist() if not self._is_metadata(p)]
+
     def _alloc(self) -> int:
-        if self._free:
-            p = self._free.pop()
-        else:
+        p = -1
+        while self._free and p < 0:
+            q = self._free.pop()
+            if self._refs_mv[q] == 0:       # not handed out by the scan meanwhile
+                p = q
+        if p < 0:
+            p = self._find_hole()
+        if p < 0:
             if self._end_block + 1 >= self._hdr.refcount_capacity:
                 self._grow_refcounts(self._end_block + 2)
             p = self._end_block
@@ -517,7 +641,9 @@ class Disk(io.RawIOBase):
     def flush(self) -> None:
         """Make every write before this call durable (survives crash and power loss)."""
         if self._shut:
-            return
+            if self._closing:       # io.IOBase.close() flushes once more: already done
+                return
+            self._check_open()
         with self._lock:
             self._check_open()
             if self._writable:
@@ -639,10 +765,10 @@ class Disk(io.RawIOBase):
             self._check_writable()
             h = self._hdr
             old_size, old_nb = h.virtual_size, h.nblocks
+            self._flush_locked()        # a resize is a barrier, even to the same size
             if new_size == old_size:
                 return
             new_nb = L.blocks_for(new_size, h.block_shift)
-            self._flush_locked()
             if new_size > old_size:
                 if new_nb > h.table_capacity:
                     self._grow_tables(new_nb)
@@ -656,8 +782,9 @@ class Disk(io.RawIOBase):
                 if tail and self._table_mv[new_nb - 1]:   # zero the cut-off part of the new last block
                     cut = min(old_size, new_nb << h.block_shift) - new_size
                     self._write_locked(memoryview(bytes(cut)), new_size)
-                if self._tracker:       # a crash before the commit shows the old size with these zeroed
-                    self._tracker.mark_range(new_nb, old_nb)
+                if self._tracker:       # a crash before the commit shows the old size with these
+                    # zeroed: their armed regions report them; after it they are gone
+                    self._tracker.mark_range(new_nb, old_nb, dirty=False)
                 for b in np.flatnonzero(self._table[new_nb:old_nb]).tolist():
                     self._unmap(new_nb + b)
                 self._flush_locked()    # the table past the new end is zero and durable ...
@@ -690,6 +817,7 @@ class Disk(io.RawIOBase):
             h.coarse_shift = coarse      # all coarse bits are clear: flushed just before
         h.bitmap_length = L.bitmap_length_for(cap, h.block_shift, h.coarse_shift)
         self._commit_header()
+        self._refresh_meta_ranges()
         if self._tracker:
             self._tracker.recoarsen()
             self._io.pwrite(bytes(h.bitmap_length), h.bitmap_offset)
@@ -726,6 +854,7 @@ class Disk(io.RawIOBase):
         self._io.fsync()
         h.refcount_offset, h.refcount_capacity = first * bs, cap
         self._commit_header()
+        self._refresh_meta_ranges()
         self._dirty_ref_pages.clear()
         old_blocks = L.round_up(old_cap * L.REFCOUNT_BYTES, bs) // bs
         for p in range(old_off // bs, old_off // bs + old_blocks):
@@ -750,7 +879,7 @@ class Disk(io.RawIOBase):
                         self._tracker.clear_idle_regions(everything=True)
                     self._io.fsync()     # the decrements and cleared bits of the last flush
         finally:
-            self._shut = True
+            self._shut = self._closing = True
             self._io.close()
             super().close()
 

@@ -20,6 +20,9 @@ import os
 from .errors import ImageLockedError, InvalidArgumentError, VdiskIOError
 
 
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
 def _io_error(op: str, path: str, exc: OSError) -> VdiskIOError:
     return VdiskIOError(exc.errno, f"{op} failed on {path}: {exc.strerror or exc}")
 
@@ -84,9 +87,15 @@ class FileIO:
         return total
 
     def pwrite(self, data, offset: int) -> None:
-        self._check_poison()
-        mv = memoryview(data).cast("B")
+        """Write all of data (a buffer of bytes: len() counts bytes) at offset."""
+        if self.poisoned is not None:
+            self._check_poison()
         try:
+            n = os.pwrite(self.fd, data, offset)
+            if n == len(data):
+                return
+            mv = memoryview(data).cast("B")[n:]
+            offset += n
             while len(mv):
                 n = os.pwrite(self.fd, mv, offset)
                 mv = mv[n:]
@@ -99,13 +108,16 @@ class FileIO:
         if len(buffers) == 1:
             return self.pwrite(buffers[0], offset)
         self._check_poison()
-        total = sum(len(b) for b in buffers)
-        try:
-            n = os.pwritev(self.fd, buffers, offset)
-        except OSError as exc:
-            raise _io_error("pwrite", self.path, exc) from exc
-        if n != total:  # short write: finish the rest plainly
-            self.pwrite(b"".join(bytes(b) for b in buffers)[n:], offset + n)
+        for i in range(0, len(buffers), IOV_MAX):
+            batch = buffers[i:i + IOV_MAX]
+            total = sum(len(b) for b in batch)
+            try:
+                n = os.pwritev(self.fd, batch, offset)
+            except OSError as exc:
+                raise _io_error("pwrite", self.path, exc) from exc
+            if n != total:  # short write: finish the rest plainly
+                self.pwrite(b"".join(bytes(b) for b in batch)[n:], offset + n)
+            offset += total
 
     def fsync(self) -> None:
         self._check_poison()

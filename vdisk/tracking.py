@@ -83,6 +83,7 @@ class ChangeTracker:
         self.io = io
         self.hdr = header
         self.writable = writable
+        self.rel_shift = header.coarse_shift - header.block_shift   # blocks -> coarse region
         self.counters = counters                      # uint32[capacity]
         cap = len(counters)
         self.dirty = np.zeros(cap, dtype=np.uint8)
@@ -102,9 +103,6 @@ class ChangeTracker:
         self.arm_budget = DEFAULT_ARM_BUDGET
         self.recovered_regions = self._recover()
 
-    @property
-    def rel_shift(self) -> int:
-        return self.hdr.coarse_shift - self.hdr.block_shift
 
     # --- crash recovery ---------------------------------------------------------
     def _recover(self) -> int:
@@ -157,12 +155,14 @@ class ChangeTracker:
             nregions = regions_for(self.hdr.nblocks, self.rel_shift)
             self._persist_regions(range(nregions))
 
-    def mark_range(self, b0: int, b1: int) -> None:
-        """Blocks [b0, b1) are about to change (resize, revert, import)."""
+    def mark_range(self, b0: int, b1: int, dirty: bool = True) -> None:
+        """Blocks [b0, b1) are about to change (resize, revert, import): arm
+        their regions (durably) and, with dirty, mark the blocks."""
         if b1 <= b0:
             return
-        self.dirty[b0:b1] = 1
-        self.dirty_groups[b0 >> SUMMARY_SHIFT:((b1 - 1) >> SUMMARY_SHIFT) + 1] = 1
+        if dirty:
+            self.dirty[b0:b1] = 1
+            self.dirty_groups[b0 >> SUMMARY_SHIFT:((b1 - 1) >> SUMMARY_SHIFT) + 1] = 1
         r0, r1 = b0 >> self.rel_shift, ((b1 - 1) >> self.rel_shift) + 1
         self._touched[r0:r1] = 1
         todo = np.flatnonzero(self._coarse[r0:r1] == 0) + r0
@@ -253,6 +253,7 @@ class ChangeTracker:
 
     def recoarsen(self) -> None:
         """After the header's coarse_shift or bitmap_length changed (all bits clear)."""
+        self.rel_shift = self.hdr.coarse_shift - self.hdr.block_shift
         self.bitmap = bytearray(self.hdr.bitmap_length)
         self._coarse = np.zeros(regions_for(len(self.counters), self.rel_shift) + 1, dtype=np.uint8)
         self._coarse_mv = memoryview(self._coarse)

@@ -1,0 +1,327 @@
+#!/usr/bin/env python3
+"""Run the vdisk benchmarks and print each workload as a ratio to its baseline.
+
+    python benchmarks/report.py                  # run everything (a few minutes), print the table
+    python benchmarks/report.py --quick          # small sizes, few rounds: a smoke run
+    python benchmarks/report.py --json run.json  # no run: report a saved pytest-benchmark JSON
+    python benchmarks/report.py --save run.json  # run, and keep the JSON
+    python benchmarks/report.py --repeat 3       # three whole runs: median ratio and its range
+    python benchmarks/report.py -- -k seq        # anything after -- goes to pytest
+
+The ratio is a throughput ratio, subject / baseline = baseline time / subject
+time, from the same run on the same machine: above 1 the vdisk side is
+faster.  With one run, the bracket after a ratio is a 90% bootstrap interval
+over the rounds; with --repeat, the range of the per-run ratios.  Timings
+are never turned into pass/fail: the target column says whether a ratio
+reached the goal set for it ("unclear" when the interval straddles it), for
+reading, not for CI, and the exit status only reflects pytest errors.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+README = os.path.join(HERE, "README.md")
+BENCH_FILES = ["bench_io.py", "bench_tracking.py"]
+MARK_BEGIN = "<!-- results:begin -->"
+MARK_END = "<!-- results:end -->"
+
+TRACKING_TARGET = 1 / 1.03      # tracking on / off throughput: at most 3% overhead
+KERNEL_TARGET = 5.0             # tracking kernels vs numpy
+
+# (row label, workload group, subject impl, baseline impl, minimum ratio or None, target text)
+PAIRS = [
+    ("1. seq 1 MiB writes + flush, fresh image", "seq_write_1MiB", "vdisk", "raw", 0.9, "≥0.9x raw"),
+    ("2. seq 1 MiB reads, `pread`", "seq_read_1MiB", "vdisk", "raw", 0.9, "≥0.9x raw"),
+    ("2b. seq 1 MiB reads, `preadinto`", "seq_readinto_1MiB", "vdisk", "raw", 0.9, "≥0.9x raw"),
+    ("3. random 4 KiB writes + flush", "rand_write_4KiB", "vdisk", "raw", 0.6, "≥0.6x raw"),
+    ("3b. random 4 KiB writes, buffered", "rand_write_4KiB_buffered", "vdisk", "raw", 0.6, "≥0.6x raw"),
+    ("4. random 4 KiB reads", "rand_read_4KiB", "vdisk", "raw", 0.6, "≥0.6x raw"),
+    ("5a. tracking on/off: seq writes + flush", "seq_write_1MiB", "vdisk", "vdisk-notrack",
+     TRACKING_TARGET, "≤3% overhead"),
+    ("5b. tracking on/off: random 4 KiB + flush", "rand_write_4KiB", "vdisk", "vdisk-notrack",
+     TRACKING_TARGET, "≤3% overhead"),
+    ("5c. tracking on/off: random 4 KiB, buffered", "rand_write_4KiB_buffered", "vdisk", "vdisk-notrack",
+     TRACKING_TARGET, "≤3% overhead"),
+    ("6a. `changed_blocks(4)` kernel, 0.1% changed", "changed_blocks_1TiB", "vdisk-kernel", "numpy",
+     KERNEL_TARGET, "≥5x numpy"),
+    ("6b. `changes_since(id/4)`, 0.1% changed", "changed_blocks_1TiB", "vdisk-changes_since", "numpy",
+     KERNEL_TARGET, "≥5x numpy"),
+    ("6c. fold of 0.1% dirty blocks", "fold_1TiB", "vdisk-kernel", "numpy", None, "none set"),
+]
+
+BASELINE_NAMES = {
+    "raw": "raw file, os.pread/os.pwrite loop",
+    "vdisk-notrack": "vdisk, track_changes=False",
+    "numpy": "numpy one-liner",
+}
+
+
+# ---------------------------------------------------------------------------- running
+def run_pytest(json_path: str, extra: list[str], quick: bool) -> int:
+    env = dict(os.environ)
+    if quick:
+        env.setdefault("VDISK_BENCH_MIB", "32")
+        env.setdefault("VDISK_BENCH_OPS", "2048")
+        env.setdefault("VDISK_BENCH_ROUNDS", "0.3")
+        env.setdefault("VDISK_BENCH_BIG", "64GiB")
+    cmd = [sys.executable, "-m", "pytest", *[os.path.join(HERE, f) for f in BENCH_FILES],
+           "-p", "no:cacheprovider", "-o", "python_files=bench_*.py", "-o", "python_functions=test_*",
+           "--rootdir", ROOT, "-q", "--benchmark-json", json_path,
+           "--benchmark-columns=min,median,iqr,rounds", "--benchmark-sort=name", *extra]
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.call(cmd, cwd=ROOT, env=env, stdout=sys.stderr)
+
+
+def stale_build_warning() -> str | None:
+    pyx = os.path.join(ROOT, "vdisk", "_fast.pyx")
+    sos = [f for f in os.listdir(os.path.join(ROOT, "vdisk")) if f.startswith("_fast.") and f.endswith(".so")]
+    if not os.path.exists(pyx) or not sos:
+        return None
+    so = max(os.path.getmtime(os.path.join(ROOT, "vdisk", f)) for f in sos)
+    if os.path.getmtime(pyx) > so:
+        return ("WARNING: vdisk/_fast.pyx is newer than the built extension; rebuild with "
+                "`python3 setup.py build_ext --inplace` before trusting these numbers")
+    return None
+
+
+# ---------------------------------------------------------------------------- formatting
+def fmt_time(s: float) -> str:
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} µs"
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, k in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= k:
+            return f"{n / k:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+STATS = {"median": np.median, "min": np.min, "mean": np.mean}
+
+
+def stat_of(bench: dict, stat: str) -> float:
+    return bench["stats"][stat]
+
+
+def bootstrap_ratio(s: dict, b: dict, stat: str, n: int = 2000, level: float = 0.90):
+    """Interval of baseline-stat / subject-stat from resampling each side's rounds."""
+    ds, db = s["stats"].get("data"), b["stats"].get("data")
+    if not ds or not db or len(ds) < 3 or len(db) < 3:
+        return None
+    rng = np.random.default_rng(12345)
+    f = STATS[stat]
+    xs = f(rng.choice(np.asarray(ds), size=(n, len(ds)), replace=True), axis=1)
+    xb = f(rng.choice(np.asarray(db), size=(n, len(db)), replace=True), axis=1)
+    r = xb / xs
+    lo, hi = np.quantile(r, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def cell(runs: list[dict], stat: str) -> str:
+    """Throughput (or time) of one side: median over runs of the per-run statistic."""
+    bench = runs[0]
+    t = float(np.median([stat_of(r, stat) for r in runs]))
+    noise = float(np.median([r["stats"]["iqr"] / 2 / r["stats"]["median"] for r in runs if r["stats"]["median"]]))
+    info = bench.get("extra_info", {})
+    nbytes, ops = info.get("bytes") or 0, info.get("ops") or 0
+    noise_txt = f" ±{100 * noise:.0f}%"
+    if nbytes and ops and nbytes // ops >= (1 << 20):
+        rate = f"{nbytes / t / (1 << 20):,.0f} MiB/s"
+    elif ops:
+        rate = f"{ops / t / 1e3:,.1f} k op/s"
+    else:
+        return f"{fmt_time(t)}{noise_txt}"
+    return f"{rate} ({fmt_time(t)}{noise_txt})"
+
+
+def fmt_ratio(x: float) -> str:
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}" if x >= 0.995 else f"{x:.3g}"
+
+
+def machine_line(data: dict) -> str:
+    mi = data.get("machine_info", {})
+    vb = mi.get("vdisk_bench")
+    if not vb:
+        return f"Machine: {mi.get('cpu', {}).get('brand_raw', '?')} (no vdisk_bench machine info in this JSON)"
+    ram = vb.get("ram_bytes")
+    cores = vb.get("cores")
+    usable = vb.get("usable_cores")
+    core_txt = f"{cores} cores" + (f" ({usable} usable)" if usable and usable != cores else "")
+    return (f"Machine: {vb['cpu_model']}, {core_txt}, {fmt_bytes(ram) if ram else '?'} RAM, "
+            f"Linux {vb.get('kernel', '?')}, {vb.get('python_impl', 'Python')} {vb['python']}, "
+            f"numpy {vb['numpy']}; temp dir {vb['bench_dir']} on {vb['bench_fs']} "
+            f"({vb.get('bench_device', '?')} at {vb.get('bench_mount', '?')})")
+
+
+def _library(data: dict) -> dict:
+    return data.get("machine_info", {}).get("vdisk_bench", {}).get("library") or {}
+
+
+def library_line(datas: list[dict]) -> str | None:
+    lib = _library(datas[0])
+    if not lib:
+        return None
+    changed = lib.get("uncommitted") or []
+    extra = f" plus uncommitted changes to {', '.join(changed)}" if changed else " (clean)"
+    line = (f"Library: vdisk at commit {lib.get('commit') or '?'}{extra}; "
+            f"source digest {lib.get('source_sha1', '?')}.")
+    digests = [_library(d).get("source_sha1") for d in datas]
+    if len(set(digests)) > 1:
+        line += (f" **WARNING: the library's source changed between runs** (digests "
+                 f"{', '.join(str(x) for x in digests)}): the runs measured different code.")
+    return line
+
+
+def build_report(datas: list[dict], stat: str) -> str:
+    runs_by_key: dict[tuple, list] = {}
+    for data in datas:
+        for bench in data.get("benchmarks", []):
+            info = bench.get("extra_info", {})
+            if "workload" in info and "impl" in info:
+                runs_by_key.setdefault((info["workload"], info["impl"]), []).append(bench)
+    first = datas[0]
+    vb = first.get("machine_info", {}).get("vdisk_bench", {})
+    when = first.get("datetime", "")
+    try:
+        when = _dt.datetime.fromisoformat(when.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        pass
+    nruns = len(datas)
+    spread = ("[90% bootstrap interval over the rounds]" if nruns == 1
+              else f"[range of the {nruns} per-run ratios; the ratio is their median]")
+    lines = [machine_line(first)]
+    lib = library_line(datas)
+    if lib:
+        lines.append(lib)
+    lines += [
+        "",
+        f"Run {when}{f' (+{nruns - 1} more)' if nruns > 1 else ''}: I/O region "
+        f"{fmt_bytes(vb.get('region_bytes', 0))}, {vb.get('random_ops', '?')} random 4 KiB ops per round, "
+        f"rounds ×{vb.get('rounds_scale', 1)}; per-side statistic: {stat} of the rounds "
+        f"(± = half the interquartile range / median). Ratio = vdisk throughput / baseline throughput "
+        f"(= baseline time / vdisk time), **> 1 means vdisk is faster**; {spread}.",
+        "",
+        "| workload | vdisk | baseline | ratio | target |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    missing = []
+    for label, workload, subj, base, min_ratio, target in PAIRS:
+        srun, brun = runs_by_key.get((workload, subj)), runs_by_key.get((workload, base))
+        if not srun or not brun or len(srun) != len(brun):
+            missing.append(label)
+            continue
+        per_run = [stat_of(b, stat) / stat_of(s, stat) for s, b in zip(srun, brun)]
+        ratio = float(np.median(per_run))
+        if nruns == 1:
+            interval = bootstrap_ratio(srun[0], brun[0], stat)
+        else:
+            interval = (min(per_run), max(per_run))
+        ratio_txt = f"**{fmt_ratio(ratio)}x**"
+        if interval:
+            ratio_txt += f" [{fmt_ratio(interval[0])}–{fmt_ratio(interval[1])}]"
+        if base == "vdisk-notrack":
+            ratio_txt += f"<br>tracking costs {100 * (1 / ratio - 1):+.1f}% time"
+        if min_ratio is None:
+            verdict = target
+        elif interval and interval[0] < min_ratio <= interval[1]:
+            verdict = f"{target}: unclear ({'met' if ratio >= min_ratio else 'missed'} at the {stat}, within noise)"
+        else:
+            verdict = f"{target}: {'met' if ratio >= min_ratio else '**missed**'}"
+        base_txt = f"{cell(brun, stat)}<br>{BASELINE_NAMES.get(base, base)}"
+        lines.append(f"| {label} | {cell(srun, stat)} | {base_txt} | {ratio_txt} | {verdict} |")
+    if missing:
+        lines += ["", "Not in this run: " + "; ".join(missing)]
+    return "\n".join(lines)
+
+
+def update_readme(table: str) -> None:
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    pat = re.compile(re.escape(MARK_BEGIN) + r".*?" + re.escape(MARK_END), re.S)
+    if not pat.search(text):
+        raise SystemExit(f"{README}: no {MARK_BEGIN} ... {MARK_END} block to replace")
+    text = pat.sub(lambda _m: f"{MARK_BEGIN}\n{table}\n{MARK_END}", text)
+    with open(README, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def load(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return json.loads(text) if text.strip() else {}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="append",
+                    help="report this pytest-benchmark JSON instead of running (repeat for several runs)")
+    ap.add_argument("--save", help="keep the run's JSON here (with --repeat: PREFIX-1.json, PREFIX-2.json, ...)")
+    ap.add_argument("--repeat", type=int, default=1, help="whole runs to make (default 1)")
+    ap.add_argument("--stat", default="median", choices=sorted(STATS),
+                    help="per-round statistic to compare (default: median)")
+    ap.add_argument("--quick", action="store_true",
+                    help="32 MiB region, 2048 random ops, 64 GiB tracking image, fewer rounds")
+    ap.add_argument("--output", help="also write the markdown table to this file")
+    ap.add_argument("--update-readme", action="store_true",
+                    help=f"replace the results block of {os.path.relpath(README, ROOT)}")
+    ap.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments")
+    args = ap.parse_args(argv)
+
+    rc = 0
+    datas = []
+    if args.json:
+        datas = [load(p) for p in args.json]
+    else:
+        for i in range(max(1, args.repeat)):
+            fd, json_path = tempfile.mkstemp(prefix="vdisk-bench-", suffix=".json")
+            os.close(fd)
+            try:
+                rc = run_pytest(json_path, args.pytest_args, args.quick) or rc
+                datas.append(load(json_path))
+                if args.save:
+                    dest = args.save if args.repeat <= 1 else f"{os.path.splitext(args.save)[0]}-{i + 1}.json"
+                    with open(json_path, "rb") as src, open(dest, "wb") as dst:
+                        dst.write(src.read())
+            finally:
+                os.unlink(json_path)
+    datas = [d for d in datas if d.get("benchmarks")]
+    if not datas:
+        print(f"no benchmark results (pytest exit status {rc})", file=sys.stderr)
+        return rc or 1
+
+    table = build_report(datas, args.stat)
+    warn = stale_build_warning()
+    if warn:
+        table = warn + "\n\n" + table
+    print(table)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+    if args.update_readme:
+        update_readme(table)
+    if rc:
+        print(f"pytest exited with status {rc} (a sanity check failed or a benchmark errored; "
+              f"timings are never asserted)", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
