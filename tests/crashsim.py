@@ -32,6 +32,9 @@ class CrashModel:
         self.flushed = self.cur.copy()
         self.versions: list[np.ndarray] = []
         self.points: list[tuple[str, np.ndarray]] = []   # (change id, content then)
+        self.snap_content: dict[str, np.ndarray] = {}     # every snapshot ever taken: frozen content
+        self.committed: set[str] = set()                  # snapshots that must exist
+        self.in_flight: str | None = None                 # the snapshot an op is creating/deleting
 
     def will_become(self, new: np.ndarray) -> None:
         self.versions.append(new.copy())
@@ -100,6 +103,17 @@ class CrashChecker:
             raise AssertionError(f"state {self.states} ({when}): byte {bad} (block {bad // d.block_size}) holds "
                                  f"{state[bad]}, neither flushed ({self.model.flushed[bad] if bad < len(self.model.flushed) else 'n/a'}) "
                                  f"nor written since")
+        names = {i.name for i in d.snapshots}
+        missing = self.model.committed - names - {self.model.in_flight}
+        assert not missing, f"state {self.states} ({when}): committed snapshots {missing} vanished"
+        for name in names:
+            assert name in self.model.snap_content, f"state {self.states}: unknown snapshot {name!r}"
+            with d.open_snapshot(name) as snap:
+                frozen = self.model.snap_content[name]
+                got_s = np.frombuffer(snap.pread(snap.size, 0), np.uint8)
+                if not np.array_equal(got_s, frozen):
+                    bad = int(np.flatnonzero(got_s != frozen)[0]) if len(got_s) == len(frozen) else -1
+                    raise AssertionError(f"state {self.states} ({when}): snapshot {name!r} differs at byte {bad}")
         for cid, then in self.model.points:
             got = extent_blocks(d.changes_since(cid), d.block_size)
             bs = d.block_size
@@ -112,7 +126,7 @@ class CrashChecker:
 
 
 def run_campaign(seed: int, ops: int, per_point: int, block_size: int = 4096, size: int = 96 * 1024,
-                 fold_interval: int = 7) -> CrashChecker:
+                 fold_interval: int = 7, snapshots: bool = False) -> CrashChecker:
     """One random workload with crash states sampled at every fsync and after every op."""
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,8 +140,9 @@ def run_campaign(seed: int, ops: int, per_point: int, block_size: int = 4096, si
         try:
             for step in range(ops):
                 size = d.size
-                kind = rng.choices(["write", "zero", "discard", "flush", "checkpoint", "resize"],
-                                   [45, 8, 12, 12, 10, 5])[0]
+                kind = rng.choices(["write", "zero", "discard", "flush", "checkpoint", "resize",
+                                    "snapshot", "delete", "revert"],
+                                   [45, 8, 12, 12, 10, 5] + ([6, 3, 3] if snapshots else [0, 0, 0]))[0]
                 new = model.cur.copy()
                 if kind in ("write", "zero"):
                     off = rng.randrange(size)
@@ -149,6 +164,32 @@ def run_campaign(seed: int, ops: int, per_point: int, block_size: int = 4096, si
                     cid = d.checkpoint()
                     model.flushed_now()
                     model.points.append((cid, model.cur.copy()))
+                elif kind == "snapshot":
+                    name = f"s{step}"
+                    model.in_flight = name
+                    model.snap_content[name] = model.cur.copy()
+                    snap = d.snapshot(name)
+                    snap.close()
+                    model.flushed_now()
+                    model.committed.add(name)
+                    model.points.append((snap.change_id, model.cur.copy()))
+                    model.in_flight = None
+                elif kind == "delete":
+                    if not model.committed:
+                        continue
+                    name = rng.choice(sorted(model.committed))
+                    model.in_flight = name
+                    d.delete_snapshot(name)
+                    model.committed.discard(name)
+                    model.flushed_now()
+                    model.in_flight = None
+                elif kind == "revert":
+                    if not model.committed:
+                        continue
+                    name = rng.choice(sorted(model.committed))
+                    model.will_become(model.snap_content[name].copy())
+                    d.revert(name)
+                    model.flushed_now()
                 else:
                     new_size = rng.randrange(1, 2 * size // 512 + 2) * 512
                     grown = np.zeros(new_size, np.uint8)

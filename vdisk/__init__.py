@@ -18,9 +18,10 @@ except ImportError as exc:  # pragma: no cover - a broken install
 
 from .check import CheckResult, check
 from .disk import Disk, create, open
+from .snapshots import Snapshot, SnapshotInfo
 from .errors import (ClosedError, CorruptImageError, FormatError, ImageLockedError, InvalidArgumentError,
                      OutOfRangeError, ReadOnlyError, StaleChangeIdError, UnsupportedFeatureError, VdiskError,
-                     VdiskIOError)
+                     VdiskIOError, SnapshotNotFoundError)
 from .extents import Extents
 from .layout import parse_size
 
@@ -30,5 +31,5 @@ __all__ = [
     "create", "open", "check", "Disk", "Extents", "CheckResult", "parse_size",
     "VdiskError", "FormatError", "CorruptImageError", "ImageLockedError", "UnsupportedFeatureError",
     "OutOfRangeError", "ReadOnlyError", "StaleChangeIdError", "VdiskIOError", "ClosedError",
-    "InvalidArgumentError", "__version__",
+    "InvalidArgumentError", "SnapshotNotFoundError", "Snapshot", "SnapshotInfo", "__version__",
 ]

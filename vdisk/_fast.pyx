@@ -362,3 +362,26 @@ def find_duplicate(const uint32_t[::1] table, Py_ssize_t n, uint64_t nphys) -> i
     if dup == -2:
         raise IndexError("find_duplicate: entry beyond nphys")
     return dup
+
+
+def runs_above(const uint32_t[::1] a, uint32_t threshold, Py_ssize_t start, Py_ssize_t stop):
+    """Runs (starts, lengths) of indices in [start, stop) where a[i] > threshold."""
+    cdef RunBuf rb
+    cdef Py_ssize_t i, run = -1
+    cdef int failed = 0
+    rb.starts = NULL; rb.lengths = NULL; rb.n = 0; rb.cap = 0
+    if not 0 <= start <= stop <= a.shape[0]:
+        raise IndexError(f"range [{start}, {stop}) outside 0..{a.shape[0]}")
+    with nogil:
+        for i in range(start, stop):
+            if a[i] > threshold:
+                if run < 0:
+                    run = i
+            elif run >= 0:
+                if runbuf_push(&rb, run, i - run):
+                    failed = 1
+                    break
+                run = -1
+        if not failed and run >= 0:
+            failed = runbuf_push(&rb, run, stop - run)
+    return runbuf_finish(&rb, failed)

@@ -23,6 +23,7 @@ import numpy as np
 from . import _fast
 from . import layout as L
 from .disk import _load_array, _nonzero_entries, _read_header
+from .snapshots import parse_table
 from .errors import CorruptImageError, FormatError
 from .fileio import FileIO
 
@@ -80,10 +81,13 @@ def _check(fio, repair: bool) -> CheckResult:
     if fio.size() < 2 * L.SLOT_SIZE and fio.pread(8, 0) != L.MAGIC:
         raise FormatError(f"{fio.path}: not a vdisk image")
     hdr, _slot = _read_header(fio)
-    if hdr.snapshot_count:
-        from .errors import UnsupportedFeatureError
-        raise UnsupportedFeatureError(f"{fio.path}: checking images with snapshots is not supported yet")
     file_size = fio.size()
+    snapshots = []
+    if hdr.snapshot_count:     # a damaged snapshot table cannot be checked (nor repaired) safely
+        raw = fio.pread(hdr.snapshot_count * L.SNAPSHOT_ENTRY_SIZE, hdr.snapshot_offset)
+        if len(raw) < hdr.snapshot_count * L.SNAPSHOT_ENTRY_SIZE:
+            raise CorruptImageError(f"{fio.path}: snapshot table truncated")
+        snapshots = parse_table(raw, hdr.snapshot_count, hdr, file_size)
     bs = hdr.block_size
     nb = hdr.nblocks
     end_block = -(-file_size // bs)
@@ -111,13 +115,36 @@ def _check(fio, repair: bool) -> CheckResult:
     report.extra += max(0, len(bad) - MAX_LISTED)
     cleared = list(bad.tolist())
 
-    # reference counts.  Dense arrays cover the blocks the table references
+    # snapshot tables: the same bounds; they may share blocks with anything
+    frozen_tables = []
+    for rec in snapshots:
+        n_s = L.blocks_for(rec.virtual_size, hdr.block_shift)
+        frozen = _load_array(fio, rec.table_offset, max(n_s, 1), np.uint32, file_size)
+        bad_s = np.flatnonzero((frozen[:n_s] != 0) & ((frozen[:n_s] < meta_end) | (frozen[:n_s] >= hi)))
+        for i in bad_s[:MAX_LISTED].tolist():
+            report.add(f"snapshot {rec.name!r} block {i}: points to physical block {int(frozen[i])} outside "
+                       f"the data area [{meta_end}, {hi})")
+        report.extra += max(0, len(bad_s) - MAX_LISTED)
+        if len(bad_s) and repair:
+            frozen[bad_s] = 0
+            _write_all(fio, frozen, rec.table_offset)
+        frozen[bad_s] = 0
+        frozen_tables.append((frozen, n_s))
+
+    # reference counts.  Dense arrays cover the blocks the tables reference
     # (data); metadata regions are checked range by range and the rest of the
     # refcount table in chunks, so a huge sparse file costs no memory.
     valid = live.copy()
     valid[bad] = 0
-    size = int(valid.max(initial=0)) + 1
-    meta_ranges = [(off // bs, min((off + length) // bs, hi)) for _n, off, length in hdr.regions()]
+    size = max([int(valid.max(initial=0)) + 1] + [int(f[:n].max(initial=0)) + 1 for f, n in frozen_tables])
+    regions = list(hdr.regions())
+    for rec in snapshots:
+        regions += rec.regions(bs)
+    spans = sorted((off, off + length, name) for name, off, length in regions)
+    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise CorruptImageError(f"{fio.path}: metadata regions {an} and {bn} overlap")
+    meta_ranges = [(off // bs, min((off + length) // bs, hi)) for _n, off, length in regions]
     meta = np.zeros(size, dtype=bool)
     for lo_b, hi_b in meta_ranges:
         meta[lo_b:hi_b] = True
@@ -127,7 +154,10 @@ def _check(fio, repair: bool) -> CheckResult:
     for p in dup[:MAX_LISTED].tolist():
         report.add(f"physical block {p} is mapped by {int(live_refs[p])} virtual blocks")
     report.extra += max(0, len(dup) - MAX_LISTED)
-    into_meta = np.flatnonzero(meta & (live_refs > 0))
+    snap_refs = np.zeros(size, dtype=np.uint32)
+    for frozen, n_s in frozen_tables:
+        _fast.count_refs(frozen, n_s, snap_refs)
+    into_meta = np.flatnonzero(meta & ((live_refs + snap_refs) > 0))
     for p in into_meta[:MAX_LISTED].tolist():
         report.add(f"physical block {p} belongs to a metadata region but is mapped as data")
     report.extra += max(0, len(into_meta) - MAX_LISTED)
@@ -143,7 +173,7 @@ def _check(fio, repair: bool) -> CheckResult:
                 seen.add(p)
         live_refs[:] = 0
         _fast.count_refs(valid, nb, live_refs)
-    refs = live_refs + meta          # expected references of blocks [0, size)
+    refs = live_refs + snap_refs + meta          # expected references of blocks [0, size)
 
     stored = refcounts[:size].astype(np.uint32)
     under = np.flatnonzero(refs > stored)

@@ -299,5 +299,72 @@ def changes(file: str, since: str, output: str) -> None:
     click.echo(f"{len(extents)} extents, {extents.nbytes} bytes")
 
 
+# ---------------------------------------------------------------------------- snapshots
+@main.group()
+def snapshot() -> None:
+    """Create, list, delete and revert internal snapshots."""
+
+
+def _snapshot_json(info: vdisk.SnapshotInfo) -> dict:
+    return {"name": info.name, "change_id": info.change_id, "generation": info.generation,
+            "created": info.created.isoformat(), "size": info.size}
+
+
+@snapshot.command(name="create")
+@file_argument
+@click.argument("name", required=False)
+@output_option
+def snapshot_create(file: str, name: str | None, output: str) -> None:
+    """Take a snapshot (a generated name when NAME is omitted)."""
+    with vdisk.open(file, "r+") as d:
+        info = d.snapshot(name).info
+    if output == "json":
+        _emit_json(_snapshot_json(info))
+    else:
+        click.echo(f"{info.name} {info.change_id}")
+
+
+@snapshot.command(name="list")
+@file_argument
+@output_option
+def snapshot_list(file: str, output: str) -> None:
+    """List the snapshots, oldest first."""
+    with vdisk.open(file) as d:
+        infos = d.snapshots
+    if output == "json":
+        _emit_json([_snapshot_json(i) for i in infos])
+        return
+    click.echo(f"{'NAME':<24} {'SIZE':>12} {'CREATED':<20} CHANGE ID")
+    for i in infos:
+        click.echo(f"{i.name:<24} {format_size(i.size):>12} {i.created.strftime('%Y-%m-%d %H:%M:%S'):<20} "
+                   f"{i.change_id}")
+
+
+@snapshot.command(name="delete")
+@file_argument
+@click.argument("name")
+def snapshot_delete(file: str, name: str) -> None:
+    """Delete snapshot NAME; its unshared blocks become free."""
+    with vdisk.open(file, "r+") as d:
+        d.delete_snapshot(name)
+
+
+@snapshot.command(name="revert")
+@file_argument
+@click.argument("name")
+def snapshot_revert(file: str, name: str) -> None:
+    """Make the disk's content (and size) that of snapshot NAME."""
+    with vdisk.open(file, "r+") as d:
+        d.revert(name)
+
+
+@main.command()
+@file_argument
+def compact(file: str) -> None:
+    """Give unused space inside the image back to the file system."""
+    with vdisk.open(file, "r+") as d:
+        released = d.compact()
+    click.echo(f"Released {format_size(released)}.")
+
 if __name__ == "__main__":
     main()

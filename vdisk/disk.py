@@ -35,16 +35,18 @@ import os
 import threading
 import time
 import uuid as _uuid
+import weakref
 
 import numpy as np
 
 from . import _fast
 from . import layout as L
 from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError,
-                     ReadOnlyError, UnsupportedFeatureError, VdiskError)
+                     ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError, VdiskError)
 from .extents import Extents
 from .fileio import FileIO
 from .layout import SUMMARY_SHIFT
+from .snapshots import Snapshot, SnapshotInfo, SnapshotRecord, check_name, parse_table
 from .tracking import ChangeTracker, format_change_id, parse_change_id, _page_runs
 
 PAGE = 4096
@@ -162,11 +164,14 @@ class Disk(io.RawIOBase):
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
         h, fio = self._hdr, self._io
-        if h.snapshot_count:
-            raise UnsupportedFeatureError(
-                f"{fio.path}: the image holds {h.snapshot_count} snapshots; this build of vdisk cannot open "
-                f"images with snapshots yet")
         file_size = fio.size()
+        self._snapshots: list[SnapshotRecord] = []
+        if h.snapshot_count:
+            raw = fio.pread(h.snapshot_count * L.SNAPSHOT_ENTRY_SIZE, h.snapshot_offset)
+            if len(raw) < h.snapshot_count * L.SNAPSHOT_ENTRY_SIZE:
+                raise CorruptImageError(f"{fio.path}: snapshot table truncated")
+            self._snapshots = parse_table(raw, h.snapshot_count, h, file_size)
+        self._views: "weakref.WeakSet[Snapshot]" = weakref.WeakSet()
         bs = h.block_size
         nb = h.nblocks
         # entries past the virtual size are never data: not even loaded
@@ -192,9 +197,10 @@ class Disk(io.RawIOBase):
             bitmap = fio.pread(h.bitmap_length, h.bitmap_offset)
             self._tracker = ChangeTracker(fio, h, counters, bitmap, self._writable)
 
-    def _validate_table(self, table, n: int, what: str) -> None:
+    def _validate_table(self, table, n: int, what: str, allow_shared: bool = False) -> None:
         """Every pointer inside the file and the refcount table, outside the
-        metadata regions, and held by a nonzero refcount."""
+        metadata regions, held by a nonzero refcount, and (for the live
+        table) mapped once."""
         h = self._hdr
         # a data block lies wholly inside the file (a file cut inside a block is truncated)
         hi = min(self._io.size() // h.block_size, h.refcount_capacity)
@@ -215,18 +221,27 @@ class Disk(io.RawIOBase):
                 raise CorruptImageError(
                     f"{self._io.path}: {what} references physical block {int(zero[0])} whose refcount is 0 "
                     f"(run 'vdisk check --repair')")
-            dup = _fast.find_duplicate(table, n, hi)
+            dup = -1 if allow_shared else _fast.find_duplicate(table, n, hi)
             if dup >= 0:
                 raise CorruptImageError(
                     f"{self._io.path}: {what} entry {dup} maps physical block {int(table[dup])}, which an "
                     f"earlier entry maps too (run 'vdisk check --repair')")
 
+    def _metadata_regions(self) -> list[tuple[str, int, int]]:
+        """Every metadata region: the header's and each snapshot's frozen tables."""
+        out = list(self._hdr.regions())
+        for rec in self._snapshots:
+            out += rec.regions(self._hdr.block_size)
+        return out
+
     def _refresh_meta_ranges(self) -> None:
         bs = self._hdr.block_size
-        self._meta_ranges = [(off // bs, (off + length) // bs) for _, off, length in self._hdr.regions()]
-
-    def _is_metadata(self, p: int) -> bool:
-        return any(lo <= p < hi for lo, hi in self._meta_ranges)
+        regions = self._metadata_regions()
+        spans = sorted((off, off + length, name) for name, off, length in regions)
+        for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise CorruptImageError(f"{self.path}: metadata regions {an} and {bn} overlap")
+        self._meta_ranges = [(off // bs, (off + length) // bs) for _, off, length in regions]
 
     # ------------------------------------------------------------------ properties
     @property
@@ -402,12 +417,19 @@ class Disk(io.RawIOBase):
         data = self._io.pread(length, phys)
         return data if len(data) == length else data.ljust(length, b"\0")
 
-    def _plan_read(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+    def _read_through(self, table_mv, mv: memoryview, offset: int, check) -> None:
+        """Read through another block table (a snapshot's) under the Disk's lock."""
+        with self._lock:
+            self._check_open()
+            check()
+            self._read_plan(mv, self._plan_read(offset, len(mv), table_mv))
+
+    def _plan_read(self, offset: int, length: int, table=None) -> list[tuple[int, int, int]]:
         """Runs (buffer offset, physical offset or -1 for zeros, length) for a
         read, merging blocks that are contiguous in the file."""
         shift = self._hdr.block_shift
         bs = 1 << shift
-        table = self._table_mv
+        table = self._table_mv if table is None else table
         plan: list[list[int]] = []
         end = offset + length
         pos = offset
@@ -597,10 +619,13 @@ class Disk(io.RawIOBase):
                     return p
             if self._scan >= limit:
                 return -1
-            hi = min(self._scan + 65536, limit)
-            zero = np.flatnonzero(self._refcounts[self._scan:hi] == 0) + self._scan
+            lo, hi = self._scan, min(self._scan + 65536, limit)
+            free = self._refcounts[lo:hi] == 0
+            for m0, m1 in self._meta_ranges:       # never metadata, whatever its refcount says
+                if m0 < hi and m1 > lo:
+                    free[max(m0, lo) - lo:min(m1, hi) - lo] = False
             self._scan = hi
-            self._holes = [p for p in zero[::-1].tolist() if not self._is_metadata(p)]
+            self._holes = (np.flatnonzero(free)[::-1] + lo).tolist()
 
     def _alloc(self) -> int:
         p = -1
@@ -743,6 +768,206 @@ class Disk(io.RawIOBase):
             raise UnsupportedFeatureError(f"{self.path}: change tracking is off for this image "
                                           f"(create it with track_changes=True)")
         return self._tracker
+
+    # ------------------------------------------------------------------ snapshots
+    @property
+    def snapshots(self) -> list[SnapshotInfo]:
+        """SnapshotInfo(name, change_id, generation, created, size) of every snapshot, oldest first."""
+        with self._lock:
+            self._check_open()
+            return [rec.info() for rec in self._snapshots]
+
+    def _find_snapshot(self, name) -> SnapshotRecord:
+        for rec in self._snapshots:
+            if rec.name == name:
+                return rec
+        raise SnapshotNotFoundError(f"{self.path}: no snapshot named {name!r}")
+
+    def _load_frozen(self, offset: int, size: int) -> np.ndarray:
+        nb = L.blocks_for(size, self._hdr.block_shift)
+        return _load_array(self._io, offset, max(nb, 1), np.uint32, self._io.size())
+
+    def _write_snapshot_table(self, records) -> tuple[int, int]:
+        """A new copy of the snapshot table in fresh blocks: (offset, capacity)."""
+        if not records:
+            return 0, 0
+        bs = self._hdr.block_size
+        nbytes = L.round_up(len(records) * L.SNAPSHOT_ENTRY_SIZE, bs)
+        first = self._alloc_run(nbytes // bs)
+        self._io.pwrite(b"".join(rec.pack() for rec in records), first * bs)
+        return first * bs, min(nbytes // L.SNAPSHOT_ENTRY_SIZE, L.MAX_SNAPSHOTS)
+
+    def _release_run(self, offset: int, nbytes: int) -> None:
+        bs = self._hdr.block_size
+        self._pending_decref.extend(range(offset // bs, (offset + nbytes) // bs))
+
+    def snapshot(self, name: str | None = None) -> Snapshot:
+        """Take a snapshot: no data is copied.  Folds tracking and closes the
+        current generation; returns the read-only view."""
+        with self._lock:
+            self._check_writable()
+            h = self._hdr
+            if len(self._snapshots) >= L.MAX_SNAPSHOTS:
+                raise OutOfRangeError(f"{self.path}: the image holds the maximum of {L.MAX_SNAPSHOTS} snapshots")
+            taken = {rec.name for rec in self._snapshots}
+            if name is None:
+                name = f"snap-{h.snapshot_next_id}"
+                while name in taken:
+                    name += "-"
+            name = check_name(name, taken)
+            if h.generation >= L.MAX_GENERATION:
+                raise OutOfRangeError("the generation counter is exhausted; call reset_tracking()")
+            self._flush_locked()
+            bs, nb = h.block_size, h.nblocks
+            tbytes = L.round_up(max(nb, 1) * 4, bs)
+            # 1. the frozen table and counters, in fresh blocks
+            first = self._alloc_run(2 * (tbytes // bs))
+            t_off, c_off = first * bs, first * bs + tbytes
+            frozen = self._table[:max(nb, 1)].copy()
+            self._write_nonzero_pages(frozen, t_off)
+            if self._tracker:
+                self._write_nonzero_pages(self._tracker.counters[:max(nb, 1)], c_off)
+            # 2. every block the live table maps gains a reference
+            used = frozen[:nb][frozen[:nb] != 0]
+            if len(used) and self._refcounts[used].max() >= L.MAX_REFCOUNT:
+                raise OutOfRangeError(f"{self.path}: a block would exceed {L.MAX_REFCOUNT} references")
+            self._refcounts[used] += 1
+            self._dirty_ref_pages.update(np.unique(used // REFS_PER_PAGE).tolist())
+            rec = SnapshotRecord(snapshot_id=h.snapshot_next_id, generation=h.generation, virtual_size=h.virtual_size,
+                                 created_ns=time.time_ns(), table_offset=t_off, counter_offset=c_off,
+                                 tracking_uuid=h.tracking_uuid, name=name)
+            records = self._snapshots + [rec]
+            # 3. a new snapshot table; everything durable before the header names it
+            self._commit_snapshot_table(records, advance=True)
+            view = Snapshot(self, rec, frozen)
+            self._views.add(view)
+            return view
+
+    def _commit_snapshot_table(self, records, advance: bool = False) -> None:
+        h = self._hdr
+        old_off, old_cap = h.snapshot_offset, h.snapshot_capacity
+        s_off, s_cap = self._write_snapshot_table(records)
+        self._write_ref_pages()
+        self._io.fsync()
+        h.snapshot_offset, h.snapshot_capacity, h.snapshot_count = s_off, s_cap, len(records)
+        if advance:
+            h.snapshot_next_id += 1
+            h.generation += 1
+        self._commit_header()
+        self._snapshots = records
+        self._refresh_meta_ranges()
+        if old_off:
+            self._release_run(old_off, L.round_up(old_cap * L.SNAPSHOT_ENTRY_SIZE, h.block_size))
+
+    def open_snapshot(self, name: str) -> Snapshot:
+        """A read-only view of an existing snapshot."""
+        with self._lock:
+            self._check_open()
+            rec = self._find_snapshot(name)
+            frozen = self._load_frozen(rec.table_offset, rec.virtual_size)
+            self._validate_table(frozen, L.blocks_for(rec.virtual_size, self._hdr.block_shift),
+                                 f"snapshot {name!r} table", allow_shared=True)
+            view = Snapshot(self, rec, frozen)
+            self._views.add(view)
+            return view
+
+    def delete_snapshot(self, name: str) -> None:
+        """Delete a snapshot; blocks no longer referenced become free."""
+        with self._lock:
+            self._check_writable()
+            rec = self._find_snapshot(name)
+            self._flush_locked()
+            frozen = self._load_frozen(rec.table_offset, rec.virtual_size)
+            nb = L.blocks_for(rec.virtual_size, self._hdr.block_shift)
+            self._commit_snapshot_table([r for r in self._snapshots if r is not rec])
+            # after the commit: drop the references the snapshot held
+            self._pending_decref.extend(frozen[:nb][frozen[:nb] != 0].tolist())
+            self._release_run(rec.table_offset, 2 * rec.table_bytes(self._hdr.block_size))
+            for view in list(self._views):
+                if view._rec is rec:
+                    view.close()
+            self._flush_locked()
+
+    def revert(self, name: str) -> None:
+        """The live disk becomes the snapshot's content (and size).  Every block
+        that differs is marked changed in the current generation, so every
+        consumer's change id stays valid."""
+        with self._lock:
+            self._check_writable()
+            rec = self._find_snapshot(name)
+            self._flush_locked()
+            h = self._hdr
+            bs, shift = h.block_size, h.block_shift
+            nb_s = L.blocks_for(rec.virtual_size, shift)
+            if nb_s > h.table_capacity:
+                self._grow_tables(nb_s)
+            nb_old = h.nblocks
+            frozen = self._load_frozen(rec.table_offset, rec.virtual_size)
+            self._validate_table(frozen, nb_s, f"snapshot {name!r} table", allow_shared=True)
+            table = np.zeros(h.table_capacity, dtype=np.uint32)
+            table[:nb_s] = frozen[:nb_s]
+            # 1. tracking: blocks whose mapping changes, and a grown area, changed now
+            if self._tracker:
+                differ = np.flatnonzero(table[:nb_s] != self._table[:nb_s])
+                self._tracker.dirty[differ] = 1
+                self._tracker.dirty_groups[np.unique(differ >> SUMMARY_SHIFT)] = 1
+                if nb_s > nb_old or rec.virtual_size > h.virtual_size:
+                    first = h.virtual_size >> shift
+                    self._tracker.dirty[first:nb_s] = 1
+                    self._tracker.dirty_groups[first >> SUMMARY_SHIFT:((nb_s - 1) >> SUMMARY_SHIFT) + 1] = 1
+                self._tracker.fold(h.generation, nblocks=nb_s)
+            # 2. the new live table in fresh blocks, its references counted
+            tbytes = L.round_up(h.table_capacity * 4, bs)
+            first = self._alloc_run(tbytes // bs)
+            self._write_nonzero_pages(table, first * bs)
+            used = table[:nb_s][table[:nb_s] != 0]
+            self._refcounts[used] += 1
+            self._dirty_ref_pages.update(np.unique(used // REFS_PER_PAGE).tolist())
+            self._write_ref_pages()
+            self._io.fsync()
+            # 3. commit; then drop the old table's references
+            old_off = h.table_offset
+            old_used = self._table[:nb_old][self._table[:nb_old] != 0]
+            h.table_offset, h.virtual_size = first * bs, rec.virtual_size
+            self._commit_header()
+            self._table = table
+            self._table_mv = memoryview(table)
+            self._fresh.clear()
+            self._refresh_meta_ranges()
+            self._pending_decref.extend(old_used.tolist())
+            self._release_run(old_off, tbytes)
+            self._pos = min(self._pos, h.virtual_size)
+            self._flush_locked()
+
+    def compact(self) -> int:
+        """Give unused space back to the file system: punch holes over free
+        blocks and cut free blocks off the end of the file.  Returns the
+        number of bytes released."""
+        with self._lock:
+            self._check_writable()
+            self._flush_locked()
+            self._io.fsync()                 # the released refcounts are durable first
+            bs = self._hdr.block_size
+            end = min(self._end_block, self._hdr.refcount_capacity)
+            used = self._refcounts[:end] != 0
+            for lo, hi in self._meta_ranges:
+                used[lo:min(hi, end)] = True
+            used[:self._meta_end_block] = True
+            last = int(np.flatnonzero(used)[-1]) + 1 if used.any() else self._meta_end_block
+            released = 0
+            starts, lengths = _fast.nonzero_runs((~used[:last]).astype(np.uint32), 0, last)
+            for start, n in zip(starts.tolist(), lengths.tolist()):
+                if self._io.punch_hole(start * bs, n * bs):
+                    released += n * bs
+            if last < self._end_block:
+                released += (self._end_block - last) * bs
+                self._io.truncate(last * bs)
+                self._end_block = last
+                self._free = [p for p in self._free if p < last]
+                self._holes = [p for p in self._holes if p < last]
+                self._scan = min(self._scan, last)
+            self._io.fsync()
+            return released
 
     # ------------------------------------------------------------------ map
     def map(self) -> Extents:

@@ -53,3 +53,10 @@ class ClosedError(VdiskError, ValueError):
 
 class InvalidArgumentError(VdiskError, ValueError):
     """A wrong argument: an unknown mode, an unparsable size, a bad block size."""
+
+
+class SnapshotNotFoundError(VdiskError, KeyError):
+    """No snapshot of that name."""
+
+    def __str__(self) -> str:          # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""

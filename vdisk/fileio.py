@@ -13,6 +13,7 @@ lesson).
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -21,6 +22,15 @@ from .errors import ImageLockedError, InvalidArgumentError, VdiskIOError
 
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+# fallocate(2) for hole punching: Python's os module has no mode argument
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+try:
+    _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate.restype = ctypes.c_int
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _fallocate = None
 
 
 def _io_error(op: str, path: str, exc: OSError) -> VdiskIOError:
@@ -141,17 +151,15 @@ class FileIO:
         then writes zeros or leaves the space allocated.
         """
         self._check_poison()
-        fallocate = getattr(os, "fallocate", None)
-        if fallocate is None:  # pragma: no cover - Linux always has it
+        if _fallocate is None or length <= 0:
             return False
-        try:
-            # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-            fallocate(self.fd, 0x02 | 0x01, offset, length)
+        if _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                      ctypes.c_int64(offset), ctypes.c_int64(length)) == 0:
             return True
-        except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                return False
-            raise _io_error("fallocate", self.path, exc) from exc
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise _io_error("fallocate", self.path, OSError(err, os.strerror(err)))
 
     def size(self) -> int:
         try:

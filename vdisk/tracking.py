@@ -182,16 +182,18 @@ class ChangeTracker:
         self._coarse[regions] = 1       # only once durable
 
     # --- folds -----------------------------------------------------------------
-    def fold(self, generation: int) -> bool:
+    def fold(self, generation: int, nblocks: int | None = None) -> bool:
         """Fold dirty bits into counters = generation and write the counter pages
-        (not fsynced: the caller fsyncs, then calls clear_coarse)."""
+        (not synced: the caller syncs, then calls clear_idle_regions).
+        nblocks: fold this many blocks (a revert folds for the size it commits)."""
         self.writes_since_fold = 0
-        ngroups = -(-self.hdr.nblocks >> SUMMARY_SHIFT)
+        nblocks = self.hdr.nblocks if nblocks is None else nblocks
+        ngroups = -(-nblocks >> SUMMARY_SHIFT)
         groups = np.flatnonzero(self.dirty_groups[:ngroups]).astype(np.int64)
         if len(groups) == 0:
             return False
         _fast.fold(self.dirty, self.dirty_groups, self.counters, self.summary, groups,
-                   generation, SUMMARY_SHIFT, self.hdr.nblocks)
+                   generation, SUMMARY_SHIFT, nblocks)
         pages = np.unique(groups >> (10 - SUMMARY_SHIFT))   # 1024 counters per 4 KiB page
         self.write_counter_pages(pages)
         return True

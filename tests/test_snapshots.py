@@ -1,0 +1,339 @@
+"""Snapshots: frozen views, copy-on-write, delete, revert, exact snapshot changes."""
+import os
+import tempfile
+import threading
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import vdisk
+from vdisk import layout as L
+from helpers import differing_blocks, extent_blocks, pattern
+
+BS = 4096
+
+
+# --------------------------------------------------------------------------- model test
+class SnapshotMachine(RuleBasedStateMachine):
+    """Random writes, discards, resizes, snapshot create/delete/revert and
+    reopens; every snapshot's frozen content and change id held in the model
+    and read back entirely after every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = self.dir.name + "/s.vdk"
+        self.disk = None
+
+    @initialize(bs=st.sampled_from([4096, 16384]), sectors=st.integers(8, 600))
+    def create(self, bs, sectors):
+        self.bs = bs
+        self.disk = vdisk.create(self.path, sectors * 512, block_size=bs)
+        self.model = bytearray(sectors * 512)
+        self.snaps = {}        # name -> (content, change id)
+        self.points = []       # (change id, content)
+        self.n = 0
+
+    @rule(data=st.data(), zero=st.booleans())
+    def write(self, data, zero):
+        size = len(self.model)
+        off = data.draw(st.integers(0, size - 1))
+        length = data.draw(st.integers(1, min(size - off, 3 * self.bs)))
+        buf = pattern(data.draw(st.integers(0, 2**31)), length, zero)
+        self.disk.pwrite(buf, off)
+        self.model[off:off + length] = buf
+
+    @rule(data=st.data())
+    def discard(self, data):
+        size = len(self.model)
+        off = data.draw(st.integers(0, size - 1))
+        length = data.draw(st.integers(1, size - off))
+        self.disk.discard(off, length)
+        self.model[off:off + length] = bytes(length)
+
+    @rule(sectors=st.integers(8, 700))
+    def resize(self, sectors):
+        new = sectors * 512
+        self.disk.resize(new)
+        if new > len(self.model):
+            self.model.extend(bytes(new - len(self.model)))
+        else:
+            del self.model[new:]
+
+    @precondition(lambda self: len(self.snaps) < 6)
+    @rule(named=st.booleans())
+    def take(self, named):
+        self.n += 1
+        snap = self.disk.snapshot(f"n{self.n}" if named else None)
+        assert snap.size == len(self.model)
+        assert self.disk.change_id == snap.change_id
+        self.snaps[snap.name] = (bytes(self.model), snap.change_id)
+        self.points.append((snap.change_id, bytes(self.model)))
+        snap.close()
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
+    def delete(self, data):
+        name = data.draw(st.sampled_from(sorted(self.snaps)))
+        self.disk.delete_snapshot(name)
+        del self.snaps[name]
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
+    def revert(self, data):
+        name = data.draw(st.sampled_from(sorted(self.snaps)))
+        self.disk.revert(name)
+        self.model = bytearray(self.snaps[name][0])
+        assert self.disk.size == len(self.model)
+
+    @rule()
+    def reopen(self):
+        self.disk.close()
+        self.disk = vdisk.open(self.path, "r+")
+
+    @precondition(lambda self: self.disk is not None)
+    @invariant()
+    def everything_reads_back(self):
+        assert self.disk.pread(self.disk.size, 0) == bytes(self.model)
+        assert sorted(i.name for i in self.disk.snapshots) == sorted(self.snaps)
+        for name, (content, cid) in self.snaps.items():
+            with self.disk.open_snapshot(name) as snap:
+                assert snap.change_id == cid
+                assert snap.pread(snap.size, 0) == content
+
+    @precondition(lambda self: self.disk is not None)
+    @invariant()
+    def live_changes_never_under_report(self):
+        for cid, then in self.points[-3:]:
+            got = extent_blocks(self.disk.changes_since(cid), self.bs)
+            must = differing_blocks(bytes(self.model), then, self.bs)
+            assert must <= got, f"missing {sorted(must - got)[:5]}"
+
+    def teardown(self):
+        if self.disk is not None:
+            self.disk.close()
+            res = vdisk.check(self.path)
+            assert res.ok, res
+        self.dir.cleanup()
+
+
+TestSnapshotModel = SnapshotMachine.TestCase
+TestSnapshotModel.settings = settings(max_examples=100, stateful_step_count=30, deadline=None,
+                                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# --------------------------------------------------------------------------- behaviour
+@pytest.fixture
+def disk(img):
+    d = vdisk.create(img, "4MiB", block_size="4KiB")
+    yield d
+    if not d.closed:
+        d.close()
+
+
+def test_snapshot_copies_no_data(disk):
+    disk.pwrite(os.urandom(64 * BS), 0)
+    disk.flush()
+    size_before = os.path.getsize(disk.path)
+    snap = disk.snapshot("s")
+    grown = os.path.getsize(disk.path) - size_before
+    assert grown <= 8 * BS                      # frozen table + counters + snapshot table: metadata only
+    assert snap.map() == disk.map()
+    assert int(disk._refcounts[disk._table[0]]) == 2
+
+
+def test_copy_on_write_and_in_place(disk):
+    disk.pwrite(b"a" * BS, 0)
+    disk.pwrite(b"b" * BS, BS)
+    snap = disk.snapshot("s")
+    p0, p1 = int(disk._table[0]), int(disk._table[1])
+    disk.pwrite(b"X" * 10, 100)                 # shared: copied, the rest of the block kept
+    assert int(disk._table[0]) != p0
+    assert disk.pread(BS, 0) == b"a" * 100 + b"X" * 10 + b"a" * (BS - 110)
+    assert snap.pread(BS, 0) == b"a" * BS
+    p0b = int(disk._table[0])
+    disk.pwrite(b"Y" * 10, 200)                 # now unshared: in place
+    assert int(disk._table[0]) == p0b
+    assert int(disk._table[1]) == p1
+
+
+def test_snapshot_changes_since_exact_and_stale(disk):
+    c0 = disk.checkpoint()
+    disk.pwrite(b"1", 3 * BS)
+    s1 = disk.snapshot("s1")
+    disk.pwrite(b"2", 5 * BS)
+    c2 = disk.checkpoint()
+    disk.pwrite(b"3", 7 * BS)
+    s2 = disk.snapshot("s2")
+    disk.pwrite(b"4", 9 * BS)                   # after s2: not s2's business
+    assert extent_blocks(s2.changes_since(c0), BS) == {3, 5, 7}
+    assert extent_blocks(s2.changes_since(s1.change_id), BS) == {5, 7}
+    assert extent_blocks(s2.changes_since(c2), BS) == {7}
+    assert len(s2.changes_since(s2.change_id)) == 0
+    assert extent_blocks(s1.changes_since(c0), BS) == {3}
+    with pytest.raises(vdisk.StaleChangeIdError):
+        s1.changes_since(c2)                    # newer than the snapshot
+    with pytest.raises(vdisk.StaleChangeIdError):
+        s1.changes_since(s2.change_id)
+    assert s1.changes_since("*") == s1.map()
+
+
+def test_revert_marks_differing_blocks_and_keeps_ids(disk):
+    disk.pwrite(b"a" * 3 * BS, 0)
+    c0 = disk.checkpoint()
+    disk.snapshot("base")
+    disk.pwrite(b"b" * BS, BS)
+    disk.pwrite(b"c", 10 * BS)
+    c1 = disk.checkpoint()
+    gen = disk.generation
+    disk.revert("base")
+    assert disk.pread(3 * BS, 0) == b"a" * 3 * BS and disk.pread(1, 10 * BS) == b"\0"
+    assert disk.generation == gen               # no tracking reset: every id stays valid
+    assert extent_blocks(disk.changes_since(c1), BS) == {1, 10}
+    assert extent_blocks(disk.changes_since(c0), BS) == {1, 10}
+
+
+def test_revert_restores_size(disk):
+    disk.pwrite(b"z" * 100, 4 * 1024 * 1024 - 100)
+    disk.snapshot("big")
+    disk.resize("1MiB")
+    disk.snapshot("small")
+    disk.resize("8MiB")
+    assert [i.size for i in disk.snapshots] == [4 << 20, 1 << 20]
+    disk.revert("big")
+    assert disk.size == 4 << 20 and disk.pread(100, (4 << 20) - 100) == b"z" * 100
+    disk.revert("small")
+    assert disk.size == 1 << 20
+
+
+def test_delete_frees_and_space_is_reused(disk):
+    disk.pwrite(os.urandom(32 * BS), 0)
+    disk.snapshot("s")
+    disk.pwrite(os.urandom(32 * BS), 0)         # every block copied on write
+    disk.flush()
+    size = os.path.getsize(disk.path)
+    disk.delete_snapshot("s")
+    disk.pwrite(os.urandom(32 * BS), 64 * BS)   # new allocations reuse the freed blocks
+    disk.flush()
+    assert os.path.getsize(disk.path) == size
+    disk.close()
+    assert vdisk.check(disk.path).ok
+
+
+def test_deleted_view_is_closed(disk):
+    snap = disk.snapshot("s")
+    disk.delete_snapshot("s")
+    with pytest.raises(vdisk.ClosedError):
+        snap.pread(10, 0)
+    with pytest.raises(vdisk.SnapshotNotFoundError):
+        disk.open_snapshot("s")
+    with pytest.raises(vdisk.SnapshotNotFoundError):
+        disk.delete_snapshot("s")
+    with pytest.raises(vdisk.SnapshotNotFoundError):
+        disk.revert("s")
+
+
+@pytest.mark.parametrize("bad", ["", " lead", "trail ", "tab\there", "x" * 121, "é" * 61, 5])
+def test_snapshot_name_rules(disk, bad):
+    with pytest.raises(vdisk.VdiskError):
+        disk.snapshot(bad)
+
+
+def test_names_unique_and_generated(disk):
+    disk.snapshot("a")
+    with pytest.raises(vdisk.VdiskError, match="exists"):
+        disk.snapshot("a")
+    s = disk.snapshot()
+    assert s.name and s.name != "a"
+    assert disk.snapshot("é" * 60).name == "é" * 60       # 120 bytes of UTF-8
+
+
+def test_snapshot_limit(disk, monkeypatch):
+    monkeypatch.setattr(L, "MAX_SNAPSHOTS", 3)
+    for i in range(3):
+        disk.snapshot(f"s{i}")
+    with pytest.raises(vdisk.OutOfRangeError, match="maximum"):
+        disk.snapshot("one-too-many")
+
+
+def test_snapshot_is_read_only_view(disk):
+    snap = disk.snapshot("s")
+    assert not hasattr(snap, "pwrite")
+    assert snap.read(10) == bytes(10) and snap.tell() == 10
+    assert snap.seek(0, 2) == snap.size
+
+
+def test_reader_sees_frozen_content_while_writer_runs(disk):
+    disk.pwrite(pattern(1, 64 * BS), 0)
+    snap = disk.snapshot("frozen")
+    expected = pattern(1, 64 * BS)
+    stop = threading.Event()
+    errors = []
+
+    def writer():
+        rng = np.random.default_rng(2)
+        while not stop.is_set():
+            off = int(rng.integers(0, 64)) * BS + int(rng.integers(0, 100))
+            disk.pwrite(pattern(int(rng.integers(0, 1 << 30)), 3000), off)
+            if rng.random() < 0.1:
+                disk.flush()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(200):
+            if snap.pread(64 * BS, 0) != expected:
+                errors.append("snapshot changed")
+                break
+    finally:
+        stop.set()
+        t.join()
+    assert not errors
+    assert disk.pread(64 * BS, 0) != expected
+
+
+def test_compact_gives_space_back(disk):
+    disk.pwrite(os.urandom(256 * BS), 0)
+    disk.snapshot("s")
+    disk.pwrite(os.urandom(256 * BS), 0)
+    disk.flush()
+    before = os.stat(disk.path).st_blocks
+    disk.delete_snapshot("s")
+    released = disk.compact()
+    assert released >= 256 * BS
+    assert os.stat(disk.path).st_blocks * 512 <= before * 512 - 200 * BS
+    disk.close()
+    assert vdisk.check(disk.path).ok
+
+
+def test_snapshots_survive_reopen_and_check(img):
+    with vdisk.create(img, "1MiB", block_size="4KiB") as d:
+        d.pwrite(b"q" * 5000, 0)
+        d.snapshot("keep")
+        d.pwrite(b"r" * 5000, 0)
+    res = vdisk.check(img)
+    assert res.ok, res
+    with vdisk.open(img) as d:
+        assert d.open_snapshot("keep").pread(5000, 0) == b"q" * 5000
+        assert [i.name for i in d.snapshots] == ["keep"]
+        with pytest.raises(vdisk.ReadOnlyError):
+            d.snapshot("x")
+
+
+def test_cli_snapshot_commands(img):
+    from click.testing import CliRunner
+    from vdisk.cli import main
+    vdisk.create(img, "1MiB").close()
+    r = CliRunner().invoke(main, ["snapshot", "create", img, "first"])
+    assert r.exit_code == 0 and r.output.startswith("first ")
+    r = CliRunner().invoke(main, ["snapshot", "list", img, "--output", "json"])
+    import json
+    assert [s["name"] for s in json.loads(r.output)] == ["first"]
+    assert CliRunner().invoke(main, ["snapshot", "revert", img, "first"]).exit_code == 0
+    assert CliRunner().invoke(main, ["snapshot", "delete", img, "first"]).exit_code == 0
+    r = CliRunner().invoke(main, ["snapshot", "delete", img, "first"])
+    assert r.exit_code == 1
+    assert CliRunner().invoke(main, ["compact", img]).exit_code == 0

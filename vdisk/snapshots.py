@@ -1,0 +1,277 @@
+"""Internal snapshots: the snapshot table and the read-only Snapshot view.
+
+The contract
+------------
+* A snapshot is the live disk's content, size and change counters frozen
+  at one instant.  Taking it copies no data: its block table references
+  the same physical blocks, whose refcounts rise; a later write to a
+  shared block is copied on write.  It folds tracking and closes a
+  generation, so its change id marks its point in time.
+* A :class:`Snapshot` view reads exactly the frozen content, whatever the
+  live disk does afterwards, from any thread: no block a snapshot
+  references is freed or reused while the snapshot exists.
+* ``snap.changes_since(id)`` is exact for the frozen content: the blocks
+  whose frozen counter is newer than the id.
+* Create, delete and revert are atomic: a new snapshot table (and, for a
+  revert, a new block table) is written to fresh blocks and committed by
+  the header; reference increments are durable before the commit and
+  decrements follow it, so a crash leaves at worst leaked blocks.
+
+This module declares the table's serialization and the view; the Disk
+orders the writes (vdisk/disk.py).
+"""
+from __future__ import annotations
+
+import datetime
+import struct
+import threading
+import typing
+import uuid as _uuid
+
+import numpy as np
+
+from . import layout as L
+from .errors import ClosedError, CorruptImageError, InvalidArgumentError, OutOfRangeError
+from .extents import Extents
+from .tracking import format_change_id, parse_change_id
+
+
+class SnapshotInfo(typing.NamedTuple):
+    name: str
+    change_id: str
+    generation: int
+    created: datetime.datetime
+    size: int
+
+
+class SnapshotRecord:
+    """One entry of the on-disk snapshot table (docs/FORMAT.md, "Snapshot table")."""
+
+    __slots__ = [name for name, _ in L.SNAPSHOT_FIELDS if not name.startswith("reserved") and name != "name_length"]
+
+    def __init__(self, **fields):
+        for k in self.__slots__:
+            setattr(self, k, fields[k])
+
+    def table_bytes(self, block_size: int) -> int:
+        return L.round_up(max(1, -(-self.virtual_size // block_size)) * 4, block_size)
+
+    def regions(self, block_size: int) -> list[tuple[str, int, int]]:
+        n = self.table_bytes(block_size)
+        return [(f"snapshot {self.name!r} table", self.table_offset, n),
+                (f"snapshot {self.name!r} counters", self.counter_offset, n)]
+
+    def pack(self) -> bytes:
+        name = self.name.encode()
+        values = []
+        for field, _code in L.SNAPSHOT_FIELDS:
+            if field == "name":
+                values.append(name)
+            elif field == "name_length":
+                values.append(len(name))
+            elif field.startswith("reserved"):
+                values.append(b"")
+            else:
+                values.append(getattr(self, field))
+        body = L.SNAPSHOT_STRUCT.pack(*values)
+        return body + struct.pack("<I", L.crc32c(body))
+
+    @classmethod
+    def unpack(cls, raw: bytes, index: int) -> "SnapshotRecord":
+        body = raw[:L.SNAPSHOT_ENTRY_SIZE - 4]
+        (crc,) = struct.unpack_from("<I", raw, L.SNAPSHOT_ENTRY_SIZE - 4)
+        if L.crc32c(body) != crc:
+            raise CorruptImageError(f"snapshot table entry {index}: CRC mismatch")
+        fields = dict(zip((f for f, _ in L.SNAPSHOT_FIELDS), L.SNAPSHOT_STRUCT.unpack(body)))
+        n = fields.pop("name_length")
+        if not 1 <= n <= L.MAX_SNAPSHOT_NAME:
+            raise CorruptImageError(f"snapshot table entry {index}: name length {n}")
+        try:
+            fields["name"] = fields["name"][:n].decode()
+        except UnicodeDecodeError:
+            raise CorruptImageError(f"snapshot table entry {index}: name is not UTF-8") from None
+        for k in [k for k in fields if k.startswith("reserved")]:
+            del fields[k]
+        return cls(**fields)
+
+    def info(self) -> SnapshotInfo:
+        return SnapshotInfo(self.name, format_change_id(self.tracking_uuid, self.generation), self.generation,
+                            datetime.datetime.fromtimestamp(self.created_ns / 1e9, datetime.timezone.utc),
+                            self.virtual_size)
+
+
+def check_name(name: str, taken) -> str:
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"snapshot name must be a string, not {type(name).__name__}")
+    raw = name.encode()
+    if not name or len(raw) > L.MAX_SNAPSHOT_NAME or not name.isprintable() or name != name.strip():
+        raise InvalidArgumentError(
+            f"snapshot name {name!r}: must be 1 to {L.MAX_SNAPSHOT_NAME} bytes of printable UTF-8 without "
+            f"leading or trailing spaces")
+    if name in taken:
+        raise InvalidArgumentError(f"a snapshot named {name!r} exists already")
+    return name
+
+
+def parse_table(raw: bytes, count: int, hdr: L.Header, file_size: int) -> list[SnapshotRecord]:
+    """Records of a snapshot table, each checked against the format's limits."""
+    out, names, ids = [], set(), set()
+    bs = hdr.block_size
+    for i in range(count):
+        rec = SnapshotRecord.unpack(raw[i * L.SNAPSHOT_ENTRY_SIZE:(i + 1) * L.SNAPSHOT_ENTRY_SIZE], i)
+        where = f"snapshot {rec.name!r}"
+        if rec.name in names or rec.snapshot_id in ids:
+            raise CorruptImageError(f"{where}: duplicate name or id")
+        if rec.virtual_size % L.SECTOR or L.blocks_for(rec.virtual_size, hdr.block_shift) > L.MAX_BLOCKS:
+            raise CorruptImageError(f"{where}: virtual size {rec.virtual_size} outside the format's limits")
+        if not 1 <= rec.generation < hdr.generation or rec.snapshot_id >= hdr.snapshot_next_id:
+            raise CorruptImageError(f"{where}: generation {rec.generation} or id {rec.snapshot_id} from the future")
+        for what, off, length in rec.regions(bs):
+            if off % bs or off < L.round_up(L.HEADER_AREA, bs) or off + length > file_size:
+                raise CorruptImageError(f"{what}: region [{off}, {off + length}) unaligned or outside the file")
+        names.add(rec.name)
+        ids.add(rec.snapshot_id)
+        out.append(rec)
+    return out
+
+
+class Snapshot:
+    """A read-only view of one snapshot: the read side of the Disk API."""
+
+    def __init__(self, disk, record: SnapshotRecord, table: np.ndarray):
+        self._disk = disk
+        self._rec = record
+        self._table = table
+        self._table_mv = memoryview(table)
+        self._counters: np.ndarray | None = None
+        self._pos = 0
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # --- identity -----------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._rec.name
+
+    @property
+    def size(self) -> int:
+        return self._rec.virtual_size
+
+    @property
+    def block_size(self) -> int:
+        return self._disk.block_size
+
+    @property
+    def generation(self) -> int:
+        return self._rec.generation
+
+    @property
+    def change_id(self) -> str:
+        return format_change_id(self._rec.tracking_uuid, self._rec.generation)
+
+    @property
+    def tracking_id(self) -> str:
+        return str(_uuid.UUID(bytes=self._rec.tracking_uuid))
+
+    @property
+    def uuid(self):
+        return self._disk.uuid
+
+    @property
+    def info(self) -> SnapshotInfo:
+        return self._rec.info()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"snapshot {self.name!r} is closed (or was deleted)")
+
+    # --- reads --------------------------------------------------------------------
+    def pread(self, length: int, offset: int) -> bytes:
+        buf = np.empty(max(length, 0), dtype=np.uint8)
+        self.preadinto(buf, offset)
+        return buf.tobytes()
+
+    def preadinto(self, buffer, offset: int) -> int:
+        from .disk import _as_bytes_view
+        if isinstance(buffer, np.ndarray) and not buffer.flags.c_contiguous:
+            staging = np.empty(buffer.shape, dtype=buffer.dtype)
+            n = self.preadinto(staging, offset)
+            buffer[...] = staging
+            return n
+        mv = _as_bytes_view(buffer)
+        n = len(mv)
+        if offset < 0 or offset + n > self.size:
+            raise OutOfRangeError(f"read of {n} bytes at offset {offset} past the snapshot's size {self.size}")
+        self._disk._read_through(self._table_mv, mv, offset, self._check_open)
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        self._check_open()
+        n = self.size - self._pos if size is None or size < 0 else min(size, max(0, self.size - self._pos))
+        data = self.pread(n, self._pos) if n > 0 else b""
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        from .disk import _as_bytes_view
+        mv = _as_bytes_view(buffer)
+        n = max(0, min(len(mv), self.size - self._pos))
+        if n:
+            self.preadinto(mv[:n], self._pos)
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._check_open()
+        base = {0: 0, 1: self._pos, 2: self.size}.get(whence)
+        if base is None:
+            raise InvalidArgumentError(f"invalid whence {whence}")
+        if base + offset < 0:
+            raise OutOfRangeError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def map(self) -> Extents:
+        from . import _fast
+        self._check_open()
+        nb = L.blocks_for(self.size, self._disk._hdr.block_shift)
+        starts, lengths = _fast.nonzero_runs(self._table, 0, nb)
+        return Extents.from_block_runs(starts, lengths, self._disk._hdr.block_shift, self.size)
+
+    def changes_since(self, change_id) -> Extents:
+        """Blocks changed between the id's point and this snapshot (exact)."""
+        from . import _fast
+        self._check_open()
+        if change_id == "*":
+            return self.map()
+        since = parse_change_id(change_id, self._rec.tracking_uuid, self._rec.generation + 1)
+        counters = self._load_counters()
+        nb = L.blocks_for(self.size, self._disk._hdr.block_shift)
+        starts, lengths = _fast.runs_above(counters, since, 0, nb)
+        return Extents.from_block_runs(starts, lengths, self._disk._hdr.block_shift, self.size)
+
+    def _load_counters(self) -> np.ndarray:
+        with self._lock:
+            if self._counters is None:
+                self._counters = self._disk._load_frozen(self._rec.counter_offset, self._rec.virtual_size)
+            return self._counters
+
+    # --- life -----------------------------------------------------------------------
+    def close(self) -> None:
+        self._closed = True
+
+    def __enter__(self) -> "Snapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<vdisk.Snapshot {self.name!r} size={self.size} change_id={self.change_id!r}>"
