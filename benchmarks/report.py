@@ -32,7 +32,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 README = os.path.join(HERE, "README.md")
-BENCH_FILES = ["bench_io.py", "bench_tracking.py"]
+BENCH_FILES = sorted(f for f in os.listdir(os.path.dirname(os.path.abspath(__file__))) if f.startswith("bench_") and f.endswith(".py"))
 MARK_BEGIN = "<!-- results:begin -->"
 MARK_END = "<!-- results:end -->"
 
@@ -58,10 +58,19 @@ PAIRS = [
     ("6b. `changes_since(id/4)`, 0.1% changed", "changed_blocks_1TiB", "vdisk-changes_since", "numpy",
      KERNEL_TARGET, "≥5x numpy"),
     ("6c. fold of 0.1% dirty blocks", "fold_1TiB", "vdisk-kernel", "numpy", None, "none set"),
+    ("7a. snapshot create, 100k allocated 4 KiB blocks", "snapshot_create_100k", "vdisk", "qemu-img",
+     None, "vs qemu-img snapshot -c"),
+    ("7b. 4 KiB writes to shared blocks (copy-on-write) vs unshared (in place)", "write_4KiB_shared",
+     "vdisk-cow", "vdisk-inplace", None, "cost of COW"),
+    ("7c. sequential 1 MiB reads: snapshot vs live", "read_1MiB_snapshot", "vdisk-snapshot", "vdisk-live",
+     None, "≈1x"),
 ]
 
 BASELINE_NAMES = {
     "raw": "raw file, os.pread/os.pwrite loop",
+    "qemu-img": "qemu-img (subprocess)",
+    "vdisk-inplace": "vdisk, unshared blocks",
+    "vdisk-live": "vdisk, live disk",
     "vdisk-notrack": "vdisk, track_changes=False",
     "numpy": "numpy one-liner",
 }

@@ -24,7 +24,8 @@ class DiskMachine(RuleBasedStateMachine):
         self.path = self.dir.name + "/m.vdk"
         self.disk = None
 
-    @initialize(bs=st.sampled_from(BLOCK_SIZES), sectors=st.integers(1, 1200), fold=st.integers(1, 50))
+    @initialize(bs=st.sampled_from(BLOCK_SIZES), sectors=st.one_of(st.integers(1, 1200), st.integers(1200, 12000)),
+                fold=st.integers(1, 50))
     def create(self, bs, sectors, fold):
         self.bs = bs
         size = sectors * 512
@@ -68,7 +69,7 @@ class DiskMachine(RuleBasedStateMachine):
     def flush(self):
         self.disk.flush()
 
-    @rule(sectors=st.integers(1, 1500))
+    @rule(sectors=st.one_of(st.integers(1, 1500), st.integers(1500, 13000)))
     def resize(self, sectors):
         new = sectors * 512
         old = len(self.model)
