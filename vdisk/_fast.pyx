@@ -120,25 +120,7 @@ def zero_blocks(const uint8_t[::1] buf, Py_ssize_t block_size):
 
 def nonzero_runs(const uint32_t[::1] a, Py_ssize_t start, Py_ssize_t stop):
     """Runs (starts, lengths) of indices in [start, stop) where a[i] != 0."""
-    cdef RunBuf rb
-    cdef Py_ssize_t i, run = -1
-    cdef int failed = 0
-    rb.starts = NULL; rb.lengths = NULL; rb.n = 0; rb.cap = 0
-    if not 0 <= start <= stop <= a.shape[0]:
-        raise IndexError(f"range [{start}, {stop}) outside 0..{a.shape[0]}")
-    with nogil:
-        for i in range(start, stop):
-            if a[i]:
-                if run < 0:
-                    run = i
-            elif run >= 0:
-                if runbuf_push(&rb, run, i - run):
-                    failed = 1
-                    break
-                run = -1
-        if not failed and run >= 0:
-            failed = runbuf_push(&rb, run, stop - run)
-    return runbuf_finish(&rb, failed)
+    return runs_above(a, 0, start, stop)
 
 
 # ---------------------------------------------------------------------------

@@ -140,10 +140,7 @@ def _check(fio, repair: bool) -> CheckResult:
     regions = list(hdr.regions())
     for rec in snapshots:
         regions += rec.regions(bs)
-    spans = sorted((off, off + length, name) for name, off, length in regions)
-    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
-        if b0 < a1:
-            raise CorruptImageError(f"{fio.path}: metadata regions {an} and {bn} overlap")
+    L.check_no_overlap(regions, fio.path)
     meta_ranges = [(off // bs, min((off + length) // bs, hi)) for _n, off, length in regions]
     meta = np.zeros(size, dtype=bool)
     for lo_b, hi_b in meta_ranges:

@@ -237,10 +237,7 @@ class Disk(io.RawIOBase):
     def _refresh_meta_ranges(self) -> None:
         bs = self._hdr.block_size
         regions = self._metadata_regions()
-        spans = sorted((off, off + length, name) for name, off, length in regions)
-        for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
-            if b0 < a1:
-                raise CorruptImageError(f"{self.path}: metadata regions {an} and {bn} overlap")
+        L.check_no_overlap(regions, self.path)
         self._meta_ranges = [(off // bs, (off + length) // bs) for _, off, length in regions]
 
     # ------------------------------------------------------------------ properties

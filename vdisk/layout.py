@@ -278,12 +278,17 @@ class Header:
             if file_size is not None and off + length > file_size:
                 raise CorruptImageError(
                     f"image truncated: {name} region ends at {off + length}, file has {file_size} bytes")
-        spans = sorted((off, off + length, name) for name, off, length in regions)
-        for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
-            if b0 < a1:
-                bad(f"regions {an} [{a0}, {a1}) and {bn} [{b0}, {b1}) overlap")
+        check_no_overlap(regions, "header")
         if self.refcount_capacity * bs < max(off + length for _, off, length in regions):
             bad("refcount table does not cover the metadata regions")
+
+
+def check_no_overlap(regions, where: str) -> None:
+    """Raise CorruptImageError if any two (name, offset, length) regions overlap."""
+    spans = sorted((off, off + length, name) for name, off, length in regions)
+    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise CorruptImageError(f"{where}: regions {an} [{a0}, {a1}) and {bn} [{b0}, {b1}) overlap")
 
 
 def round_up(n: int, align: int) -> int:
