@@ -367,3 +367,49 @@ def runs_above(const uint32_t[::1] a, uint32_t threshold, Py_ssize_t start, Py_s
         if not failed and run >= 0:
             failed = runbuf_push(&rb, run, stop - run)
     return runbuf_finish(&rb, failed)
+
+
+def nonzero_values(const uint32_t[::1] a, Py_ssize_t n):
+    """The nonzero entries of a[:n], in order (no n-sized temporary)."""
+    cdef Py_ssize_t i, k = 0, count = 0
+    cdef cnp.ndarray[uint32_t, ndim=1] out
+    cdef uint32_t *o
+    if not 0 <= n <= a.shape[0]:
+        raise IndexError("nonzero_values: n beyond the array")
+    with nogil:
+        for i in range(n):
+            if a[i]:
+                count += 1
+    out = np.empty(count, dtype=np.uint32)
+    o = <uint32_t *> out.data
+    with nogil:
+        for i in range(n):
+            if a[i]:
+                o[k] = a[i]
+                k += 1
+    return out
+
+
+# ---------------------------------------------------------------------------
+def first_difference(const uint8_t[::1] a, const uint8_t[::1] b) -> int:
+    """Index of the first byte where a and b differ (over the shorter of the two), or -1."""
+    cdef Py_ssize_t n = a.shape[0] if a.shape[0] < b.shape[0] else b.shape[0]
+    cdef Py_ssize_t lo = 0, step, i
+    cdef Py_ssize_t result = -1
+    cdef const uint8_t *pa
+    cdef const uint8_t *pb
+    if n == 0:
+        return -1
+    pa = &a[0]
+    pb = &b[0]
+    with nogil:
+        while lo < n:
+            step = 65536 if n - lo > 65536 else n - lo
+            if memcmp(pa + lo, pb + lo, step) != 0:
+                for i in range(lo, lo + step):
+                    if pa[i] != pb[i]:
+                        result = i
+                        break
+                break
+            lo += step
+    return result

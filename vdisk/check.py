@@ -22,7 +22,8 @@ import numpy as np
 
 from . import _fast
 from . import layout as L
-from .disk import _load_array, _nonzero_entries, _read_header
+from .arrays import load_array as _load_array, nonzero_entries as _nonzero_entries
+from .disk import _read_header
 from .snapshots import parse_table
 from .errors import CorruptImageError, FormatError
 from .fileio import FileIO

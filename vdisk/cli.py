@@ -9,6 +9,9 @@ Commands::
     vdisk resize FILE [+|-]SIZE
     vdisk checkpoint FILE
     vdisk changes FILE --since ID|* [--output human|json]
+    vdisk convert [-f FMT] [-O FMT] [-p] [--allow-backing] [--backing FILE] [--block-size N]
+                  [--snapshot NAME] [--overwrite] SRC DST
+    vdisk compare [-f FMT] [-F FMT] [--allow-backing] A B
 
 Sizes are bytes or take a unit: 512, 64KiB, 10GiB, 1G (K/M/G/T are binary).
 
@@ -20,6 +23,9 @@ Exit codes
 2   usage error (unknown command or option, missing argument);
     for ``check``: the image is corrupt
 3   ``check`` only: leaked blocks were found, but no corruption
+
+``compare`` follows ``qemu-img compare`` instead: 0 the images are
+identical, 1 they differ, 2 an error (the one error line, as above).
 
 Every error is reported as exactly one line on stderr,
 ``vdisk: error: <message>``, never as a traceback.  A traceback means a
@@ -365,6 +371,86 @@ def compact(file: str) -> None:
     with vdisk.open(file, "r+") as d:
         released = d.compact()
     click.echo(f"Released {format_size(released)}.")
+
+# ---------------------------------------------------------------------------- convert / compare
+format_choice = click.Choice(["raw", "qcow2", "vdisk"])
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr fed by convert's progress(done, total) callback."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                            desc=self.desc, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@main.command(name="convert")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("-f", "src_format", type=format_choice, help="Source format (default: detected; else raw).")
+@click.option("-O", "dst_format", type=click.Choice(["vdisk", "raw", "qcow2"]), default="vdisk",
+              show_default=True, help="Output format.")
+@click.option("-p", "show_progress", is_flag=True, help="Show a progress bar on stderr.")
+@click.option("--allow-backing", is_flag=True,
+              help="Follow a qcow2 backing file named relative to, and inside, the image's folder.")
+@click.option("--backing", "backing_path", type=click.Path(), metavar="FILE",
+              help="Use FILE as the backing file of SRC (implies --allow-backing).")
+@click.option("--block-size", help="vdisk block size or qcow2 cluster size (default 64KiB).")
+@click.option("--snapshot", metavar="NAME", help="Convert this snapshot of a vdisk SRC.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
+def convert_(src: str, dst: str, src_format: str | None, dst_format: str, show_progress: bool,
+             allow_backing: bool, backing_path: str | None, block_size: str | None, snapshot: str | None,
+             overwrite: bool) -> None:
+    """Convert image SRC (raw, qcow2 or vdisk) into a new image DST."""
+    bs = None if block_size is None else _size(block_size, "block size")
+    bar = _ProgressBar("convert") if show_progress else None
+    try:
+        vdisk.convert(src, dst, src_format=src_format, dst_format=dst_format, block_size=bs, snapshot=snapshot,
+                      allow_backing=backing_path if backing_path is not None else allow_backing,
+                      progress=bar, overwrite=overwrite)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@main.command(name="compare")
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("-f", "a_format", type=format_choice, help="Format of A (default: detected; else raw).")
+@click.option("-F", "b_format", type=format_choice, help="Format of B (default: detected; else raw).")
+@click.option("--allow-backing", is_flag=True,
+              help="Follow qcow2 backing files named relative to, and inside, the image's folder.")
+@click.pass_context
+def compare_(ctx: click.Context, a: str, b: str, a_format: str | None, b_format: str | None,
+             allow_backing: bool) -> None:
+    """Compare the content of images A and B (exit 0 identical, 1 different, 2 error)."""
+    from vdisk.convert import compare_images
+    try:
+        offset, size_a, size_b = compare_images(a, b, a_format=a_format, b_format=b_format,
+                                                allow_backing=allow_backing)
+    except (vdisk.VdiskError, OSError) as exc:
+        _report_error(exc)
+        ctx.exit(EXIT_CORRUPT)      # qemu-img compare: 2 on error
+    if size_a != size_b:
+        click.echo("Warning: Image size mismatch!")
+    if offset is None:
+        click.echo("Images are identical.")
+        ctx.exit(EXIT_OK)
+    # qemu-img reports the 512-byte sector holding the first difference
+    click.echo(f"Content mismatch at offset {offset - offset % 512}!")
+    ctx.exit(EXIT_ERROR)
+
 
 if __name__ == "__main__":
     main()

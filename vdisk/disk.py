@@ -43,6 +43,7 @@ from . import _fast
 from . import layout as L
 from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError,
                      ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError, VdiskError)
+from .arrays import lazy_zeros, load_array as _load_array
 from .extents import Extents
 from .fileio import FileIO
 from .layout import SUMMARY_SHIFT
@@ -65,41 +66,6 @@ def _as_bytes_view(data) -> memoryview:
     if not mv.c_contiguous:
         mv = memoryview(mv.tobytes())
     return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
-
-
-def _load_array(fio, offset: int, count: int, dtype, file_size: int, keep: int | None = None) -> np.ndarray:
-    """An array of count entries, filled from the file at offset.
-
-    Only the data (non-hole) parts of the file are read, and only the first
-    `keep` entries (default: all): the rest of the array is never touched,
-    so its pages stay unallocated and a hostile capacity costs address
-    space, not memory.
-    """
-    arr = np.zeros(count, dtype=dtype)
-    raw = arr.view(np.uint8)
-    keep_bytes = raw.nbytes if keep is None else min(raw.nbytes, keep * arr.itemsize)
-    end = min(offset + keep_bytes, file_size)
-    for off, length in fio.data_extents(offset, end):
-        fio.preadinto(raw[off - offset:off - offset + length], off)
-    return arr
-
-
-def _nonzero_entries(fio, offset: int, start: int, stop: int, dtype, file_size: int, most: int = 20):
-    """(count, first indices) of nonzero entries [start, stop) of an on-disk
-    array, read in bounded chunks."""
-    itemsize = np.dtype(dtype).itemsize
-    lo, hi = offset + start * itemsize, min(offset + stop * itemsize, file_size)
-    count, first = 0, []
-    chunk = 1 << 20
-    for off, length in fio.data_extents(lo, hi):
-        off -= (off - offset) % itemsize
-        for pos in range(off, off + length, chunk):
-            n = min(chunk, off + length - pos) // itemsize * itemsize
-            vals = np.frombuffer(fio.pread(n, pos), dtype=dtype)
-            nz = np.flatnonzero(vals)
-            count += len(nz)
-            first.extend(((pos - offset) // itemsize + nz[:most - len(first)]).tolist())
-    return count, first[:most]
 
 
 def _parse_block_size(block_size) -> int:
@@ -175,13 +141,19 @@ class Disk(io.RawIOBase):
         bs = h.block_size
         nb = h.nblocks
         # entries past the virtual size are never data: not even loaded
-        self._table = _load_array(fio, h.table_offset, h.table_capacity, np.uint32, file_size, keep=nb)
+        loaded: list[tuple[int, int]] = []
+        self._table = _load_array(fio, h.table_offset, h.table_capacity, np.uint32, file_size, keep=nb,
+                                  ranges=loaded)
+        # table pages that may hold entries: read from the file, or written since (scans skip the rest)
+        self._table_pages = np.zeros(h.table_capacity // TABLE_PER_PAGE + 1, dtype=bool)
+        for lo, hi in loaded:
+            self._table_pages[lo // TABLE_PER_PAGE:(hi - 1) // TABLE_PER_PAGE + 1] = True
         self._end_block = -(-file_size // bs)
         self._refcounts = _load_array(fio, h.refcount_offset, h.refcount_capacity, np.uint16, file_size,
                                       keep=self._end_block)
         self._meta_end_block = L.round_up(L.HEADER_AREA, bs) // bs
         self._refresh_meta_ranges()
-        self._validate_table(self._table, nb, "block table")
+        self._validate_table(self._table, nb, "block table", runs=self._table_runs(nb))
         self._table_mv = memoryview(self._table)
         self._refs_mv = memoryview(self._refcounts)
         self._dirty_table_pages: set[int] = set()
@@ -193,23 +165,34 @@ class Disk(io.RawIOBase):
         self._scan = self._meta_end_block
         self._tracker = None
         if h.tracking:
-            counters = _load_array(fio, h.counter_offset, h.table_capacity, np.uint32, file_size, keep=nb)
+            loaded = []
+            counters = _load_array(fio, h.counter_offset, h.table_capacity, np.uint32, file_size, keep=nb,
+                                   ranges=loaded)
             bitmap = fio.pread(h.bitmap_length, h.bitmap_offset)
-            self._tracker = ChangeTracker(fio, h, counters, bitmap, self._writable)
+            self._tracker = ChangeTracker(fio, h, counters, bitmap, self._writable, loaded=loaded)
 
-    def _validate_table(self, table, n: int, what: str, allow_shared: bool = False) -> None:
+    def _table_runs(self, n: int) -> list[tuple[int, int]]:
+        """Entry ranges [start, stop) below n of the table pages that may hold entries."""
+        pages = np.flatnonzero(self._table_pages[:-(-n // TABLE_PER_PAGE)])
+        return [(a * TABLE_PER_PAGE, min(b * TABLE_PER_PAGE, n)) for a, b in _page_runs(pages)]
+
+    def _validate_table(self, table, n: int, what: str, allow_shared: bool = False, runs=None) -> None:
         """Every pointer inside the file and the refcount table, outside the
         metadata regions, held by a nonzero refcount, and (for the live
-        table) mapped once."""
+        table) mapped once.  runs: the entry ranges that may be nonzero."""
         h = self._hdr
         # a data block lies wholly inside the file (a file cut inside a block is truncated)
         hi = min(self._io.size() // h.block_size, h.refcount_capacity)
-        bad = _fast.check_table(table, n, self._meta_end_block, hi)
-        if bad >= 0:
-            raise CorruptImageError(
-                f"{self._io.path}: {what} entry {bad} points to physical block {int(table[bad])}, outside "
-                f"the data area [{self._meta_end_block}, {hi}) (run 'vdisk check --repair')")
-        used = table[:n][table[:n] != 0]
+        parts = []
+        for lo, stop in ([(0, n)] if runs is None else runs):
+            part = table[lo:stop]
+            bad = _fast.check_table(part, len(part), self._meta_end_block, hi)
+            if bad >= 0:
+                raise CorruptImageError(
+                    f"{self._io.path}: {what} entry {lo + bad} points to physical block {int(part[bad])}, "
+                    f"outside the data area [{self._meta_end_block}, {hi}) (run 'vdisk check --repair')")
+            parts.append(_fast.nonzero_values(part, len(part)))
+        used = np.concatenate(parts) if parts else np.empty(0, np.uint32)
         if len(used):
             for lo, hi_m in self._meta_ranges:
                 hits = used[(used >= lo) & (used < hi_m)]
@@ -221,11 +204,11 @@ class Disk(io.RawIOBase):
                 raise CorruptImageError(
                     f"{self._io.path}: {what} references physical block {int(zero[0])} whose refcount is 0 "
                     f"(run 'vdisk check --repair')")
-            dup = -1 if allow_shared else _fast.find_duplicate(table, n, hi)
+            dup = -1 if allow_shared else _fast.find_duplicate(used, len(used), hi)
             if dup >= 0:
                 raise CorruptImageError(
-                    f"{self._io.path}: {what} entry {dup} maps physical block {int(table[dup])}, which an "
-                    f"earlier entry maps too (run 'vdisk check --repair')")
+                    f"{self._io.path}: {what} maps physical block {int(used[dup])} from two entries, as if an "
+                    f"earlier entry maps it too (run 'vdisk check --repair')")
 
     def _metadata_regions(self) -> list[tuple[str, int, int]]:
         """Every metadata region: the header's and each snapshot's frozen tables."""
@@ -285,7 +268,7 @@ class Disk(io.RawIOBase):
         with self._lock:
             self._check_open()
             h = self._hdr
-            allocated = int(np.count_nonzero(self._table[:h.nblocks]))
+            allocated = sum(int(np.count_nonzero(self._table[lo:hi])) for lo, hi in self._table_runs(h.nblocks))
             out = {
                 "path": self.path,
                 "format": "vdisk",
@@ -501,6 +484,7 @@ class Disk(io.RawIOBase):
             raise
         for b, newp, oldp in remaps:
             table[b] = newp
+            self._table_pages[b // TABLE_PER_PAGE] = True
             self._fresh.add(b)
             self._dirty_table_pages.add(b // TABLE_PER_PAGE)
             if oldp:                                # copy-on-write away from a shared block
@@ -825,7 +809,7 @@ class Disk(io.RawIOBase):
             if self._tracker:
                 self._write_nonzero_pages(self._tracker.counters[:max(nb, 1)], c_off)
             # 2. every block the live table maps gains a reference
-            used = frozen[:nb][frozen[:nb] != 0]
+            used = _fast.nonzero_values(frozen, nb)
             if len(used) and self._refcounts[used].max() >= L.MAX_REFCOUNT:
                 raise OutOfRangeError(f"{self.path}: a block would exceed {L.MAX_REFCOUNT} references")
             self._refcounts[used] += 1
@@ -878,7 +862,7 @@ class Disk(io.RawIOBase):
             nb = L.blocks_for(rec.virtual_size, self._hdr.block_shift)
             self._commit_snapshot_table([r for r in self._snapshots if r is not rec])
             # after the commit: drop the references the snapshot held
-            self._pending_decref.extend(frozen[:nb][frozen[:nb] != 0].tolist())
+            self._pending_decref.extend(_fast.nonzero_values(frozen, nb).tolist())
             self._release_run(rec.table_offset, 2 * rec.table_bytes(self._hdr.block_size))
             for view in list(self._views):
                 if view._rec is rec:
@@ -901,7 +885,7 @@ class Disk(io.RawIOBase):
             nb_old = h.nblocks
             frozen = self._load_frozen(rec.table_offset, rec.virtual_size)
             self._validate_table(frozen, nb_s, f"snapshot {name!r} table", allow_shared=True)
-            table = np.zeros(h.table_capacity, dtype=np.uint32)
+            table = lazy_zeros(h.table_capacity, np.uint32)
             table[:nb_s] = frozen[:nb_s]
             # 1. tracking: blocks whose mapping changes, and a grown area, changed now
             if self._tracker:
@@ -917,18 +901,20 @@ class Disk(io.RawIOBase):
             tbytes = L.round_up(h.table_capacity * 4, bs)
             first = self._alloc_run(tbytes // bs)
             self._write_nonzero_pages(table, first * bs)
-            used = table[:nb_s][table[:nb_s] != 0]
+            used = _fast.nonzero_values(table, nb_s)
             self._refcounts[used] += 1
             self._dirty_ref_pages.update(np.unique(used // REFS_PER_PAGE).tolist())
             self._write_ref_pages()
             self._io.fsync()
             # 3. commit; then drop the old table's references
             old_off = h.table_offset
-            old_used = self._table[:nb_old][self._table[:nb_old] != 0]
+            old_used = _fast.nonzero_values(self._table, nb_old)
             h.table_offset, h.virtual_size = first * bs, rec.virtual_size
             self._commit_header()
             self._table = table
             self._table_mv = memoryview(table)
+            self._table_pages = np.zeros(h.table_capacity // TABLE_PER_PAGE + 1, dtype=bool)
+            self._table_pages[np.flatnonzero(table[:nb_s]) // TABLE_PER_PAGE] = True
             self._fresh.clear()
             self._refresh_meta_ranges()
             self._pending_decref.extend(old_used.tolist())
@@ -974,7 +960,9 @@ class Disk(io.RawIOBase):
             return self._map_locked()
 
     def _map_locked(self) -> Extents:
-        starts, lengths = _fast.nonzero_runs(self._table, 0, self._hdr.nblocks)
+        runs = [_fast.nonzero_runs(self._table, lo, hi) for lo, hi in self._table_runs(self._hdr.nblocks)]
+        starts = np.concatenate([r[0] for r in runs]) if runs else np.empty(0, np.int64)
+        lengths = np.concatenate([r[1] for r in runs]) if runs else np.empty(0, np.int64)
         return Extents.from_block_runs(starts, lengths, self._hdr.block_shift, self.size)
 
     # ------------------------------------------------------------------ resize
@@ -1024,7 +1012,7 @@ class Disk(io.RawIOBase):
         nblk = tbytes // bs
         first = self._alloc_run(2 * nblk)
         t_off, c_off = first * bs, (first + nblk) * bs
-        table = np.zeros(cap, dtype=np.uint32)
+        table = lazy_zeros(cap, np.uint32)
         table[:h.table_capacity] = self._table
         self._write_nonzero_pages(table, t_off)
         old = [(h.table_offset, h.table_capacity), (h.counter_offset, h.table_capacity)]
@@ -1045,6 +1033,8 @@ class Disk(io.RawIOBase):
             self._io.pwrite(bytes(h.bitmap_length), h.bitmap_offset)
         self._table = table
         self._table_mv = memoryview(table)
+        self._table_pages = np.concatenate(
+            [self._table_pages, np.zeros(cap // TABLE_PER_PAGE + 1 - len(self._table_pages), dtype=bool)])
         for off, capacity in old:       # the old regions are unreferenced now
             nbytes = L.round_up(capacity * 4, bs)
             for p in range(off // bs, (off + nbytes) // bs):
@@ -1066,7 +1056,7 @@ class Disk(io.RawIOBase):
         first = self._end_block
         self._end_block += nblk
         self._io.truncate(max(self._io.size(), self._end_block * bs))
-        refs = np.zeros(cap, dtype=np.uint16)
+        refs = lazy_zeros(cap, np.uint16)
         refs[:len(self._refcounts)] = self._refcounts
         refs[first:first + nblk] = 1
         old_off, old_cap = h.refcount_offset, h.refcount_capacity

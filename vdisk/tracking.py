@@ -37,6 +37,7 @@ import numpy as np
 from . import _fast
 from .errors import StaleChangeIdError
 from .extents import Extents
+from .arrays import lazy_zeros
 from .layout import SECTOR, SUMMARY_SHIFT, regions_for
 
 PAGE = 4096
@@ -79,18 +80,24 @@ class ChangeTracker:
     clear_coarse(); this class knows where its regions are and what to write.
     """
 
-    def __init__(self, io, header, counters: np.ndarray, bitmap: bytes, writable: bool):
+    def __init__(self, io, header, counters: np.ndarray, bitmap: bytes, writable: bool, loaded=None):
+        """loaded: the (start, stop) ranges of counters read from the file
+        (zero elsewhere); None means all of them."""
         self.io = io
         self.hdr = header
         self.writable = writable
         self.rel_shift = header.coarse_shift - header.block_shift   # blocks -> coarse region
         self.counters = counters                      # uint32[capacity]
         cap = len(counters)
-        self.dirty = np.zeros(cap, dtype=np.uint8)
+        self.dirty = lazy_zeros(cap, np.uint8)
         ngroups = (cap >> SUMMARY_SHIFT) + 1
-        self.dirty_groups = np.zeros(ngroups, dtype=np.uint8)
-        self.summary = np.zeros(ngroups, dtype=np.uint32)
-        _fast.build_summary(self.counters, self.summary, SUMMARY_SHIFT, header.nblocks)
+        self.dirty_groups = lazy_zeros(ngroups, np.uint8)
+        self.summary = lazy_zeros(ngroups, np.uint32)
+        for lo, hi in ([(0, header.nblocks)] if loaded is None else loaded):
+            lo, hi = lo >> SUMMARY_SHIFT << SUMMARY_SHIFT, min(hi, header.nblocks)
+            if hi > lo:     # only what was read: the rest is zero, its pages untouched
+                _fast.build_summary(self.counters[lo:hi], self.summary[lo >> SUMMARY_SHIFT:], SUMMARY_SHIFT,
+                                    hi - lo)
         self._dirty_mv = memoryview(self.dirty)
         self._groups_mv = memoryview(self.dirty_groups)
         self.bitmap = bytearray(bitmap.ljust(header.bitmap_length, b"\0"))
@@ -238,7 +245,7 @@ class ChangeTracker:
     def grow_arrays(self, capacity: int) -> None:
         """Reallocate the per-block arrays for a larger table capacity."""
         def grown(a, n):
-            b = np.zeros(n, dtype=a.dtype)
+            b = lazy_zeros(n, a.dtype)
             b[:len(a)] = a
             return b
         self.counters = grown(self.counters, capacity)
@@ -264,10 +271,12 @@ class ChangeTracker:
 
     def reset(self) -> None:
         """A new tracking epoch: every counter and dirty bit cleared."""
-        self.counters[:] = 0
-        self.dirty[:] = 0
-        self.dirty_groups[:] = 0
-        self.summary[:] = 0
+        self.counters = lazy_zeros(len(self.counters), np.uint32)
+        self.dirty = lazy_zeros(len(self.dirty), np.uint8)
+        self.dirty_groups = lazy_zeros(len(self.dirty_groups), np.uint8)
+        self.summary = lazy_zeros(len(self.summary), np.uint32)
+        self._dirty_mv = memoryview(self.dirty)
+        self._groups_mv = memoryview(self.dirty_groups)
 
 
 def _page_runs(pages):

@@ -1,0 +1,66 @@
+"""In-memory metadata arrays: allocated lazily, loaded from the file's data extents.
+
+The block table, counters and refcounts of an image are numpy arrays sized
+by capacities a header (possibly hostile) declares.  They are allocated so
+that untouched pages cost no memory and filled only where the file holds
+data, so memory follows what an image uses, not what it claims.
+"""
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+
+def lazy_zeros(count: int, dtype) -> np.ndarray:
+    """A zeroed array whose pages cost memory only once written.
+
+    An anonymous mmap in 4 KiB pages: numpy's own large allocations ask for
+    transparent huge pages, which turn a few scattered writes into whole
+    2 MiB pages (a sparse 1 TiB image's tables would cost 100+ MiB).
+    """
+    nbytes = count * np.dtype(dtype).itemsize
+    if nbytes < (1 << 20):
+        return np.zeros(count, dtype=dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype)
+
+
+def load_array(fio, offset: int, count: int, dtype, file_size: int, keep: int | None = None,
+               ranges: list | None = None) -> np.ndarray:
+    """An array of count entries, filled from the file at offset.
+
+    Only the data (non-hole) parts of the file are read, and only the first
+    `keep` entries (default: all): the rest of the array is never touched,
+    so its pages stay unallocated and a hostile capacity costs address
+    space, not memory.  `ranges`, if given, receives the (start, stop)
+    entry ranges that were read: everything outside them is zero, so scans
+    can skip it without touching its pages.
+    """
+    arr = lazy_zeros(count, dtype)
+    raw = arr.view(np.uint8)
+    size = arr.itemsize
+    keep_bytes = raw.nbytes if keep is None else min(raw.nbytes, keep * size)
+    end = min(offset + keep_bytes, file_size)
+    for off, length in fio.data_extents(offset, end):
+        fio.preadinto(raw[off - offset:off - offset + length], off)
+        if ranges is not None:
+            ranges.append(((off - offset) // size, -(-(off + length - offset) // size)))
+    return arr
+
+
+def nonzero_entries(fio, offset: int, start: int, stop: int, dtype, file_size: int, most: int = 20):
+    """(count, first indices) of nonzero entries [start, stop) of an on-disk
+    array, read in bounded chunks."""
+    itemsize = np.dtype(dtype).itemsize
+    lo, hi = offset + start * itemsize, min(offset + stop * itemsize, file_size)
+    count, first = 0, []
+    chunk = 1 << 20
+    for off, length in fio.data_extents(lo, hi):
+        off -= (off - offset) % itemsize
+        for pos in range(off, off + length, chunk):
+            n = min(chunk, off + length - pos) // itemsize * itemsize
+            vals = np.frombuffer(fio.pread(n, pos), dtype=dtype)
+            nz = np.flatnonzero(vals)
+            count += len(nz)
+            first.extend(((pos - offset) // itemsize + nz[:most - len(first)]).tolist())
+    return count, first[:most]
