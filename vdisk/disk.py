@@ -42,7 +42,7 @@ import numpy as np
 from . import _fast
 from . import layout as L
 from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError,
-                     ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError, VdiskError)
+                     ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError)
 from .arrays import lazy_zeros, load_array as _load_array
 from .extents import Extents
 from .fileio import FileIO
@@ -705,13 +705,12 @@ class Disk(io.RawIOBase):
         """Fold and persist tracking, advance the generation; returns the id of this point."""
         with self._lock:
             self._check_writable()
-            tracker = self._require_tracking()
+            self._require_tracking()
             self._flush_locked()
             if self._hdr.generation >= L.MAX_GENERATION:
                 raise OutOfRangeError("the generation counter is exhausted; call reset_tracking()")
             self._hdr.generation += 1
             self._commit_header()
-            del tracker
             return format_change_id(self._hdr.tracking_uuid, self._hdr.generation - 1)
 
     def changes_since(self, change_id) -> Extents:
