@@ -26,7 +26,9 @@ import errno
 import fcntl
 import heapq
 import os
+import queue
 import stat
+import threading
 import uuid as _uuid
 from typing import Callable, Iterator
 
@@ -177,6 +179,7 @@ def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: s
     path = os.fspath(path)
     if fmt is not None and fmt not in SOURCE_FORMATS:
         raise InvalidArgumentError(f"unknown source format {fmt!r} (one of {', '.join(SOURCE_FORMATS)})")
+    os.close(_open_source_fd(path))         # exists, and is not a FIFO or socket whose open would block
     fmt = fmt or detect_format(path)
     if snapshot is not None and fmt != "vdisk":
         raise InvalidArgumentError(f"{path}: snapshot={snapshot!r} picks a vdisk snapshot, but the image is {fmt}")
@@ -241,18 +244,84 @@ class _Ticker:
 
 
 # ---------------------------------------------------------------------------- sinks
+class _Writeback:
+    """Start writeback of an output while it is being written.
+
+    Every STEP bytes, POSIX_FADV_DONTNEED on the part written since the
+    previous call (and the step before it, now written back) starts
+    asynchronous writeback of its dirty pages and drops those already
+    clean: the device works while the copy goes on, the final fsync has
+    little left to do, and a large conversion does not flood the page
+    cache.  It changes no ordering: the sink's own fsyncs still decide what
+    is durable when.
+
+    ``appending``: the output grows at its end (vdisk, qcow2), so the file
+    size tells how far it was written; else (raw) the guest offsets do.
+    """
+
+    STEP = 32 * MiB
+
+    def __init__(self, path: str, appending: bool):
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.appending = appending
+        self.pending = 0
+        self.high = 0            # how far the output is written
+        self.done_to = 0         # DONTNEED was asked for up to here
+        # the call itself submits the I/O (milliseconds): a thread makes it, off the copy's path
+        self._ranges: queue.Queue = queue.Queue()
+        self._thread = None
+        if hasattr(os, "posix_fadvise"):
+            self._thread = threading.Thread(target=self._run, name="vdisk-convert-writeback", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._ranges.get()
+            if item is None:
+                return
+            try:
+                os.posix_fadvise(self.fd, item[0], item[1], os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+
+    def wrote(self, offset: int, nbytes: int) -> None:
+        self.pending += nbytes
+        if not self.appending:
+            self.high = max(self.high, offset + nbytes)
+        if self.pending >= self.STEP and self._thread is not None:
+            self.pending = 0
+            end = os.fstat(self.fd).st_size if self.appending else self.high
+            start = max(0, self.done_to - self.STEP)
+            if end > start:
+                self._ranges.put((start, end - start))
+            self.done_to = end
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._ranges.put(None)
+            self._thread.join()
+            self._thread = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class _VdiskSink:
     def __init__(self, path: str, size: int, block_size):
         self.disk = _create(path, size, block_size=block_size, overwrite=True)
         self.granule = self.disk.block_size
+        self.writeback = _Writeback(path, appending=True)
 
     def write(self, view, offset: int) -> None:
         self.disk.pwrite(view, offset)
+        self.writeback.wrote(offset, len(view))
 
     def finish(self) -> None:
         self.disk.close()             # flushes and syncs
+        self.writeback.close()
 
     def abort(self) -> None:
+        self.writeback.close()
         try:
             self.disk.close()
         except Exception:
@@ -264,16 +333,20 @@ class _RawSink:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         os.ftruncate(self.fd, size)
         self.granule = RAW_GRANULE
+        self.writeback = _Writeback(path, appending=False)
 
     def write(self, view, offset: int) -> None:
         Q._pwrite_all(self.fd, view, offset)
+        self.writeback.wrote(offset, len(view))
 
     def finish(self) -> None:
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
+        self.writeback.close()
 
     def abort(self) -> None:
+        self.writeback.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -288,17 +361,21 @@ class _Qcow2Sink:
             os.close(self.fd)
             raise
         self.granule = cluster_size
+        self.writeback = _Writeback(path, appending=True)
 
     def write(self, view, offset: int) -> None:
         self.writer.write(view, offset)
+        self.writeback.wrote(offset, len(view))
 
     def finish(self) -> None:
         self.writer.finish()
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
+        self.writeback.close()
 
     def abort(self) -> None:
+        self.writeback.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -390,22 +467,75 @@ def convert(src, dst, *, src_format=None, dst_format="vdisk", block_size=None, s
 
 
 def _copy(image, sink, tick: _Ticker) -> None:
-    """Stream the data of image into sink, a batch at a time."""
+    """Stream the data of image into sink.
+
+    A reader thread fills one of three batch buffers while this thread
+    zero-checks and writes the previous one (reads and writes overlap;
+    os.pread/os.pwrite release the GIL).  The queue holds one batch: when
+    the reader fills buffer k, this thread has taken batch k-1, so it is
+    done with batch k-3, which used the same buffer.
+    """
     g = sink.granule
-    total = image.size
     batch = max(BATCH - BATCH % g, g)
-    buf = np.empty(batch, dtype=np.uint8)
-    for lo, hi in _data_windows(image.extents(0, total), g, total):
-        tick(lo)
-        pos = lo
-        while pos < hi:
-            n = min(batch, hi - pos)
-            view = buf[:n]
-            image.readinto(view, pos)
-            for a, b in _nonzero_runs(view, g):
-                sink.write(view[a:b], pos + a)
-            pos += n
-            tick(pos)
+    total = image.size
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            bufs = [np.empty(batch, dtype=np.uint8) for _ in range(3)]
+            k, fill, segs = 0, 0, []
+            readv = getattr(image, "readv", None)
+
+            def send():
+                if readv is not None:            # one call for the batch: parallel decompression
+                    buf = bufs[k % 3]
+                    readv([(buf[at:at + n], pos) for pos, at, n in segs])
+                q.put((bufs[k % 3], segs))
+
+            for lo, hi in _data_windows(image.extents(0, total), g, total):
+                pos = lo
+                while pos < hi:
+                    if stop.is_set():
+                        return
+                    n = min(batch - fill, hi - pos)
+                    if readv is None:
+                        image.readinto(bufs[k % 3][fill:fill + n], pos)
+                    segs.append((pos, fill, n))
+                    fill += n
+                    pos += n
+                    if fill == batch or len(segs) >= 256:
+                        send()
+                        k, fill, segs = k + 1, 0, []
+            if segs:
+                send()
+            q.put(None)
+        except BaseException as exc:        # handed to the writing thread, raised there
+            q.put(exc)
+
+    reader = threading.Thread(target=produce, name="vdisk-convert-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            buf, segs = item
+            for pos, at, n in segs:
+                view = buf[at:at + n]
+                for a, b in _nonzero_runs(view, g):
+                    sink.write(view[a:b], pos + a)
+                tick(pos + n)
+    finally:
+        stop.set()
+        while reader.is_alive():            # unblock a reader waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            reader.join(0.05)
     tick.finish()
 
 

@@ -75,7 +75,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import _fast
 from .errors import CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError, UnsupportedFeatureError
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -102,9 +101,10 @@ MAX_CLUSTER_OFFSET = (1 << 56) - 1     # QCOW_MAX_CLUSTER_OFFSET
 INT_MAX = (1 << 31) - 1
 COMPRESSED_SECTOR_SIZE = 512           # QCOW2_COMPRESSED_SECTOR_SIZE
 
-MAX_BACKING_DEPTH = 16                 # ours: qemu has no fixed cap
+MAX_BACKING_DEPTH = 16                 # backing files under one image (ours: qemu has no fixed cap)
 L1_WINDOW = 8192                       # L1 entries read at a time (64 KiB)
-L2_CACHE = 4                           # L2 tables held at a time
+L2_CACHE = 2                           # L2 tables held at a time (keyed by offset: shared tables hit)
+REFTABLE_WINDOW = 8192                 # refcount table entries checked at a time
 
 # header fields
 CRYPT_NONE, CRYPT_AES, CRYPT_LUKS = 0, 1, 2
@@ -136,6 +136,7 @@ L1E_RESERVED_MASK = 0x7F000000000001FF
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_STD_RESERVED_MASK = 0x3F000000000001FE
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+REFT_RESERVED_MASK = 0x1FF
 
 # on-disk records, big-endian
 HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")         # 72 bytes
@@ -410,7 +411,7 @@ class Qcow2Image:
     relative name inside the image's folder, and so on down the chain), or
     a path: the backing file of this image (its own backing files then
     follow the True rule).  ``open_backing(path, format_name, chain)``
-    opens a backing file; the default reads qcow2 (detected) or raw.
+    opens a backing file; the default is vdisk.convert.open_image.
     """
 
     def __init__(self, path, *, allow_backing=False, open_backing: Callable | None = None,
@@ -558,6 +559,7 @@ class Qcow2Image:
                     raise self._corrupt(f"{nb} (offset {b0:#x}, {blen} bytes) overlaps {na} "
                                         f"(offset {a0:#x}, {alen} bytes)")
         self._regions = regions
+        self._check_refcount_table(h)
         # backing file name and header extensions
         ext_end = C
         if h.backing_file_offset:
@@ -602,6 +604,36 @@ class Qcow2Image:
         if offset + nbytes > self.file_size:
             raise self._corrupt(f"{what} at offset {offset:#x} ({nbytes} bytes) runs past the end of the file "
                                 f"({self.file_size} bytes)")
+
+    def _check_refcount_table(self, h: Qcow2Header) -> None:
+        """Every refcount table entry: no reserved bits, and a refcount block
+        that is cluster-aligned, inside the file and clear of the fixed
+        metadata.  The refcounts themselves are never read."""
+        C = self.cluster_size
+        n = h.refcount_table_clusters * C // 8
+        u64 = np.uint64
+        for first in range(0, n, REFTABLE_WINDOW):
+            count = min(REFTABLE_WINDOW, n - first)
+            raw = self._pread_exact(count * 8, h.refcount_table_offset + first * 8, "the refcount table")
+            e = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+            off = e & u64(REFT_OFFSET_MASK)
+            used = off != 0
+            bad = []
+            for mask, what in (
+                    ((e & u64(REFT_RESERVED_MASK)) != 0, "reserved bits set"),
+                    (used & (off % u64(C) != 0), "refcount block offset is not cluster-aligned"),
+                    (used & (off + u64(C) > u64(self.file_size)),
+                     f"refcount block runs past the end of the file ({self.file_size} bytes)")):
+                idx = np.flatnonzero(mask)
+                if len(idx):
+                    bad.append((int(idx[0]), what))
+            for name, lo, length in self._regions:
+                idx = np.flatnonzero(used & (off < u64(lo + length)) & (off + u64(C) > u64(lo)))
+                if len(idx):
+                    bad.append((int(idx[0]), f"refcount block overlaps {name}"))
+            if bad:
+                i, what = min(bad)
+                raise self._corrupt(f"refcount table entry {first + i} ({int(e[i]):#018x}): {what}")
 
     def _walk_snapshot_table(self, h: Qcow2Header) -> int:
         """Bounds-check every entry of the snapshot table; return its length.
@@ -679,12 +711,14 @@ class Qcow2Image:
     def _open_backing(self, allow_backing, open_backing, chain) -> None:
         here = os.path.realpath(self.path)
         chain = chain + (here,)
-        if len(chain) > MAX_BACKING_DEPTH:
-            raise UnsupportedFeatureError(f"{self.path}: a backing chain deeper than {MAX_BACKING_DEPTH} images")
+        if len(chain) > MAX_BACKING_DEPTH:      # chain: this image and those above it
+            raise UnsupportedFeatureError(f"{self.path}: a backing chain deeper than {MAX_BACKING_DEPTH} backing "
+                                          f"files")
         path = resolve_backing(self.path, self.backing_file, allow_backing)
         if os.path.realpath(path) in chain:
             raise self._corrupt(f"the backing chain loops: {path!r} is already in it")
-        fmt = self.backing_format
+        # the format the image records describes the file it names; a file the caller chose is detected
+        fmt = self.backing_format if allow_backing is True else None
         if fmt not in (None, "", "raw", "qcow2"):
             raise UnsupportedFeatureError(f"{self.path}: backing file format {fmt!r} (only raw and qcow2)")
         opener = open_backing or _default_open_backing
@@ -728,31 +762,39 @@ class Qcow2Image:
             i, what = min(bad, key=lambda b: b[0])
             raise self._corrupt(f"active L1 table entry {first + int(i)}: {what}")
 
+    def _l1_entry(self, l1_index: int) -> int:
+        first, l1 = self._l1_entries(l1_index)
+        return int(l1[l1_index - first]) & L1E_OFFSET_MASK
+
     def _l2_table(self, l1_index: int):
         """(entries, bitmaps or None, l2 offset) of the L2 table at l1_index,
-        validated; (None, None, 0) when the L1 entry is unallocated."""
-        hit = self._l2_cache.get(l1_index)
-        if hit is not None:
-            self._l2_cache.move_to_end(l1_index)
-            return hit
-        first, l1 = self._l1_entries(l1_index)
-        l2_off = int(l1[l1_index - first]) & L1E_OFFSET_MASK
+        validated; (None, None, 0) when the L1 entry is unallocated.
+
+        Cached by (offset, entries in use): a table that several L1 entries
+        share (only a hostile image does that) is read and checked once."""
+        l2_off = self._l1_entry(l1_index)
         if not l2_off:
-            table = (None, None, 0)
+            return None, None, 0
+        g = self.geometry
+        # entries past the virtual size are never read: not checked either
+        clusters = -(-self.size // self.cluster_size)
+        n = min(g.l2_entries, clusters - l1_index * g.l2_entries)
+        last = n < g.l2_entries or (l1_index + 1) * g.l2_entries == clusters
+        key = (l2_off, n, last)
+        hit = self._l2_cache.get(key)
+        if hit is not None:
+            self._l2_cache.move_to_end(key)
+            return hit
+        raw = self._pread_exact(self.cluster_size, l2_off, f"the L2 table of L1 entry {l1_index}")
+        arr = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        if g.extended_l2:
+            entries, bitmaps = arr[0::2][:n].copy(), arr[1::2][:n].copy()
         else:
-            g = self.geometry
-            raw = self._pread_exact(self.cluster_size, l2_off, f"the L2 table of L1 entry {l1_index}")
-            arr = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
-            if g.extended_l2:
-                entries, bitmaps = arr[0::2].copy(), arr[1::2].copy()
-            else:
-                entries, bitmaps = arr, None
-            # entries past the virtual size are never read: not checked either
-            clusters = -(-self.size // self.cluster_size)
-            n = min(g.l2_entries, clusters - l1_index * g.l2_entries)
-            self._validate_l2(entries[:n], None if bitmaps is None else bitmaps[:n], l1_index, l2_off)
-            table = (entries[:n], None if bitmaps is None else bitmaps[:n], l2_off)
-        self._l2_cache[l1_index] = table
+            entries, bitmaps = arr[:n], None
+        del arr, raw
+        self._validate_l2(entries, bitmaps, l1_index, l2_off)
+        table = (entries, bitmaps, l2_off)
+        self._l2_cache[key] = table
         if len(self._l2_cache) > L2_CACHE:
             self._l2_cache.popitem(last=False)
         return table
@@ -887,10 +929,26 @@ class Qcow2Image:
         per_table = g.l2_entries * C
         # bounded work per step: at most 64 Ki read units
         clusters_per_step = (1 << 16) // SUBCLUSTERS_PER_CLUSTER if g.extended_l2 else 1 << 16
+        unallocated = BACKING if self.backing is not None else ZERO
         pos = start
         while pos < end:
             l1i = offset_to_l1_index(g, pos)
             table_base = l1i * per_table
+            first, l1 = self._l1_entries(l1i)
+            if not int(l1[l1i - first]) & L1E_OFFSET_MASK:
+                # a run of unallocated L1 entries: one step, however long
+                nz = np.flatnonzero(l1[l1i - first:] & np.uint64(L1E_OFFSET_MASK))
+                nxt = l1i + int(nz[0]) if len(nz) else first + len(l1)
+                lo, hi = pos, min(nxt * per_table, end)
+                if pending is not None:
+                    if pending[2] == unallocated and pending[0] + pending[1] == lo:
+                        pending = (pending[0], pending[1] + hi - lo, unallocated, 0)
+                        pos = hi
+                        continue
+                    yield pending
+                pending = (lo, hi - lo, unallocated, 0)
+                pos = hi
+                continue
             c0 = (pos - table_base) >> g.cluster_bits
             table_end = min(table_base + per_table, end)
             c1 = min((table_end - table_base + C - 1) >> g.cluster_bits, c0 + clusters_per_step)
@@ -973,28 +1031,38 @@ class Qcow2Image:
     def readinto(self, buf, offset: int) -> int:
         """Fill buf with the guest bytes at offset (which must lie inside the virtual size)."""
         mv = memoryview(buf).cast("B")
-        n = len(mv)
-        if offset < 0 or offset + n > self.size:
-            raise OutOfRangeError(f"{self.path}: read of {n} bytes at {offset} outside the virtual size {self.size}")
-        arr = np.frombuffer(mv, dtype=np.uint8)
-        compressed: list[tuple[int, int, int]] = []       # (buffer offset, length, guest cluster)
-        for off, length, kind, host in self._walk(offset, offset + n):
-            at = off - offset
-            if kind == ZERO:
-                arr[at:at + length] = 0
-            elif kind == DATA:
-                self._pread_into(mv[at:at + length], host)
-            elif kind == COMPRESSED:
-                compressed.append((at, length, host))
-            else:
-                bsize = self.backing.size
-                inside = max(0, min(off + length, bsize) - off)
-                if inside:
-                    self.backing.readinto(mv[at:at + inside], off)
-                arr[at + inside:at + length] = 0
+        self.readv([(mv, offset)])
+        return len(mv)
+
+    def readv(self, pieces) -> None:
+        """Fill several (buffer, offset) pieces: like readinto on each, but the
+        compressed clusters of all pieces are decompressed together (in
+        parallel), which keeps the decompression threads busy."""
+        compressed: list[tuple[memoryview, int, int]] = []   # (target, offset in cluster, guest cluster)
+        C = self.cluster_size
+        for buf, offset in pieces:
+            mv = memoryview(buf).cast("B")
+            n = len(mv)
+            if offset < 0 or offset + n > self.size:
+                raise OutOfRangeError(f"{self.path}: read of {n} bytes at {offset} outside the virtual size "
+                                      f"{self.size}")
+            arr = np.frombuffer(mv, dtype=np.uint8)
+            for off, length, kind, host in self._walk(offset, offset + n):
+                at = off - offset
+                if kind == ZERO:
+                    arr[at:at + length] = 0
+                elif kind == DATA:
+                    self._pread_into(mv[at:at + length], host)
+                elif kind == COMPRESSED:
+                    compressed.append((mv[at:at + length], off - host * C, host))
+                else:
+                    bsize = self.backing.size
+                    inside = max(0, min(off + length, bsize) - off)
+                    if inside:
+                        self.backing.readinto(mv[at:at + inside], off)
+                    arr[at + inside:at + length] = 0
         if compressed:
-            self._read_compressed(mv, offset, compressed)
-        return n
+            self._read_compressed(compressed)
 
     def pread(self, n: int, offset: int) -> bytes:
         buf = bytearray(n)
@@ -1010,22 +1078,22 @@ class Qcow2Image:
                 return
             done += got
 
-    def _read_compressed(self, mv: memoryview, offset: int, runs: list[tuple[int, int, int]]) -> None:
-        """Decompress the compressed clusters of one read, reading clusters
-        that lie close together in the file with one pread."""
+    def _read_compressed(self, runs: list[tuple[memoryview, int, int]]) -> None:
+        """Fill the targets of runs (target, offset in cluster, guest cluster)
+        from their compressed clusters: clusters that lie close together in
+        the file are read with one pread, then decompressed in threads."""
         g = self.geometry
         C = self.cluster_size
         descs = {}
-        for _at, _n, cl in runs:
-            if cl not in descs:
-                if self._last_compressed is not None and self._last_compressed[0] == cl:
-                    continue
+        last = self._last_compressed
+        for _t, _w, cl in runs:
+            if cl not in descs and not (last is not None and last[0] == cl):
                 l1i, l2i = cl >> g.l2_bits, cl & (g.l2_entries - 1)
                 entry = int(self._l2_table(l1i)[0][l2i])
                 descs[cl] = parse_compressed_l2_entry(g, entry)
         clusters: dict[int, bytes] = {}
-        if self._last_compressed is not None:
-            clusters[self._last_compressed[0]] = self._last_compressed[1]
+        if last is not None:
+            clusters[last[0]] = last[1]
         order = sorted(descs.items(), key=lambda kv: kv[1][0])
         i = 0
         jobs = []
@@ -1045,19 +1113,16 @@ class Qcow2Image:
             i = j + 1
         results = _map_decompress(jobs, C, self.compression_type, self._zstd_ctx_factory)
         for (cl, co, _data), (out, err) in zip(jobs, results):
-            guest = cl * C
             if err is not None or len(out) != C:
                 reason = f"it does not decompress ({err})" if err is not None else \
                     f"it decompresses to {len(out)} bytes, not the cluster size {C}"
-                raise self._corrupt(f"compressed cluster at host offset {co:#x} (guest offset {guest:#x}): "
+                raise self._corrupt(f"compressed cluster at host offset {co:#x} (guest offset {cl * C:#x}): "
                                     f"{reason}")
             clusters[cl] = out
-        for at, length, cl in runs:
-            data = clusters[cl]
-            within = offset + at - cl * C
-            mv[at:at + length] = data[within:within + length]
-        last = runs[-1][2]
-        self._last_compressed = (last, clusters[last])
+        for target, within, cl in runs:
+            target[:] = clusters[cl][within:within + len(target)]
+        tail = runs[-1][2]
+        self._last_compressed = (tail, clusters[tail])
 
     @staticmethod
     def _zstd_ctx_factory():
@@ -1094,14 +1159,17 @@ class Qcow2Image:
 
 # ---------------------------------------------------------------------------- parallel decompression
 _POOL = None
+_POOL_WORKERS = 1
 
 
 def _pool():
-    global _POOL
+    """The decompression threads: one per usable core, at most 8."""
+    global _POOL, _POOL_WORKERS
     if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
-                                   thread_name_prefix="vdisk-qcow2")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        _POOL_WORKERS = max(1, min(8, cores))
+        _POOL = ThreadPoolExecutor(max_workers=_POOL_WORKERS, thread_name_prefix="vdisk-qcow2")
     return _POOL
 
 
@@ -1118,14 +1186,15 @@ def _map_decompress(jobs, cluster_size: int, compression_type: int, ctx_factory)
     if len(jobs) < 4:
         ctx = ctx_factory() if compression_type == COMPRESSION_ZSTD else None
         return [_decompress_one(j, cluster_size, compression_type, ctx) for j in jobs]
-    workers = _pool()._max_workers
+    pool = _pool()
+    workers = _POOL_WORKERS
     chunks = [jobs[i::workers] for i in range(workers)]
 
     def work(chunk):
         ctx = ctx_factory() if compression_type == COMPRESSION_ZSTD else None
         return [_decompress_one(j, cluster_size, compression_type, ctx) for j in chunk]
 
-    parts = list(_pool().map(work, chunks))
+    parts = list(pool.map(work, chunks))
     out = [None] * len(jobs)
     for w, part in enumerate(parts):
         out[w::workers] = part
@@ -1133,47 +1202,11 @@ def _map_decompress(jobs, cluster_size: int, compression_type: int, ctx_factory)
 
 
 # ---------------------------------------------------------------------------- backing opener
-class _RawBacking:
-    """A raw backing file (read-only)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self.size = os.fstat(self._fd).st_size
-        self._host = _HostMap(self._fd, self.size)
-
-    def extents(self, start: int = 0, end: int | None = None):
-        end = self.size if end is None else min(end, self.size)
-        pos = start
-        while pos < end:
-            is_data, until = self._host.segment(pos)
-            n = min(end, until) - pos
-            yield pos, n, is_data
-            pos += n
-
-    def readinto(self, buf, offset: int) -> int:
-        mv = memoryview(buf).cast("B")
-        done = 0
-        while done < len(mv):
-            got = os.preadv(self._fd, [mv[done:]], offset + done)
-            if got == 0:
-                mv[done:] = bytes(len(mv) - done)
-                break
-            done += got
-        return len(mv)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 def _default_open_backing(path: str, fmt: str | None, chain: tuple[str, ...]):
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if fmt == "qcow2" or (fmt is None and probe(head)):
-        return Qcow2Image(path, allow_backing=True, chain=chain)
-    return _RawBacking(path)
+    """A backing file as vdisk.convert opens it: qcow2 or vdisk (detected, or
+    as the backing format extension says), else raw."""
+    from .convert import open_image      # here: convert imports this module
+    return open_image(path, fmt, allow_backing=True, chain=chain)
 
 
 # ---------------------------------------------------------------------------- the writer
@@ -1203,7 +1236,8 @@ class Qcow2Writer:
                                   f"{self.l1_size * 8} bytes, over qemu's limit of {MAX_L1_SIZE}; use larger clusters")
         self.l1 = np.zeros(self.l1_size, dtype=np.uint64)
         self.l1_offset = C
-        self.next_cluster = 1 + max(1, -(-self.l1_size * 8 // C))
+        self.l1_clusters = -(-self.l1_size * 8 // C)        # none for an empty disk: nothing to refcount
+        self.next_cluster = 1 + self.l1_clusters
         self._l2_index = -1
         self._l2: np.ndarray | None = None
         self._last_guest = -1
@@ -1287,9 +1321,9 @@ class Qcow2Writer:
                 partial[:covered] = 1
                 block = partial.tobytes()
             _pwrite_all(self.fd, block, (rb_first + b) * C)
-        l1_bytes = self.l1.astype(">u8").tobytes()
-        l1_clusters = max(1, -(-self.l1_size * 8 // C))
-        _pwrite_all(self.fd, l1_bytes.ljust(l1_clusters * C, b"\0"), self.l1_offset)
+        if self.l1_clusters:
+            l1_bytes = self.l1.astype(">u8").tobytes()
+            _pwrite_all(self.fd, l1_bytes.ljust(self.l1_clusters * C, b"\0"), self.l1_offset)
         h = Qcow2Header(version=3, cluster_bits=self.geometry.cluster_bits, size=self.size, l1_size=self.l1_size,
                         l1_table_offset=self.l1_offset, refcount_table_offset=rt_offset,
                         refcount_table_clusters=rt_clusters, refcount_order=self.REFCOUNT_ORDER,
