@@ -22,9 +22,10 @@ from .disk import Disk, create, open
 from .snapshots import Snapshot, SnapshotInfo
 from .errors import (ClosedError, CorruptImageError, FormatError, ImageLockedError, InvalidArgumentError,
                      OutOfRangeError, ReadOnlyError, StaleChangeIdError, UnsupportedFeatureError, VdiskError,
-                     VdiskIOError, SnapshotNotFoundError)
+                     VdiskIOError, SnapshotNotFoundError, BackupChainError, ChecksumError)
 from .extents import Extents
 from .layout import parse_size
+from .backup import BackupResult, backup, merge, restore, verify
 
 __version__ = "0.1.0"
 
@@ -33,4 +34,5 @@ __all__ = [
     "VdiskError", "FormatError", "CorruptImageError", "ImageLockedError", "UnsupportedFeatureError",
     "OutOfRangeError", "ReadOnlyError", "StaleChangeIdError", "VdiskIOError", "ClosedError",
     "InvalidArgumentError", "SnapshotNotFoundError", "Snapshot", "SnapshotInfo", "__version__",
+    "backup", "restore", "verify", "merge", "BackupResult", "BackupChainError", "ChecksumError",
 ]

@@ -406,7 +406,7 @@ class _ProgressBar:
               help="Follow a qcow2 backing file named relative to, and inside, the image's folder.")
 @click.option("--backing", "backing_path", type=click.Path(), metavar="FILE",
               help="Use FILE as the backing file of SRC (implies --allow-backing).")
-@click.option("--block-size", help="vdisk block size or qcow2 cluster size (default 64KiB).")
+@click.option("--block-size", metavar="SIZE", help="vdisk block size or qcow2 cluster size (default 64KiB).")
 @click.option("--snapshot", metavar="NAME", help="Convert this snapshot of a vdisk SRC.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
 def convert_(src: str, dst: str, src_format: str | None, dst_format: str, show_progress: bool,
@@ -442,14 +442,92 @@ def compare_(ctx: click.Context, a: str, b: str, a_format: str | None, b_format:
     except (vdisk.VdiskError, OSError) as exc:
         _report_error(exc)
         ctx.exit(EXIT_CORRUPT)      # qemu-img compare: 2 on error
-    if size_a != size_b:
-        click.echo("Warning: Image size mismatch!")
+    if size_a != size_b and (offset is None or offset >= min(size_a, size_b)):
+        click.echo("Warning: Image size mismatch!")     # as qemu-img: once past the common part
     if offset is None:
         click.echo("Images are identical.")
         ctx.exit(EXIT_OK)
     # qemu-img reports the 512-byte sector holding the first difference
     click.echo(f"Content mismatch at offset {offset - offset % 512}!")
     ctx.exit(EXIT_ERROR)
+
+
+# ---------------------------------------------------------------------------- backups
+@main.command(name="backup")
+@file_argument
+@click.argument("dest", type=click.Path())
+@click.option("--since", "since", metavar="ID", default=None,
+              help="Back up only the blocks changed after this change id (default: a full backup).")
+@click.option("--compression", type=click.Choice(["gzip", "lzf", "none"]), default="gzip", show_default=True,
+              help="Compression of the block data in the delta file.")
+@click.option("-p", "show_progress", is_flag=True, help="Show a progress bar on stderr.")
+@output_option
+def backup_(file: str, dest: str, since: str | None, compression: str, show_progress: bool, output: str) -> None:
+    """Back up image FILE to a new delta file DEST; prints the change id to keep for the next --since."""
+    bar = _ProgressBar("backup") if show_progress else None
+    try:
+        res = vdisk.backup(file, dest, since=since, compression=compression, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if output == "json":
+        _emit_json(res.to_dict())
+    else:
+        click.echo(res.change_id)
+
+
+@main.command(name="restore")
+@click.argument("target", type=click.Path())
+@click.argument("deltas", nargs=-1, required=True, type=click.Path())
+@click.option("-O", "target_format", type=click.Choice(["vdisk", "raw"]), default="vdisk", show_default=True,
+              help="Format of TARGET.")
+@click.option("-p", "show_progress", is_flag=True, help="Show a progress bar on stderr.")
+@click.option("--overwrite", is_flag=True, help="Restore from scratch, replacing an existing TARGET.")
+def restore_(target: str, deltas: tuple[str, ...], target_format: str, show_progress: bool, overwrite: bool) -> None:
+    """Restore the chain DELTA... (a full backup, then its incrementals) into TARGET, or advance a
+    TARGET restored earlier by the incrementals that follow it."""
+    bar = _ProgressBar("restore") if show_progress else None
+    try:
+        res = vdisk.restore(list(deltas), target, format=target_format, progress=bar, overwrite=overwrite)
+    finally:
+        if bar is not None:
+            bar.close()
+    how = "advanced" if res["incremental"] else "restored"
+    click.echo(f"{target} {how} to {res['change_id']} ({res['deltas']} deltas, {format_size(res['virtual_size'])})")
+
+
+@main.command(name="verify")
+@click.argument("deltas", nargs=-1, required=True, type=click.Path())
+@output_option
+@click.pass_context
+def verify_(ctx: click.Context, deltas: tuple[str, ...], output: str) -> None:
+    """Verify delta files completely (exit 0 when all verify, 1 otherwise: one error line per bad file)."""
+    results, bad = [], 0
+    for path in deltas:
+        try:
+            summary = vdisk.verify(path)
+        except (vdisk.VdiskError, OSError) as exc:
+            bad += 1
+            _report_error(exc)
+            results.append({"path": path, "ok": False, "error": _error_message(exc)})
+            continue
+        results.append(dict(summary, ok=True))
+        if output != "json":
+            kind = "full" if summary["full"] else f"since {summary['since']}"
+            click.echo(f"{path}: ok, {kind} -> {summary['change_id']}, {summary['extents']} extents, "
+                       f"{summary['bytes']} bytes")
+    if output == "json":
+        _emit_json(results)
+    ctx.exit(EXIT_ERROR if bad else EXIT_OK)
+
+
+@main.command(name="merge")
+@click.argument("dest", type=click.Path())
+@click.argument("deltas", nargs=-1, required=True, type=click.Path())
+def merge_(dest: str, deltas: tuple[str, ...]) -> None:
+    """Merge the chain DELTA... into one full backup DEST; prints its change id."""
+    res = vdisk.merge(list(deltas), dest)
+    click.echo(res.change_id)
 
 
 if __name__ == "__main__":

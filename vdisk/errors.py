@@ -60,3 +60,13 @@ class SnapshotNotFoundError(VdiskError, KeyError):
 
     def __str__(self) -> str:          # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class BackupChainError(VdiskError):
+    """Deltas that do not form one backup chain (a gap, a reorder, a duplicate,
+    a foreign delta, a missing full backup), or a restore target at another
+    point of the chain.  The message names the broken link: files and ids."""
+
+
+class ChecksumError(CorruptImageError):
+    """Stored data does not match its checksum; the message names the file and the block or structure."""
