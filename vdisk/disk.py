@@ -124,7 +124,11 @@ class Disk(io.RawIOBase):
         self._pos = 0
         self._shut = False
         self._closing = False
+        self._shift = header.block_shift           # fixed for the image's life
+        self._block_mask = header.block_size - 1
+        self._fio_pread = fio.pread
         self.fold_interval = DEFAULT_FOLD_INTERVAL
+        self._writes_since_fold = 0
         self._load()
 
     # ------------------------------------------------------------------ loading
@@ -353,10 +357,9 @@ class Disk(io.RawIOBase):
     # ------------------------------------------------------------------ reads
     def pread(self, length: int, offset: int) -> bytes:
         """length bytes at offset; never-written areas read as zeros."""
-        hdr = self._hdr
-        if offset < 0 or length < 0 or offset + length > hdr.virtual_size:
+        if offset < 0 or length < 0 or offset + length > self._hdr.virtual_size:
             self._check_range(offset, length, "read")
-        shift = hdr.block_shift
+        shift = self._shift
         if length and (offset >> shift) == ((offset + length - 1) >> shift):
             # within one block: one pread straight into the result (the hot path)
             with self._lock:
@@ -364,7 +367,7 @@ class Disk(io.RawIOBase):
                     self._check_open()
                 p = self._table_mv[offset >> shift]
                 if p:
-                    data = self._io.pread(length, (p << shift) | (offset & ((1 << shift) - 1)))
+                    data = self._fio_pread(length, (p << shift) | (offset & self._block_mask))
                     return data if len(data) == length else data.ljust(length, b"\0")
             return bytes(length)
         with self._lock:
@@ -462,17 +465,16 @@ class Disk(io.RawIOBase):
             # the hot path: a partial overwrite in place of an unshared block
             p = table[b]
             if p and refs[p] == 1:
-                if tracker is not None:
-                    if b in self._fresh:
-                        tracker._dirty_mv[b] = 1
-                        tracker._groups_mv[b >> SUMMARY_SHIFT] = 1
-                    else:
-                        tracker.mark_inplace(b)
+                if tracker is not None:     # tracker.mark_inplace, inlined
+                    dirty, groups, coarse, rel = tracker.hot
+                    dirty[b] = 1
+                    groups[b >> SUMMARY_SHIFT] = 1
+                    if not coarse[b >> rel] and b not in self._fresh:
+                        tracker._arm(b >> rel)      # write-ahead: durable before the data
                 self._io.pwrite(mv, (p << shift) + (offset & (bs - 1)))
-                if tracker is not None:
-                    tracker.writes_since_fold += 1
-                    if tracker.writes_since_fold >= self.fold_interval:
-                        self._flush_locked()
+                self._writes_since_fold += 1
+                if self._writes_since_fold >= self.fold_interval and tracker is not None:
+                    self._flush_locked()
                 return
         remaps: list[tuple[int, int, int]] = []   # (block, new, old): applied once the data is written
         try:
@@ -489,10 +491,9 @@ class Disk(io.RawIOBase):
             self._dirty_table_pages.add(b // TABLE_PER_PAGE)
             if oldp:                                # copy-on-write away from a shared block
                 self._decref_later(oldp)
-        if tracker:
-            tracker.writes_since_fold += 1
-            if tracker.writes_since_fold >= self.fold_interval:
-                self._flush_locked()
+        self._writes_since_fold += 1
+        if self._writes_since_fold >= self.fold_interval and tracker is not None:
+            self._flush_locked()
 
     def _write_blocks(self, mv: memoryview, offset: int, remaps: list) -> None:
         """Issue the data writes of a request; remaps collects the table changes."""
@@ -657,6 +658,7 @@ class Disk(io.RawIOBase):
 
     def _flush_locked(self) -> None:
         h = self._hdr
+        self._writes_since_fold = 0
         # 1. counters of the tracking fold, refcount increments
         folded = self._tracker.fold(h.generation) if self._tracker else False
         self._write_ref_pages()

@@ -98,14 +98,10 @@ class ChangeTracker:
             if hi > lo:     # only what was read: the rest is zero, its pages untouched
                 _fast.build_summary(self.counters[lo:hi], self.summary[lo >> SUMMARY_SHIFT:], SUMMARY_SHIFT,
                                     hi - lo)
-        self._dirty_mv = memoryview(self.dirty)
-        self._groups_mv = memoryview(self.dirty_groups)
         self.bitmap = bytearray(bitmap.ljust(header.bitmap_length, b"\0"))
         self._coarse = np.zeros(regions_for(cap, self.rel_shift) + 1, dtype=np.uint8)
-        self._coarse_mv = memoryview(self._coarse)
-        self._touched = np.zeros_like(self._coarse)      # regions written in place this interval
-        self._touched_mv = memoryview(self._touched)
-        self.writes_since_fold = 0
+        self._touched = np.zeros_like(self._coarse)      # regions written during this interval
+        self._rebind()
         self.armings = 0                  # write-ahead syncs in this interval
         self.arm_budget = DEFAULT_ARM_BUDGET
         self.recovered_regions = self._recover()
@@ -148,9 +144,15 @@ class ChangeTracker:
         self._dirty_mv[b] = 1
         self._groups_mv[b >> SUMMARY_SHIFT] = 1
         r = b >> self.rel_shift
-        self._touched_mv[r] = 1
         if not self._coarse_mv[r]:
             self._arm(r)
+
+    def _rebind(self) -> None:
+        """Refresh the views the Disk's hot write path uses (after arrays change)."""
+        self._dirty_mv = memoryview(self.dirty)
+        self._groups_mv = memoryview(self.dirty_groups)
+        self._coarse_mv = memoryview(self._coarse)
+        self.hot = (self._dirty_mv, self._groups_mv, self._coarse_mv, self.rel_shift)
 
     def _arm(self, r: int) -> None:
         """Make region r's bit durable; past the interval's arming budget, arm
@@ -193,17 +195,29 @@ class ChangeTracker:
         """Fold dirty bits into counters = generation and write the counter pages
         (not synced: the caller syncs, then calls clear_idle_regions).
         nblocks: fold this many blocks (a revert folds for the size it commits)."""
-        self.writes_since_fold = 0
         nblocks = self.hdr.nblocks if nblocks is None else nblocks
         ngroups = -(-nblocks >> SUMMARY_SHIFT)
         groups = np.flatnonzero(self.dirty_groups[:ngroups]).astype(np.int64)
         if len(groups) == 0:
             return False
+        self._touch_regions_of(groups)
         _fast.fold(self.dirty, self.dirty_groups, self.counters, self.summary, groups,
                    generation, SUMMARY_SHIFT, nblocks)
         pages = np.unique(groups >> (10 - SUMMARY_SHIFT))   # 1024 counters per 4 KiB page
         self.write_counter_pages(pages)
         return True
+
+    def _touch_regions_of(self, groups: np.ndarray) -> None:
+        """Regions written during the interval (derived here, off the write path):
+        their coarse bits stay set at this fold."""
+        rel = self.rel_shift
+        if rel >= SUMMARY_SHIFT:
+            self._touched[groups >> (rel - SUMMARY_SHIFT)] = 1
+        else:
+            first = groups << (SUMMARY_SHIFT - rel)
+            for k in range(1 << (SUMMARY_SHIFT - rel)):
+                r = first + k
+                self._touched[r[r < len(self._touched)]] = 1
 
     def write_counter_pages(self, pages) -> None:
         raw = self.counters.view(np.uint8)
@@ -255,19 +269,15 @@ class ChangeTracker:
         self.summary = grown(self.summary, ngroups)
         self._coarse = grown(self._coarse, regions_for(capacity, self.rel_shift) + 1)
         self._touched = grown(self._touched, len(self._coarse))
-        self._touched_mv = memoryview(self._touched)
-        self._dirty_mv = memoryview(self.dirty)
-        self._groups_mv = memoryview(self.dirty_groups)
-        self._coarse_mv = memoryview(self._coarse)
+        self._rebind()
 
     def recoarsen(self) -> None:
         """After the header's coarse_shift or bitmap_length changed (all bits clear)."""
         self.rel_shift = self.hdr.coarse_shift - self.hdr.block_shift
         self.bitmap = bytearray(self.hdr.bitmap_length)
         self._coarse = np.zeros(regions_for(len(self.counters), self.rel_shift) + 1, dtype=np.uint8)
-        self._coarse_mv = memoryview(self._coarse)
         self._touched = np.zeros_like(self._coarse)
-        self._touched_mv = memoryview(self._touched)
+        self._rebind()
 
     def reset(self) -> None:
         """A new tracking epoch: every counter and dirty bit cleared."""
@@ -275,8 +285,7 @@ class ChangeTracker:
         self.dirty = lazy_zeros(len(self.dirty), np.uint8)
         self.dirty_groups = lazy_zeros(len(self.dirty_groups), np.uint8)
         self.summary = lazy_zeros(len(self.summary), np.uint32)
-        self._dirty_mv = memoryview(self.dirty)
-        self._groups_mv = memoryview(self.dirty_groups)
+        self._rebind()
 
 
 def _page_runs(pages):
