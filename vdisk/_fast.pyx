@@ -188,7 +188,7 @@ cdef extern from *:
 
 cdef enum:
     CAND_CHUNK = 4096       # candidate groups collected per pass (bounded stack memory)
-    PREFETCH_AHEAD = 8      # groups prefetched ahead of the scan
+    PREFETCH_AHEAD = 16      # groups prefetched ahead of the scan
 
 
 def changed_runs(const uint32_t[::1] counters, const uint8_t[::1] dirty, const uint32_t[::1] summary,
