@@ -52,7 +52,7 @@ from .delta import (BATCH_BYTES, FLAG_ZERO, FORMAT_NAME, FORMAT_VERSION, UUID_RE
 from .errors import (BackupChainError, CorruptImageError, InvalidArgumentError, StaleChangeIdError,
                      UnsupportedFeatureError)
 from .extents import Extents
-from .fileio import FileIO
+from .fileio import FileIO, refuse_if_in_use
 from .tracking import parse_change_id
 
 
@@ -606,7 +606,7 @@ def _restore_fresh(files, target: str, fmt: str, progress, replace: bool) -> dic
     for f, ranges in zip(files, unused):
         f.verify_rows(ranges, prog.tick)
     if replace and fmt == "vdisk":
-        _refuse_if_in_use(target)
+        refuse_if_in_use(target)
     # 2. build under a temporary name; the copy checks the rest of the checksums
     directory = os.path.dirname(os.path.abspath(target))
     tmp = os.path.join(directory, f".{os.path.basename(target)}.{_uuid.uuid4().hex[:8]}.restoring")
@@ -645,18 +645,6 @@ def _restore_fresh(files, target: str, fmt: str, progress, replace: bool) -> dic
     prog.finish()
     return {"target": target, "format": fmt, "change_id": files[-1].change_id, "virtual_size": plan.size,
             "deltas": len(files), "incremental": False, "bytes_written": plan.data_rows() * bs}
-
-
-def _refuse_if_in_use(target: str) -> None:
-    """Never replace a vdisk image another process or Disk has open."""
-    try:
-        probe = FileIO(target, writable=False)
-    except InvalidArgumentError:
-        return
-    try:
-        probe.lock(exclusive=True)
-    finally:
-        probe.close()
 
 
 def _restore_onto(files, target: str, fmt: str, progress) -> dict:

@@ -22,8 +22,6 @@ is removed.  An existing destination is refused unless ``overwrite=True``.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import heapq
 import os
 import queue
@@ -40,7 +38,8 @@ from . import qcow2 as Q
 from .disk import Disk
 from .disk import create as _create
 from .disk import open as _open
-from .errors import ImageLockedError, InvalidArgumentError, UnsupportedFeatureError
+from .errors import InvalidArgumentError, UnsupportedFeatureError
+from .fileio import fsync_dir, place, refuse_if_in_use
 
 KiB, MiB = 1 << 10, 1 << 20
 BATCH = 8 * MiB                  # bytes read and written per step
@@ -542,39 +541,13 @@ def _copy(image, sink, tick: _Ticker) -> None:
 def _commit(tmp: str, dst: str, overwrite: bool) -> None:
     """Move a complete, synced tmp to dst (never over an image in use)."""
     if overwrite:
-        _refuse_if_in_use(dst)
+        refuse_if_in_use(dst)
         os.replace(tmp, dst)
     else:
-        try:
-            os.link(tmp, dst)
-        except FileExistsError:
-            raise InvalidArgumentError(f"{dst} exists (pass overwrite=True to replace it)") from None
-        os.unlink(tmp)
-    fd = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        place(tmp, dst, "pass overwrite=True to replace it")
+    fsync_dir(os.path.dirname(os.path.abspath(dst)))
 
 
-def _refuse_if_in_use(path: str) -> None:
-    """An image another process holds open (vdisk's flock) is not replaced."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ImageLockedError(f"{path} is in use by another process; not replacing it") from None
-    except OSError as exc:
-        if exc.errno not in (errno.ENOLCK, errno.EINVAL):
-            raise
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------------------- compare
 def compare(a, b, *, a_format=None, b_format=None, allow_backing=False, progress=None) -> int | None:
     """The offset of the first byte where images a and b differ, or None
     when they read the same.

@@ -12,7 +12,6 @@ h5py/HDF5 errors never escape: they become CorruptImageError naming the file.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import errno
 import json
@@ -27,6 +26,7 @@ import numpy as np
 from . import layout as L
 from .errors import (ChecksumError, CorruptImageError, FormatError, InvalidArgumentError, StaleChangeIdError,
                      UnsupportedFeatureError, VdiskError, VdiskIOError)
+from .fileio import fsync_dir, place, start_writeback  # noqa: F401 - delta writing uses them; backup imports them here
 from .tracking import parse_change_id
 
 # ---------------------------------------------------------------------------- the bytes, declared once
@@ -532,14 +532,6 @@ class DeltaFile:
 
 
 # ---------------------------------------------------------------------------- writing a delta
-def fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def check_dest(dest) -> str:
     dest = os.fspath(dest)
     if os.path.lexists(dest):
@@ -675,38 +667,6 @@ class DeltaWriter:
             os.unlink(self.tmp)
 
 
-def place(tmp: str, dest: str, why: str) -> None:
-    """Move tmp to dest, never over an existing file (a hard link, then unlink;
-    a rename where the file system has no hard links)."""
-    try:
-        os.link(tmp, dest)
-    except FileExistsError:
-        raise InvalidArgumentError(f"{dest} exists: {why}") from None
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
-            raise
-        if os.path.lexists(dest):
-            raise InvalidArgumentError(f"{dest} exists: {why}") from None
-        os.rename(tmp, dest)
-        return
-    os.unlink(tmp)
-
-
-# sync_file_range(2): start writing dirty pages back without waiting, so the
-# final fsync finds most of the data on its way (the copy and the device work
-# at once).  Linux only, best effort; durability still comes from fsync.
-_SYNC_FILE_RANGE_WRITE = 2
-try:
-    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    _sync_file_range.restype = ctypes.c_int
-except (OSError, AttributeError):  # pragma: no cover - not Linux
-    _sync_file_range = None
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    if _sync_file_range is not None and length > 0:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

@@ -45,7 +45,7 @@ from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumen
                      ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError)
 from .arrays import lazy_zeros, load_array as _load_array
 from .extents import Extents
-from .fileio import FileIO
+from .fileio import FileIO, fsync_dir, place, refuse_if_in_use
 from .layout import SUMMARY_SHIFT
 from .snapshots import Snapshot, SnapshotInfo, SnapshotRecord, check_name, parse_table
 from .tracking import ChangeTracker, format_change_id, parse_change_id, _page_runs
@@ -1135,13 +1135,8 @@ def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_cha
     _check_size(size, shift)
     if os.path.exists(path) and not overwrite:
         raise InvalidArgumentError(f"{path} exists (pass overwrite=True to replace it)")
-    if os.path.exists(path) and overwrite:
-        # never replace an image another process has open
-        probe = FileIO(path, writable=False)
-        try:
-            probe.lock(exclusive=True)
-        finally:
-            probe.close()
+    if overwrite:
+        refuse_if_in_use(path)
 
     nb = L.blocks_for(size, shift)
     tbytes = L.round_up(max(nb, 1) * L.TABLE_ENTRY_BYTES, bs)
@@ -1190,12 +1185,8 @@ def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_cha
         if overwrite:
             os.replace(tmp, path)
         else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise InvalidArgumentError(f"{path} exists (pass overwrite=True to replace it)") from None
-            os.unlink(tmp)
-        _fsync_dir(directory)
+            place(tmp, path, "pass overwrite=True to replace it")
+        fsync_dir(directory)
         fio.path = path
     except BaseException:
         fio.close()
@@ -1203,14 +1194,6 @@ def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_cha
             os.unlink(tmp)
         raise
     return Disk(fio, hdr, 1, writable=True)
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open(path, mode: str = "r", *, io_factory=FileIO) -> Disk:  # noqa: A001 - the API's name

@@ -202,3 +202,58 @@ class FileIO:
                 os.close(self.fd)
             finally:
                 self.fd = -1
+
+
+# ---------------------------------------------------------------------------- files into place
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def refuse_if_in_use(path: str) -> None:
+    """Never replace an image another process (or Disk) holds open."""
+    try:
+        probe = FileIO(path, writable=False)
+    except InvalidArgumentError:      # no such file: nothing to protect
+        return
+    try:
+        probe.lock(exclusive=True)
+    finally:
+        probe.close()
+
+
+def place(tmp: str, dest: str, why: str) -> None:
+    """Move tmp to dest, never over an existing file (a hard link, then unlink;
+    a rename where the file system has no hard links)."""
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise InvalidArgumentError(f"{dest} exists: {why}") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+        if os.path.lexists(dest):
+            raise InvalidArgumentError(f"{dest} exists: {why}") from None
+        os.rename(tmp, dest)
+        return
+    os.unlink(tmp)
+
+
+# sync_file_range(2): start writing dirty pages back without waiting, so the
+# final fsync finds most of the data on its way (the copy and the device work
+# at once).  Linux only, best effort; durability still comes from fsync.
+_SYNC_FILE_RANGE_WRITE = 2
+try:
+    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sync_file_range.restype = ctypes.c_int
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _sync_file_range = None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
