@@ -167,6 +167,7 @@ class Disk(io.RawIOBase):
         self._free: list[int] = []      # blocks released since open (durably unreferenced)
         self._holes: list[int] = []     # zero-refcount blocks found by the scan, lowest last
         self._scan = self._meta_end_block
+        self._scan_limit = self._end_block
         self._tracker = None
         if h.tracking:
             loaded = []
@@ -587,12 +588,14 @@ class Disk(io.RawIOBase):
 
     # ------------------------------------------------------------------ allocation
     def _find_hole(self) -> int:
-        """The lowest never-reused block with refcount 0 inside the file, or -1.
+        """The lowest block with refcount 0 that the file held at open, or -1.
 
         Scans the refcounts lazily, 64 Ki entries at a time, so opening an
-        image with a huge sparse file costs nothing up front.
+        image with a huge sparse file costs nothing up front.  Blocks
+        appended since open are allocated when appended, and come back
+        through the free list if released.
         """
-        limit = min(self._end_block, self._hdr.refcount_capacity)
+        limit = min(self._scan_limit, self._hdr.refcount_capacity)
         refs = self._refs_mv
         while True:
             while self._holes:
@@ -950,6 +953,7 @@ class Disk(io.RawIOBase):
                 self._free = [p for p in self._free if p < last]
                 self._holes = [p for p in self._holes if p < last]
                 self._scan = min(self._scan, last)
+                self._scan_limit = min(self._scan_limit, last)
             self._io.fsync()
             return released
 
