@@ -45,7 +45,7 @@ from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumen
                      ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError)
 from .arrays import lazy_zeros, load_array as _load_array
 from .extents import Extents
-from .fileio import FileIO, fsync_dir, place, refuse_if_in_use
+from .fileio import FileIO, _io_error, fsync_dir, place, refuse_if_in_use
 from .layout import SUMMARY_SHIFT
 from .snapshots import Snapshot, SnapshotInfo, SnapshotRecord, check_name, parse_table
 from .tracking import ChangeTracker, format_change_id, parse_change_id, _page_runs
@@ -126,7 +126,6 @@ class Disk(io.RawIOBase):
         self._closing = False
         self._shift = header.block_shift           # fixed for the image's life
         self._block_mask = header.block_size - 1
-        self._fio_pread = fio.pread
         self.fold_interval = DEFAULT_FOLD_INTERVAL
         self._writes_since_fold = 0
         self._load()
@@ -368,7 +367,10 @@ class Disk(io.RawIOBase):
                     self._check_open()
                 p = self._table_mv[offset >> shift]
                 if p:
-                    data = self._fio_pread(length, (p << shift) | (offset & self._block_mask))
+                    try:        # the I/O layer's descriptor, without its method call
+                        data = os.pread(self._io.fd, length, (p << shift) | (offset & self._block_mask))
+                    except OSError as exc:
+                        raise _io_error("pread", self.path, exc) from exc
                     return data if len(data) == length else data.ljust(length, b"\0")
             return bytes(length)
         with self._lock:
