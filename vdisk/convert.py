@@ -327,57 +327,57 @@ class _VdiskSink:
             pass
 
 
-class _RawSink:
-    def __init__(self, path: str, size: int):
+class _FdSink:
+    """A sink writing a new host file by descriptor, synced and closed at finish."""
+
+    def __init__(self, path: str, appending: bool):
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self.writeback = _Writeback(path, appending=appending)
+
+    def _complete(self) -> None:
+        """Whatever the format writes last, before the sync."""
+
+    def finish(self) -> None:
+        self._complete()
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        self.writeback.close()
+
+    def abort(self) -> None:
+        self.writeback.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _RawSink(_FdSink):
+    def __init__(self, path: str, size: int):
+        super().__init__(path, appending=False)
         os.ftruncate(self.fd, size)
         self.granule = RAW_GRANULE
-        self.writeback = _Writeback(path, appending=False)
 
     def write(self, view, offset: int) -> None:
         Q._pwrite_all(self.fd, view, offset)
         self.writeback.wrote(offset, len(view))
 
-    def finish(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        self.writeback.close()
 
-    def abort(self) -> None:
-        self.writeback.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class _Qcow2Sink:
+class _Qcow2Sink(_FdSink):
     def __init__(self, path: str, size: int, cluster_size: int):
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        super().__init__(path, appending=True)
         try:
             self.writer = Q.Qcow2Writer(self.fd, size, cluster_size)
         except BaseException:
-            os.close(self.fd)
+            self.abort()
             raise
         self.granule = cluster_size
-        self.writeback = _Writeback(path, appending=True)
 
     def write(self, view, offset: int) -> None:
         self.writer.write(view, offset)
         self.writeback.wrote(offset, len(view))
 
-    def finish(self) -> None:
+    def _complete(self) -> None:
         self.writer.finish()
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        self.writeback.close()
-
-    def abort(self) -> None:
-        self.writeback.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 # ---------------------------------------------------------------------------- convert

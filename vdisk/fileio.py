@@ -23,14 +23,20 @@ from .errors import ImageLockedError, InvalidArgumentError, VdiskIOError
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
+def _libc(name: str, *argtypes):
+    """A libc function through ctypes (int result, errno kept), or None where it is missing."""
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return None
+    fn.argtypes = list(argtypes)
+    fn.restype = ctypes.c_int
+    return fn
+
+
 # fallocate(2) for hole punching: Python's os module has no mode argument
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-try:
-    _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    _fallocate.restype = ctypes.c_int
-except (OSError, AttributeError):  # pragma: no cover - not Linux
-    _fallocate = None
+_fallocate = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 def _io_error(op: str, path: str, exc: OSError) -> VdiskIOError:
@@ -246,12 +252,7 @@ def place(tmp: str, dest: str, why: str) -> None:
 # final fsync finds most of the data on its way (the copy and the device work
 # at once).  Linux only, best effort; durability still comes from fsync.
 _SYNC_FILE_RANGE_WRITE = 2
-try:
-    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    _sync_file_range.restype = ctypes.c_int
-except (OSError, AttributeError):  # pragma: no cover - not Linux
-    _sync_file_range = None
+_sync_file_range = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
