@@ -409,8 +409,10 @@ def test_torn_header_write_uses_the_other_slot(damaged, base, tear):
     new = dataclasses.replace(base.header, sequence=base.header.sequence + 1,
                               generation=base.header.generation + 1)
     packed = bytearray(new.pack())
+    whole = bytes(packed)
     rng = np.random.default_rng(tear)
     packed[tear:] = rng.integers(0, 256, L.SLOT_SIZE - tear, dtype=np.uint8).tobytes()
+    packed[tear] = whole[tear] ^ 0xFF     # torn means different: random bytes could match the CRC (1 in 256)
     start = L.SLOT_OFFSETS[base.other]
     buf[start:start + L.SLOT_SIZE] = packed
     path = save()
