@@ -50,17 +50,18 @@ def allocated(workdir):
         remove(qcow)
 
 
+def _drop_snapshots(d) -> None:
+    for info in d.snapshots:
+        d.delete_snapshot(info.name)
+
+
 def test_snapshot_create_vdisk(benchmark, allocated):
     d, _ = allocated
     names = iter(range(10**6))
-
-    def setup():
-        for info in d.snapshots:
-            d.delete_snapshot(info.name)
     tag(benchmark, "snapshot_create_100k", "vdisk", ops=1, blocks=BLOCKS)
-    benchmark.pedantic(lambda: d.snapshot(f"b{next(names)}"), setup=setup, rounds=rounds(5), iterations=1)
-    for info in d.snapshots:
-        d.delete_snapshot(info.name)
+    benchmark.pedantic(lambda: d.snapshot(f"b{next(names)}"), setup=lambda: _drop_snapshots(d),
+                       rounds=rounds(5), iterations=1)
+    _drop_snapshots(d)
 
 
 @pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
@@ -82,40 +83,26 @@ def _offsets():
     return (rng.choice(BLOCKS, COW_WRITES, replace=False) * BS).tolist()
 
 
-def test_write_copy_on_write(benchmark, allocated):
+@pytest.mark.parametrize("shared", [True, False], ids=["copy-on-write", "in-place"])
+def test_write_4k(benchmark, allocated, shared):
+    """Every block shared with a snapshot (each write copies it) or unshared (in place)."""
     d, _ = allocated
     buf = os.urandom(BS)
     offs = _offsets()
 
     def setup():
-        for info in d.snapshots:
-            d.delete_snapshot(info.name)
-        d.snapshot("cow")                      # every block shared: each write below copies
-    tag(benchmark, "write_4KiB_shared", "vdisk-cow", nbytes=COW_WRITES * BS, ops=COW_WRITES)
+        _drop_snapshots(d)
+        if shared:
+            d.snapshot("cow")
+    tag(benchmark, "write_4KiB_shared", "vdisk-cow" if shared else "vdisk-inplace",
+        nbytes=COW_WRITES * BS, ops=COW_WRITES)
 
     def run():
         for off in offs:
             d.pwrite(buf, off)
         d.flush()
     benchmark.pedantic(run, setup=setup, rounds=rounds(4), iterations=1)
-    d.delete_snapshot("cow")
-
-
-def test_write_in_place(benchmark, allocated):
-    d, _ = allocated
-    buf = os.urandom(BS)
-    offs = _offsets()
-
-    def setup():
-        for info in d.snapshots:
-            d.delete_snapshot(info.name)
-    tag(benchmark, "write_4KiB_shared", "vdisk-inplace", nbytes=COW_WRITES * BS, ops=COW_WRITES)
-
-    def run():
-        for off in offs:
-            d.pwrite(buf, off)
-        d.flush()
-    benchmark.pedantic(run, setup=setup, rounds=rounds(4), iterations=1)
+    _drop_snapshots(d)
 
 
 def test_read_snapshot(benchmark, allocated):
@@ -128,7 +115,7 @@ def test_read_snapshot(benchmark, allocated):
         for off in range(0, size - (1 << 20) + 1, 1 << 20):
             snap.pread(1 << 20, off)
     benchmark.pedantic(run, rounds=rounds(4), iterations=1)
-    d.delete_snapshot("reader")
+    _drop_snapshots(d)
 
 
 def test_read_live(benchmark, allocated):

@@ -56,6 +56,12 @@ class _Report:
         else:
             self.extra += 1
 
+    def add_each(self, indices, message) -> None:
+        """message(i) for the first MAX_LISTED of indices; the rest are counted."""
+        for i in indices[:MAX_LISTED].tolist():
+            self.add(message(i))
+        self.extra += max(0, len(indices) - MAX_LISTED)
+
     def finish(self) -> list[str]:
         if self.extra:
             return self.items + [f"... and {self.extra} more"]
@@ -111,9 +117,8 @@ def _check(fio, repair: bool) -> CheckResult:
     hi = min(file_size // bs, hdr.refcount_capacity)
     live = table[:nb]
     bad = np.flatnonzero((live != 0) & ((live < meta_end) | (live >= hi)))
-    for i in bad[:MAX_LISTED].tolist():
-        report.add(f"block {i}: points to physical block {int(live[i])} outside the data area [{meta_end}, {hi})")
-    report.extra += max(0, len(bad) - MAX_LISTED)
+    report.add_each(bad, lambda i: f"block {i}: points to physical block {int(live[i])} outside the data area "
+                                   f"[{meta_end}, {hi})")
     cleared = list(bad.tolist())
 
     # snapshot tables: the same bounds; they may share blocks with anything
@@ -122,10 +127,8 @@ def _check(fio, repair: bool) -> CheckResult:
         n_s = L.blocks_for(rec.virtual_size, hdr.block_shift)
         frozen = _load_array(fio, rec.table_offset, max(n_s, 1), np.uint32, file_size)
         bad_s = np.flatnonzero((frozen[:n_s] != 0) & ((frozen[:n_s] < meta_end) | (frozen[:n_s] >= hi)))
-        for i in bad_s[:MAX_LISTED].tolist():
-            report.add(f"snapshot {rec.name!r} block {i}: points to physical block {int(frozen[i])} outside "
-                       f"the data area [{meta_end}, {hi})")
-        report.extra += max(0, len(bad_s) - MAX_LISTED)
+        report.add_each(bad_s, lambda i: f"snapshot {rec.name!r} block {i}: points to physical block "
+                                         f"{int(frozen[i])} outside the data area [{meta_end}, {hi})")
         if len(bad_s) and repair:
             frozen[bad_s] = 0
             _write_all(fio, frozen, rec.table_offset)
@@ -149,16 +152,12 @@ def _check(fio, repair: bool) -> CheckResult:
     live_refs = np.zeros(size, dtype=np.uint32)
     _fast.count_refs(valid, nb, live_refs)
     dup = np.flatnonzero(live_refs > 1)
-    for p in dup[:MAX_LISTED].tolist():
-        report.add(f"physical block {p} is mapped by {int(live_refs[p])} virtual blocks")
-    report.extra += max(0, len(dup) - MAX_LISTED)
+    report.add_each(dup, lambda p: f"physical block {p} is mapped by {int(live_refs[p])} virtual blocks")
     snap_refs = np.zeros(size, dtype=np.uint32)
     for frozen, n_s in frozen_tables:
         _fast.count_refs(frozen, n_s, snap_refs)
     into_meta = np.flatnonzero(meta & ((live_refs + snap_refs) > 0))
-    for p in into_meta[:MAX_LISTED].tolist():
-        report.add(f"physical block {p} belongs to a metadata region but is mapped as data")
-    report.extra += max(0, len(into_meta) - MAX_LISTED)
+    report.add_each(into_meta, lambda p: f"physical block {p} belongs to a metadata region but is mapped as data")
     if repair and (len(dup) or len(into_meta)):
         # keep the first mapping of a shared block, drop the others and any into metadata
         seen = set()
@@ -189,9 +188,7 @@ def _check(fio, repair: bool) -> CheckResult:
             continue
         stored_m = refcounts[lo_b:hi_b]
         zero = np.flatnonzero(stored_m == 0)
-        for p in zero[:MAX_LISTED].tolist():
-            report.add(f"physical block {lo_b + p} (metadata): refcount 0, but 1 reference")
-        report.extra += max(0, len(zero) - MAX_LISTED)
+        report.add_each(zero, lambda p: f"physical block {lo_b + p} (metadata): refcount 0, but 1 reference")
         meta_nonzero += len(stored_m) - len(zero)
         leaked += int(np.count_nonzero(stored_m > 1))
     leaked += n_past - meta_nonzero
@@ -200,9 +197,8 @@ def _check(fio, repair: bool) -> CheckResult:
     if hdr.tracking:
         counters = _load_array(fio, hdr.counter_offset, hdr.table_capacity, np.uint32, file_size, keep=nb)
         future = np.flatnonzero(counters[:nb] > hdr.generation)
-        for i in future[:MAX_LISTED].tolist():
-            report.add(f"block {i}: change counter {int(counters[i])} is newer than generation {hdr.generation}")
-        report.extra += max(0, len(future) - MAX_LISTED)
+        report.add_each(future, lambda i: f"block {i}: change counter {int(counters[i])} is newer than "
+                                          f"generation {hdr.generation}")
         if repair:
             counters[future] = hdr.generation
             counters[cleared] = hdr.generation      # their content changed: report them

@@ -198,13 +198,15 @@ def _open_backing(path: str, fmt: str | None, chain: tuple[str, ...]):
 def _data_windows(extents, granule: int, size: int) -> Iterator[tuple[int, int]]:
     """The data runs of extents, widened to granule boundaries (clipped to
     size) and merged: whole output blocks, in order."""
+    return _merge_runs((off - off % granule, min(size, -(-(off + length) // granule) * granule))
+                       for off, length, data in extents if data and length > 0)
+
+
+def _merge_runs(runs) -> Iterator[tuple[int, int]]:
+    """Merge [lo, hi) runs sorted by lo: overlapping or touching runs become one."""
     cur_lo = cur_hi = -1
-    for off, length, data in extents:
-        if not data or length <= 0:
-            continue
-        lo = off - off % granule
-        hi = min(size, -(-(off + length) // granule) * granule)
-        if cur_hi >= lo:
+    for lo, hi in runs:
+        if lo <= cur_hi:
             cur_hi = max(cur_hi, hi)
             continue
         if cur_hi > cur_lo:
@@ -579,16 +581,7 @@ def compare_images(a, b, *, a_format=None, b_format=None, allow_backing=False,
 def _merged_data_runs(*images) -> Iterator[tuple[int, int]]:
     """[lo, hi) runs where any of images may hold data, in order, merged."""
     streams = [((off, off + n) for off, n, data in img.extents(0, img.size) if data) for img in images]
-    cur_lo = cur_hi = -1
-    for lo, hi in heapq.merge(*streams):
-        if lo <= cur_hi:
-            cur_hi = max(cur_hi, hi)
-            continue
-        if cur_hi > cur_lo:
-            yield cur_lo, cur_hi
-        cur_lo, cur_hi = lo, hi
-    if cur_hi > cur_lo:
-        yield cur_lo, cur_hi
+    return _merge_runs(heapq.merge(*streams))
 
 
 def _compare(ia, ib, progress) -> int | None:
