@@ -39,7 +39,7 @@ from .disk import Disk
 from .disk import create as _create
 from .disk import open as _open
 from .errors import InvalidArgumentError, UnsupportedFeatureError
-from .fileio import fsync_dir, place, refuse_if_in_use
+from .fileio import fsync_dir, place, pwrite_all, refuse_if_in_use
 
 KiB, MiB = 1 << 10, 1 << 20
 BATCH = 8 * MiB                  # bytes read and written per step
@@ -360,7 +360,7 @@ class _RawSink(_FdSink):
         self.granule = RAW_GRANULE
 
     def write(self, view, offset: int) -> None:
-        Q._pwrite_all(self.fd, view, offset)
+        pwrite_all(self.fd, view, offset)
         self.writeback.wrote(offset, len(view))
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from . import layout as L
 from .errors import (ChecksumError, CorruptImageError, FormatError, InvalidArgumentError, StaleChangeIdError,
                      UnsupportedFeatureError, VdiskError, VdiskIOError)
-from .fileio import fsync_dir, place, start_writeback  # noqa: F401 - delta writing uses them; backup imports them here
+from .fileio import fsync_dir, place, pwrite_all, start_writeback  # noqa: F401 - backup imports some here
 from .tracking import parse_change_id
 
 # ---------------------------------------------------------------------------- the bytes, declared once
@@ -621,9 +621,9 @@ class DeltaWriter:
         crcs = np.fromiter((crc(r) for r in buf), dtype="<u4", count=n)
         with _writing(self.tmp):
             if self._raw:
-                _pwrite_all(self._fd, buf.reshape(-1), self._data_off + row * self.bs)
+                pwrite_all(self._fd, buf.reshape(-1), self._data_off + row * self.bs)
                 start_writeback(self._fd, self._data_off + row * self.bs, n * self.bs)
-                _pwrite_all(self._fd, crcs.view(np.uint8), self._crc_off + row * 4)
+                pwrite_all(self._fd, crcs.view(np.uint8), self._crc_off + row * 4)
             else:
                 self._data[row:row + n] = buf
                 self._crc[row:row + n] = crcs
@@ -645,7 +645,7 @@ class DeltaWriter:
                 self._fd = os.open(self.tmp, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
             size = os.fstat(self._fd).st_size
             preamble = pack_preamble(size, metadata_crc(self._fd, size, skips, self.tmp), skips)
-            _pwrite_all(self._fd, preamble, 0)
+            pwrite_all(self._fd, preamble, 0)
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
@@ -665,15 +665,3 @@ class DeltaWriter:
             self._fd = -1
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
-
-
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    mv = memoryview(data).cast("B")
-    while len(mv):
-        n = os.pwrite(fd, mv, offset)
-        mv = mv[n:]
-        offset += n
-
-

@@ -258,3 +258,12 @@ _sync_file_range = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes
 def start_writeback(fd: int, offset: int, length: int) -> None:
     if _sync_file_range is not None and length > 0:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """os.pwrite until all of data is written (for files written outside FileIO)."""
+    mv = memoryview(data).cast("B")
+    while len(mv):
+        n = os.pwrite(fd, mv, offset)
+        mv = mv[n:]
+        offset += n

@@ -76,6 +76,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError, UnsupportedFeatureError
+from .fileio import pwrite_all
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -1268,7 +1269,7 @@ class Qcow2Writer:
             piece = mv[pos * C:stop * C]
             if len(piece) % C:
                 piece = bytes(piece) + bytes(C - len(piece) % C)
-            _pwrite_all(self.fd, piece, host)
+            pwrite_all(self.fd, piece, host)
             count = stop - pos
             first = gc & (g.l2_entries - 1)
             self._l2[first:first + count] = (np.arange(count, dtype=np.uint64) * np.uint64(C)
@@ -1282,7 +1283,7 @@ class Qcow2Writer:
         if self._l2 is None:
             return
         host = self.next_cluster * self.cluster_size
-        _pwrite_all(self.fd, self._l2.astype(">u8").tobytes(), host)
+        pwrite_all(self.fd, self._l2.astype(">u8").tobytes(), host)
         self.l1[self._l2_index] = np.uint64(host) | np.uint64(QCOW_OFLAG_COPIED)
         self.next_cluster += 1
         self._l2 = None
@@ -1310,7 +1311,7 @@ class Qcow2Writer:
         rb_first = m + rt_clusters
         reftable = np.zeros(rt_clusters * C // 8, dtype=">u8")
         reftable[:blocks] = (np.arange(blocks, dtype=np.uint64) + np.uint64(rb_first)) * np.uint64(C)
-        _pwrite_all(self.fd, reftable.tobytes(), rt_offset)
+        pwrite_all(self.fd, reftable.tobytes(), rt_offset)
         full = np.ones(entries, dtype=">u2").tobytes()
         for b in range(blocks):
             covered = min(entries, total - b * entries)
@@ -1320,22 +1321,14 @@ class Qcow2Writer:
                 partial = np.zeros(entries, dtype=">u2")
                 partial[:covered] = 1
                 block = partial.tobytes()
-            _pwrite_all(self.fd, block, (rb_first + b) * C)
+            pwrite_all(self.fd, block, (rb_first + b) * C)
         if self.l1_clusters:
             l1_bytes = self.l1.astype(">u8").tobytes()
-            _pwrite_all(self.fd, l1_bytes.ljust(self.l1_clusters * C, b"\0"), self.l1_offset)
+            pwrite_all(self.fd, l1_bytes.ljust(self.l1_clusters * C, b"\0"), self.l1_offset)
         h = Qcow2Header(version=3, cluster_bits=self.geometry.cluster_bits, size=self.size, l1_size=self.l1_size,
                         l1_table_offset=self.l1_offset, refcount_table_offset=rt_offset,
                         refcount_table_clusters=rt_clusters, refcount_order=self.REFCOUNT_ORDER,
                         header_length=V3_HEADER_LENGTH, compression_type=COMPRESSION_ZLIB)
-        _pwrite_all(self.fd, h.pack().ljust(C, b"\0"), 0)
+        pwrite_all(self.fd, h.pack().ljust(C, b"\0"), 0)
         os.ftruncate(self.fd, total * C)
         return total * C
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    mv = memoryview(data).cast("B")
-    while len(mv):
-        n = os.pwrite(fd, mv, offset)
-        mv = mv[n:]
-        offset += n
