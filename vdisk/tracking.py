@@ -227,7 +227,7 @@ class ChangeTracker:
 
     def clear_idle_regions(self, everything: bool = False) -> None:
         """After the folded counters are durable: clear the coarse bits of the
-        regions not written in place during the interval.  Regions that were
+        regions not written during the interval (see fold).  Regions that were
         stay set, so a steady workload pays no re-arming fsync; after a crash
         the over-report is bounded by the regions written in the last two
         intervals.  everything=True clears all bits (clean close)."""
