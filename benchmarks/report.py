@@ -7,6 +7,7 @@
     python benchmarks/report.py --save run.json  # run, and keep the JSON
     python benchmarks/report.py --repeat 3       # three whole runs: median ratio and its range
     python benchmarks/report.py -- -k seq        # anything after -- goes to pytest
+    python benchmarks/report.py --no-memory      # skip the peak-memory table (benchmarks/memory.py)
 
 The ratio is a throughput ratio, subject / baseline = baseline time / subject
 time, from the same run on the same machine: above 1 the vdisk side is
@@ -312,6 +313,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output", help="also write the markdown table to this file")
     ap.add_argument("--update-readme", action="store_true",
                     help=f"replace the results block of {os.path.relpath(README, ROOT)}")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory table (benchmarks/memory.py)")
     ap.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments")
     args = ap.parse_args(argv)
 
@@ -338,6 +340,14 @@ def main(argv=None) -> int:
         return rc or 1
 
     table = build_report(datas, args.stat)
+    if not args.json and not args.no_memory:
+        mem = subprocess.run([sys.executable, os.path.join(HERE, "memory.py")], cwd=ROOT, capture_output=True,
+                             text=True)
+        if mem.returncode:
+            print(f"memory report failed: {mem.stderr.strip()[-2000:]}", file=sys.stderr)
+            rc = rc or mem.returncode
+        else:
+            table += "\n\n### Peak memory\n\n" + mem.stdout.strip()
     warn = stale_build_warning()
     if warn:
         table = warn + "\n\n" + table

@@ -1,19 +1,35 @@
-"""Power-loss simulation: drive a workload through RecordingIO and check
-every sampled crash state against the crash contract.
+"""Crash simulation: a random workload, a model of what the image may hold
+after a crash, and the checks of the crash contract.
 
-The model keeps, per byte, the content as of the last completed flush and
-every value written since (each op registers its result before it runs,
-so states taken at fsyncs inside the op are judged fairly).  A crash state
-passes when
-  * the image opens, and check() finds no corruption (leaks allowed);
+Shared by tests/test_crash.py (short runs in CI), tests/killsim.py (real
+SIGKILLs of a writer process) and tools/campaign_powerloss.py (power loss
+through vdisk.testing.RecordingIO, sampled at every fsync).
+
+The workload is a stream of ops as plain dicts (:class:`Workload`), run on
+a Disk by :func:`apply_op`, so a child process can log each op before it
+runs it.  The model (:class:`CrashModel`) registers an op's result before
+the op runs (``begin``) and its completion after it returns (``end``), so
+a crash state taken inside an op is judged fairly: it keeps, per byte, the
+content as of the last completed flush and every value written since.  A
+crash state passes (:func:`check_image`) when
+  * check() finds no corruption (leaks allowed) and the image opens;
   * every byte holds its flushed value or a value written after the flush
     (never zeros for flushed data, never another block's data, never garbage);
-  * for every change id handed out, changes_since(id) contains every block
-    whose content differs from the content at the id's point;
-  * the same holds after opening read-write (recovery) and reopening.
+  * every committed snapshot exists with its frozen content, and no other
+    snapshot exists but the one an interrupted op was creating (a backup's
+    temporary snapshot included);
+  * for every change id handed out (checkpoints, snapshots, backups),
+    changes_since(id) contains every block whose content differs from the
+    content at the id's point;
+  * the same holds after opening read-write (recovery: the content must
+    not change) and reopening;
+  * optionally: an incremental backup of the recovered image since the id
+    of the last backup taken before the crash, restored after the chain of
+    deltas exported before the crash, equals the recovered content.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
@@ -21,10 +37,142 @@ import tempfile
 import numpy as np
 
 import vdisk
+from vdisk.backup import sidecar_path
 from vdisk.testing import RecordingIO
-from helpers import extent_blocks, pattern
+from helpers import block_mask, differing_mask, pattern
+
+BACKUP_PREFIX = "vdisk-backup-"     # vdisk.backup()'s temporary snapshot
+
+BASE_WEIGHTS = {"write": 45, "zero": 8, "discard": 12, "flush": 12, "checkpoint": 10, "resize": 5}
+SNAPSHOT_WEIGHTS = {"snapshot": 6, "delete": 3, "revert": 3}
+BACKUP_WEIGHTS = {"backup": 4}
+COMPACT_WEIGHTS = {"compact": 2}
+RESET_WEIGHTS = {"reset": 1}       # reset_tracking: a new epoch, every id handed out goes stale
+FILL_WEIGHTS = {"fill": 10}        # writes of 16 to 128 blocks: the file outgrows the first refcount table
 
 
+def weights(snapshots: bool = False, backups: bool = False, compact: bool = False,
+            fill: bool = False, reset: bool = False) -> dict[str, int]:
+    """Op kinds and their weights for a workload."""
+    out = dict(BASE_WEIGHTS)
+    if reset:
+        out.update(RESET_WEIGHTS)
+    if snapshots:
+        out.update(SNAPSHOT_WEIGHTS)
+    if backups:
+        out.update(BACKUP_WEIGHTS)
+    if compact:
+        out.update(COMPACT_WEIGHTS)
+    if fill:
+        out.update(FILL_WEIGHTS)
+    return out
+
+
+# ---------------------------------------------------------------------------- the workload
+class Workload:
+    """Random ops as plain dicts (JSON-safe: a child process logs them).
+
+    It knows the snapshots it may delete or revert to and the last backup
+    of its chain; ``done`` tells it what an op did.  ``tag`` makes snapshot
+    names and delta paths unique across workloads on one image.
+    """
+
+    def __init__(self, rng: random.Random, kinds: dict[str, int], block_size: int, max_size: int,
+                 delta_dir: str | None = None, tag: str = "", snapshots=(), chain_id: str | None = None,
+                 script=()):
+        self.rng = rng
+        self.kinds, self.weights = list(kinds), list(kinds.values())
+        self.bs = block_size
+        self.max_size = max_size
+        self.delta_dir = delta_dir
+        self.tag = tag
+        self.snapshots = set(snapshots)
+        self.chain_id = chain_id
+        self.far = "fill" in kinds      # resizes anywhere up to max_size: grows past the table's capacity
+        self.script = list(script)      # ops to run first
+        self.n = 0
+
+    def next(self, size: int) -> dict:
+        rng = self.rng
+        self.n += 1
+        if self.script:
+            return self.script.pop(0)
+        while True:
+            kind = rng.choices(self.kinds, self.weights)[0]
+            if kind in ("delete", "revert") and not self.snapshots:
+                continue
+            break
+        if kind in ("write", "zero", "fill"):
+            off = rng.randrange(size)
+            most = 128 * self.bs if kind == "fill" else 3 * self.bs
+            length = rng.randint(min(size - off, most // 8) if kind == "fill" else 1, min(size - off, most))
+            return {"k": "write", "off": off, "len": length, "seed": rng.randrange(2**31), "zero": kind == "zero",
+                    "flush": rng.random() < 0.2}     # a write and a flush right after it
+        if kind == "discard":
+            off = rng.randrange(size)
+            return {"k": "discard", "off": off, "len": rng.randint(1, size - off)}
+        if kind in ("delete", "revert"):
+            return {"k": kind, "name": rng.choice(sorted(self.snapshots))}
+        if kind == "snapshot":
+            return {"k": "snapshot", "name": f"s{self.tag}{self.n}"}
+        if kind == "resize":
+            cap = max(512, min(2 * size, self.max_size) if not self.far else self.max_size)
+            return {"k": "resize", "size": rng.randrange(1, cap // 512 + 1) * 512}
+        if kind == "backup":
+            full = self.chain_id is None or rng.random() < 0.25
+            return {"k": "backup", "dest": os.path.join(self.delta_dir, f"{self.tag}b{self.n}.h5"),
+                    "since": None if full else self.chain_id, "compression": rng.choice(["lzf", None])}
+        return {"k": kind}              # flush, checkpoint, compact, reset
+
+    def done(self, op: dict, result) -> None:
+        if op["k"] == "snapshot":
+            self.snapshots.add(op["name"])
+        elif op["k"] == "delete":
+            self.snapshots.discard(op["name"])
+        elif op["k"] == "backup":
+            self.chain_id = result
+        elif op["k"] == "reset":
+            self.chain_id = None        # the next backup is a full one
+
+
+def op_data(op: dict) -> bytes:
+    return pattern(op["seed"], op["len"], zero=op["zero"])
+
+
+def apply_op(d: vdisk.Disk, op: dict):
+    """Run one op on the disk; returns the change id it handed out, if any."""
+    k = op["k"]
+    if k == "write":
+        d.pwrite(op_data(op), op["off"])
+        if op.get("flush"):
+            d.flush()
+    elif k == "discard":
+        d.discard(op["off"], op["len"])
+    elif k == "flush":
+        d.flush()
+    elif k == "checkpoint":
+        return d.checkpoint()
+    elif k == "snapshot":
+        with d.snapshot(op["name"]) as snap:
+            return snap.change_id
+    elif k == "delete":
+        d.delete_snapshot(op["name"])
+    elif k == "revert":
+        d.revert(op["name"])
+    elif k == "resize":
+        d.resize(op["size"])
+    elif k == "compact":
+        d.compact()
+    elif k == "reset":
+        d.reset_tracking()
+    elif k == "backup":
+        return vdisk.backup(d, op["dest"], since=op["since"], compression=op["compression"]).change_id
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    return None
+
+
+# ---------------------------------------------------------------------------- the model
 class CrashModel:
     def __init__(self, size: int, block_size: int):
         self.bs = block_size
@@ -35,6 +183,11 @@ class CrashModel:
         self.snap_content: dict[str, np.ndarray] = {}     # every snapshot ever taken: frozen content
         self.committed: set[str] = set()                  # snapshots that must exist
         self.in_flight: str | None = None                 # the snapshot an op is creating/deleting
+        self.backup_inflight: np.ndarray | None = None    # content at the start of a running backup
+        self.chain: list[str] = []                        # deltas of the current backup chain
+        self.chain_id: str | None = None                  # the change id of its last delta
+        self.chain_content: np.ndarray | None = None      # the content at that point
+        self.reset_inflight = False                       # a reset_tracking is running: the epoch may change
 
     def will_become(self, new: np.ndarray) -> None:
         self.versions.append(new.copy())
@@ -56,15 +209,187 @@ class CrashModel:
             ok |= state == fit(v)
         return ok
 
+    # --- ops: begin registers the result before the op runs, end its completion
+    def begin(self, op: dict) -> None:
+        k = op["k"]
+        if k in ("write", "discard"):
+            new = self.cur.copy()
+            off, n = op["off"], op["len"]
+            new[off:off + n] = np.frombuffer(op_data(op), np.uint8) if k == "write" else 0
+            self.will_become(new)
+        elif k in ("snapshot", "delete"):
+            self.in_flight = op["name"]
+            if k == "snapshot":
+                self.snap_content[op["name"]] = self.cur.copy()
+        elif k == "revert":
+            self.will_become(self.snap_content[op["name"]].copy())
+        elif k == "resize":
+            size, new_size = len(self.cur), op["size"]
+            grown = np.zeros(new_size, np.uint8)
+            grown[:min(size, new_size)] = self.cur[:min(size, new_size)]
+            if new_size < size:          # the cut-off data becomes zeros first
+                cut = self.cur.copy()
+                cut[new_size:] = 0
+                self.will_become(cut)
+            self.will_become(grown)
+        elif k == "backup":
+            self.backup_inflight = self.cur.copy()
+        elif k == "reset":
+            self.reset_inflight = True
+
+    def end(self, op: dict, result) -> None:
+        k = op["k"]
+        if k == "discard" or (k == "write" and not op.get("flush")):
+            return
+        self.flushed_now()               # every other op flushes
+        if k == "checkpoint":
+            self.points.append((result, self.cur.copy()))
+        elif k == "snapshot":
+            self.committed.add(op["name"])
+            self.points.append((result, self.snap_content[op["name"]]))
+        elif k == "delete":
+            self.committed.discard(op["name"])
+        elif k == "backup":
+            self.points.append((result, self.backup_inflight))
+            self.chain = [op["dest"]] if op["since"] is None else self.chain + [op["dest"]]
+            self.chain_id, self.chain_content = result, self.backup_inflight
+            self.backup_inflight = None
+        elif k == "reset":
+            self.new_epoch()
+        self.in_flight = None
+
+    def new_epoch(self) -> None:
+        """Tracking was reset: every id handed out is stale, the chain ends."""
+        self.points = []
+        self.chain, self.chain_id, self.chain_content = [], None, None
+        self.reset_inflight = False
+
+    def recovered(self, state: np.ndarray, snapshots, epoch: str) -> None:
+        """After a crash state was checked and opened read-write: its content is
+        the durable content now; resolve what the interrupted op did (epoch:
+        the image's tracking id)."""
+        self.cur = state.copy()
+        self.flushed_now()
+        if any(cid.split("/")[0] != epoch for cid, _ in self.points) or (
+                self.chain_id and self.chain_id.split("/")[0] != epoch):
+            assert self.reset_inflight, "the tracking epoch changed with no reset_tracking running"
+            self.new_epoch()
+        self.reset_inflight = False
+        present = {info.name: info for info in snapshots}
+        for name, info in present.items():
+            if name not in self.committed:     # an interrupted create (or backup) that committed
+                if name.startswith(BACKUP_PREFIX):
+                    self.snap_content[name] = self.backup_inflight
+                self.committed.add(name)
+                self.points.append((info.change_id, self.snap_content[name]))
+        self.committed &= set(present)         # an interrupted delete that committed
+        self.in_flight = None
+        self.backup_inflight = None
+
+
+# ---------------------------------------------------------------------------- the checks
+def verify_disk(d: vdisk.Disk, model: CrashModel, where: str) -> np.ndarray:
+    """The crash contract on an open image; returns its content."""
+    bs = d.block_size
+    state = np.frombuffer(d.pread(d.size, 0), np.uint8)
+    ok = model.allowed(state)
+    if not ok.all():
+        bad = int(np.flatnonzero(~ok)[0])
+        flushed = model.flushed[bad] if bad < len(model.flushed) else "n/a"
+        raise AssertionError(f"{where}: byte {bad} (block {bad // bs}) holds {state[bad]}, neither flushed "
+                             f"({flushed}) nor written since")
+    names = {i.name for i in d.snapshots}
+    missing = model.committed - names - {model.in_flight}
+    assert not missing, f"{where}: committed snapshots {missing} vanished"
+    for name in names:
+        if name in model.committed or name == model.in_flight:
+            frozen = model.snap_content[name]
+        elif name.startswith(BACKUP_PREFIX) and model.backup_inflight is not None:
+            frozen = model.backup_inflight
+        else:
+            raise AssertionError(f"{where}: snapshot {name!r} exists, but it was deleted or never taken")
+        with d.open_snapshot(name) as snap:
+            got = np.frombuffer(snap.pread(snap.size, 0), np.uint8)
+        if not np.array_equal(got, frozen):
+            bad = int(np.flatnonzero(got != frozen)[0]) if len(got) == len(frozen) else -1
+            raise AssertionError(f"{where}: snapshot {name!r} differs at byte {bad} (size {len(got)}, "
+                                 f"taken at {len(frozen)})")
+    nb = -(-len(state) // bs)
+    for cid, then in model.points:
+        if cid.split("/")[0] != d.tracking_id:
+            assert model.reset_inflight, f"{where}: tracking epoch changed to {d.tracking_id}, id {cid} went stale"
+            continue                     # reset_tracking committed: every earlier id is stale
+        under = differing_mask(state, then, bs) & ~block_mask(d.changes_since(cid), bs, nb)
+        if under.any():
+            raise AssertionError(f"{where}: blocks {np.flatnonzero(under)[:8].tolist()} changed since {cid} "
+                                 f"but are not reported")
+    return state
+
+
+def check_chain_restores(model: CrashModel, workdir: str, extra: str | None = None,
+                         expect: np.ndarray | None = None) -> None:
+    """The chain of deltas (plus `extra`) restores to the content at its last point (or `expect`)."""
+    target = os.path.join(workdir, "restored.vdk")
+    try:
+        vdisk.restore(model.chain + ([extra] if extra else []), target)
+        with vdisk.open(target) as t:
+            got = np.frombuffer(t.pread(t.size, 0), np.uint8)
+        want = model.chain_content if expect is None else expect
+        if not np.array_equal(got, want):
+            bad = int(np.flatnonzero(got != want)[0]) if len(got) == len(want) else -1
+            raise AssertionError(f"the chain {[os.path.basename(p) for p in model.chain]} + {extra and os.path.basename(extra)} "
+                                 f"restores to other content (byte {bad}, size {len(got)} vs {len(want)})")
+    finally:
+        for p in (target, sidecar_path(target)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+
+def check_image(path: str, model: CrashModel, where: str, recovery: bool = True, restore: str | None = None):
+    """Check the crash contract on the image file at path (see the module docstring).
+
+    recovery: also open it read-write, close, and check again.  restore: a
+    path for an incremental backup (since the chain's last id) of the
+    recovered image, restored after the chain and compared; the delta is
+    kept there.  Returns (content, snapshots, tracking id, leaked blocks,
+    backup change id or None).
+    """
+    res = vdisk.check(path)
+    assert not res.corruptions, f"{where}: corruption {res.corruptions}"
+    with vdisk.open(path) as d:
+        state = verify_disk(d, model, f"{where} (read-only open)")
+        infos = d.snapshots
+        epoch = d.tracking_id
+    if recovery:
+        with vdisk.open(path, "r+"):
+            pass
+        with vdisk.open(path) as d:
+            again = verify_disk(d, model, f"{where} (after recovery)")
+            infos = d.snapshots
+        assert np.array_equal(again, state), f"{where}: opening read-write changed the content"
+        res2 = vdisk.check(path)
+        assert not res2.corruptions, f"{where}: corruption after recovery {res2.corruptions}"
+    cid = None
+    if restore and model.chain and model.chain_id.split("/")[0] == epoch:
+        cid = vdisk.backup(path, restore, since=model.chain_id, compression=None).change_id
+        check_chain_restores(model, os.path.dirname(restore), extra=restore, expect=state)
+    return state, infos, epoch, res.leaked_blocks, cid
+
 
 class CrashChecker:
-    def __init__(self, model: CrashModel, rng: random.Random, per_point: int, workdir: str):
+    """Samples crash states of a RecordingIO and checks each."""
+
+    def __init__(self, model: CrashModel, rng: random.Random, per_point: int, workdir: str,
+                 recovery_rate: float = 0.2, restore_rate: float = 0.0):
         self.model = model
         self.rng = rng
         self.per_point = per_point
         self.workdir = workdir
+        self.recovery_rate = recovery_rate
+        self.restore_rate = restore_rate
         self.states = 0
         self.leaky = 0
+        self.restores = 0
 
     def sample(self, rec: RecordingIO) -> None:
         n = len(rec.pending)
@@ -80,127 +405,59 @@ class CrashChecker:
         path = os.path.join(self.workdir, f"crash-{self.states}.vdk")
         with open(path, "wb") as f:
             f.write(image)
+        restore = None
+        if self.model.chain and self.rng.random() < self.restore_rate:
+            restore = os.path.join(self.workdir, f"crash-{self.states}.h5")
+            self.restores += 1
         try:
-            res = vdisk.check(path)
-            assert not res.corruptions, f"state {self.states}: corruption {res.corruptions}"
-            self.leaky += res.leaked_blocks > 0
-            with vdisk.open(path) as d:
-                self._verify_disk(d, "read-only open")
-            if self.rng.random() < 0.2:          # recovery path: open r+, close, reopen
-                with vdisk.open(path, "r+"):
-                    pass
-                with vdisk.open(path) as d:
-                    self._verify_disk(d, "after recovery")
-                assert not vdisk.check(path).corruptions
+            _, _, _, leaked, _ = check_image(path, self.model, f"state {self.states}",
+                                          recovery=self.rng.random() < self.recovery_rate, restore=restore)
+            self.leaky += leaked > 0
         finally:
-            os.unlink(path)
-
-    def _verify_disk(self, d, when: str) -> None:
-        state = np.frombuffer(d.pread(d.size, 0), np.uint8)
-        ok = self.model.allowed(state)
-        if not ok.all():
-            bad = int(np.flatnonzero(~ok)[0])
-            raise AssertionError(f"state {self.states} ({when}): byte {bad} (block {bad // d.block_size}) holds "
-                                 f"{state[bad]}, neither flushed ({self.model.flushed[bad] if bad < len(self.model.flushed) else 'n/a'}) "
-                                 f"nor written since")
-        names = {i.name for i in d.snapshots}
-        missing = self.model.committed - names - {self.model.in_flight}
-        assert not missing, f"state {self.states} ({when}): committed snapshots {missing} vanished"
-        for name in names:
-            assert name in self.model.snap_content, f"state {self.states}: unknown snapshot {name!r}"
-            with d.open_snapshot(name) as snap:
-                frozen = self.model.snap_content[name]
-                got_s = np.frombuffer(snap.pread(snap.size, 0), np.uint8)
-                if not np.array_equal(got_s, frozen):
-                    bad = int(np.flatnonzero(got_s != frozen)[0]) if len(got_s) == len(frozen) else -1
-                    raise AssertionError(f"state {self.states} ({when}): snapshot {name!r} differs at byte {bad}")
-        for cid, then in self.model.points:
-            got = extent_blocks(d.changes_since(cid), d.block_size)
-            bs = d.block_size
-            for b in range(-(-len(state) // bs)):
-                lo, hi = b * bs, min((b + 1) * bs, len(state))
-                differs = hi > len(then) or not np.array_equal(state[lo:hi], then[lo:hi])
-                if differs and b not in got:
-                    raise AssertionError(f"state {self.states} ({when}): block {b} changed since {cid} "
-                                         f"but is not reported")
+            for p in (path, restore):
+                if p:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(p)
 
 
 def run_campaign(seed: int, ops: int, per_point: int, block_size: int = 4096, size: int = 96 * 1024,
-                 fold_interval: int = 7, snapshots: bool = False) -> CrashChecker:
-    """One random workload with crash states sampled at every fsync and after every op."""
+                 fold_interval: int = 7, snapshots: bool = False, backups: bool = False, compact: bool = False,
+                 fill: bool = False, reset: bool = False, restore_rate: float = 0.0,
+                 max_size: int | None = None, script=None) -> CrashChecker:
+    """One random workload with crash states sampled at every fsync and after every op.
+
+    After each backup, the chain exported so far must restore to the
+    content at its point; restore_rate: the share of crash states on which
+    an incremental backup of the recovered image must restore after it.
+    fill: large writes and resizes up to max_size (default 4 x size), after
+    writing the whole disk and taking a snapshot (later writes copy on
+    write), so the block table and the refcount table are relocated (give a
+    size whose refcount table is nearly full: 1738 blocks at 4 KiB).
+    script: ops to run first (they count in `ops`).
+    """
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "w.vdk")
         d = vdisk.create(path, size, block_size=block_size, io_factory=RecordingIO)
         d.fold_interval = fold_interval
         model = CrashModel(size, block_size)
-        checker = CrashChecker(model, rng, per_point, tmp)
+        checker = CrashChecker(model, rng, per_point, tmp, restore_rate=restore_rate)
+        if script is None and fill:
+            script = [{"k": "write", "off": 0, "len": size, "seed": seed, "zero": False, "flush": False},
+                      {"k": "snapshot", "name": "whole"}]
+        work = Workload(rng, weights(snapshots, backups, compact, fill, reset), block_size, max_size or 4 * size,
+                        delta_dir=tmp, script=script or ())
         rec = d._io
         rec.on_fsync = checker.sample
         try:
-            for step in range(ops):
-                size = d.size
-                kind = rng.choices(["write", "zero", "discard", "flush", "checkpoint", "resize",
-                                    "snapshot", "delete", "revert"],
-                                   [45, 8, 12, 12, 10, 5] + ([6, 3, 3] if snapshots else [0, 0, 0]))[0]
-                new = model.cur.copy()
-                if kind in ("write", "zero"):
-                    off = rng.randrange(size)
-                    length = rng.randint(1, min(size - off, 3 * block_size))
-                    data = pattern(rng.randrange(2**31), length, zero=kind == "zero")
-                    new[off:off + length] = np.frombuffer(data, np.uint8)
-                    model.will_become(new)
-                    d.pwrite(data, off)
-                elif kind == "discard":
-                    off = rng.randrange(size)
-                    length = rng.randint(1, size - off)
-                    new[off:off + length] = 0
-                    model.will_become(new)
-                    d.discard(off, length)
-                elif kind == "flush":
-                    d.flush()
-                    model.flushed_now()
-                elif kind == "checkpoint":
-                    cid = d.checkpoint()
-                    model.flushed_now()
-                    model.points.append((cid, model.cur.copy()))
-                elif kind == "snapshot":
-                    name = f"s{step}"
-                    model.in_flight = name
-                    model.snap_content[name] = model.cur.copy()
-                    snap = d.snapshot(name)
-                    snap.close()
-                    model.flushed_now()
-                    model.committed.add(name)
-                    model.points.append((snap.change_id, model.cur.copy()))
-                    model.in_flight = None
-                elif kind == "delete":
-                    if not model.committed:
-                        continue
-                    name = rng.choice(sorted(model.committed))
-                    model.in_flight = name
-                    d.delete_snapshot(name)
-                    model.committed.discard(name)
-                    model.flushed_now()
-                    model.in_flight = None
-                elif kind == "revert":
-                    if not model.committed:
-                        continue
-                    name = rng.choice(sorted(model.committed))
-                    model.will_become(model.snap_content[name].copy())
-                    d.revert(name)
-                    model.flushed_now()
-                else:
-                    new_size = rng.randrange(1, 2 * size // 512 + 2) * 512
-                    grown = np.zeros(new_size, np.uint8)
-                    grown[:min(size, new_size)] = new[:min(size, new_size)]
-                    if new_size < size:          # the cut-off data becomes zeros first
-                        cut = new.copy()
-                        cut[new_size:] = 0
-                        model.will_become(cut)
-                    model.will_become(grown)
-                    d.resize(new_size)
-                    model.flushed_now()
+            for _ in range(ops):
+                op = work.next(d.size)
+                model.begin(op)
+                result = apply_op(d, op)
+                model.end(op, result)
+                work.done(op, result)
+                if op["k"] == "backup":
+                    check_chain_restores(model, tmp)
                 checker.sample(rec)
         finally:
             rec.on_fsync = None

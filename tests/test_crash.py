@@ -1,17 +1,11 @@
 """Crash consistency: simulated power loss (thousands of states) and real SIGKILLs."""
 import os
-import random
-import signal
-import subprocess
-import sys
-import time
 
-import numpy as np
 import pytest
 
 import vdisk
+import killsim
 from crashsim import run_campaign
-from helpers import extent_blocks, pattern
 
 CRASH_SEEDS = int(os.environ.get("VDISK_CRASH_SEEDS", "6"))
 
@@ -30,6 +24,38 @@ def test_power_loss_states_with_snapshots(seed):
     checker = run_campaign(1000 + seed, ops=60, per_point=4, block_size=4096 if seed % 2 else 8192,
                            snapshots=True)
     assert checker.states >= 300, checker.states
+
+
+@pytest.mark.parametrize("seed", range(max(1, CRASH_SEEDS // 2)))
+def test_power_loss_states_with_backups_compact_and_reset(seed):
+    """Backups (full and incremental), compact and reset_tracking in the
+    workload: the crash contract holds for the image, every backup's id stays
+    valid after a crash (until a reset), and the chain exported before a
+    crash still restores, followed by an incremental of the recovered image."""
+    checker = run_campaign(2000 + seed, ops=60, per_point=4, block_size=4096 if seed % 2 else 8192,
+                           snapshots=True, backups=True, compact=True, reset=True, restore_rate=0.05)
+    assert checker.states >= 300, checker.states
+
+
+def test_power_loss_across_table_and_refcount_relocation(monkeypatch):
+    """A disk whose refcount table is nearly full, written whole, snapshotted and
+    written whole again (every block copied on write: the refcount table is
+    relocated), then grown past the block table's capacity (the table and the
+    counters are relocated): every crash state of those ops keeps the contract."""
+    size = 1738 * 4096
+    script = [{"k": "write", "off": 0, "len": size, "seed": 1, "zero": False, "flush": False},
+              {"k": "snapshot", "name": "whole"},
+              {"k": "checkpoint"},
+              {"k": "write", "off": 0, "len": size, "seed": 2, "zero": False, "flush": False},
+              {"k": "resize", "size": 9 << 20},
+              {"k": "write", "off": 8 << 20, "len": 12288, "seed": 3, "zero": False, "flush": True}]
+    seen = []
+    for name in ("_grow_tables", "_grow_refcounts"):
+        real = getattr(vdisk.Disk, name)
+        monkeypatch.setattr(vdisk.Disk, name, lambda self, *a, _r=real, _n=name: seen.append(_n) or _r(self, *a))
+    checker = run_campaign(9, ops=len(script), per_point=3, size=size, snapshots=True, script=script)
+    assert sorted(set(seen)) == ["_grow_refcounts", "_grow_tables"], seen
+    assert checker.states >= 30, checker.states
 
 
 def test_power_loss_state_count_total():
@@ -66,87 +92,16 @@ def test_unflushed_new_block_lost_flushed_kept(img):
 
 
 # --------------------------------------------------------------------------- SIGKILL
-CHILD = r"""
-import sys, random, vdisk
-sys.path.insert(0, sys.argv[3])
-from helpers import pattern
-path, seed = sys.argv[1], int(sys.argv[2])
-rng = random.Random(seed)
-d = vdisk.open(path, "r+")
-d.fold_interval = 5
-size = d.size
-print("ready", flush=True)
-for i in range(100000):
-    kind = rng.random()
-    off = rng.randrange(size)
-    length = rng.randint(1, min(size - off, 20000))
-    if kind < 0.8:
-        d.pwrite(pattern(seed * 100000 + i, length), off)
-    elif kind < 0.9:
-        d.discard(off, length)
-    elif kind < 0.95:
-        d.flush()
-        print("flushed", i, flush=True)
-    else:
-        print("checkpoint", i, d.checkpoint(), flush=True)
-"""
+KILLS = int(os.environ.get("VDISK_KILLS", "10"))
+KILL_ROUNDS = 2        # writers killed one after the other on one image
 
 
-def replay(seed: int, size: int, upto: int):
-    """Contents after op `upto` (inclusive) and every op's result after it, as the child did."""
-    rng = random.Random(seed)
-    cur = np.zeros(size, np.uint8)
-    states = []
-    for i in range(upto):
-        kind = rng.random()
-        off = rng.randrange(size)
-        length = rng.randint(1, min(size - off, 20000))
-        if kind < 0.8:
-            cur[off:off + length] = np.frombuffer(pattern(seed * 100000 + i, length), np.uint8)
-        elif kind < 0.9:
-            cur[off:off + length] = 0
-        states.append(cur.copy())
-    return states
-
-
-@pytest.mark.parametrize("seed", range(int(os.environ.get("VDISK_KILLS", "8"))))
-def test_sigkill_writer(img, seed):
-    size = 512 * 1024
-    vdisk.create(img, size, block_size="4KiB").close()
-    here = os.path.dirname(__file__)
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, img, str(seed), here],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == "ready\n"     # started, whatever the machine's load
-    time.sleep(random.Random(seed).uniform(0.1, 0.8))
-    proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate()
-    lines = out.splitlines()
-    last_flush, points = -1, []
-    if not out.endswith("\n"):
-        lines = lines[:-1]                  # the kill cut the last line short
-    for line in lines:
-        parts = line.split()
-        if parts[0] in ("flushed", "checkpoint"):
-            last_flush = int(parts[1])
-        if parts[0] == "checkpoint":
-            points.append((int(parts[1]), parts[2]))
-    res = vdisk.check(img)
-    assert not res.corruptions, res
-    with vdisk.open(img) as d:
-        state = np.frombuffer(d.pread(size, 0), np.uint8)
-        # the child issued at most a few hundred ops past its last line
-        history = replay(seed, size, last_flush + 2000)
-        flushed = history[last_flush] if last_flush >= 0 else np.zeros(size, np.uint8)
-        ok = state == flushed
-        for v in history[last_flush + 1:]:
-            ok |= state == v
-        assert ok.all(), f"byte {int(np.flatnonzero(~ok)[0])} holds data never written there"
-        for i, cid in points:
-            got = extent_blocks(d.changes_since(cid), d.block_size)
-            then = history[i]
-            bs = d.block_size
-            differ = {b for b in range(size // bs) if not np.array_equal(state[b * bs:(b + 1) * bs], then[b * bs:(b + 1) * bs])}
-            assert differ <= got, f"under-report after kill for {cid}: {sorted(differ - got)[:5]}"
-    with vdisk.open(img, "r+") as d:   # recovery and a clean close
-        pass
-    assert not vdisk.check(img).corruptions
+@pytest.mark.parametrize("seed", range(max(1, -(-KILLS // KILL_ROUNDS))))
+def test_sigkill_writer(tmp_path, seed):
+    """A writer process killed at random moments, twice per image: the crash
+    contract holds after each kill (tests/killsim.py; the long run is
+    tools/campaign_kill.py)."""
+    stats = killsim.run(seed, KILL_ROUNDS, str(tmp_path), size=(256 if seed % 2 else 128) * 1024,
+                        block_size=4096 if seed % 3 else 8192)
+    assert stats.kills == KILL_ROUNDS
+    print(f"seed {seed}: {stats}")

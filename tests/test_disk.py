@@ -631,6 +631,100 @@ class TestResize:
 
 
 # ============================================================================ map / Extents
+class TestHotPath:
+    """Single-block reads and in-place writes run in _fast.HotPath; whatever
+    it does not handle goes to the Python methods.  Both must agree."""
+
+    def test_every_single_block_case_matches_the_model(self, img):
+        d = new(img, "256KiB", block_size=BS, coarse_region_size="64KiB")
+        model = bytearray(d.size)
+        rng = np.random.default_rng(7)
+        for step in range(600):
+            b = int(rng.integers(0, d.size // BS))
+            lo = int(rng.integers(0, BS))
+            n = int(rng.integers(1, BS - lo + 1))
+            off = b * BS + lo
+            if step % 97 == 0:
+                d.snapshot(f"s{step}").close()    # shared blocks: copy-on-write goes to Python
+            if step % 41 == 0:
+                d.flush()                           # disarms idle regions: the next write re-arms
+            if rng.random() < 0.5:
+                data = bytes(n) if rng.random() < 0.1 else pattern(step, n)
+                assert d.pwrite(data, np.int64(off)) == n
+                model[off:off + n] = data
+            else:
+                assert d.pread(n, np.uint32(off)) == bytes(model[off:off + n])
+        assert d.pwrite(bytes(BS), 0) == BS          # a whole block of zeros still unmaps
+        model[0:BS] = bytes(BS)
+        assert all(o >= BS for o, _ in d.map())    # (even when a snapshot shares it)
+        assert read_all(d) == bytes(model)
+        d.close()
+        assert vdisk.check(img).ok
+
+    def test_wrong_argument_types_go_to_the_python_checks(self, img):
+        d = new(img)
+        d.pwrite(b"x" * 10, 0)
+        with pytest.raises(vdisk.InvalidArgumentError):
+            d.pwrite("text", 0)
+        with pytest.raises(vdisk.OutOfRangeError):
+            d.pread(10, 2 ** 70)
+        with pytest.raises(vdisk.OutOfRangeError):
+            d.pwrite(b"x", 2 ** 70)
+        with pytest.raises(vdisk.OutOfRangeError):
+            d.pread(-1, 0)
+        strided = np.arange(64, dtype=np.uint8)[::2]
+        assert d.pwrite(strided, 100) == 32
+        assert d.pread(32, 100) == strided.tobytes()
+        assert d.pread(0, 5) == b""
+        d.close()
+        with pytest.raises(vdisk.ClosedError):
+            d.pread(1, 0)
+        with pytest.raises(vdisk.ClosedError):
+            d.pwrite(b"x", 0)
+
+    def test_system_call_errors_raise_vdisk_io_errors(self, img, tmp_path):
+        """An error in the hot path's own pread/pwrite surfaces as the Python
+        path's VdiskIOError, never as a silent short read or write."""
+        d = new(img)
+        d.pwrite(b"a" * BS, 0)
+        d.flush()
+        d.pwrite(b"b", 1)          # armed region: the next write is on the hot path
+        other = tmp_path / "other"
+        other.write_bytes(b"")
+        saved = os.dup(d._io.fd)
+        ro = os.open(other, os.O_RDONLY)
+        wo = os.open(other, os.O_WRONLY)
+        try:
+            os.dup2(ro, d._io.fd)      # writes now fail with EBADF
+            with pytest.raises(vdisk.VdiskIOError):
+                d.pwrite(b"c", 2)
+            os.dup2(wo, d._io.fd)      # reads now fail with EBADF
+            with pytest.raises(vdisk.VdiskIOError):
+                d.pread(1, 0)
+        finally:
+            os.dup2(saved, d._io.fd)
+            for fd in (saved, ro, wo):
+                os.close(fd)
+        assert d.pread(2, 0) == b"ab"
+        d.close()
+
+    def test_automatic_fold_counts_hot_writes(self, img):
+        d = new(img)
+        d.pwrite(b"a" * BS, 0)
+        c = d.checkpoint()
+        d.pwrite(b"b", 0)          # arms the region (Python path)
+        d.fold_interval = 4        # 1 write since the checkpoint's fold
+        for i in range(2):
+            d.pwrite(b"c", i + 1)  # hot path: 2 and 3
+        assert d._tracker.dirty[0] == 1
+        d.pwrite(b"d", 9)          # the 4th write since the fold folds
+        assert d._tracker.dirty[0] == 0 and d._tracker.counters[0] == d.generation
+        assert 0 in {o // BS for o in d.changes_since(c).offsets}
+        with pytest.raises(vdisk.InvalidArgumentError):
+            d.fold_interval = 0
+        d.close()
+
+
 class TestMap:
     def test_map_sorted_and_merged(self, img):
         with new(img) as d:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import vdisk
-from helpers import blocks_of, differing_blocks, extent_blocks, pattern
+from helpers import assert_hot_bound, blocks_of, differing_blocks, extent_blocks, pattern
 
 BLOCK_SIZES = [4096, 8192, 65536]
 
@@ -106,6 +106,11 @@ class DiskMachine(RuleBasedStateMachine):
             may = {b for b in touched if b < nb} | {b for b in must}
             assert must <= got, f"under-report for {cid}: missing blocks {sorted(must - got)[:10]}"
             assert got <= may, f"over-report without a crash for {cid}: {sorted(got - may)[:10]}"
+
+    @precondition(lambda self: self.disk is not None)
+    @invariant()
+    def hot_path_bound(self):
+        assert_hot_bound(self.disk)
 
     @precondition(lambda self: self.disk is not None)
     @invariant()

@@ -323,6 +323,29 @@ def test_snapshots_survive_reopen_and_check(img):
             d.snapshot("x")
 
 
+def test_snapshots_survive_reset_tracking(img):
+    """A snapshot keeps the generation of its own tracking epoch: after
+    reset_tracking (generation 1 again) the image still opens and checks."""
+    with vdisk.create(img, "1MiB", block_size="4KiB") as d:
+        d.pwrite(b"q" * 5000, 0)
+        d.checkpoint()
+        old = d.snapshot("old").change_id
+        d.reset_tracking()
+        d.pwrite(b"r" * 5000, 0)
+        new = d.snapshot("new").change_id
+    assert vdisk.check(img).ok
+    with vdisk.open(img, "r+") as d:
+        assert d.open_snapshot("old").pread(5000, 0) == b"q" * 5000
+        assert d.open_snapshot("new").pread(5000, 0) == b"r" * 5000
+        assert extent_blocks(d.open_snapshot("old").changes_since("*"), BS) == {0, 1}
+        with pytest.raises(vdisk.StaleChangeIdError):
+            d.changes_since(old)
+        assert not d.changes_since(new)          # nothing written since the new snapshot
+        d.revert("old")
+        assert d.pread(5000, 0) == b"q" * 5000
+    assert vdisk.check(img).ok
+
+
 def test_cli_snapshot_commands(img):
     from click.testing import CliRunner
     from vdisk.cli import main

@@ -413,3 +413,234 @@ def first_difference(const uint8_t[::1] a, const uint8_t[::1] b) -> int:
                 break
             lo += step
     return result
+
+
+# ---------------------------------------------------------------------------
+# The Disk's single-block hot path
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.string cimport memset
+from libc.errno cimport errno, EINTR
+from posix.unistd cimport pread as c_pread, pwrite as c_pwrite
+
+cdef enum:
+    SUMMARY_SHIFT_C = 5     # vdisk.layout.SUMMARY_SHIFT (bind() checks it)
+
+
+cdef bint all_zero(const uint8_t *p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(16 if n >= 16 else n):
+        if p[i]:
+            return False
+    return n <= 16 or memcmp(p, p + 16, n - 16) == 0
+
+
+cdef int read_full(int fd, char *buf, Py_ssize_t n, int64_t off) noexcept nogil:
+    """pread all n bytes (zeros past EOF); 0 or an errno."""
+    cdef Py_ssize_t done = 0, got
+    while done < n:
+        got = c_pread(fd, buf + done, n - done, off + done)
+        if got < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        if got == 0:
+            memset(buf + done, 0, n - done)
+            return 0
+        done += got
+    return 0
+
+
+cdef int write_full(int fd, const char *buf, Py_ssize_t n, int64_t off) noexcept nogil:
+    """pwrite all n bytes; 0 or an errno."""
+    cdef Py_ssize_t done = 0, put
+    while done < n:
+        put = c_pwrite(fd, buf + done, n - done, off + done)
+        if put < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        done += put
+    return 0
+
+
+cdef class HotPath:
+    """A Disk's single-block ``pread`` and in-place ``pwrite``, with no Python
+    frame between the caller and the system call.
+
+    The Disk installs ``pread``/``pwrite`` of this object as its own
+    (instance attributes) and binds it to its current arrays with
+    :meth:`bind` after any of them is replaced (open, resize, revert,
+    table relocation, refcount growth, tracking reset) and at close.
+    Everything this path does not handle it hands, unchanged, to the
+    Disk's Python methods ``_pread_slow`` / ``_pwrite_slow``:
+
+    * reads that span blocks, are empty or out of range;
+    * writes that span blocks or allocate (unallocated or shared block),
+      writes of a whole block of zeros (they unmap), writes into a coarse
+      region whose bit is not yet durable (the write-ahead rule needs a
+      sync first), and writes when the I/O layer is poisoned;
+    * any system call error (the Python path repeats the call and raises
+      the VdiskError).
+
+    What it does do is exactly what the Python hot path did: under the
+    Disk's lock, look the block up, mark the block dirty in the tracker
+    (fine bit and summary group) before issuing the data write, and count
+    writes towards the automatic fold.
+    """
+    cdef uint32_t[::1] table
+    cdef uint16_t[::1] refs
+    cdef uint8_t[::1] dirty
+    cdef uint8_t[::1] groups
+    cdef uint8_t[::1] coarse
+    cdef Py_ssize_t nentries, nrefs, ndirty, ngroups, ncoarse
+    cdef int fd, shift, rel
+    cdef int64_t vsize
+    cdef bint can_read, can_write, tracking, direct
+    cdef object acquire, release, disk_ref, io, io_pwrite
+    cdef public Py_ssize_t writes
+    cdef public Py_ssize_t fold_interval
+
+    def __init__(self, disk, lock, Py_ssize_t fold_interval):
+        import weakref
+        self.disk_ref = weakref.ref(disk)     # no cycle: a dropped Disk still closes at once
+        self.acquire = lock.acquire
+        self.release = lock.release
+        self.fold_interval = fold_interval
+        self.writes = 0
+        self.can_read = self.can_write = False
+
+    def bind(self, io, bint direct, int fd, table, refs, int shift, int64_t vsize, bint readable,
+             bint writable, dirty=None, groups=None, coarse=None, int rel=0, int summary_shift=5):
+        """Point the hot path at the Disk's current state (call under its lock).
+        direct: write with pwrite(2) on fd rather than through io.pwrite."""
+        if summary_shift != SUMMARY_SHIFT_C:
+            raise ValueError(f"summary shift {summary_shift} != {SUMMARY_SHIFT_C}")
+        self.io = io
+        self.io_pwrite = io.pwrite
+        self.direct = direct
+        self.fd = fd
+        self.table = table
+        self.refs = refs
+        self.nentries = self.table.shape[0]
+        self.nrefs = self.refs.shape[0]
+        self.shift = shift
+        self.vsize = vsize
+        self.tracking = dirty is not None
+        if self.tracking:
+            self.dirty = dirty
+            self.groups = groups
+            self.coarse = coarse
+            self.ndirty = self.dirty.shape[0]
+            self.ngroups = self.groups.shape[0]
+            self.ncoarse = self.coarse.shape[0]
+            self.rel = rel
+        self.can_read = readable
+        self.can_write = writable
+
+    def shut(self):
+        """Hand every call to the Python path (closed, or no longer trusted)."""
+        self.can_read = self.can_write = False
+        self.table = None
+        self.refs = None
+        self.dirty = self.groups = self.coarse = None
+        self.io = self.io_pwrite = None
+
+    def describe(self):
+        """What the path is bound to, for tests: (table, refs, vsize, dirty, groups, coarse, rel, can_read, can_write)."""
+        return (self.table.base if self.table is not None else None,
+                self.refs.base if self.refs is not None else None, self.vsize,
+                self.dirty.base if self.tracking and self.dirty is not None else None,
+                self.groups.base if self.tracking and self.groups is not None else None,
+                self.coarse.base if self.tracking and self.coarse is not None else None,
+                self.rel if self.tracking else None, self.can_read, self.can_write)
+
+    def pread(self, length, offset):
+        """pread(length, offset) -> bytes: length bytes at offset; never-written areas read as zeros."""
+        cdef int64_t n, off, b, p
+        cdef object out
+        cdef int err = 0
+        cdef char *buf
+        try:
+            n = length
+            off = offset
+        except (TypeError, OverflowError):
+            return self.disk_ref()._pread_slow(length, offset)
+        if not self.can_read or n <= 0 or off < 0 or off > self.vsize - n:
+            return self.disk_ref()._pread_slow(length, offset)
+        b = off >> self.shift
+        if b != (off + n - 1) >> self.shift or b >= self.nentries:
+            return self.disk_ref()._pread_slow(length, offset)
+        self.acquire()
+        try:
+            if not self.can_read or off > self.vsize - n:
+                return self.disk_ref()._pread_slow(length, offset)
+            p = self.table[b]
+            out = PyBytes_FromStringAndSize(NULL, n)
+            buf = PyBytes_AS_STRING(out)
+            if p:
+                with nogil:
+                    err = read_full(self.fd, buf, n, (p << self.shift) | (off & ((1 << self.shift) - 1)))
+                if err:
+                    return self.disk_ref()._pread_slow(length, offset)   # raises the VdiskIOError
+            else:
+                memset(buf, 0, n)
+            return out
+        finally:
+            self.release()
+
+    def pwrite(self, data, offset):
+        """pwrite(data, offset) -> int: write data (any bytes-like) at offset; returns len(data)."""
+        cdef Py_buffer view
+        cdef int64_t n, off, b, p, r, within
+        cdef int err = 0
+        cdef bint fast = False
+        try:
+            off = offset
+        except (TypeError, OverflowError):
+            return self.disk_ref()._pwrite_slow(data, offset)
+        if not self.can_write:
+            return self.disk_ref()._pwrite_slow(data, offset)
+        try:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        except (TypeError, BufferError, ValueError):
+            return self.disk_ref()._pwrite_slow(data, offset)   # not contiguous bytes: it says why
+        try:
+            n = view.len
+            if n <= 0 or off < 0 or off > self.vsize - n:
+                return self.disk_ref()._pwrite_slow(data, offset)
+            b = off >> self.shift
+            within = off & ((1 << self.shift) - 1)
+            if b != (off + n - 1) >> self.shift or b >= self.nentries:
+                return self.disk_ref()._pwrite_slow(data, offset)
+            self.acquire()
+            try:
+                if not self.can_write or self.io.poisoned is not None or off > self.vsize - n:
+                    return self.disk_ref()._pwrite_slow(data, offset)   # (past a shrink since the check: raises)
+                p = self.table[b]
+                if p == 0 or p >= self.nrefs or self.refs[p] != 1:
+                    return self.disk_ref()._pwrite_slow(data, offset)
+                if n == (1 << self.shift) and all_zero(<const uint8_t *> view.buf, n):
+                    return self.disk_ref()._pwrite_slow(data, offset)   # unmaps the block
+                if self.tracking:
+                    r = b >> self.rel
+                    if (b >= self.ndirty or (b >> SUMMARY_SHIFT_C) >= self.ngroups or r >= self.ncoarse
+                            or not self.coarse[r]):
+                        return self.disk_ref()._pwrite_slow(data, offset)  # write-ahead arming
+                    self.dirty[b] = 1                 # marked before the data write is issued
+                    self.groups[b >> SUMMARY_SHIFT_C] = 1
+                if self.direct:
+                    with nogil:
+                        err = write_full(self.fd, <const char *> view.buf, n, (p << self.shift) | within)
+                    if err:
+                        return self.disk_ref()._pwrite_slow(data, offset)   # repeats it; raises
+                else:
+                    self.io_pwrite(memoryview(data).cast("B"), (p << self.shift) | within)
+                self.writes += 1
+                if self.writes >= self.fold_interval:
+                    self.disk_ref()._fold_due()
+                return n
+            finally:
+                self.release()
+        finally:
+            PyBuffer_Release(&view)

@@ -6,15 +6,17 @@ The contract
   ``source`` changed after the change id ``since`` (every allocated block
   when ``since`` is None or ``"*"``: a full backup), as of one point in
   time.  From a Disk or a path that point is a temporary internal snapshot,
-  taken at the start and deleted at the end (also when the copy fails), so
-  the disk stays writable during the copy.  The result's ``change_id``
+  taken at the start and deleted once the delta is complete and synced,
+  before it is linked into place (also when the copy fails), so the disk
+  stays writable during the copy.  The result's ``change_id``
   names the point: the consumer keeps it and passes it as ``since`` next
   time.  A stale ``since`` raises StaleChangeIdError before any file is
   written.
 * A delta appears under ``dest`` only complete and durable: it is written
   under a temporary name in dest's directory, fsynced, linked into place
   (never replacing a file) and the directory fsynced.  An interrupted
-  backup leaves no file under ``dest``.
+  backup, or one that raises (deleting the temporary snapshot failed
+  too), leaves no file under ``dest``.
 * ``restore(chain, target)`` of a full backup and its incrementals, in
   order, gives an image byte-identical to the source at the last delta's
   point.  Before the target is touched, the chain is validated: every
@@ -179,23 +181,27 @@ def backup(source, dest, *, since=None, compression="gzip", progress=None) -> Ba
             parse_change_id(since, _uuid.UUID(disk.tracking_id).bytes, disk.generation)
         name = f"vdisk-backup-{_uuid.uuid4().hex}"
         snap = disk.snapshot(name)
+        dropped = []
+
+        def drop_snapshot():     # the delta is complete and synced, not yet in place: a failure here leaves none
+            dropped.append(name)
+            disk.delete_snapshot(name)
         try:
-            result = _backup_snapshot(snap, dest, since, comp, progress)
+            return _backup_snapshot(snap, dest, since, comp, progress, before_place=drop_snapshot)
         except BaseException as exc:
-            try:
-                disk.delete_snapshot(name)
-            except Exception as cleanup:     # the copy's error is the one to see; say what was left
-                if hasattr(exc, "add_note"):
-                    exc.add_note(f"also, deleting the temporary snapshot {name!r} failed: {cleanup}")
+            if not dropped:
+                try:
+                    disk.delete_snapshot(name)
+                except Exception as cleanup:     # the copy's error is the one to see; say what was left
+                    if hasattr(exc, "add_note"):
+                        exc.add_note(f"also, deleting the temporary snapshot {name!r} failed: {cleanup}")
             raise
-        disk.delete_snapshot(name)
-        return result
     finally:
         if owned:
             disk.close()
 
 
-def _backup_snapshot(snap, dest: str, since: str, compression, progress) -> BackupResult:
+def _backup_snapshot(snap, dest: str, since: str, compression, progress, before_place=None) -> BackupResult:
     from . import __version__
     if not snap._disk.track_changes:             # frozen counters of an untracked image say nothing
         raise UnsupportedFeatureError(f"{snap._disk.path}: change tracking is off for this image: a backup "
@@ -244,7 +250,7 @@ def _backup_snapshot(snap, dest: str, since: str, compression, progress) -> Back
             row += fill
         if progress and reported != done:
             progress(done, data_bytes)
-        file_bytes = writer.commit()
+        file_bytes = writer.commit(before_place)
     except BaseException:
         writer.abort()
         raise
@@ -513,7 +519,7 @@ def _read_sidecar(target: str) -> dict | None:
             data = json.load(f)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:      # RecursionError: JSON nested too deep
         raise CorruptImageError(f"{path}: unreadable chain sidecar: {exc}") from None
     required = {"format": str, "version": int, "state": str, "target_format": str, "image_uuid": str,
                 "tracking_id": str, "change_id": str, "virtual_size": int, "block_size": int, "target": dict}
@@ -525,7 +531,9 @@ def _read_sidecar(target: str) -> dict | None:
     if data["version"] != CHAIN_VERSION:
         raise UnsupportedFeatureError(f"{path}: chain sidecar version {data['version']}")
     cid = data["change_id"].rsplit("/", 1)
-    if len(cid) != 2 or cid[0] != data["tracking_id"] or not UUID_RE.match(cid[0]) or not cid[1].isdigit():
+    # the generation as change ids write it: 1 to 10 ASCII digits (str.isdigit alone takes "²", which int() refuses)
+    if len(cid) != 2 or cid[0] != data["tracking_id"] or not UUID_RE.match(cid[0]) or \
+            not (cid[1].isascii() and cid[1].isdigit() and len(cid[1]) <= 10):
         raise CorruptImageError(f"{path}: change_id {data['change_id']!r} is not an id of tracking epoch "
                                 f"{data['tracking_id']!r}")
     return data

@@ -99,7 +99,9 @@ def _check(fio, repair: bool) -> CheckResult:
     nb = hdr.nblocks
     end_block = -(-file_size // bs)
     report = _Report()
-    table = _load_array(fio, hdr.table_offset, hdr.table_capacity, np.uint32, file_size, keep=nb)
+    t_ranges: list = []
+    table = _load_array(fio, hdr.table_offset, hdr.table_capacity, np.uint32, file_size, keep=nb, ranges=t_ranges)
+    t_runs = _clip(t_ranges, nb)        # entries outside these are zero: never scanned, never paged in
     refcounts = _load_array(fio, hdr.refcount_offset, hdr.refcount_capacity, np.uint16, file_size,
                             keep=end_block)
     table_dirty = False
@@ -116,7 +118,7 @@ def _check(fio, repair: bool) -> CheckResult:
     meta_end = L.round_up(L.HEADER_AREA, bs) // bs
     hi = min(file_size // bs, hdr.refcount_capacity)
     live = table[:nb]
-    bad = np.flatnonzero((live != 0) & ((live < meta_end) | (live >= hi)))
+    bad = _out_of_area(live, t_runs, meta_end, hi)
     report.add_each(bad, lambda i: f"block {i}: points to physical block {int(live[i])} outside the data area "
                                    f"[{meta_end}, {hi})")
     cleared = list(bad.tolist())
@@ -125,22 +127,24 @@ def _check(fio, repair: bool) -> CheckResult:
     frozen_tables = []
     for rec in snapshots:
         n_s = L.blocks_for(rec.virtual_size, hdr.block_shift)
-        frozen = _load_array(fio, rec.table_offset, max(n_s, 1), np.uint32, file_size)
-        bad_s = np.flatnonzero((frozen[:n_s] != 0) & ((frozen[:n_s] < meta_end) | (frozen[:n_s] >= hi)))
+        f_ranges: list = []
+        frozen = _load_array(fio, rec.table_offset, max(n_s, 1), np.uint32, file_size, ranges=f_ranges)
+        f_runs = _clip(f_ranges, n_s)
+        bad_s = _out_of_area(frozen, f_runs, meta_end, hi)
         report.add_each(bad_s, lambda i: f"snapshot {rec.name!r} block {i}: points to physical block "
                                          f"{int(frozen[i])} outside the data area [{meta_end}, {hi})")
         if len(bad_s) and repair:
             frozen[bad_s] = 0
             _write_all(fio, frozen, rec.table_offset)
         frozen[bad_s] = 0
-        frozen_tables.append((frozen, n_s))
+        frozen_tables.append((frozen, n_s, f_runs))
 
     # reference counts.  Dense arrays cover the blocks the tables reference
     # (data); metadata regions are checked range by range and the rest of the
     # refcount table in chunks, so a huge sparse file costs no memory.
-    valid = live.copy()
+    valid = live                # the table's own copy in memory: bad pointers dropped in place
     valid[bad] = 0
-    size = max([int(valid.max(initial=0)) + 1] + [int(f[:n].max(initial=0)) + 1 for f, n in frozen_tables])
+    size = max([_max_of(valid, t_runs) + 1] + [_max_of(f, r) + 1 for f, _n, r in frozen_tables])
     regions = list(hdr.regions())
     for rec in snapshots:
         regions += rec.regions(bs)
@@ -150,18 +154,18 @@ def _check(fio, repair: bool) -> CheckResult:
     for lo_b, hi_b in meta_ranges:
         meta[lo_b:hi_b] = True
     live_refs = np.zeros(size, dtype=np.uint32)
-    _fast.count_refs(valid, nb, live_refs)
+    _count_refs(valid, t_runs, live_refs)
     dup = np.flatnonzero(live_refs > 1)
     report.add_each(dup, lambda p: f"physical block {p} is mapped by {int(live_refs[p])} virtual blocks")
     snap_refs = np.zeros(size, dtype=np.uint32)
-    for frozen, n_s in frozen_tables:
-        _fast.count_refs(frozen, n_s, snap_refs)
+    for frozen, _n, f_runs in frozen_tables:
+        _count_refs(frozen, f_runs, snap_refs)
     into_meta = np.flatnonzero(meta & ((live_refs + snap_refs) > 0))
     report.add_each(into_meta, lambda p: f"physical block {p} belongs to a metadata region but is mapped as data")
     if repair and (len(dup) or len(into_meta)):
         # keep the first mapping of a shared block, drop the others and any into metadata
         seen = set()
-        for i in np.flatnonzero(valid).tolist():
+        for i in _concat([np.flatnonzero(valid[a:b]) + a for a, b in t_runs]).tolist():
             p = int(valid[i])
             if meta[p] or p in seen:
                 cleared.append(i)
@@ -169,7 +173,7 @@ def _check(fio, repair: bool) -> CheckResult:
             else:
                 seen.add(p)
         live_refs[:] = 0
-        _fast.count_refs(valid, nb, live_refs)
+        _count_refs(valid, t_runs, live_refs)
     refs = live_refs + snap_refs + meta          # expected references of blocks [0, size)
 
     stored = refcounts[:size].astype(np.uint32)
@@ -195,8 +199,11 @@ def _check(fio, repair: bool) -> CheckResult:
 
     # tracking counters
     if hdr.tracking:
-        counters = _load_array(fio, hdr.counter_offset, hdr.table_capacity, np.uint32, file_size, keep=nb)
-        future = np.flatnonzero(counters[:nb] > hdr.generation)
+        c_ranges: list = []
+        counters = _load_array(fio, hdr.counter_offset, hdr.table_capacity, np.uint32, file_size, keep=nb,
+                               ranges=c_ranges)
+        future = _concat([np.flatnonzero(counters[lo:hi_c] > hdr.generation) + lo
+                          for lo, hi_c in _clip(c_ranges, nb)])
         report.add_each(future, lambda i: f"block {i}: change counter {int(counters[i])} is newer than "
                                           f"generation {hdr.generation}")
         if repair:
@@ -222,7 +229,36 @@ def _check(fio, repair: bool) -> CheckResult:
     corruptions = report.finish()
     return CheckResult(
         ok=not corruptions and leaked == 0, corruptions=corruptions, leaked_blocks=leaked,
-        allocated_blocks=int(np.count_nonzero(valid)), total_blocks=nb, image_end_offset=file_size)
+        allocated_blocks=sum(int(np.count_nonzero(valid[lo:hi_v])) for lo, hi_v in t_runs), total_blocks=nb,
+        image_end_offset=file_size)
+
+
+def _clip(ranges, n: int) -> list[tuple[int, int]]:
+    """The loaded entry ranges of an array, cut at n entries."""
+    return [(lo, min(hi, n)) for lo, hi in ranges if lo < n]
+
+
+def _concat(parts) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+
+
+def _out_of_area(table: np.ndarray, runs, lo: int, hi: int) -> np.ndarray:
+    """Indices of the nonzero entries outside [lo, hi), scanning only runs."""
+    out = []
+    for start, stop in runs:
+        part = table[start:stop]
+        out.append(np.flatnonzero((part != 0) & ((part < lo) | (part >= hi))) + start)
+    return _concat(out)
+
+
+def _count_refs(table: np.ndarray, runs, refs: np.ndarray) -> None:
+    """Add each nonzero entry of table's runs to refs[entry]."""
+    for a, b in runs:
+        _fast.count_refs(table[a:b], b - a, refs)
+
+
+def _max_of(table: np.ndarray, runs) -> int:
+    return max([int(table[a:b].max(initial=0)) for a, b in runs], default=0)
 
 
 def _write_all(fio, arr: np.ndarray, base: int) -> None:

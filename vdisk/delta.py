@@ -628,8 +628,10 @@ class DeltaWriter:
                 self._data[row:row + n] = buf
                 self._crc[row:row + n] = crcs
 
-    def commit(self) -> int:
-        """Close, fsync, link into place (never over an existing file), fsync the directory."""
+    def commit(self, before_place=None) -> int:
+        """Close, fsync, link into place (never over an existing file), fsync the directory.
+        before_place(): called once the file is complete and synced, before it is linked into
+        place; if it raises, nothing appears under dest (abort() removes the file)."""
         with _writing(self.tmp):
             if self._f is not None:
                 self._f.close()
@@ -649,6 +651,8 @@ class DeltaWriter:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
+        if before_place is not None:
+            before_place()
         place(self.tmp, self.dest, "a delta is never overwritten")
         fsync_dir(self.directory)
         return os.path.getsize(self.dest)

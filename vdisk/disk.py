@@ -24,12 +24,35 @@ Geometry changes (resize, table relocation) and generation changes commit
 through the header, written to the slot the current header does not occupy
 and fsynced: a torn header write leaves the other slot valid.
 
+I/O errors
+----------
+A failed host call (EIO, ENOSPC, ...) raises VdiskIOError with its errno,
+from the call that issued it.  Then one of two things holds:
+
+* the Disk keeps working: only when a data write of ``pwrite`` or
+  ``discard`` failed (the block's data, or the coarse bit written ahead of
+  it).  Nothing durable changed; blocks the request remapped are given
+  back, so its range reads, byte by byte, its old or its new content.
+* otherwise the Disk is *poisoned*: a metadata write, a truncate or an
+  fsync failed (in flush, the fold a write triggers, checkpoint, resize,
+  snapshot, delete_snapshot, revert, compact, reset_tracking or close),
+  and memory and file may disagree.  It releases the file and its lock at
+  once, writing nothing more; every later call, reads and flush included,
+  raises VdiskIOError saying to reopen the image; close() returns quietly.
+  Reads stop too: after a failed fsync the page cache may no longer hold
+  what the block table points to.  A failed fsync is never retried, so no
+  later flush can report a false success (the fsyncgate lesson).
+
+Reopened, the image satisfies the crash contract above (tests/test_faults.py
+fails every call site of a workload in turn and checks it).
+
 Threads: every public method takes the Disk's lock; data I/O runs in
 os.pread/os.pwrite, which release the GIL.  Processes: a writer holds an
 exclusive flock on the file, readers a shared one.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import threading
@@ -42,7 +65,7 @@ import numpy as np
 from . import _fast
 from . import layout as L
 from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError,
-                     ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError)
+                     ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError, VdiskIOError)
 from .arrays import lazy_zeros, load_array as _load_array
 from .extents import Extents
 from .fileio import FileIO, _io_error, fsync_dir, place, refuse_if_in_use
@@ -111,6 +134,40 @@ def _read_header(fio) -> tuple[L.Header, int]:
     return max(valid, key=lambda hv: hv[0].sequence)
 
 
+def _rebinds(method):
+    """For Disk methods that may replace the table, refcount or tracker
+    arrays, or the size: the Cython hot path is rebound before the lock is
+    released, even when the method fails half-way."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._rebind_hot()
+    return wrapper
+
+
+def _poisons(method):
+    """For Disk methods that write metadata or sync: an I/O error inside
+    poisons the Disk (see "I/O errors" in the module docstring)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except VdiskIOError as exc:
+            self._poison(exc)
+            raise
+    return wrapper
+
+
+def _poison_hook(ref, err) -> None:
+    """FileIO's on_poison for a Disk held by weak reference (a failed fsync)."""
+    disk = ref()
+    if disk is not None:
+        disk._poison(err)
+
+
 class Disk(io.RawIOBase):
     """An open vdisk image.  Use :func:`vdisk.create` or :func:`vdisk.open`."""
 
@@ -124,11 +181,46 @@ class Disk(io.RawIOBase):
         self._pos = 0
         self._shut = False
         self._closing = False
+        self._poisoned: VdiskIOError | None = None   # the I/O error that stopped this Disk
+        fio.on_poison = functools.partial(_poison_hook, weakref.ref(self))
         self._shift = header.block_shift           # fixed for the image's life
         self._block_mask = header.block_size - 1
-        self.fold_interval = DEFAULT_FOLD_INTERVAL
-        self._writes_since_fold = 0
+        self._hot = _fast.HotPath(self, self._lock, DEFAULT_FOLD_INTERVAL)
         self._load()
+        self._rebind_hot()
+        # the single-block pread/pwrite run in Cython; the rest comes back to the methods below
+        self.pread = self._hot.pread
+        self.pwrite = self._hot.pwrite
+
+    def _rebind_hot(self) -> None:
+        """Point the Cython hot path at the current arrays and size.  Every
+        method that replaces one of them is decorated with @_rebinds."""
+        t = self._tracker
+        track = {} if t is None else dict(dirty=t.dirty, groups=t.dirty_groups, coarse=t._coarse, rel=t.rel_shift)
+        if self._shut:
+            self._hot.shut()
+            return
+        self._hot.bind(self._io, type(self._io) is FileIO, self._io.fd, self._table, self._refcounts, self._shift,
+                       self._hdr.virtual_size, True, self._writable, summary_shift=SUMMARY_SHIFT, **track)
+
+    @property
+    def fold_interval(self) -> int:
+        """Writes between automatic folds of the tracking bits into the counters."""
+        return self._hot.fold_interval
+
+    @fold_interval.setter
+    def fold_interval(self, n: int) -> None:
+        if n < 1:
+            raise InvalidArgumentError(f"fold_interval must be at least 1, got {n}")
+        self._hot.fold_interval = n
+
+    def _fold_due(self) -> None:
+        """fold_interval writes since the last fold: fold now (the hot path calls this)."""
+        with self._lock:
+            if self._tracker is not None and not self._shut:
+                self._flush_locked()
+            else:
+                self._hot.writes = 0
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
@@ -156,6 +248,7 @@ class Disk(io.RawIOBase):
                                       keep=self._end_block)
         self._meta_end_block = L.round_up(L.HEADER_AREA, bs) // bs
         self._refresh_meta_ranges()
+        self._validate_meta_refcounts()
         self._validate_table(self._table, nb, "block table", runs=self._table_runs(nb))
         self._table_mv = memoryview(self._table)
         self._refs_mv = memoryview(self._refcounts)
@@ -213,6 +306,17 @@ class Disk(io.RawIOBase):
                 raise CorruptImageError(
                     f"{self._io.path}: {what} maps physical block {int(used[dup])} from two entries, as if an "
                     f"earlier entry maps it too (run 'vdisk check --repair')")
+
+    def _validate_meta_refcounts(self) -> None:
+        """Every block of a metadata region holds a reference (docs/FORMAT.md,
+        "Refcounts"): releasing a region whose refcount says 0 would take it
+        below zero."""
+        for lo, hi in self._meta_ranges:
+            zero = np.flatnonzero(self._refcounts[lo:hi] == 0)
+            if len(zero):
+                raise CorruptImageError(
+                    f"{self._io.path}: metadata block {lo + int(zero[0])} has refcount 0, expected 1 "
+                    f"(run 'vdisk check --repair')")
 
     def _metadata_regions(self) -> list[tuple[str, int, int]]:
         """Every metadata region: the header's and each snapshot's frozen tables."""
@@ -339,7 +443,26 @@ class Disk(io.RawIOBase):
     # ------------------------------------------------------------------ guards
     def _check_open(self) -> None:
         if self._shut:
+            if self._poisoned is not None:
+                raise VdiskIOError(self._poisoned.errno,
+                                   f"{self.path}: this Disk stopped at an I/O error ({self._poisoned.strerror}) "
+                                   f"and wrote nothing after it; reopen the image to continue")
             raise ClosedError("I/O operation on a closed Disk")
+
+    def _poison(self, err: VdiskIOError) -> None:
+        """Stop at an I/O error after which memory and file may disagree: release
+        the file (and its lock) without writing anything more; every later
+        call raises VdiskIOError, reads and flush included, close() returns."""
+        if self._shut:
+            return
+        self._shut = self._closing = True
+        self._hot.shut()
+        try:
+            self._io.close()
+            super().close()         # io's own closed flag; its flush() finds the Disk shut
+        finally:
+            self._closing = False
+            self._poisoned = err
 
     def _check_writable(self) -> None:
         self._check_open()
@@ -356,22 +479,19 @@ class Disk(io.RawIOBase):
 
     # ------------------------------------------------------------------ reads
     def pread(self, length: int, offset: int) -> bytes:
-        """length bytes at offset; never-written areas read as zeros."""
+        """length bytes at offset; never-written areas read as zeros.
+
+        (An open Disk answers single-block reads in ``_fast.HotPath.pread``,
+        which hands every other case to this method.)"""
         if offset < 0 or length < 0 or offset + length > self._hdr.virtual_size:
             self._check_range(offset, length, "read")
         shift = self._shift
         if length and (offset >> shift) == ((offset + length - 1) >> shift):
-            # within one block: one pread straight into the result (the hot path)
             with self._lock:
-                if self._shut:
-                    self._check_open()
+                self._check_open()
                 p = self._table_mv[offset >> shift]
                 if p:
-                    try:        # the I/O layer's descriptor, without its method call
-                        data = os.pread(self._io.fd, length, (p << shift) | (offset & self._block_mask))
-                    except OSError as exc:
-                        raise _io_error("pread", self.path, exc) from exc
-                    return data if len(data) == length else data.ljust(length, b"\0")
+                    return self._pread_exact(length, (p << shift) | (offset & self._block_mask))
             return bytes(length)
         with self._lock:
             self._check_open()
@@ -398,6 +518,8 @@ class Disk(io.RawIOBase):
             self._check_open()
             self._read_plan(mv, self._plan_read(offset, n))
         return n
+
+    _pread_slow = pread
 
     def _pread_exact(self, length: int, phys: int) -> bytes:
         data = self._io.pread(length, phys)
@@ -445,7 +567,10 @@ class Disk(io.RawIOBase):
     # ------------------------------------------------------------------ writes
     def pwrite(self, data, offset: int) -> int:
         """Write data at offset; returns len(data).  Zeros written to
-        unallocated blocks allocate nothing."""
+        unallocated blocks allocate nothing.
+
+        (An open Disk runs in-place single-block writes in
+        ``_fast.HotPath.pwrite``, which hands every other case to this method.)"""
         mv = _as_bytes_view(data)
         n = len(mv)
         if offset < 0 or offset + n > self._hdr.virtual_size:
@@ -453,9 +578,13 @@ class Disk(io.RawIOBase):
         with self._lock:
             if self._shut or not self._writable:
                 self._check_writable()
+            if offset + n > self._hdr.virtual_size:    # another thread shrank the disk since the check
+                self._check_range(offset, n, "write")
             if n:
                 self._write_locked(mv, offset)
         return n
+
+    _pwrite_slow = pwrite
 
     def _write_locked(self, mv: memoryview, offset: int) -> None:
         shift = self._hdr.block_shift
@@ -475,9 +604,13 @@ class Disk(io.RawIOBase):
                     if not coarse[b >> rel] and b not in self._fresh:
                         tracker._arm(b >> rel)      # write-ahead: durable before the data
                 self._io.pwrite(mv, (p << shift) + (offset & (bs - 1)))
-                self._writes_since_fold += 1
-                if self._writes_since_fold >= self.fold_interval and tracker is not None:
-                    self._flush_locked()
+                self._count_write()
+                return
+        if not offset & (bs - 1) and not len(mv) & (bs - 1) and self._appends_only():
+            b1 = end >> shift
+            if not self._table[b:b1].any() and not _fast.zero_blocks(mv, bs).any():
+                self._append_run(mv, b, b1)     # whole new blocks of data: one run at the end
+                self._count_write()
                 return
         remaps: list[tuple[int, int, int]] = []   # (block, new, old): applied once the data is written
         try:
@@ -494,9 +627,47 @@ class Disk(io.RawIOBase):
             self._dirty_table_pages.add(b // TABLE_PER_PAGE)
             if oldp:                                # copy-on-write away from a shared block
                 self._decref_later(oldp)
-        self._writes_since_fold += 1
-        if self._writes_since_fold >= self.fold_interval and tracker is not None:
+        self._count_write()
+
+    def _count_write(self) -> None:
+        hot = self._hot
+        hot.writes += 1
+        if hot.writes >= hot.fold_interval and self._tracker is not None:
             self._flush_locked()
+
+    def _appends_only(self) -> bool:
+        """Whether the next allocations all append at the end of the file
+        (no free blocks, and the scan for holes has finished)."""
+        return (not self._free and not self._holes
+                and self._scan >= min(self._scan_limit, self._hdr.refcount_capacity))
+
+    def _append_run(self, mv: memoryview, b0: int, b1: int) -> None:
+        """Write whole unallocated blocks [b0, b1) of data into new blocks
+        appended at the end of the file: what _write_blocks does block by
+        block (allocate, mark, write, then remap), for the run at once."""
+        count = b1 - b0
+        if self._end_block + count + 1 >= self._hdr.refcount_capacity:
+            self._grow_refcounts(self._end_block + count + 2)
+        p0 = self._end_block
+        if p0 + count - 1 > L.MAX_PHYS_BLOCKS:
+            raise OutOfRangeError(f"{self.path}: the image file reached the format's limit of "
+                                  f"{L.MAX_PHYS_BLOCKS} physical blocks")
+        self._end_block += count
+        self._refcounts[p0:p0 + count] = 1
+        self._dirty_ref_pages.update(range(p0 // REFS_PER_PAGE, (p0 + count - 1) // REFS_PER_PAGE + 1))
+        if self._tracker:
+            self._tracker.mark_run(b0, b1)
+        try:
+            self._io.pwrite(mv, p0 << self._shift)
+        except BaseException:               # give the blocks back; the table never saw them
+            self._refcounts[p0:p0 + count] = 0
+            self._free.extend(range(p0 + count - 1, p0 - 1, -1))
+            raise
+        self._table[b0:b1] = np.arange(p0, p0 + count, dtype=np.uint32)
+        pages = range(b0 // TABLE_PER_PAGE, (b1 - 1) // TABLE_PER_PAGE + 1)
+        self._table_pages[pages.start:pages.stop] = True
+        self._dirty_table_pages.update(pages)
+        self._fresh.update(range(b0, b1))
 
     def _write_blocks(self, mv: memoryview, offset: int, remaps: list) -> None:
         """Issue the data writes of a request; remaps collects the table changes."""
@@ -515,14 +686,14 @@ class Disk(io.RawIOBase):
             piece = min(bs - lo, end - pos)
             src = mv[pos - offset:pos - offset + piece]
             p = table[b]
+            if p and piece == bs and _fast.is_zero(src):
+                # a whole block of zeros: give the block back (detect-zeroes=unmap), shared or not
+                if tracker:
+                    tracker.mark(b)
+                self._unmap(b)
+                pos += piece
+                continue
             if p and refs[p] == 1:
-                if piece == bs and _fast.is_zero(src):
-                    # a whole block of zeros: give the block back (detect-zeroes=unmap)
-                    if tracker:
-                        tracker.mark(b)
-                    self._unmap(b)
-                    pos += piece
-                    continue
                 if tracker:
                     if b in self._fresh:    # mapping not durable yet: the flush orders it
                         tracker.mark(b)
@@ -568,6 +739,7 @@ class Disk(io.RawIOBase):
         self._check_range(offset, length, "discard")
         with self._lock:
             self._check_writable()
+            self._check_range(offset, length, "discard")    # again: a shrink may have come first
             self._discard_locked(offset, length)
 
     def _discard_locked(self, offset: int, length: int) -> None:
@@ -634,6 +806,7 @@ class Disk(io.RawIOBase):
         self._dirty_ref_pages.add(p // REFS_PER_PAGE)
         return p
 
+    @_poisons
     def _alloc_run(self, count: int) -> int:
         """count contiguous new blocks at the end of the file (for metadata regions)."""
         if self._end_block + count + 1 >= self._hdr.refcount_capacity:
@@ -653,7 +826,7 @@ class Disk(io.RawIOBase):
     def flush(self) -> None:
         """Make every write before this call durable (survives crash and power loss)."""
         if self._shut:
-            if self._closing:       # io.IOBase.close() flushes once more: already done
+            if self._closing and self._poisoned is None:   # io.IOBase.close() flushes once more: done
                 return
             self._check_open()
         with self._lock:
@@ -661,9 +834,10 @@ class Disk(io.RawIOBase):
             if self._writable:
                 self._flush_locked()
 
+    @_poisons
     def _flush_locked(self) -> None:
         h = self._hdr
-        self._writes_since_fold = 0
+        self._hot.writes = 0
         # 1. counters of the tracking fold, refcount increments
         folded = self._tracker.fold(h.generation) if self._tracker else False
         self._write_ref_pages()
@@ -699,6 +873,7 @@ class Disk(io.RawIOBase):
         for start, stop in _page_runs(pages):
             self._io.pwrite(raw[start * PAGE:stop * PAGE], base + start * PAGE)
 
+    @_poisons
     def _commit_header(self) -> None:
         """Write the header to the other slot and fsync: the atomic commit point."""
         self._hdr.sequence += 1
@@ -708,6 +883,7 @@ class Disk(io.RawIOBase):
         self._slot = slot
 
     # ------------------------------------------------------------------ tracking
+    @_poisons
     def checkpoint(self) -> str:
         """Fold and persist tracking, advance the generation; returns the id of this point."""
         with self._lock:
@@ -733,22 +909,30 @@ class Disk(io.RawIOBase):
             since = parse_change_id(change_id, self._hdr.tracking_uuid, self._hdr.generation)
             return tracker.changes_since(since)
 
+    @_rebinds
+    @_poisons
     def reset_tracking(self) -> None:
         """Start a new tracking epoch: every id handed out so far becomes stale."""
         with self._lock:
             self._check_writable()
             tracker = self._require_tracking()
             self._flush_locked()
-            tracker.reset()
             h = self._hdr
-            # zero the counter region on disk before the header names the new epoch
+            # the new epoch's counters: a fresh region past the end of the file (zeros), named by
+            # the same commit as the new epoch; a crash shows the old epoch with its own counters
             length = L.round_up(h.table_capacity * L.COUNTER_BYTES, h.block_size)
-            if not self._io.punch_hole(h.counter_offset, length):
-                self._io.pwrite(bytes(length), h.counter_offset)
+            first = self._alloc_run(length // h.block_size)
+            self._write_ref_pages()
             self._io.fsync()
+            old_offset = h.counter_offset
+            h.counter_offset = first * h.block_size
             h.tracking_uuid = L.new_uuid()
             h.generation = 1
             self._commit_header()
+            tracker.reset()
+            self._refresh_meta_ranges()
+            self._release_run(old_offset, length)
+            self._flush_locked()
 
     def _require_tracking(self) -> ChangeTracker:
         if self._tracker is None:
@@ -788,6 +972,7 @@ class Disk(io.RawIOBase):
         bs = self._hdr.block_size
         self._pending_decref.extend(range(offset // bs, (offset + nbytes) // bs))
 
+    @_poisons
     def snapshot(self, name: str | None = None) -> Snapshot:
         """Take a snapshot: no data is copied.  Folds tracking and closes the
         current generation; returns the read-only view."""
@@ -858,6 +1043,7 @@ class Disk(io.RawIOBase):
             self._views.add(view)
             return view
 
+    @_poisons
     def delete_snapshot(self, name: str) -> None:
         """Delete a snapshot; blocks no longer referenced become free."""
         with self._lock:
@@ -875,6 +1061,8 @@ class Disk(io.RawIOBase):
                     view.close()
             self._flush_locked()
 
+    @_rebinds
+    @_poisons
     def revert(self, name: str) -> None:
         """The live disk becomes the snapshot's content (and size).  Every block
         that differs is marked changed in the current generation, so every
@@ -928,6 +1116,7 @@ class Disk(io.RawIOBase):
             self._pos = min(self._pos, h.virtual_size)
             self._flush_locked()
 
+    @_poisons
     def compact(self) -> int:
         """Give unused space back to the file system: punch holes over free
         blocks and cut free blocks off the end of the file.  Returns the
@@ -973,6 +1162,8 @@ class Disk(io.RawIOBase):
         return Extents.from_block_runs(starts, lengths, self._hdr.block_shift, self.size)
 
     # ------------------------------------------------------------------ resize
+    @_rebinds
+    @_poisons
     def resize(self, new_size) -> None:
         """Grow or shrink the virtual disk.  A grown area reads as zeros and
         counts as changed; a shrink frees the blocks past the new end."""
@@ -1009,6 +1200,8 @@ class Disk(io.RawIOBase):
                 self._commit_header()   # ... before the header shrinks
             self._pos = min(self._pos, new_size) if self._pos > new_size else self._pos
 
+    @_rebinds
+    @_poisons
     def _grow_tables(self, need: int) -> None:
         """Relocate the block table and the counters to a larger region at the end of the file."""
         h = self._hdr
@@ -1048,6 +1241,8 @@ class Disk(io.RawIOBase):
                 self._pending_decref.append(p)
         self._flush_locked()
 
+    @_rebinds
+    @_poisons
     def _grow_refcounts(self, need: int) -> None:
         """Relocate the refcount table to a larger region at the end of the file."""
         h = self._hdr
@@ -1064,12 +1259,16 @@ class Disk(io.RawIOBase):
         self._end_block += nblk
         self._io.truncate(max(self._io.size(), self._end_block * bs))
         refs = lazy_zeros(cap, np.uint16)
-        refs[:len(self._refcounts)] = self._refcounts
+        kept = len(self._refcounts)
+        refs[:kept] = self._refcounts
         refs[first:first + nblk] = 1
         old_off, old_cap = h.refcount_offset, h.refcount_capacity
         self._refcounts = refs
         self._refs_mv = memoryview(refs)
-        self._write_nonzero_pages(refs, first * bs)
+        # only the old entries and the new region's own can be nonzero: scanning the whole array would
+        # touch every page of a capacity that the end of a huge sparse file asks for (fuzz finding)
+        self._write_nonzero_pages(refs[:kept], first * bs)
+        self._write_nonzero_pages(refs[first:first + nblk], first * bs + first * L.REFCOUNT_BYTES)
         self._io.fsync()
         h.refcount_offset, h.refcount_capacity = first * bs, cap
         self._commit_header()
@@ -1093,12 +1292,17 @@ class Disk(io.RawIOBase):
         try:
             with self._lock:
                 if self._writable and self._io.poisoned is None:
-                    self._flush_locked()
-                    if self._tracker:    # counters are durable: a clean close leaves no bit set
-                        self._tracker.clear_idle_regions(everything=True)
-                    self._io.fsync()     # the decrements and cleared bits of the last flush
+                    try:
+                        self._flush_locked()
+                        if self._tracker:    # counters are durable: a clean close leaves no bit set
+                            self._tracker.clear_idle_regions(everything=True)
+                        self._io.fsync()     # the decrements and cleared bits of the last flush
+                    except VdiskIOError as exc:
+                        self._poison(exc)    # a later flush() must not report success
+                        raise
         finally:
             self._shut = self._closing = True
+            self._hot.shut()
             self._io.close()
             super().close()
 

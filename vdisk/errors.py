@@ -41,9 +41,11 @@ class StaleChangeIdError(VdiskError, ValueError):
 class VdiskIOError(VdiskError, OSError):
     """The host file system failed an I/O call (EIO, ENOSPC, ...).
 
-    After a failed fsync the Disk refuses further writes: the kernel may have
-    dropped the dirty pages, so retrying the fsync could report a false
-    success.
+    After a failed fsync, metadata write or truncate the Disk is poisoned: it
+    refuses every later call (reads and flush included) with this error and
+    must be reopened; the kernel may have dropped the dirty pages, so a
+    retried fsync could report a false success.  A failed data write of
+    pwrite or discard leaves the Disk usable (vdisk/disk.py, "I/O errors").
     """
 
 

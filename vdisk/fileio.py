@@ -9,7 +9,8 @@ that docs/FORMAT.md promises is what the tests check.
 OSErrors become :class:`vdisk.VdiskIOError`.  A failed fsync poisons the
 file: the kernel may already have dropped the dirty pages, so every later
 write or fsync raises instead of pretending to succeed (the fsyncgate
-lesson).
+lesson), and the owner hears of it at once through ``on_poison`` (the Disk
+stops using the file, reads included).
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ class FileIO:
         except OSError as exc:
             raise _io_error("open", self.path, exc) from exc
         self.poisoned: VdiskIOError | None = None
+        self.on_poison = None    # called with the error when an fsync fails (the Disk's _poison)
 
     # --- locking ------------------------------------------------------------
     def lock(self, exclusive: bool) -> None:
@@ -140,8 +142,16 @@ class FileIO:
         try:
             os.fdatasync(self.fd)   # data and the size needed to read it; not the timestamps
         except OSError as exc:
-            self.poisoned = _io_error("fsync", self.path, exc)
-            raise self.poisoned from exc
+            raise self._poison(_io_error("fsync", self.path, exc)) from exc
+
+    def _poison(self, err: VdiskIOError) -> VdiskIOError:
+        """A failed fsync: what it covered may be lost whatever a retry says, so
+        every later write and fsync raises; tell the owner.  Returns err."""
+        if self.poisoned is None:
+            self.poisoned = err
+        if self.on_poison is not None:
+            self.on_poison(err)
+        return err
 
     def truncate(self, size: int) -> None:
         self._check_poison()

@@ -124,7 +124,9 @@ def parse_table(raw: bytes, count: int, hdr: L.Header, file_size: int) -> list[S
             raise CorruptImageError(f"{where}: duplicate name or id")
         if rec.virtual_size % L.SECTOR or L.blocks_for(rec.virtual_size, hdr.block_shift) > L.MAX_BLOCKS:
             raise CorruptImageError(f"{where}: virtual size {rec.virtual_size} outside the format's limits")
-        if not 1 <= rec.generation < hdr.generation or rec.snapshot_id >= hdr.snapshot_next_id:
+        # a generation counts within its tracking epoch: reset_tracking starts the header's again at 1
+        newest = hdr.generation if rec.tracking_uuid == hdr.tracking_uuid else L.MAX_GENERATION + 1
+        if not 1 <= rec.generation < newest or rec.snapshot_id >= hdr.snapshot_next_id:
             raise CorruptImageError(f"{where}: generation {rec.generation} or id {rec.snapshot_id} from the future")
         for what, off, length in rec.regions(bs):
             if off % bs or off < L.round_up(L.HEADER_AREA, bs) or off + length > file_size:
@@ -260,7 +262,9 @@ class Snapshot:
     def _load_counters(self) -> np.ndarray:
         with self._lock:
             if self._counters is None:
-                self._counters = self._disk._load_frozen(self._rec.counter_offset, self._rec.virtual_size)
+                with self._disk._lock:      # a delete in another thread must not free the blocks under the read
+                    self._check_open()
+                    self._counters = self._disk._load_frozen(self._rec.counter_offset, self._rec.virtual_size)
             return self._counters
 
     # --- life -----------------------------------------------------------------------

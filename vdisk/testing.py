@@ -9,17 +9,25 @@ disk may persist any of them, in any order; a later write to the same
 bytes wins when both land).  Pass ``torn=True`` to also tear writes at
 512-byte sector boundaries.
 
-:class:`FaultyIO` raises an OSError (EIO, ENOSPC, ...) from the n-th call
-of a chosen kind, for fault-injection tests.
+:class:`FaultyIO` fails the n-th call of a chosen kind (pwrite, fsync,
+truncate, punch_hole) with an OSError (EIO, ENOSPC, ...), raised as the
+:class:`vdisk.VdiskIOError` the real layer would raise.  Driven by a
+:class:`FaultPlan`, it also counts every call by kind: a dry run with an
+empty plan lists a workload's call sites, and rerunning the same workload
+with ``FaultPlan(kind, n, err)`` for each of them fails every site in turn.
+:class:`FaultyRecordingIO` does both at once: after the fault,
+``crash_image`` gives the power-loss states of the file (a failed fsync
+leaves its writes pending: any subset may have reached the disk).
 
-Use them through the ``io_factory`` argument of vdisk.create / vdisk.open.
+Use them through the ``io_factory`` argument of vdisk.create / vdisk.open
+(``FaultyIO.factory(plan)`` binds a plan).
 """
 from __future__ import annotations
 
 import errno
 import random
 
-from .fileio import FileIO
+from .fileio import FileIO, _io_error
 
 SECTOR = 512
 
@@ -110,17 +118,83 @@ def apply_ops(image: bytearray, ops) -> bytearray:
     return image
 
 
+KINDS = ("pwrite", "fsync", "truncate", "punch_hole")   # the calls that change the file
+
+
+class FaultPlan:
+    """Which call fails, and a count of every call by kind.
+
+    One plan is shared by every FaultyIO made from ``FaultyIO.factory(plan)``
+    (an image, and the same image reopened), so calls are numbered in issue
+    order across them.  kind=None fails nothing: the dry run that counts the
+    sites.  partial=True: a failing pwrite first writes the leading half of
+    its data (sector-aligned), as a short write followed by the error does.
+    """
+
+    def __init__(self, kind: str | None = None, nth: int = 0, err: int = errno.EIO, partial: bool = False):
+        if kind is not None and kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        self.kind, self.nth, self.err, self.partial = kind, nth, err, partial
+        self.counts = dict.fromkeys(KINDS, 0)     # calls issued so far, by kind
+        self.fired: tuple[str, int, int] | None = None   # (kind, nth, errno) once the fault fired
+        self.landed_after = 0     # calls that reached the file after the fault fired
+        self.label = ""           # set by the caller: what is running (recorded in trace)
+        self.trace: list | None = None   # a list: every call appends (kind, n, label)
+
+    def sites(self) -> list[tuple[str, int]]:
+        """Every (kind, n) counted so far: after a dry run, the sites to fail in turn."""
+        return [(k, n) for k in KINDS for n in range(self.counts[k])]
+
+    def _hit(self, kind: str) -> bool:
+        n = self.counts[kind]
+        self.counts[kind] = n + 1
+        if self.trace is not None:
+            self.trace.append((kind, n, self.label))
+        if kind == self.kind and n == self.nth and self.fired is None:
+            self.fired = (kind, n, self.err)
+            return True
+        return False
+
+    def __repr__(self) -> str:
+        what = "dry run" if self.kind is None else f"{self.kind} #{self.nth} {errno.errorcode.get(self.err, self.err)}"
+        return f"<FaultPlan {what} counts={self.counts} fired={self.fired is not None}>"
+
+
 class FaultyIO(FileIO):
-    """Raises OSError(err) from the `nth` call (0-based) of kind `fail_on`
+    """FileIO that fails one chosen call.
+
+    With a :class:`FaultPlan` (``FaultyIO.factory(plan)``): the plan's call
+    fails and every call is counted.  Without one (the older interface):
+    raises OSError(err) from the `nth` call (0-based) of kind `fail_on`
     ("pwrite", "fsync" or "truncate"), counted across all instances that
-    share the same `counter` dict."""
+    share the same `counter` dict.
+
+    A failed fsync poisons the file as a real one does; a failed pwrite,
+    truncate or punch_hole changes nothing (with plan.partial, a pwrite
+    lands its first half).  pwritev counts as one pwrite.
+    """
 
     fail_on = "pwrite"
     nth = 0
     err = errno.EIO
     counter: dict = {}
+    plan: FaultPlan | None = None
+    _inner = False           # inside a counted call (pwritev -> pwrite): not a call of its own
+
+    @classmethod
+    def factory(cls, plan: FaultPlan):
+        """An io_factory for vdisk.create / vdisk.open whose files share plan."""
+        def make(path, writable, create=False, overwrite=False):
+            fio = cls(path, writable, create=create, overwrite=overwrite)
+            fio.plan = plan
+            return fio
+        return make
 
     def _maybe_fail(self, kind):
+        if self.plan is not None:
+            if self.plan._hit(kind):
+                raise OSError(self.plan.err, f"injected fault: {kind} #{self.plan.nth}")
+            return
         if kind != self.fail_on:
             return
         n = self.counter.get(kind, 0)
@@ -128,30 +202,61 @@ class FaultyIO(FileIO):
         if n == self.nth:
             raise OSError(self.err, "injected fault")
 
-    def pwrite(self, data, offset):
+    def _call(self, kind, op, *args):
+        """op(*args) as one call of `kind`: fail it if it is the chosen one."""
+        if self._inner:
+            return op(*args)
         try:
-            self._maybe_fail("pwrite")
+            self._maybe_fail(kind)
         except OSError as exc:
-            from .fileio import _io_error
-            raise _io_error("pwrite", self.path, exc) from exc
-        super().pwrite(data, offset)
+            if kind == "fsync":
+                raise self._poison(_io_error("fsync", self.path, exc)) from exc
+            if kind == "pwrite" and self.plan is not None and self.plan.partial:
+                self._land_partial(*args)
+            raise _io_error("fallocate" if kind == "punch_hole" else kind, self.path, exc) from exc
+        self._inner = True
+        try:
+            result = op(*args)
+        finally:
+            self._inner = False
+        if self.plan is not None and self.plan.fired is not None:
+            self.plan.landed_after += 1
+        return result
+
+    def _land_partial(self, data, offset):
+        mv = memoryview(_joined(data)).cast("B")
+        half = len(mv) // 2 // SECTOR * SECTOR
+        if half:
+            self._inner = True
+            try:
+                super().pwrite(mv[:half], offset)
+            finally:
+                self._inner = False
+
+    def pwrite(self, data, offset):
+        return self._call("pwrite", super().pwrite, data, offset)
 
     def pwritev(self, buffers, offset):
-        self.pwrite(b"".join(bytes(memoryview(b).cast("B")) for b in buffers), offset)
+        return self._call("pwrite", super().pwritev, buffers, offset)
 
     def fsync(self):
-        try:
-            self._maybe_fail("fsync")
-        except OSError as exc:
-            from .fileio import _io_error
-            self.poisoned = _io_error("fsync", self.path, exc)
-            raise self.poisoned from exc
-        super().fsync()
+        return self._call("fsync", super().fsync)
 
     def truncate(self, size):
-        try:
-            self._maybe_fail("truncate")
-        except OSError as exc:
-            from .fileio import _io_error
-            raise _io_error("truncate", self.path, exc) from exc
-        super().truncate(size)
+        return self._call("truncate", super().truncate, size)
+
+    def punch_hole(self, offset, length):
+        if self.plan is None:       # the older interface never failed hole punching
+            return super().punch_hole(offset, length)
+        return self._call("punch_hole", super().punch_hole, offset, length)
+
+
+class FaultyRecordingIO(FaultyIO, RecordingIO):
+    """FaultyIO over RecordingIO: fail a call, then take power-loss states."""
+
+
+def _joined(data):
+    """A pwritev buffer list as one buffer (pwrite data passes through)."""
+    if isinstance(data, list):
+        return b"".join(bytes(memoryview(b).cast("B")) for b in data)
+    return data

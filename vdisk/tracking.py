@@ -138,6 +138,11 @@ class ChangeTracker:
         self._dirty_mv[b] = 1
         self._groups_mv[b >> SUMMARY_SHIFT] = 1
 
+    def mark_run(self, b0: int, b1: int) -> None:
+        """mark() for blocks [b0, b1) (a run of fresh allocations)."""
+        self.dirty[b0:b1] = 1
+        self.dirty_groups[b0 >> SUMMARY_SHIFT:((b1 - 1) >> SUMMARY_SHIFT) + 1] = 1
+
     def mark_inplace(self, b: int) -> None:
         """Block b's durable data is about to be overwritten in place: its
         coarse bit must be durable before the data write is issued."""
