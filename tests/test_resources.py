@@ -184,9 +184,6 @@ result.update(ok=r.ok, corruptions=len(r.corruptions))
     assert res["growth"] < 32 * MiB, f"{res['growth'] / MiB:.0f} MiB"
 
 
-@pytest.mark.xfail(strict=True, reason="open_snapshot scans (and Snapshot.changes_since loads) the whole frozen "
-                                       "table: memory follows the snapshot's claimed virtual size, 8 bytes per "
-                                       "block, not the data (docs/RELIABILITY.md, open issues)")
 def test_hostile_snapshot_open_bounded(hostile_snapshots):
     res = measure_in_child("""
 with vdisk.open(args[0]) as d:
@@ -198,9 +195,6 @@ with vdisk.open(args[0]) as d:
     assert res["growth"] < 32 * MiB, f"{res['growth'] / MiB:.0f} MiB to open one snapshot"
 
 
-@pytest.mark.xfail(strict=True, reason="snapshot() copies the whole live table and writes its nonzero pages "
-                                       "through a padded copy: taking a snapshot (and so a backup) costs "
-                                       "memory in the virtual size (docs/RELIABILITY.md, open issues)")
 def test_snapshot_and_backup_of_a_large_sparse_disk_bounded(tmp_path):
     path = str(tmp_path / "s.vdk")
     with vdisk.create(path, 64 << 30, block_size="4KiB") as d:

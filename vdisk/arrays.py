@@ -15,14 +15,17 @@ import numpy as np
 def lazy_zeros(count: int, dtype) -> np.ndarray:
     """A zeroed array whose pages cost memory only once written.
 
-    An anonymous mmap in 4 KiB pages: numpy's own large allocations ask for
-    transparent huge pages, which turn a few scattered writes into whole
-    2 MiB pages (a sparse 1 TiB image's tables would cost 100+ MiB).
+    A private anonymous mmap in 4 KiB pages: numpy's own large allocations
+    ask for transparent huge pages, which turn a few scattered writes into
+    whole 2 MiB pages (a sparse 1 TiB image's tables would cost 100+ MiB).
+    Private, not shared (mmap's default): reading a page never written maps
+    the kernel's zero page, so a scan of the whole array costs no memory; a
+    shared anonymous mapping allocates every page it reads.
     """
     nbytes = count * np.dtype(dtype).itemsize
     if nbytes < (1 << 20):
         return np.zeros(count, dtype=dtype)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=dtype)
 
 
 def load_array(fio, offset: int, count: int, dtype, file_size: int, keep: int | None = None,

@@ -995,7 +995,9 @@ class Disk(io.RawIOBase):
             # 1. the frozen table and counters, in fresh blocks
             first = self._alloc_run(2 * (tbytes // bs))
             t_off, c_off = first * bs, first * bs + tbytes
-            frozen = self._table[:max(nb, 1)].copy()
+            frozen = lazy_zeros(max(nb, 1), np.uint32)      # copied where the live table may hold entries
+            for lo, hi in self._table_runs(nb):
+                frozen[lo:hi] = self._table[lo:hi]
             self._write_nonzero_pages(frozen, t_off)
             if self._tracker:
                 self._write_nonzero_pages(self._tracker.counters[:max(nb, 1)], c_off)
@@ -1279,10 +1281,17 @@ class Disk(io.RawIOBase):
             self._pending_decref.append(p)
 
     def _write_nonzero_pages(self, arr: np.ndarray, base: int) -> None:
+        """Write the 4 KiB pages of arr that hold a nonzero byte, 1 MiB of arr at a time."""
         raw = arr.view(np.uint8)
-        npages = -(-raw.nbytes // PAGE)
-        pages = np.flatnonzero(np.pad(raw, (0, npages * PAGE - raw.nbytes)).reshape(npages, PAGE).any(axis=1))
-        for start, stop in _page_runs(pages):
+        step = 256 * PAGE
+        pages = []
+        for lo in range(0, raw.nbytes, step):
+            seg = raw[lo:lo + step]
+            whole = len(seg) // PAGE
+            pages.append(np.flatnonzero(seg[:whole * PAGE].reshape(whole, PAGE).any(axis=1)) + lo // PAGE)
+            if len(seg) % PAGE and seg[whole * PAGE:].any():
+                pages.append(np.array([lo // PAGE + whole]))
+        for start, stop in _page_runs(np.concatenate(pages) if pages else []):
             self._io.pwrite(raw[start * PAGE:stop * PAGE], base + start * PAGE)
 
     # ------------------------------------------------------------------ close
