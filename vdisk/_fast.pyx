@@ -573,7 +573,7 @@ cdef class HotPath:
             return self.disk_ref()._pread_slow(length, offset)
         self.acquire()
         try:
-            if not self.can_read or off > self.vsize - n:
+            if not self.can_read or off > self.vsize - n or b >= self.nentries:   # bind() may have run
                 return self.disk_ref()._pread_slow(length, offset)
             p = self.table[b]
             out = PyBytes_FromStringAndSize(NULL, n)
@@ -615,7 +615,8 @@ cdef class HotPath:
                 return self.disk_ref()._pwrite_slow(data, offset)
             self.acquire()
             try:
-                if not self.can_write or self.io.poisoned is not None or off > self.vsize - n:
+                if (not self.can_write or self.io.poisoned is not None or off > self.vsize - n
+                        or b >= self.nentries):      # bind() may have run since the checks above
                     return self.disk_ref()._pwrite_slow(data, offset)   # (past a shrink since the check: raises)
                 p = self.table[b]
                 if p == 0 or p >= self.nrefs or self.refs[p] != 1:
