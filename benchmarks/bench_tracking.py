@@ -42,7 +42,7 @@ def big(workdir):
     nb = d._hdr.nblocks
     idx = scattered(nb, SEED + 10)
     t.counters[idx] = CHANGED_GEN
-    fast.build_summary(t.counters, t.summary, SUMMARY_SHIFT, nb)
+    fast.build_summary(t.counters, t.summary, t.sole, SUMMARY_SHIFT, nb)
     d._hdr.generation = GENERATION          # in memory only: no header commit happens below
     try:
         yield d, nb, idx
@@ -124,7 +124,7 @@ def test_fold_kernel(benchmark, big, fold_idx):
 
     def run():
         groups = np.flatnonzero(t.dirty_groups[:ngroups]).astype(np.int64)
-        return fast.fold(t.dirty, t.dirty_groups, t.counters, t.summary, groups,
+        return fast.fold(t.dirty, t.dirty_groups, t.counters, t.summary, t.sole, groups,
                          GENERATION, SUMMARY_SHIFT, nb)
 
     try:
@@ -134,4 +134,4 @@ def test_fold_kernel(benchmark, big, fold_idx):
         t.counters[fold_idx] = saved
         t.dirty[:] = 0
         t.dirty_groups[:] = 0
-        fast.build_summary(t.counters, t.summary, SUMMARY_SHIFT, nb)
+        fast.build_summary(t.counters, t.summary, t.sole, SUMMARY_SHIFT, nb)

@@ -125,42 +125,62 @@ def nonzero_runs(const uint32_t[::1] a, Py_ssize_t start, Py_ssize_t stop):
 
 # ---------------------------------------------------------------------------
 # change tracking
-def build_summary(const uint32_t[::1] counters, uint32_t[::1] summary, int group_shift, Py_ssize_t nblocks):
-    """summary[g] = max(counters[g << shift : (g + 1) << shift]) for the first nblocks counters."""
+cdef uint8_t group_sole(const uint32_t *c, Py_ssize_t n) noexcept nogil:
+    """1 + the index of the only nonzero of c[:n]; 0 when none or several are."""
+    cdef Py_ssize_t i
+    cdef uint8_t found = 0
+    for i in range(n):
+        if c[i]:
+            if found:
+                return 0
+            found = <uint8_t> (i + 1)
+    return found
+
+
+def build_summary(const uint32_t[::1] counters, uint32_t[::1] summary, uint8_t[::1] sole, int group_shift,
+                  Py_ssize_t nblocks):
+    """For the groups of the first nblocks counters: summary[g] = the group's
+    largest counter; sole[g] = 1 + the index in the group of its only nonzero
+    counter, or 0 when it has none or several (queries then need not read
+    the counters of a group that changed once)."""
     cdef Py_ssize_t ng = (nblocks + (1 << group_shift) - 1) >> group_shift
-    cdef Py_ssize_t g, i, hi
+    cdef Py_ssize_t g, i, lo, hi
     cdef uint32_t m
-    if nblocks > counters.shape[0] or ng > summary.shape[0]:
+    if nblocks > counters.shape[0] or ng > summary.shape[0] or ng > sole.shape[0] or group_shift > 7:
         raise IndexError("build_summary: arrays too short")
     with nogil:
         for g in range(ng):
             m = 0
-            hi = (g + 1) << group_shift
+            lo = g << group_shift
+            hi = lo + (1 << group_shift)
             if hi > nblocks:
                 hi = nblocks
-            for i in range(g << group_shift, hi):
+            for i in range(lo, hi):
                 if counters[i] > m:
                     m = counters[i]
             summary[g] = m
+            sole[g] = group_sole(&counters[lo], hi - lo)
     return None
 
 
 def fold(uint8_t[::1] dirty, uint8_t[::1] dirty_groups, uint32_t[::1] counters, uint32_t[::1] summary,
-         const int64_t[::1] groups, uint32_t generation, int group_shift, Py_ssize_t nblocks):
+         uint8_t[::1] sole, const int64_t[::1] groups, uint32_t generation, int group_shift, Py_ssize_t nblocks):
     """Fold the fine dirty bits of the listed groups into the counters.
 
     For every block i of those groups with dirty[i] set: counters[i] =
     generation, dirty[i] cleared; the group's summary becomes at least
-    generation and its dirty_groups flag is cleared.  Returns the number of
-    blocks folded.
+    generation, its sole entry is recomputed (over the whole group, as far
+    as the counters go) and its dirty_groups flag is cleared.  Returns the
+    number of blocks folded.
     """
-    cdef Py_ssize_t k, g, i, hi, count = 0
+    cdef Py_ssize_t k, g, i, lo, hi, count = 0
     cdef Py_ssize_t ngroups = groups.shape[0]
     cdef Py_ssize_t nsum = summary.shape[0]
-    if nblocks > dirty.shape[0] or nblocks > counters.shape[0]:
+    cdef Py_ssize_t ncount = counters.shape[0]
+    if nblocks > dirty.shape[0] or nblocks > ncount or group_shift > 7:
         raise IndexError("fold: arrays shorter than nblocks")
     for k in range(ngroups):
-        if groups[k] < 0 or groups[k] >= nsum or groups[k] >= dirty_groups.shape[0]:
+        if groups[k] < 0 or groups[k] >= nsum or groups[k] >= dirty_groups.shape[0] or groups[k] >= sole.shape[0]:
             raise IndexError(f"fold: group {groups[k]} out of range")
     with nogil:
         for k in range(ngroups):
@@ -175,6 +195,11 @@ def fold(uint8_t[::1] dirty, uint8_t[::1] dirty_groups, uint32_t[::1] counters, 
                     count += 1
             if summary[g] < generation:
                 summary[g] = generation
+            lo = g << group_shift
+            hi = lo + (1 << group_shift)
+            if hi > ncount:
+                hi = ncount
+            sole[g] = group_sole(&counters[lo], hi - lo) if hi > lo else 0
             dirty_groups[g] = 0
     return count
 
@@ -188,18 +213,21 @@ cdef extern from *:
 
 cdef enum:
     CAND_CHUNK = 4096       # candidate groups collected per pass (bounded stack memory)
-    PREFETCH_AHEAD = 16      # groups prefetched ahead of the scan
+    PREFETCH_AHEAD = 32      # groups prefetched ahead of the scan
 
 
 def changed_runs(const uint32_t[::1] counters, const uint8_t[::1] dirty, const uint32_t[::1] summary,
-                 const uint8_t[::1] dirty_groups, uint32_t since, int group_shift, Py_ssize_t nblocks):
+                 const uint8_t[::1] sole, const uint8_t[::1] dirty_groups, uint32_t since, int group_shift,
+                 Py_ssize_t nblocks):
     """Runs (starts, lengths) of blocks i < nblocks with counters[i] > since or dirty[i].
 
     Two phases per chunk of groups: collect the candidate groups (summary >
     since, or a dirty flag) from the summary alone, then scan only their
     counters, prefetching a few groups ahead so the random accesses
     overlap.  Groups whose summary is <= since and whose dirty_groups flag
-    is clear are never touched.
+    is clear are never touched; nor are the counters of a clean group with
+    a sole nonzero counter: that block is the group's change (its counter
+    is the summary).
     """
     cdef RunBuf rb
     cdef Py_ssize_t ng = (nblocks + (1 << group_shift) - 1) >> group_shift
@@ -209,7 +237,7 @@ def changed_runs(const uint32_t[::1] counters, const uint8_t[::1] dirty, const u
     cdef bint any_dirty
     rb.starts = NULL; rb.lengths = NULL; rb.n = 0; rb.cap = 0
     if nblocks > counters.shape[0] or nblocks > dirty.shape[0] or ng > summary.shape[0] \
-            or ng > dirty_groups.shape[0]:
+            or ng > dirty_groups.shape[0] or ng > sole.shape[0]:
         raise IndexError("changed_runs: arrays too short")
     with nogil:
         g0 = 0
@@ -223,14 +251,28 @@ def changed_runs(const uint32_t[::1] counters, const uint8_t[::1] dirty, const u
                 g += 1
             g0 = g
             for k in range(nc):
-                if k + PREFETCH_AHEAD < nc:
+                if k + PREFETCH_AHEAD < nc and (sole[cand[k + PREFETCH_AHEAD]] == 0
+                                                 or dirty_groups[cand[k + PREFETCH_AHEAD]]):
                     VDISK_PREFETCH(&counters[cand[k + PREFETCH_AHEAD] << group_shift])
+                    VDISK_PREFETCH(&counters[(cand[k + PREFETCH_AHEAD] << group_shift) + 16])
                 g = cand[k]
                 lo = g << group_shift
                 hi = lo + (1 << group_shift)
                 if hi > nblocks:
                     hi = nblocks
                 any_dirty = dirty_groups[g] != 0
+                if not any_dirty and sole[g]:
+                    i = lo + sole[g] - 1    # the group's only changed block; its counter is summary[g] > since
+                    if i < hi:
+                        if run >= 0 and run_end == i:
+                            run_end = i + 1
+                        else:
+                            if run >= 0 and runbuf_push(&rb, run, run_end - run):
+                                failed = 1
+                                break
+                            run = i
+                            run_end = i + 1
+                    continue
                 for i in range(lo, hi):
                     if counters[i] > since or (any_dirty and dirty[i]):
                         if run >= 0 and run_end == i:

@@ -93,10 +93,12 @@ class ChangeTracker:
         ngroups = (cap >> SUMMARY_SHIFT) + 1
         self.dirty_groups = lazy_zeros(ngroups, np.uint8)
         self.summary = lazy_zeros(ngroups, np.uint32)
+        self.sole = lazy_zeros(ngroups, np.uint8)       # 1 + index of a group's only nonzero counter
         for lo, hi in ([(0, header.nblocks)] if loaded is None else loaded):
             lo, hi = lo >> SUMMARY_SHIFT << SUMMARY_SHIFT, min(hi, header.nblocks)
             if hi > lo:     # only what was read: the rest is zero, its pages untouched
-                _fast.build_summary(self.counters[lo:hi], self.summary[lo >> SUMMARY_SHIFT:], SUMMARY_SHIFT,
+                _fast.build_summary(self.counters[lo:hi], self.summary[lo >> SUMMARY_SHIFT:],
+                                    self.sole[lo >> SUMMARY_SHIFT:], SUMMARY_SHIFT,
                                     hi - lo)
         self.bitmap = bytearray(bitmap.ljust(header.bitmap_length, b"\0"))
         self._coarse = np.zeros(regions_for(cap, self.rel_shift) + 1, dtype=np.uint8)
@@ -206,7 +208,7 @@ class ChangeTracker:
         if len(groups) == 0:
             return False
         self._touch_regions_of(groups)
-        _fast.fold(self.dirty, self.dirty_groups, self.counters, self.summary, groups,
+        _fast.fold(self.dirty, self.dirty_groups, self.counters, self.summary, self.sole, groups,
                    generation, SUMMARY_SHIFT, nblocks)
         pages = np.unique(groups >> (10 - SUMMARY_SHIFT))   # 1024 counters per 4 KiB page
         self.write_counter_pages(pages)
@@ -253,7 +255,7 @@ class ChangeTracker:
     # --- queries -----------------------------------------------------------------
     def changed_blocks(self, since: int):
         """Block runs (starts, lengths) changed after generation `since`."""
-        return _fast.changed_runs(self.counters, self.dirty, self.summary, self.dirty_groups,
+        return _fast.changed_runs(self.counters, self.dirty, self.summary, self.sole, self.dirty_groups,
                                   since, SUMMARY_SHIFT, self.hdr.nblocks)
 
     def changes_since(self, since: int) -> Extents:
@@ -272,6 +274,7 @@ class ChangeTracker:
         ngroups = (capacity >> SUMMARY_SHIFT) + 1
         self.dirty_groups = grown(self.dirty_groups, ngroups)
         self.summary = grown(self.summary, ngroups)
+        self.sole = grown(self.sole, ngroups)
         self._coarse = grown(self._coarse, regions_for(capacity, self.rel_shift) + 1)
         self._touched = grown(self._touched, len(self._coarse))
         self._rebind()
@@ -290,6 +293,7 @@ class ChangeTracker:
         self.dirty = lazy_zeros(len(self.dirty), np.uint8)
         self.dirty_groups = lazy_zeros(len(self.dirty_groups), np.uint8)
         self.summary = lazy_zeros(len(self.summary), np.uint32)
+        self.sole = lazy_zeros(len(self.sole), np.uint8)
         self._rebind()
 
 
