@@ -137,6 +137,47 @@ def metadata_crc(fd: int, file_size: int, skips, path: str) -> int:
     return crc
 
 
+# HDF5 global heap collections (where the string attributes live): libhdf5's
+# H5HG_load walks a collection's objects and loops forever on an object of
+# size 0, so a collection is walked here first (a resealed preamble does not
+# stop a crafted file: fuzz finding, tests/fuzz_regressions/delta-crafted/)
+GCOL_SIGNATURE = b"GCOL"
+GCOL_OBJECT_HEADER = struct.Struct("<HH4xQ")  # heap object index (0: free space), reference count, size
+GCOL_MIN_SIZE = 4096                          # H5HG_MINSIZE
+GCOL_MAX_SIZE = 1 << 20                       # a delta's few short strings fill one 4 KiB collection
+
+
+def check_global_heaps(fd: int, file_size: int, skips, path: str) -> None:
+    """Walk every global heap collection in the bytes the preamble's CRC covers,
+    as libhdf5 will; raise CorruptImageError where the walk would not end."""
+    window = 1 << 20
+    for start, stop in _complement(skips, PREAMBLE_SIZE, file_size):
+        for pos in range(start, stop, window):
+            raw = os.pread(fd, min(window, stop - pos) + len(GCOL_SIGNATURE) - 1, pos)
+            at = raw.find(GCOL_SIGNATURE)
+            while 0 <= at and pos + at < stop:
+                _check_global_heap(fd, pos + at, file_size, path)
+                at = raw.find(GCOL_SIGNATURE, at + 1)
+
+
+def _check_global_heap(fd: int, off: int, file_size: int, path: str) -> None:
+    head = os.pread(fd, 16, off)
+    where = f"{path}: HDF5 global heap collection at offset {off}"
+    version, size = (head[4], struct.unpack_from("<Q", head, 8)[0]) if len(head) == 16 else (0, 0)
+    if version != 1 or not GCOL_MIN_SIZE <= size <= GCOL_MAX_SIZE or off + size > file_size:
+        raise CorruptImageError(f"{where}: version {version}, {size} bytes: not a collection of "
+                                f"{GCOL_MIN_SIZE} to {GCOL_MAX_SIZE} bytes inside the file")
+    body = os.pread(fd, size, off)
+    pos = 16
+    while pos + GCOL_OBJECT_HEADER.size <= size:
+        index, _refs, n = GCOL_OBJECT_HEADER.unpack_from(body, pos)
+        need = n if index == 0 else GCOL_OBJECT_HEADER.size + -(-n // 8) * 8
+        if need < GCOL_OBJECT_HEADER.size or pos + need > size:
+            raise CorruptImageError(f"{where}: heap object {index} at +{pos} claims {n} bytes: the walk of the "
+                                    f"{size}-byte collection would not end (libhdf5 loops or reads past it)")
+        pos += need
+
+
 def _complement(skips, lo: int, hi: int):
     pos = lo
     for off, n in skips:
@@ -250,11 +291,13 @@ class DeltaFile:
         if got != meta_crc:
             raise ChecksumError(f"{path}: HDF5 structure checksum mismatch: stored {meta_crc:#010x}, computed "
                                 f"{got:#010x} (the file's metadata is damaged)")
+        check_global_heaps(self._fd, size, skips, path)
         self.file_size = size
         self._skips = skips
         h5py = _import_h5py()
         with _h5(path, "cannot open as HDF5 (damaged or truncated)"):
             self._h5file = h5py.File(path, "r", rdcc_nbytes=H5_CACHE_BYTES)
+        self._check_skips()
         self._read_attrs()
         self._read_datasets()
         self._check_extents()
@@ -263,6 +306,27 @@ class DeltaFile:
             raise ChecksumError(
                 f"{path}: attributes checksum mismatch: stored {self.attrs['checksum']:#010x}, computed "
                 f"{got:#010x} (an attribute or the extents table was changed or damaged)")
+
+    def _check_skips(self) -> None:
+        """The preamble's skipped ranges are the storage of 'data', nothing else:
+        checked before HDF5 reads an attribute, so the global heap holding them
+        lies in the bytes check_global_heaps walked (a crafted preamble could
+        otherwise skip it)."""
+        path, f = self.path, self._h5file
+        if not self._skips:
+            return
+        with _h5(path, "reading the storage layout of dataset 'data'"):
+            if DS_DATA not in f:
+                raise CorruptImageError(f"{path}: dataset {DS_DATA!r} missing")
+            ds = f[DS_DATA]
+            if ds.chunks is None:
+                off = ds.id.get_offset()
+                storage = [(off, ds.id.get_storage_size())] if off is not None else []
+            else:
+                storage = _chunk_ranges(ds)
+        if storage != [tuple(r) for r in self._skips]:
+            raise CorruptImageError(f"{path}: the preamble's skipped ranges {self._skips[:4]} are not the storage "
+                                    f"of dataset 'data' {storage[:4]}")
 
     def _read_attrs(self) -> None:
         path, f = self.path, self._h5file

@@ -1,0 +1,243 @@
+"""Fuzzing without atheris: every saved fuzz input replayed, and a short fuzz.
+
+The harnesses live in tools/fuzz/ (one per target, each with a
+``one_input(data)`` that raises on a finding: any exception that is not a
+VdiskError).  tools/fuzz/run.py runs them under atheris for the long
+campaigns; here the same ``one_input`` functions run
+
+* on every input kept in tests/fuzz_regressions/<target>/: the findings
+  (``crash-*``, ``oom-*``, ``timeout-*``: each was a bug, fixed; ``open-*``:
+  found, not fixed here, the broken property an ``xfail(strict=True)``
+  test below) and a few seeds and corpus entries worth keeping (``seed-*``,
+  ``corpus-*``);
+* on random damage of real seed images, driven by hypothesis (the
+  harnesses' structure-aware ``mutate``), a few hundred inputs per target,
+  so CI fuzzes on every run.
+
+tests/fuzz_regressions/delta-crafted/ holds deltas whose HDF5 metadata is
+damaged behind a resealed preamble (a crafted file): libhdf5 is not
+hardened against those (docs/BACKUP_FORMAT.md), so they are replayed in a
+child process with a time limit; without the reseal, the same damage must
+be refused by the preamble.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import vdisk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FUZZ = os.path.join(ROOT, "tools", "fuzz")
+REGRESSIONS = os.path.join(ROOT, "tests", "fuzz_regressions")
+sys.path.insert(0, FUZZ)
+
+TARGETS = {"vdisk": "fuzz_vdisk", "qcow2": "fuzz_qcow2", "delta": "fuzz_delta", "changeid": "fuzz_changeid"}
+EXAMPLES = {"vdisk": 500, "qcow2": 500, "delta": 300, "changeid": 500}
+
+
+def harness(target: str):
+    return importlib.import_module(TARGETS[target])
+
+
+def kept(target: str) -> list[str]:
+    d = os.path.join(REGRESSIONS, target)
+    return sorted(n for n in os.listdir(d) if not n.startswith(".")) if os.path.isdir(d) else []
+
+
+def read(target: str, name: str) -> bytes:
+    with open(os.path.join(REGRESSIONS, target, name), "rb") as f:
+        return f.read()
+
+
+def test_every_target_keeps_inputs():
+    for target in TARGETS:
+        assert kept(target), f"tests/fuzz_regressions/{target}/ is empty"
+
+
+@pytest.mark.parametrize("target,name", [pytest.param(t, n, id=f"{t}/{n}") for t in TARGETS for n in kept(t)])
+def test_saved_input(target, name):
+    """Only VdiskErrors: one_input raises anything else."""
+    harness(target).one_input(read(target, name))
+
+
+@pytest.mark.parametrize("bad", ["\u00b2", "1" * 5000, "[" * 50000])
+def test_restore_onto_a_target_with_a_hostile_sidecar(tmp_path, bad):
+    """changeid/crash-*sidecar*, end to end: the change id of a restored
+    target's sidecar with a superscript digit (str.isdigit took it, int()
+    did not: ValueError out of restore), or too many digits, or the sidecar
+    nested too deep for json (RecursionError): a VdiskError, nothing written."""
+    B = importlib.import_module("vdisk.backup")     # the module (vdisk.backup is also the function)
+    with vdisk.create(tmp_path / "src.img", 64 * 1024, block_size=4096) as d:
+        d.pwrite(b"a" * 5000, 0)
+        full = vdisk.backup(d, tmp_path / "full.h5", compression=None)
+        d.pwrite(b"b" * 100, 9000)
+        vdisk.backup(d, tmp_path / "inc.h5", since=full.change_id, compression=None)
+    target = str(tmp_path / "target.raw")
+    vdisk.restore([tmp_path / "full.h5"], target, format="raw")
+    side = B.sidecar_path(target)
+    with open(side) as f:
+        data = json.load(f)
+    with open(side, "w") as f:
+        if bad.startswith("["):
+            f.write(bad)
+        else:
+            data["change_id"] = f"{data['tracking_id']}/{bad}"
+            json.dump(data, f)
+    before = open(target, "rb").read()
+    with pytest.raises(vdisk.VdiskError):
+        vdisk.restore([tmp_path / "inc.h5"], target, format="raw")
+    assert open(target, "rb").read() == before
+
+
+# ---------------------------------------------------------------------------- memory
+_WRITE_CHILD = """
+import sys
+sys.path.insert(0, {fuzz!r})
+import common, fuzz_vdisk
+path = common.scratch_path("image")
+fuzz_vdisk.materialize(open(sys.argv[1], "rb").read(), path)
+base = common.peak_rss_mb()
+fuzz_vdisk.exercise(path, writable=True)
+print(common.peak_rss_mb() - base)
+common.cleanup_scratch()
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (VmHWM) and sparse files")
+def test_writer_memory_on_a_huge_sparse_file():
+    """oom-write-refcount-grow-...: an image whose refcounts leave no free
+    block, in a 128 GiB sparse file, opened "r+" and written: the write
+    appends at the end of the file and relocates the refcount table to cover
+    it.  The relocation scanned (and padded a copy of) the whole new table,
+    touching ~100 MiB of pages for 33 Mi blocks nobody uses; it now writes
+    only the pages that can hold counts."""
+    name = "oom-write-refcount-grow-to-end-of-128g-sparse-file"
+    proc = subprocess.run([sys.executable, "-c", _WRITE_CHILD.format(fuzz=FUZZ),
+                           os.path.join(REGRESSIONS, "vdisk", name)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    growth = int(proc.stdout.split()[-1])
+    assert growth < 48, f"opening, writing and closing took {growth} MiB more peak RSS"
+
+
+_CHECK_CHILD = """
+import sys
+sys.path.insert(0, {fuzz!r})
+import common, fuzz_vdisk, vdisk
+path = common.scratch_path("image")
+flags = fuzz_vdisk.materialize(open(sys.argv[1], "rb").read(), path)
+fuzz_vdisk.exercise(path, bool(flags & fuzz_vdisk.WRITE))      # the write allocates at the end of the file
+base = common.peak_rss_mb()
+vdisk.check(path)
+print(common.peak_rss_mb() - base)
+common.cleanup_scratch()
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (VmHWM) and sparse files")
+@pytest.mark.xfail(strict=True, reason="open finding in vdisk/check.py: its dense reference arrays span up to the "
+                                       "highest physical block a table maps (here one at the end of a 128 GiB "
+                                       "sparse file): ~300 MiB")
+def test_check_memory_on_a_huge_sparse_file():
+    """A fuzzed image in a 128 GiB sparse file, opened "r+" and written (the
+    new block goes at the end of the file), then checked."""
+    proc = subprocess.run([sys.executable, "-c", _CHECK_CHILD.format(fuzz=FUZZ),
+                           os.path.join(REGRESSIONS, "vdisk", "open-oom-check-dense-arrays-span-a-128g-sparse-file")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    growth = int(proc.stdout.split()[-1])
+    assert growth < 64, f"check took {growth} MiB more peak RSS"
+
+
+# ---------------------------------------------------------------------------- crafted deltas (libhdf5)
+_CRAFTED_CHILD = """
+import sys
+sys.path.insert(0, {fuzz!r})
+import fuzz_delta
+fuzz_delta.one_input_crafted(open(sys.argv[1], "rb").read())
+print("done")
+"""
+
+
+@pytest.mark.parametrize("name", kept("delta-crafted"))
+def test_crafted_delta(name):
+    """timeout-libhdf5-*: libhdf5 2.0 loops forever in H5HG_load on a global
+    heap object of size 0; the reader now walks the heaps itself first
+    (vdisk.delta.check_global_heaps).  open-* files: libhdf5 problems vdisk
+    does not catch yet (an xfail)."""
+    data = read("delta-crafted", name)
+    harness("delta").one_input(data)          # as damage (no reseal): the preamble refuses it
+    with tempfile.NamedTemporaryFile(suffix=".bin") as f:
+        f.write(data)
+        f.flush()
+        try:
+            proc = subprocess.run([sys.executable, "-c", _CRAFTED_CHILD.format(fuzz=FUZZ), f.name],
+                                  capture_output=True, text=True, timeout=10)
+        except subprocess.TimeoutExpired:
+            if name.startswith("open-"):
+                pytest.xfail(f"{name}: libhdf5 hangs on this crafted delta")
+            pytest.fail(f"{name}: reading the resealed delta hangs (libhdf5, behind vdisk's checks)")
+    if proc.returncode < 0 and name.startswith("open-"):
+        pytest.xfail(f"{name}: libhdf5 crashes on this crafted delta (signal {-proc.returncode})")
+    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------- a short fuzz (hypothesis)
+_SEEDS: dict[str, dict[str, bytes]] = {}
+
+
+def seeds(target: str) -> dict[str, bytes]:
+    if target not in _SEEDS:
+        _SEEDS[target] = harness(target).build_seeds()
+    return _SEEDS[target]
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_short_fuzz(target):
+    """Random damage of real seeds through the same one_input, a few hundred
+    inputs per target.  A failure saves its input to the temporary folder and
+    says where: add it to tests/fuzz_regressions/<target>/ with the fix."""
+    mod = harness(target)
+    pool = seeds(target)
+    names = sorted(pool)
+
+    @settings(max_examples=EXAMPLES[target], deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(name=st.sampled_from(names), rng=st.randoms(use_true_random=False), rounds=st.integers(1, 3))
+    def fuzz(name, rng, rounds):
+        data = pool[name]
+        for _ in range(rounds):
+            data = mod.mutate(data, rng)
+        try:
+            mod.one_input(data)
+        except BaseException as exc:
+            path = os.path.join(tempfile.gettempdir(),
+                                f"fuzz-finding-{target}-{hashlib.sha1(data).hexdigest()[:12]}")
+            with open(path, "wb") as f:
+                f.write(data)
+            exc.add_note(f"input saved to {path}; replay: tools/fuzz/{TARGETS[target]}.py one_input")
+            raise
+
+    fuzz()
+
+
+# ---------------------------------------------------------------------------- open findings
+@pytest.mark.xfail(strict=True, reason="open finding in vdisk/check.py: repair drops live-table entries that map "
+                                       "into metadata, not a snapshot's (here a snapshot maps its own frozen table)")
+def test_repair_fixes_what_check_reports(tmp_path):
+    """A fuzzed image whose snapshot table maps a metadata block: check
+    reports it, check(repair=True) says repaired but leaves it."""
+    path = str(tmp_path / "image")
+    harness("vdisk").materialize(read("vdisk", "open-repair-leaves-a-snapshot-mapping-into-metadata"), path)
+    assert not vdisk.check(path).ok
+    repaired = vdisk.check(path, repair=True)
+    assert repaired.ok and vdisk.check(path).ok, repaired
