@@ -231,13 +231,12 @@ def test_short_fuzz(target):
 
 
 # ---------------------------------------------------------------------------- open findings
-@pytest.mark.xfail(strict=True, reason="open finding in vdisk/check.py: repair drops live-table entries that map "
-                                       "into metadata, not a snapshot's (here a snapshot maps its own frozen table)")
 def test_repair_fixes_what_check_reports(tmp_path):
     """A fuzzed image whose snapshot table maps a metadata block: check
-    reports it, check(repair=True) says repaired but leaves it."""
+    reports it, and check(repair=True) clears it (it used to say repaired
+    and leave it: repair dropped only live-table entries into metadata)."""
     path = str(tmp_path / "image")
-    harness("vdisk").materialize(read("vdisk", "open-repair-leaves-a-snapshot-mapping-into-metadata"), path)
+    harness("vdisk").materialize(read("vdisk", "repair-left-a-snapshot-mapping-into-metadata"), path)
     assert not vdisk.check(path).ok
     repaired = vdisk.check(path, repair=True)
     assert repaired.ok and vdisk.check(path).ok, repaired

@@ -137,14 +137,14 @@ def _check(fio, repair: bool) -> CheckResult:
             frozen[bad_s] = 0
             _write_all(fio, frozen, rec.table_offset)
         frozen[bad_s] = 0
-        frozen_tables.append((frozen, n_s, f_runs))
+        frozen_tables.append((frozen, n_s, f_runs, rec))
 
     # reference counts.  Dense arrays cover the blocks the tables reference
     # (data); metadata regions are checked range by range and the rest of the
     # refcount table in chunks, so a huge sparse file costs no memory.
     valid = live                # the table's own copy in memory: bad pointers dropped in place
     valid[bad] = 0
-    size = max([_max_of(valid, t_runs) + 1] + [_max_of(f, r) + 1 for f, _n, r in frozen_tables])
+    size = max([_max_of(valid, t_runs) + 1] + [_max_of(f, r) + 1 for f, _n, r, _rec in frozen_tables])
     regions = list(hdr.regions())
     for rec in snapshots:
         regions += rec.regions(bs)
@@ -158,7 +158,7 @@ def _check(fio, repair: bool) -> CheckResult:
     dup = np.flatnonzero(live_refs > 1)
     report.add_each(dup, lambda p: f"physical block {p} is mapped by {int(live_refs[p])} virtual blocks")
     snap_refs = np.zeros(size, dtype=np.uint32)
-    for frozen, _n, f_runs in frozen_tables:
+    for frozen, _n, f_runs, _rec in frozen_tables:
         _count_refs(frozen, f_runs, snap_refs)
     into_meta = np.flatnonzero(meta & ((live_refs + snap_refs) > 0))
     report.add_each(into_meta, lambda p: f"physical block {p} belongs to a metadata region but is mapped as data")
@@ -174,6 +174,18 @@ def _check(fio, repair: bool) -> CheckResult:
                 seen.add(p)
         live_refs[:] = 0
         _count_refs(valid, t_runs, live_refs)
+        # snapshot tables: drop their entries into metadata (shared data blocks are theirs to share)
+        snap_refs[:] = 0
+        for frozen, _n, f_runs, rec in frozen_tables:
+            into = _concat([np.flatnonzero((frozen[a:b] != 0) & meta[frozen[a:b]]) + a for a, b in f_runs])
+            if len(into):
+                frozen[into] = 0
+                _write_all(fio, frozen, rec.table_offset)
+                if hdr.tracking:    # the snapshot's content changed there: its frozen counters say so
+                    f_counters = _load_array(fio, rec.counter_offset, max(_n, 1), np.uint32, file_size)
+                    f_counters[into] = rec.generation
+                    _write_all(fio, f_counters, rec.counter_offset)
+            _count_refs(frozen, f_runs, snap_refs)
     refs = live_refs + snap_refs + meta          # expected references of blocks [0, size)
 
     stored = refcounts[:size].astype(np.uint32)
