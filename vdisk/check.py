@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _fast
 from . import layout as L
-from .arrays import load_array as _load_array, nonzero_entries as _nonzero_entries
+from .arrays import lazy_zeros, load_array as _load_array, nonzero_entries as _nonzero_entries
 from .disk import _read_header
 from .snapshots import parse_table
 from .errors import CorruptImageError, FormatError
@@ -150,17 +150,21 @@ def _check(fio, repair: bool) -> CheckResult:
         regions += rec.regions(bs)
     L.check_no_overlap(regions, fio.path)
     meta_ranges = [(off // bs, min((off + length) // bs, hi)) for _n, off, length in regions]
-    meta = np.zeros(size, dtype=bool)
+    # [0, size) can span a huge sparse file: lazy arrays (pages only where
+    # written) and every elementwise pass in chunks, so memory follows the
+    # referenced blocks, not the highest one
+    meta = lazy_zeros(size, np.uint8)
     for lo_b, hi_b in meta_ranges:
-        meta[lo_b:hi_b] = True
-    live_refs = np.zeros(size, dtype=np.uint32)
+        meta[lo_b:hi_b] = 1
+    live_refs = lazy_zeros(size, np.uint32)
     _count_refs(valid, t_runs, live_refs)
-    dup = np.flatnonzero(live_refs > 1)
+    dup = _chunked(size, lambda a, b: np.flatnonzero(live_refs[a:b] > 1))
     report.add_each(dup, lambda p: f"physical block {p} is mapped by {int(live_refs[p])} virtual blocks")
-    snap_refs = np.zeros(size, dtype=np.uint32)
+    snap_refs = lazy_zeros(size, np.uint32)
     for frozen, _n, f_runs, _rec in frozen_tables:
         _count_refs(frozen, f_runs, snap_refs)
-    into_meta = np.flatnonzero(meta & ((live_refs + snap_refs) > 0))
+    into_meta = _chunked(size, lambda a, b: np.flatnonzero((meta[a:b] != 0)
+                                                         & ((live_refs[a:b] + snap_refs[a:b]) > 0)))
     report.add_each(into_meta, lambda p: f"physical block {p} belongs to a metadata region but is mapped as data")
     if repair and (len(dup) or len(into_meta)):
         # keep the first mapping of a shared block, drop the others and any into metadata
@@ -172,10 +176,10 @@ def _check(fio, repair: bool) -> CheckResult:
                 valid[i] = 0
             else:
                 seen.add(p)
-        live_refs[:] = 0
+        live_refs = lazy_zeros(size, np.uint32)
         _count_refs(valid, t_runs, live_refs)
         # snapshot tables: drop their entries into metadata (shared data blocks are theirs to share)
-        snap_refs[:] = 0
+        snap_refs = lazy_zeros(size, np.uint32)
         for frozen, _n, f_runs, rec in frozen_tables:
             into = _concat([np.flatnonzero((frozen[a:b] != 0) & meta[frozen[a:b]]) + a for a, b in f_runs])
             if len(into):
@@ -186,15 +190,15 @@ def _check(fio, repair: bool) -> CheckResult:
                     f_counters[into] = rec.generation
                     _write_all(fio, f_counters, rec.counter_offset)
             _count_refs(frozen, f_runs, snap_refs)
-    refs = live_refs + snap_refs + meta          # expected references of blocks [0, size)
+    def refs(a: int, b: int) -> np.ndarray:      # expected references of blocks [a, b)
+        return live_refs[a:b] + snap_refs[a:b] + meta[a:b]
 
-    stored = refcounts[:size].astype(np.uint32)
-    under = np.flatnonzero(refs > stored)
+    under = _chunked(size, lambda a, b: np.flatnonzero(refs(a, b) > refcounts[a:b]))
     for p in under[:MAX_LISTED].tolist():
         if not meta[p] or live_refs[p] == 0:
-            report.add(f"physical block {p}: refcount {int(stored[p])}, but {int(refs[p])} references")
+            report.add(f"physical block {p}: refcount {int(refcounts[p])}, but {int(refs(p, p + 1)[0])} references")
     report.extra += max(0, len(under) - MAX_LISTED)
-    leaked = int(np.count_nonzero(refs < stored))
+    leaked = int(_chunked(size, lambda a, b: np.flatnonzero(refs(a, b) < refcounts[a:b])).size)
     # past the data: metadata blocks hold exactly 1, everything else 0
     n_past, _ = _nonzero_entries(fio, hdr.refcount_offset, size, hdr.refcount_capacity, np.uint16, file_size)
     meta_nonzero = 0
@@ -229,8 +233,10 @@ def _check(fio, repair: bool) -> CheckResult:
             table_dirty = True
         if table_dirty:
             _write_all(fio, table, hdr.table_offset)
-        new_refs = np.zeros(hdr.refcount_capacity, dtype=np.uint16)
-        new_refs[:size] = np.minimum(refs, L.MAX_REFCOUNT)
+        new_refs = lazy_zeros(hdr.refcount_capacity, np.uint16)
+        for a in range(0, size, _CHUNK):
+            b = min(size, a + _CHUNK)
+            new_refs[a:b] = np.minimum(refs(a, b), L.MAX_REFCOUNT)
         for lo_b, hi_b in meta_ranges:
             new_refs[lo_b:hi_b] = 1
         # order: the cleared table durable before the refcounts drop
@@ -243,6 +249,14 @@ def _check(fio, repair: bool) -> CheckResult:
         ok=not corruptions and leaked == 0, corruptions=corruptions, leaked_blocks=leaked,
         allocated_blocks=sum(int(np.count_nonzero(valid[lo:hi_v])) for lo, hi_v in t_runs), total_blocks=nb,
         image_end_offset=file_size)
+
+
+_CHUNK = 1 << 20
+
+
+def _chunked(n: int, find) -> np.ndarray:
+    """find(a, b) -> indices relative to a, over [0, n) in chunks; absolute indices."""
+    return _concat([find(a, min(n, a + _CHUNK)) + a for a in range(0, n, _CHUNK)])
 
 
 def _clip(ranges, n: int) -> list[tuple[int, int]]:
