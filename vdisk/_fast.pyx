@@ -48,6 +48,19 @@ cdef int runbuf_push(RunBuf *rb, int64_t start, int64_t length) noexcept nogil:
     return 0
 
 
+cdef inline int run_add(RunBuf *rb, Py_ssize_t *run, Py_ssize_t *run_end, Py_ssize_t i) noexcept nogil:
+    """Block i belongs to the answer: extend the pending run [run, run_end)
+    or push it and start a new one (run < 0: none pending).  -1 on no memory."""
+    if run[0] >= 0 and run_end[0] == i:
+        run_end[0] = i + 1
+        return 0
+    if run[0] >= 0 and runbuf_push(rb, run[0], run_end[0] - run[0]):
+        return -1
+    run[0] = i
+    run_end[0] = i + 1
+    return 0
+
+
 cdef object runbuf_finish(RunBuf *rb, int failed):
     cdef Py_ssize_t i
     cdef cnp.ndarray[int64_t, ndim=1] starts
@@ -263,26 +276,14 @@ def changed_runs(const uint32_t[::1] counters, const uint8_t[::1] dirty, const u
                 any_dirty = dirty_groups[g] != 0
                 if not any_dirty and sole[g]:
                     i = lo + sole[g] - 1    # the group's only changed block; its counter is summary[g] > since
-                    if i < hi:
-                        if run >= 0 and run_end == i:
-                            run_end = i + 1
-                        else:
-                            if run >= 0 and runbuf_push(&rb, run, run_end - run):
-                                failed = 1
-                                break
-                            run = i
-                            run_end = i + 1
+                    if i < hi and run_add(&rb, &run, &run_end, i):
+                        failed = 1
+                        break
                     continue
                 for i in range(lo, hi):
-                    if counters[i] > since or (any_dirty and dirty[i]):
-                        if run >= 0 and run_end == i:
-                            run_end = i + 1
-                        else:
-                            if run >= 0 and runbuf_push(&rb, run, run_end - run):
-                                failed = 1
-                                break
-                            run = i
-                            run_end = i + 1
+                    if (counters[i] > since or (any_dirty and dirty[i])) and run_add(&rb, &run, &run_end, i):
+                        failed = 1
+                        break
                 if failed:
                     break
         if not failed and run >= 0:

@@ -226,3 +226,16 @@ def atheris_main(one_input, custom_mutator=None) -> None:
 def atheris_mutate(data: bytes, max_size: int) -> bytes:
     import atheris
     return atheris.Mutate(data, max_size)
+
+
+def mixed_mutator(mutate):
+    """A libFuzzer custom mutator: atheris.Mutate 30% of the time, the
+    harness's structure-aware mutate(data, rng) otherwise."""
+    import random
+
+    def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
+        rng = random.Random(seed)
+        if rng.random() < 0.3:
+            return atheris_mutate(data, max_size)
+        return mutate(data, rng)[:max_size]
+    return custom_mutator

@@ -257,11 +257,8 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 
 
 def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
-    from common import atheris_mutate
-    rng = random.Random(seed)
-    if rng.random() < 0.3:
-        return atheris_mutate(data, max_size)
-    return mutate(data, rng)[:max_size]
+    from common import mixed_mutator
+    return mixed_mutator(mutate)(data, max_size, seed)
 
 
 if __name__ == "__main__":
