@@ -23,6 +23,10 @@ crash state passes (:func:`check_image`) when
     content at the id's point;
   * the same holds after opening read-write (recovery: the content must
     not change) and reopening;
+  * the consumer "c" (backups through ``consumer=``) names either the id of
+    its last completed backup or, when one was running, that backup's id
+    once its delta file is in place: never an id whose delta is missing,
+    never an older one; none after a reset_tracking committed;
   * optionally: an incremental backup of the recovered image since the id
     of the last backup taken before the crash, restored after the chain of
     deltas exported before the crash, equals the recovered content.
@@ -45,7 +49,8 @@ BACKUP_PREFIX = "vdisk-backup-"     # vdisk.backup()'s temporary snapshot
 
 BASE_WEIGHTS = {"write": 45, "zero": 8, "discard": 12, "flush": 12, "checkpoint": 10, "resize": 5}
 SNAPSHOT_WEIGHTS = {"snapshot": 6, "delete": 3, "revert": 3}
-BACKUP_WEIGHTS = {"backup": 4}
+BACKUP_WEIGHTS = {"backup": 4, "cbackup": 2}   # cbackup: a backup of the registered consumer "c"
+CONSUMER = "c"
 COMPACT_WEIGHTS = {"compact": 2}
 RESET_WEIGHTS = {"reset": 1}       # reset_tracking: a new epoch, every id handed out goes stale
 FILL_WEIGHTS = {"fill": 10}        # writes of 16 to 128 blocks: the file outgrows the first refcount table
@@ -122,6 +127,8 @@ class Workload:
             full = self.chain_id is None or rng.random() < 0.25
             return {"k": "backup", "dest": os.path.join(self.delta_dir, f"{self.tag}b{self.n}.h5"),
                     "since": None if full else self.chain_id, "compression": rng.choice(["lzf", None])}
+        if kind == "cbackup":
+            return {"k": "cbackup", "dest": os.path.join(self.delta_dir, f"{self.tag}c{self.n}.h5")}
         return {"k": kind}              # flush, checkpoint, compact, reset
 
     def done(self, op: dict, result) -> None:
@@ -167,6 +174,10 @@ def apply_op(d: vdisk.Disk, op: dict):
         d.reset_tracking()
     elif k == "backup":
         return vdisk.backup(d, op["dest"], since=op["since"], compression=op["compression"]).change_id
+    elif k == "cbackup":
+        if CONSUMER not in d.consumers:
+            d.consumers.register(CONSUMER)
+        return vdisk.backup(d, op["dest"], consumer=CONSUMER, compression=None).change_id
     else:
         raise ValueError(f"unknown op {op!r}")
     return None
@@ -188,6 +199,8 @@ class CrashModel:
         self.chain_id: str | None = None                  # the change id of its last delta
         self.chain_content: np.ndarray | None = None      # the content at that point
         self.reset_inflight = False                       # a reset_tracking is running: the epoch may change
+        self.consumer_id: str | None = None               # the consumer's id after its last completed backup
+        self.consumer_dest: str | None = None             # the delta of its running backup
 
     def will_become(self, new: np.ndarray) -> None:
         self.versions.append(new.copy())
@@ -232,8 +245,10 @@ class CrashModel:
                 cut[new_size:] = 0
                 self.will_become(cut)
             self.will_become(grown)
-        elif k == "backup":
+        elif k in ("backup", "cbackup"):
             self.backup_inflight = self.cur.copy()
+            if k == "cbackup":
+                self.consumer_dest = op["dest"]
         elif k == "reset":
             self.reset_inflight = True
 
@@ -254,6 +269,9 @@ class CrashModel:
             self.chain = [op["dest"]] if op["since"] is None else self.chain + [op["dest"]]
             self.chain_id, self.chain_content = result, self.backup_inflight
             self.backup_inflight = None
+        elif k == "cbackup":
+            self.points.append((result, self.backup_inflight))
+            self.consumer_id, self.consumer_dest, self.backup_inflight = result, None, None
         elif k == "reset":
             self.new_epoch()
         self.in_flight = None
@@ -262,9 +280,23 @@ class CrashModel:
         """Tracking was reset: every id handed out is stale, the chain ends."""
         self.points = []
         self.chain, self.chain_id, self.chain_content = [], None, None
+        self.consumer_id = None
         self.reset_inflight = False
 
-    def recovered(self, state: np.ndarray, snapshots, epoch: str) -> None:
+    def check_consumer(self, recorded: str | None, epoch: str, where: str) -> None:
+        """The consumer's id in a crash state (see the module docstring)."""
+        if recorded == self.consumer_id:
+            return
+        if recorded is None:         # cleared by a reset that committed
+            assert self.reset_inflight and epoch != (self.consumer_id or "").split("/")[0], \
+                f"{where}: consumer {CONSUMER!r} lost its id {self.consumer_id}"
+            return
+        dest = self.consumer_dest
+        assert dest is not None and os.path.exists(dest), \
+            f"{where}: consumer {CONSUMER!r} names {recorded}, but no delta for it is in place (last: {self.consumer_id})"
+        assert vdisk.verify(dest)["change_id"] == recorded, f"{where}: consumer id {recorded} is not its delta's"
+
+    def recovered(self, state: np.ndarray, snapshots, epoch: str, consumer: str | None = None) -> None:
         """After a crash state was checked and opened read-write: its content is
         the durable content now; resolve what the interrupted op did (epoch:
         the image's tracking id)."""
@@ -275,6 +307,11 @@ class CrashModel:
             assert self.reset_inflight, "the tracking epoch changed with no reset_tracking running"
             self.new_epoch()
         self.reset_inflight = False
+        if consumer is not None and consumer != self.consumer_id:   # the running consumer backup recorded its id
+            self.points.append((consumer, self.backup_inflight))
+        if consumer != self.consumer_id:
+            self.consumer_id = consumer
+        self.consumer_dest = None
         present = {info.name: info for info in snapshots}
         for name, info in present.items():
             if name not in self.committed:     # an interrupted create (or backup) that committed
@@ -352,7 +389,7 @@ def check_image(path: str, model: CrashModel, where: str, recovery: bool = True,
     path for an incremental backup (since the chain's last id) of the
     recovered image, restored after the chain and compared; the delta is
     kept there.  Returns (content, snapshots, tracking id, leaked blocks,
-    backup change id or None).
+    backup change id or None, the consumer's id).
     """
     res = vdisk.check(path)
     assert not res.corruptions, f"{where}: corruption {res.corruptions}"
@@ -360,6 +397,9 @@ def check_image(path: str, model: CrashModel, where: str, recovery: bool = True,
         state = verify_disk(d, model, f"{where} (read-only open)")
         infos = d.snapshots
         epoch = d.tracking_id
+        consumer = d.consumers.get(CONSUMER)
+        consumer = consumer and consumer.change_id
+    model.check_consumer(consumer, epoch, where)
     if recovery:
         with vdisk.open(path, "r+"):
             pass
@@ -373,7 +413,7 @@ def check_image(path: str, model: CrashModel, where: str, recovery: bool = True,
     if restore and model.chain and model.chain_id.split("/")[0] == epoch:
         cid = vdisk.backup(path, restore, since=model.chain_id, compression=None).change_id
         check_chain_restores(model, os.path.dirname(restore), extra=restore, expect=state)
-    return state, infos, epoch, res.leaked_blocks, cid
+    return state, infos, epoch, res.leaked_blocks, cid, consumer
 
 
 class CrashChecker:
@@ -410,7 +450,7 @@ class CrashChecker:
             restore = os.path.join(self.workdir, f"crash-{self.states}.h5")
             self.restores += 1
         try:
-            _, _, _, leaked, _ = check_image(path, self.model, f"state {self.states}",
+            _, _, _, leaked, _, _ = check_image(path, self.model, f"state {self.states}",
                                           recovery=self.rng.random() < self.recovery_rate, restore=restore)
             self.leaky += leaked > 0
         finally:

@@ -208,6 +208,7 @@ class _Run:
             return None
         if k == "reset":
             self.reset_from = self.d.tracking_id
+            self.model.reset_inflight = True     # the consumer's id may be cleared
             self.d.reset_tracking()
             return None
         self.model.begin(op)
@@ -229,12 +230,13 @@ class _Run:
             m.flushed_now()
             m.points = []                # every id handed out is stale now
             m.chain, m.chain_id, m.chain_content = [], None, None
+            m.consumer_id, m.reset_inflight = None, False
             work.chain_id = None
             self.reset_from = None
             return
         m.end(op, result)
         work.done(op, result)
-        if k == "backup":
+        if k in ("backup", "cbackup"):
             assert os.path.exists(op["dest"]), f"backup returned but {op['dest']} does not exist"
 
     # --- after the fault ---------------------------------------------------------------------

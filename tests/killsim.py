@@ -114,9 +114,10 @@ class KillCampaign:
         self.stats.in_flight[kind] = self.stats.in_flight.get(kind, 0) + 1
         where = f"seed {self.seed} kill {self.round} (in {kind}, after {len(ops)} ops)"
         restore = os.path.join(self.deltas, f"after-kill-{self.round}.h5") if self.restore and m.chain else None
-        state, infos, epoch, leaked, cid = check_image(self.path, m, where, recovery=True, restore=restore)
+        state, infos, epoch, leaked, cid, consumer = check_image(self.path, m, where, recovery=True,
+                                                                 restore=restore)
         self.stats.leaky += leaked > 0
-        m.recovered(state, infos, epoch)
+        m.recovered(state, infos, epoch, consumer)
         if cid is not None:                # the post-kill incremental extends the chain
             self.stats.restores += 1
             m.points.append((cid, state.copy()))

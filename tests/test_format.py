@@ -15,6 +15,8 @@ DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "FORMAT.md")
 def doc_table(heading: str):
     text = open(DOC).read()
     section = text[text.index(heading):]
+    end = section.find("\n## ", 1)          # up to the next heading
+    section = section if end < 0 else section[:end]
     rows = re.findall(r"^\| (\d+) \| (\d+) \| `(\w+)`", section, re.M)
     return [(int(o), int(s), n) for o, s, n in rows]
 
@@ -25,16 +27,20 @@ def test_header_table_matches_layout():
     assert rows[:len(fields)] == fields
 
 
-def test_snapshot_table_matches_layout():
-    rows = doc_table("## Snapshot table")
-    off, fields = 0, []
-    for n, c in L.SNAPSHOT_FIELDS:
+@pytest.mark.parametrize("heading, fields, entry_size", [
+    ("## Snapshot table", L.SNAPSHOT_FIELDS, L.SNAPSHOT_ENTRY_SIZE),
+    ("## Consumer table", L.CONSUMER_FIELDS, L.CONSUMER_ENTRY_SIZE),
+])
+def test_entry_tables_match_layout(heading, fields, entry_size):
+    rows = doc_table(heading)
+    off, documented = 0, []
+    for n, c in fields:
         size = struct.calcsize("<" + c)
         if not n.startswith("reserved"):
-            fields.append((off, size, n))
+            documented.append((off, size, n))
         off += size
-    assert rows == fields
-    assert off + 4 == L.SNAPSHOT_ENTRY_SIZE
+    assert rows == documented
+    assert off + 4 == entry_size
 
 
 def test_magic_documented():

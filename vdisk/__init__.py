@@ -20,9 +20,11 @@ from .check import CheckResult, check
 from .convert import compare, convert
 from .disk import Disk, create, open
 from .snapshots import Snapshot, SnapshotInfo
+from .consumers import ConsumerInfo, Consumers
 from .errors import (ClosedError, CorruptImageError, FormatError, ImageLockedError, InvalidArgumentError,
                      OutOfRangeError, ReadOnlyError, StaleChangeIdError, UnsupportedFeatureError, VdiskError,
-                     VdiskIOError, SnapshotNotFoundError, BackupChainError, ChecksumError)
+                     VdiskIOError, SnapshotNotFoundError, BackupChainError, ChecksumError,
+                     ConsumerNotFoundError)
 from .extents import Extents
 from .layout import parse_size
 from .backup import BackupResult, backup, merge, restore, verify
@@ -35,4 +37,5 @@ __all__ = [
     "OutOfRangeError", "ReadOnlyError", "StaleChangeIdError", "VdiskIOError", "ClosedError",
     "InvalidArgumentError", "SnapshotNotFoundError", "Snapshot", "SnapshotInfo", "__version__",
     "backup", "restore", "verify", "merge", "BackupResult", "BackupChainError", "ChecksumError",
+    "Consumers", "ConsumerInfo", "ConsumerNotFoundError",
 ]

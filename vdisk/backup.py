@@ -51,8 +51,8 @@ import numpy as np
 from . import _fast
 from .delta import (BATCH_BYTES, FLAG_ZERO, FORMAT_NAME, FORMAT_VERSION, UUID_RE, DeltaFile, DeltaWriter,
                     batch_rows_for, check_dest, fsync_dir, now_iso, parse_compression, place, start_writeback)
-from .errors import (BackupChainError, CorruptImageError, InvalidArgumentError, StaleChangeIdError,
-                     UnsupportedFeatureError)
+from .errors import (BackupChainError, CorruptImageError, InvalidArgumentError, ReadOnlyError,
+                     StaleChangeIdError, UnsupportedFeatureError)
 from .extents import Extents
 from .fileio import FileIO, refuse_if_in_use
 from .tracking import parse_change_id
@@ -159,46 +159,80 @@ def _resolve_source(source):
                                f"not {type(source).__name__}")
 
 
-def backup(source, dest, *, since=None, compression="gzip", progress=None) -> BackupResult:
+def backup(source, dest, *, since=None, compression="gzip", progress=None, consumer=None) -> BackupResult:
     """Back up `source` (a path, an open Disk or a Snapshot) to a new delta file `dest`.
 
     since=None or "*": a full backup of the allocated extents; since=<change id>:
     only the blocks changed after that point.  Returns a :class:`BackupResult`
     whose ``change_id`` the caller keeps for its next incremental.
+    consumer=<name>: instead of since, a consumer registered in the image
+    (``Disk.consumers``): the backup starts from its last recorded id (a full
+    one if it has none) and, once the delta is in place, records the new id.
     progress(done_bytes, total_bytes) is called as data is copied, finally with done == total.
     """
     comp = parse_compression(compression)
     dest = check_dest(dest)
+    if consumer is not None and since is not None:
+        raise InvalidArgumentError("give since or consumer, not both: a consumer's backup starts from its own id")
     since = "*" if since is None else since
     disk, snap, owned = _resolve_source(source)
     try:
+        if consumer is not None:
+            if snap is not None:
+                raise InvalidArgumentError("consumer= needs the image (a path or a Disk), not a snapshot")
+            if disk.tracking_id is None:
+                raise UnsupportedFeatureError(f"{disk.path}: change tracking is off for this image: it has no "
+                                              f"consumers")
+            if not disk.writable():
+                raise ReadOnlyError(f"{disk.path}: opened read-only, but a consumer's backup records its id "
+                                    f"in the image (open it with mode 'r+')")
+            since = disk.consumers.last_id(consumer) or "*"
+            result = _backup_disk(disk, dest, since, comp, progress)
+            _record(disk, consumer, result)
+            return result
         if snap is not None:
             return _backup_snapshot(snap, dest, since, comp, progress)
-        if disk.tracking_id is None:
-            raise UnsupportedFeatureError(f"{disk.path}: change tracking is off for this image: a backup needs "
-                                          f"change ids (create the image with track_changes=True)")
-        if since != "*":      # a stale id fails before anything is written, even the snapshot
-            parse_change_id(since, _uuid.UUID(disk.tracking_id).bytes, disk.generation)
-        name = f"vdisk-backup-{_uuid.uuid4().hex}"
-        snap = disk.snapshot(name)
-        dropped = []
-
-        def drop_snapshot():     # the delta is complete and synced, not yet in place: a failure here leaves none
-            dropped.append(name)
-            disk.delete_snapshot(name)
-        try:
-            return _backup_snapshot(snap, dest, since, comp, progress, before_place=drop_snapshot)
-        except BaseException as exc:
-            if not dropped:
-                try:
-                    disk.delete_snapshot(name)
-                except Exception as cleanup:     # the copy's error is the one to see; say what was left
-                    if hasattr(exc, "add_note"):
-                        exc.add_note(f"also, deleting the temporary snapshot {name!r} failed: {cleanup}")
-            raise
+        return _backup_disk(disk, dest, since, comp, progress)
     finally:
         if owned:
             disk.close()
+
+
+def _record(disk, consumer: str, result: BackupResult) -> None:
+    """The delta is in place: the consumer's next backup starts from its id."""
+    try:
+        disk.consumers.update(consumer, result.change_id)
+    except BaseException as exc:
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"the delta {result.dest} is complete, but consumer {consumer!r} still names its "
+                         f"older id: its next backup covers these changes again")
+        raise
+
+
+def _backup_disk(disk, dest: str, since: str, comp, progress) -> BackupResult:
+    """Back up the live disk through a temporary snapshot, deleted before the delta is placed."""
+    if disk.tracking_id is None:
+        raise UnsupportedFeatureError(f"{disk.path}: change tracking is off for this image: a backup needs "
+                                      f"change ids (create the image with track_changes=True)")
+    if since != "*":      # a stale id fails before anything is written, even the snapshot
+        parse_change_id(since, _uuid.UUID(disk.tracking_id).bytes, disk.generation)
+    name = f"vdisk-backup-{_uuid.uuid4().hex}"
+    snap = disk.snapshot(name)
+    dropped = []
+
+    def drop_snapshot():     # the delta is complete and synced, not yet in place: a failure here leaves none
+        dropped.append(name)
+        disk.delete_snapshot(name)
+    try:
+        return _backup_snapshot(snap, dest, since, comp, progress, before_place=drop_snapshot)
+    except BaseException as exc:
+        if not dropped:
+            try:
+                disk.delete_snapshot(name)
+            except Exception as cleanup:     # the copy's error is the one to see; say what was left
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"also, deleting the temporary snapshot {name!r} failed: {cleanup}")
+        raise
 
 
 def _backup_snapshot(snap, dest: str, since: str, compression, progress, before_place=None) -> BackupResult:

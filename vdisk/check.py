@@ -21,6 +21,7 @@ import dataclasses
 import numpy as np
 
 from . import _fast
+from . import consumers as consumer_table
 from . import layout as L
 from .arrays import lazy_zeros, load_array as _load_array, nonzero_entries as _nonzero_entries
 from .disk import _read_header
@@ -99,6 +100,14 @@ def _check(fio, repair: bool) -> CheckResult:
     nb = hdr.nblocks
     end_block = -(-file_size // bs)
     report = _Report()
+    damage = _consumer_damage(fio, hdr)
+    if damage:      # data never depends on it: repair drops the table (its blocks are freed below)
+        report.add(f"{damage} (repair drops the consumer table)")
+        if repair:
+            hdr.consumer_offset = hdr.consumer_count = hdr.consumer_capacity = 0
+            hdr.sequence += 1
+            fio.pwrite(hdr.pack(), L.SLOT_OFFSETS[hdr.sequence % 2])
+            fio.fsync()
     t_ranges: list = []
     table = _load_array(fio, hdr.table_offset, hdr.table_capacity, np.uint32, file_size, keep=nb, ranges=t_ranges)
     t_runs = _clip(t_ranges, nb)        # entries outside these are zero: never scanned, never paged in
@@ -252,6 +261,20 @@ def _check(fio, repair: bool) -> CheckResult:
 
 
 _CHUNK = 1 << 20
+
+
+def _consumer_damage(fio, hdr: L.Header) -> str | None:
+    """What is wrong with the consumer table, or None."""
+    if not hdr.consumer_count:
+        return None
+    raw = fio.pread(hdr.consumer_count * L.CONSUMER_ENTRY_SIZE, hdr.consumer_offset)
+    if len(raw) < hdr.consumer_count * L.CONSUMER_ENTRY_SIZE:
+        return "consumer table truncated"
+    try:
+        consumer_table.parse_table(raw, hdr.consumer_count, hdr)
+    except CorruptImageError as exc:
+        return str(exc)
+    return None
 
 
 def _chunked(n: int, find) -> np.ndarray:

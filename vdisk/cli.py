@@ -173,6 +173,8 @@ def info(file: str, output: str) -> None:
             ("change id", data["change_id"] or "none (no checkpoint yet)"),
             ("dirty coarse regions", data["dirty_coarse_regions"]),
         ]
+        for c in data["consumers"]:
+            rows.append((f"consumer {c['name']}", c["change_id"] or "no backup recorded (next one is full)"))
     _table(rows)
 
 
@@ -288,12 +290,17 @@ def checkpoint(file: str) -> None:
 
 @main.command()
 @file_argument
-@click.option("--since", "since", required=True, metavar="ID",
+@click.option("--since", "since", metavar="ID",
               help="A change id from 'vdisk checkpoint', or '*' for every allocated extent.")
+@click.option("--consumer", metavar="NAME", help="Since the last recorded backup of this consumer.")
 @output_option
-def changes(file: str, since: str, output: str) -> None:
-    """List the extents changed after the point ID."""
+def changes(file: str, since: str | None, consumer: str | None, output: str) -> None:
+    """List the extents changed after the point ID (or since a consumer's last backup)."""
+    if (since is None) == (consumer is None):
+        raise click.UsageError("give exactly one of --since ID and --consumer NAME")
     with vdisk.open(file) as d:
+        if consumer is not None:
+            since = d.consumers.last_id(consumer) or "*"
         extents = d.changes_since(since)
         change_id = d.change_id
     if output == "json":
@@ -362,6 +369,60 @@ def snapshot_revert(file: str, name: str) -> None:
     """Make the disk's content (and size) that of snapshot NAME."""
     with vdisk.open(file, "r+") as d:
         d.revert(name)
+
+
+# ---------------------------------------------------------------------------- consumers
+@main.group()
+def consumer() -> None:
+    """Named backup consumers stored in the image, each with its last change id."""
+
+
+def _consumer_json(info) -> dict:
+    return {"name": info.name, "change_id": info.change_id, "created": info.created.isoformat(),
+            "updated": info.updated.isoformat()}
+
+
+@consumer.command(name="register")
+@file_argument
+@click.argument("name")
+@click.option("--change-id", metavar="ID", help="The id of a backup the consumer holds already (default: none).")
+def consumer_register(file: str, name: str, change_id: str | None) -> None:
+    """Register consumer NAME (its first backup with --consumer is a full one)."""
+    with vdisk.open(file, "r+") as d:
+        d.consumers.register(name, change_id)
+
+
+@consumer.command(name="update")
+@file_argument
+@click.argument("name")
+@click.argument("change_id", metavar="ID")
+def consumer_update(file: str, name: str, change_id: str) -> None:
+    """Record ID as the last completed backup of consumer NAME."""
+    with vdisk.open(file, "r+") as d:
+        d.consumers.update(name, change_id)
+
+
+@consumer.command(name="forget")
+@file_argument
+@click.argument("name")
+def consumer_forget(file: str, name: str) -> None:
+    """Remove consumer NAME from the image."""
+    with vdisk.open(file, "r+") as d:
+        d.consumers.forget(name)
+
+
+@consumer.command(name="list")
+@file_argument
+@output_option
+def consumer_list(file: str, output: str) -> None:
+    """List the consumers and the change id of each one's last recorded backup."""
+    with vdisk.open(file) as d:
+        infos = d.consumers.values()
+    if output == "json":
+        _emit_json([_consumer_json(i) for i in infos])
+        return
+    for i in infos:
+        click.echo(f"{i.name}\t{i.change_id or '-'}\t{i.updated.strftime('%Y-%m-%dT%H:%M:%SZ')}")
 
 
 @main.command()
@@ -460,13 +521,16 @@ def compare_(ctx: click.Context, a: str, b: str, a_format: str | None, b_format:
               help="Back up only the blocks changed after this change id (default: a full backup).")
 @click.option("--compression", type=click.Choice(["gzip", "lzf", "none"]), default="gzip", show_default=True,
               help="Compression of the block data in the delta file.")
+@click.option("--consumer", metavar="NAME",
+              help="Instead of --since: back up since this registered consumer's last backup, then record it.")
 @click.option("-p", "show_progress", is_flag=True, help="Show a progress bar on stderr.")
 @output_option
-def backup_(file: str, dest: str, since: str | None, compression: str, show_progress: bool, output: str) -> None:
+def backup_(file: str, dest: str, since: str | None, consumer: str | None, compression: str, show_progress: bool,
+            output: str) -> None:
     """Back up image FILE to a new delta file DEST; prints the change id to keep for the next --since."""
     bar = _ProgressBar("backup") if show_progress else None
     try:
-        res = vdisk.backup(file, dest, since=since, compression=compression, progress=bar)
+        res = vdisk.backup(file, dest, since=since, compression=compression, progress=bar, consumer=consumer)
     finally:
         if bar is not None:
             bar.close()

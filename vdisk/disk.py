@@ -63,6 +63,7 @@ import weakref
 import numpy as np
 
 from . import _fast
+from . import consumers as consumer_table
 from . import layout as L
 from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError,
                      ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError, VdiskIOError)
@@ -232,6 +233,16 @@ class Disk(io.RawIOBase):
             if len(raw) < h.snapshot_count * L.SNAPSHOT_ENTRY_SIZE:
                 raise CorruptImageError(f"{fio.path}: snapshot table truncated")
             self._snapshots = parse_table(raw, h.snapshot_count, h, file_size)
+        self._consumers: list[consumer_table.ConsumerRecord] = []
+        if h.consumer_count:
+            raw = fio.pread(h.consumer_count * L.CONSUMER_ENTRY_SIZE, h.consumer_offset)
+            if len(raw) < h.consumer_count * L.CONSUMER_ENTRY_SIZE:
+                raise CorruptImageError(f"{fio.path}: consumer table truncated")
+            try:
+                self._consumers = consumer_table.parse_table(raw, h.consumer_count, h)
+            except CorruptImageError as exc:
+                raise CorruptImageError(f"{fio.path}: {exc} (run 'vdisk check --repair', which drops the "
+                                        f"consumer table)") from None
         self._views: "weakref.WeakSet[Snapshot]" = weakref.WeakSet()
         bs = h.block_size
         nb = h.nblocks
@@ -390,6 +401,7 @@ class Disk(io.RawIOBase):
                 "coarse_region_size": 1 << h.coarse_shift,
                 "track_changes": self.track_changes,
                 "snapshots": h.snapshot_count,
+                "consumers": [{"name": r.name, "change_id": r.change_id} for r in self._consumers],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.created_ns / 1e9)),
             }
             if self._tracker:
@@ -922,6 +934,12 @@ class Disk(io.RawIOBase):
             # the same commit as the new epoch; a crash shows the old epoch with its own counters
             length = L.round_up(h.table_capacity * L.COUNTER_BYTES, h.block_size)
             first = self._alloc_run(length // h.block_size)
+            # every consumer's id becomes stale: a table without them, named by the same commit
+            old_consumers = (h.consumer_offset, h.consumer_capacity)
+            if self._consumers:
+                cleared = consumer_table.cleared(self._consumers, time.time_ns())
+                h.consumer_offset, h.consumer_capacity = self._write_entry_table(
+                    cleared, L.CONSUMER_ENTRY_SIZE, L.MAX_CONSUMERS)
             self._write_ref_pages()
             self._io.fsync()
             old_offset = h.counter_offset
@@ -930,6 +948,10 @@ class Disk(io.RawIOBase):
             h.generation = 1
             self._commit_header()
             tracker.reset()
+            if self._consumers:
+                self._consumers = cleared
+                self._release_run(old_consumers[0], L.round_up(old_consumers[1] * L.CONSUMER_ENTRY_SIZE,
+                                                               h.block_size))
             self._refresh_meta_ranges()
             self._release_run(old_offset, length)
             self._flush_locked()
@@ -958,15 +980,15 @@ class Disk(io.RawIOBase):
         nb = L.blocks_for(size, self._hdr.block_shift)
         return _load_array(self._io, offset, max(nb, 1), np.uint32, self._io.size())
 
-    def _write_snapshot_table(self, records) -> tuple[int, int]:
-        """A new copy of the snapshot table in fresh blocks: (offset, capacity)."""
+    def _write_entry_table(self, records, entry_size: int, limit: int) -> tuple[int, int]:
+        """A new copy of a snapshot or consumer table in fresh blocks: (offset, capacity)."""
         if not records:
             return 0, 0
         bs = self._hdr.block_size
-        nbytes = L.round_up(len(records) * L.SNAPSHOT_ENTRY_SIZE, bs)
+        nbytes = L.round_up(len(records) * entry_size, bs)
         first = self._alloc_run(nbytes // bs)
         self._io.pwrite(b"".join(rec.pack() for rec in records), first * bs)
-        return first * bs, min(nbytes // L.SNAPSHOT_ENTRY_SIZE, L.MAX_SNAPSHOTS)
+        return first * bs, min(nbytes // entry_size, limit)
 
     def _release_run(self, offset: int, nbytes: int) -> None:
         bs = self._hdr.block_size
@@ -1018,20 +1040,52 @@ class Disk(io.RawIOBase):
             return view
 
     def _commit_snapshot_table(self, records, advance: bool = False) -> None:
-        h = self._hdr
-        old_off, old_cap = h.snapshot_offset, h.snapshot_capacity
-        s_off, s_cap = self._write_snapshot_table(records)
-        self._write_ref_pages()
-        self._io.fsync()
-        h.snapshot_offset, h.snapshot_capacity, h.snapshot_count = s_off, s_cap, len(records)
-        if advance:
-            h.snapshot_next_id += 1
-            h.generation += 1
-        self._commit_header()
+        def header_update(h):
+            if advance:
+                h.snapshot_next_id += 1
+                h.generation += 1
+        self._commit_entry_table("snapshot", records, L.SNAPSHOT_ENTRY_SIZE, L.MAX_SNAPSHOTS, header_update)
         self._snapshots = records
         self._refresh_meta_ranges()
+
+    def _commit_entry_table(self, kind: str, records, entry_size: int, limit: int, header_update=None) -> None:
+        """A new copy of the snapshot or consumer table (kind) in fresh blocks,
+        durable before the header names it; the old copy is released after."""
+        h = self._hdr
+        old_off, old_cap = getattr(h, f"{kind}_offset"), getattr(h, f"{kind}_capacity")
+        off, cap = self._write_entry_table(records, entry_size, limit)
+        self._write_ref_pages()
+        self._io.fsync()
+        setattr(h, f"{kind}_offset", off)
+        setattr(h, f"{kind}_capacity", cap)
+        setattr(h, f"{kind}_count", len(records))
+        if header_update:
+            header_update(h)
+        self._commit_header()
         if old_off:
-            self._release_run(old_off, L.round_up(old_cap * L.SNAPSHOT_ENTRY_SIZE, h.block_size))
+            self._release_run(old_off, L.round_up(old_cap * entry_size, h.block_size))
+
+    # ------------------------------------------------------------------ consumers
+    @property
+    def consumers(self) -> consumer_table.Consumers:
+        """The named backup consumers stored in the image (vdisk/consumers.py)."""
+        return consumer_table.Consumers(self)
+
+    @_poisons
+    def _change_consumers(self, op: str, name, change_id):
+        with self._lock:
+            self._check_writable()
+            self._require_tracking()
+            records, rec = consumer_table.apply(self._consumers, op, name, change_id, self._hdr, time.time_ns())
+            self._flush_locked()
+            self._commit_consumer_table(records)
+            self._flush_locked()            # the old copy's blocks are free again
+            return rec.info() if rec is not None else None
+
+    def _commit_consumer_table(self, records) -> None:
+        self._commit_entry_table("consumer", records, L.CONSUMER_ENTRY_SIZE, L.MAX_CONSUMERS)
+        self._consumers = records
+        self._refresh_meta_ranges()
 
     def open_snapshot(self, name: str) -> Snapshot:
         """A read-only view of an existing snapshot."""

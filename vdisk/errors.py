@@ -64,6 +64,13 @@ class SnapshotNotFoundError(VdiskError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ConsumerNotFoundError(VdiskError, KeyError):
+    """No consumer of that name is registered in the image."""
+
+    def __str__(self) -> str:          # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
 class BackupChainError(VdiskError):
     """Deltas that do not form one backup chain (a gap, a reorder, a duplicate,
     a foreign delta, a missing full backup), or a restore target at another

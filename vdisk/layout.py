@@ -54,6 +54,10 @@ MAX_SNAPSHOTS = 1024
 SNAPSHOT_ENTRY_SIZE = 256
 MAX_SNAPSHOT_NAME = 120        # bytes of UTF-8
 
+MAX_CONSUMERS = 1024
+CONSUMER_ENTRY_SIZE = 256
+MAX_CONSUMER_NAME = 120        # bytes of UTF-8
+
 SUMMARY_SHIFT = 5              # in memory only: one max-generation per 32 blocks (measured: benchmarks/)
 
 # feature bits
@@ -122,6 +126,19 @@ SNAPSHOT_FIELDS = [
 SNAPSHOT_STRUCT = struct.Struct("<" + "".join(code for _, code in SNAPSHOT_FIELDS))
 assert SNAPSHOT_STRUCT.size == SNAPSHOT_ENTRY_SIZE - 4
 
+# consumer table entry (CONSUMER_ENTRY_SIZE bytes each, CRC32C in the last 4)
+CONSUMER_FIELDS = [
+    ("generation", "Q"),           # generation of its last recorded backup's id; 0 = none yet
+    ("tracking_uuid", "16s"),      # that id's tracking epoch (zero when generation is 0)
+    ("created_ns", "Q"),
+    ("updated_ns", "Q"),
+    ("name_length", "H"),
+    ("reserved", "90s"),
+    ("name", "120s"),              # UTF-8, name_length bytes used, zero padded
+]
+CONSUMER_STRUCT = struct.Struct("<" + "".join(code for _, code in CONSUMER_FIELDS))
+assert CONSUMER_STRUCT.size == CONSUMER_ENTRY_SIZE - 4
+
 
 def crc32c(data) -> int:
     return _crc32c.crc32c(data)
@@ -185,6 +202,9 @@ class Header:
         if self.snapshot_offset:
             out.append(("snapshots", self.snapshot_offset,
                         round_up(self.snapshot_capacity * SNAPSHOT_ENTRY_SIZE, bs)))
+        if self.consumer_offset:
+            out.append(("consumers", self.consumer_offset,
+                        round_up(self.consumer_capacity * CONSUMER_ENTRY_SIZE, bs)))
         return out
 
     # --- bytes --------------------------------------------------------------
@@ -266,8 +286,12 @@ class Header:
             bad(f"snapshot_count {self.snapshot_count} / capacity {self.snapshot_capacity} (limit {MAX_SNAPSHOTS})")
         if (self.snapshot_offset == 0) != (self.snapshot_capacity == 0):
             bad("snapshot_offset and snapshot_capacity disagree")
-        if self.consumer_offset or self.consumer_count or self.consumer_capacity:
-            bad("consumer table fields must be zero in version 1")
+        if self.consumer_count > self.consumer_capacity or self.consumer_capacity > MAX_CONSUMERS:
+            bad(f"consumer_count {self.consumer_count} / capacity {self.consumer_capacity} (limit {MAX_CONSUMERS})")
+        if (self.consumer_offset == 0) != (self.consumer_capacity == 0):
+            bad("consumer_offset and consumer_capacity disagree")
+        if self.consumer_count and not self.tracking:
+            bad("consumers registered in an image without change tracking")
         regions = self.regions()
         end_limit = (MAX_PHYS_BLOCKS + 1) * bs
         for name, off, length in regions:
