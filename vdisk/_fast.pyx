@@ -332,6 +332,63 @@ def count_refs(const uint32_t[::1] table, Py_ssize_t n, uint32_t[::1] refs) -> i
     return count
 
 
+def count_refs_within(const uint32_t[::1] table, Py_ssize_t n, uint64_t lo, uint64_t hi,
+                      const int64_t[::1] meta_starts, const int64_t[::1] meta_stops,
+                      const uint8_t[::1] meta_cells, int cell_shift,
+                      uint16_t[::1] counts, const uint16_t[::1] refcounts):
+    """One walk over table[:n] that checks and counts every nonzero entry v:
+    v must lie in [lo, hi) and outside the ranges [meta_starts[k],
+    meta_stops[k]) (sorted, disjoint), and counts[v] += 1 must not exceed
+    refcounts[v] (so counts never overflows).  meta_cells[v >> cell_shift]
+    is nonzero where a range may hold v: only there is a range searched
+    (binary search).
+
+    Returns (index, problem) for the first entry that fails, problem 1:
+    outside [lo, hi), 2: inside a range, 3: more references than
+    refcounts[v]; (-1, 0) when every entry passes.  hi may not exceed
+    len(counts) nor len(refcounts), nor (hi - 1) >> cell_shift the cells.
+    """
+    cdef Py_ssize_t i, a, b, mid, bad = -1
+    cdef int problem = 0
+    cdef Py_ssize_t m = meta_starts.shape[0]
+    cdef uint32_t v
+    if n > table.shape[0]:
+        raise IndexError("count_refs_within: n beyond the table")
+    if hi > <uint64_t> counts.shape[0] or hi > <uint64_t> refcounts.shape[0]:
+        raise IndexError("count_refs_within: hi beyond counts or refcounts")
+    if meta_stops.shape[0] != m:
+        raise ValueError("count_refs_within: meta_starts and meta_stops differ in length")
+    if not 0 <= cell_shift < 64:
+        raise ValueError("count_refs_within: cell_shift outside 0..63")
+    if hi and ((hi - 1) >> cell_shift) >= <uint64_t> meta_cells.shape[0]:
+        raise IndexError("count_refs_within: hi beyond the meta cells")
+    with nogil:
+        for i in range(n):
+            v = table[i]
+            if v == 0:
+                continue
+            if v < lo or v >= hi:
+                problem = 1
+            elif m and meta_cells[v >> cell_shift]:
+                a = 0                   # the last range starting at or before v
+                b = m
+                while b - a > 1:
+                    mid = (a + b) >> 1
+                    if meta_starts[mid] <= v:
+                        a = mid
+                    else:
+                        b = mid
+                if meta_starts[a] <= v < meta_stops[a]:
+                    problem = 2
+            if problem == 0 and counts[v] >= refcounts[v]:
+                problem = 3
+            if problem:
+                bad = i
+                break
+            counts[v] += 1
+    return bad, problem
+
+
 def pages_touched(const int64_t[::1] starts, const int64_t[::1] lengths, int page_shift):
     """Sorted unique page numbers (index >> page_shift) covered by the runs."""
     cdef Py_ssize_t k, n = starts.shape[0]

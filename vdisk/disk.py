@@ -261,6 +261,8 @@ class Disk(io.RawIOBase):
         self._refresh_meta_ranges()
         self._validate_meta_refcounts()
         self._validate_table(self._table, nb, "block table", runs=self._table_runs(nb))
+        if self._writable and self._snapshots:
+            self._validate_shared_refcounts()
         self._table_mv = memoryview(self._table)
         self._refs_mv = memoryview(self._refcounts)
         self._dirty_table_pages: set[int] = set()
@@ -317,6 +319,75 @@ class Disk(io.RawIOBase):
                 raise CorruptImageError(
                     f"{self._io.path}: {what} maps physical block {int(used[dup])} from two entries, as if an "
                     f"earlier entry maps it too (run 'vdisk check --repair')")
+
+    def _validate_shared_refcounts(self) -> None:
+        """Every data block's refcount is at least the number of tables that
+        map it: the live table and every snapshot's frozen table
+        (docs/FORMAT.md, "Refcounts").  A lower refcount would send a write
+        to a shared block in place (a snapshot changes) and let a delete or
+        revert free a block a table still maps (reused: one block reads
+        another's data); a higher one is only a leak.
+
+        Run at a writable open of an image with snapshots, before anything
+        depends on the refcounts; the write path, delete_snapshot and revert
+        keep the property from then on.  Without snapshots the live table's
+        own validation is enough (each block mapped once, refcount nonzero).
+        Read-only opens skip it: refcounts only steer a writer's choices
+        (in place or copy, free or reuse), a reader follows the tables as
+        they are, and no writer can run beside it (the writer's exclusive
+        lock); the next writer validates at its own open.
+
+        Each snapshot table is streamed from the pages the file holds, 1 MiB
+        at a time, and its pointers checked as the live table's are (inside
+        the data area, outside metadata; a refcount of 0 fails the count);
+        the reference counts go into a lazy array (pages only where
+        referenced), so memory follows the referenced blocks, not the
+        virtual size (docs/FORMAT.md, "Validation at open", has the cost)."""
+        h, fio = self._hdr, self._io
+        file_size = fio.size()
+        hi = min(file_size // h.block_size, h.refcount_capacity)
+        counts = lazy_zeros(hi, np.uint16)
+        refs = self._refcounts[:hi]
+        meta = sorted(r for r in self._meta_ranges if r[0] < r[1])
+        m_starts = np.array([lo for lo, _ in meta], np.int64)
+        m_stops = np.array([stop for _, stop in meta], np.int64)
+        # at most 64 Ki cells, marked where a metadata range lies: only there is a range searched
+        cell_shift = max(0, hi.bit_length() - 16)
+        cells = np.zeros((hi >> cell_shift) + 1, np.uint8)
+        for lo, stop in meta:
+            cells[lo >> cell_shift:((stop - 1) >> cell_shift) + 1] = 1
+
+        def count(part: np.ndarray, first: int, what: str) -> None:
+            bad, problem = _fast.count_refs_within(part, len(part), self._meta_end_block, hi, m_starts, m_stops,
+                                                   cells, cell_shift, counts, refs)
+            if bad < 0:
+                return
+            p = int(part[bad])
+            if problem == 1:
+                found = f"{what} entry {first + bad} points to physical block {p}, outside the data area " \
+                        f"[{self._meta_end_block}, {hi})"
+            elif problem == 2:
+                found = f"{what} points into a metadata region (physical block {p}, entry {first + bad})"
+            else:
+                found = (f"physical block {p} has refcount {int(refs[p])}, but more tables map it ({what} "
+                         f"entry {first + bad} is one more): a write could change a snapshot and a delete free "
+                         f"a block in use")
+            raise CorruptImageError(f"{fio.path}: {found} (run 'vdisk check --repair')")
+
+        for lo, stop in self._table_runs(h.nblocks):
+            count(self._table[lo:stop], lo, "block table")
+        step = 1 << 20
+        for rec in self._snapshots:
+            what = f"snapshot {rec.name!r} table"
+            base = rec.table_offset
+            end = min(base + L.blocks_for(rec.virtual_size, h.block_shift) * L.TABLE_ENTRY_BYTES, file_size)
+            for off, length in fio.data_extents(base, end):
+                stop = off + length
+                off -= (off - base) % L.TABLE_ENTRY_BYTES
+                for pos in range(off, stop, step):
+                    raw = fio.pread(min(step, stop - pos), pos)
+                    part = np.frombuffer(raw, np.uint32, len(raw) // L.TABLE_ENTRY_BYTES)
+                    count(part, (pos - base) // L.TABLE_ENTRY_BYTES, what)
 
     def _validate_meta_refcounts(self) -> None:
         """Every block of a metadata region holds a reference (docs/FORMAT.md,
@@ -1134,7 +1205,15 @@ class Disk(io.RawIOBase):
                 self._grow_tables(nb_s)
             nb_old = h.nblocks
             frozen = self._load_frozen(rec.table_offset, rec.virtual_size)
-            self._validate_table(frozen, nb_s, f"snapshot {name!r} table", allow_shared=True)
+            # it becomes the live table: each block mapped once (a snapshot is a copy of a live table;
+            # a duplicate would take one reference for two entries below)
+            self._validate_table(frozen, nb_s, f"snapshot {name!r} table")
+            used = _fast.nonzero_values(frozen, nb_s)
+            # a refcount at the cap is allowed (a leak) but cannot take the new table's reference:
+            # refused before anything changes, as snapshot() does (uint16 would wrap to 0: a free block)
+            if len(used) and self._refcounts[used].max() >= L.MAX_REFCOUNT:
+                raise OutOfRangeError(f"{self.path}: a block would exceed {L.MAX_REFCOUNT} references "
+                                      f"(run 'vdisk check --repair' if the image leaks)")
             table = lazy_zeros(h.table_capacity, np.uint32)
             table[:nb_s] = frozen[:nb_s]
             # 1. tracking: blocks whose mapping changes, and a grown area, changed now
@@ -1151,7 +1230,6 @@ class Disk(io.RawIOBase):
             tbytes = L.round_up(h.table_capacity * 4, bs)
             first = self._alloc_run(tbytes // bs)
             self._write_nonzero_pages(table, first * bs)
-            used = _fast.nonzero_values(table, nb_s)
             self._refcounts[used] += 1
             self._dirty_ref_pages.update(np.unique(used // REFS_PER_PAGE).tolist())
             self._write_ref_pages()
