@@ -2,7 +2,7 @@
 from a Python loop, and tracking on against tracking off.
 
 Each workload is a group; inside it, ``extra_info["impl"]`` names the side
-("raw", "vdisk", "vdisk-notrack").  report.py divides the sides.  Timings
+("raw", "vdisk"; "paired" for tracking on against off, section 5).  report.py divides the sides.  Timings
 are never asserted.
 
 Flush policy: every *write* round ends with a flush on both sides
@@ -15,9 +15,11 @@ sides.
 from __future__ import annotations
 
 import os
+import random
+import time
 
 import vdisk
-from conftest import (RANDOM_IO, RANDOM_OPS, REGION, SEQ_IO, remove, rounds, tag)
+from conftest import (RANDOM_IO, RANDOM_OPS, REGION, SEED, SEQ_IO, remove, rounds, tag)
 
 SEQ_OFFSETS = list(range(0, REGION, SEQ_IO))
 
@@ -76,29 +78,22 @@ def test_seq_write_raw(benchmark, workdir, payload):
         f.close()
 
 
-def _seq_write_vdisk(benchmark, workdir, payload, track):
-    impl = "vdisk" if track else "vdisk-notrack"
-    tag(benchmark, "seq_write_1MiB", impl, nbytes=REGION, ops=len(SEQ_OFFSETS))
-    img = FreshImage(workdir, f"seq-{impl}.vdk", track)
-
+def _seq_write(img: FreshImage, payload):
     def run():
         d = img.d
         for off in SEQ_OFFSETS:
             d.pwrite(payload, off)
         d.flush()
-
-    try:
-        benchmark.pedantic(run, setup=img.setup, rounds=rounds(15), warmup_rounds=1)
-    finally:
-        img.close()
+    return run
 
 
 def test_seq_write_vdisk(benchmark, workdir, payload):
-    _seq_write_vdisk(benchmark, workdir, payload, True)
-
-
-def test_seq_write_vdisk_notrack(benchmark, workdir, payload):
-    _seq_write_vdisk(benchmark, workdir, payload, False)
+    tag(benchmark, "seq_write_1MiB", "vdisk", nbytes=REGION, ops=len(SEQ_OFFSETS))
+    img = FreshImage(workdir, "seq-vdisk.vdk", True)
+    try:
+        benchmark.pedantic(_seq_write(img, payload), setup=img.setup, rounds=rounds(15), warmup_rounds=1)
+    finally:
+        img.close()
 
 
 # ---------------------------------------------------------------------------- 2. sequential 1 MiB reads
@@ -165,11 +160,7 @@ def _rand_write_raw(benchmark, fd, small, offsets, durable):
     benchmark.pedantic(run, setup=setup, rounds=rounds(21), warmup_rounds=1)
 
 
-def _rand_write_vdisk(benchmark, d, small, offsets, durable):
-    workload = "rand_write_4KiB" if durable else "rand_write_4KiB_buffered"
-    impl = "vdisk" if d.track_changes else "vdisk-notrack"
-    tag(benchmark, workload, impl, nbytes=len(offsets) * RANDOM_IO, ops=len(offsets),
-        fold_interval=d.fold_interval)
+def _rand_write(d, small, offsets, durable):
     assert len(offsets) < d.fold_interval   # no automatic fold inside a round: folds happen at flush
 
     def run():
@@ -177,9 +168,15 @@ def _rand_write_vdisk(benchmark, d, small, offsets, durable):
             d.pwrite(small, off)
         if durable:
             d.flush()
+    return run
 
+
+def _rand_write_vdisk(benchmark, d, small, offsets, durable):
+    workload = "rand_write_4KiB" if durable else "rand_write_4KiB_buffered"
+    tag(benchmark, workload, "vdisk", nbytes=len(offsets) * RANDOM_IO, ops=len(offsets),
+        fold_interval=d.fold_interval)
     setup = None if durable else d.flush
-    benchmark.pedantic(run, setup=setup, rounds=rounds(21), warmup_rounds=1)
+    benchmark.pedantic(_rand_write(d, small, offsets, durable), setup=setup, rounds=rounds(21), warmup_rounds=1)
 
 
 def test_rand_write_raw(benchmark, filled_raw, small_payload, random_offsets):
@@ -190,20 +187,12 @@ def test_rand_write_vdisk(benchmark, filled_vdisk, small_payload, random_offsets
     _rand_write_vdisk(benchmark, filled_vdisk, small_payload, random_offsets, True)
 
 
-def test_rand_write_vdisk_notrack(benchmark, filled_vdisk_notrack, small_payload, random_offsets):
-    _rand_write_vdisk(benchmark, filled_vdisk_notrack, small_payload, random_offsets, True)
-
-
 def test_rand_write_buffered_raw(benchmark, filled_raw, small_payload, random_offsets):
     _rand_write_raw(benchmark, filled_raw, small_payload, random_offsets, False)
 
 
 def test_rand_write_buffered_vdisk(benchmark, filled_vdisk, small_payload, random_offsets):
     _rand_write_vdisk(benchmark, filled_vdisk, small_payload, random_offsets, False)
-
-
-def test_rand_write_buffered_vdisk_notrack(benchmark, filled_vdisk_notrack, small_payload, random_offsets):
-    _rand_write_vdisk(benchmark, filled_vdisk_notrack, small_payload, random_offsets, False)
 
 
 # ---------------------------------------------------------------------------- 4. random 4 KiB reads
@@ -235,3 +224,59 @@ def test_region_is_allocated(filled_vdisk):
     assert int((filled_vdisk._table[:n] != 0).sum()) == n
     assert RANDOM_OPS > 0
 
+
+
+# ---------------------------------------------------------------------------- 5. tracking on/off, paired
+# Tracking on against tracking off, in paired rounds: each round runs both
+# sides, in a random order, each timed alone after its own untimed setup.
+# The per-round ratio off/on cancels what drifts between rounds (writeback
+# of earlier work, other load), which two separate benchmarks run one after
+# the other cannot.  report.py reads the per-round times from
+# extra_info["paired"]; the benchmark's own timing (both sides) is unused.
+def _paired(benchmark, workload: str, sides: dict, n_rounds: int, nbytes: int, ops: int) -> None:
+    tag(benchmark, f"tracking_paired_{workload}", "paired", nbytes=nbytes, ops=ops)
+    rng = random.Random(SEED)
+    times: dict[str, list[float]] = {"on": [], "off": []}
+
+    def one_round():
+        order = ["on", "off"]
+        rng.shuffle(order)
+        for side in order:
+            setup, run = sides[side]
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            run()
+            times[side].append(time.perf_counter() - t0)
+
+    one_round()                                  # warm-up, not kept
+    times["on"].clear()
+    times["off"].clear()
+    benchmark.pedantic(one_round, rounds=n_rounds, warmup_rounds=0)
+    benchmark.extra_info["paired"] = times
+
+
+def test_tracking_paired_seq_write(benchmark, workdir, payload):
+    imgs = {side: FreshImage(workdir, f"paired-seq-{side}.vdk", side == "on") for side in ("on", "off")}
+    try:
+        _paired(benchmark, "seq_write_1MiB", {side: (img.setup, _seq_write(img, payload)) for side, img in imgs.items()},
+                rounds(15), REGION, len(SEQ_OFFSETS))
+    finally:
+        for img in imgs.values():
+            img.close()
+
+
+def _paired_rand(benchmark, disks, small, offsets, durable):
+    workload = "rand_write_4KiB" if durable else "rand_write_4KiB_buffered"
+    sides = {side: (None if durable else d.flush, _rand_write(d, small, offsets, durable))
+             for side, d in disks.items()}
+    _paired(benchmark, workload, sides, rounds(31), len(offsets) * RANDOM_IO, len(offsets))
+
+
+def test_tracking_paired_rand_write(benchmark, filled_vdisk, filled_vdisk_notrack, small_payload, random_offsets):
+    _paired_rand(benchmark, {"on": filled_vdisk, "off": filled_vdisk_notrack}, small_payload, random_offsets, True)
+
+
+def test_tracking_paired_rand_write_buffered(benchmark, filled_vdisk, filled_vdisk_notrack, small_payload,
+                                             random_offsets):
+    _paired_rand(benchmark, {"on": filled_vdisk, "off": filled_vdisk_notrack}, small_payload, random_offsets, False)

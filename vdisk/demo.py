@@ -81,7 +81,8 @@ def basics(path: str) -> bool:
 
 
 def backups(path: str, directory: str) -> bool:
-    """Two consumers, A and B, each keeping its own change id and chain."""
+    """Two consumers with their own chains: A keeps its change id itself, B
+    is a named consumer whose last id the image keeps."""
     def delta(name):
         return os.path.join(directory, name)
 
@@ -103,18 +104,21 @@ def backups(path: str, directory: str) -> bool:
         points["a1"] = disk_state(d)
         said(a1, "A")
         d.pwrite(b"B starts here", 7 << 30)
-        b0 = vdisk.backup(d, delta("b0.h5"))                         # B: its own chain, full first
+        d.consumers.register("B")                                    # B: the image remembers its id
+        b0 = vdisk.backup(d, delta("b0.h5"), consumer="B")           # B: its own chain, full first
         points["b0"] = disk_state(d)
         said(b0, "B")
         d.pwrite(os.urandom(100_000), 3 << 30)
         d.resize("11GiB")                                            # grown: restores follow the size
         d.pwrite(b"past the old end", (10 << 30) + 4096)
         a2 = vdisk.backup(d, delta("a2.h5"), since=a1.change_id)     # A: only what changed since a1
-        b1 = vdisk.backup(d, delta("b1.h5"), since=b0.change_id)     # B: only what changed since b0
+        b1 = vdisk.backup(d, delta("b1.h5"), consumer="B")           # B: only what changed since b0
         points["a2"] = points["b1"] = disk_state(d)
         said(a2, "A")
         said(b1, "B")
         assert d.snapshots == []                                     # the temporary snapshots are gone
+        assert b1.since == b0.change_id and d.consumers["B"].change_id == b1.change_id
+        print(f"  consumers kept in the image: {[(c.name, c.change_id) for c in d.consumers.values()]}")
     bs = a0.block_size
     ok = True
 
