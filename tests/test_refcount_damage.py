@@ -279,6 +279,9 @@ def test_revert_to_a_snapshot_mapping_a_block_twice_refused(img):
     set_refcount(img, phys, refs)
     model.snaps["s1"] = model.snaps["s1"][:9 * BS] + model.snaps["s1"][4 * BS:5 * BS] + model.snaps["s1"][10 * BS:]
     assert_intact(img, model, "damaged, consistent refcount")
+    found = vdisk.check(img)                # check reports it (repair is tested in test_check_repairs_...)
+    assert not found.ok and any("which an earlier block of the same snapshot maps" in c
+                                for c in found.corruptions), found
     with vdisk.open(img, "r+") as d:
         with pytest.raises(vdisk.CorruptImageError, match="from two entries"):
             d.revert("s1")
@@ -292,6 +295,28 @@ def test_revert_to_a_snapshot_mapping_a_block_twice_refused(img):
         del model.snaps["s1"]
         write_new_blocks(d, model, 48, first=120)
     assert_intact(img, model, "after deleting s1")
+    assert vdisk.check(img).ok
+
+
+def test_check_repairs_a_snapshot_mapping_a_block_twice(img):
+    """Repair keeps the first entry, clears the later one (it reads zeros and its
+    frozen counter marks it changed), and the reference count follows."""
+    model = build(img)
+    with vdisk.open(img) as d:
+        s1 = d._snapshots[0]
+        phys = phys_of(img, 4, "s1")
+        gen = s1.generation
+    with open(img, "r+b") as f:
+        f.seek(s1.table_offset + 4 * 9)
+        f.write(struct.pack("<I", phys))
+    fixed = vdisk.check(img, repair=True)
+    assert fixed.ok and fixed.repaired, fixed
+    with vdisk.open(img, "r+") as d:
+        with d.open_snapshot("s1") as s:
+            assert s.pread(BS, 9 * BS) == bytes(BS)
+            assert s.pread(BS, 4 * BS) == model.snaps["s1"][4 * BS:5 * BS]
+            assert s._load_counters()[9] == gen   # changed at the snapshot's own point: reported
+        d.revert("s1")                          # a consistent table now
     assert vdisk.check(img).ok
 
 

@@ -5,14 +5,16 @@ compares it with the stored refcounts:
 
 * corruption: a pointer outside the data area or into metadata, a block
   referenced more often than its refcount says (it could be handed out
-  again), a table entry past the virtual size, a change counter newer
-  than the image's generation;
+  again), a block mapped twice by one table (live or snapshot), a table
+  entry past the virtual size, a change counter newer than the image's
+  generation, a damaged consumer table;
 * leak: a block whose refcount is higher than its references (space that
   a crash left allocated; harmless, reclaimed by repair).
 
-``repair=True`` clears bad pointers (their blocks read as zeros and count
-as changed), rewrites the refcounts from the references, clamps counters,
-and syncs.
+``repair=True`` clears bad pointers and the later of two entries mapping
+one block (their blocks read as zeros and count as changed), rewrites the
+refcounts from the references, clamps counters, drops a damaged consumer
+table, and syncs.
 """
 from __future__ import annotations
 
@@ -142,10 +144,16 @@ def _check(fio, repair: bool) -> CheckResult:
         bad_s = _out_of_area(frozen, f_runs, meta_end, hi)
         report.add_each(bad_s, lambda i: f"snapshot {rec.name!r} block {i}: points to physical block "
                                          f"{int(frozen[i])} outside the data area [{meta_end}, {hi})")
-        if len(bad_s) and repair:
-            frozen[bad_s] = 0
-            _write_all(fio, frozen, rec.table_offset)
         frozen[bad_s] = 0
+        # a snapshot is a copy of a live table: no block mapped twice (a revert
+        # would take one reference for two virtual blocks)
+        twice = _mapped_twice(frozen, f_runs)
+        report.add_each(twice, lambda i: f"snapshot {rec.name!r} block {i}: maps physical block {int(frozen[i])}, "
+                                         f"which an earlier block of the same snapshot maps")
+        if repair and (len(bad_s) or len(twice)):
+            frozen[twice] = 0
+            _write_all(fio, frozen, rec.table_offset)
+            _mark_frozen_changed(fio, hdr, rec, n_s, twice, file_size)
         frozen_tables.append((frozen, n_s, f_runs, rec))
 
     # reference counts.  Dense arrays cover the blocks the tables reference
@@ -194,10 +202,7 @@ def _check(fio, repair: bool) -> CheckResult:
             if len(into):
                 frozen[into] = 0
                 _write_all(fio, frozen, rec.table_offset)
-                if hdr.tracking:    # the snapshot's content changed there: its frozen counters say so
-                    f_counters = _load_array(fio, rec.counter_offset, max(_n, 1), np.uint32, file_size)
-                    f_counters[into] = rec.generation
-                    _write_all(fio, f_counters, rec.counter_offset)
+                _mark_frozen_changed(fio, hdr, rec, _n, into, file_size)
             _count_refs(frozen, f_runs, snap_refs)
     def refs(a: int, b: int) -> np.ndarray:      # expected references of blocks [a, b)
         return live_refs[a:b] + snap_refs[a:b] + meta[a:b]
@@ -261,6 +266,26 @@ def _check(fio, repair: bool) -> CheckResult:
 
 
 _CHUNK = 1 << 20
+
+
+def _mapped_twice(table: np.ndarray, runs) -> np.ndarray:
+    """Indices of the nonzero entries whose value an earlier entry holds."""
+    idx = _concat([np.flatnonzero(table[a:b]) + a for a, b in runs])
+    if len(idx) < 2:
+        return idx[:0]
+    vals = table[idx]
+    order = np.argsort(vals, kind="stable")       # equal values keep their index order
+    same = vals[order[1:]] == vals[order[:-1]]
+    return np.sort(idx[order[1:][same]])
+
+
+def _mark_frozen_changed(fio, hdr: L.Header, rec, n: int, entries, file_size: int) -> None:
+    """Repair cleared entries of a snapshot: its content changed there (now
+    zeros), so its frozen counters say so."""
+    if hdr.tracking and len(entries):
+        f_counters = _load_array(fio, rec.counter_offset, max(n, 1), np.uint32, file_size)
+        f_counters[entries] = rec.generation
+        _write_all(fio, f_counters, rec.counter_offset)
 
 
 def _consumer_damage(fio, hdr: L.Header) -> str | None:
