@@ -48,6 +48,7 @@ import errno as _errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -609,7 +610,8 @@ def campaign(ops: list[str] | None = None, modes=MODES, limit: int | None = None
                 continue
             kinds = [k for k, _ in calls]
             summary["sites"] += len(calls)
-            summary["by_op"][op.name] = {"sites": len(calls), "faults": 0, "files": sorted({f for _, f in calls})}
+            files = sorted({re.sub(r"\.[0-9a-f]{8}\.", ".*.", f) for _, f in calls})    # temporary names
+            summary["by_op"][op.name] = {"sites": len(calls), "faults": 0, "files": files}
             for k in kinds:
                 summary["by_kind"][k] = summary["by_kind"].get(k, 0) + 1
             for i, site in enumerate(select_sites(len(calls), limit, kinds)):
