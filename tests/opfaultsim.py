@@ -141,6 +141,7 @@ class Inputs:
     base_content: bytes           # the source at full.h5's point
     src_content: bytes            # the source now (src.vdk; raw.img holds the same bytes)
     inc_change_id: str            # the point of inc.h5 (the since of a next incremental)
+    full_change_id: str           # the point of full.h5
     src_snapshots: tuple          # the names of src.vdk's snapshots
     repaired_content: bytes       # damaged.vdk after one fault-free check --repair
 
@@ -167,29 +168,32 @@ def _damage(path: str) -> None:
         put(h.counter_offset + 4 * int(mapped[3]), "<I", h.generation + 5)      # from the future
 
 
-def prepare(directory: str) -> Inputs:
+def prepare(directory: str, scale: int = 1) -> Inputs:
     """Make the inputs: src.vdk with a snapshot and a backup chain full.h5 (uncompressed)
-    and inc.h5 (gzip), raw.img and src.qcow2 with src.vdk's content, damaged.vdk."""
+    and inc.h5 (gzip), raw.img and src.qcow2 with src.vdk's content, damaged.vdk.
+    scale multiplies src.vdk's size and every extent written to it (4 KiB blocks:
+    scale 1 is 256 KiB; from about 64 on, data moves in more than one 8 MiB batch)."""
     p = lambda name: os.path.join(directory, name)   # noqa: E731
-    with vdisk.create(p("src.vdk"), 256 * KiB, block_size=BS) as d:
-        d.pwrite(pattern(1, 8 * BS), 0)
-        d.pwrite(pattern(2, 3 * BS), 20 * BS)
-        d.pwrite(pattern(3, BS - 100), 63 * BS)
+    k = scale
+    with vdisk.create(p("src.vdk"), 256 * KiB * k, block_size=BS) as d:
+        d.pwrite(pattern(1, 8 * BS * k), 0)
+        d.pwrite(pattern(2, 3 * BS * k), 20 * BS * k)
+        d.pwrite(pattern(3, BS * k - 100), 63 * BS * k)
         d.snapshot("keep")
-        d.pwrite(pattern(4, 2 * BS + 7), 30 * BS + 5)
+        d.pwrite(pattern(4, 2 * BS * k + 7), 30 * BS * k + 5)
         base = d.pread(d.size, 0)
     full = vdisk.backup(p("src.vdk"), p("full.h5"), compression=None)
     with vdisk.open(p("src.vdk"), "r+") as d:
-        d.pwrite(pattern(5, 2 * BS), 4 * BS)
-        d.discard(20 * BS, BS)
-        d.resize(320 * KiB)
-        d.pwrite(pattern(6, 3 * BS), 70 * BS)
+        d.pwrite(pattern(5, 2 * BS * k), 4 * BS * k)
+        d.discard(20 * BS * k, BS * k)
+        d.resize(320 * KiB * k)
+        d.pwrite(pattern(6, 3 * BS * k), 70 * BS * k)
         chain = d.pread(d.size, 0)
     inc = vdisk.backup(p("src.vdk"), p("inc.h5"), since=full.change_id, compression="gzip")
     with vdisk.open(p("src.vdk"), "r+") as d:
-        d.pwrite(pattern(7, BS), 10 * BS)
-        d.discard(0, 2 * BS)
-        d.pwrite(pattern(8, 5 * BS), 50 * BS)
+        d.pwrite(pattern(7, BS * k), 10 * BS * k)
+        d.discard(0, 2 * BS * k)
+        d.pwrite(pattern(8, 5 * BS * k), 50 * BS * k)
         d.flush()
         now = d.pread(d.size, 0)
         snaps = tuple(s.name for s in d.snapshots)
@@ -210,7 +214,7 @@ def prepare(directory: str) -> Inputs:
     assert vdisk.check(scratch, repair=True).ok
     repaired = vdisk_content(scratch)
     os.unlink(scratch)
-    return Inputs(directory, chain, base, now, inc.change_id, snaps, repaired)
+    return Inputs(directory, chain, base, now, inc.change_id, full.change_id, snaps, repaired)
 
 
 # ============================================================================ operations
@@ -360,6 +364,55 @@ def _judge_advance(fmt: str):
     return judge
 
 
+def _judge_overwrite(fmt: str):
+    """restore --overwrite onto a target restored from full.h5: old or new, never a mix."""
+    def judge(run: Run, ok: bool) -> list[str]:
+        inp = run.inputs
+        target = run.path("t." + fmt)
+        side_path = target + ".vdisk-chain"
+        if not os.path.exists(target):
+            return ["the target is gone"]
+        content = _read_target(target, fmt)
+        points = {inp.base_content: inp.full_change_id, inp.chain_content: inp.inc_change_id}
+        out = []
+        if ok and content != inp.chain_content:
+            out.append("success, but the target holds other content")
+        if content not in points:
+            return out + ["the target holds neither the old nor the new image"]
+        if fmt == "vdisk":
+            out += _vdisk_ok(target, content, target)
+        if os.path.exists(side_path):
+            with open(side_path, encoding="utf-8") as f:
+                side = json.load(f)
+            if side.get("state") == "complete" and side.get("change_id") != points[content]:
+                out.append(f"the sidecar says {side.get('change_id')}, the target holds {points[content]}")
+        elif ok:
+            out.append("the sidecar is missing after a success")
+        return out
+    return judge
+
+
+def _convert_overwrite_setup(run: Run) -> None:
+    vdisk.create(run.path("out.vdk"), 64 * KiB, block_size=BS).close()
+
+
+def _judge_convert_overwrite(run: Run, ok: bool) -> list[str]:
+    path = run.path("out.vdk")
+    if not os.path.exists(path):
+        return ["out.vdk is gone"]
+    try:
+        content = vdisk_content(path)
+    except vdisk.VdiskError as exc:
+        return [f"out.vdk does not open: {type(exc).__name__}: {exc}"]
+    if content == run.inputs.src_content:
+        return _vdisk_ok(path, content, "out.vdk (new)")
+    if ok:
+        return ["success, but out.vdk holds other content"]
+    if content != bytes(64 * KiB):
+        return ["out.vdk holds neither the old nor the new image"]
+    return _vdisk_ok(path, content, "out.vdk (old)")
+
+
 # --- convert ------------------------------------------------------------------
 def _judge_convert(dst: str, fmt: str, expected_attr: str):
     def judge(run: Run, ok: bool) -> list[str]:
@@ -448,7 +501,13 @@ def operations(inputs: Inputs) -> list[Op]:
         t = "t." + fmt
         ops.append(Op(f"restore-advance-{fmt}", chain, ["restore", "-O", fmt, t, "inc.h5"], (),
                       setup=_advance_setup(fmt), judge=_judge_advance(fmt), mutates=(t, t + ".vdisk-chain")))
+    for fmt in ("vdisk", "raw"):
+        t = "t." + fmt
+        ops.append(Op(f"restore-overwrite-{fmt}", chain, ["restore", "--overwrite", "-O", fmt, t, *chain], (),
+                      setup=_advance_setup(fmt), judge=_judge_overwrite(fmt), mutates=(t, t + ".vdisk-chain")))
     ops += [
+        Op("convert-overwrite", ("raw.img",), ["convert", "--overwrite", "-f", "raw", "raw.img", "out.vdk"], (),
+           setup=_convert_overwrite_setup, judge=_judge_convert_overwrite, mutates=("out.vdk",)),
         Op("convert-raw-vdisk", ("raw.img",), ["convert", "-f", "raw", "raw.img", "out.vdk"], ("out.vdk",),
            judge=_judge_convert("out.vdk", "vdisk", "src_content")),
         Op("convert-qcow2-vdisk", ("src.qcow2",), ["convert", "src.qcow2", "out.vdk"], ("out.vdk",),
@@ -589,7 +648,7 @@ def select_sites(n: int, limit: int | None, kinds: list[str]) -> list[int]:
 
 
 def campaign(ops: list[str] | None = None, modes=MODES, limit: int | None = None, jobs: int = 2,
-             work_root: str | None = None, log=None, rotate: bool = False) -> dict:
+             work_root: str | None = None, log=None, rotate: bool = False, scale: int = 1) -> dict:
     """Dry runs, then every (selected) site of every operation in every mode (rotate: one
     mode per site, in turn).  A summary dict."""
     t0 = time.monotonic()
@@ -598,7 +657,7 @@ def campaign(ops: list[str] | None = None, modes=MODES, limit: int | None = None
     try:
         inp_dir = os.path.join(root, "inputs")
         os.mkdir(inp_dir)
-        inputs = prepare(inp_dir)
+        inputs = prepare(inp_dir, scale)
         all_ops = [o for o in operations(inputs) if ops is None or o.name in ops]
         summary = {"operations": len(all_ops), "sites": 0, "faults": 0, "by_op": {}, "by_kind": {},
                    "by_mode": {}, "succeeded": 0, "violations": [], "seconds": 0.0}

@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sites", type=int, default=None,
                     help="at most about this many sites per operation (default: every site)")
     ap.add_argument("--rotate", action="store_true", help="one mode per site, in turn")
+    ap.add_argument("--scale", type=int, default=1,
+                    help="multiply the source image's size and extents (1: 256 KiB; 128: 32 MiB, several batches)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="where the runs' directories go (default: the temp dir)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown modes {bad}")
     s = opfaultsim.campaign(ops, modes=modes, limit=args.sites, jobs=args.jobs, work_root=args.workdir,
-                            rotate=args.rotate, log=lambda msg: print("VIOLATION", msg, flush=True))
+                            rotate=args.rotate, scale=args.scale, log=lambda msg: print("VIOLATION", msg, flush=True))
     if args.json:
         print(json.dumps(s, indent=2))
     else:
