@@ -10,8 +10,8 @@ The contract
   before it is linked into place (also when the copy fails), so the disk
   stays writable during the copy; a source given as a path is closed
   (flushed and synced) then too.  The result's ``change_id`` names the
-  point: the consumer keeps it and passes it as ``since`` next time.  A stale ``since`` raises StaleChangeIdError before any file is
-  written.
+  point: the consumer keeps it and passes it as ``since`` next time.  A
+  stale ``since`` raises StaleChangeIdError before any file is written.
 * A delta appears under ``dest`` only complete and durable: it is written
   under a temporary name in dest's directory, fsynced, linked into place
   (never replacing a file) and the directory fsynced.  An interrupted
