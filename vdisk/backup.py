@@ -8,15 +8,16 @@ The contract
   time.  From a Disk or a path that point is a temporary internal snapshot,
   taken at the start and deleted once the delta is complete and synced,
   before it is linked into place (also when the copy fails), so the disk
-  stays writable during the copy.  The result's ``change_id``
-  names the point: the consumer keeps it and passes it as ``since`` next
-  time.  A stale ``since`` raises StaleChangeIdError before any file is
-  written.
+  stays writable during the copy; a source given as a path is closed
+  (flushed and synced) then too.  The result's ``change_id`` names the
+  point: the consumer keeps it and passes it as ``since`` next time.  A
+  stale ``since`` raises StaleChangeIdError before any file is written.
 * A delta appears under ``dest`` only complete and durable: it is written
   under a temporary name in dest's directory, fsynced, linked into place
   (never replacing a file) and the directory fsynced.  An interrupted
-  backup, or one that raises (deleting the temporary snapshot failed
-  too), leaves no file under ``dest``.
+  backup, or one that raises (deleting the temporary snapshot, closing
+  the source or syncing the directory failed too), leaves no file under
+  ``dest``.
 * ``restore(chain, target)`` of a full backup and its incrementals, in
   order, gives an image byte-identical to the source at the last delta's
   point.  Before the target is touched, the chain is validated: every
@@ -50,7 +51,8 @@ import numpy as np
 
 from . import _fast
 from .delta import (BATCH_BYTES, FLAG_ZERO, FORMAT_NAME, FORMAT_VERSION, UUID_RE, DeltaFile, DeltaWriter,
-                    batch_rows_for, check_dest, fsync_dir, now_iso, parse_compression, place, start_writeback)
+                    batch_rows_for, check_dest, fsync_dir, now_iso, parse_compression, place_synced,
+                    start_writeback)
 from .errors import (BackupChainError, CorruptImageError, InvalidArgumentError, ReadOnlyError,
                      StaleChangeIdError, UnsupportedFeatureError)
 from .extents import Extents
@@ -192,7 +194,7 @@ def backup(source, dest, *, since=None, compression="gzip", progress=None, consu
             return result
         if snap is not None:
             return _backup_snapshot(snap, dest, since, comp, progress)
-        return _backup_disk(disk, dest, since, comp, progress)
+        return _backup_disk(disk, dest, since, comp, progress, close_before_place=owned)
     finally:
         if owned:
             disk.close()
@@ -209,8 +211,10 @@ def _record(disk, consumer: str, result: BackupResult) -> None:
         raise
 
 
-def _backup_disk(disk, dest: str, since: str, comp, progress) -> BackupResult:
-    """Back up the live disk through a temporary snapshot, deleted before the delta is placed."""
+def _backup_disk(disk, dest: str, since: str, comp, progress, close_before_place: bool = False) -> BackupResult:
+    """Back up the live disk through a temporary snapshot, deleted before the delta is placed.
+    close_before_place: the caller owns the disk and needs nothing more of it: close it
+    before the delta is in place too (its last flush and fsync may fail)."""
     if disk.tracking_id is None:
         raise UnsupportedFeatureError(f"{disk.path}: change tracking is off for this image: a backup needs "
                                       f"change ids (create the image with track_changes=True)")
@@ -223,6 +227,8 @@ def _backup_disk(disk, dest: str, since: str, comp, progress) -> BackupResult:
     def drop_snapshot():     # the delta is complete and synced, not yet in place: a failure here leaves none
         dropped.append(name)
         disk.delete_snapshot(name)
+        if close_before_place:
+            disk.close()
     try:
         return _backup_snapshot(snap, dest, since, comp, progress, before_place=drop_snapshot)
     except BaseException as exc:
@@ -674,16 +680,25 @@ def _restore_fresh(files, target: str, fmt: str, progress, replace: bool) -> dic
             fsync_dir(directory)
         if replace:
             os.replace(tmp, target)
+            fsync_dir(directory)
         else:
-            place(tmp, target, "pass overwrite=True to replace it")
-        fsync_dir(directory)
+            place_synced(tmp, target, "pass overwrite=True to replace it")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    if info is None:
-        info = _raw_identity(target)
-    _write_sidecar(target, _sidecar("complete", fmt, files[-1], info, [f.path for f in files]))
+    try:
+        if info is None:
+            info = _raw_identity(target)
+        _write_sidecar(target, _sidecar("complete", fmt, files[-1], info, [f.path for f in files]))
+    except BaseException:
+        # a new target without its sidecar could not be advanced: a failed restore leaves
+        # neither (a replaced one stays, complete; without a sidecar it is never advanced)
+        if not replace:
+            for path in (side, target):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        raise
     prog.finish()
     return {"target": target, "format": fmt, "change_id": files[-1].change_id, "virtual_size": plan.size,
             "deltas": len(files), "incremental": False, "bytes_written": plan.data_rows() * bs}

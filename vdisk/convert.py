@@ -39,7 +39,7 @@ from .disk import Disk
 from .disk import create as _create
 from .disk import open as _open
 from .errors import InvalidArgumentError, UnsupportedFeatureError
-from .fileio import fsync_dir, place, pwrite_all, refuse_if_in_use
+from .fileio import fsync_dir, place_synced, pwrite_all, refuse_if_in_use
 
 KiB, MiB = 1 << 10, 1 << 20
 BATCH = 8 * MiB                  # bytes read and written per step
@@ -545,9 +545,9 @@ def _commit(tmp: str, dst: str, overwrite: bool) -> None:
     if overwrite:
         refuse_if_in_use(dst)
         os.replace(tmp, dst)
+        fsync_dir(os.path.dirname(os.path.abspath(dst)))
     else:
-        place(tmp, dst, "pass overwrite=True to replace it")
-    fsync_dir(os.path.dirname(os.path.abspath(dst)))
+        place_synced(tmp, dst, "pass overwrite=True to replace it")
 
 
 def compare(a, b, *, a_format=None, b_format=None, allow_backing=False, progress=None) -> int | None:

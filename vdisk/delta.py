@@ -26,7 +26,7 @@ import numpy as np
 from . import layout as L
 from .errors import (ChecksumError, CorruptImageError, FormatError, InvalidArgumentError, StaleChangeIdError,
                      UnsupportedFeatureError, VdiskError, VdiskIOError)
-from .fileio import fsync_dir, place, pwrite_all, start_writeback  # noqa: F401 - backup imports some here
+from .fileio import fsync_dir, place, place_synced, pwrite_all, start_writeback  # noqa: F401 - backup imports some here
 from .tracking import parse_change_id
 
 # ---------------------------------------------------------------------------- the bytes, declared once
@@ -618,6 +618,84 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class _H5Target:
+    """The file object libhdf5 writes a new delta through (h5py's fileobj driver).
+
+    libhdf5 does not survive its own write errors: after a failed write its
+    close fails half-way, leaves objects it then frees twice, and the process
+    crashes (a segmentation fault in H5D_close; found by injecting EIO and
+    ENOSPC under libhdf5, tests/opfaultsim.py).  So libhdf5 never sees one:
+    the first failed write (or truncate) is kept in ``error`` for the writer
+    to raise, and from then on, or once ``discard()`` is called, nothing
+    reaches the file: writes land in memory, where reads find them, so that
+    libhdf5 can close cleanly a file that is being deleted anyway.
+    """
+
+    def __init__(self, fd: int):
+        self.fd, self.pos = fd, 0
+        self.error: OSError | None = None
+        self._detached = False
+        self._overlay: list[tuple[int, bytes]] = []     # writes kept in memory once detached
+
+    def discard(self) -> None:
+        self._detached = True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            self.pos = offset
+        elif whence == os.SEEK_CUR:
+            self.pos += offset
+        else:
+            end = os.fstat(self.fd).st_size
+            for off, data in self._overlay:
+                end = max(end, off + len(data))
+            self.pos = end + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        mv = memoryview(buf).cast("B")
+        n = os.preadv(self.fd, [mv], self.pos)
+        mv[n:] = bytes(len(mv) - n)           # past the end of the file: zeros
+        for off, data in self._overlay:       # later writes win
+            lo, hi = max(off, self.pos), min(off + len(data), self.pos + len(mv))
+            if lo < hi:
+                mv[lo - self.pos:hi - self.pos] = data[lo - off:hi - off]
+        self.pos += len(mv)
+        return len(mv)
+
+    def read(self, size: int = -1) -> bytes:
+        buf = bytearray(max(size, 0))
+        self.readinto(buf)
+        return bytes(buf)
+
+    def write(self, data) -> int:
+        mv = memoryview(data).cast("B")
+        if self.error is None and not self._detached:
+            try:
+                pwrite_all(self.fd, mv, self.pos)
+            except OSError as exc:
+                self.error = exc
+        if self.error is not None or self._detached:
+            self._overlay.append((self.pos, bytes(mv)))
+        self.pos += len(mv)
+        return len(mv)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.pos if size is None else size
+        if self.error is None and not self._detached:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def flush(self) -> None:
+        """Durability comes from the writer's fsync in commit()."""
+
+
 class DeltaWriter:
     """Writes one delta under a temporary name; commit() moves it into place.
 
@@ -625,7 +703,9 @@ class DeltaWriter:
     are created first.  Uncompressed, `data` and `crc32c` are contiguous and
     allocated at creation: the rows then go straight to their file offsets
     with pwrite (the layout a memory map of the file sees).  Compressed,
-    they go through h5py in whole chunks.
+    they go through h5py in whole chunks.  libhdf5 writes through a
+    :class:`_H5Target`, so that a failed write raises VdiskIOError here and
+    never reaches libhdf5.
     """
 
     def __init__(self, dest: str, attrs: dict, offsets, lengths, flags, compression):
@@ -638,6 +718,7 @@ class DeltaWriter:
         self.rows = attrs["data_blocks"]
         self._f = None
         self._fd = -1
+        self._target = None
         attrs = dict(attrs)
         attrs["checksum"] = attrs_checksum(attrs, offsets, lengths, flags)
         self.attrs = attrs
@@ -647,10 +728,26 @@ class DeltaWriter:
             self.abort()
             raise
 
+    @contextlib.contextmanager
+    def _h5_writing(self):
+        """libhdf5 at work: a write it could not make raises, as VdiskIOError naming the file."""
+        with _writing(self.tmp):
+            try:
+                yield
+            except (OSError, RuntimeError, ValueError):
+                if self._target is not None and self._target.error is not None:
+                    raise self._target.error from None      # the cause, not what libhdf5 made of it
+                raise
+            if self._target is not None and self._target.error is not None:
+                raise self._target.error
+
     def _create(self, h5py, attrs, offsets, lengths, flags, compression) -> None:
         bs, rows = self.bs, self.rows
         with _writing(self.tmp):
-            self._f = f = h5py.File(self.tmp, "x", userblock_size=PREAMBLE_SIZE, libver=HDF5_LIBVER)
+            self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self._target = _H5Target(self._fd)
+        with self._h5_writing():
+            self._f = f = h5py.File(self._target, "w", userblock_size=PREAMBLE_SIZE, libver=HDF5_LIBVER)
             f.create_dataset(DS_OFFSETS, data=np.asarray(offsets, dtype="<u8"))
             f.create_dataset(DS_LENGTHS, data=np.asarray(lengths, dtype="<u8"))
             f.create_dataset(DS_FLAGS, data=np.asarray(flags, dtype="u1"))
@@ -674,32 +771,37 @@ class DeltaWriter:
             self._data_off = self._data.id.get_offset()
             self._crc_off = self._crc.id.get_offset()
             if self._raw:
-                f.close()
-                self._f = None
-                self._fd = os.open(self.tmp, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+                self._close_h5()
+
+    def _close_h5(self) -> None:
+        self._data = self._crc = None
+        f, self._f = self._f, None
+        f.close()
 
     def write_rows(self, row: int, buf: np.ndarray) -> None:
         """buf: n x block_size rows for [row, row + n); their CRCs are computed here."""
         n = len(buf)
         crc = _crc32c.crc32c
         crcs = np.fromiter((crc(r) for r in buf), dtype="<u4", count=n)
-        with _writing(self.tmp):
-            if self._raw:
+        if self._raw:
+            with _writing(self.tmp):
                 pwrite_all(self._fd, buf.reshape(-1), self._data_off + row * self.bs)
                 start_writeback(self._fd, self._data_off + row * self.bs, n * self.bs)
                 pwrite_all(self._fd, crcs.view(np.uint8), self._crc_off + row * 4)
-            else:
+        else:
+            with self._h5_writing():
                 self._data[row:row + n] = buf
                 self._crc[row:row + n] = crcs
 
     def commit(self, before_place=None) -> int:
         """Close, fsync, link into place (never over an existing file), fsync the directory.
         before_place(): called once the file is complete and synced, before it is linked into
-        place; if it raises, nothing appears under dest (abort() removes the file)."""
+        place; if it raises, nothing appears under dest (abort() removes the file).  If the
+        directory's fsync fails, dest is removed again and the error raised."""
+        if self._f is not None:
+            with self._h5_writing():
+                self._close_h5()
         with _writing(self.tmp):
-            if self._f is not None:
-                self._f.close()
-                self._f = None
             if self._raw:
                 skips = [(self._data_off, self.rows * self.bs)] if self.rows else []
             else:
@@ -707,8 +809,6 @@ class DeltaWriter:
                     skips = _chunk_ranges(f[DS_DATA])
                 if len(skips) > MAX_SKIP_RANGES:   # too scattered to list: the whole file under one CRC
                     skips = []
-            if self._fd < 0:
-                self._fd = os.open(self.tmp, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
             size = os.fstat(self._fd).st_size
             preamble = pack_preamble(size, metadata_crc(self._fd, size, skips, self.tmp), skips)
             pwrite_all(self._fd, preamble, 0)
@@ -717,17 +817,18 @@ class DeltaWriter:
             self._fd = -1
         if before_place is not None:
             before_place()
-        place(self.tmp, self.dest, "a delta is never overwritten")
-        fsync_dir(self.directory)
+        place_synced(self.tmp, self.dest, "a delta is never overwritten")
         return os.path.getsize(self.dest)
 
     def abort(self) -> None:
-        try:
-            if self._f is not None:
-                self._f.close()
-        except Exception:
-            pass
-        self._f = None
+        if self._f is not None:
+            self._target.discard()        # libhdf5 closes in memory: the file is being deleted
+            self._data = self._crc = None
+            f, self._f = self._f, None
+            try:
+                f.close()
+            except Exception:
+                pass
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -69,7 +69,7 @@ from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumen
                      ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError, VdiskIOError)
 from .arrays import lazy_zeros, load_array as _load_array
 from .extents import Extents
-from .fileio import FileIO, _io_error, fsync_dir, place, refuse_if_in_use
+from .fileio import FileIO, _io_error, fsync_dir, place_synced, refuse_if_in_use
 from .layout import SUMMARY_SHIFT
 from .snapshots import Snapshot, SnapshotInfo, SnapshotRecord, check_name, parse_table
 from .tracking import ChangeTracker, format_change_id, parse_change_id, _page_runs
@@ -1535,9 +1535,9 @@ def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_cha
         fio.fsync()
         if overwrite:
             os.replace(tmp, path)
+            fsync_dir(directory)
         else:
-            place(tmp, path, "pass overwrite=True to replace it")
-        fsync_dir(directory)
+            place_synced(tmp, path, "pass overwrite=True to replace it")   # a failed fsync takes it away
         fio.path = path
     except BaseException:
         fio.close()

@@ -14,6 +14,7 @@ stops using the file, reads included).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -222,9 +223,14 @@ class FileIO:
 
 # ---------------------------------------------------------------------------- files into place
 def fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as exc:
+        raise _io_error("open", directory, exc) from exc
     try:
         os.fsync(fd)
+    except OSError as exc:
+        raise _io_error("fsync", directory, exc) from exc
     finally:
         os.close(fd)
 
@@ -256,6 +262,19 @@ def place(tmp: str, dest: str, why: str) -> None:
         os.rename(tmp, dest)
         return
     os.unlink(tmp)
+
+
+def place_synced(tmp: str, dest: str, why: str) -> None:
+    """place(), then fsync the directory.  If that fsync fails, dest is removed
+    again (nothing was there before) and the error raised: an operation that
+    fails leaves no file under dest."""
+    place(tmp, dest, why)
+    try:
+        fsync_dir(os.path.dirname(os.path.abspath(dest)))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(dest)
+        raise
 
 
 # sync_file_range(2): start writing dirty pages back without waiting, so the
