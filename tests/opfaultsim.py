@@ -223,6 +223,7 @@ class Run:
 
     def __init__(self, directory: str, inputs: Inputs):
         self.dir, self.inputs = directory, inputs
+        self.succeeded = False
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -245,7 +246,8 @@ class Op:
     setup: object = None          # setup(run): more preparation in the run's directory
     judge: object = None          # judge(run, ok: bool) -> list of violations
     mutates: tuple = ()           # inputs it may change on purpose (judged by judge)
-    kept_if: str | None = None    # after a failure, outputs may stay (judged as a success) if stdout says this
+    kept_if: object = None        # after a failure, outputs may stay (judged as a success) if stdout says
+                                  # this (a str), or if kept_if(run) is true (a callable)
 
 
 def _identical(run: Run, names) -> list[str]:
@@ -480,6 +482,37 @@ def _judge_backup(dest: str, chain: tuple):
     return judge
 
 
+def _consumer_setup(run: Run) -> None:
+    """The consumer "c" of src.vdk, its last backup inc.h5."""
+    with vdisk.open(run.path("src.vdk"), "r+") as d:
+        d.consumers.register("c", run.inputs.inc_change_id)
+
+
+def _delta_placed(run: Run) -> bool:
+    """The delta was in place before a later step failed (recording the id,
+    whose failed commit may or may not have landed, or the source's close):
+    it stays, and the judge checks the consumer names its id or the older one."""
+    return os.path.exists(run.path("new.h5"))
+
+
+def _judge_consumer_backup(run: Run, ok: bool) -> list[str]:
+    """On top of the backup's checks: the consumer names its new id only once
+    the delta is in place (and surely after a success), else its old one."""
+    out = _judge_backup("new.h5", ("full.h5", "inc.h5"))(run, ok)
+    try:
+        with vdisk.open(run.path("src.vdk")) as d:
+            got = d.consumers["c"].change_id
+    except vdisk.VdiskError as exc:
+        return out + [f"the consumer cannot be read: {type(exc).__name__}: {exc}"]
+    placed = os.path.exists(run.path("new.h5"))
+    new = vdisk.verify(run.path("new.h5"))["change_id"] if placed else None
+    if run.succeeded and got != new:
+        out.append(f"success, but the consumer names {got}, not the delta's {new}")
+    elif got not in (run.inputs.inc_change_id, new):
+        out.append(f"the consumer names {got}: neither its old id nor a placed delta's ({new})")
+    return out
+
+
 def _judge_merge(run: Run, ok: bool) -> list[str]:
     if not ok:
         return []
@@ -523,6 +556,9 @@ def operations(inputs: Inputs) -> list[Op]:
         Op("backup-incremental", ("src.vdk", "full.h5", "inc.h5"),
            ["backup", "--since", inputs.inc_change_id, "src.vdk", "new.h5"], ("new.h5",),
            judge=_judge_backup("new.h5", chain), mutates=("src.vdk",)),
+        Op("backup-consumer", ("src.vdk", "full.h5", "inc.h5"), ["backup", "--consumer", "c", "src.vdk", "new.h5"],
+           ("new.h5",), setup=_consumer_setup, judge=_judge_consumer_backup, mutates=("src.vdk",),
+           kept_if=_delta_placed),
         Op("merge", chain, ["merge", "merged.h5", *chain], ("merged.h5",), judge=_judge_merge),
         Op("create", (), ["create", "--block-size", "4KiB", "new.vdk", "1MiB"], ("new.vdk",), judge=_judge_create,
            kept_if="Formatting"),
@@ -578,7 +614,8 @@ def execute(shim: str, op: Op, inputs: Inputs, work_root: str, site: int = 0, mo
             shutil.rmtree(meta, ignore_errors=True)
         ok = rc == 0
         # the command's result was complete before a later step failed (create: the image, then its close)
-        kept = not ok and op.kept_if is not None and op.kept_if in stdout
+        kept = not ok and op.kept_if is not None and (op.kept_if(run) if callable(op.kept_if)
+                                                      else op.kept_if in stdout)
         lines = [ln for ln in err.splitlines() if ln.strip()]
         if site == 0:
             if not ok:
@@ -605,6 +642,7 @@ def execute(shim: str, op: Op, inputs: Inputs, work_root: str, site: int = 0, mo
             if strays:
                 violations.append(f"left behind: {strays}")
         if op.judge is not None and rc is not None:
+            run.succeeded = ok          # ok: exit 0; the judge is told ok or kept
             try:
                 violations += op.judge(run, ok or kept)
             except Exception as exc:     # noqa: BLE001 - the judge itself tripped: report it

@@ -146,6 +146,6 @@ def test_short_campaign(tmp_path):
     s = O.campaign(limit=int(os.environ.get("VDISK_OPFAULT_SITES", "3")), rotate=True, jobs=2,
                    work_root=str(tmp_path))
     assert not s["violations"], "\n".join(s["violations"][:20])
-    assert s["operations"] == 16
+    assert s["operations"] == 17
     assert all(v["faults"] >= 2 for v in s["by_op"].values()), s["by_op"]
     assert s["by_op"]["backup-incremental"]["sites"] > 0 and s["by_kind"].get("fsync", 0) > 0

@@ -201,13 +201,19 @@ def backup(source, dest, *, since=None, compression="gzip", progress=None, consu
 
 
 def _record(disk, consumer: str, result: BackupResult) -> None:
-    """The delta is in place: the consumer's next backup starts from its id."""
+    """The delta is in place: the consumer's next backup starts from its id.
+
+    If recording fails, the delta stays: the failed commit may still have
+    reached the disk (a failed fsync says nothing about what landed), so the
+    consumer may name the new id, and removing its delta would break its
+    chain.  If it names the older id, the next backup covers these changes
+    again: more, never less.  A crash in between is the same case."""
     try:
         disk.consumers.update(consumer, result.change_id)
     except BaseException as exc:
         if hasattr(exc, "add_note"):
-            exc.add_note(f"the delta {result.dest} is complete, but consumer {consumer!r} still names its "
-                         f"older id: its next backup covers these changes again")
+            exc.add_note(f"the delta {result.dest} is complete and stays: consumer {consumer!r} names its id "
+                         f"or its older one (vdisk consumer list tells)")
         raise
 
 

@@ -12,7 +12,8 @@ The contract
 ------------
 * A consumer's id is recorded only after the backup it names is durable
   (``backup`` places the delta first).  A crash between the two leaves the
-  older id, so the next backup covers more, never less.
+  older id, so the next backup covers more, never less; a failure to
+  record leaves the delta in place (the failed commit may have landed).
 * Every change of the table (register, update, forget) is atomic: a new
   copy of the table is written to fresh blocks and committed by the header,
   the old copy is released after (docs/FORMAT.md, "Consumer table").
