@@ -190,29 +190,44 @@ def test_check_and_repair_under_atheris_instrumentation():
     assert growth < 64, f"check --repair under atheris's instrumentation took {growth} MiB more peak RSS"
 
 
-def test_atheris_trace_cmp_mended():
-    """common.mend_trace_cmp_leak: comparisons of instrumented code keep
-    their results and semantics, and the results die when dropped."""
-    atheris = pytest.importorskip("atheris")
-    import weakref
-    import numpy as np
-    import common
-    common.mend_trace_cmp_leak()
-    common.mend_trace_cmp_leak()                # twice: wraps once
+_MENDED_CHILD = """
+import sys, weakref
+sys.path.insert(0, {fuzz!r})
+import numpy as np
+import common
 
-    def compare(a, b):
-        return a > b, a <= 1, 7 == b, a != b
 
-    atheris.instrument_func(compare)
-    assert compare(3, 2) == (True, False, False, True)
-    assert compare(2.5, 7)[1:] == (False, True, True)
-    arr = np.arange(5)
-    gt, le, eq, ne = compare(arr, 2)
+def compare(a, b):                      # instrumented (a __main__ function): atheris._trace_cmp
+    return a > b, a <= 1, 7 == b, a != b
+
+
+def one_input(data):
+    gt, le, eq, ne = compare(np.arange(5), 2)
     assert gt.tolist() == [False, False, False, True, True] and le.tolist() == [True, True, False, False, False]
     assert eq is False and ne.tolist() == [True, True, False, True, True]
+    assert compare(3, 2) == (True, False, False, True)
     ref = weakref.ref(gt)
     del gt, le, ne
-    assert ref() is None, "an instrumented comparison's result outlives its last name"
+    if ref() is not None:
+        raise MemoryError("an instrumented comparison's result outlives its last name")
+
+
+common.atheris_main(one_input)
+"""
+
+
+def test_atheris_trace_cmp_mended(tmp_path):
+    """common.mend_trace_cmp_leak, as the harnesses run it (inside
+    atheris.Fuzz(), which swaps in libFuzzer's _trace_cmp when it starts):
+    comparisons of instrumented code keep their results and semantics, and
+    the results die when dropped."""
+    pytest.importorskip("atheris")
+    proc = subprocess.run([sys.executable, "-c", _MENDED_CHILD.format(fuzz=FUZZ), "-runs=20",
+                           f"-artifact_prefix={tmp_path}/", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if k != "VDISK_FUZZ_INPUT_MB"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mended" in proc.stderr
 
 
 # ---------------------------------------------------------------------------- crafted deltas (libhdf5)

@@ -221,7 +221,10 @@ def mend_trace_cmp_leak() -> bool:
     the memory limit then blames on the input.  This probes the leak on a
     fresh object and, only if exactly one reference is extra, puts a
     wrapper in the module attribute the instrumented bytecode looks up at
-    each comparison that drops that reference.  Returns whether it did."""
+    each comparison that drops that reference.  Returns whether it did.
+    ``atheris.Fuzz()`` replaces that attribute with libFuzzer's version
+    (which keeps the reference too) when it starts: call this from inside
+    the fuzz loop (atheris_main does, on the first input)."""
     import ctypes
     import atheris
     native = getattr(atheris, "_trace_cmp", None)
@@ -257,12 +260,19 @@ def atheris_main(one_input, custom_mutator=None) -> None:
     """Run one_input under atheris with libFuzzer's command line (sys.argv).
     VDISK_FUZZ_INPUT_MB (set by run.py) is the memory one input may take."""
     import atheris
-    if mend_trace_cmp_leak():
-        sys.stderr.write("INFO: atheris's _trace_cmp kept one reference per comparison result: mended\n")
     sys.stderr.write(f"INFO: instrumented {instrument_loaded()} functions of vdisk and the harness\n")
     kwargs = {"custom_mutator": custom_mutator} if custom_mutator is not None else {}
     one_input = with_memory_limit(one_input, int(os.environ.get("VDISK_FUZZ_INPUT_MB", "0")))
-    atheris.Setup(sys.argv, one_input, **kwargs)
+    unmended = [True]
+
+    def mended_input(data: bytes, _run=one_input) -> None:
+        if unmended[0]:                 # the first input: Fuzz() has put libFuzzer's _trace_cmp in place
+            unmended[0] = False
+            if mend_trace_cmp_leak():
+                sys.stderr.write("INFO: atheris's _trace_cmp kept one reference per comparison result: "
+                                 "mended\n")
+        _run(data)
+    atheris.Setup(sys.argv, mended_input, **kwargs)
     try:
         atheris.Fuzz()
     finally:
