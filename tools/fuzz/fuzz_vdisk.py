@@ -5,8 +5,9 @@ block table, the counters, the refcounts, the snapshot table and the
 frozen snapshot tables all come from it.  Each input is opened, read
 (``info``, ``map``, a few ``pread``, ``changes_since('*')`` and the ids
 the image names, every snapshot opened and read), optionally written
-(and a snapshot taken, written over, read and deleted), closed, then checked with ``vdisk.check`` (and with REPAIR repaired, then
-opened and read again).  Only VdiskError may escape.
+(and a snapshot taken, written over, read and deleted), closed, then
+checked with ``vdisk.check`` (and with REPAIR repaired, then opened and
+read again).  Only VdiskError may escape.
 
 ``check`` and ``check --repair`` run on every file, the 128 GiB sparse ones
 of EXTEND included: their memory and time follow the blocks the file holds,

@@ -25,8 +25,9 @@ Crafted deltas (libhdf5 behind a resealed preamble)::
     nice -n 19 python3 tools/fuzz/run.py --targets delta-crafted --runs 300000 --timeout 10 --keep-going
 
 Each target runs as a series of processes of at most ``--chunk`` executions
-(atheris 3.0.0's comparison tracing leaks a few KiB per execution, so a
-fresh process keeps the baseline low), seeded from freshly made real images
+(a fresh process keeps the baseline low whatever else may leak; atheris
+3.0.0's comparison tracing kept every comparison result, mended by
+common.mend_trace_cmp_leak), seeded from freshly made real images
 (``build_seeds``), from tests/fuzz_regressions/<target>/ and from the
 corpus the earlier processes grew; the corpus and any finding (``crash-*``,
 ``timeout-*``, ``oom-*``) go under the workdir.  Limits per execution:
