@@ -29,11 +29,18 @@ KiB, MiB = 1 << 10, 1 << 20
 _SCRATCH: str | None = None
 
 
+def scratch_base() -> str | None:
+    """Where scratch directories go: tmpfs when there is one."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
 def scratch_dir() -> str:
-    """A private directory for the files one process writes per input (tmpfs when there is one)."""
+    """A private directory for the files one process writes per input, under
+    VDISK_FUZZ_SCRATCH if set (run.py sets it and removes it after each
+    process: libFuzzer ends the process without Python's atexit handlers)."""
     global _SCRATCH
     if _SCRATCH is None or not os.path.isdir(_SCRATCH):
-        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        base = os.environ.get("VDISK_FUZZ_SCRATCH") or scratch_base()
         _SCRATCH = tempfile.mkdtemp(prefix="vdisk-fuzz-", dir=base)
         atexit.register(shutil.rmtree, _SCRATCH, True)
     return _SCRATCH

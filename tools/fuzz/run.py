@@ -47,14 +47,18 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 REGRESSIONS = os.path.join(ROOT, "tests", "fuzz_regressions")
 sys.path.insert(0, HERE)
+
+import common  # noqa: E402
 
 TARGETS = {
     "vdisk": ("fuzz_vdisk.py", []),
@@ -154,8 +158,13 @@ def run_target(target: str, runs: int, args) -> dict:
             if args.max_time:
                 cmd.append(f"-max_total_time={max(1, int(args.max_time - seconds))}")
             t0 = time.monotonic()
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  errors="replace", env=dict(os.environ, VDISK_FUZZ_INPUT_MB=str(args.input_mb)))
+            scratch = tempfile.mkdtemp(prefix="vdisk-fuzz-run-", dir=common.scratch_base())
+            try:
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      errors="replace", env=dict(os.environ, VDISK_FUZZ_INPUT_MB=str(args.input_mb),
+                                                                 VDISK_FUZZ_SCRATCH=scratch))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
             dt = time.monotonic() - t0
             log.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n[exit {proc.returncode} after {dt:.1f} s]\n")
             stats = parse_stats(proc.stdout)
