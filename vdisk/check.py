@@ -257,8 +257,7 @@ def _check(fio, repair: bool) -> CheckResult:
         image_end_offset=file_size)
 
 
-_CHUNK_SHIFT = 20
-_CHUNK = 1 << _CHUNK_SHIFT
+_CHUNK_SHIFT = 20          # passes over [0, size) go 1 Mi blocks at a time
 
 
 def _chunks_holding(n: int, tables, table_runs, block_ranges) -> list[int]:
