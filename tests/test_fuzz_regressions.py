@@ -107,7 +107,7 @@ import common, fuzz_vdisk
 path = common.scratch_path("image")
 fuzz_vdisk.materialize(open(sys.argv[1], "rb").read(), path)
 base = common.peak_rss_mb()
-fuzz_vdisk.exercise(path, writable=True)
+fuzz_vdisk.exercise(path, writable=True, snapshot=False)   # as when it was found
 print(common.peak_rss_mb() - base)
 common.cleanup_scratch()
 """
@@ -133,14 +133,27 @@ _CHECK_CHILD = """
 import sys
 sys.path.insert(0, {fuzz!r})
 import common, fuzz_vdisk, vdisk
+if {instrument!r}:                  # atheris's instrumentation, as a fuzz run has it (not mended)
+    import atheris
+    atheris.instrument_func(sys.modules["vdisk.check"]._check)
 path = common.scratch_path("image")
 flags = fuzz_vdisk.materialize(open(sys.argv[1], "rb").read(), path)
-fuzz_vdisk.exercise(path, bool(flags & fuzz_vdisk.WRITE))      # the write allocates at the end of the file
+fuzz_vdisk.exercise(path, bool(flags & fuzz_vdisk.WRITE), snapshot=False)   # the write allocates at the end
 base = common.peak_rss_mb()
-vdisk.check(path)
+vdisk.check(path, repair={repair!r})
 print(common.peak_rss_mb() - base)
 common.cleanup_scratch()
 """
+HUGE = "oom-check-dense-arrays-span-a-128g-sparse-file"
+
+
+def check_growth(name: str, repair: bool = False, instrument: bool = False) -> int:
+    """Peak RSS growth (MiB) of check (repair) in a fresh process, after the harness wrote the image."""
+    code = _CHECK_CHILD.format(fuzz=FUZZ, repair=repair, instrument=instrument)
+    proc = subprocess.run([sys.executable, "-c", code, os.path.join(REGRESSIONS, "vdisk", name)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return int(proc.stdout.split()[-1])
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (VmHWM) and sparse files")
@@ -149,12 +162,72 @@ def test_check_memory_on_a_huge_sparse_file():
     new block goes at the end of the file), then checked: check's reference
     arrays spanned up to the highest physical block mapped (~300 MiB here);
     now lazy, and every pass over them runs in chunks."""
-    proc = subprocess.run([sys.executable, "-c", _CHECK_CHILD.format(fuzz=FUZZ),
-                           os.path.join(REGRESSIONS, "vdisk", "oom-check-dense-arrays-span-a-128g-sparse-file")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    growth = int(proc.stdout.split()[-1])
+    growth = check_growth(HUGE)
     assert growth < 64, f"check took {growth} MiB more peak RSS"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (VmHWM) and sparse files")
+def test_repair_memory_on_a_huge_sparse_file():
+    """The same image repaired: the new refcounts were filled chunk by chunk
+    over every block up to the highest one mapped, zeros included, paging in
+    2 bytes per block of the 128 GiB span (66 MiB); now only the nonzero
+    counts are written (2 MiB)."""
+    growth = check_growth(HUGE, repair=True)
+    assert growth < 24, f"check --repair took {growth} MiB more peak RSS"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (VmHWM) and sparse files")
+def test_check_and_repair_under_atheris_instrumentation():
+    """The 953 MiB peak of the long run (docs/RELIABILITY.md, "Fuzzing"):
+    atheris 3.0.0 keeps one reference to every comparison result of
+    instrumented code, and check compared whole 1 Mi-entry chunks of
+    [0, highest block] five times per pass (1 MiB kept per comparison per
+    chunk: 160 MiB per pass over 128 GiB, four passes in a repair).  check
+    now visits only the chunks that hold a reference, metadata or a stored
+    refcount (2 here); the harness also mends the leak (common.py)."""
+    pytest.importorskip("atheris")
+    growth = check_growth(HUGE, repair=True, instrument=True)
+    assert growth < 64, f"check --repair under atheris's instrumentation took {growth} MiB more peak RSS"
+
+
+_MENDED_CHILD = """
+import sys, weakref
+sys.path.insert(0, {fuzz!r})
+import numpy as np
+import common
+
+
+def compare(a, b):                      # instrumented (a __main__ function): atheris._trace_cmp
+    return a > b, a <= 1, 7 == b, a != b
+
+
+def one_input(data):
+    gt, le, eq, ne = compare(np.arange(5), 2)
+    assert gt.tolist() == [False, False, False, True, True] and le.tolist() == [True, True, False, False, False]
+    assert eq is False and ne.tolist() == [True, True, False, True, True]
+    assert compare(3, 2) == (True, False, False, True)
+    ref = weakref.ref(gt)
+    del gt, le, ne
+    if ref() is not None:
+        raise MemoryError("an instrumented comparison's result outlives its last name")
+
+
+common.atheris_main(one_input)
+"""
+
+
+def test_atheris_trace_cmp_mended(tmp_path):
+    """common.mend_trace_cmp_leak, as the harnesses run it (inside
+    atheris.Fuzz(), which swaps in libFuzzer's _trace_cmp when it starts):
+    comparisons of instrumented code keep their results and semantics, and
+    the results die when dropped."""
+    pytest.importorskip("atheris")
+    proc = subprocess.run([sys.executable, "-c", _MENDED_CHILD.format(fuzz=FUZZ), "-runs=20",
+                           f"-artifact_prefix={tmp_path}/", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if k != "VDISK_FUZZ_INPUT_MB"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mended" in proc.stderr
 
 
 # ---------------------------------------------------------------------------- crafted deltas (libhdf5)

@@ -113,8 +113,9 @@ def _check(fio, repair: bool) -> CheckResult:
     t_ranges: list = []
     table = _load_array(fio, hdr.table_offset, hdr.table_capacity, np.uint32, file_size, keep=nb, ranges=t_ranges)
     t_runs = _clip(t_ranges, nb)        # entries outside these are zero: never scanned, never paged in
+    r_ranges: list = []
     refcounts = _load_array(fio, hdr.refcount_offset, hdr.refcount_capacity, np.uint16, file_size,
-                            keep=end_block)
+                            keep=end_block, ranges=r_ranges)
     table_dirty = False
 
     # entries past the virtual size must be zero
@@ -168,19 +169,23 @@ def _check(fio, repair: bool) -> CheckResult:
     L.check_no_overlap(regions, fio.path)
     meta_ranges = [(off // bs, min((off + length) // bs, hi)) for _n, off, length in regions]
     # [0, size) can span a huge sparse file: lazy arrays (pages only where
-    # written) and every elementwise pass in chunks, so memory follows the
-    # referenced blocks, not the highest one
+    # written), and the elementwise passes visit only the chunks where a
+    # table points, a metadata region lies or the file holds refcounts
+    # (everywhere else all four arrays are zero), so time and memory follow
+    # what the file holds, not the highest block it names
+    chunks = _chunks_holding(size, [valid] + [f for f, _n, _r, _rec in frozen_tables],
+                             [t_runs] + [r for _f, _n, r, _rec in frozen_tables], meta_ranges + r_ranges)
     meta = lazy_zeros(size, np.uint8)
     for lo_b, hi_b in meta_ranges:
         meta[lo_b:hi_b] = 1
     live_refs = lazy_zeros(size, np.uint32)
     _count_refs(valid, t_runs, live_refs)
-    dup = _chunked(size, lambda a, b: np.flatnonzero(live_refs[a:b] > 1))
+    dup = _chunked(size, chunks, lambda a, b: np.flatnonzero(live_refs[a:b] > 1))
     report.add_each(dup, lambda p: f"physical block {p} is mapped by {int(live_refs[p])} virtual blocks")
     snap_refs = lazy_zeros(size, np.uint32)
     for frozen, _n, f_runs, _rec in frozen_tables:
         _count_refs(frozen, f_runs, snap_refs)
-    into_meta = _chunked(size, lambda a, b: np.flatnonzero((meta[a:b] != 0)
+    into_meta = _chunked(size, chunks, lambda a, b: np.flatnonzero((meta[a:b] != 0)
                                                          & ((live_refs[a:b] + snap_refs[a:b]) > 0)))
     report.add_each(into_meta, lambda p: f"physical block {p} belongs to a metadata region but is mapped as data")
     if repair and (len(dup) or len(into_meta)):
@@ -207,12 +212,12 @@ def _check(fio, repair: bool) -> CheckResult:
     def refs(a: int, b: int) -> np.ndarray:      # expected references of blocks [a, b)
         return live_refs[a:b] + snap_refs[a:b] + meta[a:b]
 
-    under = _chunked(size, lambda a, b: np.flatnonzero(refs(a, b) > refcounts[a:b]))
+    under = _chunked(size, chunks, lambda a, b: np.flatnonzero(refs(a, b) > refcounts[a:b]))
     for p in under[:MAX_LISTED].tolist():
         if not meta[p] or live_refs[p] == 0:
             report.add(f"physical block {p}: refcount {int(refcounts[p])}, but {int(refs(p, p + 1)[0])} references")
     report.extra += max(0, len(under) - MAX_LISTED)
-    leaked = int(_chunked(size, lambda a, b: np.flatnonzero(refs(a, b) < refcounts[a:b])).size)
+    leaked = int(_chunked(size, chunks, lambda a, b: np.flatnonzero(refs(a, b) < refcounts[a:b])).size)
     # past the data: metadata blocks hold exactly 1, everything else 0
     n_past, _ = _nonzero_entries(fio, hdr.refcount_offset, size, hdr.refcount_capacity, np.uint16, file_size)
     meta_nonzero = 0
@@ -248,9 +253,10 @@ def _check(fio, repair: bool) -> CheckResult:
         if table_dirty:
             _write_all(fio, table, hdr.table_offset)
         new_refs = lazy_zeros(hdr.refcount_capacity, np.uint16)
-        for a in range(0, size, _CHUNK):
-            b = min(size, a + _CHUNK)
-            new_refs[a:b] = np.minimum(refs(a, b), L.MAX_REFCOUNT)
+        for a, b in _spans(size, chunks):     # only the nonzero counts: zeros would page in the array
+            counts = np.minimum(refs(a, b), L.MAX_REFCOUNT)
+            nz = np.flatnonzero(counts)
+            new_refs[nz + a] = counts[nz]
         for lo_b, hi_b in meta_ranges:
             new_refs[lo_b:hi_b] = 1
         # order: the cleared table durable before the refcounts drop
@@ -265,7 +271,7 @@ def _check(fio, repair: bool) -> CheckResult:
         image_end_offset=file_size)
 
 
-_CHUNK = 1 << 20
+_CHUNK_SHIFT = 20          # passes over [0, size) go 1 Mi blocks at a time
 
 
 def _mapped_twice(table: np.ndarray, runs) -> np.ndarray:
@@ -302,9 +308,28 @@ def _consumer_damage(fio, hdr: L.Header) -> str | None:
     return None
 
 
-def _chunked(n: int, find) -> np.ndarray:
-    """find(a, b) -> indices relative to a, over [0, n) in chunks; absolute indices."""
-    return _concat([find(a, min(n, a + _CHUNK)) + a for a in range(0, n, _CHUNK)])
+def _chunks_holding(n: int, tables, table_runs, block_ranges) -> list[int]:
+    """The chunks of [0, n) (numbers, sorted) that hold a block some table
+    entry points to, or a block of block_ranges ((lo, hi) pairs)."""
+    found: set[int] = set()
+    for table, runs in zip(tables, table_runs):
+        for a, b in runs:
+            part = table[a:b]
+            found.update(np.unique(part[np.flatnonzero(part)] >> _CHUNK_SHIFT).tolist())
+    for lo, hi in block_ranges:
+        hi = min(hi, n)
+        if lo < hi:
+            found.update(range(lo >> _CHUNK_SHIFT, ((hi - 1) >> _CHUNK_SHIFT) + 1))
+    return sorted(c for c in found if c << _CHUNK_SHIFT < n)
+
+
+def _spans(n: int, chunks) -> list[tuple[int, int]]:
+    return [(c << _CHUNK_SHIFT, min(n, (c + 1) << _CHUNK_SHIFT)) for c in chunks]
+
+
+def _chunked(n: int, chunks, find) -> np.ndarray:
+    """find(a, b) -> indices relative to a, over the given chunks of [0, n); absolute indices."""
+    return _concat([find(a, b) + a for a, b in _spans(n, chunks)])
 
 
 def _clip(ranges, n: int) -> list[tuple[int, int]]:

@@ -25,8 +25,9 @@ Crafted deltas (libhdf5 behind a resealed preamble)::
     nice -n 19 python3 tools/fuzz/run.py --targets delta-crafted --runs 300000 --timeout 10 --keep-going
 
 Each target runs as a series of processes of at most ``--chunk`` executions
-(atheris 3.0.0's comparison tracing leaks a few KiB per execution, so a
-fresh process keeps the baseline low), seeded from freshly made real images
+(a fresh process keeps the baseline low whatever else may leak; atheris
+3.0.0's comparison tracing kept every comparison result, mended by
+common.mend_trace_cmp_leak), seeded from freshly made real images
 (``build_seeds``), from tests/fuzz_regressions/<target>/ and from the
 corpus the earlier processes grew; the corpus and any finding (``crash-*``,
 ``timeout-*``, ``oom-*``) go under the workdir.  Limits per execution:
@@ -46,14 +47,18 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 REGRESSIONS = os.path.join(ROOT, "tests", "fuzz_regressions")
 sys.path.insert(0, HERE)
+
+import common  # noqa: E402
 
 TARGETS = {
     "vdisk": ("fuzz_vdisk.py", []),
@@ -153,8 +158,13 @@ def run_target(target: str, runs: int, args) -> dict:
             if args.max_time:
                 cmd.append(f"-max_total_time={max(1, int(args.max_time - seconds))}")
             t0 = time.monotonic()
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  errors="replace", env=dict(os.environ, VDISK_FUZZ_INPUT_MB=str(args.input_mb)))
+            scratch = tempfile.mkdtemp(prefix="vdisk-fuzz-run-", dir=common.scratch_base())
+            try:
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      errors="replace", env=dict(os.environ, VDISK_FUZZ_INPUT_MB=str(args.input_mb),
+                                                                 VDISK_FUZZ_SCRATCH=scratch))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
             dt = time.monotonic() - t0
             log.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n[exit {proc.returncode} after {dt:.1f} s]\n")
             stats = parse_stats(proc.stdout)
