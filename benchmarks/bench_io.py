@@ -227,7 +227,7 @@ def test_region_is_allocated(filled_vdisk):
 
 
 # ---------------------------------------------------------------------------- 5. tracking on/off, paired
-# Tracking on against tracking off, in paired rounds: each round runs both
+# Tracking on against tracking off ("on", "off"), in paired rounds: each round runs both
 # sides, in a random order, each timed alone after its own untimed setup.
 # The per-round ratio off/on cancels what drifts between rounds (writeback
 # of earlier work, other load), which two separate benchmarks run one after
@@ -236,10 +236,10 @@ def test_region_is_allocated(filled_vdisk):
 def _paired(benchmark, workload: str, sides: dict, n_rounds: int, nbytes: int, ops: int) -> None:
     tag(benchmark, f"tracking_paired_{workload}", "paired", nbytes=nbytes, ops=ops)
     rng = random.Random(SEED)
-    times: dict[str, list[float]] = {"on": [], "off": []}
+    times: dict[str, list[float]] = {side: [] for side in sides}
 
     def one_round():
-        order = ["on", "off"]
+        order = list(sides)
         rng.shuffle(order)
         for side in order:
             setup, run = sides[side]
@@ -250,8 +250,8 @@ def _paired(benchmark, workload: str, sides: dict, n_rounds: int, nbytes: int, o
             times[side].append(time.perf_counter() - t0)
 
     one_round()                                  # warm-up, not kept
-    times["on"].clear()
-    times["off"].clear()
+    for kept in times.values():
+        kept.clear()
     benchmark.pedantic(one_round, rounds=n_rounds, warmup_rounds=0)
     benchmark.extra_info["paired"] = times
 
@@ -280,3 +280,12 @@ def test_tracking_paired_rand_write(benchmark, filled_vdisk, filled_vdisk_notrac
 def test_tracking_paired_rand_write_buffered(benchmark, filled_vdisk, filled_vdisk_notrack, small_payload,
                                              random_offsets):
     _paired_rand(benchmark, {"on": filled_vdisk, "off": filled_vdisk_notrack}, small_payload, random_offsets, False)
+
+
+def test_tracking_paired_control(benchmark, filled_vdisk, filled_vdisk_twin, small_payload, random_offsets):
+    """The noise floor of the paired rows: tracking on against tracking on, two
+    images filled alike (5c's workload); whatever it shows is not tracking."""
+    sides = {side: (d.flush, _rand_write(d, small_payload, random_offsets, False))
+             for side, d in (("on", filled_vdisk), ("twin", filled_vdisk_twin))}
+    _paired(benchmark, "control_4KiB_buffered", sides, rounds(31), len(random_offsets) * RANDOM_IO,
+            len(random_offsets))

@@ -123,8 +123,8 @@ def filled_raw(workdir, payload):
         remove(path)
 
 
-def _filled_vdisk(workdir, payload, track: bool):
-    path = os.path.join(workdir, f"filled-{'track' if track else 'notrack'}.vdk")
+def _filled_vdisk(workdir, payload, track: bool, name: str = ""):
+    path = os.path.join(workdir, name or f"filled-{'track' if track else 'notrack'}.vdk")
     d = vdisk.create(path, REGION, block_size="64KiB", overwrite=True, track_changes=track)
     try:
         prefill_vdisk(d, payload)     # ends with a flush: tracking state folded, coarse bits clear
@@ -143,6 +143,12 @@ def filled_vdisk(workdir, payload):
 @pytest.fixture(scope="module")
 def filled_vdisk_notrack(workdir, payload):
     yield from _filled_vdisk(workdir, payload, False)
+
+
+@pytest.fixture(scope="module")
+def filled_vdisk_twin(workdir, payload):
+    """A second image like filled_vdisk (tracking on): the control of the paired tracking rows."""
+    yield from _filled_vdisk(workdir, payload, True, "filled-track-twin.vdk")
 
 
 # ---------------------------------------------------------------------------- tagging
