@@ -1006,23 +1006,16 @@ class Disk(io.RawIOBase):
             length = L.round_up(h.table_capacity * L.COUNTER_BYTES, h.block_size)
             first = self._alloc_run(length // h.block_size)
             # every consumer's id becomes stale: a table without them, named by the same commit
-            old_consumers = (h.consumer_offset, h.consumer_capacity)
-            if self._consumers:
-                cleared = consumer_table.cleared(self._consumers, time.time_ns())
-                h.consumer_offset, h.consumer_capacity = self._write_entry_table(
-                    cleared, L.CONSUMER_ENTRY_SIZE, L.MAX_CONSUMERS)
-            self._write_ref_pages()
-            self._io.fsync()
             old_offset = h.counter_offset
-            h.counter_offset = first * h.block_size
-            h.tracking_uuid = L.new_uuid()
-            h.generation = 1
-            self._commit_header()
+
+            def new_epoch(h):
+                h.counter_offset = first * h.block_size
+                h.tracking_uuid = L.new_uuid()
+                h.generation = 1
+            cleared = consumer_table.cleared(self._consumers, time.time_ns())
+            self._commit_entry_table("consumer", cleared, L.CONSUMER_ENTRY_SIZE, L.MAX_CONSUMERS, new_epoch)
             tracker.reset()
-            if self._consumers:
-                self._consumers = cleared
-                self._release_run(old_consumers[0], L.round_up(old_consumers[1] * L.CONSUMER_ENTRY_SIZE,
-                                                               h.block_size))
+            self._consumers = cleared
             self._refresh_meta_ranges()
             self._release_run(old_offset, length)
             self._flush_locked()
