@@ -193,6 +193,9 @@ class CrashModel:
         self.points: list[tuple[str, np.ndarray]] = []   # (change id, content then)
         self.snap_content: dict[str, np.ndarray] = {}     # every snapshot ever taken: frozen content
         self.committed: set[str] = set()                  # snapshots that must exist
+        self.leftover: set[str] = set()                   # an interrupted backup's snapshot: may exist until
+                                                          # a backup completes (it deletes them)
+        self.leftovers_dropped = 0                        # ... how many a completed backup deleted
         self.in_flight: str | None = None                 # the snapshot an op is creating/deleting
         self.backup_inflight: np.ndarray | None = None    # content at the start of a running backup
         self.chain: list[str] = []                        # deltas of the current backup chain
@@ -274,6 +277,9 @@ class CrashModel:
             self.consumer_id, self.consumer_dest, self.backup_inflight = result, None, None
         elif k == "reset":
             self.new_epoch()
+        if k in ("backup", "cbackup"):
+            self.leftovers_dropped += len(self.leftover)
+            self.leftover.clear()        # a completed backup deleted them
         self.in_flight = None
 
     def new_epoch(self) -> None:
@@ -314,12 +320,15 @@ class CrashModel:
         self.consumer_dest = None
         present = {info.name: info for info in snapshots}
         for name, info in present.items():
-            if name not in self.committed:     # an interrupted create (or backup) that committed
-                if name.startswith(BACKUP_PREFIX):
+            if name not in self.committed and name not in self.leftover:   # an interrupted create that committed
+                if name.startswith(BACKUP_PREFIX):      # (or backup): the next backup deletes it
                     self.snap_content[name] = self.backup_inflight
-                self.committed.add(name)
+                    self.leftover.add(name)
+                else:
+                    self.committed.add(name)
                 self.points.append((info.change_id, self.snap_content[name]))
         self.committed &= set(present)         # an interrupted delete that committed
+        self.leftover &= set(present)
         self.in_flight = None
         self.backup_inflight = None
 
@@ -339,7 +348,7 @@ def verify_disk(d: vdisk.Disk, model: CrashModel, where: str) -> np.ndarray:
     missing = model.committed - names - {model.in_flight}
     assert not missing, f"{where}: committed snapshots {missing} vanished"
     for name in names:
-        if name in model.committed or name == model.in_flight:
+        if name in model.committed or name == model.in_flight or name in model.leftover:
             frozen = model.snap_content[name]
         elif name.startswith(BACKUP_PREFIX) and model.backup_inflight is not None:
             frozen = model.backup_inflight

@@ -44,6 +44,8 @@ class KillStats:
     in_flight: dict = dataclasses.field(default_factory=dict)   # kind of the op each kill interrupted
     leaky: int = 0           # kills after which check found leaked blocks
     restores: int = 0        # post-kill incremental backups restored after the chain
+    orphans: int = 0         # kills that left a backup's temporary snapshot
+    orphans_dropped: int = 0  # of those, deleted by a later backup (and checked gone)
 
 
 class KillCampaign:
@@ -117,7 +119,10 @@ class KillCampaign:
         state, infos, epoch, leaked, cid, consumer = check_image(self.path, m, where, recovery=True,
                                                                  restore=restore)
         self.stats.leaky += leaked > 0
+        before = set(m.leftover)
         m.recovered(state, infos, epoch, consumer)
+        self.stats.orphans += len(m.leftover - before)
+        self.stats.orphans_dropped = m.leftovers_dropped
         if cid is not None:                # the post-kill incremental extends the chain
             self.stats.restores += 1
             m.points.append((cid, state.copy()))

@@ -758,3 +758,25 @@ def test_cli_backup_restore_verify_merge(tmp_path):
     assert "bad.h5" in lines[0] and "nope.h5" in lines[1]
     r = run("backup", img, tmp_path / "f.h5")
     assert r.exit_code == 1 and "exists" in r.stderr
+
+
+# ---------------------------------------------------------------------------- interrupted backups
+def test_next_backup_deletes_an_interrupted_backups_snapshot(tmp_path):
+    """A crash (or a failed delete) in the middle of a backup leaves its temporary
+    snapshot, which pins space; the next backup deletes it, and nothing else."""
+    import uuid
+    path = str(tmp_path / "i.vdk")
+    with vdisk.create(path, 1 << 20, block_size=4096) as d:
+        d.pwrite(b"a" * 4096, 0)
+        orphan = f"vdisk-backup-{uuid.uuid4().hex}"
+        d.snapshot(orphan).close()                       # what an interrupted backup leaves
+        reading = f"vdisk-backup-{uuid.uuid4().hex}"
+        view = d.snapshot(reading)                       # a backup of this process still reads this one
+        d.snapshot("vdisk-backup-monday").close()        # a user's snapshot: not the pattern
+        d.pwrite(b"b" * 4096, 4096)
+        res = vdisk.backup(d, str(tmp_path / "f.h5"))
+        names = [s.name for s in d.snapshots]
+        assert orphan not in names and reading in names and "vdisk-backup-monday" in names
+        assert view.pread(4096, 4096) == bytes(4096)      # the open view still reads its content
+        assert res.extents.nbytes == 2 * 4096
+    assert vdisk.check(path).ok

@@ -39,7 +39,8 @@ import killsim  # noqa: E402  (tests/ is on the path only now)
 def run_seed(args) -> dict:
     seed, rounds, max_delay = args
     t = time.monotonic()
-    out = {"seed": seed, "kills": 0, "ops": 0, "leaky": 0, "restores": 0, "in_flight": {}, "violation": None}
+    out = {"seed": seed, "kills": 0, "ops": 0, "leaky": 0, "restores": 0, "orphans": 0, "orphans_dropped": 0,
+           "in_flight": {}, "violation": None}
     with tempfile.TemporaryDirectory(prefix="vdisk-kill-") as tmp:
         camp = killsim.KillCampaign(seed, tmp, size=(256, 128, 512)[seed % 3] * 1024,
                                     block_size=(4096, 8192)[seed % 2], max_delay=max_delay)
@@ -49,7 +50,8 @@ def run_seed(args) -> dict:
         except Exception as exc:      # any failure is a violation: an image that does not open is one
             out["violation"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
         st = camp.stats
-        out.update(kills=st.kills, ops=st.ops, leaky=st.leaky, restores=st.restores, in_flight=st.in_flight)
+        out.update(kills=st.kills, ops=st.ops, leaky=st.leaky, restores=st.restores, orphans=st.orphans,
+                   orphans_dropped=st.orphans_dropped, in_flight=st.in_flight)
     out["seconds"] = time.monotonic() - t
     return out
 
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     with multiprocessing.Pool(args.jobs) as pool:
         for res in pool.imap_unordered(run_seed, tasks):
             totals["seeds"] += 1
-            for k in ("kills", "ops", "leaky", "restores"):
+            for k in ("kills", "ops", "leaky", "restores", "orphans", "orphans_dropped"):
                 totals[k] += res[k]
             in_flight.update(res["in_flight"])
             if res["violation"]:
@@ -87,6 +89,8 @@ def main(argv=None) -> int:
           f"(seeds from {args.first_seed}, {args.rounds} per image), {totals['ops']} ops started, "
           f"{len(violations)} violations; {totals['leaky']} kills left leaked blocks, "
           f"{totals['restores']} post-kill incremental backups restored after the chain; "
+          f"{totals['orphans']} kills left a backup's temporary snapshot, {totals['orphans_dropped']} of them "
+          f"deleted by a later backup; "
           f"{elapsed:.1f} s with {args.jobs} job(s)")
     print("op interrupted by the kill: " + ", ".join(f"{k} {n}" for k, n in in_flight.most_common()))
     if violations:

@@ -9,7 +9,9 @@ The contract
   taken at the start and deleted once the delta is complete and synced,
   before it is linked into place (also when the copy fails), so the disk
   stays writable during the copy; a source given as a path is closed
-  (flushed and synced) then too.  The result's ``change_id`` names the
+  (flushed and synced) then too.  A crash (or a failed delete) can leave
+  that snapshot (``vdisk-backup-`` and 32 hex digits); the next backup of
+  the image deletes every such snapshot no open view reads.  The result's ``change_id`` names the
   point: the consumer keeps it and passes it as ``since`` next time.  A
   stale ``since`` raises StaleChangeIdError before any file is written.
 * A delta appears under ``dest`` only complete and durable: it is written
@@ -57,6 +59,7 @@ from .errors import (BackupChainError, CorruptImageError, InvalidArgumentError, 
                      StaleChangeIdError, UnsupportedFeatureError)
 from .extents import Extents
 from .fileio import FileIO, refuse_if_in_use
+from .snapshots import BACKUP_SNAPSHOT_PREFIX
 from .tracking import parse_change_id
 
 
@@ -226,7 +229,8 @@ def _backup_disk(disk, dest: str, since: str, comp, progress, close_before_place
                                       f"change ids (create the image with track_changes=True)")
     if since != "*":      # a stale id fails before anything is written, even the snapshot
         parse_change_id(since, _uuid.UUID(disk.tracking_id).bytes, disk.generation)
-    name = f"vdisk-backup-{_uuid.uuid4().hex}"
+    disk._drop_orphan_backup_snapshots()     # of backups a crash or an error interrupted
+    name = f"{BACKUP_SNAPSHOT_PREFIX}{_uuid.uuid4().hex}"
     snap = disk.snapshot(name)
     dropped = []
 

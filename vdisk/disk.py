@@ -71,7 +71,7 @@ from .arrays import lazy_zeros, load_array as _load_array
 from .extents import Extents
 from .fileio import FileIO, _io_error, fsync_dir, place_synced, refuse_if_in_use
 from .layout import SUMMARY_SHIFT
-from .snapshots import Snapshot, SnapshotInfo, SnapshotRecord, check_name, parse_table
+from .snapshots import Snapshot, SnapshotInfo, SnapshotRecord, check_name, is_backup_snapshot, parse_table
 from .tracking import ChangeTracker, format_change_id, parse_change_id, _page_runs
 
 PAGE = 4096
@@ -1162,6 +1162,20 @@ class Disk(io.RawIOBase):
             view = Snapshot(self, rec, frozen)
             self._views.add(view)
             return view
+
+    def _drop_orphan_backup_snapshots(self) -> list[str]:
+        """Delete the temporary snapshots of backups that never finished (a
+        crash, an error while deleting them): those no open view in this
+        process reads.  No other process reads them: a writer holds the
+        image's exclusive lock.  Returns their names."""
+        with self._lock:
+            self._check_writable()
+            in_use = {view._rec.name for view in list(self._views) if not view.closed}
+            orphans = [rec.name for rec in self._snapshots
+                       if is_backup_snapshot(rec.name) and rec.name not in in_use]
+            for name in orphans:
+                self.delete_snapshot(name)
+            return orphans
 
     @_poisons
     def delete_snapshot(self, name: str) -> None:

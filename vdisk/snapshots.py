@@ -23,6 +23,7 @@ orders the writes (vdisk/disk.py).
 from __future__ import annotations
 
 import datetime
+import re
 import struct
 import threading
 import typing
@@ -34,6 +35,16 @@ from . import layout as L
 from .errors import ClosedError, CorruptImageError, InvalidArgumentError, OutOfRangeError
 from .extents import Extents
 from .tracking import format_change_id, parse_change_id
+
+
+# backup()'s temporary snapshots: this prefix and 32 hex digits.  One that no
+# backup reads any more (its backup was interrupted) is deleted by the next backup.
+BACKUP_SNAPSHOT_PREFIX = "vdisk-backup-"
+_BACKUP_SNAPSHOT_RE = re.compile(r"^vdisk-backup-[0-9a-f]{32}$")
+
+
+def is_backup_snapshot(name: str) -> bool:
+    return bool(_BACKUP_SNAPSHOT_RE.match(name))
 
 
 class SnapshotInfo(typing.NamedTuple):
