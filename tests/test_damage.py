@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import signal
 import struct
-import subprocess
-import sys
-import textwrap
 import zlib
 
 import numpy as np
@@ -29,14 +25,13 @@ import pytest
 
 import vdisk
 from vdisk import layout as L
-from helpers import pattern
+from helpers import measure_in_child, pattern
 
 KiB = 1 << 10
 MiB = 1 << 20
 BS = 4 * KiB
 VSIZE = 4 * MiB
 NB = VSIZE // BS
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FIELD_SIZES = {name: struct.calcsize("<" + code) for name, code in L._FIELDS}
 FIELDS = list(L.FIELD_OFFSETS)
@@ -778,46 +773,19 @@ def test_zeroed_metadata_refcounts_never_hand_out_metadata_blocks(damaged, base)
 
 
 # ============================================================================ hostile headers: memory
-_MEM_CHILD = textwrap.dedent("""
-    import json, resource, sys, time
-    import vdisk
-    path, what = sys.argv[1], sys.argv[2]
-
-    def rss():
-        # peak RSS of this process image.  Not ru_maxrss: Linux carries it over
-        # fork and exec, so a big parent (the pytest run) would mask the growth.
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    before = rss()
-    t = time.time()
-    result = {"error": None}
-    try:
-        if what == "open":
-            d = vdisk.open(path)
-            d.pread(4096, 0)
-            d.close()
-        else:
-            vdisk.check(path)
-    except vdisk.VdiskError as exc:
-        result["error"] = type(exc).__name__ + ": " + str(exc)
-    result["growth"] = rss() - before
-    result["seconds"] = time.time() - t
-    print(json.dumps(result))
-""")
+_HOSTILE_OPEN = """
+    path, what = args
+    if what == "open":
+        d = vdisk.open(path)
+        d.pread(4096, 0)
+        d.close()
+    else:
+        vdisk.check(path)
+"""
 
 
 def _hostile_open(path, what="open") -> dict:
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _MEM_CHILD, path, what], capture_output=True, text=True,
-                          timeout=120, env=env)
-    assert proc.returncode == 0, f"child died ({proc.returncode}): {proc.stderr[-2000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return measure_in_child(_HOSTILE_OPEN, path, what, timeout=120)
 
 
 def _write_hostile(path, base: Base, **fields) -> L.Header:
