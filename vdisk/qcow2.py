@@ -33,7 +33,9 @@ Refused, each with an error naming the problem (table, index, offset):
   L1 table, the refcount table or the snapshot table (those four are also
   checked pairwise), reserved bits set in an L1 or L2 entry, an invalid
   extended L2 bitmap, a compressed cluster that runs past the end of the
-  file or does not decompress to exactly one cluster.
+  file or decompresses to less than one cluster, a zstd cluster whose frame
+  does not end where the cluster ends (more than one cluster of output, or
+  cut short; qemu refuses both).
 
 Caps (qemu's, block/qcow2.h): L1 table at most 32 MiB (``QCOW_MAX_L1_SIZE``,
 4 Mi entries), refcount table at most 8 MiB (``QCOW_MAX_REFTABLE_SIZE``),
@@ -339,34 +341,104 @@ def _check_regular(path: str, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------- decompression
+ZSTD_MAX_WINDOW = 4 * MiB              # a cluster is at most 2 MiB: no honest frame needs a larger window
+ZSTD_MAGIC = 0xFD2FB528
+ZSTD_SKIPPABLE_MAGIC, ZSTD_SKIPPABLE_MASK = 0x184D2A50, 0xFFFFFFF0
+
+
+class BadCompressedCluster(ValueError):
+    """A compressed cluster that is not exactly one cluster of output (the message says how)."""
+
+
 def _zstd_decompressor():
+    """A zstandard decompression context (one per thread: they are not thread-safe)."""
     try:
         import zstandard
     except ImportError:
         raise UnsupportedFeatureError("qcow2 zstd compression (install zstandard)") from None
-    # a cluster is at most 2 MiB: no honest frame needs a larger window
-    return zstandard.ZstdDecompressor(max_window_size=4 * MiB)
+    return zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+
+
+def _zstd_frame_end(mv: memoryview, pos: int) -> int:
+    """The offset just past the zstd frame that starts at pos (reference:
+    ZSTD_findFrameCompressedSize; the frame format is RFC 8878 section 3.1).
+
+    Only the frame header and the 3-byte block headers are read, at most one
+    per 3 bytes of input.  BadCompressedCluster when there is no frame at
+    pos or it runs past the end of the data."""
+    n = len(mv)
+    if pos + 5 > n:
+        raise BadCompressedCluster("its zstd data ends before a complete frame header")
+    magic = int.from_bytes(mv[pos:pos + 4], "little")
+    if magic & ZSTD_SKIPPABLE_MASK == ZSTD_SKIPPABLE_MAGIC:
+        end = pos + 8 + int.from_bytes(mv[pos + 4:pos + 8], "little") if pos + 8 <= n else n + 1
+        if end > n:
+            raise BadCompressedCluster("a skippable zstd frame runs past the end of the compressed data")
+        return end
+    if magic != ZSTD_MAGIC:
+        raise BadCompressedCluster(f"no zstd frame at byte {pos} of the compressed data")
+    fhd = mv[pos + 4]
+    single_segment = fhd >> 5 & 1
+    p = pos + 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[fhd & 3] + ((single_segment, 2, 4, 8)[fhd >> 6])
+    while True:
+        if p + 3 > n:
+            raise BadCompressedCluster("its zstd frame is cut short (the data ends inside the frame)")
+        b = mv[p] | mv[p + 1] << 8 | mv[p + 2] << 16
+        block_type = b >> 1 & 3
+        if block_type == 3:
+            raise BadCompressedCluster(f"its zstd frame has a block of the reserved type 3 at byte {p}")
+        p += 3 + (1 if block_type == 1 else b >> 3)
+        if b & 1:
+            break
+    p += 4 if fhd & 0x04 else 0               # the content checksum
+    if p > n:
+        raise BadCompressedCluster("its zstd frame is cut short (the data ends inside the frame)")
+    return p
+
+
+def _zstd_decompress(ctx, data, cluster_size: int) -> bytes:
+    """One cluster from a zstd stream (reference: qcow2_zstd_decompress).
+
+    As qemu: frames are decoded one after the other until the output holds
+    one cluster; the frame that fills it must end there (qemu: EIO when
+    ZSTD_decompressStream still has output to flush, i.e. the cluster
+    decompresses to more than one cluster), and what follows that frame
+    (the rest of its last 512-byte sector, often the next cluster's frame)
+    is never parsed.  Output is capped at one cluster and the window at
+    4 MiB, so a zstd bomb costs one cluster of memory.
+    """
+    mv = memoryview(data)
+    parts, got, pos = [], 0, 0
+    while got < cluster_size:
+        end = _zstd_frame_end(mv, pos) if pos < len(mv) else None
+        if end is None:
+            raise BadCompressedCluster(f"it decompresses to {got} bytes, not the cluster size {cluster_size}")
+        reader = ctx.stream_reader(mv[pos:end], read_across_frames=False)
+        while got < cluster_size:
+            piece = reader.read(cluster_size - got)
+            if not piece:
+                break
+            parts.append(piece)
+            got += len(piece)
+        if got == cluster_size and reader.read(1):
+            raise BadCompressedCluster(f"its zstd frame decompresses to more than one cluster ({cluster_size} "
+                                       f"bytes)")
+        pos = end
+    return b"".join(parts)
 
 
 def _decompress(data, cluster_size: int, compression_type: int, zstd_ctx=None) -> bytes:
     """One cluster from its compressed bytes, the output capped to cluster_size.
 
-    Raises zlib.error / zstandard.ZstdError / ValueError on bad input; the
+    Raises zlib.error / ZstdError / BadCompressedCluster on bad input; the
     caller turns them into CorruptImageError with the location.
     """
     if compression_type == COMPRESSION_ZLIB:
-        # reference: qcow2_zlib_decompress (raw deflate, 4 KiB window)
+        # reference: qcow2_zlib_decompress (raw deflate, 4 KiB window; as qemu, a full
+        # cluster of output is enough: the input is only known to the sector)
         d = zlib.decompressobj(-12)
         return d.decompress(data, cluster_size)
-    reader = zstd_ctx.stream_reader(data, read_across_frames=True)
-    parts, got = [], 0
-    while got < cluster_size:
-        piece = reader.read(cluster_size - got)
-        if not piece:
-            break
-        parts.append(piece)
-        got += len(piece)
-    return b"".join(parts)
+    return _zstd_decompress(zstd_ctx, data, cluster_size)
 
 
 # ---------------------------------------------------------------------------- host holes
@@ -1115,8 +1187,7 @@ class Qcow2Image:
         results = _map_decompress(jobs, C, self.compression_type, self._zstd_ctx_factory)
         for (cl, co, _data), (out, err) in zip(jobs, results):
             if err is not None or len(out) != C:
-                reason = f"it does not decompress ({err})" if err is not None else \
-                    f"it decompresses to {len(out)} bytes, not the cluster size {C}"
+                reason = err if err is not None else f"it decompresses to {len(out)} bytes, not the cluster size {C}"
                 raise self._corrupt(f"compressed cluster at host offset {co:#x} (guest offset {cl * C:#x}): "
                                     f"{reason}")
             clusters[cl] = out
@@ -1177,8 +1248,10 @@ def _pool():
 def _decompress_one(job, cluster_size, compression_type, ctx):
     try:
         return _decompress(job[2], cluster_size, compression_type, ctx), None
-    except Exception as exc:         # zlib.error, zstandard.ZstdError, ...: reported with the location
-        return b"", f"{type(exc).__name__}: {exc}"
+    except BadCompressedCluster as exc:
+        return b"", str(exc)
+    except Exception as exc:         # zlib.error, ZstdError, ...: reported with the location
+        return b"", f"it does not decompress ({type(exc).__name__}: {exc})"
 
 
 def _map_decompress(jobs, cluster_size: int, compression_type: int, ctx_factory):
