@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 import vdisk
+from click.testing import CliRunner
+
 from vdisk import convert as C
+from vdisk.cli import main
 from helpers import pattern
 from qemu_helpers import (KiB, MiB, compressible, l2_table_offset, make_qcow2, needs_qemu, patch_header, qemu_compare,
                           qemu_img, qemu_io, read_u64, to_raw, write_u64)
@@ -118,3 +121,31 @@ def test_zstd_descriptor_covering_the_next_frame(tmp_path):
     assert qemu_reads(img)
     vdisk.convert(img, tmp_path / "out.vdk")
     assert vdisk_bytes(tmp_path / "out.vdk") == file_bytes(raw)
+
+
+# ---------------------------------------------------------------------------- virtual size
+def test_qcow2_size_not_a_multiple_of_512_is_rounded_down_as_qemu(tmp_path):
+    """A header size of 1 MiB + 100 with data in the tail: qemu shows 1 MiB
+    (bs->total_sectors = header.size / 512), and so does vdisk; vdisk compare
+    agrees with qemu-img compare on the same pair."""
+    img = make_qcow2(tmp_path / "odd.qcow2", 2 * MiB, "cluster_size=64k",
+                     ["write -P 0x61 0 64k", "write -P 0x55 1M 64k"])
+    patch_header(img, size=MiB + 100)
+    info = json.loads(qemu_img("info", "--output=json", img).stdout)
+    assert info["virtual-size"] == MiB
+    qraw = to_raw(img, tmp_path / "q.raw")
+    assert os.path.getsize(qraw) == MiB
+    vdisk.convert(img, tmp_path / "odd.vdk")
+    assert vdisk_bytes(tmp_path / "odd.vdk") == file_bytes(qraw)
+    vdisk.convert(img, tmp_path / "odd.raw", dst_format="raw")
+    assert file_bytes(tmp_path / "odd.raw") == file_bytes(qraw)
+    # vdisk compare says what qemu-img compare says, pair by pair (exit code and output)
+    tail = tmp_path / "tail.raw"              # the 100 bytes qemu never shows, as a raw file shows them
+    tail.write_bytes(file_bytes(qraw) + b"\x55" * 100)
+    diff = tmp_path / "diff.raw"              # one byte off in the last visible sector
+    diff.write_bytes(file_bytes(qraw)[:-1] + b"\x00")
+    for other in (qraw, tail, diff):
+        q = qemu_compare(img, other, "qcow2", "raw")
+        v = CliRunner().invoke(main, ["compare", "-f", "qcow2", "-F", "raw", img, str(other)])
+        assert (v.exit_code, v.output) == (q.returncode, q.stdout), other
+    assert vdisk.compare(img, qraw) is None

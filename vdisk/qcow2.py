@@ -103,6 +103,7 @@ MAX_BACKING_FORMAT_NAME = 15           # sizeof(bs->backing_format) - 1
 MAX_CLUSTER_OFFSET = (1 << 56) - 1     # QCOW_MAX_CLUSTER_OFFSET
 INT_MAX = (1 << 31) - 1
 COMPRESSED_SECTOR_SIZE = 512           # QCOW2_COMPRESSED_SECTOR_SIZE
+SECTOR_SIZE = 512                      # BDRV_SECTOR_SIZE: the virtual size is rounded down to it
 
 MAX_BACKING_DEPTH = 16                 # backing files under one image (ours: qemu has no fixed cap)
 L1_WINDOW = 8192                       # L1 entries read at a time (64 KiB)
@@ -589,7 +590,9 @@ class Qcow2Image:
         self.header = h
         self.geometry = g = Geometry(h.cluster_bits, extl2)
         self.cluster_size = C
-        self.size = h.size
+        # qemu exposes whole sectors only (reference: qcow2_do_open,
+        # bs->total_sectors = header.size / BDRV_SECTOR_SIZE): a tail under 512 bytes is never read
+        self.size = h.size - h.size % SECTOR_SIZE
         self.compression_type = h.compression_type
         self.version = h.version
         self.dirty = bool(incompat & INCOMPAT_DIRTY)
