@@ -5,9 +5,11 @@ the oracle wherever it can make or read the image."""
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import os
 import struct
+import subprocess
 import warnings
 
 import numpy as np
@@ -16,13 +18,14 @@ import pytest
 import vdisk
 from click.testing import CliRunner
 
-from vdisk import convert as C
 from vdisk.cli import main
 from helpers import pattern
-from qemu_helpers import (KiB, MiB, compressible, l2_table_offset, make_qcow2, needs_qemu, patch_header, qemu_compare,
+from qemu_helpers import (QEMU_IO, KiB, MiB, compressible, l2_table_offset, make_qcow2, needs_qemu, patch_header, qemu_compare,
                           qemu_img, qemu_io, read_u64, to_raw, write_u64)
 
 pytestmark = needs_qemu
+
+C = importlib.import_module("vdisk.convert")     # the module: vdisk.convert is the function
 
 COMPRESSED = 1 << 62
 
@@ -149,3 +152,199 @@ def test_qcow2_size_not_a_multiple_of_512_is_rounded_down_as_qemu(tmp_path):
         v = CliRunner().invoke(main, ["compare", "-f", "qcow2", "-F", "raw", img, str(other)])
         assert (v.exit_code, v.output) == (q.returncode, q.stdout), other
     assert vdisk.compare(img, qraw) is None
+
+
+# ---------------------------------------------------------------------------- foreign formats
+def _qemu_create(tmp_path, fmt, name, options=(), extra=()):
+    path = tmp_path / name
+    args = ["create", "-q", *extra, "-f", fmt]
+    for o in options:
+        args += ["-o", o]
+    for _attempt in range(8):       # luks: qemu's PBKDF timing fails now and then on a loaded machine
+        r = qemu_img(*args, path, "4M", check=False)
+        if r.returncode == 0:
+            return str(path)
+        assert "Unable to get accurate CPU usage" in r.stderr, r.stderr
+    pytest.fail(f"qemu-img create -f {fmt}: {r.stderr}")
+
+
+QEMU_MADE = [
+    ("vmdk", "a.vmdk", (), ()),                                     # monolithicSparse: KDMV
+    ("vmdk", "flat.vmdk", ("subformat=monolithicFlat",), ()),        # a descriptor + flat.vmdk's -flat extent
+    ("vpc", "a.vhd", (), ()),                                        # dynamic: the footer copy at 0
+    ("vhdx", "a.vhdx", (), ()),
+    ("vdi", "a.vdi", (), ()),
+    ("qed", "a.qed", (), ()),
+    ("luks", "a.luks", ("key-secret=s0",), ("--object", "secret,id=s0,data=x")),
+    ("parallels", "a.hds", (), ()),
+]
+
+
+@pytest.mark.parametrize("fmt,name,options,extra", QEMU_MADE, ids=[n for _f, n, _o, _e in QEMU_MADE])
+def test_foreign_formats_made_by_qemu_img_are_refused(tmp_path, fmt, name, options, extra):
+    """qemu-img's own probe names the format; vdisk refuses it by that name,
+    with the way out, and reads the bytes only when told src_format='raw'."""
+    img = _qemu_create(tmp_path, fmt, name, options, extra)
+    info = qemu_img("info", "--output=json", img, check=False)
+    if fmt != "luks":                      # qemu-img info of luks needs the secret; the probe is in the error
+        assert json.loads(info.stdout)["format"] == fmt
+    assert C.detect_format(img) == fmt
+    with pytest.raises(vdisk.UnsupportedFeatureError) as exc:
+        vdisk.convert(img, tmp_path / "out.vdk")
+    msg = str(exc.value)
+    assert f"(format {fmt})" in msg and f"qemu-img convert -f {fmt} -O qcow2" in msg and "src_format='raw'" in msg
+    assert not os.path.exists(tmp_path / "out.vdk") and no_leftovers(tmp_path)
+    with pytest.raises(vdisk.UnsupportedFeatureError, match=fmt):
+        vdisk.compare(img, img)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # an explicit format: no probe, no warning
+        vdisk.convert(img, tmp_path / "bytes.vdk", src_format="raw")
+    assert vdisk_bytes(tmp_path / "bytes.vdk")[:os.path.getsize(img)] == file_bytes(img)
+
+
+def test_vmdk_flat_extent_and_fixed_vhd(tmp_path):
+    """A monolithicFlat VMDK's extent is plain data (qemu probes it raw, and
+    so does vdisk, with qemu-img's warning); a fixed VHD is known by its
+    footer at the end (qemu probes it raw: vdisk refuses, naming vpc)."""
+    _qemu_create(tmp_path, "vmdk", "flat.vmdk", ("subformat=monolithicFlat",))
+    extent = tmp_path / "flat-flat.vmdk"
+    with pytest.warns(C.RawProbeWarning, match=r"Image format was not specified for '.*flat-flat.vmdk' and "
+                                               r"probing guessed raw\."):
+        vdisk.convert(extent, tmp_path / "extent.vdk")
+    fixed = _qemu_create(tmp_path, "vpc", "fixed.vhd", ("subformat=fixed",))
+    assert file_bytes(fixed)[-512:].startswith(b"conectix")
+    assert C.detect_format(fixed) == "vpc"
+    with pytest.raises(vdisk.UnsupportedFeatureError, match=r"fixed VHD .*\(format vpc\)"):
+        vdisk.convert(fixed, tmp_path / "out.vdk")
+
+
+def _bochs_header() -> bytes:
+    h = bytearray(512)
+    h[0:23] = b"Bochs Virtual HD Image\0"
+    h[32:40] = b"Redolog\0"
+    h[48:56] = b"Growing\0"
+    struct.pack_into("<IIIIIIQ", h, 64, 0x00020000, 512, 64, 1, 64 * KiB, 0, 4 * MiB)
+    return bytes(h) + b"\xff" * (64 * 4)
+
+
+def _cloop_image() -> bytes:
+    import zlib
+    magic = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+    block = zlib.compress(b"\x42" * 512)
+    head = magic.ljust(128, b"\0") + struct.pack(">II", 512, 1)
+    first = len(head) + 16
+    return head + struct.pack(">QQ", first, first + len(block)) + block
+
+
+def _dmg_image() -> bytes:
+    trailer = bytearray(512)
+    trailer[0:4] = b"koly"
+    return bytes(64 * KiB) + bytes(trailer)
+
+
+@pytest.mark.parametrize("fmt,make", [("bochs", _bochs_header), ("cloop", _cloop_image), ("dmg", _dmg_image)])
+def test_crafted_foreign_magic_is_refused(tmp_path, fmt, make):
+    """Formats qemu-img cannot create, made by their bytes (bochs: qemu-img info agrees)."""
+    img = tmp_path / f"x.{fmt}"
+    img.write_bytes(make())
+    if fmt in ("bochs", "cloop"):
+        assert json.loads(qemu_img("info", "--output=json", img).stdout)["format"] == fmt
+    assert C.detect_format(img) == fmt
+    with pytest.raises(vdisk.UnsupportedFeatureError, match=rf"\(format {fmt}\).*qemu-img convert -f {fmt}"):
+        vdisk.convert(img, tmp_path / "out.vdk")
+
+
+def test_raw_probe_warns_as_qemu_img(tmp_path):
+    """An unrecognised file is read as raw with qemu-img's warning text; an
+    explicit src_format='raw' gives no warning (as qemu-img -f raw)."""
+    raw = tmp_path / "plain.img"
+    raw.write_bytes(pattern(1, 64 * KiB))
+    # qemu's block layer says it when it probes raw for a writable open (qemu-io opens read-write)
+    q = subprocess.run([QEMU_IO, "-c", "read 0 512", str(raw)], capture_output=True, text=True, timeout=60)
+    assert f"WARNING: Image format was not specified for '{raw}' and probing guessed raw." in q.stdout + q.stderr
+    with pytest.warns(C.RawProbeWarning) as got:
+        vdisk.convert(raw, tmp_path / "a.vdk")
+    assert [str(w.message) for w in got] == [f"Image format was not specified for '{raw}' and probing guessed raw."]
+    assert issubclass(C.RawProbeWarning, vdisk.errors.VdiskWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vdisk.convert(raw, tmp_path / "b.vdk", src_format="raw")
+
+
+# ---------------------------------------------------------------------------- backing files as qemu opens them
+def _set_backing(path, name: bytes, offset: int = 2048) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(name)
+    patch_header(path, backing_file_offset=offset, backing_file_size=len(name))
+
+
+def _drop_backing_format(path) -> None:
+    """Turn the backing format extension into an unknown one (qemu ignores unknown extensions)."""
+    with open(path, "r+b") as f:
+        data = f.read(4096)
+        at = data.index(struct.pack(">I", 0xE2792ACA))
+        f.seek(at)
+        f.write(struct.pack(">I", 0x12345678))
+
+
+@pytest.mark.parametrize("name", [b"base.qcow2/", b"base.qcow2/.", b"b_x:base.qcow2", b"1:base.qcow2"])
+def test_backing_names_qemu_refuses(tmp_path, name):
+    """A trailing '/' (or '/.') and a ':' before any '/' (qemu: a protocol
+    name) make qemu refuse the backing file; vdisk refuses them too, even
+    when a file of that literal name exists."""
+    make_qcow2(tmp_path / "base.qcow2", MiB, "", ["write -P 0x33 0 64k"])
+    if b":" in name:
+        make_qcow2(tmp_path / name.decode(), MiB, "", ["write -P 0x33 0 64k"])
+    top = make_qcow2(tmp_path / "top.qcow2", MiB)
+    _set_backing(top, name)
+    assert not qemu_reads(top)
+    with pytest.raises(vdisk.VdiskError, match="protocol|ends with '/'|Not a directory"):
+        vdisk.convert(top, tmp_path / "out.vdk", allow_backing=True)
+    assert no_leftovers(tmp_path)
+
+
+def test_colon_after_a_slash_is_a_file_name(tmp_path):
+    """'./b:x.qcow2' has its ':' after a '/': a file name for qemu and for vdisk."""
+    make_qcow2(tmp_path / "b:x.qcow2", MiB, "", ["write -P 0x33 0 64k"])
+    top = make_qcow2(tmp_path / "top.qcow2", MiB)
+    _set_backing(top, b"./b:x.qcow2")
+    assert qemu_reads(top)
+    vdisk.convert(top, tmp_path / "out.vdk", allow_backing=True)
+    assert vdisk_bytes(tmp_path / "out.vdk") == file_bytes(to_raw(top, tmp_path / "q.raw"))
+
+
+def test_vdisk_backing_file_without_a_backing_format(tmp_path):
+    """qemu probes a vdisk backing file as raw (it does not know vdisk):
+    without a backing format extension vdisk refuses rather than read it
+    otherwise than qemu; with 'raw' recorded both read its bytes; given by
+    path (--backing) the caller's vdisk image is read as vdisk."""
+    with vdisk.create(tmp_path / "base.vdk", 4 * MiB) as d:
+        d.pwrite(b"\x77" * (64 * KiB), 0)
+    top = make_qcow2(tmp_path / "top.qcow2", 4 * MiB, "", (), backing="base.vdk", backing_fmt="raw")
+    qemu_io(top, "write -P 0x11 1M 64k")
+    # 'raw' recorded: the bytes of the vdisk file, as qemu reads them
+    expect = file_bytes(to_raw(top, tmp_path / "q.raw"))
+    assert expect[:4] == file_bytes(tmp_path / "base.vdk")[:4]
+    vdisk.convert(top, tmp_path / "raw-backed.vdk", allow_backing=True)
+    assert vdisk_bytes(tmp_path / "raw-backed.vdk") == expect
+    # no backing format: qemu probes raw (the same bytes); vdisk refuses
+    _drop_backing_format(top)
+    assert file_bytes(to_raw(top, tmp_path / "q2.raw")) == expect
+    with pytest.raises(vdisk.UnsupportedFeatureError, match="vdisk image, but the overlay records no backing format"):
+        vdisk.convert(top, tmp_path / "out.vdk", allow_backing=True)
+    # the caller's choice: read as vdisk
+    vdisk.convert(top, tmp_path / "chosen.vdk", allow_backing=str(tmp_path / "base.vdk"))
+    got = vdisk_bytes(tmp_path / "chosen.vdk")
+    assert got[:64 * KiB] == b"\x77" * (64 * KiB) and got[MiB:MiB + 64 * KiB] == b"\x11" * (64 * KiB)
+
+
+def test_qcow2_reader_without_an_opener_refuses_backing_files(tmp_path):
+    """vdisk.qcow2 opens no backing file by itself (the opener is injected; it imports nothing above it)."""
+    from vdisk import qcow2 as Q
+    make_qcow2(tmp_path / "b.qcow2", MiB)
+    top = make_qcow2(tmp_path / "t.qcow2", MiB, "", (), backing="b.qcow2", backing_fmt="qcow2")
+    with pytest.raises(vdisk.UnsupportedFeatureError, match="no way to open one"):
+        Q.Qcow2Image(top, allow_backing=True)
+    src = open(Q.__file__).read()
+    assert "from .convert" not in src and "import convert" not in src

@@ -28,6 +28,7 @@ import queue
 import stat
 import threading
 import uuid as _uuid
+import warnings
 from typing import Callable, Iterator
 
 import numpy as np
@@ -38,7 +39,7 @@ from . import qcow2 as Q
 from .disk import Disk
 from .disk import create as _create
 from .disk import open as _open
-from .errors import InvalidArgumentError, UnsupportedFeatureError
+from .errors import InvalidArgumentError, UnsupportedFeatureError, VdiskWarning
 from .fileio import fsync_dir, place_synced, pwrite_all, refuse_if_in_use
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -52,19 +53,109 @@ Progress = Callable[[int, int], None]
 
 
 # ---------------------------------------------------------------------------- format detection
-def detect_format(path) -> str:
-    """"qcow2" or "vdisk" by their magic (vdisk's in either header slot), else "raw"."""
+PROBE_SIZE = 512                 # BLOCK_PROBE_BUF_SIZE: how much of a file qemu's probes see
+
+
+class RawProbeWarning(VdiskWarning):
+    """A source of unspecified format read as raw because nothing else matched (as qemu-img warns)."""
+
+
+def _vmdk_descriptor(head: bytes) -> bool:
+    """A VMDK text descriptor (reference: vmdk_probe): blank lines and '#'
+    comments, then a line 'version=1', '2' or '3'."""
+    p, end = 0, len(head)
+    while p < end:
+        c = head[p:p + 1]
+        if c == b"#":
+            nl = head.find(b"\n", p)
+            p = end if nl < 0 else nl + 1
+            continue
+        if c == b" ":
+            while p < end and head[p:p + 1] == b" ":
+                p += 1
+            if head[p:p + 1] == b"\r":
+                p += 1
+            if p == end or head[p:p + 1] != b"\n":
+                return False
+            p += 1
+            continue
+        return any(head.startswith(b"version=%d%s" % (v, eol), p) for v in (1, 2, 3) for eol in (b"\n", b"\r\n"))
+    return False
+
+
+_CLOOP_V2 = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+_BOCHS_MAGIC = b"Bochs Virtual HD Image"
+
+# formats qemu-img reads and vdisk does not, known by their first PROBE_SIZE bytes: (name, what it is, test)
+# (references: the *_probe functions of qemu's block/*.c drivers)
+FOREIGN_FORMATS = (
+    ("vmdk", "a VMDK sparse extent", lambda h: h[:4] in (b"KDMV", b"COWD")),
+    ("vmdk", "a VMDK descriptor file", _vmdk_descriptor),
+    ("vpc", "a VHD (vpc) image", lambda h: h[:8] == b"conectix"),
+    ("vhdx", "a VHDX image", lambda h: h[:8] == b"vhdxfile"),
+    ("vdi", "a VirtualBox VDI image", lambda h: h[64:68] == b"\x7f\x10\xda\xbe"),
+    ("qed", "a QED image", lambda h: h[:4] == b"QED\0"),
+    ("luks", "a LUKS encrypted volume", lambda h: h[:6] == b"LUKS\xba\xbe"),
+    ("parallels", "a Parallels image", lambda h: h[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt")
+     and h[16:20] == b"\2\0\0\0"),
+    ("bochs", "a Bochs image", lambda h: h[:len(_BOCHS_MAGIC) + 1] == _BOCHS_MAGIC + b"\0"
+     and h[32:40] == b"Redolog\0"),
+    ("cloop", "a cloop compressed image", lambda h: len(h) > 0 and h[:len(_CLOOP_V2)] == _CLOOP_V2[:len(h)]),
+)
+# ... and by their last 512 bytes (qemu probes neither: it reads a fixed VHD as raw, and a dmg by its name)
+FOREIGN_TRAILERS = (
+    ("vpc", "a fixed VHD (vpc) image (its footer ends the file)",
+     lambda t: t[:8] == b"conectix" or t[1:9] == b"conectix"),
+    ("dmg", "an Apple disk image (dmg: its koly trailer ends the file)", lambda t: t[:4] == b"koly"),
+)
+
+
+def probe_format(path) -> tuple[str, str]:
+    """(format name, what it is) of the file at path, by its magic: "qcow2",
+    "vdisk" (its magic in either header slot), one of the formats of
+    :data:`FOREIGN_FORMATS` that qemu-img reads and vdisk does not, or
+    "raw" when nothing matches."""
     path = os.fspath(path)
     fd = _open_source_fd(path)
     try:
-        head = os.pread(fd, L.SLOT_OFFSETS[1] + len(L.MAGIC), 0)
+        head = os.pread(fd, max(PROBE_SIZE, L.SLOT_OFFSETS[1] + len(L.MAGIC)), 0)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        tail = os.pread(fd, 512, size - 512) if size >= 1024 else b""
     finally:
         os.close(fd)
+    for name, what, test in FOREIGN_FORMATS:
+        if test(head[:PROBE_SIZE]):
+            return name, what
     if Q.probe(head):
-        return "qcow2"
+        return "qcow2", "a qcow2 image"
     if any(head[o:o + len(L.MAGIC)] == L.MAGIC for o in L.SLOT_OFFSETS):
-        return "vdisk"
-    return "raw"
+        return "vdisk", "a vdisk image"
+    # formats known by their last sector, tried after every magic at the start
+    for name, what, test in FOREIGN_TRAILERS:
+        if test(tail):
+            return name, what
+    return "raw", "a raw disk image"
+
+
+def detect_format(path) -> str:
+    """"qcow2", "vdisk", "raw", or the name of a foreign format (see :func:`probe_format`)."""
+    return probe_format(path)[0]
+
+
+def _detect_source(path: str, *, warn: bool = True) -> str:
+    """The format of a source whose format was not given: qcow2, vdisk or
+    raw (then a RawProbeWarning when warn, as qemu-img warns); a foreign
+    format is refused with UnsupportedFeatureError naming it and the ways out."""
+    name, what = probe_format(path)
+    if name not in SOURCE_FORMATS:
+        raise UnsupportedFeatureError(
+            f"{path}: {what} (format {name}), which vdisk does not read; convert it first with "
+            f"'qemu-img convert -f {name} -O qcow2 {path} OUT.qcow2', or pass src_format='raw' (-f raw) to read "
+            f"the file's bytes as a raw disk")
+    if name == "raw" and warn:
+        warnings.warn(f"Image format was not specified for '{path}' and probing guessed raw.", RawProbeWarning,
+                      stacklevel=3)
+    return name
 
 
 def _open_source_fd(path: str) -> int:
@@ -173,13 +264,15 @@ def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: s
                chain: tuple[str, ...] = ()):
     """An image opened for reading: RawImage, VdiskImage or qcow2.Qcow2Image.
 
-    fmt None detects qcow2 and vdisk by their magic; anything else is raw.
+    fmt None detects qcow2 and vdisk by their magic and refuses the formats
+    qemu-img reads and vdisk does not (UnsupportedFeatureError naming the
+    format); anything else is raw, with a :class:`RawProbeWarning`.
     """
     path = os.fspath(path)
     if fmt is not None and fmt not in SOURCE_FORMATS:
         raise InvalidArgumentError(f"unknown source format {fmt!r} (one of {', '.join(SOURCE_FORMATS)})")
     os.close(_open_source_fd(path))         # exists, and is not a FIFO or socket whose open would block
-    fmt = fmt or detect_format(path)
+    fmt = fmt or _detect_source(path)
     if snapshot is not None and fmt != "vdisk":
         raise InvalidArgumentError(f"{path}: snapshot={snapshot!r} picks a vdisk snapshot, but the image is {fmt}")
     if fmt == "vdisk":
@@ -189,8 +282,23 @@ def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: s
     return RawImage(path)
 
 
-def _open_backing(path: str, fmt: str | None, chain: tuple[str, ...]):
-    """A backing file in a chain: its own backing files follow the relative-name rule."""
+def _open_backing(path: str, fmt: str | None, chain: tuple[str, ...], named_by_image: bool):
+    """A backing file in a chain (qcow2.Qcow2Image's open_backing): its own
+    backing files follow the relative-name rule.
+
+    fmt is the format the overlay records ("raw" or "qcow2"), or None.
+    Without one, the file is probed as qemu probes it, except that a vdisk
+    image the overlay names is refused: qemu, which does not know vdisk,
+    would read its bytes as raw.  A backing file the caller chose
+    (named_by_image False) is detected, vdisk included.
+    """
+    if fmt is None:
+        fmt = _detect_source(path, warn=False)
+        if fmt == "vdisk" and named_by_image:
+            raise UnsupportedFeatureError(
+                f"{path}: this backing file is a vdisk image, but the overlay records no backing format, so "
+                f"qemu would read it as raw; record one (qemu-img rebase -u -F raw) or pass the backing file's "
+                f"path explicitly (--backing) to read it as vdisk")
     return open_image(path, fmt, allow_backing=True, chain=chain)
 
 

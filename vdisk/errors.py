@@ -79,3 +79,7 @@ class BackupChainError(VdiskError):
 
 class ChecksumError(CorruptImageError):
     """Stored data does not match its checksum; the message names the file and the block or structure."""
+
+
+class VdiskWarning(UserWarning):
+    """Base class of the warnings vdisk issues (``warnings.warn``); filter or catch them by this class."""

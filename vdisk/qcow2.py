@@ -285,7 +285,12 @@ def parse_compressed_l2_entry(g: Geometry, entry):
 
 
 # ---------------------------------------------------------------------------- backing files
-_PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+def has_protocol(name: str) -> bool:
+    """qemu's path_has_protocol: a ':' before any '/' (so 'nbd://x',
+    'json:{...}', but also 'a_b:c' and '1:x') makes the part before it a
+    protocol name; qemu opens no such name as a file."""
+    colon, slash = name.find(":"), name.find("/")
+    return colon >= 0 and (slash < 0 or colon < slash)
 
 
 def resolve_backing(image_path: str, name: str, allow_backing) -> str:
@@ -295,7 +300,9 @@ def resolve_backing(image_path: str, name: str, allow_backing) -> str:
       backing file).
     * a path (str or PathLike): that file, whatever the image names.
     * True: ``name`` must be relative, free of ``..``, not a qemu protocol
-      or ``json:`` name, and must resolve (symlinks followed, with
+      or ``json:`` name (no ':' before the first '/', as qemu's
+      path_has_protocol), not end with '/', name a regular file as the
+      kernel resolves it, and resolve (symlinks followed, with
       os.path.realpath) to a regular file inside the folder that really
       holds the image.
     """
@@ -317,10 +324,17 @@ def resolve_backing(image_path: str, name: str, allow_backing) -> str:
         raise UnsupportedFeatureError(
             f"{image_path}: backing file {name!r} leaves the image's folder ('..'); pass the backing path "
             f"explicitly to use it")
-    if _PROTOCOL_RE.match(name):
+    if has_protocol(name):
         raise UnsupportedFeatureError(
-            f"{image_path}: backing file {name!r} names a protocol or json: description, not a file")
+            f"{image_path}: backing file {name!r} names a protocol or json: description, not a file (a ':' "
+            f"before any '/'; qemu reads the part before it as a protocol name)")
+    if name.endswith("/"):
+        raise UnsupportedFeatureError(
+            f"{image_path}: backing file {name!r} ends with '/': it names a directory, which qemu cannot open "
+            f"as an image (ENOTDIR)")
     folder = os.path.dirname(os.path.realpath(image_path))
+    # the name as the kernel resolves it (as qemu opens it): 'file/.' is not 'file'
+    _check_regular(os.path.join(folder, name), f"{image_path}: backing file {name!r}")
     real = os.path.realpath(os.path.join(folder, name))
     if os.path.commonpath([folder, real]) != folder or real == folder:
         raise UnsupportedFeatureError(
@@ -484,8 +498,13 @@ class Qcow2Image:
     ``allow_backing``: False (refuse backing files), True (follow a
     relative name inside the image's folder, and so on down the chain), or
     a path: the backing file of this image (its own backing files then
-    follow the True rule).  ``open_backing(path, format_name, chain)``
-    opens a backing file; the default is vdisk.convert.open_image.
+    follow the True rule).  ``open_backing(path, format_name, chain,
+    named_by_image=...)`` opens a backing file: format_name is what the
+    backing format extension records (None without one, or when the caller
+    chose the file), chain the real paths of this image and those above it,
+    named_by_image False when the caller chose the file.  Without an
+    open_backing a backing file is refused (vdisk.convert.open_image passes
+    its own), so this module needs nothing from the layers above it.
     """
 
     def __init__(self, path, *, allow_backing=False, open_backing: Callable | None = None,
@@ -797,8 +816,11 @@ class Qcow2Image:
         fmt = self.backing_format if allow_backing is True else None
         if fmt not in (None, "", "raw", "qcow2"):
             raise UnsupportedFeatureError(f"{self.path}: backing file format {fmt!r} (only raw and qcow2)")
-        opener = open_backing or _default_open_backing
-        self.backing = opener(path, fmt or None, chain)
+        if open_backing is None:
+            raise UnsupportedFeatureError(
+                f"{self.path}: the image has a backing file ({self.backing_file!r}), and this reader was given "
+                f"no way to open one (open_backing; vdisk.convert.open_image passes one)")
+        self.backing = open_backing(path, fmt or None, chain, named_by_image=allow_backing is True)
 
     # ------------------------------------------------------------------ L1 and L2
     def _l1_entries(self, index: int) -> tuple[int, np.ndarray]:
@@ -1276,14 +1298,6 @@ def _map_decompress(jobs, cluster_size: int, compression_type: int, ctx_factory)
     for w, part in enumerate(parts):
         out[w::workers] = part
     return out
-
-
-# ---------------------------------------------------------------------------- backing opener
-def _default_open_backing(path: str, fmt: str | None, chain: tuple[str, ...]):
-    """A backing file as vdisk.convert opens it: qcow2 or vdisk (detected, or
-    as the backing format extension says), else raw."""
-    from .convert import open_image      # here: convert imports this module
-    return open_image(path, fmt, allow_backing=True, chain=chain)
 
 
 # ---------------------------------------------------------------------------- the writer
