@@ -348,3 +348,75 @@ def test_qcow2_reader_without_an_opener_refuses_backing_files(tmp_path):
         Q.Qcow2Image(top, allow_backing=True)
     src = open(Q.__file__).read()
     assert "from .convert" not in src and "import convert" not in src
+
+
+# ---------------------------------------------------------------------------- info and map, beside qemu-img's
+def _qemu_map(path, fmt) -> list[tuple[int, int, bool]]:
+    """qemu-img map --output=json as merged (start, length, data) runs."""
+    runs: list[list] = []
+    for e in json.loads(qemu_img("map", "-f", fmt, "--output=json", path).stdout):
+        if runs and runs[-1][2] == e["data"] and runs[-1][0] + runs[-1][1] == e["start"]:
+            runs[-1][1] += e["length"]
+        else:
+            runs.append([e["start"], e["length"], e["data"]])
+    return [tuple(r) for r in runs]
+
+
+def _our_map(path, fmt=None):
+    got = C.image_map(path, fmt)
+    assert all(e["zero"] is (not e["data"]) for e in got)
+    assert sum(e["length"] for e in got) == C.image_info(path, fmt)["virtual_size"]
+    return [(e["start"], e["length"], e["data"]) for e in got]
+
+
+@pytest.mark.parametrize("options", ["cluster_size=64k", "cluster_size=4k,compression_type=zlib",
+                                     "cluster_size=64k,extended_l2=on"])
+def test_qcow2_info_and_map_agree_with_qemu_img(tmp_path, options):
+    img = make_qcow2(tmp_path / "i.qcow2", 8 * MiB, options,
+                     ["write -P 0x61 0 128k", "write -z 1M 64k", "write -P 0x62 3M 64k", "write -c -P 0x63 6M 64k"])
+    q = json.loads(qemu_img("info", "-f", "qcow2", "--output=json", img).stdout)
+    info = C.image_info(img)
+    assert (info["format"], info["virtual_size"], info["actual_size"], info["cluster_size"]) == \
+        (q["format"], q["virtual-size"], q["actual-size"], q["cluster-size"])
+    assert info["qcow2"]["version"] == 3 and info["qcow2"]["extended_l2"] == ("extended_l2=on" in options)
+    assert _our_map(img) == _qemu_map(img, "qcow2")
+    assert info["data_bytes"] == sum(n for _o, n, d in _qemu_map(img, "qcow2") if d)
+    # a partly written new cluster: qemu leaves the rest a host hole, which vdisk maps as zeros
+    # (qemu-img map says data): vdisk's map is a refinement of qemu's, never more data
+    qemu_io(img, "write -P 0x64 7M 16k")
+    content = np.frombuffer(file_bytes(to_raw(img, tmp_path / "q.raw")), dtype=np.uint8)
+    ours = np.zeros(len(content), dtype=bool)
+    for o, n, d in _our_map(img):
+        ours[o:o + n] = d
+    theirs = np.zeros(len(content), dtype=bool)
+    for o, n, d in _qemu_map(img, "qcow2"):
+        theirs[o:o + n] = d
+    assert not (ours & ~theirs).any()
+    assert not content[theirs & ~ours].any()
+    assert ours[7 * MiB:7 * MiB + 16 * KiB].all()
+
+
+def test_raw_and_vdisk_info_and_map(tmp_path):
+    raw = tmp_path / "sparse.raw"
+    with open(raw, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(MiB)
+        f.write(pattern(4, 256 * KiB))
+        f.seek(5 * MiB)
+        f.write(pattern(5, 64 * KiB))
+    q = json.loads(qemu_img("info", "-f", "raw", "--output=json", raw).stdout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")             # info and map name the format: no probe warning
+        info = C.image_info(raw)
+        assert (info["format"], info["virtual_size"], info["actual_size"], info["cluster_size"]) == \
+            ("raw", q["virtual-size"], q["actual-size"], None)
+        assert _our_map(raw) == _qemu_map(raw, "raw")
+    vdisk.convert(raw, tmp_path / "s.vdk", src_format="raw")
+    info = C.image_info(tmp_path / "s.vdk")
+    assert (info["format"], info["virtual_size"], info["cluster_size"]) == ("vdisk", 8 * MiB, 64 * KiB)
+    assert info["actual_size"] == os.stat(tmp_path / "s.vdk").st_blocks * 512
+    assert _our_map(tmp_path / "s.vdk") == [(0, MiB, False), (MiB, 256 * KiB, True), (MiB + 256 * KiB,
+                                            4 * MiB - 256 * KiB, False), (5 * MiB, 64 * KiB, True),
+                                            (5 * MiB + 64 * KiB, 3 * MiB - 64 * KiB, False)]
+    with pytest.raises(vdisk.UnsupportedFeatureError, match="vmdk"):
+        C.image_info(_qemu_create(tmp_path, "vmdk", "x.vmdk"))

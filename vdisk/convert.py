@@ -154,7 +154,7 @@ def _detect_source(path: str, *, warn: bool = True) -> str:
             f"the file's bytes as a raw disk")
     if name == "raw" and warn:
         warnings.warn(f"Image format was not specified for '{path}' and probing guessed raw.", RawProbeWarning,
-                      stacklevel=3)
+                      stacklevel=4)
     return name
 
 
@@ -261,18 +261,19 @@ class VdiskImage:
 
 
 def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: str | None = None,
-               chain: tuple[str, ...] = ()):
+               chain: tuple[str, ...] = (), warn_raw: bool = True):
     """An image opened for reading: RawImage, VdiskImage or qcow2.Qcow2Image.
 
     fmt None detects qcow2 and vdisk by their magic and refuses the formats
     qemu-img reads and vdisk does not (UnsupportedFeatureError naming the
-    format); anything else is raw, with a :class:`RawProbeWarning`.
+    format); anything else is raw, with a :class:`RawProbeWarning` unless
+    warn_raw is False.
     """
     path = os.fspath(path)
     if fmt is not None and fmt not in SOURCE_FORMATS:
         raise InvalidArgumentError(f"unknown source format {fmt!r} (one of {', '.join(SOURCE_FORMATS)})")
     os.close(_open_source_fd(path))         # exists, and is not a FIFO or socket whose open would block
-    fmt = fmt or _detect_source(path)
+    fmt = fmt or _detect_source(path, warn=warn_raw)
     if snapshot is not None and fmt != "vdisk":
         raise InvalidArgumentError(f"{path}: snapshot={snapshot!r} picks a vdisk snapshot, but the image is {fmt}")
     if fmt == "vdisk":
@@ -714,3 +715,56 @@ def _compare(ia, ib, progress) -> int | None:
             tick(pos)
     tick.finish()
     return None
+
+
+# ---------------------------------------------------------------------------- info and map
+def image_info(path, fmt=None, *, allow_backing=False) -> dict:
+    """What ``qemu-img info`` tells of a raw, qcow2 or vdisk image.
+
+    Keys: ``filename``, ``format`` ("raw", "qcow2" or "vdisk"; detected
+    when fmt is None, a foreign format refused as by :func:`convert`; no
+    RawProbeWarning: the answer names the format), ``virtual_size`` (bytes,
+    as the image is read: a qcow2 size rounded down to 512),
+    ``actual_size`` (bytes the file occupies on the host, st_blocks * 512,
+    qemu's "disk size"), ``cluster_size`` (qcow2 cluster, vdisk block, None
+    for raw), ``data_bytes`` (bytes of the virtual disk that may hold data:
+    the ``data`` extents of :func:`image_map`), and for qcow2 ``qcow2``:
+    the reader's header summary (version, compression type, refcount bits,
+    dirty, snapshots, extended L2, backing file).
+    """
+    path = os.fspath(path)
+    image = open_image(path, fmt, allow_backing=allow_backing, warn_raw=False)
+    try:
+        st = os.stat(path)
+        cluster = getattr(image, "cluster_size", None) or getattr(image, "block_size", None)
+        out = {"filename": path, "format": image.format, "virtual_size": image.size,
+               "actual_size": st.st_blocks * 512, "cluster_size": cluster,
+               "data_bytes": sum(n for _o, n, data in image.extents(0, image.size) if data)}
+        if image.format == "qcow2":
+            q = image.info()
+            out["qcow2"] = {k: q[k] for k in ("version", "compression_type", "refcount_bits", "dirty", "snapshots",
+                                               "extended_l2", "backing_file")}
+        return out
+    finally:
+        image.close()
+
+
+def image_map(path, fmt=None, *, allow_backing=False) -> list[dict]:
+    """The extents of an image, as ``qemu-img map --output=json`` lists
+    them: ``{"start", "length", "data", "zero"}`` dicts covering the whole
+    virtual size in order, adjacent extents of the same kind merged.
+    ``data`` True: the range may hold data (a qcow2 data or compressed
+    cluster whose host bytes are not a hole, a vdisk block that is
+    allocated, a raw range that SEEK_DATA finds); False: it reads as zeros
+    (``zero`` True) and is never read by convert or compare."""
+    image = open_image(path, fmt, allow_backing=allow_backing, warn_raw=False)
+    try:
+        out: list[dict] = []
+        for off, n, data in image.extents(0, image.size):
+            if out and out[-1]["data"] == data and out[-1]["start"] + out[-1]["length"] == off:
+                out[-1]["length"] += n
+            else:
+                out.append({"start": off, "length": n, "data": data, "zero": not data})
+        return out
+    finally:
+        image.close()

@@ -507,6 +507,8 @@ class Qcow2Image:
     its own), so this module needs nothing from the layers above it.
     """
 
+    format = "qcow2"
+
     def __init__(self, path, *, allow_backing=False, open_backing: Callable | None = None,
                  chain: tuple[str, ...] = ()):
         self.path = os.fspath(path)
