@@ -497,16 +497,20 @@ def convert(src, dst, *, src_format=None, dst_format="vdisk", block_size=None, s
     """Copy the content of image src into a new image dst.
 
     src_format: "raw", "qcow2" or "vdisk"; None detects qcow2 and vdisk by
-    their magic and reads anything else as raw (so a raw disk whose first
-    bytes look like a qcow2 header is read as raw only when the caller says
-    src_format="raw").
+    their magic, refuses the formats qemu-img reads and vdisk does not
+    (vmdk, vpc, vhdx, vdi, qed, luks, parallels, bochs, cloop, dmg:
+    UnsupportedFeatureError naming the format and the way out) and reads
+    anything else as raw, with a RawProbeWarning (so a raw disk whose first
+    bytes look like another format's header is read as raw only when the
+    caller says src_format="raw").
 
     dst_format: "vdisk" (default), "raw" or "qcow2".  block_size is the
     vdisk block size (default 64 KiB) or the qcow2 cluster size (default
     64 KiB, 512 B to 2 MiB); it must be None for raw output.  vdisk and
-    qcow2 sizes are multiples of 512: a source whose size is not gets a
+    qcow2 sizes are multiples of 512: a raw source whose size is not gets a
     virtual size rounded up to the next multiple of 512, the extra bytes
-    reading as zeros (as qemu-img does).  A raw output has the source's
+    reading as zeros (as qemu-img does); a qcow2 header size is rounded
+    down, as qemu reads it.  A raw output has the source's
     exact size and is sparse: only non-zero 4 KiB blocks are written.  A
     qcow2 output is a version 3 image with 16-bit refcounts that
     ``qemu-img check`` finds clean (see vdisk.qcow2 and docs/CONVERT.md).
