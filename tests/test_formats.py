@@ -115,6 +115,31 @@ def test_zstd_cluster_in_two_frames_reads_as_qemu(tmp_path):
     assert vdisk_bytes(tmp_path / "out.vdk") == expect
 
 
+def _frame_of_raw_blocks(body: bytes, empty_blocks: int) -> bytes:
+    """A zstd frame (no content size, 1 MiB window): empty raw blocks, then body as the last raw block."""
+    return (struct.pack("<I", 0xFD2FB528) + bytes([0x00, 0x50]) + bytes(3) * empty_blocks
+            + (1 | len(body) << 3).to_bytes(3, "little") + body)
+
+
+@pytest.mark.parametrize("empty", [100, 200])
+def test_zstd_blocks_per_cluster_are_capped(tmp_path, empty):
+    """At most one zstd block per 512 bytes of the cluster, plus 16 (144 for
+    64 KiB; ours, qemu has no cap): 100 empty blocks before the data read as
+    qemu reads them, 200 are refused, in microseconds (a hostile stream of
+    4 MiB of empty blocks took 0.47 s a cluster to walk without the cap)."""
+    img, _raw = _zstd_image(tmp_path)
+    body = compressible(13, 64 * KiB)
+    _point_at(img, _frame_of_raw_blocks(body, empty))
+    assert qemu_reads(img)
+    if empty > 144:
+        with pytest.raises(vdisk.CorruptImageError, match="too many blocks"):
+            vdisk.convert(img, tmp_path / "out.vdk")
+        return
+    vdisk.convert(img, tmp_path / "out.vdk")
+    assert vdisk_bytes(tmp_path / "out.vdk") == file_bytes(to_raw(img, tmp_path / "q.raw"))
+    assert vdisk_bytes(tmp_path / "out.vdk")[:64 * KiB] == body
+
+
 def test_zstd_descriptor_covering_the_next_frame(tmp_path):
     """A descriptor whose sectors also hold the next cluster's frame (qemu packs
     compressed clusters back to back): the bytes after the frame are not parsed."""

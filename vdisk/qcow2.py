@@ -374,14 +374,26 @@ def _zstd_decompressor():
     return zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
 
 
-def _zstd_frame_end(mv: memoryview, pos: int) -> int:
-    """The offset just past the zstd frame that starts at pos (reference:
-    ZSTD_findFrameCompressedSize; the frame format is RFC 8878 section 3.1).
+def zstd_piece_budget(cluster_size: int) -> int:
+    """How many zstd frames and blocks one cluster may be made of, together
+    (ours: qemu has no cap).  qemu writes one frame of blocks of up to
+    128 KiB; this allows one per 512 bytes of the cluster, plus 16, so a
+    hostile stream of empty blocks costs microseconds, not half a second."""
+    return cluster_size // 512 + 16
 
-    Only the frame header and the 3-byte block headers are read, at most one
-    per 3 bytes of input.  BadCompressedCluster when there is no frame at
-    pos or it runs past the end of the data."""
+
+def _zstd_frame_end(mv: memoryview, pos: int, budget: int) -> tuple[int, int]:
+    """(the offset just past the zstd frame that starts at pos, the budget
+    left after its blocks) (reference: ZSTD_findFrameCompressedSize; the
+    frame format is RFC 8878 section 3.1).
+
+    Only the frame header and the 3-byte block headers are read, each
+    block spending one unit of budget.  BadCompressedCluster when there is
+    no frame at pos, it runs past the end of the data, or the budget runs out."""
     n = len(mv)
+    budget -= 1
+    if budget < 0:
+        raise BadCompressedCluster("its zstd data has too many frames (more than one per 512 bytes of the cluster)")
     if pos + 5 > n:
         raise BadCompressedCluster("its zstd data ends before a complete frame header")
     magic = int.from_bytes(mv[pos:pos + 4], "little")
@@ -389,13 +401,17 @@ def _zstd_frame_end(mv: memoryview, pos: int) -> int:
         end = pos + 8 + int.from_bytes(mv[pos + 4:pos + 8], "little") if pos + 8 <= n else n + 1
         if end > n:
             raise BadCompressedCluster("a skippable zstd frame runs past the end of the compressed data")
-        return end
+        return end, budget
     if magic != ZSTD_MAGIC:
         raise BadCompressedCluster(f"no zstd frame at byte {pos} of the compressed data")
     fhd = mv[pos + 4]
     single_segment = fhd >> 5 & 1
     p = pos + 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[fhd & 3] + ((single_segment, 2, 4, 8)[fhd >> 6])
     while True:
+        budget -= 1
+        if budget < 0:
+            raise BadCompressedCluster("its zstd data has too many blocks (more than one per 512 bytes of the "
+                                       "cluster)")
         if p + 3 > n:
             raise BadCompressedCluster("its zstd frame is cut short (the data ends inside the frame)")
         b = mv[p] | mv[p + 1] << 8 | mv[p + 2] << 16
@@ -408,7 +424,7 @@ def _zstd_frame_end(mv: memoryview, pos: int) -> int:
     p += 4 if fhd & 0x04 else 0               # the content checksum
     if p > n:
         raise BadCompressedCluster("its zstd frame is cut short (the data ends inside the frame)")
-    return p
+    return p, budget
 
 
 def _zstd_decompress(ctx, data, cluster_size: int) -> bytes:
@@ -424,10 +440,11 @@ def _zstd_decompress(ctx, data, cluster_size: int) -> bytes:
     """
     mv = memoryview(data)
     parts, got, pos = [], 0, 0
+    budget = zstd_piece_budget(cluster_size)
     while got < cluster_size:
-        end = _zstd_frame_end(mv, pos) if pos < len(mv) else None
-        if end is None:
+        if pos >= len(mv):
             raise BadCompressedCluster(f"it decompresses to {got} bytes, not the cluster size {cluster_size}")
+        end, budget = _zstd_frame_end(mv, pos, budget)
         reader = ctx.stream_reader(mv[pos:end], read_across_frames=False)
         while got < cluster_size:
             piece = reader.read(cluster_size - got)
