@@ -445,3 +445,20 @@ def test_raw_and_vdisk_info_and_map(tmp_path):
                                             (5 * MiB + 64 * KiB, 3 * MiB - 64 * KiB, False)]
     with pytest.raises(vdisk.UnsupportedFeatureError, match="vmdk"):
         C.image_info(_qemu_create(tmp_path, "vmdk", "x.vmdk"))
+
+
+def test_qcow2_and_vdisk_are_never_taken_for_a_foreign_format(tmp_path):
+    """qcow2's magic and vdisk's first slot win over a foreign trailer (a
+    koly or conectix last sector) and over vdi's signature at offset 64."""
+    img = make_qcow2(tmp_path / "a.qcow2", MiB)
+    with vdisk.create(tmp_path / "a.vdk", MiB):
+        pass
+    for path in (img, str(tmp_path / "a.vdk")):
+        fmt = C.detect_format(path)
+        for patch in ((64, b"\x7f\x10\xda\xbe"), (-512, b"koly"), (-512, b"conectix")):
+            copy = tmp_path / "copy"
+            data = bytearray(file_bytes(path)) + bytes(1024)
+            at = patch[0] % len(data)
+            data[at:at + len(patch[1])] = patch[1]
+            copy.write_bytes(data)
+            assert C.detect_format(copy) == fmt, patch

@@ -123,13 +123,14 @@ def probe_format(path) -> tuple[str, str]:
         tail = os.pread(fd, 512, size - 512) if size >= 1024 else b""
     finally:
         os.close(fd)
-    for name, what, test in FOREIGN_FORMATS:
-        if test(head[:PROBE_SIZE]):
-            return name, what
+    # qcow2 and vdisk first: vdi's signature (at 64) could sit in the body of their headers by chance
     if Q.probe(head):
         return "qcow2", "a qcow2 image"
     if any(head[o:o + len(L.MAGIC)] == L.MAGIC for o in L.SLOT_OFFSETS):
         return "vdisk", "a vdisk image"
+    for name, what, test in FOREIGN_FORMATS:
+        if test(head[:PROBE_SIZE]):
+            return name, what
     # formats known by their last sector, tried after every magic at the start
     for name, what, test in FOREIGN_TRAILERS:
         if test(tail):
