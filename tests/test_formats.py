@@ -176,7 +176,7 @@ def test_qcow2_size_not_a_multiple_of_512_is_rounded_down_as_qemu(tmp_path):
         q = qemu_compare(img, other, "qcow2", "raw")
         v = CliRunner().invoke(main, ["compare", "-f", "qcow2", "-F", "raw", img, str(other)])
         assert (v.exit_code, v.output) == (q.returncode, q.stdout), other
-    assert vdisk.compare(img, qraw) is None
+    assert vdisk.compare(img, qraw, b_format="raw") is None
 
 
 # ---------------------------------------------------------------------------- foreign formats
