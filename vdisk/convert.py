@@ -280,11 +280,11 @@ def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: s
     if fmt == "vdisk":
         return VdiskImage(path, snapshot)
     if fmt == "qcow2":
-        return Q.Qcow2Image(path, allow_backing=allow_backing, open_backing=_open_backing, chain=chain)
+        return Q.Qcow2Image(path, allow_backing=allow_backing, open_backing=open_backing, chain=chain)
     return RawImage(path)
 
 
-def _open_backing(path: str, fmt: str | None, chain: tuple[str, ...], named_by_image: bool):
+def open_backing(path: str, fmt: str | None, chain: tuple[str, ...], named_by_image: bool):
     """A backing file in a chain (qcow2.Qcow2Image's open_backing): its own
     backing files follow the relative-name rule.
 

@@ -521,7 +521,7 @@ class Qcow2Image:
     chose the file), chain the real paths of this image and those above it,
     named_by_image False when the caller chose the file.  Without an
     open_backing a backing file is refused (vdisk.convert.open_image passes
-    its own), so this module needs nothing from the layers above it.
+    vdisk.convert.open_backing), so this module needs nothing from the layers above it.
     """
 
     format = "qcow2"
@@ -838,7 +838,7 @@ class Qcow2Image:
         if open_backing is None:
             raise UnsupportedFeatureError(
                 f"{self.path}: the image has a backing file ({self.backing_file!r}), and this reader was given "
-                f"no way to open one (open_backing; vdisk.convert.open_image passes one)")
+                f"no way to open one (open_backing; vdisk.convert.open_backing is one)")
         self.backing = open_backing(path, fmt or None, chain, named_by_image=allow_backing is True)
 
     # ------------------------------------------------------------------ L1 and L2

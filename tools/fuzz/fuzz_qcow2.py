@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 import vdisk  # noqa: E402
 from vdisk import qcow2 as Q  # noqa: E402
+from vdisk.convert import open_backing  # noqa: E402  (how vdisk.convert opens backing files)
 
 from common import INTERESTING, KiB, MiB, guard, havoc, put_int, remove, scratch_path, write_sparse  # noqa: E402
 
@@ -92,7 +93,7 @@ def read_windows(size: int, extents) -> list[tuple[int, int]]:
 
 def exercise(path: str, allow_backing: bool) -> int | None:
     """Open, list, read; returns the virtual size (None if refused)."""
-    img = guard(Q.Qcow2Image, path, allow_backing=allow_backing)
+    img = guard(Q.Qcow2Image, path, allow_backing=allow_backing, open_backing=open_backing)
     if img is None:
         return None
     try:
