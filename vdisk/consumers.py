@@ -213,7 +213,8 @@ def apply(records: list[ConsumerRecord], op: str, name, change_id, hdr: L.Header
         out = records + [rec]
     else:
         if name not in taken:
-            raise ConsumerNotFoundError(f"no consumer named {name!r} (register it first)")
+            raise ConsumerNotFoundError(f"no consumer named {name!r} "
+                                        f"({'nothing to forget' if op == 'forget' else 'register it first'})")
         if op == "forget":
             return [r for r in records if r.name != name], None
         old = next(r for r in records if r.name == name)

@@ -148,7 +148,7 @@ def backups(path: str, directory: str) -> bool:
         print("  a chain with a gap was NOT refused")
         ok = False
     except vdisk.BackupChainError as exc:
-        print(f"  a chain with a gap is refused: {str(exc)[:60]}...")
+        print(f"  a chain with a gap is refused: {exc}")
     ok &= vdisk.check(a_img).ok and vdisk.check(b_img).ok
     return ok
 

@@ -59,6 +59,7 @@ import threading
 import time
 import uuid as _uuid
 import weakref
+from typing import Callable
 
 import numpy as np
 
@@ -67,6 +68,7 @@ from . import consumers as consumer_table
 from . import layout as L
 from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError,
                      ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError, VdiskIOError)
+from .errors import TO_REPLACE, NoSuchFileError, Param
 from .arrays import lazy_zeros, load_array as _load_array
 from .extents import Extents
 from .fileio import FileIO, _io_error, fsync_dir, place_synced, refuse_if_in_use
@@ -103,9 +105,13 @@ def _check_size(size: int, block_shift: int) -> None:
     if size % L.SECTOR:
         raise OutOfRangeError(f"size {size} is not a multiple of {L.SECTOR} bytes")
     if L.blocks_for(size, block_shift) > L.MAX_BLOCKS:
-        raise OutOfRangeError(
+        fits = next((s for s in range(block_shift + 1, L.MAX_BLOCK_SHIFT + 1)
+                     if L.blocks_for(size, s) <= L.MAX_BLOCKS), None)
+        hint: tuple = (("; a block size of ", Param("block_size", L.format_size(1 << fits).replace(" ", "")),
+                        " holds it") if fits is not None else ())
+        raise OutOfRangeError.naming(
             f"size {size} needs {L.blocks_for(size, block_shift)} blocks of {1 << block_shift} bytes; "
-            f"the limit is {L.MAX_BLOCKS} blocks ({L.format_size(L.MAX_BLOCKS << block_shift)})")
+            f"the limit is {L.MAX_BLOCKS} blocks ({L.format_size(L.MAX_BLOCKS << block_shift)})", *hint)
 
 
 def _read_header(fio) -> tuple[L.Header, int]:
@@ -562,10 +568,9 @@ class Disk(io.RawIOBase):
 
     # ------------------------------------------------------------------ reads
     def pread(self, length: int, offset: int) -> bytes:
-        """length bytes at offset; never-written areas read as zeros.
-
-        (An open Disk answers single-block reads in ``_fast.HotPath.pread``,
-        which hands every other case to this method.)"""
+        """length bytes at offset; never-written areas read as zeros."""
+        # (an open Disk answers single-block reads in _fast.HotPath.pread, which hands every
+        # other case to this method)
         if offset < 0 or length < 0 or offset + length > self._hdr.virtual_size:
             self._check_range(offset, length, "read")
         shift = self._shift
@@ -650,10 +655,9 @@ class Disk(io.RawIOBase):
     # ------------------------------------------------------------------ writes
     def pwrite(self, data, offset: int) -> int:
         """Write data at offset; returns len(data).  Zeros written to
-        unallocated blocks allocate nothing.
-
-        (An open Disk runs in-place single-block writes in
-        ``_fast.HotPath.pwrite``, which hands every other case to this method.)"""
+        unallocated blocks allocate nothing."""
+        # (an open Disk runs in-place single-block writes in _fast.HotPath.pwrite, which hands
+        # every other case to this method)
         mv = _as_bytes_view(data)
         n = len(mv)
         if offset < 0 or offset + n > self._hdr.virtual_size:
@@ -1022,8 +1026,8 @@ class Disk(io.RawIOBase):
 
     def _require_tracking(self) -> ChangeTracker:
         if self._tracker is None:
-            raise UnsupportedFeatureError(f"{self.path}: change tracking is off for this image "
-                                          f"(create it with track_changes=True)")
+            raise UnsupportedFeatureError.naming(f"{self.path}: change tracking is off for this image (create it "
+                                                 f"with ", Param("track_changes", True), ")")
         return self._tracker
 
     # ------------------------------------------------------------------ snapshots
@@ -1258,10 +1262,11 @@ class Disk(io.RawIOBase):
             self._flush_locked()
 
     @_poisons
-    def compact(self) -> int:
+    def compact(self, *, progress: Callable[[int, int], None] | None = None) -> int:
         """Give unused space back to the file system: punch holes over free
         blocks and cut free blocks off the end of the file.  Returns the
-        number of bytes released."""
+        number of bytes released.  progress(done_blocks, total_blocks): called
+        as the free runs are punched, finally with done == total."""
         with self._lock:
             self._check_writable()
             self._flush_locked()
@@ -1278,6 +1283,8 @@ class Disk(io.RawIOBase):
             for start, n in zip(starts.tolist(), lengths.tolist()):
                 if self._io.punch_hole(start * bs, n * bs):
                     released += n * bs
+                if progress is not None:
+                    progress(start + n, self._end_block)
             if last < self._end_block:
                 released += (self._end_block - last) * bs
                 self._io.truncate(last * bs)
@@ -1287,6 +1294,8 @@ class Disk(io.RawIOBase):
                 self._scan = min(self._scan, last)
                 self._scan_limit = min(self._scan_limit, last)
             self._io.fsync()
+            if progress is not None:
+                progress(self._end_block, self._end_block)
             return released
 
     # ------------------------------------------------------------------ map
@@ -1295,6 +1304,15 @@ class Disk(io.RawIOBase):
         with self._lock:
             self._check_open()
             return self._map_locked()
+
+    def host_map(self) -> list[tuple[int, int, int]]:
+        """The data extents with where they are in the file: (offset, length,
+        host offset) runs, each contiguous in the image file, in disk order
+        (what ``qemu-img map`` lists as ``offset``)."""
+        with self._lock:
+            self._check_open()
+            return [(o + at, n, phys) for o, length in self._map_locked()
+                    for at, phys, n in self._plan_read(o, length)]
 
     def _map_locked(self) -> Extents:
         runs = [_fast.nonzero_runs(self._table, lo, hi) for lo, hi in self._table_runs(self._hdr.nblocks)]
@@ -1492,7 +1510,7 @@ def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_cha
     shift = bs.bit_length() - 1
     _check_size(size, shift)
     if os.path.exists(path) and not overwrite:
-        raise InvalidArgumentError(f"{path} exists (pass overwrite=True to replace it)")
+        raise InvalidArgumentError.naming(f"{path} exists (", *TO_REPLACE, ")")
     if overwrite:
         refuse_if_in_use(path)
 
@@ -1544,7 +1562,7 @@ def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_cha
             os.replace(tmp, path)
             fsync_dir(directory)
         else:
-            place_synced(tmp, path, "pass overwrite=True to replace it")   # a failed fsync takes it away
+            place_synced(tmp, path, TO_REPLACE)   # a failed fsync takes it away
         fio.path = path
     except BaseException:
         fio.close()
@@ -1560,7 +1578,7 @@ def open(path, mode: str = "r", *, io_factory=FileIO) -> Disk:  # noqa: A001 - t
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise InvalidArgumentError(f"{path}: no such file")
+        raise NoSuchFileError(path)
     writable = mode == "r+"
     fio = io_factory(path, writable=writable)
     try:
