@@ -48,7 +48,7 @@ import dataclasses
 import json
 import os
 import uuid as _uuid
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
+from typing import TYPE_CHECKING, Any, Iterable, Union
 
 import numpy as np
 
@@ -59,6 +59,7 @@ from .delta import (BATCH_BYTES, FLAG_ZERO, FORMAT_NAME, FORMAT_VERSION, UUID_RE
 from .errors import (BackupChainError, CorruptImageError, InvalidArgumentError, ReadOnlyError,
                      StaleChangeIdError, UnsupportedFeatureError)
 from .errors import FROM_SCRATCH, TO_REPLACE, Param
+from ._types import PathArg, Progress
 from .extents import Extents
 from .fileio import FileIO, refuse_if_in_use
 from .snapshots import BACKUP_SNAPSHOT_PREFIX
@@ -68,8 +69,6 @@ if TYPE_CHECKING:
     from .disk import Disk
     from .snapshots import Snapshot
 
-Progress = Callable[[int, int], None]            # progress(done_bytes, total_bytes)
-PathArg = Union[str, "os.PathLike[str]"]
 Deltas = Union[PathArg, Iterable[PathArg]]       # one delta file, or a chain in order
 
 

@@ -133,7 +133,8 @@ class VdiskGroup(click.Group):
             ctx.exit(EXIT_USAGE)
         return super().parse_args(ctx, args)
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+    def main(self, args: list[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         if prog_name is None:
             prog_name = "vdisk"
         if not standalone_mode:
@@ -205,7 +206,7 @@ class _ProgressBar:
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
             scale = self.unit == "B"
             self.bar = tqdm(total=total, unit=self.unit, unit_scale=scale, unit_divisor=1024, file=sys.stderr,
                             desc=self.desc, dynamic_ncols=True)
@@ -256,7 +257,7 @@ def create(file: str, size: str, block_size: str, no_track_changes: bool, overwr
         click.echo(f"Formatting '{file}', fmt=vdisk size={d.size} block_size={d.block_size}")
 
 
-def _qemu_snapshots(snapshots: list) -> list[dict]:
+def _qemu_snapshots(snapshots: list[Any]) -> list[dict[str, Any]]:
     """vdisk snapshots as qemu-img info lists internal snapshots, with vdisk's own keys beside."""
     out = []
     for i, s in enumerate(snapshots, 1):
@@ -267,7 +268,7 @@ def _qemu_snapshots(snapshots: list) -> list[dict]:
     return out
 
 
-def info_json(path: str, data: dict, snapshots: list) -> dict:
+def info_json(path: str, data: dict[str, Any], snapshots: list[Any]) -> dict[str, Any]:
     """``vdisk info --output json``: qemu-img info's keys where they mean the same, vdisk's beside."""
     st = os.stat(path)
     out = {
@@ -355,7 +356,7 @@ def _print_findings(result: Any) -> None:
         click.echo("No errors were found on the image.")
 
 
-def check_json(file: str, result: Any, before: Any) -> dict:
+def check_json(file: str, result: Any, before: Any) -> dict[str, Any]:
     """``vdisk check --output json``: qemu-img check's keys (counts), the findings listed beside."""
     data: dict[str, Any] = {
         "filename": file, "format": "vdisk", "check-errors": 0,
@@ -401,9 +402,9 @@ def check(ctx: click.Context, file: str, repair: bool, show_progress: bool, outp
     ctx.exit(_check_exit_code(result))
 
 
-def map_json(size: int, runs: list[tuple[int, int, int]]) -> list[dict]:
+def map_json(size: int, runs: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
     """qemu-img map's JSON list: every range of the disk, data runs with their host offset."""
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     pos = 0
 
     def hole(end: int) -> None:
@@ -510,7 +511,7 @@ def snapshot() -> None:
     """Create, list, delete and revert internal snapshots."""
 
 
-def _snapshot_json(info: Any) -> dict:
+def _snapshot_json(info: Any) -> dict[str, Any]:
     return {"name": info.name, "change_id": info.change_id, "generation": info.generation,
             "created": info.created.isoformat(), "size": info.size}
 
@@ -570,7 +571,7 @@ def consumer() -> None:
     """Named backup consumers stored in the image, each with its last change id."""
 
 
-def _consumer_json(info: Any) -> dict:
+def _consumer_json(info: Any) -> dict[str, Any]:
     return {"name": info.name, "change_id": info.change_id, "created": info.created.isoformat(),
             "updated": info.updated.isoformat()}
 

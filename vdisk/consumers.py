@@ -38,6 +38,9 @@ from .errors import ConsumerNotFoundError, CorruptImageError, InvalidArgumentErr
 from .extents import Extents
 from .tracking import format_change_id, parse_change_id
 
+if typing.TYPE_CHECKING:
+    from .disk import Disk
+
 _NO_EPOCH = bytes(16)
 
 
@@ -139,7 +142,7 @@ class Consumers:
         >>> d.consumers["nightly"].change_id
     """
 
-    def __init__(self, disk):
+    def __init__(self, disk: Disk):
         self._disk = disk
 
     # --- reading ------------------------------------------------------------------
@@ -154,7 +157,7 @@ class Consumers:
                 return rec.info()
         raise ConsumerNotFoundError(f"{self._disk.path}: no consumer named {name!r} (register it first)")
 
-    def get(self, name: str, default=None):
+    def get(self, name: str, default: ConsumerInfo | None = None) -> ConsumerInfo | None:
         try:
             return self[name]
         except ConsumerNotFoundError:

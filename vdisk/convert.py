@@ -41,6 +41,7 @@ from .disk import create as _create
 from .disk import open as _open
 from .errors import InvalidArgumentError, UnsupportedFeatureError
 from .errors import TO_REPLACE, NoSuchFileError, Param, VdiskIOError
+from ._types import PathArg, SizeArg
 from .fileio import fsync_dir, place_synced, pwrite_all, refuse_if_in_use
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -433,8 +434,10 @@ class _NamedOutput:
 
 
 # ---------------------------------------------------------------------------- convert
-def convert(src, dst, *, src_format=None, dst_format="vdisk", block_size=None, snapshot=None,
-            allow_backing=False, progress=None, overwrite=False) -> None:
+def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_format: str = "vdisk",
+            block_size: SizeArg | None = None, snapshot: str | None = None,
+            allow_backing: bool | PathArg = False, progress: Progress | None = None,
+            overwrite: bool = False) -> None:
     """Copy the content of image src into a new image dst.
 
     src_format: "raw", "qcow2" or "vdisk"; None detects qcow2 and vdisk by
@@ -605,7 +608,8 @@ def _commit(tmp: str, dst: str, overwrite: bool) -> None:
         place_synced(tmp, dst, TO_REPLACE)
 
 
-def compare(a, b, *, a_format=None, b_format=None, allow_backing=False, progress=None) -> int | None:
+def compare(a: PathArg, b: PathArg, *, a_format: str | None = None, b_format: str | None = None,
+            allow_backing: bool = False, progress: Progress | None = None) -> int | None:
     """The offset of the first byte where images a and b differ, or None
     when they read the same.
 

@@ -59,7 +59,10 @@ import threading
 import time
 import uuid as _uuid
 import weakref
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 import numpy as np
 
@@ -69,6 +72,7 @@ from . import layout as L
 from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError,
                      ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError, VdiskIOError)
 from .errors import TO_REPLACE, NoSuchFileError, Param
+from ._types import PathArg, SizeArg
 from .arrays import lazy_zeros, load_array as _load_array
 from .extents import Extents
 from .fileio import FileIO, _io_error, fsync_dir, place_synced, refuse_if_in_use
@@ -178,7 +182,7 @@ def _poison_hook(ref, err) -> None:
 class Disk(io.RawIOBase):
     """An open vdisk image.  Use :func:`vdisk.create` or :func:`vdisk.open`."""
 
-    def __init__(self, fio, header: L.Header, slot: int, writable: bool):
+    def __init__(self, fio: FileIO, header: L.Header, slot: int, writable: bool):
         super().__init__()
         self._io = fio
         self._hdr = header
@@ -515,7 +519,7 @@ class Disk(io.RawIOBase):
         self._check_open()
         return self._pos
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         mv = _as_bytes_view(buffer)
         n = max(0, min(len(mv), self.size - self._pos))
         if n:
@@ -523,7 +527,7 @@ class Disk(io.RawIOBase):
         self._pos += n
         return n
 
-    def write(self, data) -> int:
+    def write(self, data: ReadableBuffer) -> int:
         mv = _as_bytes_view(data)
         n = self.pwrite(mv, self._pos)
         self._pos += n
@@ -591,7 +595,7 @@ class Disk(io.RawIOBase):
             self._read_plan(memoryview(buf), plan)
         return buf.tobytes()
 
-    def preadinto(self, buffer, offset: int) -> int:
+    def preadinto(self, buffer: WriteableBuffer, offset: int) -> int:
         if isinstance(buffer, np.ndarray) and not buffer.flags.c_contiguous:
             staging = np.empty(buffer.shape, dtype=buffer.dtype)
             n = self.preadinto(staging, offset)
@@ -653,7 +657,7 @@ class Disk(io.RawIOBase):
                 mv[at:at + n] = bytes(n) if n <= 65536 else np.zeros(n, np.uint8).data
 
     # ------------------------------------------------------------------ writes
-    def pwrite(self, data, offset: int) -> int:
+    def pwrite(self, data: ReadableBuffer, offset: int) -> int:
         """Write data at offset; returns len(data).  Zeros written to
         unallocated blocks allocate nothing."""
         # (an open Disk runs in-place single-block writes in _fast.HotPath.pwrite, which hands
@@ -983,7 +987,7 @@ class Disk(io.RawIOBase):
             self._commit_header()
             return format_change_id(self._hdr.tracking_uuid, self._hdr.generation - 1)
 
-    def changes_since(self, change_id) -> Extents:
+    def changes_since(self, change_id: str | None) -> Extents:
         """Extents of every block changed after the point named by change_id.
 
         ``"*"`` means every allocated extent (a first, full backup).
@@ -1323,7 +1327,7 @@ class Disk(io.RawIOBase):
     # ------------------------------------------------------------------ resize
     @_rebinds
     @_poisons
-    def resize(self, new_size) -> None:
+    def resize(self, new_size: SizeArg) -> None:
         """Grow or shrink the virtual disk.  A grown area reads as zeros and
         counts as changed; a shrink frees the blocks past the new end."""
         new_size = L.parse_size(new_size, "size")
@@ -1480,7 +1484,7 @@ class Disk(io.RawIOBase):
         self._check_open()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -1496,8 +1500,9 @@ class Disk(io.RawIOBase):
 
 
 # ---------------------------------------------------------------------------- create / open
-def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_changes: bool = True,
-           coarse_region_size=None, io_factory=FileIO) -> Disk:
+def create(path: PathArg, size: SizeArg, block_size: SizeArg = "64KiB", *, overwrite: bool = False,
+           track_changes: bool = True, coarse_region_size: SizeArg | None = None,
+           io_factory: Callable[..., FileIO] = FileIO) -> Disk:
     """Create a new image and return it open for writing (mode "r+").
 
     The image is built under a temporary name and moved into place only
@@ -1572,7 +1577,7 @@ def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_cha
     return Disk(fio, hdr, 1, writable=True)
 
 
-def open(path, mode: str = "r", *, io_factory=FileIO) -> Disk:  # noqa: A001 - the API's name
+def open(path: PathArg, mode: str = "r", *, io_factory: Callable[..., FileIO] = FileIO) -> Disk:  # noqa: A001 - the API's name
     """Open an existing image: mode "r" (default, shared lock) or "r+" (exclusive)."""
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")

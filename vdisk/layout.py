@@ -348,7 +348,7 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_size(value, what: str = "size") -> int:
+def parse_size(value: int | str, what: str = "size") -> int:
     """An int, or a string like "512", "64KiB", "1.5G", "10TiB" (K/M/G/T are binary,
     KB/MB/GB/TB decimal); a fraction must come to a whole number of bytes."""
     if isinstance(value, bool):
