@@ -206,6 +206,15 @@ def test_output_in_a_missing_directory_names_it(tmp_path, image):
         vdisk.convert(image, tmp_path / "nonexist" / "x.vdk")
 
 
+def test_create_names_the_users_path(tmp_path):
+    dst = tmp_path / "nonexist" / "x.vdk"
+    assert one_error(run("create", dst, "1M")) == f"vdisk: error: {dst}: directory {dst.parent} does not exist"
+    adir = tmp_path / "adir"
+    adir.mkdir()
+    assert one_error(run("create", adir, "1M", "--overwrite")) == f"vdisk: error: {adir} is a directory"
+    assert sorted(os.listdir(tmp_path)) == ["adir"] and os.listdir(adir) == []
+
+
 def test_output_that_is_a_directory_names_it(tmp_path, image):
     adir = tmp_path / "adir"
     adir.mkdir()

@@ -88,7 +88,8 @@ def backups(path: str, directory: str) -> bool:
 
     def said(res, who):
         kind = "full" if res.since == "*" else "incremental"
-        print(f"  {who}: {kind:<11} -> {os.path.basename(res.dest)}: {len(res.extents)} extents, "
+        n = len(res.extents)
+        print(f"  {who}: {kind:<11} -> {os.path.basename(res.dest)}: {n} extent{'s' if n != 1 else ''}, "
               f"{res.bytes_copied} bytes of data, {res.zero_bytes} bytes zeroed; file {res.file_bytes} bytes; "
               f"keeps {res.change_id}")
 

@@ -1514,6 +1514,10 @@ def create(path: PathArg, size: SizeArg, block_size: SizeArg = "64KiB", *, overw
     bs = _parse_block_size(block_size)
     shift = bs.bit_length() - 1
     _check_size(size, shift)
+    if os.path.isdir(path):
+        raise InvalidArgumentError(f"{path} is a directory")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):      # name path, not the temporary file
+        raise NoSuchFileError(path, f"directory {os.path.dirname(os.path.abspath(path))} does not exist")
     if os.path.exists(path) and not overwrite:
         raise InvalidArgumentError.naming(f"{path} exists (", *TO_REPLACE, ")")
     if overwrite:
