@@ -128,7 +128,7 @@ class VdiskGroup(click.Group):
     and prints its help (not an error) when called without a command."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args:
+        if not args and not ctx.resilient_parsing:
             click.echo(ctx.get_help())
             ctx.exit(EXIT_USAGE)
         return super().parse_args(ctx, args)
