@@ -55,7 +55,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import click
 
