@@ -127,6 +127,22 @@ def test_backing_file_names_the_flags(tmp_path):
         vdisk.convert(tmp_path / "top.qcow2", tmp_path / "o.vdk")
 
 
+def test_every_parameter_an_error_names_has_a_flag():
+    """The library's Param(...) names, read from its source, each map to a flag (not the Python spelling)."""
+    from vdisk.cli import flag_of
+    from vdisk.errors import Param
+    names = set()
+    for name in os.listdir(os.path.join(ROOT, "vdisk")):
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, "vdisk", name)) as f:
+                names |= set(re.findall(r'Param\("(\w+)"', f.read()))
+    assert {"overwrite", "allow_backing", "block_size", "snapshot", "since", "consumer"} <= names
+    for n in names:
+        for p in (Param(n), Param(n, True), Param(n, "x"), Param(n, placeholder="a path")):
+            said = flag_of(p)
+            assert "=" not in said and "_" not in said and "--" in said, (n, said)
+
+
 def test_size_past_the_limit_suggests_the_block_size(tmp_path):
     msg = one_error(run("create", tmp_path / "big.vdk", "20T"))
     assert "a block size of --block-size 128KiB holds it" in msg
@@ -575,6 +591,9 @@ def test_mypy_sees_the_typed_public_api(tmp_path):
         "    return n + len(r.change_id)\n")
     r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(user)],
                        capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert "Cannot find implementation" not in r.stdout, (
+        "mypy cannot see the installed vdisk: install it as the README says "
+        "(pip install -e . --config-settings editable_mode=compat)\n" + r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
     r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--follow-imports=silent",
                         "-m", "vdisk", "-m", "vdisk.errors", "-m", "vdisk.cli", "-m", "vdisk._types"],

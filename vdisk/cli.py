@@ -83,8 +83,9 @@ def flag_of(p: Param) -> str:
     """How the command line spells an API parameter named in an error."""
     if p.name == "allow_backing" and p.placeholder is not None:
         return "--backing FILE"
-    if p.name == "track_changes" and p.value is True:
-        return "change tracking (vdisk create without --no-track-changes)"
+    if p.name == "track_changes":                   # a flag of create that says the opposite
+        return ("--no-track-changes" if p.value is False
+                else "change tracking: vdisk create without --no-track-changes")
     flag = FLAGS.get(p.name)
     if flag is None:                # a parameter without a flag: said as Python says it
         return str(p)
@@ -748,7 +749,7 @@ def backup_(file: str, dest: str, since: str | None, consumer: str | None, compr
         click.echo(res.change_id)
 
 
-@main.command(name="restore")
+@main.command(name="restore", short_help="Restore a backup chain into TARGET, or advance an earlier restore.")
 @click.argument("target", type=click.Path())
 @click.argument("deltas", nargs=-1, required=True, type=click.Path())
 @click.option("-O", "target_format", type=click.Choice(["vdisk", "raw"]), default=None,
