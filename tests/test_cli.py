@@ -58,10 +58,10 @@ def test_create_prints_formatting_line_and_info_agrees(tmp_path):
     assert r.exit_code == 0, r.stderr
     assert r.stdout == f"Formatting '{path}', fmt=vdisk size={10 << 30} block_size={128 << 10}\n"
     data = info_json(path)
-    assert data["virtual_size"] == 10 << 30
-    assert data["block_size"] == 128 << 10
-    assert data["track_changes"] is True
-    assert data["allocated_blocks"] == 0
+    assert data["virtual-size"] == 10 << 30
+    assert data["cluster-size"] == 128 << 10
+    assert data["track-changes"] is True
+    assert data["allocated-blocks"] == 0
 
 
 def test_create_refuses_existing_file_without_overwrite(image):
@@ -71,14 +71,14 @@ def test_create_refuses_existing_file_without_overwrite(image):
     r = run("create", image, "1MiB", "--overwrite")
     assert r.exit_code == 0, r.stderr
     after = info_json(image)
-    assert after["uuid"] != before and after["virtual_size"] == MiB
+    assert after["uuid"] != before and after["virtual-size"] == MiB
 
 
 def test_create_without_tracking(tmp_path):
     path = tmp_path / "plain.vdk"
     assert run("create", path, "1MiB", "--no-track-changes").exit_code == 0
     data = info_json(path)
-    assert data["track_changes"] is False and "change_id" not in data
+    assert data["track-changes"] is False and "change-id" not in data
     human = run("info", path).stdout
     assert [ln.split(":", 1)[1].strip() for ln in human.splitlines() if ln.startswith("change tracking:")] == ["off"]
     assert "tracking id" not in human
@@ -94,7 +94,7 @@ def test_info_human(image):
     assert fields["image"] == str(image)
     assert fields["file format"] == "vdisk"
     assert fields["virtual size"] == f"4 MiB ({4 * MiB} bytes)"
-    assert fields["allocated"] == "64 KiB (1 blocks)"
+    assert fields["allocated"] == "64 KiB (1 block)"
     assert fields["change tracking"] == "on"
     assert fields["generation"] == "1"
     for key in ("tracking id", "change id", "dirty coarse regions"):
@@ -109,17 +109,18 @@ def test_map_lists_exactly_the_written_blocks(image):
     write(image, b"b", 10 * BS + 17)
     r = run("map", image, "--output", "json")
     assert r.exit_code == 0
-    assert json.loads(r.stdout) == [
-        {"offset": 3 * BS, "length": 2 * BS, "data": True},
-        {"offset": 10 * BS, "length": BS, "data": True},
-    ]
+    entries = json.loads(r.stdout)             # qemu-img map's shape: every range, holes as zero
+    assert [(e["start"], e["length"], e["data"], e["zero"]) for e in entries] == [
+        (0, 3 * BS, False, True), (3 * BS, 2 * BS, True, False), (5 * BS, 5 * BS, False, True),
+        (10 * BS, BS, True, False), (11 * BS, 4 * MiB - 11 * BS, False, True)]
     lines = run("map", image).stdout.splitlines()
     assert lines[0].split() == ["Offset", "Length"]
     assert [ln.split() for ln in lines[1:]] == [[hex(3 * BS), hex(2 * BS)], [hex(10 * BS), hex(BS)]]
 
 
 def test_map_of_empty_image(image):
-    assert json.loads(run("map", image, "--output", "json").stdout) == []
+    assert json.loads(run("map", image, "--output", "json").stdout) == [
+        {"start": 0, "length": 4 * MiB, "depth": 0, "present": False, "zero": True, "data": False}]
     assert run("map", image).stdout.splitlines()[1:] == []
 
 
@@ -130,12 +131,12 @@ def test_changes_since_checkpoint_lists_exactly_the_written_block(image):
     assert r.exit_code == 0, r.stderr
     cid = r.stdout.strip()
     assert r.stdout.count("\n") == 1
-    assert info_json(image)["change_id"] == cid
+    assert info_json(image)["change-id"] == cid
     write(image, b"new", 5 * BS + 100)
 
     r = run("changes", image, "--since", cid)
     assert r.exit_code == 0, r.stderr
-    assert r.stdout.splitlines() == [f"{5 * BS} {BS}", f"1 extents, {BS} bytes"]
+    assert r.stdout.splitlines() == [f"{5 * BS} {BS}", f"1 extent, {BS} bytes"]
 
     data = json.loads(run("changes", image, "--since", cid, "--output", "json").stdout)
     assert data == {"since": cid, "change_id": cid, "extents": [{"offset": 5 * BS, "length": BS}], "bytes": BS}
@@ -147,7 +148,7 @@ def test_changes_since_checkpoint_lists_exactly_the_written_block(image):
 
 def test_changes_rejects_bad_ids(image):
     assert_user_error(run("changes", image, "--since", "garbage"), 1)
-    assert_user_error(run("changes", image), 2)     # --since is required
+    assert_user_error(run("changes", image), 1)     # --since is required
 
 
 # ---------------------------------------------------------------------------- resize
@@ -155,15 +156,15 @@ def test_resize_relative_and_absolute(image):
     r = run("resize", image, "+1M")
     assert r.exit_code == 0, r.stderr
     assert r.stdout == "Image resized.\n"
-    assert info_json(image)["virtual_size"] == 5 * MiB
-    assert_user_error(run("resize", image, "-512K"), 2)      # shrinking needs --shrink
+    assert info_json(image)["virtual-size"] == 5 * MiB
+    assert_user_error(run("resize", image, "-512K"), 1)      # shrinking needs --shrink
     assert run("resize", image, "-512K", "--shrink").exit_code == 0
-    assert info_json(image)["virtual_size"] == 5 * MiB - 512 * 1024
+    assert info_json(image)["virtual-size"] == 5 * MiB - 512 * 1024
     assert run("resize", image, "8MiB").exit_code == 0
-    assert info_json(image)["virtual_size"] == 8 * MiB
+    assert info_json(image)["virtual-size"] == 8 * MiB
     assert_user_error(run("resize", image, "-9MiB"), 1)
     assert_user_error(run("resize", image, "+1000"), 1)
-    assert info_json(image)["virtual_size"] == 8 * MiB
+    assert info_json(image)["virtual-size"] == 8 * MiB
 
 
 # ---------------------------------------------------------------------------- check
@@ -195,8 +196,8 @@ def test_check_clean_image(image):
     assert r.exit_code == 0
     assert r.stdout.splitlines()[0] == "No errors were found on the image."
     data = json.loads(run("check", image, "--output", "json").stdout)
-    assert data["ok"] is True and data["leaked_blocks"] == 0 and data["corruptions"] == []
-    assert data["allocated_blocks"] == 1 and data["check-errors"] == 0
+    assert data["ok"] is True and data["leaks"] == 0 and data["corruptions"] == 0
+    assert data["allocated-clusters"] == 1 and data["check-errors"] == 0
 
 
 def test_check_leak_exits_3_and_repair_fixes_it(image):
@@ -210,7 +211,7 @@ def test_check_leak_exits_3_and_repair_fixes_it(image):
     assert f"{res.leaked_blocks} leaked clusters were found on the image." in r.stdout
     assert "No errors were found" not in r.stdout
     data = json.loads(run("check", image, "--output", "json").stdout)
-    assert data["leaked_blocks"] == res.leaked_blocks and data["ok"] is False
+    assert data["leaks"] == res.leaked_blocks and data["ok"] is False
 
     r = run("check", image, "--repair")
     assert r.exit_code == 0, r.stdout
@@ -229,7 +230,7 @@ def test_check_corruption_exits_2(image):
     assert "ERROR block 3" in r.stdout
     assert "1 errors were found on the image." in r.stdout
     data = json.loads(run("check", image, "--output", "json").stdout)
-    assert data["ok"] is False and len(data["corruptions"]) == 1
+    assert data["ok"] is False and data["corruptions"] == 1 and len(data["corruption-messages"]) == 1
     # the image cannot be opened, one line says so
     assert "block table" in assert_user_error(run("info", image), 1)
     r = run("check", image, "--repair", "--output", "json")
@@ -254,14 +255,13 @@ def test_check_cannot_check_exits_1(tmp_path, image):
     (("map", "{tmp}/missing.vdk"), 1),
     (("checkpoint", "{tmp}/missing.vdk"), 1),
     (("create", "{tmp}/a.vdk", "12XB"), 1),
-    (("create", "{tmp}/a.vdk", "1000"), 1),
     (("create", "{tmp}/a.vdk", "1MiB", "--block-size", "3KiB"), 1),
     (("info", "{tmp}/junk.bin"), 1),
     (("resize", "{tmp}/junk.bin", "+1M"), 1),
     (("info", "{tmp}"), 1),
-    (("frobnicate",), 2),
-    (("create",), 2),
-    (("info", "{tmp}/junk.bin", "--output", "xml"), 2),
+    (("frobnicate",), 1),
+    (("create",), 1),
+    (("info", "{tmp}/junk.bin", "--output", "xml"), 1),
 ])
 def test_user_errors_are_one_line(tmp_path, args, code):
     (tmp_path / "junk.bin").write_bytes(b"\0" * 10000)
@@ -294,7 +294,7 @@ def test_module_entry_point(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"Formatting '{path}', fmt=vdisk size={2 * MiB}")
     r = cli("info", path, "--output", "json")
-    assert json.loads(r.stdout)["virtual_size"] == 2 * MiB
+    assert json.loads(r.stdout)["virtual-size"] == 2 * MiB
     make_leak(path)
     assert cli("check", path).returncode == 3
     r = cli("info", tmp_path / "missing.vdk")

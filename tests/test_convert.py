@@ -594,13 +594,13 @@ def test_cli_convert(tmp_path):
         assert d.block_size == 4096 and d.pread(d.size, 0) == raw.read_bytes()
     r = run_cli("convert", raw, tmp_path / "a.vdk")
     assert r.exit_code == 1
-    assert r.stderr.splitlines() == [f"vdisk: error: {tmp_path / 'a.vdk'} exists (pass overwrite=True to replace it)"]
+    assert r.stderr.splitlines() == [f"vdisk: error: {tmp_path / 'a.vdk'} exists (pass --overwrite to replace it)"]
     r = run_cli("convert", "-O", "qcow2", "--overwrite", "-p", tmp_path / "a.vdk", tmp_path / "a.qcow2")
     assert r.exit_code == 0, r.stderr
     assert "100%" in r.stderr                              # the tqdm bar, on stderr
     assert run_cli("compare", raw, tmp_path / "a.qcow2").exit_code == 0
     r = run_cli("convert", "-O", "vmdk", raw, tmp_path / "x")
-    assert r.exit_code == 2 and "vdisk: error:" in r.stderr
+    assert r.exit_code == 1 and "vdisk: error:" in r.stderr           # a usage error, as qemu-img
 
 
 @needs_qemu

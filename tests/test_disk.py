@@ -79,7 +79,7 @@ class TestCreate:
         assert isinstance(ei.value, vdisk.VdiskError)
         assert not os.path.exists(img)
 
-    @pytest.mark.parametrize("size", ["abc", "12 parsecs", "1.5GiB", None, 1.0, True, -512])
+    @pytest.mark.parametrize("size", ["abc", "12 parsecs", "1.1KiB", None, 1.0, True, -512])
     def test_bad_size_values(self, img, size):
         with pytest.raises(vdisk.VdiskError):
             vdisk.create(img, size)
@@ -596,7 +596,7 @@ class TestResize:
     def test_resize_bad_sizes(self, img):
         with new(img) as d:
             d.pwrite(b"x", 0)
-            for bad in (1000, -512, "1.5MiB", "nope"):
+            for bad in (1000, -512, "1.1KiB", "nope"):
                 with pytest.raises(vdisk.VdiskError):
                     d.resize(bad)
             with pytest.raises(vdisk.OutOfRangeError):

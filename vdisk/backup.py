@@ -48,6 +48,7 @@ import dataclasses
 import json
 import os
 import uuid as _uuid
+from typing import TYPE_CHECKING, Any, Iterable, Union
 
 import numpy as np
 
@@ -57,10 +58,18 @@ from .delta import (BATCH_BYTES, FLAG_ZERO, FORMAT_NAME, FORMAT_VERSION, UUID_RE
                     start_writeback)
 from .errors import (BackupChainError, CorruptImageError, InvalidArgumentError, ReadOnlyError,
                      StaleChangeIdError, UnsupportedFeatureError)
+from .errors import FROM_SCRATCH, TO_REPLACE, Param
+from ._types import PathArg, Progress
 from .extents import Extents
 from .fileio import FileIO, refuse_if_in_use
 from .snapshots import BACKUP_SNAPSHOT_PREFIX
 from .tracking import parse_change_id
+
+if TYPE_CHECKING:
+    from .disk import Disk
+    from .snapshots import Snapshot
+
+Deltas = Union[PathArg, Iterable[PathArg]]       # one delta file, or a chain in order
 
 
 # ---------------------------------------------------------------------------- the chain sidecar
@@ -164,7 +173,9 @@ def _resolve_source(source):
                                f"not {type(source).__name__}")
 
 
-def backup(source, dest, *, since=None, compression="gzip", progress=None, consumer=None) -> BackupResult:
+def backup(source: PathArg | Disk | Snapshot, dest: PathArg, *, since: str | None = None,
+           compression: str | None = "gzip", progress: Progress | None = None,
+           consumer: str | None = None) -> BackupResult:
     """Back up `source` (a path, an open Disk or a Snapshot) to a new delta file `dest`.
 
     since=None or "*": a full backup of the allocated extents; since=<change id>:
@@ -178,13 +189,14 @@ def backup(source, dest, *, since=None, compression="gzip", progress=None, consu
     comp = parse_compression(compression)
     dest = check_dest(dest)
     if consumer is not None and since is not None:
-        raise InvalidArgumentError("give since or consumer, not both: a consumer's backup starts from its own id")
+        raise InvalidArgumentError.naming("give ", Param("since"), " or ", Param("consumer"),
+                                          ", not both: a consumer's backup starts from its own id")
     since = "*" if since is None else since
     disk, snap, owned = _resolve_source(source)
     try:
         if consumer is not None:
             if snap is not None:
-                raise InvalidArgumentError("consumer= needs the image (a path or a Disk), not a snapshot")
+                raise InvalidArgumentError.naming(Param("consumer"), " needs the image (a path or a Disk), not a snapshot")
             if disk.tracking_id is None:
                 raise UnsupportedFeatureError(f"{disk.path}: change tracking is off for this image: it has no "
                                               f"consumers")
@@ -225,8 +237,8 @@ def _backup_disk(disk, dest: str, since: str, comp, progress, close_before_place
     close_before_place: the caller owns the disk and needs nothing more of it: close it
     before the delta is in place too (its last flush and fsync may fail)."""
     if disk.tracking_id is None:
-        raise UnsupportedFeatureError(f"{disk.path}: change tracking is off for this image: a backup needs "
-                                      f"change ids (create the image with track_changes=True)")
+        raise UnsupportedFeatureError.naming(f"{disk.path}: change tracking is off for this image: a backup "
+                                             f"needs change ids (create the image with ", Param("track_changes", True), ")")
     if since != "*":      # a stale id fails before anything is written, even the snapshot
         parse_change_id(since, _uuid.UUID(disk.tracking_id).bytes, disk.generation)
     disk._drop_orphan_backup_snapshots()     # of backups a crash or an error interrupted
@@ -254,8 +266,9 @@ def _backup_disk(disk, dest: str, since: str, comp, progress, close_before_place
 def _backup_snapshot(snap, dest: str, since: str, compression, progress, before_place=None) -> BackupResult:
     from . import __version__
     if not snap._disk.track_changes:             # frozen counters of an untracked image say nothing
-        raise UnsupportedFeatureError(f"{snap._disk.path}: change tracking is off for this image: a backup "
-                                      f"needs change ids (create the image with track_changes=True)")
+        raise UnsupportedFeatureError.naming(f"{snap._disk.path}: change tracking is off for this image: a "
+                                             f"backup needs change ids (create the image with ",
+                                             Param("track_changes", True), ")")
     changed = snap.changes_since(since)          # validates since: StaleChangeIdError before any file
     bs, size = snap.block_size, snap.size
     offsets, lengths, flags = _split_by_allocation(changed, snap.map() if since != "*" else changed, bs, size)
@@ -310,12 +323,15 @@ def _backup_snapshot(snap, dest: str, since: str, compression, progress, before_
 
 
 # ---------------------------------------------------------------------------- verify
-def verify(delta) -> dict:
+def verify(delta: PathArg, *, progress: Progress | None = None) -> dict[str, Any]:
     """Check one delta completely: structure, attributes checksum, extents, every
     block checksum.  Raises CorruptImageError/ChecksumError (FormatError for a
-    file that is not a delta); returns a summary dict."""
+    file that is not a delta); returns a summary dict.
+    progress(done_bytes, total_bytes): called as block rows are checked, finally with done == total."""
     with DeltaFile.open(delta) as d:
-        d.verify_rows()
+        prog = _Progress(progress, d.rows * d.block_size)
+        d.verify_rows(tick=prog.tick)
+        prog.finish()
         return d.summary()
 
 
@@ -621,9 +637,12 @@ def _raw_identity(path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- restore
-def restore(deltas, target, *, format="vdisk", progress=None, overwrite=False) -> dict:  # noqa: A002
+def restore(deltas: Deltas, target: PathArg, *, format: str | None = None,  # noqa: A002
+            progress: Progress | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Restore a chain of deltas (a full backup, then its incrementals in order)
     into `target`, a vdisk image (format="vdisk") or a raw file ("raw").
+    format None: "vdisk" for a new target; an earlier restore being advanced
+    keeps the format its sidecar records.
 
     A new target (or any target with overwrite=True) is built from scratch
     under a temporary name and renamed into place.  An existing target
@@ -632,7 +651,7 @@ def restore(deltas, target, *, format="vdisk", progress=None, overwrite=False) -
     Nothing is written to the target before the chain is validated,
     every block checksum included.  Returns a summary dict.
     """
-    if format not in ("vdisk", "raw"):
+    if format not in (None, "vdisk", "raw"):
         raise InvalidArgumentError(f"format {format!r}: expected 'vdisk' or 'raw'")
     paths = _delta_paths(deltas)
     target = os.fspath(target)
@@ -647,7 +666,7 @@ def restore(deltas, target, *, format="vdisk", progress=None, overwrite=False) -
         if exists and not overwrite:
             return _restore_onto(files, target, format, progress)
         check_chain(files)
-        return _restore_fresh(files, target, format, progress, replace=exists)
+        return _restore_fresh(files, target, format or "vdisk", progress, replace=exists)
     finally:
         for f in files:
             f.close()
@@ -692,7 +711,7 @@ def _restore_fresh(files, target: str, fmt: str, progress, replace: bool) -> dic
             os.replace(tmp, target)
             fsync_dir(directory)
         else:
-            place_synced(tmp, target, "pass overwrite=True to replace it")
+            place_synced(tmp, target, TO_REPLACE)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -714,31 +733,33 @@ def _restore_fresh(files, target: str, fmt: str, progress, replace: bool) -> dic
             "deltas": len(files), "incremental": False, "bytes_written": plan.data_rows() * bs}
 
 
-def _restore_onto(files, target: str, fmt: str, progress) -> dict:
+def _restore_onto(files, target: str, fmt: str | None, progress) -> dict:
     """Advance an earlier restore by the given incrementals."""
     from .disk import open as open_disk
     side = _read_sidecar(target)
     first = files[0]
     where = f"target {target} (per {sidecar_path(target)})"
     if side is None:
-        raise InvalidArgumentError(
+        raise InvalidArgumentError.naming(
             f"{target} exists and has no chain sidecar {sidecar_path(target)}: it was not restored by vdisk, "
-            f"so its position in a chain is unknown (pass overwrite=True to restore from scratch)")
+            f"so its position in a chain is unknown (", *FROM_SCRATCH, ")")
     if side["state"] != "complete":
-        raise BackupChainError(f"{where}: an earlier restore up to {side['change_id']} was interrupted; the "
-                               f"target is inconsistent (pass overwrite=True to restore from scratch)")
+        raise BackupChainError.naming(f"{where}: an earlier restore up to {side['change_id']} was interrupted; "
+                                      f"the target is inconsistent (", *FROM_SCRATCH, ")")
+    if fmt is None:
+        fmt = side["target_format"]
     if side["target_format"] != fmt:
         raise InvalidArgumentError(f"{where}: the target is a {side['target_format']} image, not {fmt}")
     if first.image_uuid != side["image_uuid"]:
         raise BackupChainError(f"foreign delta: {first.path} is a backup of image {first.image_uuid}, {where} "
                                f"holds image {side['image_uuid']}")
     if first.tracking_id != side["tracking_id"]:
-        raise BackupChainError(f"tracking epoch changed: {first.path} is of tracking epoch {first.tracking_id}, "
-                               f"{where} of {side['tracking_id']} (restore a new full backup with overwrite=True)")
+        raise BackupChainError.naming(
+            f"tracking epoch changed: {first.path} is of tracking epoch {first.tracking_id}, {where} of "
+            f"{side['tracking_id']} (restore a new full backup with ", Param("overwrite", True), ")")
     if first.full:
-        raise BackupChainError(f"{where} is at {side['change_id']}, and {first.path} is a full backup: pass "
-                               f"overwrite=True to restore from scratch, or give the incrementals after "
-                               f"{side['change_id']}")
+        raise BackupChainError.naming(f"{where} is at {side['change_id']}, and {first.path} is a full backup: ",
+                                      *FROM_SCRATCH, f", or give the incrementals after {side['change_id']}")
     check_chain(files, base=side["change_id"], base_what=where)
     if first.block_size != side["block_size"]:
         raise BackupChainError(f"{where}: block size {side['block_size']}, {first.path} has {first.block_size}")
@@ -751,21 +772,21 @@ def _restore_onto(files, target: str, fmt: str, progress) -> dict:
         if fmt == "vdisk":
             disk = open_disk(target, "r+")
             if str(disk.uuid) != side["target"].get("uuid") or disk.size != side["virtual_size"]:
-                raise BackupChainError(f"{where}: the image is not the one that restore wrote (uuid {disk.uuid}, "
-                                       f"size {disk.size}); pass overwrite=True to restore from scratch")
+                raise BackupChainError.naming(f"{where}: the image is not the one that restore wrote (uuid "
+                                              f"{disk.uuid}, size {disk.size}); ", *FROM_SCRATCH)
             try:
                 changed = disk.changes_since(side["target"].get("change_id"))
             except StaleChangeIdError as exc:
                 raise BackupChainError(f"{where}: cannot tell whether the target changed since the restore: "
                                        f"{exc}") from None
             if changed:
-                raise BackupChainError(f"{where}: the target was modified after it was restored ({changed.nbytes} "
-                                       f"bytes changed); pass overwrite=True to restore from scratch")
+                raise BackupChainError.naming(f"{where}: the target was modified after it was restored "
+                                              f"({changed.nbytes} bytes changed); ", *FROM_SCRATCH)
         else:
             ident = _raw_identity(target)
             if any(ident[k] != side["target"].get(k) for k in ("size", "mtime_ns", "inode")):
-                raise BackupChainError(f"{where}: the raw file changed after it was restored (size, mtime or "
-                                       f"inode differ); pass overwrite=True to restore from scratch")
+                raise BackupChainError.naming(f"{where}: the raw file changed after it was restored (size, mtime "
+                                              f"or inode differ); ", *FROM_SCRATCH)
             fio = FileIO(target, writable=True)
             fio.lock(exclusive=True)
         # 1. every delta, every checksum, before the first write
@@ -834,19 +855,21 @@ class _DeltaSink:
             self.fill = 0
 
 
-def merge(deltas, dest) -> BackupResult:
+def merge(deltas: Deltas, dest: PathArg, *, progress: Progress | None = None) -> BackupResult:
     """Write one full delta equal to restoring the chain `deltas` (a synthetic
     full backup at the last delta's point).  The chain is validated and every
     delta verified first; dest must not exist.  The new delta uses the
-    compression of the newest delta."""
+    compression of the newest delta.  progress(done_bytes, total_bytes): called
+    as the deltas are verified and copied, finally with done == total."""
     from . import __version__
     dest = check_dest(dest)
     files = _open_all(_delta_paths(deltas))
     try:
         check_chain(files)
-        for f in files:
-            f.verify_rows()
         plan = _Plan(files)
+        prog = _Progress(progress, sum(f.rows * f.block_size for f in files) + plan.data_rows() * plan.bs)
+        for f in files:
+            f.verify_rows(tick=prog.tick)
         bs, size, last = plan.bs, plan.size, files[-1]
         data = ~plan.zero
         b0, b1 = plan.b0[data], plan.b1[data]
@@ -867,9 +890,10 @@ def merge(deltas, dest) -> BackupResult:
         writer = DeltaWriter(dest, attrs, offsets, lengths, flags, last.compression)
         try:
             sink = _DeltaSink(writer, bs)
-            plan.copy(sink)
+            plan.copy(sink, prog.tick)
             sink.flush()
             file_bytes = writer.commit()
+            prog.finish()
         except BaseException:
             writer.abort()
             raise

@@ -19,6 +19,8 @@ table, and syncs.
 from __future__ import annotations
 
 import dataclasses
+import os
+from typing import Any, Callable
 
 import numpy as np
 
@@ -71,17 +73,26 @@ class _Report:
         return self.items
 
 
-def check(path, repair: bool = False, *, io_factory=FileIO) -> CheckResult:
-    """Check (and with repair=True, repair) the image at path."""
+def check(path: str | os.PathLike[str], repair: bool = False, *, io_factory: Callable[..., Any] = FileIO,
+          progress: Callable[[int, int], None] | None = None) -> CheckResult:
+    """Check (and with repair=True, repair) the image at path.
+    progress(done_passes, total_passes): called after each whole pass over the
+    image (the check; with repair of a damaged image, the repair and the check after it)."""
     fio = io_factory(path, writable=repair)
+    tick = progress or (lambda done, total: None)
     try:
         fio.lock(exclusive=repair)
+        tick(0, 1)
         result = _check(fio, repair=False)
         if repair and not result.ok:
+            tick(1, 3)
             _check(fio, repair=True)
+            tick(2, 3)
             result2 = _check(fio, repair=False)
             result2.repaired = True
+            tick(3, 3)
             return result2
+        tick(1, 1)
         return result
     finally:
         fio.close()

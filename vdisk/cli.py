@@ -4,51 +4,98 @@ Commands::
 
     vdisk create FILE SIZE [--block-size N] [--no-track-changes] [--overwrite]
     vdisk info FILE [--output human|json]
-    vdisk check FILE [--repair] [--output human|json]
+    vdisk check FILE [--repair] [-p] [--output human|json]
     vdisk map FILE [--output human|json]
-    vdisk resize FILE [+|-]SIZE
-    vdisk checkpoint FILE
+    vdisk resize FILE [+|-]SIZE [--shrink] [--output human|json]
+    vdisk checkpoint FILE [--output human|json]
     vdisk changes FILE --since ID|* [--output human|json]
     vdisk convert [-f FMT] [-O FMT] [-p] [--allow-backing] [--backing FILE] [--block-size N]
-                  [--snapshot NAME] [--overwrite] SRC DST
-    vdisk compare [-f FMT] [-F FMT] [--allow-backing] A B
+                  [--snapshot NAME] [--overwrite] [--output human|json] SRC DST
+    vdisk compare [-f FMT] [-F FMT] [--allow-backing] [-p] [--output human|json] A B
 
-Sizes are bytes or take a unit: 512, 64KiB, 10GiB, 1G (K/M/G/T are binary).
+Sizes are bytes or take a unit: 512, 64KiB, 1.5G, 10T (K/M/G/T are
+binary; KB/MB/GB/TB decimal).  ``create`` rounds a size up to a multiple
+of 512 bytes, as ``convert`` does (and ``qemu-img create``).
+
+``convert`` takes the output format from DST's extension when -O is not
+given (.qcow2; .raw and .img; .vdk and .vdisk; anything else: vdisk),
+and refuses -O that contradicts it (.img, a name for any image, goes with
+any -O).
+
+``--output json`` of info, map and check is shaped as qemu-img's
+(``virtual-size``, ``actual-size``, ``cluster-size``; map's list of
+``start``/``length``/``data``/``zero``/``offset``; check's counts
+``check-errors``, ``corruptions``, ``leaks``), with vdisk's own keys beside.
 
 Exit codes
 ----------
 0   success (for ``check``: the image is clean)
 1   error: the operation failed, or ``check`` could not check the image
-    (not a vdisk image, locked, unreadable, ...)
-2   usage error (unknown command or option, missing argument);
-    for ``check``: the image is corrupt
+    (not a vdisk image, locked, unreadable, ...); and a usage error
+    (unknown command or option, missing argument), for every command,
+    as qemu-img does
+2   ``check`` only: the image is corrupt
 3   ``check`` only: leaked blocks were found, but no corruption
 
 ``compare`` follows ``qemu-img compare`` instead: 0 the images are
-identical, 1 they differ, 2 an error (the one error line, as above).
+identical, 1 they differ (or a usage error), 2 an error (the one error
+line, as above).
 
 Every error is reported as exactly one line on stderr,
-``vdisk: error: <message>``, never as a traceback.  A traceback means a
-bug in vdisk.
+``vdisk: error: <message>``, never as a traceback; a message that names
+what to change names the flag (``--overwrite``), not the Python
+parameter.  A traceback means a bug in vdisk.
+
+Start-up is kept short: this module imports click and vdisk's error
+classes only; numpy, h5py and tqdm load inside the commands that use them
+(``vdisk --help`` imports no numpy).
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+from typing import Any, NoReturn
 
 import click
 
 import vdisk
-from vdisk.layout import format_size
+from vdisk.errors import InvalidArgumentError, OutOfRangeError, Param, VdiskError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+EXIT_USAGE = 1          # qemu-img: a usage error exits 1, whatever the command
 EXIT_CORRUPT = 2
 EXIT_LEAKS = 3
+EXIT_COMPARE_ERROR = 2  # qemu-img compare: 2 on error
 
 
 # ---------------------------------------------------------------------------- errors
+#: the flag of each API parameter an error may name (vdisk.errors.Param)
+FLAGS = {
+    "overwrite": "--overwrite", "allow_backing": "--allow-backing", "block_size": "--block-size",
+    "snapshot": "--snapshot", "since": "--since", "consumer": "--consumer", "format": "-O",
+    "repair": "--repair", "shrink": "--shrink",
+}
+
+
+def flag_of(p: Param) -> str:
+    """How the command line spells an API parameter named in an error."""
+    if p.name == "allow_backing" and p.placeholder is not None:
+        return "--backing FILE"
+    if p.name == "track_changes":                   # a flag of create that says the opposite
+        return ("--no-track-changes" if p.value is False
+                else "change tracking: vdisk create without --no-track-changes")
+    flag = FLAGS.get(p.name)
+    if flag is None:                # a parameter without a flag: said as Python says it
+        return str(p)
+    if p.bare or p.value is True:
+        return flag
+    if p.placeholder is not None:
+        return f"{flag} {p.placeholder.upper()}"
+    return f"{flag} {p.value}"
+
+
 def _error_message(exc: BaseException) -> str:
     """One line describing a user-facing error."""
     if isinstance(exc, click.UsageError):
@@ -57,6 +104,8 @@ def _error_message(exc: BaseException) -> str:
             msg += f" (try '{exc.ctx.command_path} --help')"
     elif isinstance(exc, click.ClickException):
         msg = exc.format_message()
+    elif isinstance(exc, VdiskError) and exc.parts:
+        msg = exc.render(flag_of)
     elif isinstance(exc, OSError) and exc.strerror:
         # OSError's str() is "[Errno 2] ...: 'path'"; say "path: reason" once
         msg = exc.strerror
@@ -71,10 +120,22 @@ def _report_error(exc: BaseException) -> None:
     click.echo(f"vdisk: error: {_error_message(exc)}", err=True)
 
 
-class VdiskGroup(click.Group):
-    """A click group that turns user errors into one ``vdisk: error:`` line."""
+def _usage(message: str) -> NoReturn:
+    raise click.UsageError(message, click.get_current_context(silent=True))
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+
+class VdiskGroup(click.Group):
+    """A click group that turns user errors into one ``vdisk: error:`` line,
+    and prints its help (not an error) when called without a command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args and not ctx.resilient_parsing:
+            click.echo(ctx.get_help())
+            ctx.exit(EXIT_USAGE)
+        return super().parse_args(ctx, args)
+
+    def main(self, args: list[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         if prog_name is None:
             prog_name = "vdisk"
         if not standalone_mode:
@@ -82,17 +143,23 @@ class VdiskGroup(click.Group):
         try:
             # non-standalone: exceptions reach us, and ctx.exit(n) comes back as n
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            _report_error(exc)
+            sys.exit(EXIT_USAGE)
         except click.ClickException as exc:
             _report_error(exc)
             sys.exit(exc.exit_code)
         except click.Abort:
             click.echo("vdisk: error: aborted", err=True)
             sys.exit(EXIT_ERROR)
-        except (vdisk.VdiskError, OSError) as exc:
+        except (VdiskError, OSError) as exc:
             _report_error(exc)
             sys.exit(EXIT_ERROR)
         # the commands return None; an int is an exit code from ctx.exit()
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+VdiskGroup.group_class = type          # snapshot and consumer groups behave the same
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -100,15 +167,27 @@ output_option = click.option(
     "--output", type=click.Choice(["human", "json"]), default="human", show_default=True,
     help="Output format.")
 
+progress_option = click.option("-p", "show_progress", is_flag=True, help="Show a progress bar on stderr.")
+
 file_argument = click.argument("file", type=click.Path())
 
 
-def _emit_json(obj) -> None:
+def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2))
 
 
 def _size(text: str, what: str = "size") -> int:
-    return vdisk.parse_size(text, what)
+    from vdisk.layout import parse_size
+    return parse_size(text, what)
+
+
+def _fmt_size(n: int) -> str:
+    from vdisk.layout import format_size
+    return format_size(n)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _table(rows: list[tuple[str, object]]) -> None:
@@ -118,8 +197,45 @@ def _table(rows: list[tuple[str, object]]) -> None:
         click.echo(f"{key + ':':<{width}}{value}")
 
 
+class _ProgressBar:
+    """A tqdm bar on stderr fed by a progress(done, total) callback."""
+
+    def __init__(self, desc: str, unit: str = "B"):
+        self.desc = desc
+        self.unit = unit
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+            scale = self.unit == "B"
+            self.bar = tqdm(total=total, unit=self.unit, unit_scale=scale, unit_divisor=1024, file=sys.stderr,
+                            desc=self.desc, dynamic_ncols=True)
+        if total != self.bar.total:            # a check that goes on to repair has more passes
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _progress:
+    """``with _progress(show, "name") as bar``: a _ProgressBar (or None), closed at the end."""
+
+    def __init__(self, show: bool, desc: str, unit: str = "B"):
+        self.bar = _ProgressBar(desc, unit) if show else None
+
+    def __enter__(self) -> _ProgressBar | None:
+        return self.bar
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 # ---------------------------------------------------------------------------- commands
-@click.group(cls=VdiskGroup, context_settings={"help_option_names": ["--help"]})
+@click.group(cls=VdiskGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(vdisk.__version__, prog_name="vdisk")
 def main() -> None:
     """Create, inspect, check and track sparse vdisk images."""
@@ -132,14 +248,53 @@ def main() -> None:
 @click.option("--no-track-changes", is_flag=True, help="Create the image without change tracking.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 def create(file: str, size: str, block_size: str, no_track_changes: bool, overwrite: bool) -> None:
-    """Create an image FILE of virtual size SIZE."""
-    nbytes = _size(size)
+    """Create an image FILE of virtual size SIZE (rounded up to a multiple of 512 bytes)."""
+    nbytes = -(-_size(size) // 512) * 512           # as convert and qemu-img create round
     bs = _size(block_size, "block size")
-    if os.path.exists(file) and not overwrite:
-        raise vdisk.InvalidArgumentError(f"{file} exists (use --overwrite to replace it)")
+    if os.path.lexists(file) and not overwrite:
+        raise InvalidArgumentError(f"{file} exists (use --overwrite to replace it)")
     with vdisk.create(file, nbytes, block_size=bs, overwrite=overwrite,
                       track_changes=not no_track_changes) as d:
         click.echo(f"Formatting '{file}', fmt=vdisk size={d.size} block_size={d.block_size}")
+
+
+def _qemu_snapshots(snapshots: list[Any]) -> list[dict[str, Any]]:
+    """vdisk snapshots as qemu-img info lists internal snapshots, with vdisk's own keys beside."""
+    out = []
+    for i, s in enumerate(snapshots, 1):
+        ns = int(s.created.timestamp() * 1e9)
+        out.append({"id": str(i), "name": s.name, "vm-state-size": 0, "date-sec": ns // 10**9,
+                    "date-nsec": ns % 10**9, "vm-clock-sec": 0, "vm-clock-nsec": 0, "icount": 0,
+                    "virtual-size": s.size, "change-id": s.change_id, "generation": s.generation})
+    return out
+
+
+def info_json(path: str, data: dict[str, Any], snapshots: list[Any]) -> dict[str, Any]:
+    """``vdisk info --output json``: qemu-img info's keys where they mean the same, vdisk's beside."""
+    st = os.stat(path)
+    out = {
+        "filename": path,
+        "format": "vdisk",
+        "virtual-size": data["virtual_size"],
+        "actual-size": st.st_blocks * 512,          # as qemu-img: bytes the host file occupies
+        "cluster-size": data["block_size"],
+        "dirty-flag": False,
+        "file-size": data["file_size"],
+        "version": data["version"],
+        "uuid": data["uuid"],
+        "created": data["created"],
+        "allocated-blocks": data["allocated_blocks"],
+        "allocated-bytes": data["allocated_bytes"],
+        "track-changes": data["track_changes"],
+        "coarse-region-size": data["coarse_region_size"],
+        "consumers": [{"name": c["name"], "change-id": c["change_id"]} for c in data["consumers"]],
+    }
+    if data["track_changes"]:
+        out.update({"generation": data["generation"], "tracking-id": data["tracking_id"],
+                    "change-id": data["change_id"], "dirty-coarse-regions": data["dirty_coarse_regions"]})
+    if snapshots:                                   # qemu-img leaves the key out when there are none
+        out["snapshots"] = _qemu_snapshots(snapshots)
+    return out
 
 
 @main.command()
@@ -149,17 +304,18 @@ def info(file: str, output: str) -> None:
     """Show the image's geometry, allocation and tracking state."""
     with vdisk.open(file) as d:
         data = d.info()
+        snapshots = d.snapshots if data["snapshots"] else []
     if output == "json":
-        _emit_json(data)
+        _emit_json(info_json(file, data, snapshots))
         return
     rows = [
         ("image", data["path"]),
         ("file format", data["format"]),
         ("version", data["version"]),
-        ("virtual size", f"{format_size(data['virtual_size'])} ({data['virtual_size']} bytes)"),
+        ("virtual size", f"{_fmt_size(data['virtual_size'])} ({data['virtual_size']} bytes)"),
         ("block size", data["block_size"]),
-        ("allocated", f"{format_size(data['allocated_bytes'])} ({data['allocated_blocks']} blocks)"),
-        ("file size", f"{format_size(data['file_size'])} ({data['file_size']} bytes)"),
+        ("allocated", f"{_fmt_size(data['allocated_bytes'])} ({_plural(data['allocated_blocks'], 'block')})"),
+        ("file size", f"{_fmt_size(data['file_size'])} ({data['file_size']} bytes)"),
         ("uuid", data["uuid"]),
         ("created", data["created"]),
         ("snapshots", data["snapshots"]),
@@ -178,7 +334,7 @@ def info(file: str, output: str) -> None:
     _table(rows)
 
 
-def _check_exit_code(result: vdisk.CheckResult) -> int:
+def _check_exit_code(result: Any) -> int:
     if result.corruptions:
         return EXIT_CORRUPT
     if result.leaked_blocks:
@@ -186,7 +342,7 @@ def _check_exit_code(result: vdisk.CheckResult) -> int:
     return EXIT_OK
 
 
-def _print_findings(result: vdisk.CheckResult) -> None:
+def _print_findings(result: Any) -> None:
     for msg in result.corruptions:
         click.echo(f"ERROR {msg}")
     if result.corruptions:
@@ -201,27 +357,38 @@ def _print_findings(result: vdisk.CheckResult) -> None:
         click.echo("No errors were found on the image.")
 
 
+def check_json(file: str, result: Any, before: Any) -> dict[str, Any]:
+    """``vdisk check --output json``: qemu-img check's keys (counts), the findings listed beside."""
+    data: dict[str, Any] = {
+        "filename": file, "format": "vdisk", "check-errors": 0,
+        "corruptions": len(result.corruptions), "leaks": result.leaked_blocks,
+        "image-end-offset": result.image_end_offset, "total-clusters": result.total_blocks,
+        "allocated-clusters": result.allocated_blocks,
+        "ok": result.ok, "corruption-messages": list(result.corruptions), "repaired": result.repaired,
+    }
+    if result.repaired:
+        data.update({"corruptions-fixed": len(before.corruptions) - len(result.corruptions),
+                     "leaks-fixed": before.leaked_blocks - result.leaked_blocks})
+    return data
+
+
 @main.command()
 @file_argument
 @click.option("--repair", is_flag=True, help="Repair leaks and corruptions.")
+@progress_option
 @output_option
 @click.pass_context
-def check(ctx: click.Context, file: str, repair: bool, output: str) -> None:
+def check(ctx: click.Context, file: str, repair: bool, show_progress: bool, output: str) -> None:
     """Check the image for consistency (exit 0 clean, 2 corrupt, 3 leaks, 1 could not check)."""
-    before = result = vdisk.check(file)
+    from vdisk.check import check as check_image
+    with _progress(show_progress, "check", unit="pass") as bar:
+        before = result = check_image(file, progress=bar)
     if repair and not before.ok:
         # check(repair=True) reports the state after the repair; ``before`` says what it fixed
-        result = vdisk.check(file, repair=True)
+        with _progress(show_progress, "repair", unit="pass") as bar:
+            result = check_image(file, repair=True, progress=bar)
     if output == "json":
-        data = result.to_dict()
-        data.update({
-            "filename": file, "format": "vdisk", "check-errors": 0,
-            "corruption-count": len(result.corruptions), "leaks": result.leaked_blocks,
-        })
-        if result.repaired:
-            data.update({"corruptions-fixed": len(before.corruptions) - len(result.corruptions),
-                         "leaks-fixed": before.leaked_blocks - result.leaked_blocks})
-        _emit_json(data)
+        _emit_json(check_json(file, result, before))
     else:
         if result.repaired:
             click.echo("The following inconsistencies were found and repaired:\n")
@@ -236,16 +403,35 @@ def check(ctx: click.Context, file: str, repair: bool, output: str) -> None:
     ctx.exit(_check_exit_code(result))
 
 
+def map_json(size: int, runs: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
+    """qemu-img map's JSON list: every range of the disk, data runs with their host offset."""
+    out: list[dict[str, Any]] = []
+    pos = 0
+
+    def hole(end: int) -> None:
+        if end > pos:
+            out.append({"start": pos, "length": end - pos, "depth": 0, "present": False, "zero": True,
+                        "data": False})
+
+    for start, length, host in runs:
+        hole(start)
+        out.append({"start": start, "length": length, "depth": 0, "present": True, "zero": False,
+                    "data": True, "offset": host})
+        pos = start + length
+    hole(size)
+    return out
+
+
 @main.command(name="map")
 @file_argument
 @output_option
 def map_(file: str, output: str) -> None:
-    """List the allocated (data) extents of the image."""
+    """List the allocated (data) extents of the image (JSON: every range, as qemu-img map)."""
     with vdisk.open(file) as d:
+        if output == "json":
+            _emit_json(map_json(d.size, d.host_map()))
+            return
         extents = list(d.map())
-    if output == "json":
-        _emit_json([{"offset": o, "length": n, "data": True} for o, n in extents])
-        return
     click.echo(f"{'Offset':<16}Length")
     for o, n in extents:
         click.echo(f"{o:<#16x}{n:<#16x}".rstrip())
@@ -259,7 +445,7 @@ def _new_size(spec: str, current: int) -> int:
         return current + n
     if sign == "-":
         if n > current:
-            raise vdisk.OutOfRangeError(f"cannot shrink by {n} bytes: the image has only {current}")
+            raise OutOfRangeError(f"cannot shrink by {n} bytes: the image has only {current}")
         return current - n
     return n
 
@@ -268,24 +454,32 @@ def _new_size(spec: str, current: int) -> int:
 @file_argument
 @click.argument("size")
 @click.option("--shrink", is_flag=True, help="Allow making the image smaller (data past the new end is lost).")
-def resize(file: str, size: str, shrink: bool) -> None:
+@output_option
+def resize(file: str, size: str, shrink: bool, output: str) -> None:
     """Set the virtual size to SIZE, or grow/shrink it by +SIZE/-SIZE."""
     with vdisk.open(file, "r+") as d:
-        new = _new_size(size, d.size)
-        if new < d.size and not shrink:
-            raise click.UsageError(
-                f"shrinking from {d.size} to {new} bytes loses the data past the new end; pass --shrink")
+        old = d.size
+        new = _new_size(size, old)
+        if new < old and not shrink:
+            _usage(f"shrinking from {old} to {new} bytes loses the data past the new end; pass --shrink")
         d.resize(new)
-    click.echo("Image resized.")
+    if output == "json":
+        _emit_json({"filename": file, "virtual-size": new, "old-virtual-size": old})
+    else:
+        click.echo("Image resized.")
 
 
 @main.command()
 @file_argument
-def checkpoint(file: str) -> None:
+@output_option
+def checkpoint(file: str, output: str) -> None:
     """Take a change-tracking point; prints its change id."""
     with vdisk.open(file, "r+") as d:
         cid = d.checkpoint()
-    click.echo(cid)
+    if output == "json":
+        _emit_json({"change_id": cid})
+    else:
+        click.echo(cid)
 
 
 @main.command()
@@ -297,7 +491,7 @@ def checkpoint(file: str) -> None:
 def changes(file: str, since: str | None, consumer: str | None, output: str) -> None:
     """List the extents changed after the point ID (or since a consumer's last backup)."""
     if (since is None) == (consumer is None):
-        raise click.UsageError("give exactly one of --since ID and --consumer NAME")
+        _usage("give exactly one of --since ID and --consumer NAME")
     with vdisk.open(file) as d:
         if consumer is not None:
             since = d.consumers.last_id(consumer) or "*"
@@ -309,7 +503,7 @@ def changes(file: str, since: str | None, consumer: str | None, output: str) -> 
         return
     for o, n in extents:
         click.echo(f"{o} {n}")
-    click.echo(f"{len(extents)} extents, {extents.nbytes} bytes")
+    click.echo(f"{_plural(len(extents), 'extent')}, {extents.nbytes} bytes")
 
 
 # ---------------------------------------------------------------------------- snapshots
@@ -318,7 +512,7 @@ def snapshot() -> None:
     """Create, list, delete and revert internal snapshots."""
 
 
-def _snapshot_json(info: vdisk.SnapshotInfo) -> dict:
+def _snapshot_json(info: Any) -> dict[str, Any]:
     return {"name": info.name, "change_id": info.change_id, "generation": info.generation,
             "created": info.created.isoformat(), "size": info.size}
 
@@ -347,9 +541,10 @@ def snapshot_list(file: str, output: str) -> None:
     if output == "json":
         _emit_json([_snapshot_json(i) for i in infos])
         return
-    click.echo(f"{'NAME':<24} {'SIZE':>12} {'CREATED':<20} CHANGE ID")
+    width = max([len("NAME")] + [len(i.name) for i in infos])     # a long name widens the column
+    click.echo(f"{'NAME':<{width}} {'SIZE':>12} {'CREATED':<20} CHANGE ID")
     for i in infos:
-        click.echo(f"{i.name:<24} {format_size(i.size):>12} {i.created.strftime('%Y-%m-%d %H:%M:%S'):<20} "
+        click.echo(f"{i.name:<{width}} {_fmt_size(i.size):>12} {i.created.strftime('%Y-%m-%d %H:%M:%S'):<20} "
                    f"{i.change_id}")
 
 
@@ -377,7 +572,7 @@ def consumer() -> None:
     """Named backup consumers stored in the image, each with its last change id."""
 
 
-def _consumer_json(info) -> dict:
+def _consumer_json(info: Any) -> dict[str, Any]:
     return {"name": info.name, "change_id": info.change_id, "created": info.created.isoformat(),
             "updated": info.updated.isoformat()}
 
@@ -427,42 +622,44 @@ def consumer_list(file: str, output: str) -> None:
 
 @main.command()
 @file_argument
-def compact(file: str) -> None:
+@progress_option
+def compact(file: str, show_progress: bool) -> None:
     """Give unused space inside the image back to the file system."""
-    with vdisk.open(file, "r+") as d:
-        released = d.compact()
-    click.echo(f"Released {format_size(released)}.")
+    with vdisk.open(file, "r+") as d, _progress(show_progress, "compact") as bar:
+        released = d.compact(progress=bar)
+    click.echo(f"Released {_fmt_size(released)}.")
+
 
 # ---------------------------------------------------------------------------- convert / compare
-format_choice = click.Choice(["raw", "qcow2", "vdisk"])
+FORMATS = ("raw", "qcow2", "vdisk")
+format_choice = click.Choice(FORMATS)
+
+#: the output format a destination's extension names (convert without -O)
+EXTENSION_FORMATS = {".qcow2": "qcow2", ".raw": "raw", ".img": "raw", ".vdk": "vdisk", ".vdisk": "vdisk"}
+#: extensions that name no one format, so agree with any -O (qemu users write -O qcow2 disk.img)
+GENERIC_EXTENSIONS = {".img"}
 
 
-class _ProgressBar:
-    """A tqdm bar on stderr fed by convert's progress(done, total) callback."""
-
-    def __init__(self, desc: str):
-        self.desc = desc
-        self.bar = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                            desc=self.desc, dynamic_ncols=True)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def output_format(dst: str, given: str | None) -> str:
+    """The format convert writes: -O, else the one DST's extension names, else vdisk.
+    An extension that names another format than -O is a usage error."""
+    ext = os.path.splitext(dst)[1].lower()
+    implied = EXTENSION_FORMATS.get(ext)
+    if given is None:
+        return implied or "vdisk"
+    if implied is not None and implied != given and ext not in GENERIC_EXTENSIONS:
+        _usage(f"{dst}: the extension {ext} says {implied}, but -O {given} was given "
+               f"(name the file .{ 'vdk' if given == 'vdisk' else given }, or drop -O)")
+    return given
 
 
 @main.command(name="convert")
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
 @click.option("-f", "src_format", type=format_choice, help="Source format (default: detected; else raw).")
-@click.option("-O", "dst_format", type=click.Choice(["vdisk", "raw", "qcow2"]), default="vdisk",
-              show_default=True, help="Output format.")
-@click.option("-p", "show_progress", is_flag=True, help="Show a progress bar on stderr.")
+@click.option("-O", "dst_format", type=format_choice,
+              help="Output format (default: from DST's extension .qcow2, .raw/.img, .vdk; else vdisk).")
+@progress_option
 @click.option("--allow-backing", is_flag=True,
               help="Follow a qcow2 backing file named relative to, and inside, the image's folder.")
 @click.option("--backing", "backing_path", type=click.Path(), metavar="FILE",
@@ -470,19 +667,25 @@ class _ProgressBar:
 @click.option("--block-size", metavar="SIZE", help="vdisk block size or qcow2 cluster size (default 64KiB).")
 @click.option("--snapshot", metavar="NAME", help="Convert this snapshot of a vdisk SRC.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
-def convert_(src: str, dst: str, src_format: str | None, dst_format: str, show_progress: bool,
+@output_option
+def convert_(src: str, dst: str, src_format: str | None, dst_format: str | None, show_progress: bool,
              allow_backing: bool, backing_path: str | None, block_size: str | None, snapshot: str | None,
-             overwrite: bool) -> None:
+             overwrite: bool, output: str) -> None:
     """Convert image SRC (raw, qcow2 or vdisk) into a new image DST."""
+    from vdisk.convert import convert as convert_image, open_image
+    fmt = output_format(dst, dst_format)
     bs = None if block_size is None else _size(block_size, "block size")
-    bar = _ProgressBar("convert") if show_progress else None
-    try:
-        vdisk.convert(src, dst, src_format=src_format, dst_format=dst_format, block_size=bs, snapshot=snapshot,
+    with _progress(show_progress, "convert") as bar:
+        convert_image(src, dst, src_format=src_format, dst_format=fmt, block_size=bs, snapshot=snapshot,
                       allow_backing=backing_path if backing_path is not None else allow_backing,
                       progress=bar, overwrite=overwrite)
-    finally:
-        if bar is not None:
-            bar.close()
+    if output == "json":
+        image = open_image(dst, fmt)
+        try:
+            size = image.size
+        finally:
+            image.close()
+        _emit_json({"source": src, "filename": dst, "format": fmt, "virtual-size": size})
 
 
 @main.command(name="compare")
@@ -492,25 +695,34 @@ def convert_(src: str, dst: str, src_format: str | None, dst_format: str, show_p
 @click.option("-F", "b_format", type=format_choice, help="Format of B (default: detected; else raw).")
 @click.option("--allow-backing", is_flag=True,
               help="Follow qcow2 backing files named relative to, and inside, the image's folder.")
+@progress_option
+@output_option
 @click.pass_context
 def compare_(ctx: click.Context, a: str, b: str, a_format: str | None, b_format: str | None,
-             allow_backing: bool) -> None:
+             allow_backing: bool, show_progress: bool, output: str) -> None:
     """Compare the content of images A and B (exit 0 identical, 1 different, 2 error)."""
     from vdisk.convert import compare_images
     try:
-        offset, size_a, size_b = compare_images(a, b, a_format=a_format, b_format=b_format,
-                                                allow_backing=allow_backing)
-    except (vdisk.VdiskError, OSError) as exc:
+        with _progress(show_progress, "compare") as bar:
+            offset, size_a, size_b = compare_images(a, b, a_format=a_format, b_format=b_format,
+                                                    allow_backing=allow_backing, progress=bar)
+    except (VdiskError, OSError) as exc:
         _report_error(exc)
-        ctx.exit(EXIT_CORRUPT)      # qemu-img compare: 2 on error
+        ctx.exit(EXIT_COMPARE_ERROR)
+    code = EXIT_OK if offset is None else EXIT_ERROR
+    if output == "json":
+        _emit_json({"identical": offset is None, "offset": offset,
+                    "sector": None if offset is None else offset - offset % 512,
+                    "size-a": size_a, "size-b": size_b})
+        ctx.exit(code)
     if size_a != size_b and (offset is None or offset >= min(size_a, size_b)):
         click.echo("Warning: Image size mismatch!")     # as qemu-img: once past the common part
     if offset is None:
         click.echo("Images are identical.")
-        ctx.exit(EXIT_OK)
-    # qemu-img reports the 512-byte sector holding the first difference
-    click.echo(f"Content mismatch at offset {offset - offset % 512}!")
-    ctx.exit(EXIT_ERROR)
+    else:
+        # qemu-img reports the 512-byte sector holding the first difference
+        click.echo(f"Content mismatch at offset {offset - offset % 512}!")
+    ctx.exit(code)
 
 
 # ---------------------------------------------------------------------------- backups
@@ -523,54 +735,57 @@ def compare_(ctx: click.Context, a: str, b: str, a_format: str | None, b_format:
               help="Compression of the block data in the delta file.")
 @click.option("--consumer", metavar="NAME",
               help="Instead of --since: back up since this registered consumer's last backup, then record it.")
-@click.option("-p", "show_progress", is_flag=True, help="Show a progress bar on stderr.")
+@progress_option
 @output_option
 def backup_(file: str, dest: str, since: str | None, consumer: str | None, compression: str, show_progress: bool,
             output: str) -> None:
     """Back up image FILE to a new delta file DEST; prints the change id to keep for the next --since."""
-    bar = _ProgressBar("backup") if show_progress else None
-    try:
-        res = vdisk.backup(file, dest, since=since, compression=compression, progress=bar, consumer=consumer)
-    finally:
-        if bar is not None:
-            bar.close()
+    from vdisk.backup import backup as backup_image
+    with _progress(show_progress, "backup") as bar:
+        res = backup_image(file, dest, since=since, compression=compression, progress=bar, consumer=consumer)
     if output == "json":
         _emit_json(res.to_dict())
     else:
         click.echo(res.change_id)
 
 
-@main.command(name="restore")
+@main.command(name="restore", short_help="Restore a backup chain into TARGET, or advance an earlier restore.")
 @click.argument("target", type=click.Path())
 @click.argument("deltas", nargs=-1, required=True, type=click.Path())
-@click.option("-O", "target_format", type=click.Choice(["vdisk", "raw"]), default="vdisk", show_default=True,
-              help="Format of TARGET.")
-@click.option("-p", "show_progress", is_flag=True, help="Show a progress bar on stderr.")
+@click.option("-O", "target_format", type=click.Choice(["vdisk", "raw"]), default=None,
+              help="Format of TARGET (default: vdisk; advancing an earlier restore: the format it has).")
+@progress_option
 @click.option("--overwrite", is_flag=True, help="Restore from scratch, replacing an existing TARGET.")
-def restore_(target: str, deltas: tuple[str, ...], target_format: str, show_progress: bool, overwrite: bool) -> None:
+@output_option
+def restore_(target: str, deltas: tuple[str, ...], target_format: str | None, show_progress: bool,
+             overwrite: bool, output: str) -> None:
     """Restore the chain DELTA... (a full backup, then its incrementals) into TARGET, or advance a
     TARGET restored earlier by the incrementals that follow it."""
-    bar = _ProgressBar("restore") if show_progress else None
-    try:
-        res = vdisk.restore(list(deltas), target, format=target_format, progress=bar, overwrite=overwrite)
-    finally:
-        if bar is not None:
-            bar.close()
+    from vdisk.backup import restore
+    with _progress(show_progress, "restore") as bar:
+        res = restore(list(deltas), target, format=target_format, progress=bar, overwrite=overwrite)
+    if output == "json":
+        _emit_json(res)
+        return
     how = "advanced" if res["incremental"] else "restored"
-    click.echo(f"{target} {how} to {res['change_id']} ({res['deltas']} deltas, {format_size(res['virtual_size'])})")
+    click.echo(f"{target} {how} to {res['change_id']} ({_plural(res['deltas'], 'delta')}, "
+               f"{_fmt_size(res['virtual_size'])})")
 
 
 @main.command(name="verify")
 @click.argument("deltas", nargs=-1, required=True, type=click.Path())
+@progress_option
 @output_option
 @click.pass_context
-def verify_(ctx: click.Context, deltas: tuple[str, ...], output: str) -> None:
+def verify_(ctx: click.Context, deltas: tuple[str, ...], show_progress: bool, output: str) -> None:
     """Verify delta files completely (exit 0 when all verify, 1 otherwise: one error line per bad file)."""
+    from vdisk.backup import verify
     results, bad = [], 0
     for path in deltas:
         try:
-            summary = vdisk.verify(path)
-        except (vdisk.VdiskError, OSError) as exc:
+            with _progress(show_progress, f"verify {os.path.basename(path)}") as bar:
+                summary = verify(path, progress=bar)
+        except (VdiskError, OSError) as exc:
             bad += 1
             _report_error(exc)
             results.append({"path": path, "ok": False, "error": _error_message(exc)})
@@ -578,7 +793,7 @@ def verify_(ctx: click.Context, deltas: tuple[str, ...], output: str) -> None:
         results.append(dict(summary, ok=True))
         if output != "json":
             kind = "full" if summary["full"] else f"since {summary['since']}"
-            click.echo(f"{path}: ok, {kind} -> {summary['change_id']}, {summary['extents']} extents, "
+            click.echo(f"{path}: ok, {kind} -> {summary['change_id']}, {_plural(summary['extents'], 'extent')}, "
                        f"{summary['bytes']} bytes")
     if output == "json":
         _emit_json(results)
@@ -588,10 +803,17 @@ def verify_(ctx: click.Context, deltas: tuple[str, ...], output: str) -> None:
 @main.command(name="merge")
 @click.argument("dest", type=click.Path())
 @click.argument("deltas", nargs=-1, required=True, type=click.Path())
-def merge_(dest: str, deltas: tuple[str, ...]) -> None:
+@progress_option
+@output_option
+def merge_(dest: str, deltas: tuple[str, ...], show_progress: bool, output: str) -> None:
     """Merge the chain DELTA... into one full backup DEST; prints its change id."""
-    res = vdisk.merge(list(deltas), dest)
-    click.echo(res.change_id)
+    from vdisk.backup import merge
+    with _progress(show_progress, "merge") as bar:
+        res = merge(list(deltas), dest, progress=bar)
+    if output == "json":
+        _emit_json(res.to_dict())
+    else:
+        click.echo(res.change_id)
 
 
 if __name__ == "__main__":

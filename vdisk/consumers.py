@@ -38,6 +38,9 @@ from .errors import ConsumerNotFoundError, CorruptImageError, InvalidArgumentErr
 from .extents import Extents
 from .tracking import format_change_id, parse_change_id
 
+if typing.TYPE_CHECKING:
+    from .disk import Disk
+
 _NO_EPOCH = bytes(16)
 
 
@@ -139,7 +142,7 @@ class Consumers:
         >>> d.consumers["nightly"].change_id
     """
 
-    def __init__(self, disk):
+    def __init__(self, disk: Disk):
         self._disk = disk
 
     # --- reading ------------------------------------------------------------------
@@ -154,7 +157,7 @@ class Consumers:
                 return rec.info()
         raise ConsumerNotFoundError(f"{self._disk.path}: no consumer named {name!r} (register it first)")
 
-    def get(self, name: str, default=None):
+    def get(self, name: str, default: ConsumerInfo | None = None) -> ConsumerInfo | None:
         try:
             return self[name]
         except ConsumerNotFoundError:
@@ -213,7 +216,8 @@ def apply(records: list[ConsumerRecord], op: str, name, change_id, hdr: L.Header
         out = records + [rec]
     else:
         if name not in taken:
-            raise ConsumerNotFoundError(f"no consumer named {name!r} (register it first)")
+            raise ConsumerNotFoundError(f"no consumer named {name!r} "
+                                        f"({'nothing to forget' if op == 'forget' else 'register it first'})")
         if op == "forget":
             return [r for r in records if r.name != name], None
         old = next(r for r in records if r.name == name)

@@ -22,6 +22,7 @@ is removed.  An existing destination is refused unless ``overwrite=True``.
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 import queue
@@ -40,6 +41,8 @@ from .disk import Disk
 from .disk import create as _create
 from .disk import open as _open
 from .errors import InvalidArgumentError, UnsupportedFeatureError, VdiskWarning
+from .errors import TO_REPLACE, NoSuchFileError, Param, VdiskIOError
+from ._types import PathArg, SizeArg
 from .fileio import fsync_dir, place_synced, pwrite_all, refuse_if_in_use
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -165,7 +168,7 @@ def _open_source_fd(path: str) -> int:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise InvalidArgumentError(f"{path}: no such file") from None
+        raise NoSuchFileError(path) from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise InvalidArgumentError(f"{path}: not a regular file or block device")
     return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -276,7 +279,8 @@ def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: s
     os.close(_open_source_fd(path))         # exists, and is not a FIFO or socket whose open would block
     fmt = fmt or _detect_source(path, warn=warn_raw)
     if snapshot is not None and fmt != "vdisk":
-        raise InvalidArgumentError(f"{path}: snapshot={snapshot!r} picks a vdisk snapshot, but the image is {fmt}")
+        raise InvalidArgumentError.naming(f"{path}: ", Param("snapshot", snapshot),
+                                          f" picks a vdisk snapshot, but the image is {fmt}")
     if fmt == "vdisk":
         return VdiskImage(path, snapshot)
     if fmt == "qcow2":
@@ -492,9 +496,58 @@ class _Qcow2Sink(_FdSink):
         self.writer.finish()
 
 
+# ---------------------------------------------------------------------------- output errors
+def _check_output_path(dst: str) -> None:
+    """Refuse an output path that cannot be written, naming it (before any
+    temporary file beside it is made)."""
+    if os.path.isdir(dst):
+        raise InvalidArgumentError(f"{dst} is a directory")
+    directory = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.lexists(directory) else "does not exist"
+        raise NoSuchFileError(dst, f"directory {directory} {what}")
+
+
+def _output_error(dst: str, exc: OSError) -> VdiskIOError:
+    """An I/O error of the output, said of the user's path dst (not of the
+    temporary file it was building): ``dst: writing failed: <reason>``."""
+    cause = exc.__cause__ if isinstance(exc, VdiskIOError) and isinstance(exc.__cause__, OSError) else exc
+    return VdiskIOError(exc.errno, f"{dst}: writing the converted image failed: {cause.strerror or cause}")
+
+
+class _NamedOutput:
+    """A sink whose I/O errors name dst (see _output_error)."""
+
+    def __init__(self, make, dst: str):
+        self.dst = dst
+        with self._naming():
+            self.sink = make()
+        self.granule = self.sink.granule
+
+    @contextlib.contextmanager
+    def _naming(self):
+        try:
+            yield
+        except OSError as exc:
+            raise _output_error(self.dst, exc) from exc
+
+    def write(self, view, offset: int) -> None:
+        with self._naming():
+            self.sink.write(view, offset)
+
+    def finish(self) -> None:
+        with self._naming():
+            self.sink.finish()
+
+    def abort(self) -> None:
+        self.sink.abort()
+
+
 # ---------------------------------------------------------------------------- convert
-def convert(src, dst, *, src_format=None, dst_format="vdisk", block_size=None, snapshot=None,
-            allow_backing=False, progress=None, overwrite=False) -> None:
+def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_format: str = "vdisk",
+            block_size: SizeArg | None = None, snapshot: str | None = None,
+            allow_backing: bool | PathArg = False, progress: Progress | None = None,
+            overwrite: bool = False) -> None:
     """Copy the content of image src into a new image dst.
 
     src_format: "raw", "qcow2" or "vdisk"; None detects qcow2 and vdisk by
@@ -541,7 +594,7 @@ def convert(src, dst, *, src_format=None, dst_format="vdisk", block_size=None, s
         raise InvalidArgumentError("progress must be a callable(done_bytes, total_bytes)")
     cluster_size = None
     if dst_format == "raw" and block_size is not None:
-        raise InvalidArgumentError("block_size applies to vdisk and qcow2 output, not raw")
+        raise InvalidArgumentError.naming(Param("block_size"), " applies to vdisk and qcow2 output, not raw")
     if dst_format == "qcow2":
         cluster_size = DEFAULT_QCOW2_CLUSTER if block_size is None else L.parse_size(block_size, "block_size")
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * MiB:
@@ -549,9 +602,10 @@ def convert(src, dst, *, src_format=None, dst_format="vdisk", block_size=None, s
                                        f"bytes to 2 MiB")
     if os.path.lexists(dst):
         if not overwrite:
-            raise InvalidArgumentError(f"{dst} exists (pass overwrite=True to replace it)")
+            raise InvalidArgumentError.naming(f"{dst} exists (", *TO_REPLACE, ")")
         if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
             raise InvalidArgumentError(f"{dst} is the source image itself")
+    _check_output_path(dst)
     image = open_image(src, src_format, allow_backing=allow_backing, snapshot=snapshot)
     try:
         size = image.size if dst_format == "raw" else L.round_up(image.size, L.SECTOR)
@@ -559,18 +613,22 @@ def convert(src, dst, *, src_format=None, dst_format="vdisk", block_size=None, s
         tmp = os.path.join(directory, f".{os.path.basename(dst)}.{_uuid.uuid4().hex[:8]}.converting")
         try:
             if dst_format == "vdisk":
-                sink = _VdiskSink(tmp, size, "64KiB" if block_size is None else block_size)
+                sink = _NamedOutput(lambda: _VdiskSink(tmp, size, "64KiB" if block_size is None else block_size),
+                                    dst)
             elif dst_format == "raw":
-                sink = _RawSink(tmp, size)
+                sink = _NamedOutput(lambda: _RawSink(tmp, size), dst)
             else:
-                sink = _Qcow2Sink(tmp, size, cluster_size)
+                sink = _NamedOutput(lambda: _Qcow2Sink(tmp, size, cluster_size), dst)
             try:
                 _copy(image, sink, _Ticker(progress, image.size))
                 sink.finish()
             except BaseException:
                 sink.abort()
                 raise
-            _commit(tmp, dst, overwrite)
+            try:
+                _commit(tmp, dst, overwrite)
+            except OSError as exc:
+                raise _output_error(dst, exc) from exc
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -661,10 +719,11 @@ def _commit(tmp: str, dst: str, overwrite: bool) -> None:
         os.replace(tmp, dst)
         fsync_dir(os.path.dirname(os.path.abspath(dst)))
     else:
-        place_synced(tmp, dst, "pass overwrite=True to replace it")
+        place_synced(tmp, dst, TO_REPLACE)
 
 
-def compare(a, b, *, a_format=None, b_format=None, allow_backing=False, progress=None) -> int | None:
+def compare(a: PathArg, b: PathArg, *, a_format: str | None = None, b_format: str | None = None,
+            allow_backing: bool = False, progress: Progress | None = None) -> int | None:
     """The offset of the first byte where images a and b differ, or None
     when they read the same.
 

@@ -88,7 +88,8 @@ def backups(path: str, directory: str) -> bool:
 
     def said(res, who):
         kind = "full" if res.since == "*" else "incremental"
-        print(f"  {who}: {kind:<11} -> {os.path.basename(res.dest)}: {len(res.extents)} extents, "
+        n = len(res.extents)
+        print(f"  {who}: {kind:<11} -> {os.path.basename(res.dest)}: {n} extent{'s' if n != 1 else ''}, "
               f"{res.bytes_copied} bytes of data, {res.zero_bytes} bytes zeroed; file {res.file_bytes} bytes; "
               f"keeps {res.change_id}")
 
@@ -148,7 +149,7 @@ def backups(path: str, directory: str) -> bool:
         print("  a chain with a gap was NOT refused")
         ok = False
     except vdisk.BackupChainError as exc:
-        print(f"  a chain with a gap is refused: {str(exc)[:60]}...")
+        print(f"  a chain with a gap is refused: {exc}")
     ok &= vdisk.check(a_img).ok and vdisk.check(b_img).ok
     return ok
 

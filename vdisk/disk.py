@@ -59,6 +59,10 @@ import threading
 import time
 import uuid as _uuid
 import weakref
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 import numpy as np
 
@@ -67,6 +71,8 @@ from . import consumers as consumer_table
 from . import layout as L
 from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError,
                      ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError, VdiskIOError)
+from .errors import TO_REPLACE, NoSuchFileError, Param
+from ._types import PathArg, SizeArg
 from .arrays import lazy_zeros, load_array as _load_array
 from .extents import Extents
 from .fileio import FileIO, _io_error, fsync_dir, place_synced, refuse_if_in_use
@@ -103,9 +109,13 @@ def _check_size(size: int, block_shift: int) -> None:
     if size % L.SECTOR:
         raise OutOfRangeError(f"size {size} is not a multiple of {L.SECTOR} bytes")
     if L.blocks_for(size, block_shift) > L.MAX_BLOCKS:
-        raise OutOfRangeError(
+        fits = next((s for s in range(block_shift + 1, L.MAX_BLOCK_SHIFT + 1)
+                     if L.blocks_for(size, s) <= L.MAX_BLOCKS), None)
+        hint: tuple = (("; a block size of ", Param("block_size", L.format_size(1 << fits).replace(" ", "")),
+                        " holds it") if fits is not None else ())
+        raise OutOfRangeError.naming(
             f"size {size} needs {L.blocks_for(size, block_shift)} blocks of {1 << block_shift} bytes; "
-            f"the limit is {L.MAX_BLOCKS} blocks ({L.format_size(L.MAX_BLOCKS << block_shift)})")
+            f"the limit is {L.MAX_BLOCKS} blocks ({L.format_size(L.MAX_BLOCKS << block_shift)})", *hint)
 
 
 def _read_header(fio) -> tuple[L.Header, int]:
@@ -172,7 +182,7 @@ def _poison_hook(ref, err) -> None:
 class Disk(io.RawIOBase):
     """An open vdisk image.  Use :func:`vdisk.create` or :func:`vdisk.open`."""
 
-    def __init__(self, fio, header: L.Header, slot: int, writable: bool):
+    def __init__(self, fio: FileIO, header: L.Header, slot: int, writable: bool):
         super().__init__()
         self._io = fio
         self._hdr = header
@@ -509,7 +519,7 @@ class Disk(io.RawIOBase):
         self._check_open()
         return self._pos
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         mv = _as_bytes_view(buffer)
         n = max(0, min(len(mv), self.size - self._pos))
         if n:
@@ -517,7 +527,7 @@ class Disk(io.RawIOBase):
         self._pos += n
         return n
 
-    def write(self, data) -> int:
+    def write(self, data: ReadableBuffer) -> int:
         mv = _as_bytes_view(data)
         n = self.pwrite(mv, self._pos)
         self._pos += n
@@ -562,10 +572,9 @@ class Disk(io.RawIOBase):
 
     # ------------------------------------------------------------------ reads
     def pread(self, length: int, offset: int) -> bytes:
-        """length bytes at offset; never-written areas read as zeros.
-
-        (An open Disk answers single-block reads in ``_fast.HotPath.pread``,
-        which hands every other case to this method.)"""
+        """length bytes at offset; never-written areas read as zeros."""
+        # (an open Disk answers single-block reads in _fast.HotPath.pread, which hands every
+        # other case to this method)
         if offset < 0 or length < 0 or offset + length > self._hdr.virtual_size:
             self._check_range(offset, length, "read")
         shift = self._shift
@@ -586,7 +595,7 @@ class Disk(io.RawIOBase):
             self._read_plan(memoryview(buf), plan)
         return buf.tobytes()
 
-    def preadinto(self, buffer, offset: int) -> int:
+    def preadinto(self, buffer: WriteableBuffer, offset: int) -> int:
         if isinstance(buffer, np.ndarray) and not buffer.flags.c_contiguous:
             staging = np.empty(buffer.shape, dtype=buffer.dtype)
             n = self.preadinto(staging, offset)
@@ -648,12 +657,11 @@ class Disk(io.RawIOBase):
                 mv[at:at + n] = bytes(n) if n <= 65536 else np.zeros(n, np.uint8).data
 
     # ------------------------------------------------------------------ writes
-    def pwrite(self, data, offset: int) -> int:
+    def pwrite(self, data: ReadableBuffer, offset: int) -> int:
         """Write data at offset; returns len(data).  Zeros written to
-        unallocated blocks allocate nothing.
-
-        (An open Disk runs in-place single-block writes in
-        ``_fast.HotPath.pwrite``, which hands every other case to this method.)"""
+        unallocated blocks allocate nothing."""
+        # (an open Disk runs in-place single-block writes in _fast.HotPath.pwrite, which hands
+        # every other case to this method)
         mv = _as_bytes_view(data)
         n = len(mv)
         if offset < 0 or offset + n > self._hdr.virtual_size:
@@ -979,7 +987,7 @@ class Disk(io.RawIOBase):
             self._commit_header()
             return format_change_id(self._hdr.tracking_uuid, self._hdr.generation - 1)
 
-    def changes_since(self, change_id) -> Extents:
+    def changes_since(self, change_id: str | None) -> Extents:
         """Extents of every block changed after the point named by change_id.
 
         ``"*"`` means every allocated extent (a first, full backup).
@@ -1022,8 +1030,8 @@ class Disk(io.RawIOBase):
 
     def _require_tracking(self) -> ChangeTracker:
         if self._tracker is None:
-            raise UnsupportedFeatureError(f"{self.path}: change tracking is off for this image "
-                                          f"(create it with track_changes=True)")
+            raise UnsupportedFeatureError.naming(f"{self.path}: change tracking is off for this image (create it "
+                                                 f"with ", Param("track_changes", True), ")")
         return self._tracker
 
     # ------------------------------------------------------------------ snapshots
@@ -1258,10 +1266,11 @@ class Disk(io.RawIOBase):
             self._flush_locked()
 
     @_poisons
-    def compact(self) -> int:
+    def compact(self, *, progress: Callable[[int, int], None] | None = None) -> int:
         """Give unused space back to the file system: punch holes over free
         blocks and cut free blocks off the end of the file.  Returns the
-        number of bytes released."""
+        number of bytes released.  progress(done_blocks, total_blocks): called
+        as the free runs are punched, finally with done == total."""
         with self._lock:
             self._check_writable()
             self._flush_locked()
@@ -1278,6 +1287,8 @@ class Disk(io.RawIOBase):
             for start, n in zip(starts.tolist(), lengths.tolist()):
                 if self._io.punch_hole(start * bs, n * bs):
                     released += n * bs
+                if progress is not None:
+                    progress(start + n, self._end_block)
             if last < self._end_block:
                 released += (self._end_block - last) * bs
                 self._io.truncate(last * bs)
@@ -1287,6 +1298,8 @@ class Disk(io.RawIOBase):
                 self._scan = min(self._scan, last)
                 self._scan_limit = min(self._scan_limit, last)
             self._io.fsync()
+            if progress is not None:
+                progress(self._end_block, self._end_block)
             return released
 
     # ------------------------------------------------------------------ map
@@ -1295,6 +1308,15 @@ class Disk(io.RawIOBase):
         with self._lock:
             self._check_open()
             return self._map_locked()
+
+    def host_map(self) -> list[tuple[int, int, int]]:
+        """The data extents with where they are in the file: (offset, length,
+        host offset) runs, each contiguous in the image file, in disk order
+        (what ``qemu-img map`` lists as ``offset``)."""
+        with self._lock:
+            self._check_open()
+            return [(o + at, n, phys) for o, length in self._map_locked()
+                    for at, phys, n in self._plan_read(o, length)]
 
     def _map_locked(self) -> Extents:
         runs = [_fast.nonzero_runs(self._table, lo, hi) for lo, hi in self._table_runs(self._hdr.nblocks)]
@@ -1305,7 +1327,7 @@ class Disk(io.RawIOBase):
     # ------------------------------------------------------------------ resize
     @_rebinds
     @_poisons
-    def resize(self, new_size) -> None:
+    def resize(self, new_size: SizeArg) -> None:
         """Grow or shrink the virtual disk.  A grown area reads as zeros and
         counts as changed; a shrink frees the blocks past the new end."""
         new_size = L.parse_size(new_size, "size")
@@ -1462,7 +1484,7 @@ class Disk(io.RawIOBase):
         self._check_open()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -1478,8 +1500,9 @@ class Disk(io.RawIOBase):
 
 
 # ---------------------------------------------------------------------------- create / open
-def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_changes: bool = True,
-           coarse_region_size=None, io_factory=FileIO) -> Disk:
+def create(path: PathArg, size: SizeArg, block_size: SizeArg = "64KiB", *, overwrite: bool = False,
+           track_changes: bool = True, coarse_region_size: SizeArg | None = None,
+           io_factory: Callable[..., FileIO] = FileIO) -> Disk:
     """Create a new image and return it open for writing (mode "r+").
 
     The image is built under a temporary name and moved into place only
@@ -1491,8 +1514,12 @@ def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_cha
     bs = _parse_block_size(block_size)
     shift = bs.bit_length() - 1
     _check_size(size, shift)
+    if os.path.isdir(path):
+        raise InvalidArgumentError(f"{path} is a directory")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):      # name path, not the temporary file
+        raise NoSuchFileError(path, f"directory {os.path.dirname(os.path.abspath(path))} does not exist")
     if os.path.exists(path) and not overwrite:
-        raise InvalidArgumentError(f"{path} exists (pass overwrite=True to replace it)")
+        raise InvalidArgumentError.naming(f"{path} exists (", *TO_REPLACE, ")")
     if overwrite:
         refuse_if_in_use(path)
 
@@ -1544,7 +1571,7 @@ def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_cha
             os.replace(tmp, path)
             fsync_dir(directory)
         else:
-            place_synced(tmp, path, "pass overwrite=True to replace it")   # a failed fsync takes it away
+            place_synced(tmp, path, TO_REPLACE)   # a failed fsync takes it away
         fio.path = path
     except BaseException:
         fio.close()
@@ -1554,13 +1581,13 @@ def create(path, size, block_size="64KiB", *, overwrite: bool = False, track_cha
     return Disk(fio, hdr, 1, writable=True)
 
 
-def open(path, mode: str = "r", *, io_factory=FileIO) -> Disk:  # noqa: A001 - the API's name
+def open(path: PathArg, mode: str = "r", *, io_factory: Callable[..., FileIO] = FileIO) -> Disk:  # noqa: A001 - the API's name
     """Open an existing image: mode "r" (default, shared lock) or "r+" (exclusive)."""
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise InvalidArgumentError(f"{path}: no such file")
+        raise NoSuchFileError(path)
     writable = mode == "r+"
     fio = io_factory(path, writable=writable)
     try:

@@ -3,11 +3,77 @@
 Everything vdisk raises on purpose derives from :class:`VdiskError`, so a
 caller can catch one class.  Messages name what was found, where (offset,
 field, block) and what was expected.
+
+A message that tells the caller which argument to change names it as a
+:class:`Param`, not as text: ``str(error)`` spells it as the Python API
+does (``overwrite=True``), and the command line renders the same error
+with its flag (``--overwrite``) through :meth:`VdiskError.render`.
 """
+from __future__ import annotations
+
+import errno as _errno
+from dataclasses import dataclass
+from typing import Callable, TypeVar, Union
+
+_BARE = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter of the public API named inside an error message.
+
+    value: the value the caller could pass (True for a flag); omitted, the
+    parameter is named bare.  placeholder: instead of a value, what kind of
+    value (``"the backing file's path"``)."""
+    name: str
+    value: object = _BARE
+    placeholder: str | None = None
+
+    @property
+    def bare(self) -> bool:
+        return self.value is _BARE and self.placeholder is None
+
+    def __str__(self) -> str:
+        if self.placeholder is not None:
+            return f"{self.name}=<{self.placeholder}>"
+        if self.value is _BARE:
+            return self.name
+        return f"{self.name}={self.value!r}"
+
+
+Part = Union[str, Param]
+_E = TypeVar("_E", bound="VdiskError")
+
+#: the remedy for an existing output file: ``(pass overwrite=True to replace it)``
+TO_REPLACE: tuple[Part, ...] = ("pass ", Param("overwrite", True), " to replace it")
+#: the remedy for a restore target that cannot be advanced
+FROM_SCRATCH: tuple[Part, ...] = ("pass ", Param("overwrite", True), " to restore from scratch")
 
 
 class VdiskError(Exception):
     """Base class of every error vdisk raises on purpose."""
+
+    parts: tuple[Part, ...] = ()
+
+    @classmethod
+    def naming(cls: type[_E], *parts: Part) -> _E:
+        """An error whose message is the text and parameters in parts (see
+        :class:`Param`); its str() spells the parameters as Python does."""
+        exc = cls("".join(map(str, parts)))
+        exc.parts = parts
+        return exc
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        """The API parameters the message names, in order."""
+        return tuple(p for p in self.parts if isinstance(p, Param))
+
+    def render(self, name: Callable[[Param], str]) -> str:
+        """The message with each parameter spelled by name(param) (the CLI
+        passes its flag names); the same as str() for a message without any."""
+        if not self.parts:
+            return str(self)
+        return "".join(name(p) if isinstance(p, Param) else p for p in self.parts)
 
 
 class FormatError(VdiskError):
@@ -55,6 +121,20 @@ class ClosedError(VdiskError, ValueError):
 
 class InvalidArgumentError(VdiskError, ValueError):
     """A wrong argument: an unknown mode, an unparsable size, a bad block size."""
+
+
+class NoSuchFileError(InvalidArgumentError, FileNotFoundError):
+    """The image (or another input) does not exist: an InvalidArgumentError, and a
+    FileNotFoundError (errno ENOENT, filename the path) as Python callers expect."""
+
+    def __init__(self, path: str, what: str = "no such file"):
+        super().__init__(f"{path}: {what}")
+        self.errno = _errno.ENOENT
+        self.strerror = what
+        self.filename = path
+
+    def __str__(self) -> str:          # OSError would format "[Errno 2] ..."
+        return str(self.args[0])
 
 
 class SnapshotNotFoundError(VdiskError, KeyError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
+import numpy.typing as npt
 
 
 class Extents:
@@ -16,14 +17,15 @@ class Extents:
 
     __slots__ = ("offsets", "lengths")
 
-    def __init__(self, offsets=(), lengths=()):
+    def __init__(self, offsets: npt.ArrayLike = (), lengths: npt.ArrayLike = ()):
         self.offsets = np.ascontiguousarray(offsets, dtype=np.uint64)
         self.lengths = np.ascontiguousarray(lengths, dtype=np.uint64)
         if self.offsets.shape != self.lengths.shape or self.offsets.ndim != 1:
             raise ValueError("offsets and lengths must be 1-D arrays of one length")
 
     @classmethod
-    def from_block_runs(cls, starts, counts, block_shift: int, size: int) -> "Extents":
+    def from_block_runs(cls, starts: npt.ArrayLike, counts: npt.ArrayLike, block_shift: int,
+                        size: int) -> "Extents":
         """Byte extents of block runs, the last clipped to the virtual size."""
         starts = np.asarray(starts, dtype=np.uint64)
         counts = np.asarray(counts, dtype=np.uint64)

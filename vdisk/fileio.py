@@ -21,6 +21,7 @@ import fcntl
 import os
 
 from .errors import ImageLockedError, InvalidArgumentError, VdiskIOError
+from .errors import NoSuchFileError, Part
 
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -60,7 +61,7 @@ class FileIO:
         except FileExistsError:
             raise
         except FileNotFoundError:
-            raise InvalidArgumentError(f"{self.path}: no such file") from None
+            raise NoSuchFileError(self.path) from None
         except OSError as exc:
             raise _io_error("open", self.path, exc) from exc
         self.poisoned: VdiskIOError | None = None
@@ -78,7 +79,7 @@ class FileIO:
                     f"a writer needs it alone") from None
             raise ImageLockedError(
                 f"{self.path} is open for writing by another process (or Disk object); "
-                f"readers wait until the writer closes it") from None
+                f"a reader can open it once the writer has closed it") from None
         except OSError as exc:
             raise _io_error("flock", self.path, exc) from exc
 
@@ -247,24 +248,26 @@ def refuse_if_in_use(path: str) -> None:
         probe.close()
 
 
-def place(tmp: str, dest: str, why: str) -> None:
+def place(tmp: str, dest: str, why: str | tuple[Part, ...]) -> None:
     """Move tmp to dest, never over an existing file (a hard link, then unlink;
-    a rename where the file system has no hard links)."""
+    a rename where the file system has no hard links).  why: the end of the
+    error when dest exists (text, or parts naming parameters: errors.Param)."""
+    why = (why,) if isinstance(why, str) else why
     try:
         os.link(tmp, dest)
     except FileExistsError:
-        raise InvalidArgumentError(f"{dest} exists: {why}") from None
+        raise InvalidArgumentError.naming(f"{dest} exists (", *why, ")") from None
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
             raise
         if os.path.lexists(dest):
-            raise InvalidArgumentError(f"{dest} exists: {why}") from None
+            raise InvalidArgumentError.naming(f"{dest} exists (", *why, ")") from None
         os.rename(tmp, dest)
         return
     os.unlink(tmp)
 
 
-def place_synced(tmp: str, dest: str, why: str) -> None:
+def place_synced(tmp: str, dest: str, why: str | tuple[Part, ...]) -> None:
     """place(), then fsync the directory.  If that fsync fails, dest is removed
     again (nothing was there before) and the error raised: an operation that
     fails leaves no file under dest."""

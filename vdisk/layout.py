@@ -345,11 +345,12 @@ def bitmap_length_for(capacity_blocks: int, block_shift: int, coarse_shift: int)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30, "t": 1 << 40,
           "tb": 1000 ** 4, "tib": 1 << 40, "p": 1 << 50, "pib": 1 << 50}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_size(value, what: str = "size") -> int:
-    """An int, or a string like "512", "64KiB", "10GiB", "1TiB" (K/M/G/T are binary)."""
+def parse_size(value: int | str, what: str = "size") -> int:
+    """An int, or a string like "512", "64KiB", "1.5G", "10TiB" (K/M/G/T are binary,
+    KB/MB/GB/TB decimal); a fraction must come to a whole number of bytes."""
     if isinstance(value, bool):
         raise InvalidArgumentError(f"{what}: expected a size, got {value!r}")
     if isinstance(value, int):
@@ -357,8 +358,12 @@ def parse_size(value, what: str = "size") -> int:
     elif isinstance(value, str):
         m = _SIZE_RE.match(value)
         if not m or m.group(2).lower() not in _UNITS:
-            raise InvalidArgumentError(f"{what}: cannot parse {value!r} (examples: 512, 64KiB, 10GiB)")
-        n = int(m.group(1)) * _UNITS[m.group(2).lower()]
+            raise InvalidArgumentError(f"{what}: cannot parse {value!r} (examples: 512, 64KiB, 1.5G, 10T)")
+        whole, _, frac = m.group(1).partition(".")
+        unit = _UNITS[m.group(2).lower()]
+        n, rest = divmod((int(whole) * 10 ** len(frac) + int(frac or 0)) * unit, 10 ** len(frac))
+        if rest:
+            raise InvalidArgumentError(f"{what}: {value!r} is not a whole number of bytes")
     else:
         raise InvalidArgumentError(f"{what}: expected int or str, got {type(value).__name__}")
     if n < 0:

@@ -78,6 +78,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError, UnsupportedFeatureError
+from .errors import NoSuchFileError, Param
 from .fileio import pwrite_all
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -307,9 +308,10 @@ def resolve_backing(image_path: str, name: str, allow_backing) -> str:
       holds the image.
     """
     if not allow_backing:
-        raise UnsupportedFeatureError(
+        raise UnsupportedFeatureError.naming(
             f"{image_path}: the image has a backing file ({name!r}); backing files are read only when asked "
-            f"(allow_backing=True, or the backing file's path)")
+            f"(pass ", Param("allow_backing", True), ", or ", Param("allow_backing", placeholder="the backing file's path"),
+            ")")
     if allow_backing is not True:
         path = os.fspath(allow_backing)
         _check_regular(path, f"{image_path}: backing file {path!r}")
@@ -348,7 +350,7 @@ def _check_regular(path: str, what: str) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise InvalidArgumentError(f"{what}: no such file") from None
+        raise NoSuchFileError(what) from None
     except OSError as exc:
         raise InvalidArgumentError(f"{what}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
@@ -536,7 +538,7 @@ class Qcow2Image:
         try:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
-            raise InvalidArgumentError(f"{self.path}: no such file") from None
+            raise NoSuchFileError(self.path) from None
         try:
             self.file_size = os.fstat(self._fd).st_size
             self._open()

@@ -29,6 +29,11 @@ import threading
 import typing
 import uuid as _uuid
 
+if typing.TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+    from .disk import Disk
+
 import numpy as np
 
 from . import layout as L
@@ -151,7 +156,7 @@ def parse_table(raw: bytes, count: int, hdr: L.Header, file_size: int) -> list[S
 class Snapshot:
     """A read-only view of one snapshot: the read side of the Disk API."""
 
-    def __init__(self, disk, record: SnapshotRecord, table: np.ndarray):
+    def __init__(self, disk: Disk, record: SnapshotRecord, table: np.ndarray):
         self._disk = disk
         self._rec = record
         self._table = table
@@ -187,7 +192,7 @@ class Snapshot:
         return str(_uuid.UUID(bytes=self._rec.tracking_uuid))
 
     @property
-    def uuid(self):
+    def uuid(self) -> _uuid.UUID:
         return self._disk.uuid
 
     @property
@@ -208,7 +213,7 @@ class Snapshot:
         self.preadinto(buf, offset)
         return buf.tobytes()
 
-    def preadinto(self, buffer, offset: int) -> int:
+    def preadinto(self, buffer: WriteableBuffer, offset: int) -> int:
         from .disk import _as_bytes_view
         if isinstance(buffer, np.ndarray) and not buffer.flags.c_contiguous:
             staging = np.empty(buffer.shape, dtype=buffer.dtype)
@@ -229,7 +234,7 @@ class Snapshot:
         self._pos += len(data)
         return data
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         from .disk import _as_bytes_view
         mv = _as_bytes_view(buffer)
         n = max(0, min(len(mv), self.size - self._pos))
@@ -258,7 +263,7 @@ class Snapshot:
         starts, lengths = _fast.nonzero_runs(self._table, 0, nb)
         return Extents.from_block_runs(starts, lengths, self._disk._hdr.block_shift, self.size)
 
-    def changes_since(self, change_id) -> Extents:
+    def changes_since(self, change_id: str | None) -> Extents:
         """Blocks changed between the id's point and this snapshot (exact)."""
         from . import _fast
         self._check_open()
@@ -285,7 +290,7 @@ class Snapshot:
     def __enter__(self) -> "Snapshot":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
