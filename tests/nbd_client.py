@@ -102,11 +102,13 @@ class Client:
         raw = name.encode()
         return P.U32.pack(len(raw)) + raw
 
-    def info_data(self, name: str, infos=(P.NBD_INFO_BLOCK_SIZE,)) -> bytes:
-        return self.name_data(name) + P.U16.pack(len(infos)) + b"".join(P.U16.pack(i) for i in infos)
+    @staticmethod
+    def info_data(name: str, infos=(P.NBD_INFO_BLOCK_SIZE,)) -> bytes:
+        return Client.name_data(name) + P.U16.pack(len(infos)) + b"".join(P.U16.pack(i) for i in infos)
 
-    def meta_data(self, name: str, queries) -> bytes:
-        return self.name_data(name) + P.U32.pack(len(queries)) + b"".join(self.name_data(q) for q in queries)
+    @staticmethod
+    def meta_data(name: str, queries) -> bytes:
+        return Client.name_data(name) + P.U32.pack(len(queries)) + b"".join(Client.name_data(q) for q in queries)
 
     def list_exports(self) -> list[str]:
         out = []

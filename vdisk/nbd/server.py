@@ -605,15 +605,14 @@ class Server:
                 _clear_stale_socket(self.socket_path)
                 old = os.umask(0o177)           # the socket is born 0600
                 try:
-                    self._server = await asyncio.start_unix_server(self._accept, self.socket_path,
-                                                                   limit=P.MAX_REQUEST + 1024)
+                    self._server = await asyncio.start_unix_server(self._accept, self.socket_path)
                 finally:
                     os.umask(old)
                 os.chmod(self.socket_path, 0o600)
                 self.address = f"unix:{self.socket_path}"
             else:
                 host, port = self.listen
-                self._server = await asyncio.start_server(self._accept, host, port, limit=P.MAX_REQUEST + 1024)
+                self._server = await asyncio.start_server(self._accept, host, port)
                 bound = self._server.sockets[0].getsockname()
                 self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         except OSError as exc:
