@@ -205,3 +205,50 @@ def test_cli_refuses_non_loopback_listen_before_binding(tmp_path):
         assert len(lines) == 1 and "--insecure" in lines[0] and "--tls-cert" in lines[0], r.stderr
     r = run(sys.executable, "-m", "vdisk", "serve", missing, check=False)
     assert r.returncode == 2 and "--socket" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sigkill_after_flush_loses_nothing_flushed_and_tracking_covers(tmp_path, serve_process):
+    """The crash contract through NBD: SIGKILL right after the replies; what a
+    client was told is flushed (FLUSH on any connection, or FUA) reads back,
+    and changes_since of every outstanding id covers every changed block."""
+    from helpers import differing_blocks, extent_blocks
+    from nbd_client import Client
+    from vdisk.nbd import protocol as P
+    img = str(tmp_path / "disk.vdk")
+    size = 16 * MiB
+    with vdisk.create(img, size, block_size=BS) as d:
+        d.pwrite(pattern(1, 4 * MiB), 0)
+        old = d.checkpoint()
+        d.consumers.register("nightly", old)
+        d.pwrite(pattern(2, MiB), 4 * MiB)
+        newer = d.checkpoint()
+        before = d.pread(size, 0)
+    srv = serve_process(img)
+    a, b = Client(srv.socket).connect(), Client(srv.socket).connect()
+    flushed = {}
+    for i in range(8):                                   # new blocks (a mapping only a flush makes durable)
+        off = 7 * MiB + i * 300 * KiB + 77
+        data = pattern(10 + i, 50 * KiB)
+        assert a.call(P.NBD_CMD_WRITE, off, len(data), 0, data).error == 0
+        flushed[off] = data
+    assert a.call(P.NBD_CMD_TRIM, 4 * MiB, 2 * BS).error == 0
+    assert a.call(P.NBD_CMD_WRITE_ZEROES, 2 * MiB + 100, 3 * BS, P.NBD_CMD_FLAG_NO_HOLE).error == 0
+    assert b.call(P.NBD_CMD_FLUSH).error == 0
+    fua = pattern(30, 70 * KiB)
+    assert b.call(P.NBD_CMD_WRITE, 10 * MiB + 5, len(fua), P.NBD_CMD_FLAG_FUA, fua).error == 0
+    flushed[10 * MiB + 5] = fua
+    for i in range(20):                                  # never flushed: may or may not survive
+        data = pattern(40 + i, 20 * KiB)
+        assert a.call(P.NBD_CMD_WRITE, 12 * MiB + i * 100 * KiB, len(data), 0, data).error == 0
+    srv.kill()
+    with vdisk.open(img, "r+") as d:
+        now = d.pread(size, 0)
+        for off, data in flushed.items():
+            assert now[off:off + len(data)] == data, f"flushed write at {off} lost"
+        assert now[4 * MiB:4 * MiB + 2 * BS] == bytes(2 * BS)
+        assert now[2 * MiB + 100:2 * MiB + 100 + 3 * BS] == bytes(3 * BS)
+        changed = differing_blocks(now, before, BS)
+        for cid in (old, newer, d.consumers["nightly"].change_id):
+            missing = changed - extent_blocks(d.changes_since(cid), BS)
+            assert not missing, f"changes_since({cid}) misses blocks {sorted(missing)[:8]}"
+    assert not vdisk.check(img).corruptions
