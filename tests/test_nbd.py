@@ -252,3 +252,59 @@ def test_sigkill_after_flush_loses_nothing_flushed_and_tracking_covers(tmp_path,
             missing = changed - extent_blocks(d.changes_since(cid), BS)
             assert not missing, f"changes_since({cid}) misses blocks {sorted(missing)[:8]}"
     assert not vdisk.check(img).corruptions
+
+
+def test_golden_against_qemu_nbd_dirty_bitmap_and_allocation(tmp_path, serve_process):
+    """The same writes to a qcow2 with a persistent bitmap served by `qemu-nbd -B`
+    and to a vdisk image with a consumer: the same dirty extents at the block
+    size and the same allocation map."""
+    import shutil
+    import subprocess
+    import time
+    if not shutil.which("qemu-nbd"):
+        pytest.skip("qemu-nbd not installed")
+    size = 32 * MiB
+    first = [(0, 100 * KiB), (5 * MiB + 3, 3 * BS), (20 * MiB, MiB)]
+    second = [(70 * KiB, 10), (5 * MiB + BS, 5), (9 * MiB + 4095, 2 * BS + 2), (31 * MiB, MiB), (20 * MiB + 7, 9)]
+    q = str(tmp_path / "g.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", q, size)
+
+    def qemu_writes(ws, seed):
+        cmds = []
+        for i, (off, n) in enumerate(ws):
+            cmds += ["-c", f"write -P {seed + i} {off} {n}"]
+        run("qemu-io", "-f", "qcow2", *cmds, q)
+    qemu_writes(first, 1)
+    run("qemu-img", "bitmap", "--add", "-g", "64k", q, "b0")
+    qemu_writes(second, 50)
+    img = str(tmp_path / "g.vdk")
+    with vdisk.create(img, size, block_size=BS) as d:
+        for i, (off, n) in enumerate(first):
+            d.pwrite(bytes([1 + i]) * n, off)
+        d.consumers.register("b0", d.checkpoint())
+        for i, (off, n) in enumerate(second):
+            d.pwrite(bytes([50 + i]) * n, off)
+    qsock = str(tmp_path / "q.sock")
+    qproc = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", "qcow2", "-B", "b0", "-x", "g", "-k", qsock, q],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(500):
+            if os.path.exists(qsock):
+                break
+            time.sleep(0.02)
+        srv = serve_process(img)
+        quri = f"nbd+unix:///g?socket={qsock}"
+        q_dirty = extents_of_map(nbdinfo_map(quri, "qemu:dirty-bitmap:b0"), 1)
+        v_dirty = extents_of_map(nbdinfo_map(srv.uri(), "qemu:dirty-bitmap:b0"), 1)
+        assert q_dirty == v_dirty and q_dirty
+        q_alloc = extents_of_map(nbdinfo_map(quri), 3)
+        v_alloc = extents_of_map(nbdinfo_map(srv.uri()), 3)
+        assert q_alloc == v_alloc
+        q_data = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", quri).stdout)
+        v_data = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", srv.uri()).stdout)
+        strip = [("start", "length", "data", "zero")]
+        assert [{k: e[k] for k in strip[0]} for e in q_data] == [{k: e[k] for k in strip[0]} for e in v_data]
+        assert srv.stop() == 0
+    finally:
+        qproc.terminate()
+        qproc.wait(30)
