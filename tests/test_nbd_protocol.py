@@ -316,3 +316,62 @@ def test_many_connections_at_once(server):
         assert server.disk.pread(4096, MiB + i * 8192) == bytes([i + 10]) * 4096
     for c in conns:
         c.close()
+
+
+def test_block_status_of_a_1tib_image_from_the_tracking_kernels(tmp_path):
+    """A 1 TiB image with three changed blocks: exact answers for both contexts
+    over whole 4 GiB requests, from Disk.map_range and changes_since alone:
+    no full-table map() and no data read."""
+    path = str(tmp_path / "big.vdk")
+    tib = 1 << 40
+    d = vdisk.create(path, tib)
+    try:
+        d.pwrite(b"a" * 100, 5 << 30)
+        d.consumers.register("c", d.checkpoint())
+        d.pwrite(b"b" * 100, 700 << 30)
+        d.pwrite(b"c" * 10, tib - 10)
+        with Server(d, socket=str(tmp_path / "b.sock")) as srv:
+            def refuse(*a, **k):
+                raise AssertionError("block status must not scan the whole table or read data")
+            d.map = d.pread = d.preadinto = refuse
+            c = client(srv, contexts=["base:allocation", "qemu:dirty-bitmap:c"])
+            step = (1 << 32) - BS
+            seen = {"base:allocation": [], "qemu:dirty-bitmap:c": []}
+            for off in (4 << 30, 699 << 30, tib - step):
+                got = c.block_status(off, step)
+                for name, descs in got.items():
+                    pos = off
+                    for n, f in descs:
+                        if f in (0, 1) and f == (0 if name == "base:allocation" else 1):
+                            seen[name].append((pos, n))
+                        pos += n
+            assert seen["base:allocation"] == [(5 << 30, BS), (700 << 30, BS), (tib - BS, BS)]
+            assert seen["qemu:dirty-bitmap:c"] == [(700 << 30, BS), (tib - BS, BS)]
+            c.close()
+    finally:
+        d.__dict__.pop("map", None), d.__dict__.pop("pread", None), d.__dict__.pop("preadinto", None)
+        d.close()
+
+
+def test_pipelined_requests_after_go_and_disc_finishes_them(server):
+    """GO, two writes, a read and DISC in one send: the server answers all three
+    requests (in order), applies the writes, then closes."""
+    c = Client(server.socket_path)
+    c.greeting()
+    info = Client.info_data("")
+    burst = P.OPTION_HEADER.pack(P.IHAVEOPT, P.NBD_OPT_GO, len(info)) + info
+    burst += P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_WRITE, 1, MiB, 3) + b"xyz"
+    burst += P.REQUEST.pack(P.NBD_REQUEST_MAGIC, P.NBD_CMD_FLAG_FUA, P.NBD_CMD_WRITE, 2, MiB + 3, 2) + b"!!"
+    burst += P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_READ, 3, MiB, 5)
+    burst += P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_DISC, 4, 0, 0)
+    c.send(burst)
+    while True:
+        magic, opt, rtype, length = P.OPTION_REPLY.unpack(c.recv(P.OPTION_REPLY.size))
+        c.recv(length)
+        if rtype == P.NBD_REP_ACK:
+            break
+    assert [c.reply().cookie, c.reply().cookie] == [1, 2]
+    r = c.reply(read_length=5)
+    assert (r.cookie, r.error, r.data) == (3, 0, b"xyz!!")
+    assert c.closed_by_server()
+    assert server.disk.pread(5, MiB) == b"xyz!!"

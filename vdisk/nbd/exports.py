@@ -111,17 +111,17 @@ class Export:
             f |= P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO
         return f
 
-    # --- answers cached per state of the image (snapshots never change) -------------------
+    # --- answers (a snapshot's never change: cached; the live disk's are asked each time,
+    #     since a program serving its own Disk may write to it behind the server's back)
     def _cached(self, key, compute):
-        epoch = self.image.epoch if self.live else 0
+        if self.live:
+            return compute()
         hit = self._cache.get(key)
-        if hit is not None and hit[0] == epoch:
-            return hit[1]
-        value = compute()
-        if len(self._cache) > 64:
-            self._cache.clear()
-        self._cache[key] = (epoch, value)
-        return value
+        if hit is None:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            hit = self._cache[key] = compute()
+        return hit
 
     def allocated(self, offset: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         """Runs [offsets, ends) of allocated data that meet [offset, offset + length)."""
@@ -194,12 +194,8 @@ class Image:
         self.disk = disk
         self.name = name
         self.read_only = read_only or not disk.writable()
-        self.epoch = 0                      # advanced by every change made through the server
         self._live = Export(self, name, disk, self.read_only)
         self._snapshots: dict[str, Export] = {}
-
-    def changed(self) -> None:
-        self.epoch += 1
 
     def names(self) -> list[str]:
         """The export names NBD_OPT_LIST shows: NAME, then NAME@S for each snapshot."""

@@ -507,15 +507,12 @@ class Transmission(asyncio.Protocol):
             if cmd == P.NBD_CMD_WRITE:
                 if length:
                     self.view.pwrite(payload, offset)
-                    self.image.changed()
             elif cmd == P.NBD_CMD_TRIM:
                 if length:
                     self.view.discard(offset, length)
-                    self.image.changed()
             elif cmd == P.NBD_CMD_WRITE_ZEROES:
                 if length:
                     self._write_zeroes(flags, offset, length)
-                    self.image.changed()
             # CACHE: the page cache serves reads; nothing to prefetch
             if cmd == P.NBD_CMD_FLUSH and not self.export.read_only or flags & P.NBD_CMD_FLAG_FUA and cmd in _WRITES:
                 self._flush_then_reply(cmd, cookie, offset, length)
