@@ -375,3 +375,27 @@ def test_pipelined_requests_after_go_and_disc_finishes_them(server):
     assert (r.cookie, r.error, r.data) == (3, 0, b"xyz!!")
     assert c.closed_by_server()
     assert server.disk.pread(5, MiB) == b"xyz!!"
+
+
+def _fuzz_nbd():
+    import importlib
+    import sys
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "fuzz")
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("fuzz_nbd")
+
+
+def test_fuzz_harness_seeds():
+    """tools/fuzz/fuzz_nbd.py (the atheris target) on its seeds: no finding."""
+    fz = _fuzz_nbd()
+    for name, data in fz.build_seeds().items():
+        fz.one_input(data)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.sampled_from(sorted(_fuzz_nbd().build_seeds())), rnd=st.randoms(use_true_random=False))
+def test_fuzz_harness_mutations(seed, rnd):
+    """The harness's own mutator over its seeds, under hypothesis (CI's fuzzing)."""
+    fz = _fuzz_nbd()
+    fz.one_input(fz.mutate(fz.build_seeds()[seed], rnd))
