@@ -399,3 +399,17 @@ def test_fuzz_harness_mutations(seed, rnd):
     """The harness's own mutator over its seeds, under hypothesis (CI's fuzzing)."""
     fz = _fuzz_nbd()
     fz.one_input(fz.mutate(fz.build_seeds()[seed], rnd))
+
+
+def test_snapshot_taken_while_serving_is_exported_at_once(server):
+    c = client(server)
+    assert c.call(P.NBD_CMD_WRITE, MiB, 4, 0, b"live").error == 0
+    server.disk.snapshot("now")                         # the serving program keeps using its Disk
+    assert c.call(P.NBD_CMD_WRITE, MiB, 4, 0, b"LATE").error == 0
+    snap = client(server, "disk@now")
+    assert snap.read(MiB, 4) == b"live" and c.read(MiB, 4) == b"LATE"
+    lister = Client(server.socket_path)
+    lister.greeting()
+    assert lister.list_exports() == ["disk", "disk@s", "disk@now"]
+    for x in (c, snap, lister):
+        x.close()
