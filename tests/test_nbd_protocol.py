@@ -413,3 +413,25 @@ def test_snapshot_taken_while_serving_is_exported_at_once(server):
     assert lister.list_exports() == ["disk", "disk@s", "disk@now"]
     for x in (c, snap, lister):
         x.close()
+
+
+def test_connection_cap(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="vdisk.nbd")
+    path = str(tmp_path / "c.vdk")
+    vdisk.create(path, MiB).close()
+    with Server(path, socket=str(tmp_path / "c.sock"), max_connections=2) as srv:
+        a, b = client(srv), client(srv)
+        extra = Client(srv.socket_path)
+        with pytest.raises((EOFError, ConnectionError, OSError)):
+            extra.greeting()
+        assert any("refused, 2 connections" in r.getMessage() for r in caplog.records)
+        assert a.read(0, 4) == bytes(4)
+        a.close()
+        import time
+        for _ in range(100):                              # a closed slot is free again
+            time.sleep(0.02)
+            if len(srv._conns) < 2:
+                break
+        c = client(srv)
+        assert c.read(0, 4) == bytes(4)
+        b.close(), c.close()

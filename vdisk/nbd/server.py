@@ -733,11 +733,17 @@ class Server:
     from plain code, or ``server.run()`` to serve until SIGTERM/SIGINT.
     A path is opened (``r+``, or ``r`` when read-only) and closed at stop;
     a Disk passed in is flushed at stop and left open.
+
+    Options: export (the live image's name; default the file name without
+    extension), read_only, tls_cert/tls_key[/tls_ca] (TLS required of every
+    client), insecure (allow a non-loopback listen without TLS), pid_file,
+    min_block_size (advertised minimum; requests not aligned to it get
+    EINVAL), max_connections (more are refused and logged).
     """
 
     def __init__(self, path_or_disk, *, socket=None, listen=None, export: str | None = None,
                  read_only: bool = False, tls_cert=None, tls_key=None, tls_ca=None, insecure: bool = False,
-                 pid_file=None, min_block_size: int = 1):
+                 pid_file=None, min_block_size: int = 1, max_connections: int = 64):
         if (socket is None) == (listen is None):
             raise errors.InvalidArgumentError("give exactly one of socket=PATH or listen='HOST:PORT'")
         if bool(tls_cert) != bool(tls_key):
@@ -754,6 +760,8 @@ class Server:
                 f"serve it only with TLS (--tls-cert/--tls-key) or pass --insecure")
         self.tls_context = tls_context(tls_cert, tls_key, tls_ca) if tls_cert else None
         self.min_block = min_block_size
+        self.max_connections = max_connections      # each may hold ~70 MiB at worst (a 32 MiB write in,
+        #                                             a 32 MiB read out): the cap bounds the whole server
         self.pid_file = os.fspath(pid_file) if pid_file is not None else None
         self._owns_disk = not hasattr(path_or_disk, "pread")
         if self._owns_disk:
@@ -827,6 +835,11 @@ class Server:
         peer = f"#{self._counter} " + (f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix")
         task = asyncio.current_task()
         if self._stopped.is_set():
+            writer.close()
+            return
+        if len(self._conns) >= self.max_connections:
+            log.warning("nbd client %s: refused, %d connections already open (the maximum)", peer,
+                        len(self._conns))
             writer.close()
             return
         conn = Connection(self, reader, writer, peer)
