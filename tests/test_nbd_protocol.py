@@ -252,14 +252,17 @@ def _prefix(state: str) -> bytes:
 
 
 def _drain(sock) -> int:
-    """Read what the server sends until it closes or goes quiet; the byte count."""
+    """Read what the server sends until it closes; the byte count.  The client
+    has half-closed: a server still silent after 10 s hangs."""
     import socket as _s
     total = 0
-    sock.settimeout(0.3)
+    sock.settimeout(10)
     while True:
         try:
             part = sock.recv(1 << 20)
-        except (_s.timeout, ConnectionResetError):
+        except _s.timeout:
+            raise AssertionError("the server neither answered nor closed after the client's EOF") from None
+        except ConnectionResetError:
             return total
         if not part:
             return total
@@ -435,3 +438,27 @@ def test_connection_cap(tmp_path, caplog):
         c = client(srv)
         assert c.read(0, 4) == bytes(4)
         b.close(), c.close()
+
+
+def test_eof_right_after_go_still_answers_and_closes(server):
+    """A client that sends GO and a request and half-closes at once: the EOF may
+    reach the server during the handshake; the request is answered, then the
+    server closes (it must not wait for more)."""
+    import socket as _s
+    for _ in range(20):
+        s = _s.socket(_s.AF_UNIX)
+        s.settimeout(10)
+        s.connect(server.socket_path)
+        s.sendall(_prefix("transmission") + P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_READ, 9, 0, 16))
+        s.shutdown(_s.SHUT_WR)
+        data = b""
+        while True:
+            try:
+                part = s.recv(1 << 16)
+            except _s.timeout:
+                raise AssertionError("the server did not close after the client's EOF") from None
+            if not part:
+                break
+            data += part
+        s.close()
+        assert data.endswith(b"\x01" * 16)

@@ -337,6 +337,8 @@ class Connection:
         if not transport.is_reading():
             transport.resume_reading()
         proto.start()
+        if self.reader.at_eof() or self.reader._eof:    # the client half-closed before the switch
+            proto.eof_received()
         await proto.closed
         if proto.violation:
             log.warning("nbd client %s: %s; disconnected", self.peer, proto.violation)
