@@ -462,3 +462,33 @@ def test_eof_right_after_go_still_answers_and_closes(server):
             data += part
         s.close()
         assert data.endswith(b"\x01" * 16)
+
+
+@settings(max_examples=400, deadline=None)
+@given(points=st.lists(st.integers(0, 300), max_size=40, unique=True), start=st.integers(0, 299),
+       span=st.integers(1, 300), limit=st.sampled_from([1, 2, 3, 65536]))
+def test_describe_matches_a_byte_model(points, start, span, limit):
+    """Block status descriptors (vdisk/nbd/exports.describe) against a per-byte
+    model: a correct prefix of the truth (the last may stop early), touching
+    runs merged, at most limit, never zero-length; all of it without a limit."""
+    import numpy as np
+    from vdisk.nbd.exports import describe
+    pts = sorted(points)[:len(points) // 2 * 2]
+    offs, ends = np.array(pts[0::2], dtype=np.uint64), np.array(pts[1::2], dtype=np.uint64)
+    stop = min(start + span, 301)
+    marks = np.zeros(stop - start, dtype=bool)
+    for a, b in zip(pts[0::2], pts[1::2]):
+        marks[max(a, start) - start:max(min(b, stop) - start, 0)] = True
+    truth, i = [], 0
+    while i < len(marks):
+        j = i
+        while j < len(marks) and marks[j] == marks[i]:
+            j += 1
+        truth.append((j - i, 0 if marks[i] else 3))
+        i = j
+    got = [tuple(x) for x in describe(offs, ends, start, stop, 0, 3, limit).tolist()]
+    assert 1 <= len(got) <= limit and all(n > 0 for n, _ in got)
+    assert got[:-1] == truth[:len(got) - 1]
+    assert got[-1][1] == truth[len(got) - 1][1] and got[-1][0] <= truth[len(got) - 1][0]
+    if limit == 65536:
+        assert got == truth

@@ -400,8 +400,15 @@ class Transmission(asyncio.Protocol):
         self.closing = True             # the client is done sending: answer what it sent, then close
         if not self.blocked:
             self._process()
+            self._log_partial()
             self.t.close()
         return True
+
+    def _log_partial(self) -> None:
+        if self.inbuf and self.violation is None:
+            log.warning("nbd client %s: closed in the middle of a request (%d bytes of it sent)",
+                        self.peer, len(self.inbuf))
+            self.inbuf.clear()
 
     def connection_lost(self, exc) -> None:
         if not self.closed.done():
@@ -661,7 +668,7 @@ class Transmission(asyncio.Protocol):
         """A structured read as data and hole chunks; with DF one chunk.  data: the
         range's content when already read (all zeros)."""
         offs, ends = self.export.allocated(offset, length)
-        runs = describe(offs, ends, offset, offset + length, 0, 1, 1 << 30)
+        runs = describe(offs, ends, offset, offset + length, 0, 1, 1 << 30).tolist()
         if flags & P.NBD_CMD_FLAG_DF and len(runs) > 1:
             runs = [(length, 0)]
         last = len(runs) - 1
@@ -699,15 +706,12 @@ class Transmission(asyncio.Protocol):
                 # the id stopped being answerable (tracking reset): refuse, never a partial answer
                 self._reply_error(P.NBD_CMD_BLOCK_STATUS, cookie, P.NBD_EINVAL, str(exc))
                 return
-            body = bytearray(P.U32.pack(i + 1))
-            for n, f in descs:
-                body += P.EXTENT.pack(n, f)
-            chunks.append(body)
+            chunks.append(P.U32.pack(i + 1) + descs.astype(">u4").tobytes())
         last = len(chunks) - 1
         for i, body in enumerate(chunks):
             self.out.append(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC,
                                                 P.NBD_REPLY_FLAG_DONE if i == last else 0,
-                                                P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, len(body)) + bytes(body))
+                                                P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, len(body)) + body)
 
 
 class _BadOption(Exception):
