@@ -492,3 +492,43 @@ def test_describe_matches_a_byte_model(points, start, span, limit):
     assert got[-1][1] == truth[len(got) - 1][1] and got[-1][0] <= truth[len(got) - 1][0]
     if limit == 65536:
         assert got == truth
+
+
+@settings(max_examples=80, deadline=None)
+@given(blocks=st.sets(st.integers(0, 63), max_size=20), offset=st.integers(0, 64 * 4096 - 1),
+       length=st.integers(0, 64 * 4096))
+def test_map_range_is_map_clipped(tmp_path_factory, blocks, offset, length):
+    """Disk.map_range (added for the server) equals map() clipped to the range."""
+    length = min(length, 64 * 4096 - offset)
+    path = str(tmp_path_factory.mktemp("mr") / "m.vdk")
+    with vdisk.create(path, 64 * 4096, block_size=4096) as d:
+        for b in blocks:
+            d.pwrite(b"\x01", b * 4096 + 7)
+        want = []
+        for o, n in d.map():
+            lo, hi = max(o, offset), min(o + n, offset + length)
+            if hi > lo:
+                want.append((lo, hi - lo))
+        assert list(d.map_range(offset, length)) == want
+
+
+def test_server_in_the_programs_own_event_loop(tmp_path):
+    import asyncio
+    path = str(tmp_path / "own.vdk")
+    vdisk.create(path, MiB).close()
+
+    async def main():
+        srv = Server(path, socket=str(tmp_path / "own.sock"))
+        await srv.start()
+        assert srv.address == f"unix:{tmp_path / 'own.sock'}"
+
+        def use():
+            c = client(srv)
+            assert c.call(P.NBD_CMD_WRITE, 0, 3, P.NBD_CMD_FLAG_FUA, b"own").error == 0
+            c.close()
+        await asyncio.to_thread(use)
+        await srv.stop()
+        await srv.serve_until_stopped()
+    asyncio.run(main())
+    with vdisk.open(path) as d:
+        assert d.pread(3, 0) == b"own"

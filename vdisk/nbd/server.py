@@ -76,6 +76,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def tls_context(cert, key, ca=None) -> ssl.SSLContext:
     """A server TLS context; with ca, clients must present a certificate it signed."""
+    if not hasattr(asyncio.StreamWriter, "start_tls"):
+        raise errors.ServeError("TLS (--tls-cert) needs Python 3.11 or later (asyncio's StreamWriter.start_tls)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
