@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
+import socket
 import threading
 
 import pytest
@@ -532,3 +532,24 @@ def test_server_in_the_programs_own_event_loop(tmp_path):
     asyncio.run(main())
     with vdisk.open(path) as d:
         assert d.pread(3, 0) == b"own"
+
+
+def test_a_client_that_never_reads_its_replies_is_held_to_bounded_memory(server):
+    """50 pipelined 4 MiB reads and no reading: the server stops at its write
+    high-water mark (a few MiB queued, the rest of the requests left unread in
+    the socket), a bystander is served meanwhile, and once the client reads,
+    every reply arrives intact."""
+    import time
+    n, size = 50, 4 * MiB
+    greedy = client(server, structured=False)
+    greedy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    greedy.send(b"".join(P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_READ, i + 1, 0, size) for i in range(n)))
+    time.sleep(1)
+    conn = next(c for c in server._conns.values() if c.proto is not None and c.proto.write_paused)
+    queued = conn.proto.t.get_write_buffer_size()
+    assert queued <= 4 * MiB + size + 64 * KiB, queued          # high water + one reply
+    assert_alive(server)
+    for i in range(n):
+        r = greedy.reply(read_length=size)
+        assert r.cookie == i + 1 and r.error == 0 and r.data[:100 * KiB] == b"\x01" * (100 * KiB)
+    greedy.close()
