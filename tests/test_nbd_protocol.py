@@ -553,3 +553,26 @@ def test_a_client_that_never_reads_its_replies_is_held_to_bounded_memory(server)
         r = greedy.reply(read_length=size)
         assert r.cookie == i + 1 and r.error == 0 and r.data[:100 * KiB] == b"\x01" * (100 * KiB)
     greedy.close()
+
+
+def test_stop_cuts_off_a_client_that_never_reads(tmp_path):
+    """A stop finishes sessions, but one stuck behind a client that reads no
+    replies is cut off after stop_timeout; the image is still flushed and closed."""
+    import time
+    path = str(tmp_path / "st.vdk")
+    with vdisk.create(path, 8 * MiB) as d:
+        d.pwrite(b"\x01" * MiB, 0)
+    srv = Server(path, socket=str(tmp_path / "st.sock"), stop_timeout=1).start_in_thread()
+    greedy = client(srv, structured=False)
+    greedy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    greedy.send(b"".join(P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_READ, i + 1, 0, 4 * MiB) for i in range(20)))
+    writer = client(srv)
+    assert writer.call(P.NBD_CMD_WRITE, 2 * MiB, 4, 0, b"last").error == 0
+    time.sleep(0.5)
+    stopper = threading.Thread(target=srv.stop_in_thread, daemon=True)
+    stopper.start()
+    stopper.join(30)
+    assert not stopper.is_alive(), "the stop waits forever on a client that reads no replies"
+    greedy.close(), writer.close()
+    with vdisk.open(path) as d:
+        assert d.pread(4, 2 * MiB) == b"last"

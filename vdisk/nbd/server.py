@@ -746,12 +746,14 @@ class Server:
     extension), read_only, tls_cert/tls_key[/tls_ca] (TLS required of every
     client), insecure (allow a non-loopback listen without TLS), pid_file,
     min_block_size (advertised minimum; requests not aligned to it get
-    EINVAL), max_connections (more are refused and logged).
+    EINVAL), max_connections (more are refused and logged), stop_timeout
+    (seconds a stop waits for sessions to finish their requests before it
+    cuts them off: a client that reads no replies cannot hold it forever).
     """
 
     def __init__(self, path_or_disk, *, socket=None, listen=None, export: str | None = None,
                  read_only: bool = False, tls_cert=None, tls_key=None, tls_ca=None, insecure: bool = False,
-                 pid_file=None, min_block_size: int = 1, max_connections: int = 64):
+                 pid_file=None, min_block_size: int = 1, max_connections: int = 64, stop_timeout: float = 30):
         if (socket is None) == (listen is None):
             raise errors.InvalidArgumentError("give exactly one of socket=PATH or listen='HOST:PORT'")
         if bool(tls_cert) != bool(tls_key):
@@ -768,6 +770,7 @@ class Server:
                 f"serve it only with TLS (--tls-cert/--tls-key) or pass --insecure")
         self.tls_context = tls_context(tls_cert, tls_key, tls_ca) if tls_cert else None
         self.min_block = min_block_size
+        self.stop_timeout = stop_timeout              # seconds a stop waits for sessions to finish
         self.max_connections = max_connections      # each may hold ~70 MiB at worst (a 32 MiB write in,
         #                                             a 32 MiB read out): the cap bounds the whole server
         self.pid_file = os.fspath(pid_file) if pid_file is not None else None
@@ -875,8 +878,18 @@ class Server:
             self._server.close()
         for task, conn in list(self._conns.items()):
             conn.stop(task)
+        deadline = asyncio.get_running_loop().time() + self.stop_timeout
         while self._conns:
             await asyncio.wait(list(self._conns), timeout=1)
+            if self._conns and asyncio.get_running_loop().time() > deadline:
+                for task, conn in list(self._conns.items()):     # e.g. a client that reads no replies
+                    log.warning("nbd client %s: still open %.0f s after the stop; cut off", conn.peer,
+                                self.stop_timeout)
+                    if conn.proto is not None:
+                        conn.proto.t.abort()
+                    else:
+                        task.cancel()
+                deadline = float("inf")
         await self._close_image()
         if self.socket_path and os.path.exists(self.socket_path):
             try:
