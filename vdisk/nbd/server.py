@@ -1,7 +1,12 @@
 """The asyncio NBD server: handshake, transmission, lifecycle.
 
 One :class:`Server` serves one image (vdisk/nbd/exports.py names its
-exports) on a unix socket or a TCP address, to any number of connections.
+exports) on a unix socket or a TCP address, to any number of connections
+(up to max_connections).  The handshake runs as a coroutine over asyncio
+streams (:class:`Connection`); at GO or EXPORT_NAME the transport is handed
+to a :class:`Transmission` protocol that parses requests straight from its
+input buffer, handles them in the loop's thread and writes the replies of
+a burst at once.
 
 Contracts
 ---------
@@ -10,15 +15,24 @@ Contracts
   Disk.flush makes every write before it durable, so a flush covers the
   writes acknowledged on every connection before it: the server advertises
   NBD_FLAG_CAN_MULTI_CONN.
-* Isolation: a connection handles one request at a time (its in-flight
-  count is one, its memory bounded by the 32 MiB request cap).  A
-  malformed or hostile client is disconnected and logged in one line
-  (``logging`` logger ``vdisk.nbd``); no other connection notices.
-* Disk calls run in the loop's thread (Disk calls are short: a pread or
-  pwrite of at most 32 MiB), except flush, which runs in one executor
-  thread so a slow fsync does not stall the other connections' network I/O.
-* Stop (SIGTERM/SIGINT, or Server.stop()): stop accepting, let each
-  connection finish the request it is handling, flush, close the image.
+* Bounded memory: a request is at most 32 MiB (advertised as the maximum
+  block size; a larger WRITE is a disconnect, a larger READ an EINVAL); a
+  connection holds at most one unanswered request's payload in, and stops
+  reading while its unsent replies pass the 4 MiB high-water mark or a
+  flush is pending: about 70 MiB at worst, times max_connections.
+* Isolation: a malformed or hostile client is disconnected and logged in
+  one line (``logging`` logger ``vdisk.nbd``, with the peer and what was
+  wrong); a bad request (past the end, unaligned, unknown command or
+  flag) gets an error reply and the session goes on.  No other connection
+  notices either.
+* Disk calls run in the loop's thread (each is short: a pread or pwrite of
+  at most 32 MiB), except flush, which runs in one executor thread so a
+  slow fsync does not stall the other connections; the connection that
+  asked waits (reads nothing more) until it returned.
+* Stop (SIGTERM/SIGINT, or Server.stop()): stop accepting, cut off
+  sessions still negotiating, let each session in transmission answer
+  every request it has received (and a pending flush), flush, close the
+  image; sessions still open after stop_timeout are cut off.
 """
 from __future__ import annotations
 
