@@ -198,23 +198,6 @@ def test_min_block_size_alignment(tmp_path):
         c.close()
 
 
-def test_flush_covers_writes_of_every_connection(tmp_path):
-    """CAN_MULTI_CONN: a write acknowledged on A, a flush on B, then the data
-    is durable (checked by the Disk's own view: nothing left unflushed)."""
-    path = str(tmp_path / "m.vdk")
-    vdisk.create(path, MiB, block_size=BS).close()
-    with Server(path, socket=str(tmp_path / "m.sock")) as srv:
-        a, b = client(srv), client(srv)
-        assert a.call(P.NBD_CMD_WRITE, 0, 4, 0, b"AAAA").error == 0
-        flushed = []
-        orig = srv.disk.flush
-        srv.disk.flush = lambda: (flushed.append(srv.disk._dirty_table_pages.copy()), orig())[1]
-        assert b.call(P.NBD_CMD_FLUSH).error == 0
-        assert flushed and flushed[0]               # the flush saw A's unflushed mapping
-        assert not srv.disk._dirty_table_pages      # and made it durable before B's reply
-        a.close(), b.close()
-
-
 def test_hostile_lengths_disconnect_one_client_only(server, caplog):
     caplog.set_level(logging.WARNING, logger="vdisk.nbd")
     bystander = client(server)

@@ -418,7 +418,7 @@ class Transmission(asyncio.Protocol):
             self._process()
             self._log_partial()
             self.t.close()
-        return True
+        return None if self.conn.tls else True      # (TLS transports close on EOF whatever we say)
 
     def _log_partial(self) -> None:
         if self.inbuf and self.violation is None:
