@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (BackupChainError, ChecksumError, ClosedError, ConsumerNotFoundError, CorruptImageError,
                      FormatError, ImageLockedError, InvalidArgumentError, NoSuchFileError, OutOfRangeError,
-                     ReadOnlyError, SnapshotNotFoundError, StaleChangeIdError, UnsupportedFeatureError,
+                     ReadOnlyError, ServeError, SnapshotNotFoundError, StaleChangeIdError, UnsupportedFeatureError,
                      VdiskError, VdiskIOError)
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ if TYPE_CHECKING:       # what the lazy names are, for type checkers and editors
     from .disk import Disk, create, open
     from .extents import Extents
     from .layout import parse_size
+    from .nbd import serve
     from .snapshots import Snapshot, SnapshotInfo
 
 #: lazy name -> the submodule that defines it
@@ -45,6 +46,7 @@ _LAZY = {
     "ConsumerInfo": "consumers", "Consumers": "consumers",
     "Extents": "extents",
     "parse_size": "layout",
+    "serve": "nbd",
     "BackupResult": "backup", "backup": "backup", "restore": "backup", "verify": "backup", "merge": "backup",
 }
 
@@ -93,5 +95,6 @@ __all__ = [
     "OutOfRangeError", "ReadOnlyError", "StaleChangeIdError", "VdiskIOError", "ClosedError",
     "InvalidArgumentError", "NoSuchFileError", "SnapshotNotFoundError", "Snapshot", "SnapshotInfo",
     "__version__", "backup", "restore", "verify", "merge", "BackupResult", "BackupChainError", "ChecksumError",
-    "Consumers", "ConsumerInfo", "ConsumerNotFoundError",
+    "Consumers", "ConsumerInfo", "ConsumerNotFoundError", "serve", "ServeError",
 ]
+

@@ -163,3 +163,9 @@ class ChecksumError(CorruptImageError):
 
 class VdiskWarning(UserWarning):
     """Base class of the warnings vdisk issues (``warnings.warn``); filter or catch them by this class."""
+
+
+class ServeError(VdiskError):
+    """The NBD server cannot start as asked: an address it may not or cannot
+    listen on, a socket path in use, unusable TLS files.  The message names
+    the address or file and the flag that would allow it."""
