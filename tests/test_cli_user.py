@@ -239,6 +239,18 @@ def test_output_that_is_a_directory_names_it(tmp_path, image):
     assert sorted(os.listdir(tmp_path)) == ["adir", "disk.vdk"] and os.listdir(adir) == []
 
 
+def test_a_raw_probe_warns_in_one_line(tmp_path):
+    """An unrecognised source is read as raw with qemu-img's warning: one line, then success."""
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"\x07" * 4096)
+    r = run("convert", src, tmp_path / "out.vdk")
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.splitlines() == [f"vdisk: warning: Image format was not specified for '{src}' and probing "
+                                     f"guessed raw."]
+    r = run("convert", "-f", "raw", src, tmp_path / "out2.vdk")
+    assert r.exit_code == 0 and r.stderr == ""
+
+
 @pytest.mark.parametrize("fmt", ["raw", "qcow2", "vdisk"])
 def test_a_full_file_system_names_the_output(tmp_path, fmt):
     """A write past RLIMIT_FSIZE fails (EFBIG) as a full file system does (ENOSPC): the
@@ -251,7 +263,7 @@ def test_a_full_file_system_names_the_output(tmp_path, fmt):
     code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20)); "
             "from vdisk.cli import main; main(sys.argv[1:], prog_name='vdisk')")
-    r = subprocess.run([sys.executable, "-c", code, "convert", "-O", fmt, src, dst],
+    r = subprocess.run([sys.executable, "-c", code, "convert", "-f", "raw", "-O", fmt, src, dst],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
     lines = r.stderr.splitlines()

@@ -203,8 +203,9 @@ def test_cli_refuses_non_loopback_listen_before_binding(tmp_path):
         assert r.returncode == 1
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "--insecure" in lines[0] and "--tls-cert" in lines[0], r.stderr
+    # a usage error: exit 1, as every command's (qemu-img's convention, issue 17)
     r = run(sys.executable, "-m", "vdisk", "serve", missing, check=False)
-    assert r.returncode == 2 and "--socket" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 1 and "--socket" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_sigkill_after_flush_loses_nothing_flushed_and_tracking_covers(tmp_path, serve_process):

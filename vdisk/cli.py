@@ -57,6 +57,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from typing import Any, NoReturn
 
 import click
@@ -126,6 +127,12 @@ def _usage(message: str) -> NoReturn:
     raise click.UsageError(message, click.get_current_context(silent=True))
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """A warning is one line on stderr, as qemu-img prints its own (``vdisk: warning: ...``)."""
+    click.echo(f"vdisk: warning: {message}", err=True)
+
+
 class VdiskGroup(click.Group):
     """A click group that turns user errors into one ``vdisk: error:`` line,
     and prints its help (not an error) when called without a command."""
@@ -142,6 +149,7 @@ class VdiskGroup(click.Group):
             prog_name = "vdisk"
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        shown, warnings.showwarning = warnings.showwarning, _show_warning
         try:
             # non-standalone: exceptions reach us, and ctx.exit(n) comes back as n
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -157,6 +165,8 @@ class VdiskGroup(click.Group):
         except (VdiskError, OSError) as exc:
             _report_error(exc)
             sys.exit(EXIT_ERROR)
+        finally:
+            warnings.showwarning = shown
         # the commands return None; an int is an exit code from ctx.exit()
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 

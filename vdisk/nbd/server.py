@@ -46,10 +46,15 @@ import socket as _socket
 import ssl
 import stat
 import threading
+from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from . import protocol as P
 from .exports import Export, Image, describe
+
+if TYPE_CHECKING:
+    from .._types import PathArg
+    from ..disk import Disk
 
 log = logging.getLogger("vdisk.nbd")
 
@@ -1021,6 +1026,7 @@ def _clear_stale_socket(path: str) -> None:
     raise errors.ServeError(f"{path}: another server is listening on this socket")
 
 
-def serve(path_or_disk, *, socket=None, listen=None, export=None, read_only=False, **options) -> None:
+def serve(path_or_disk: PathArg | Disk, *, socket: str | os.PathLike[str] | None = None, listen: str | None = None,
+          export: str | None = None, read_only: bool = False, **options: Any) -> None:
     """Serve an image over NBD until SIGTERM/SIGINT (see Server for the options)."""
     Server(path_or_disk, socket=socket, listen=listen, export=export, read_only=read_only, **options).run()
