@@ -61,6 +61,7 @@ class SnapshotRecord:
     __slots__ = [name for name, _ in L.SNAPSHOT_FIELDS if not name.startswith("reserved") and name != "name_length"]
 
     def __init__(self, **fields):
+        fields.setdefault("token", 0)          # a legacy record: its id is tokenless
         for k in self.__slots__:
             setattr(self, k, fields[k])
 
