@@ -6,7 +6,7 @@ Every test here failed on the code before the checkpoint log: ids were
 """
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import shutil
 import struct
@@ -378,3 +378,79 @@ def test_log_damage_is_found_and_repaired(tmp_path):
     assert vdisk.check(img, repair=True).ok
     with vdisk.open(img) as d:
         assert d.changes_since(cid) == vdisk.Extents([])
+
+
+# ============================================================================ clone
+def build_with_snapshots(path):
+    """An image with two snapshots at different sizes, shared blocks, a consumer."""
+    with vdisk.create(path, SIZE, block_size=BS) as d:
+        d.pwrite(pattern(1, 3 * BS), 0)
+        d.consumers.register("nightly", d.checkpoint())
+        d.snapshot("one")
+        d.pwrite(pattern(2, BS), BS)
+        d.resize(SIZE + BS + 512)
+        d.pwrite(pattern(3, BS + 512), SIZE)
+        d.snapshot("two")
+        d.discard(0, BS)
+        d.resize(SIZE - 3 * BS + 1024)
+        d.pwrite(pattern(4, 100), 5 * BS)
+        return {s.name: s.change_id for s in d.snapshots}, d.change_id
+
+
+@pytest.mark.parametrize("with_snapshots", [False, True])
+def test_clone_has_new_identity_and_same_content(tmp_path, with_snapshots):
+    src, dst = tmp_path / "src.vdk", tmp_path / "dst.vdk"
+    snap_ids, last = build_with_snapshots(src)
+    res = vdisk.clone(src, dst, snapshots=with_snapshots)
+    with vdisk.open(src) as s, vdisk.open(dst) as c:
+        assert read_all(c) == read_all(s) and c.size == s.size and c.block_size == s.block_size
+        assert c.uuid != s.uuid and c.tracking_id != s.tracking_id and str(c.uuid) == res["uuid"]
+        assert len(c.consumers) == 0
+        for cid in list(snap_ids.values()) + [last]:
+            with pytest.raises(vdisk.StaleChangeIdError):
+                c.changes_since(cid)
+        if with_snapshots:
+            assert [x.name for x in c.snapshots] == ["one", "two"]
+            for name in ("one", "two"):
+                with s.open_snapshot(name) as a, c.open_snapshot(name) as b:
+                    assert a.size == b.size and a.pread(a.size, 0) == b.pread(b.size, 0)
+                    assert a.change_id != b.change_id
+            # shared blocks stay shared: no more data blocks than the source holds
+            assert c.info()["allocated_blocks"] == s.info()["allocated_blocks"]
+            assert vdisk.check(dst).leaked_blocks == 0
+        else:
+            assert c.snapshots == []
+        assert c.map() == s.map()
+    assert vdisk.check(dst).ok
+
+
+def test_clone_refuses_existing_and_leaves_nothing_on_error(tmp_path, monkeypatch):
+    src, dst = tmp_path / "src.vdk", tmp_path / "dst.vdk"
+    build_with_snapshots(src)
+    dst.write_bytes(b"keep")
+    with pytest.raises(vdisk.InvalidArgumentError, match="exists"):
+        vdisk.clone(src, dst)
+    assert dst.read_bytes() == b"keep"
+    C = importlib.import_module("vdisk.clone")
+
+    def boom(*a, **k):
+        raise OSError(5, "injected")
+    monkeypatch.setattr(C, "_write_state", boom)
+    with pytest.raises(OSError, match="injected"):
+        vdisk.clone(src, dst, overwrite=True)
+    assert dst.read_bytes() == b"keep"
+    assert sorted(os.listdir(tmp_path)) == ["dst.vdk", "src.vdk"]
+
+
+def test_clone_cli(tmp_path):
+    src, dst = tmp_path / "src.vdk", tmp_path / "dst.vdk"
+    build_with_snapshots(src)
+    r = run("clone", src, dst, "--snapshots")
+    assert r.exit_code == 0, r.stderr
+    assert "new identity" in r.stdout and "2 snapshots" in r.stdout
+    one_error_line(run("clone", src, dst))
+    assert run("clone", src, dst, "--overwrite").exit_code == 0
+    with vdisk.open(dst) as c:
+        assert c.snapshots == []
+    r = run("convert", "--help")
+    assert "new identity" in r.stdout

@@ -17,6 +17,7 @@ except ImportError as exc:  # pragma: no cover - a broken install
         "'pip install .' (needs a C compiler, Cython and numpy)") from exc
 
 from .check import CheckResult, check
+from .clone import clone
 from .convert import compare, convert
 from .disk import Disk, create, open
 from .snapshots import Snapshot, SnapshotInfo
@@ -32,7 +33,7 @@ from .backup import BackupResult, backup, merge, restore, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "create", "open", "check", "convert", "compare", "Disk", "Extents", "CheckResult", "parse_size",
+    "create", "open", "check", "clone", "convert", "compare", "Disk", "Extents", "CheckResult", "parse_size",
     "VdiskError", "FormatError", "CorruptImageError", "ImageLockedError", "UnsupportedFeatureError",
     "OutOfRangeError", "ReadOnlyError", "StaleChangeIdError", "VdiskIOError", "ClosedError",
     "InvalidArgumentError", "SnapshotNotFoundError", "Snapshot", "SnapshotInfo", "__version__",
