@@ -387,6 +387,10 @@ def convert(src, dst, *, src_format=None, dst_format="vdisk", block_size=None, s
             allow_backing=False, progress=None, overwrite=False) -> None:
     """Copy the content of image src into a new image dst.
 
+    A vdisk dst is a new image with its own identity (image uuid, tracking
+    epoch): no change id of src is valid on it, and it holds no snapshots or
+    consumers (vdisk.clone copies a vdisk image with its snapshots).
+
     src_format: "raw", "qcow2" or "vdisk"; None detects qcow2 and vdisk by
     their magic and reads anything else as raw (so a raw disk whose first
     bytes look like a qcow2 header is read as raw only when the caller says
