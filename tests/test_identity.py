@@ -84,6 +84,9 @@ def test_diverged_copies_api(tmp_path):
     with pytest.raises(vdisk.BackupChainError, match="diverged copies"):
         vdisk.merge(chain, str(tmp_path / "M.h5"))
     assert not os.path.exists(tmp_path / "M.h5")
+    with pytest.raises(vdisk.BackupChainError, match="diverged copies"):
+        vdisk.verify_chain(chain)
+    assert [s["change_id"] for s in vdisk.verify_chain(chain[:1])] == [full_a.change_id]
     # and the other way round: A refuses B's id
     with vdisk.open(a) as d:
         with pytest.raises(vdisk.StaleChangeIdError):
@@ -111,6 +114,9 @@ def test_diverged_copies_cli(tmp_path):
     assert not os.path.exists(tmp_path / "T.vdk")
     line = one_error_line(run("merge", tmp_path / "M.h5", tmp_path / "A0.h5", tmp_path / "B1.h5"))
     assert "diverged copies" in line
+    line = one_error_line(run("verify", "--chain", tmp_path / "A0.h5", tmp_path / "B1.h5"))
+    assert "diverged copies" in line and "A0.h5" in line and "B1.h5" in line
+    assert run("verify", tmp_path / "A0.h5", tmp_path / "B1.h5").exit_code == 0     # each file is sound
     assert not os.path.exists(tmp_path / "M.h5")
 
 

@@ -28,7 +28,7 @@ from .errors import (ClosedError, CorruptImageError, FormatError, ImageLockedErr
                      ConsumerNotFoundError)
 from .extents import Extents
 from .layout import parse_size
-from .backup import BackupResult, backup, merge, restore, verify
+from .backup import BackupResult, backup, merge, restore, verify, verify_chain
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,6 @@ __all__ = [
     "VdiskError", "FormatError", "CorruptImageError", "ImageLockedError", "UnsupportedFeatureError",
     "OutOfRangeError", "ReadOnlyError", "StaleChangeIdError", "VdiskIOError", "ClosedError",
     "InvalidArgumentError", "SnapshotNotFoundError", "Snapshot", "SnapshotInfo", "__version__",
-    "backup", "restore", "verify", "merge", "BackupResult", "BackupChainError", "ChecksumError",
+    "backup", "restore", "verify", "verify_chain", "merge", "BackupResult", "BackupChainError", "ChecksumError",
     "Consumers", "ConsumerInfo", "ConsumerNotFoundError",
 ]

@@ -320,6 +320,24 @@ def verify(delta) -> dict:
         return d.summary()
 
 
+def verify_chain(deltas) -> list[dict]:
+    """verify() every delta, then check that they form one chain (a full
+    first, each next one's since the previous one's change_id: deltas of two
+    copies of an image that diverged do not).  Raises BackupChainError naming
+    the link; returns the summaries."""
+    files = _open_all(_delta_paths(deltas))
+    try:
+        check_chain(files)
+        out = []
+        for f in files:
+            f.verify_rows()
+            out.append(f.summary())
+        return out
+    finally:
+        for f in files:
+            f.close()
+
+
 # ---------------------------------------------------------------------------- chains
 def _gen(change_id: str) -> int:
     return ChangeId.parse(change_id).generation

@@ -582,14 +582,17 @@ def restore_(target: str, deltas: tuple[str, ...], target_format: str, show_prog
 
 @main.command(name="verify")
 @click.argument("deltas", nargs=-1, required=True, type=click.Path())
+@click.option("--chain", "as_chain", is_flag=True,
+              help="Also check that DELTA... form one chain, in order (as restore and merge do).")
 @output_option
 @click.pass_context
-def verify_(ctx: click.Context, deltas: tuple[str, ...], output: str) -> None:
+def verify_(ctx: click.Context, deltas: tuple[str, ...], as_chain: bool, output: str) -> None:
     """Verify delta files completely (exit 0 when all verify, 1 otherwise: one error line per bad file)."""
+    chained = vdisk.verify_chain(list(deltas)) if as_chain else None    # a broken link: one error line, exit 1
     results, bad = [], 0
-    for path in deltas:
+    for i, path in enumerate(deltas):
         try:
-            summary = vdisk.verify(path)
+            summary = chained[i] if chained is not None else vdisk.verify(path)
         except (vdisk.VdiskError, OSError) as exc:
             bad += 1
             _report_error(exc)
