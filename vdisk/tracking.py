@@ -46,7 +46,7 @@ import numpy as np
 
 from . import _fast
 from . import layout as L
-from .errors import CorruptImageError, StaleChangeIdError
+from .errors import StaleChangeIdError
 from .extents import Extents
 from .arrays import lazy_zeros
 from .layout import SECTOR, SUMMARY_SHIFT, regions_for
@@ -124,15 +124,12 @@ class CheckpointLog:
     generation g's token once it is closed; an entry whose generation does
     not fit its slot is ignored (reads as no entry)."""
 
-    def __init__(self, io, offset: int, capacity: int, raw: bytes | None = None):
+    def __init__(self, io, offset: int, capacity: int):
+        """An empty log (a new region: all holes)."""
         self.io = io
         self.offset = offset
         self.capacity = capacity
-        entries = np.zeros((capacity, 2), dtype="<u8")
-        if raw:
-            n = min(len(raw) // L.LOG_ENTRY_SIZE, capacity)
-            entries[:n] = np.frombuffer(raw[:n * L.LOG_ENTRY_SIZE], dtype="<u8").reshape(n, 2)
-        self.entries = entries
+        self.entries = np.zeros((capacity, 2), dtype="<u8")     # (generation, token) per slot
 
     @classmethod
     def load(cls, io, hdr) -> "CheckpointLog | None":
