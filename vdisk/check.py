@@ -248,7 +248,8 @@ def _check(fio, repair: bool) -> CheckResult:
     # tracking counters
     if hdr.tracking:
         c_ranges: list = []
-        counters = _load_array(fio, hdr.counter_offset, hdr.table_capacity, np.uint32, file_size, keep=nb,
+        counters = _load_array(fio, hdr.counter_offset, hdr.table_capacity, np.uint32, file_size,
+                               keep=min(hdr.table_capacity, L.round_up(nb, 1024)),     # whole pages: see Disk._load
                                ranges=c_ranges)
         future = _concat([np.flatnonzero(counters[lo:hi_c] > hdr.generation) + lo
                           for lo, hi_c in _clip(c_ranges, nb)])
