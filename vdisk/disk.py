@@ -1381,11 +1381,12 @@ class Disk(io.RawIOBase):
                     cut = min(old_size, new_nb << h.block_shift) - new_size
                     self._write_locked(memoryview(bytes(cut)), new_size)
                 if self._tracker:       # a crash before the commit shows the old size with these
-                    # zeroed: their armed regions report them, and so do their counters, folded by the
-                    # flush below: also when the commit is lost later (a damaged header slot)
-                    self._tracker.mark_range(new_nb, old_nb)
+                    # zeroed: their armed regions report them
+                    self._tracker.mark_range(new_nb, old_nb, dirty=False)
                 for b in np.flatnonzero(self._table[new_nb:old_nb]).tolist():
                     self._unmap(new_nb + b)
+                    if self._tracker:   # and so do their counters (folded below): also when the
+                        self._tracker.mark(new_nb + b)      # commit is lost later (a damaged header slot)
                 self._flush_locked()    # the table past the new end is zero and durable ...
                 h.virtual_size = new_size
                 self._commit_header()   # ... before the header shrinks
