@@ -501,8 +501,8 @@ def clone_(src: str, dst: str, snapshots: bool, overwrite: bool) -> None:
     no delta of one chains onto the other's. Consumers are dropped; DST is sparse and appears
     complete or not at all."""
     res = vdisk.clone(src, dst, snapshots=snapshots, overwrite=overwrite)
-    click.echo(f"{dst}: clone of {src} with a new identity (uuid {res['uuid']}, tracking epoch "
-               f"{res['tracking_id']}), {res['snapshots']} snapshots")
+    epoch = f", tracking epoch {res['tracking_id']}" if res["tracking_id"] else ""
+    click.echo(f"{dst}: clone of {src} with a new identity (uuid {res['uuid']}{epoch}), {res['snapshots']} snapshots")
 
 
 @main.command(name="compare")
