@@ -29,7 +29,13 @@ crash state passes (:func:`check_image`) when
     never an older one; none after a reset_tracking committed;
   * optionally: an incremental backup of the recovered image since the id
     of the last backup taken before the crash, restored after the chain of
-    deltas exported before the crash, equals the recovered content.
+    deltas exported before the crash, equals the recovered content;
+  * copies (:class:`CopyWatch`): some crash states that passed are kept as
+    copies of the image (a copy of a crashed image, or of an open one) and
+    diverge (writes, checkpoints); at the end no copy answers an id the
+    original handed out after the copy (StaleChangeIdError, and a backup
+    of the copy since it writes nothing), the original answers no id of a
+    copy, and every id a copy does answer covers its changes.
 """
 from __future__ import annotations
 
@@ -425,11 +431,95 @@ def check_image(path: str, model: CrashModel, where: str, recovery: bool = True,
     return state, infos, epoch, res.leaked_blocks, cid, consumer
 
 
+class CopyWatch:
+    """Copies of the image taken from crash states, diverged, and the rule
+    that no id crosses between diverged files (docs/FORMAT.md, "Checkpoint log")."""
+
+    def __init__(self, rng: random.Random, workdir: str, block_size: int, limit: int = 2, rate: float = 0.0):
+        self.rng = rng
+        self.workdir = workdir
+        self.bs = block_size
+        self.limit = limit
+        self.rate = rate
+        self.op_index = 0               # the op running (or last run) on the original
+        self.issued: list[tuple[int, str, np.ndarray]] = []     # (op index, id, content then) of the original
+        self.copies: list[dict] = []
+        self.checks = 0                 # (copy, id) pairs checked at the end
+
+    def issued_by(self, model: CrashModel, result) -> None:
+        """After model.end: record the id the op handed out."""
+        if isinstance(result, str) and model.points and model.points[-1][0] == result:
+            self.issued.append((self.op_index, result, model.points[-1][1]))
+
+    def maybe_take(self, state_path: str) -> None:
+        if len(self.copies) < self.limit and self.rng.random() < self.rate:
+            self.take(state_path)
+
+    def take(self, state_path: str) -> None:
+        """Keep a copy of this (checked) image file and let it diverge."""
+        path = os.path.join(self.workdir, f"copy-{len(self.copies)}.vdk")
+        with open(state_path, "rb") as src, open(path, "wb") as dst:
+            dst.write(src.read())
+        own = []
+        with vdisk.open(path, "r+") as d:
+            for _ in range(1 + self.rng.randrange(3)):
+                off = self.rng.randrange(d.size)
+                n = min(d.size - off, self.rng.randint(1, 2 * self.bs))
+                d.pwrite(pattern(self.rng.randrange(2**31), n), off)
+                if d.track_changes:
+                    own.append((d.checkpoint(), np.frombuffer(d.pread(d.size, 0), np.uint8).copy()))
+            d.pwrite(pattern(self.rng.randrange(2**31), 1), self.rng.randrange(d.size))
+        self.copies.append({"path": path, "index": self.op_index, "own": own})
+
+    def final_check(self, original: str) -> None:
+        """The rule, for every copy and every id (see the class docstring)."""
+        for c in self.copies:
+            with vdisk.open(c["path"]) as d:
+                now = np.frombuffer(d.pread(d.size, 0), np.uint8)
+                nb = -(-len(now) // self.bs)
+                after = None
+                for index, cid, then in self.issued + [(c["index"], cid, then) for cid, then in c["own"]]:
+                    self.checks += 1
+                    try:
+                        got = block_mask(d.changes_since(cid), self.bs, nb)
+                    except vdisk.StaleChangeIdError:
+                        continue
+                    if index > c["index"] and all(cid != o for o, _ in c["own"]):
+                        raise AssertionError(f"copy {c['path']} (taken at op {c['index']}) answers {cid}, "
+                                             f"which the original handed out at op {index}, after the copy")
+                    under = differing_mask(now, then, self.bs) & ~got
+                    if under.any():
+                        raise AssertionError(f"copy {c['path']}: blocks {np.flatnonzero(under)[:8].tolist()} "
+                                             f"changed since {cid} but are not reported")
+                for index, cid, _ in self.issued:
+                    if index > c["index"]:
+                        after = cid
+            if after is not None:       # a backup of the copy since the original's later id: refused, no file
+                dest = os.path.join(self.workdir, "cross.h5")
+                try:
+                    vdisk.backup(c["path"], dest, since=after)
+                except vdisk.StaleChangeIdError:
+                    assert not os.path.exists(dest), "a refused backup left a delta"
+                else:
+                    raise AssertionError(f"copy {c['path']} backed up since {after}, an id of the original "
+                                         f"after the copy")
+        with vdisk.open(original) as d:
+            for c in self.copies:
+                for cid, _ in c["own"]:
+                    self.checks += 1
+                    try:
+                        d.changes_since(cid)
+                    except vdisk.StaleChangeIdError:
+                        continue
+                    raise AssertionError(f"the original answers {cid}, an id of its copy {c['path']}")
+
+
 class CrashChecker:
     """Samples crash states of a RecordingIO and checks each."""
 
     def __init__(self, model: CrashModel, rng: random.Random, per_point: int, workdir: str,
-                 recovery_rate: float = 0.2, restore_rate: float = 0.0):
+                 recovery_rate: float = 0.2, restore_rate: float = 0.0, copies: CopyWatch | None = None):
+        self.copies = copies
         self.model = model
         self.rng = rng
         self.per_point = per_point
@@ -462,6 +552,8 @@ class CrashChecker:
             _, _, _, leaked, _, _ = check_image(path, self.model, f"state {self.states}",
                                           recovery=self.rng.random() < self.recovery_rate, restore=restore)
             self.leaky += leaked > 0
+            if self.copies is not None:
+                self.copies.maybe_take(path)
         finally:
             for p in (path, restore):
                 if p:
@@ -472,7 +564,8 @@ class CrashChecker:
 def run_campaign(seed: int, ops: int, per_point: int, block_size: int = 4096, size: int = 96 * 1024,
                  fold_interval: int = 7, snapshots: bool = False, backups: bool = False, compact: bool = False,
                  fill: bool = False, reset: bool = False, restore_rate: float = 0.0,
-                 max_size: int | None = None, script=None) -> CrashChecker:
+                 max_size: int | None = None, script=None, copies: int = 0,
+                 copy_rate: float = 0.02) -> CrashChecker:
     """One random workload with crash states sampled at every fsync and after every op.
 
     After each backup, the chain exported so far must restore to the
@@ -481,8 +574,10 @@ def run_campaign(seed: int, ops: int, per_point: int, block_size: int = 4096, si
     fill: large writes and resizes up to max_size (default 4 x size), after
     writing the whole disk and taking a snapshot (later writes copy on
     write), so the block table and the refcount table are relocated (give a
-    size whose refcount table is nearly full: 1738 blocks at 4 KiB).
-    script: ops to run first (they count in `ops`).
+    size whose refcount table is nearly full: 1730 blocks at 4 KiB).
+    script: ops to run first (they count in `ops`).  copies: keep up to this
+    many crash states (a share copy_rate of those that pass) as diverging
+    copies, checked against the original at the end (CopyWatch).
     """
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -490,7 +585,10 @@ def run_campaign(seed: int, ops: int, per_point: int, block_size: int = 4096, si
         d = vdisk.create(path, size, block_size=block_size, io_factory=RecordingIO)
         d.fold_interval = fold_interval
         model = CrashModel(size, block_size)
-        checker = CrashChecker(model, rng, per_point, tmp, restore_rate=restore_rate)
+        watch = CopyWatch(random.Random(seed ^ 0x5EED), tmp, block_size, limit=copies, rate=copy_rate) \
+            if copies else None
+        checker = CrashChecker(model, rng, per_point, tmp, restore_rate=restore_rate, copies=watch)
+        checker.watch = watch
         if script is None and fill:
             script = [{"k": "write", "off": 0, "len": size, "seed": seed, "zero": False, "flush": False},
                       {"k": "snapshot", "name": "whole"}]
@@ -499,11 +597,15 @@ def run_campaign(seed: int, ops: int, per_point: int, block_size: int = 4096, si
         rec = d._io
         rec.on_fsync = checker.sample
         try:
-            for _ in range(ops):
+            for i in range(ops):
                 op = work.next(d.size)
+                if watch:
+                    watch.op_index = i
                 model.begin(op)
                 result = apply_op(d, op)
                 model.end(op, result)
+                if watch:
+                    watch.issued_by(model, result)
                 work.done(op, result)
                 if op["k"] == "backup":
                     check_chain_restores(model, tmp)
@@ -511,4 +613,6 @@ def run_campaign(seed: int, ops: int, per_point: int, block_size: int = 4096, si
         finally:
             rec.on_fsync = None
             d.close()
+        if watch:
+            watch.final_check(path)
         return checker

@@ -15,7 +15,10 @@ data, snapshots intact, changes_since for every id handed out (in this
 round or an earlier one) covering the truth, the same after recovery, and
 an incremental backup since the last backup of the chain restoring after
 the deltas exported before the kill.  Then the next child continues on the
-same image: a campaign of R rounds kills R writers of one image.
+same image: a campaign of R rounds kills R writers of one image.  With
+copies, some killed images are also copied (a copy of a crashed image) and
+diverge; at the end no copy answers an id the writers handed out after its
+copy, nor the image a copy's (crashsim.CopyWatch).
 
 Used by tests/test_crash.py (a few kills in CI) and tools/campaign_kill.py.
 """
@@ -31,7 +34,7 @@ import sys
 import time
 
 import vdisk
-from crashsim import CrashModel, Workload, apply_op, check_chain_restores, check_image, weights
+from crashsim import CopyWatch, CrashModel, Workload, apply_op, check_chain_restores, check_image, weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -46,13 +49,15 @@ class KillStats:
     restores: int = 0        # post-kill incremental backups restored after the chain
     orphans: int = 0         # kills that left a backup's temporary snapshot
     orphans_dropped: int = 0  # of those, deleted by a later backup (and checked gone)
+    copies: int = 0          # killed images copied and diverged
+    copy_checks: int = 0     # (copy, id) pairs checked at the end
 
 
 class KillCampaign:
     """One image, killed writer after killed writer."""
 
     def __init__(self, seed: int, workdir: str, size: int = 256 * 1024, block_size: int = 4096,
-                 max_delay: float = 0.6, restore: bool = True):
+                 max_delay: float = 0.6, restore: bool = True, copies: int = 0, copy_rate: float = 0.3):
         self.seed = seed
         self.rng = random.Random(seed)
         self.workdir = workdir
@@ -67,6 +72,9 @@ class KillCampaign:
         self.model = CrashModel(size, block_size)
         self.stats = KillStats()
         self.round = 0
+        self.ops_seen = 0
+        self.watch = CopyWatch(random.Random(seed ^ 0x5EED), workdir, block_size, limit=copies,
+                               rate=copy_rate) if copies else None
 
     def spec(self) -> dict:
         """What the next child needs: its seed and what earlier rounds left."""
@@ -105,9 +113,14 @@ class KillCampaign:
         ops = read_log(log)
         last = None
         for op, done, result in ops:
+            if self.watch:
+                self.watch.op_index = self.ops_seen
+            self.ops_seen += 1
             m.begin(op)
             if done:
                 m.end(op, result)
+                if self.watch:
+                    self.watch.issued_by(m, result)
                 if op["k"] == "backup":
                     check_chain_restores(m, self.workdir)
             last = op if not done else None
@@ -119,6 +132,8 @@ class KillCampaign:
         state, infos, epoch, leaked, cid, consumer = check_image(self.path, m, where, recovery=True,
                                                                  restore=restore)
         self.stats.leaky += leaked > 0
+        if self.watch:
+            self.watch.maybe_take(self.path)
         before = set(m.leftover)
         m.recovered(state, infos, epoch, consumer)
         self.stats.orphans += len(m.leftover - before)
@@ -150,6 +165,9 @@ def run(seed: int, kills: int, workdir: str, **kw) -> KillStats:
     camp = KillCampaign(seed, workdir, **kw)
     for _ in range(kills):
         camp.kill_once()
+    if camp.watch:
+        camp.watch.final_check(camp.path)
+        camp.stats.copies, camp.stats.copy_checks = len(camp.watch.copies), camp.watch.checks
     return camp.stats
 
 

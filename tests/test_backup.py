@@ -735,7 +735,7 @@ def test_cli_backup_restore_verify_merge(tmp_path):
     r = run("backup", img, tmp_path / "i.h5", "--since", out["change_id"], "--compression", "none", "-p")
     assert r.exit_code == 0, r.stderr
     cid = r.stdout.strip()
-    assert re.fullmatch(r"[0-9a-f-]{36}/\d+", cid)
+    assert re.fullmatch(r"[0-9a-f-]{36}/\d+\.[0-9a-f]{16}", cid)
     r = run("verify", tmp_path / "f.h5", tmp_path / "i.h5")
     assert r.exit_code == 0 and r.stdout.count(": ok") == 2
     r = run("restore", tmp_path / "t.raw", tmp_path / "f.h5", tmp_path / "i.h5", "-O", "raw", "-p")

@@ -1,6 +1,7 @@
 """Changed-block tracking: change ids, consumers, stale ids, crash recovery, resize, reset."""
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -27,9 +28,9 @@ def test_change_ids_and_generation(disk):
     assert disk.change_id is None and disk.generation == 1
     tid = disk.tracking_id
     c1 = disk.checkpoint()
-    assert c1 == f"{tid}/1" and disk.change_id == c1 and disk.generation == 2
+    assert re.fullmatch(f"{tid}/1\\.[0-9a-f]{{16}}", c1) and disk.change_id == c1 and disk.generation == 2
     c2 = disk.checkpoint()
-    assert c2 == f"{tid}/2"
+    assert re.fullmatch(f"{tid}/2\\.[0-9a-f]{{16}}", c2) and c2.split(".")[1] != c1.split(".")[1]
 
 
 def test_changes_since_exact_and_merged(disk):

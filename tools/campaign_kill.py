@@ -9,7 +9,9 @@ image (tests/killsim.py, tests/crashsim.py: check clean but for leaks,
 flushed data intact, no foreign or garbage data, snapshots intact,
 changes_since for every id any earlier child handed out covering the
 truth, the same after recovery, the backup chain plus a post-kill
-incremental restoring to the recovered content).  CI runs a few kills
+incremental restoring to the recovered content; up to two killed images
+per seed are copied and diverge, and at the end no copy answers an id
+handed out after its copy, nor the image a copy's).  CI runs a few kills
 through tests/test_crash.py (VDISK_KILLS); this is the long run
 (docs/RELIABILITY.md):
 
@@ -40,18 +42,20 @@ def run_seed(args) -> dict:
     seed, rounds, max_delay = args
     t = time.monotonic()
     out = {"seed": seed, "kills": 0, "ops": 0, "leaky": 0, "restores": 0, "orphans": 0, "orphans_dropped": 0,
-           "in_flight": {}, "violation": None}
+           "in_flight": {}, "copies": 0, "copy_checks": 0, "violation": None}
     with tempfile.TemporaryDirectory(prefix="vdisk-kill-") as tmp:
         camp = killsim.KillCampaign(seed, tmp, size=(256, 128, 512)[seed % 3] * 1024,
-                                    block_size=(4096, 8192)[seed % 2], max_delay=max_delay)
+                                    block_size=(4096, 8192)[seed % 2], max_delay=max_delay, copies=2)
         try:
             for _ in range(rounds):
                 camp.kill_once()
+            camp.watch.final_check(camp.path)
         except Exception as exc:      # any failure is a violation: an image that does not open is one
             out["violation"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
         st = camp.stats
         out.update(kills=st.kills, ops=st.ops, leaky=st.leaky, restores=st.restores, orphans=st.orphans,
-                   orphans_dropped=st.orphans_dropped, in_flight=st.in_flight)
+                   orphans_dropped=st.orphans_dropped, in_flight=st.in_flight, copies=len(camp.watch.copies),
+                   copy_checks=camp.watch.checks)
     out["seconds"] = time.monotonic() - t
     return out
 
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
     with multiprocessing.Pool(args.jobs) as pool:
         for res in pool.imap_unordered(run_seed, tasks):
             totals["seeds"] += 1
-            for k in ("kills", "ops", "leaky", "restores", "orphans", "orphans_dropped"):
+            for k in ("kills", "ops", "leaky", "restores", "orphans", "orphans_dropped", "copies", "copy_checks"):
                 totals[k] += res[k]
             in_flight.update(res["in_flight"])
             if res["violation"]:
@@ -90,7 +94,8 @@ def main(argv=None) -> int:
           f"{len(violations)} violations; {totals['leaky']} kills left leaked blocks, "
           f"{totals['restores']} post-kill incremental backups restored after the chain; "
           f"{totals['orphans']} kills left a backup's temporary snapshot, {totals['orphans_dropped']} of them "
-          f"deleted by a later backup; "
+          f"deleted by a later backup; {totals['copies']} killed images copied and diverged, "
+          f"{totals['copy_checks']} (copy, id) pairs checked; "
           f"{elapsed:.1f} s with {args.jobs} job(s)")
     print("op interrupted by the kill: " + ", ".join(f"{k} {n}" for k, n in in_flight.most_common()))
     if violations:

@@ -10,7 +10,8 @@ relocate the block table and the refcount table), and checks each against the cr
 flushed data intact, no foreign or garbage data, check clean but for
 leaks, committed snapshots intact, changes_since never under-reports for
 any id handed out, the exported backup chain still restores after the
-crash).  CI runs the same code through tests/test_crash.py
+crash; up to two crash states per seed are kept as copies, diverge, and at
+the end answer no id the original handed out after them, nor it theirs).  CI runs the same code through tests/test_crash.py
 (VDISK_CRASH_SEEDS); this is the long run (docs/RELIABILITY.md):
 
     nice -n 19 python3 tools/campaign_powerloss.py --states 10000 [--jobs 2]
@@ -41,13 +42,14 @@ def config_for(seed: int, ops: int, per_point: int) -> dict:
     refcount table are relocated (slow: two thirds of the ops); of the rest,
     one in four runs the data ops alone (more states per write path)."""
     if seed % 8 == 7:
-        return dict(ops=max(1, 2 * ops // 3), per_point=per_point, block_size=4096, size=1738 * 4096,
+        return dict(ops=max(1, 2 * ops // 3), per_point=per_point, block_size=4096, size=1730 * 4096,
                     max_size=12 << 20, fold_interval=3 + seed % 13, snapshots=True, backups=True, compact=True,
-                    fill=True, reset=True, restore_rate=0.05)
+                    fill=True, reset=True, restore_rate=0.05, copies=2)
     everything = seed % 4 != 3
     return dict(ops=ops, per_point=per_point, block_size=(4096, 8192)[seed % 2],
                 size=(96, 160, 64)[seed % 3] * 1024, fold_interval=3 + seed % 13,
-                snapshots=everything, backups=everything, compact=everything, reset=everything, restore_rate=0.05)
+                snapshots=everything, backups=everything, compact=everything, reset=everything, restore_rate=0.05,
+                copies=2)
 
 
 RELOCATIONS = {"_grow_tables": 0, "_grow_refcounts": 0}     # counted in each worker
@@ -74,10 +76,12 @@ def run_seed(args) -> dict:
     cfg = config_for(seed, ops, per_point)
     t = time.monotonic()
     before = dict(RELOCATIONS)
-    out = {"seed": seed, "states": 0, "leaky": 0, "restores": 0, "violation": None}
+    out = {"seed": seed, "states": 0, "leaky": 0, "restores": 0, "copies": 0, "copy_checks": 0, "violation": None}
     try:
         checker = crashsim.run_campaign(seed, **cfg)
         out.update(states=checker.states, leaky=checker.leaky, restores=checker.restores)
+        if checker.watch:
+            out.update(copies=len(checker.watch.copies), copy_checks=checker.watch.checks)
     except Exception as exc:          # any failure is a violation: an image that does not open is one
         out["violation"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
     out["seconds"] = time.monotonic() - t
@@ -102,12 +106,14 @@ def main(argv=None) -> int:
              else itertools.count(args.first_seed))
     tasks = ((s, args.ops, args.per_point) for s in seeds)
     t0 = time.monotonic()
-    totals = {"seeds": 0, "states": 0, "leaky": 0, "restores": 0, "table_relocations": 0, "refcount_relocations": 0}
+    totals = {"seeds": 0, "states": 0, "leaky": 0, "restores": 0, "table_relocations": 0, "refcount_relocations": 0,
+              "copies": 0, "copy_checks": 0}
     violations = []
     with multiprocessing.Pool(args.jobs) as pool:
         for res in pool.imap_unordered(run_seed, tasks):
             totals["seeds"] += 1
-            for k in ("states", "leaky", "restores", "table_relocations", "refcount_relocations"):
+            for k in ("states", "leaky", "restores", "table_relocations", "refcount_relocations", "copies",
+                      "copy_checks"):
                 totals[k] += res[k]
             if res["violation"]:
                 violations.append(res)
@@ -124,7 +130,8 @@ def main(argv=None) -> int:
           f"{len(violations)} violations; {totals['leaky']} states with leaked blocks, "
           f"{totals['restores']} post-crash incremental backups restored after the chain; "
           f"{totals['table_relocations']} block-table and {totals['refcount_relocations']} refcount-table "
-          f"relocations in the workloads; "
+          f"relocations in the workloads; {totals['copies']} copies of crash states diverged, "
+          f"{totals['copy_checks']} (copy, id) pairs checked; "
           f"{elapsed:.1f} s with {args.jobs} job(s)")
     if violations:
         print("violating seeds:", ", ".join(str(v["seed"]) for v in sorted(violations, key=lambda v: v["seed"])))

@@ -27,8 +27,9 @@ from .errors import (BackupChainError, ChecksumError, ClosedError, ConsumerNotFo
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:       # what the lazy names are, for type checkers and editors
-    from .backup import BackupResult, backup, merge, restore, verify
+    from .backup import BackupResult, backup, merge, restore, verify, verify_chain
     from .check import CheckResult, check
+    from .clone import clone
     from .consumers import ConsumerInfo, Consumers
     from .convert import compare, convert
     from .disk import Disk, create, open
@@ -47,7 +48,8 @@ _LAZY = {
     "Extents": "extents",
     "parse_size": "layout",
     "serve": "nbd",
-    "BackupResult": "backup", "backup": "backup", "restore": "backup", "verify": "backup", "merge": "backup",
+    "BackupResult": "backup", "backup": "backup", "restore": "backup", "verify": "backup", "verify_chain": "backup",
+    "merge": "backup", "clone": "clone",
 }
 
 
@@ -90,11 +92,11 @@ sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
-    "create", "open", "check", "convert", "compare", "Disk", "Extents", "CheckResult", "parse_size",
+    "create", "open", "check", "clone", "convert", "compare", "Disk", "Extents", "CheckResult", "parse_size",
     "VdiskError", "FormatError", "CorruptImageError", "ImageLockedError", "UnsupportedFeatureError",
     "OutOfRangeError", "ReadOnlyError", "StaleChangeIdError", "VdiskIOError", "ClosedError",
     "InvalidArgumentError", "NoSuchFileError", "SnapshotNotFoundError", "Snapshot", "SnapshotInfo",
-    "__version__", "backup", "restore", "verify", "merge", "BackupResult", "BackupChainError", "ChecksumError",
-    "Consumers", "ConsumerInfo", "ConsumerNotFoundError", "serve", "ServeError",
+    "__version__", "backup", "restore", "verify", "verify_chain", "merge", "BackupResult", "BackupChainError", "ChecksumError",
+    "Consumers", "ConsumerInfo", "ConsumerNotFoundError", "serve", "ServeError", "clone",
 ]
 

@@ -63,7 +63,7 @@ from ._types import PathArg, Progress
 from .extents import Extents
 from .fileio import FileIO, refuse_if_in_use
 from .snapshots import BACKUP_SNAPSHOT_PREFIX
-from .tracking import parse_change_id
+from .tracking import ANY, ChangeId
 
 if TYPE_CHECKING:
     from .disk import Disk
@@ -239,8 +239,9 @@ def _backup_disk(disk, dest: str, since: str, comp, progress, close_before_place
     if disk.tracking_id is None:
         raise UnsupportedFeatureError.naming(f"{disk.path}: change tracking is off for this image: a backup "
                                              f"needs change ids (create the image with ", Param("track_changes", True), ")")
-    if since != "*":      # a stale id fails before anything is written, even the snapshot
-        parse_change_id(since, _uuid.UUID(disk.tracking_id).bytes, disk.generation)
+    if since != ANY:      # a stale id (another copy's too) fails before anything is written, even the snapshot
+        with disk._lock:
+            disk._resolve(since)
     disk._drop_orphan_backup_snapshots()     # of backups a crash or an error interrupted
     name = f"{BACKUP_SNAPSHOT_PREFIX}{_uuid.uuid4().hex}"
     snap = disk.snapshot(name)
@@ -335,9 +336,27 @@ def verify(delta: PathArg, *, progress: Progress | None = None) -> dict[str, Any
         return d.summary()
 
 
+def verify_chain(deltas) -> list[dict]:
+    """verify() every delta, then check that they form one chain (a full
+    first, each next one's since the previous one's change_id: deltas of two
+    copies of an image that diverged do not).  Raises BackupChainError naming
+    the link; returns the summaries."""
+    files = _open_all(_delta_paths(deltas))
+    try:
+        check_chain(files)
+        out = []
+        for f in files:
+            f.verify_rows()
+            out.append(f.summary())
+        return out
+    finally:
+        for f in files:
+            f.close()
+
+
 # ---------------------------------------------------------------------------- chains
 def _gen(change_id: str) -> int:
-    return int(change_id.rsplit("/", 1)[1])
+    return ChangeId.parse(change_id).generation
 
 
 def check_chain(files: list[DeltaFile], base: str | None = None, base_what: str = "") -> None:
@@ -352,7 +371,9 @@ def check_chain(files: list[DeltaFile], base: str | None = None, base_what: str 
             f"missing full backup: {first.path} is an incremental (since {first.since}); a chain starts with "
             f"the full backup of image {first.image_uuid}")
     if base is not None and first.since != base:
-        hint = ("it is applied already" if not first.full and _gen(first.change_id) <= _gen(base) else
+        hint = ("it is of another copy of the image, which diverged from this chain at that generation"
+                if _gen(first.since) == _gen(base) else
+                "it is applied already" if not first.full and _gen(first.change_id) <= _gen(base) else
                 "the deltas between them are missing" if not first.full and _gen(first.since) > _gen(base) else
                 "not the next delta for it")
         raise BackupChainError(f"{first.path} starts at {first.since}, but {base_what} is at {base}: {hint}")
@@ -374,6 +395,11 @@ def check_chain(files: list[DeltaFile], base: str | None = None, base_what: str 
             gp, gs, gc = _gen(prev.change_id), _gen(cur.since), _gen(cur.change_id)
             if cur.change_id == prev.change_id:
                 kind = f"duplicate: {cur.path} covers the same point {cur.change_id} as {prev.path}"
+            elif gs == gp:
+                kind = (f"diverged copies: {cur.path} starts at {cur.since}, but {prev.path} ends at "
+                        f"{prev.change_id}, the same generation with another checkpoint token: the two deltas "
+                        f"are of two copies of the image that diverged, and {cur.path} does not apply on top "
+                        f"of {prev.path}")
             elif gc <= gp:
                 kind = (f"out of order: {cur.path} (up to {cur.change_id}) belongs before {prev.path} "
                         f"(up to {prev.change_id})")
@@ -596,10 +622,12 @@ def _read_sidecar(target: str) -> dict | None:
             raise CorruptImageError(f"{path}: field {k!r} missing or not a {t.__name__}")
     if data["version"] != CHAIN_VERSION:
         raise UnsupportedFeatureError(f"{path}: chain sidecar version {data['version']}")
-    cid = data["change_id"].rsplit("/", 1)
-    # the generation as change ids write it: 1 to 10 ASCII digits (str.isdigit alone takes "²", which int() refuses)
-    if len(cid) != 2 or cid[0] != data["tracking_id"] or not UUID_RE.match(cid[0]) or \
-            not (cid[1].isascii() and cid[1].isdigit() and len(cid[1]) <= 10):
+    try:        # exactly as change ids are written (ASCII digits, lower-case hex)
+        cid = ChangeId.parse(data["change_id"])
+    except StaleChangeIdError:
+        cid = None
+    if cid is None or str(cid) != data["change_id"] or not UUID_RE.match(data["tracking_id"]) or \
+            str(_uuid.UUID(bytes=cid.tracking_uuid)) != data["tracking_id"]:
         raise CorruptImageError(f"{path}: change_id {data['change_id']!r} is not an id of tracking epoch "
                                 f"{data['tracking_id']!r}")
     return data

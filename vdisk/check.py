@@ -13,8 +13,10 @@ compares it with the stored refcounts:
 
 ``repair=True`` clears bad pointers and the later of two entries mapping
 one block (their blocks read as zeros and count as changed), rewrites the
-refcounts from the references, clamps counters, drops a damaged consumer
-table, and syncs.
+refcounts from the references, moves the generation past counters newer
+than the header (a lost header commit: the ids that commit issued become
+stale; a counter is never lowered), clears checkpoint log entries out of
+their slot, drops a damaged consumer table, and syncs.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from . import layout as L
 from .arrays import lazy_zeros, load_array as _load_array, nonzero_entries as _nonzero_entries
 from .disk import _read_header
 from .snapshots import parse_table
+from .tracking import CheckpointLog
 from .errors import CorruptImageError, FormatError
 from .fileio import FileIO
 
@@ -243,19 +246,34 @@ def _check(fio, repair: bool) -> CheckResult:
         leaked += int(np.count_nonzero(stored_m > 1))
     leaked += n_past - meta_nonzero
 
+    # the checkpoint log: every entry empty or in its slot
+    log = CheckpointLog.load(fio, hdr)
+    if log is not None:
+        bad_log = log.bad_entries()
+        report.add_each(bad_log, lambda i: f"checkpoint log entry {i}: generation {int(log.entries[i, 0])} "
+                                           f"token {int(log.entries[i, 1]):#x} does not belong in slot {i}")
+        if repair and len(bad_log):
+            log.clear_bad()         # ids of those generations become stale: full backups, never less
+            fio.fsync()
+
     # tracking counters
     if hdr.tracking:
         c_ranges: list = []
-        counters = _load_array(fio, hdr.counter_offset, hdr.table_capacity, np.uint32, file_size, keep=nb,
+        counters = _load_array(fio, hdr.counter_offset, hdr.table_capacity, np.uint32, file_size,
+                               keep=min(hdr.table_capacity, L.round_up(nb, 1024)),     # whole pages: see Disk._load
                                ranges=c_ranges)
         future = _concat([np.flatnonzero(counters[lo:hi_c] > hdr.generation) + lo
                           for lo, hi_c in _clip(c_ranges, nb)])
         report.add_each(future, lambda i: f"block {i}: change counter {int(counters[i])} is newer than "
-                                          f"generation {hdr.generation}")
+                                          f"generation {hdr.generation} (a lost header commit: repair moves "
+                                          f"the generation past it)")
         if repair:
-            counters[future] = hdr.generation
-            counters[cleared] = hdr.generation      # their content changed: report them
-            _write_all(fio, counters, hdr.counter_offset)
+            if cleared:
+                # their content changed: report them, in the generation open after the repair
+                counters[cleared] = max(hdr.generation, int(counters[future].max()) + 1 if len(future) else 0)
+                _write_all(fio, counters, hdr.counter_offset)
+            if len(future):
+                _past_lost_commits(fio, hdr, log, counters, c_ranges, int(counters[future].max()))
 
     if repair:
         if cleared:
@@ -280,6 +298,37 @@ def _check(fio, repair: bool) -> CheckResult:
         ok=not corruptions and leaked == 0, corruptions=corruptions, leaked_blocks=leaked,
         allocated_blocks=sum(int(np.count_nonzero(valid[lo:hi_v])) for lo, hi_v in t_runs), total_blocks=nb,
         image_end_offset=file_size)
+
+
+def _past_lost_commits(fio, hdr: L.Header, log, counters, c_ranges, newest: int) -> None:
+    """Counters newer than the header are changes made after commits the
+    header lost.  Never lower them (an under-report): move the generation
+    past the newest, and make every id of the lost commits stale (drop the
+    log's entries from the surviving header's generation on), so that no id
+    is re-issued with another meaning.  Past the generation limit, start a
+    new tracking epoch instead (every id stale, consumers dropped)."""
+    if newest + 1 <= L.MAX_GENERATION:
+        if log is not None and log.clear_from(hdr.generation):
+            fio.fsync()             # the entries gone before the header moves past them
+        hdr.generation = newest + 1
+        _commit(fio, hdr)
+        return
+    # the new epoch first (every old id dead), then its counters cleared: a crash
+    # in between leaves an epoch that has issued no id yet
+    hdr.tracking_uuid = L.new_uuid()
+    hdr.generation = 1
+    if hdr.has_log:
+        hdr.legacy_generation = 1
+    hdr.consumer_offset = hdr.consumer_count = hdr.consumer_capacity = 0
+    _commit(fio, hdr)
+    _write_all(fio, lazy_zeros(len(counters), np.uint32), hdr.counter_offset)
+    fio.fsync()
+
+
+def _commit(fio, hdr: L.Header) -> None:
+    hdr.sequence += 1
+    fio.pwrite(hdr.pack(), L.SLOT_OFFSETS[hdr.sequence % 2])
+    fio.fsync()
 
 
 _CHUNK_SHIFT = 20          # passes over [0, size) go 1 Mi blocks at a time

@@ -683,7 +683,11 @@ def output_format(dst: str, given: str | None) -> str:
 def convert_(src: str, dst: str, src_format: str | None, dst_format: str | None, show_progress: bool,
              allow_backing: bool, backing_path: str | None, block_size: str | None, snapshot: str | None,
              overwrite: bool, output: str) -> None:
-    """Convert image SRC (raw, qcow2 or vdisk) into a new image DST."""
+    """Convert image SRC (raw, qcow2 or vdisk) into a new image DST.
+
+    A vdisk DST is always a new image with a new identity (uuid and tracking epoch): no change id
+    of SRC is valid on it, and it has no snapshots or consumers. 'vdisk clone' does the same for a
+    vdisk SRC keeping its block size, and with --snapshots its snapshots."""
     from vdisk.convert import convert as convert_image, open_image
     fmt = output_format(dst, dst_format)
     bs = None if block_size is None else _size(block_size, "block size")
@@ -698,6 +702,22 @@ def convert_(src: str, dst: str, src_format: str | None, dst_format: str | None,
         finally:
             image.close()
         _emit_json({"source": src, "filename": dst, "format": fmt, "virtual-size": size})
+
+
+@main.command(name="clone")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--snapshots", is_flag=True, help="Recreate SRC's snapshots in DST (with new change ids).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
+def clone_(src: str, dst: str, snapshots: bool, overwrite: bool) -> None:
+    """Copy the vdisk image SRC into DST with a new identity (image uuid, tracking epoch).
+
+    Use it instead of cp for a second disk from one image: DST answers no change id of SRC and
+    no delta of one chains onto the other's. Consumers are dropped; DST is sparse and appears
+    complete or not at all."""
+    res = vdisk.clone(src, dst, snapshots=snapshots, overwrite=overwrite)
+    epoch = f", tracking epoch {res['tracking_id']}" if res["tracking_id"] else ""
+    click.echo(f"{dst}: clone of {src} with a new identity (uuid {res['uuid']}{epoch}), {res['snapshots']} snapshots")
 
 
 @main.command(name="compare")
@@ -786,17 +806,23 @@ def restore_(target: str, deltas: tuple[str, ...], target_format: str | None, sh
 
 @main.command(name="verify")
 @click.argument("deltas", nargs=-1, required=True, type=click.Path())
+@click.option("--chain", "as_chain", is_flag=True,
+              help="Also check that DELTA... form one chain, in order (as restore and merge do).")
 @progress_option
 @output_option
 @click.pass_context
-def verify_(ctx: click.Context, deltas: tuple[str, ...], show_progress: bool, output: str) -> None:
+def verify_(ctx: click.Context, deltas: tuple[str, ...], as_chain: bool, show_progress: bool, output: str) -> None:
     """Verify delta files completely (exit 0 when all verify, 1 otherwise: one error line per bad file)."""
-    from vdisk.backup import verify
+    from vdisk.backup import verify, verify_chain
+    chained = verify_chain(list(deltas)) if as_chain else None    # a broken link: one error line, exit 1
     results, bad = [], 0
-    for path in deltas:
+    for i, path in enumerate(deltas):
         try:
-            with _progress(show_progress, f"verify {os.path.basename(path)}") as bar:
-                summary = verify(path, progress=bar)
+            if chained is not None:
+                summary = chained[i]
+            else:
+                with _progress(show_progress, f"verify {os.path.basename(path)}") as bar:
+                    summary = verify(path, progress=bar)
         except (VdiskError, OSError) as exc:
             bad += 1
             _report_error(exc)

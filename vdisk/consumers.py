@@ -36,7 +36,8 @@ import typing
 from . import layout as L
 from .errors import ConsumerNotFoundError, CorruptImageError, InvalidArgumentError
 from .extents import Extents
-from .tracking import format_change_id, parse_change_id
+from .errors import StaleChangeIdError
+from .tracking import ChangeId, format_change_id
 
 if typing.TYPE_CHECKING:
     from .disk import Disk
@@ -59,19 +60,20 @@ def _time(ns: int) -> datetime.datetime:
 class ConsumerRecord:
     """One entry of the on-disk consumer table (docs/FORMAT.md, "Consumer table")."""
 
-    __slots__ = ("generation", "tracking_uuid", "created_ns", "updated_ns", "name")
+    __slots__ = ("generation", "tracking_uuid", "created_ns", "updated_ns", "name", "token")
 
     def __init__(self, name: str, generation: int = 0, tracking_uuid: bytes = _NO_EPOCH,
-                 created_ns: int = 0, updated_ns: int = 0):
+                 created_ns: int = 0, updated_ns: int = 0, token: int = 0):
         self.name = name
         self.generation = generation
+        self.token = token
         self.tracking_uuid = tracking_uuid
         self.created_ns = created_ns
         self.updated_ns = updated_ns
 
     @property
     def change_id(self) -> str | None:
-        return format_change_id(self.tracking_uuid, self.generation) if self.generation else None
+        return format_change_id(self.tracking_uuid, self.generation, self.token) if self.generation else None
 
     def info(self) -> ConsumerInfo:
         return ConsumerInfo(self.name, self.change_id, self.generation, _time(self.created_ns),
@@ -80,7 +82,7 @@ class ConsumerRecord:
     def pack(self) -> bytes:
         name = self.name.encode()
         body = L.CONSUMER_STRUCT.pack(self.generation, self.tracking_uuid, self.created_ns, self.updated_ns,
-                                      len(name), b"", name)
+                                      len(name), self.token, b"", name)
         return body + struct.pack("<I", L.crc32c(body))
 
     @classmethod
@@ -89,16 +91,16 @@ class ConsumerRecord:
         (crc,) = struct.unpack_from("<I", raw, L.CONSUMER_ENTRY_SIZE - 4)
         if L.crc32c(body) != crc:
             raise CorruptImageError(f"consumer table entry {index}: CRC mismatch")
-        gen, epoch, created, updated, n, reserved, name = L.CONSUMER_STRUCT.unpack(body)
+        gen, epoch, created, updated, n, token, reserved, name = L.CONSUMER_STRUCT.unpack(body)
         if not 1 <= n <= L.MAX_CONSUMER_NAME or reserved.strip(b"\0") or name[n:].strip(b"\0"):
             raise CorruptImageError(f"consumer table entry {index}: name length {n} or reserved bytes")
         try:
             text = name[:n].decode()
         except UnicodeDecodeError:
             raise CorruptImageError(f"consumer table entry {index}: name is not UTF-8") from None
-        if (gen == 0) != (epoch == _NO_EPOCH):
-            raise CorruptImageError(f"consumer {text!r}: generation {gen} and tracking epoch disagree")
-        return cls(text, gen, epoch, created, updated)
+        if (gen == 0) != (epoch == _NO_EPOCH) or (gen == 0 and token):
+            raise CorruptImageError(f"consumer {text!r}: generation {gen}, tracking epoch and token disagree")
+        return cls(text, gen, epoch, created, updated, token)
 
 
 def check_name(name, taken=()) -> str:
@@ -176,8 +178,20 @@ class Consumers:
         return [rec.info() for rec in self._records()]
 
     def last_id(self, name: str) -> str | None:
-        """The change id of the consumer's last recorded backup (None: its next is full)."""
-        return self[name].change_id
+        """The change id of the consumer's last recorded backup (None: its next is full).
+
+        None too when the image can no longer answer that id (the checkpoint
+        log no longer holds its token: a copy of the image that diverged
+        carries the consumer table along, or the ring moved past it)."""
+        cid = self[name].change_id
+        if cid is None:
+            return None
+        try:
+            with self._disk._lock:
+                self._disk._resolve(cid)
+        except StaleChangeIdError:
+            return None
+        return cid
 
     def changes(self, name: str) -> Extents:
         """What the consumer's next backup must copy: the changes since its last
@@ -205,8 +219,9 @@ class Consumers:
 
 
 def apply(records: list[ConsumerRecord], op: str, name, change_id, hdr: L.Header,
-          now_ns: int) -> tuple[list[ConsumerRecord], ConsumerRecord | None]:
-    """The table after one change (records are not modified), and the changed record."""
+          now_ns: int, resolve) -> tuple[list[ConsumerRecord], ConsumerRecord | None]:
+    """The table after one change (records are not modified), and the changed record.
+    resolve(change_id) -> generation: the image's check of an id (StaleChangeIdError)."""
     taken = {rec.name for rec in records}
     if op == "register":
         check_name(name, taken)
@@ -224,8 +239,9 @@ def apply(records: list[ConsumerRecord], op: str, name, change_id, hdr: L.Header
         rec = ConsumerRecord(name, created_ns=old.created_ns, updated_ns=now_ns)
         out = [rec if r is old else r for r in records]
     if change_id is not None:
-        rec.generation = parse_change_id(change_id, hdr.tracking_uuid, hdr.generation)
+        rec.generation = resolve(change_id)
         rec.tracking_uuid = hdr.tracking_uuid
+        rec.token = ChangeId.parse(change_id).token
     return out, rec
 
 

@@ -550,6 +550,10 @@ def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_fo
             overwrite: bool = False) -> None:
     """Copy the content of image src into a new image dst.
 
+    A vdisk dst is a new image with its own identity (image uuid, tracking
+    epoch): no change id of src is valid on it, and it holds no snapshots or
+    consumers (vdisk.clone copies a vdisk image with its snapshots).
+
     src_format: "raw", "qcow2" or "vdisk"; None detects qcow2 and vdisk by
     their magic, refuses the formats qemu-img reads and vdisk does not
     (vmdk, vpc, vhdx, vdi, qed, luks, parallels, bochs, cloop, dmg:

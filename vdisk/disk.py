@@ -57,6 +57,7 @@ import io
 import os
 import threading
 import time
+import types
 import uuid as _uuid
 import weakref
 from typing import TYPE_CHECKING, Callable
@@ -78,7 +79,8 @@ from .extents import Extents
 from .fileio import FileIO, _io_error, fsync_dir, place_synced, refuse_if_in_use
 from .layout import SUMMARY_SHIFT
 from .snapshots import Snapshot, SnapshotInfo, SnapshotRecord, check_name, is_backup_snapshot, parse_table
-from .tracking import ChangeTracker, format_change_id, parse_change_id, _page_runs
+from . import tracking as _tracking
+from .tracking import ANY, ChangeTracker, CheckpointLog, _page_runs
 
 PAGE = 4096
 TABLE_PER_PAGE = PAGE // L.TABLE_ENTRY_BYTES
@@ -254,6 +256,7 @@ class Disk(io.RawIOBase):
                 raise CorruptImageError(f"{fio.path}: {exc} (run 'vdisk check --repair', which drops the "
                                         f"consumer table)") from None
         self._views: "weakref.WeakSet[Snapshot]" = weakref.WeakSet()
+        self._log = CheckpointLog.load(fio, h)
         bs = h.block_size
         nb = h.nblocks
         # entries past the virtual size are never data: not even loaded
@@ -286,7 +289,10 @@ class Disk(io.RawIOBase):
         self._tracker = None
         if h.tracking:
             loaded = []
-            counters = _load_array(fio, h.counter_offset, h.table_capacity, np.uint32, file_size, keep=nb,
+            # the whole page holding the last block: a fold rewrites that page, and the counters past
+            # the end must survive it (they report the blocks a shrink cut if its commit is lost later)
+            counters = _load_array(fio, h.counter_offset, h.table_capacity, np.uint32, file_size,
+                                   keep=min(h.table_capacity, L.round_up(nb, TABLE_PER_PAGE)),
                                    ranges=loaded)
             bitmap = fio.pread(h.bitmap_length, h.bitmap_offset)
             self._tracker = ChangeTracker(fio, h, counters, bitmap, self._writable, loaded=loaded)
@@ -457,7 +463,7 @@ class Disk(io.RawIOBase):
         """The id of the last point taken (None before the first, or without tracking)."""
         if self._tracker is None or self._hdr.generation <= 1:
             return None
-        return format_change_id(self._hdr.tracking_uuid, self._hdr.generation - 1)
+        return _tracking.id_of(self._hdr, self._log, self._hdr.generation - 1)
 
     @property
     def track_changes(self) -> bool:
@@ -983,22 +989,61 @@ class Disk(io.RawIOBase):
             self._flush_locked()
             if self._hdr.generation >= L.MAX_GENERATION:
                 raise OutOfRangeError("the generation counter is exhausted; call reset_tracking()")
+            token = self._issue_token()
+            self._io.fsync()                # the token durable before the commit that issues it
             self._hdr.generation += 1
             self._commit_header()
-            return format_change_id(self._hdr.tracking_uuid, self._hdr.generation - 1)
+            return _tracking.format_change_id(self._hdr.tracking_uuid, self._hdr.generation - 1, token)
+
+    def _issue_token(self) -> int:
+        """Draw the token of the generation about to close and write it to the
+        checkpoint log (not synced: the caller syncs before the header commit).
+        A legacy image gets its log here, named by the same commit: tokenless
+        ids below the current generation stay valid (legacy_generation)."""
+        h = self._hdr
+        if self._log is None:
+            cap = L.log_capacity_for(h.block_size)
+            nbytes = L.round_up(cap * L.LOG_ENTRY_SIZE, h.block_size)
+            first = self._alloc_run(nbytes // h.block_size)
+            self._write_ref_pages()
+            self._log = CheckpointLog(self._io, first * h.block_size, cap)
+            h.log_offset, h.log_capacity, h.legacy_generation = first * h.block_size, cap, h.generation
+            h.incompatible_features |= L.INCOMPAT_CHECKPOINT_LOG
+            self._refresh_meta_ranges()
+        token = _tracking.new_token()
+        self._log.write(h.generation, token)
+        return token
+
+    def _resolve(self, change_id) -> int:
+        """The generation a change id names, if this image issued it (else StaleChangeIdError)."""
+        return _tracking.resolve(change_id, self._hdr, self._log)
+
+    def _resolve_for_snapshot(self, change_id, rec: SnapshotRecord) -> int:
+        """The generation an id names on a snapshot's view: its own id, or an
+        id of the image before it (same epoch, the log's token)."""
+        with self._lock:
+            self._check_open()
+            h = self._hdr
+            if rec.tracking_uuid != h.tracking_uuid:
+                # a snapshot of an earlier epoch: its tokenless ids cannot be told apart any more
+                h = types.SimpleNamespace(tracking_uuid=rec.tracking_uuid, generation=rec.generation + 1,
+                                          legacy_generation=0)
+            return _tracking.resolve(change_id, h, self._log, limit=rec.generation + 1,
+                                     own=(rec.generation, rec.token))
 
     def changes_since(self, change_id: str | None) -> Extents:
         """Extents of every block changed after the point named by change_id.
 
-        ``"*"`` means every allocated extent (a first, full backup).
+        ``"*"`` means every allocated extent (a first, full backup).  An id
+        this image did not issue (another copy's, see docs/FORMAT.md,
+        "Checkpoint log") raises StaleChangeIdError.
         """
         with self._lock:
             self._check_open()
             tracker = self._require_tracking()
-            if change_id == "*":
+            if change_id == ANY:
                 return self._map_locked()
-            since = parse_change_id(change_id, self._hdr.tracking_uuid, self._hdr.generation)
-            return tracker.changes_since(since)
+            return tracker.changes_since(self._resolve(change_id))
 
     @_rebinds
     @_poisons
@@ -1020,6 +1065,8 @@ class Disk(io.RawIOBase):
                 h.counter_offset = first * h.block_size
                 h.tracking_uuid = L.new_uuid()
                 h.generation = 1
+                if h.has_log:       # no tokenless id of the new epoch was ever issued
+                    h.legacy_generation = 1
             cleared = consumer_table.cleared(self._consumers, time.time_ns())
             self._commit_entry_table("consumer", cleared, L.CONSUMER_ENTRY_SIZE, L.MAX_CONSUMERS, new_epoch)
             tracker.reset()
@@ -1101,9 +1148,10 @@ class Disk(io.RawIOBase):
                 raise OutOfRangeError(f"{self.path}: a block would exceed {L.MAX_REFCOUNT} references")
             self._refcounts[used] += 1
             self._dirty_ref_pages.update(np.unique(used // REFS_PER_PAGE).tolist())
+            token = self._issue_token()     # synced with the new table, before the commit
             rec = SnapshotRecord(snapshot_id=h.snapshot_next_id, generation=h.generation, virtual_size=h.virtual_size,
                                  created_ns=time.time_ns(), table_offset=t_off, counter_offset=c_off,
-                                 tracking_uuid=h.tracking_uuid, name=name)
+                                 tracking_uuid=h.tracking_uuid, name=name, token=token)
             records = self._snapshots + [rec]
             # 3. a new snapshot table; everything durable before the header names it
             self._commit_snapshot_table(records, advance=True)
@@ -1148,7 +1196,8 @@ class Disk(io.RawIOBase):
         with self._lock:
             self._check_writable()
             self._require_tracking()
-            records, rec = consumer_table.apply(self._consumers, op, name, change_id, self._hdr, time.time_ns())
+            records, rec = consumer_table.apply(self._consumers, op, name, change_id, self._hdr, time.time_ns(),
+                                                 self._resolve)
             self._flush_locked()
             self._commit_consumer_table(records)
             self._flush_locked()            # the old copy's blocks are free again
@@ -1373,10 +1422,12 @@ class Disk(io.RawIOBase):
                     cut = min(old_size, new_nb << h.block_shift) - new_size
                     self._write_locked(memoryview(bytes(cut)), new_size)
                 if self._tracker:       # a crash before the commit shows the old size with these
-                    # zeroed: their armed regions report them; after it they are gone
+                    # zeroed: their armed regions report them
                     self._tracker.mark_range(new_nb, old_nb, dirty=False)
                 for b in np.flatnonzero(self._table[new_nb:old_nb]).tolist():
                     self._unmap(new_nb + b)
+                    if self._tracker:   # and so do their counters (folded below): also when the
+                        self._tracker.mark(new_nb + b)      # commit is lost later (a damaged header slot)
                 self._flush_locked()    # the table past the new end is zero and durable ...
                 h.virtual_size = new_size
                 self._commit_header()   # ... before the header shrinks
@@ -1555,7 +1606,9 @@ def create(path: PathArg, size: SizeArg, block_size: SizeArg = "64KiB", *, overw
                                        f"{L.MAX_BITMAP_LENGTH} bytes for this size")
         coarse = crs.bit_length() - 1
     header_blocks = L.round_up(L.HEADER_AREA, bs) // bs
-    meta_blocks = header_blocks + 2 * (tbytes // bs)
+    log_cap = L.log_capacity_for(bs)
+    log_blocks = L.round_up(log_cap * L.LOG_ENTRY_SIZE, bs) // bs
+    meta_blocks = header_blocks + 2 * (tbytes // bs) + log_blocks
     rcap = meta_blocks + nb + nb // 8 + 64
     while True:
         rbytes = L.round_up(rcap * L.REFCOUNT_BYTES, bs)
@@ -1569,6 +1622,8 @@ def create(path: PathArg, size: SizeArg, block_size: SizeArg = "64KiB", *, overw
         tracking_uuid=L.new_uuid(), generation=1,
         table_offset=header_blocks * bs, table_capacity=cap,
         counter_offset=(header_blocks + tbytes // bs) * bs,
+        log_offset=(header_blocks + 2 * (tbytes // bs)) * bs, log_capacity=log_cap, legacy_generation=1,
+        incompatible_features=L.INCOMPAT_CHECKPOINT_LOG,
         refcount_offset=meta_blocks * bs, refcount_capacity=rcap,
         bitmap_length=L.bitmap_length_for(cap, shift, coarse),
         flags=L.FLAG_TRACKING if track_changes else 0, created_ns=time.time_ns(), sequence=1)

@@ -60,8 +60,15 @@ MAX_CONSUMER_NAME = 120        # bytes of UTF-8
 
 SUMMARY_SHIFT = 5              # in memory only: one max-generation per 32 blocks (measured: benchmarks/)
 
+# checkpoint log (docs/FORMAT.md, "Checkpoint log"): a ring of (generation, token) entries
+LOG_ENTRY_SIZE = 16
+LOG_MIN_CAPACITY = 4096        # entries: ids of the last 4096 closed generations stay answerable
+LOG_MAX_CAPACITY = 1 << 20     # a header may not ask for more (4 MiB blocks give 262144)
+LOG_ENTRY = struct.Struct("<QQ")   # generation, token (0: no entry)
+
 # feature bits
-INCOMPAT_KNOWN = 0             # no incompatible features defined in version 1
+INCOMPAT_CHECKPOINT_LOG = 1 << 0   # change ids carry tokens checked against the checkpoint log
+INCOMPAT_KNOWN = INCOMPAT_CHECKPOINT_LOG
 COMPAT_KNOWN = 0
 FLAG_TRACKING = 1 << 0         # change tracking is on
 FLAGS_KNOWN = FLAG_TRACKING
@@ -97,6 +104,10 @@ _FIELDS = [
     ("consumer_count", "I"),
     ("consumer_capacity", "I"),
     ("created_ns", "Q"),
+    ("log_offset", "Q"),           # checkpoint log region, 0 = none (a legacy image)
+    ("log_capacity", "I"),         # entries of the ring
+    ("reserved1", "I"),
+    ("legacy_generation", "Q"),    # tokenless ids of a generation below this stay valid
 ]
 HEADER_STRUCT = struct.Struct("<" + "".join(code for _, code in _FIELDS))
 CRC_OFFSET = HEADER_LENGTH - 4
@@ -119,7 +130,8 @@ SNAPSHOT_FIELDS = [
     ("counter_offset", "Q"),       # frozen change counters: uint32 per block
     ("tracking_uuid", "16s"),      # tracking epoch at the snapshot
     ("name_length", "H"),
-    ("reserved", "62s"),
+    ("token", "Q"),                # checkpoint token of its generation (0: a legacy, tokenless id)
+    ("reserved", "54s"),
     ("name", "120s"),              # UTF-8, name_length bytes used
     ("reserved2", "4s"),
 ]
@@ -133,7 +145,8 @@ CONSUMER_FIELDS = [
     ("created_ns", "Q"),
     ("updated_ns", "Q"),
     ("name_length", "H"),
-    ("reserved", "90s"),
+    ("token", "Q"),                # that id's checkpoint token (0: a tokenless id)
+    ("reserved", "82s"),
     ("name", "120s"),              # UTF-8, name_length bytes used, zero padded
 ]
 CONSUMER_STRUCT = struct.Struct("<" + "".join(code for _, code in CONSUMER_FIELDS))
@@ -169,6 +182,9 @@ class Header:
     consumer_count: int = 0
     consumer_capacity: int = 0
     created_ns: int = 0
+    log_offset: int = 0
+    log_capacity: int = 0
+    legacy_generation: int = 0
     incompatible_features: int = 0
     compatible_features: int = 0
     version: int = VERSION
@@ -205,7 +221,13 @@ class Header:
         if self.consumer_offset:
             out.append(("consumers", self.consumer_offset,
                         round_up(self.consumer_capacity * CONSUMER_ENTRY_SIZE, bs)))
+        if self.log_offset:
+            out.append(("checkpoint log", self.log_offset, round_up(self.log_capacity * LOG_ENTRY_SIZE, bs)))
         return out
+
+    @property
+    def has_log(self) -> bool:
+        return bool(self.incompatible_features & INCOMPAT_CHECKPOINT_LOG)
 
     # --- bytes --------------------------------------------------------------
     def pack(self) -> bytes:
@@ -215,7 +237,7 @@ class Header:
                 values.append(MAGIC)
             elif name == "header_length":
                 values.append(HEADER_LENGTH)
-            elif name == "reserved0":
+            elif name in ("reserved0", "reserved1"):
                 values.append(0)
             else:
                 values.append(getattr(self, name))
@@ -242,9 +264,9 @@ class Header:
         unknown = raw["incompatible_features"] & ~INCOMPAT_KNOWN
         if unknown:
             raise FormatError(f"image uses unknown incompatible features {unknown:#x}; refusing to open")
-        if raw["reserved0"] or slot[HEADER_STRUCT.size:CRC_OFFSET].strip(b"\0"):
+        if raw["reserved0"] or raw["reserved1"] or slot[HEADER_STRUCT.size:CRC_OFFSET].strip(b"\0"):
             raise CorruptImageError("header: reserved bytes are not zero")
-        for k in ("magic", "header_length", "reserved0"):
+        for k in ("magic", "header_length", "reserved0", "reserved1"):
             del raw[k]
         return cls(**raw)
 
@@ -292,6 +314,14 @@ class Header:
             bad("consumer_offset and consumer_capacity disagree")
         if self.consumer_count and not self.tracking:
             bad("consumers registered in an image without change tracking")
+        if self.has_log:
+            if not self.log_offset or not LOG_MIN_CAPACITY <= self.log_capacity <= LOG_MAX_CAPACITY:
+                bad(f"checkpoint log at {self.log_offset} with {self.log_capacity} entries "
+                    f"(expected a region of {LOG_MIN_CAPACITY}..{LOG_MAX_CAPACITY} entries)")
+            if not 1 <= self.legacy_generation <= self.generation:
+                bad(f"legacy_generation {self.legacy_generation} outside 1..generation {self.generation}")
+        elif self.log_offset or self.log_capacity or self.legacy_generation:
+            bad("checkpoint log fields set, but the checkpoint_log feature bit is not")
         regions = self.regions()
         end_limit = (MAX_PHYS_BLOCKS + 1) * bs
         for name, off, length in regions:
@@ -313,6 +343,11 @@ def check_no_overlap(regions, where: str) -> None:
     for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
         if b0 < a1:
             raise CorruptImageError(f"{where}: regions {an} [{a0}, {a1}) and {bn} [{b0}, {b1}) overlap")
+
+
+def log_capacity_for(block_size: int) -> int:
+    """Entries of a new checkpoint log: at least LOG_MIN_CAPACITY, filling whole blocks."""
+    return max(LOG_MIN_CAPACITY, block_size // LOG_ENTRY_SIZE)
 
 
 def round_up(n: int, align: int) -> int:

@@ -39,7 +39,7 @@ import numpy as np
 from . import layout as L
 from .errors import ClosedError, CorruptImageError, InvalidArgumentError, OutOfRangeError
 from .extents import Extents
-from .tracking import format_change_id, parse_change_id
+from .tracking import ANY, format_change_id, resolve
 
 
 # backup()'s temporary snapshots: this prefix and 32 hex digits.  One that no
@@ -66,6 +66,7 @@ class SnapshotRecord:
     __slots__ = [name for name, _ in L.SNAPSHOT_FIELDS if not name.startswith("reserved") and name != "name_length"]
 
     def __init__(self, **fields):
+        fields.setdefault("token", 0)          # a legacy record: its id is tokenless
         for k in self.__slots__:
             setattr(self, k, fields[k])
 
@@ -110,8 +111,13 @@ class SnapshotRecord:
             del fields[k]
         return cls(**fields)
 
+    @property
+    def change_id(self) -> str:
+        """The id of the generation the snapshot closed (tokenless for a legacy record)."""
+        return format_change_id(self.tracking_uuid, self.generation, self.token)
+
     def info(self) -> SnapshotInfo:
-        return SnapshotInfo(self.name, format_change_id(self.tracking_uuid, self.generation), self.generation,
+        return SnapshotInfo(self.name, self.change_id, self.generation,
                             datetime.datetime.fromtimestamp(self.created_ns / 1e9, datetime.timezone.utc),
                             self.virtual_size)
 
@@ -185,7 +191,7 @@ class Snapshot:
 
     @property
     def change_id(self) -> str:
-        return format_change_id(self._rec.tracking_uuid, self._rec.generation)
+        return self._rec.change_id
 
     @property
     def tracking_id(self) -> str:
@@ -267,9 +273,9 @@ class Snapshot:
         """Blocks changed between the id's point and this snapshot (exact)."""
         from . import _fast
         self._check_open()
-        if change_id == "*":
+        if change_id == ANY:
             return self.map()
-        since = parse_change_id(change_id, self._rec.tracking_uuid, self._rec.generation + 1)
+        since = self._disk._resolve_for_snapshot(change_id, self._rec)
         counters = self._load_counters()
         nb = L.blocks_for(self.size, self._disk._hdr.block_shift)
         starts, lengths = _fast.runs_above(counters, since, 0, nb)

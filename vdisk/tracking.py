@@ -23,18 +23,29 @@ The contract
   as changed in the current generation: the over-report is bounded by the
   regions written since the last fold, and no tracking state is reset.
 
-Change ids are ``"<tracking-uuid>/<generation>"``: the state at the end of
-that generation.  An id from another image or tracking epoch, a generation
-not yet closed, or a malformed string raises StaleChangeIdError.
+Change ids are ``"<tracking-uuid>/<generation>.<token>"``: the state at the
+end of that generation, ``token`` the 16 hex digits of the random 64-bit
+token the image drew when it closed the generation and kept in its
+checkpoint log (docs/FORMAT.md, "Checkpoint log").  An image answers an id
+only if the log still holds that token for that generation: two copies of
+an image that diverged, or a file put back from an older copy, drew other
+tokens for the same generation, so neither answers the other's ids.  Legacy
+ids ``"<tracking-uuid>/<generation>"`` (issued before the image had a log)
+stay valid below the header's ``legacy_generation``.  An id from another
+image or tracking epoch, a generation not yet closed, a token the log does
+not hold, or a malformed string raises StaleChangeIdError.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+import secrets
 import uuid as _uuid
 
 import numpy as np
 
 from . import _fast
+from . import layout as L
 from .errors import StaleChangeIdError
 from .extents import Extents
 from .arrays import lazy_zeros
@@ -43,34 +54,198 @@ from .layout import SECTOR, SUMMARY_SHIFT, regions_for
 PAGE = 4096
 DEFAULT_ARM_BUDGET = 16     # write-ahead syncs per interval before arming every region at once
 COUNTERS_PER_PAGE = PAGE // 4
-_ID_RE = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/([0-9]{1,10})$")
+ANY = "*"                   # the id of "nothing": every allocated extent (a full backup)
+_ID_RE = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/([0-9]{1,10})"
+                    r"(?:\.([0-9a-f]{16}))?$")
 
 
-def format_change_id(tracking_uuid: bytes, generation: int) -> str:
-    return f"{_uuid.UUID(bytes=tracking_uuid)}/{generation}"
+@dataclasses.dataclass(frozen=True)
+class ChangeId:
+    """A parsed change id: tracking epoch, generation and token (0: a legacy id)."""
+    tracking_uuid: bytes
+    generation: int
+    token: int = 0
+
+    @classmethod
+    def parse(cls, change_id) -> "ChangeId":
+        """Syntax only (StaleChangeIdError for anything that is not an id)."""
+        if not isinstance(change_id, str):
+            raise StaleChangeIdError(f"change id must be a string, got {type(change_id).__name__}")
+        m = _ID_RE.match(change_id.strip().lower())
+        if not m:
+            raise StaleChangeIdError(f"malformed change id {change_id!r}: expected "
+                                     f"'<tracking-uuid>/<generation>.<token>' or {ANY!r}")
+        token = int(m.group(3), 16) if m.group(3) else 0
+        if m.group(3) and token == 0:
+            raise StaleChangeIdError(f"malformed change id {change_id!r}: token 0 is never issued")
+        return cls(_uuid.UUID(m.group(1)).bytes, int(m.group(2)), token)
+
+    def __str__(self) -> str:
+        base = f"{_uuid.UUID(bytes=self.tracking_uuid)}/{self.generation}"
+        return f"{base}.{self.token:016x}" if self.token else base
+
+
+def format_change_id(tracking_uuid: bytes, generation: int, token: int = 0) -> str:
+    return str(ChangeId(tracking_uuid, generation, token))
 
 
 def parse_change_id(change_id, tracking_uuid: bytes, generation: int) -> int:
-    """The generation an id names, checked against this image's tracking state.
+    """The generation an id names, checked against a tracking epoch and a
+    generation bound only (1 <= g < generation): the syntax check of a delta's
+    attributes.  An image checks the token too (CheckpointLog.resolve)."""
+    cid = ChangeId.parse(change_id)
+    _check_epoch(change_id, cid, tracking_uuid, generation)
+    return cid.generation
 
-    Valid ids name a closed generation 1 <= g < generation of this tracking epoch.
-    """
-    if not isinstance(change_id, str):
-        raise StaleChangeIdError(f"change id must be a string, got {type(change_id).__name__}")
-    m = _ID_RE.match(change_id.strip().lower())
-    if not m:
-        raise StaleChangeIdError(f"malformed change id {change_id!r}: expected '<tracking-uuid>/<generation>' or '*'")
-    ours = str(_uuid.UUID(bytes=tracking_uuid))
-    if m.group(1) != ours:
+
+def _check_epoch(text, cid: ChangeId, tracking_uuid: bytes, generation: int) -> None:
+    if cid.tracking_uuid != tracking_uuid:
         raise StaleChangeIdError(
-            f"change id {change_id!r} belongs to tracking epoch {m.group(1)}, this image tracks as {ours} "
-            f"(another image, or tracking was reset): take a full backup")
-    gen = int(m.group(2))
-    if gen < 1 or gen >= generation:
+            f"change id {text!r} belongs to tracking epoch {_uuid.UUID(bytes=cid.tracking_uuid)}, this image "
+            f"tracks as {_uuid.UUID(bytes=tracking_uuid)} (another image, or tracking was reset): take a full "
+            f"backup")
+    if cid.generation < 1 or cid.generation >= generation:
         raise StaleChangeIdError(
-            f"change id {change_id!r} names generation {gen}, but this image's last closed generation "
+            f"change id {text!r} names generation {cid.generation}, but this image's last closed generation "
             f"is {generation - 1}: the id is from the future (or from a reverted copy of the image)")
-    return gen
+
+
+def new_token() -> int:
+    """A random nonzero 64-bit checkpoint token."""
+    while True:
+        t = secrets.randbits(64)
+        if t:
+            return t
+
+
+class CheckpointLog:
+    """The ring of (generation, token) the image keeps for the generations it
+    closed (docs/FORMAT.md, "Checkpoint log").  Entry g mod capacity holds
+    generation g's token once it is closed; an entry whose generation does
+    not fit its slot is ignored (reads as no entry)."""
+
+    def __init__(self, io, offset: int, capacity: int):
+        """An empty log (a new region: all holes)."""
+        self.io = io
+        self.offset = offset
+        self.capacity = capacity
+        self.entries = np.zeros((capacity, 2), dtype="<u8")     # (generation, token) per slot
+
+    @classmethod
+    def load(cls, io, hdr) -> "CheckpointLog | None":
+        if not hdr.has_log:
+            return None
+        n = hdr.log_capacity * L.LOG_ENTRY_SIZE
+        # only the parts the file holds: a fresh log is one hole
+        entries = cls(io, hdr.log_offset, hdr.log_capacity)
+        for off, length in io.data_extents(hdr.log_offset, hdr.log_offset + n):
+            lo, hi = max(off, hdr.log_offset), min(off + length, hdr.log_offset + n)
+            lo -= (lo - hdr.log_offset) % L.LOG_ENTRY_SIZE
+            data = io.pread(hi - lo, lo)
+            k = (lo - hdr.log_offset) // L.LOG_ENTRY_SIZE
+            m = len(data) // L.LOG_ENTRY_SIZE
+            entries.entries[k:k + m] = np.frombuffer(data[:m * L.LOG_ENTRY_SIZE], dtype="<u8").reshape(m, 2)
+        return entries
+
+    def bad_entries(self) -> np.ndarray:
+        """Indices of entries that are neither empty nor in their slot (check reports them)."""
+        g, t = self.entries[:, 0], self.entries[:, 1]
+        idx = np.arange(self.capacity, dtype=np.uint64)
+        empty = (g == 0) & (t == 0)
+        ok = (g != 0) & (t != 0) & (g % np.uint64(self.capacity) == idx)
+        return np.flatnonzero(~(empty | ok))
+
+    def token(self, generation: int) -> int:
+        """Generation's token, or 0 when the log does not hold it."""
+        g, t = (int(x) for x in self.entries[generation % self.capacity])
+        return t if g == generation else 0
+
+    def write(self, generation: int, token: int) -> None:
+        """Record generation's token (the caller syncs before the header commit
+        that closes the generation): one sector."""
+        i = generation % self.capacity
+        self.entries[i] = (generation, token)
+        self._write_sectors(i, i + 1)
+
+    def clear_from(self, generation: int) -> bool:
+        """Drop every entry of generation >= generation (repair of lost commits);
+        True if anything changed (the caller syncs)."""
+        hit = np.flatnonzero(self.entries[:, 0] >= np.uint64(generation))
+        if not len(hit):
+            return False
+        self.entries[hit] = 0
+        for i in hit.tolist():
+            self._write_sectors(i, i + 1)
+        return True
+
+    def clear_bad(self) -> None:
+        bad = self.bad_entries()
+        self.entries[bad] = 0
+        for i in bad.tolist():
+            self._write_sectors(i, i + 1)
+
+    def _write_sectors(self, i0: int, i1: int) -> None:
+        per = SECTOR // L.LOG_ENTRY_SIZE
+        s0, s1 = i0 // per, -(-i1 // per)
+        raw = self.entries.view(np.uint8).reshape(-1)
+        self.io.pwrite(raw[s0 * SECTOR:s1 * SECTOR].tobytes(), self.offset + s0 * SECTOR)
+
+    def change_id(self, hdr, generation: int) -> str | None:
+        """The id of closed generation `generation` as this image issues it."""
+        t = self.token(generation)
+        if t:
+            return format_change_id(hdr.tracking_uuid, generation, t)
+        return format_change_id(hdr.tracking_uuid, generation) if generation < hdr.legacy_generation else None
+
+
+def id_of(hdr, log: "CheckpointLog | None", generation: int) -> str | None:
+    """The id of closed generation `generation` (None if the image cannot name it)."""
+    if generation < 1:
+        return None
+    if log is None:
+        return format_change_id(hdr.tracking_uuid, generation)
+    return log.change_id(hdr, generation)
+
+
+def resolve(change_id, hdr, log: "CheckpointLog | None", limit: int | None = None,
+            own: tuple[int, int] | None = None) -> int:
+    """The generation a change id names, if this image may answer it.
+
+    limit: the exclusive generation bound (default the header's generation);
+    own: (generation, token) of a snapshot, whose id is its own record's.
+    Raises StaleChangeIdError otherwise: another epoch, an open generation,
+    a token the checkpoint log does not hold for that generation (another
+    copy's, a lost commit's, or one the ring has overwritten), a tokenless id
+    at or past legacy_generation.
+    """
+    cid = ChangeId.parse(change_id)
+    _check_epoch(change_id, cid, hdr.tracking_uuid, hdr.generation if limit is None else limit)
+    g = cid.generation
+    if own is not None and g == own[0]:
+        if cid.token == own[1]:
+            return g
+        raise StaleChangeIdError(_diverged(change_id, g))
+    if log is None:                 # a legacy image: every id is tokenless
+        if cid.token:
+            raise StaleChangeIdError(f"change id {change_id!r} carries a checkpoint token, but this image "
+                                     f"has no checkpoint log (an older copy of the image?): take a full backup")
+        return g
+    if cid.token == 0:
+        if g < hdr.legacy_generation:
+            return g
+        raise StaleChangeIdError(f"change id {change_id!r} has no checkpoint token, but generation {g} was "
+                                 f"closed with one (this image issued legacy ids below generation "
+                                 f"{hdr.legacy_generation} only): take a full backup")
+    if log.token(g) != cid.token:
+        raise StaleChangeIdError(_diverged(change_id, g))
+    return g
+
+
+def _diverged(change_id, g: int) -> str:
+    return (f"change id {change_id!r}: this image did not issue it (its generation {g} has another checkpoint "
+            f"token, or none any more): the id is from a copy of this image that diverged from it, from a "
+            f"newer file this one was put back over, from a lost header commit, or older than the "
+            f"checkpoint log reaches: take a full backup")
 
 
 class ChangeTracker:
