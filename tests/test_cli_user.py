@@ -92,7 +92,7 @@ def test_block_size_for_raw_output_names_the_flag(tmp_path, image):
 def test_snapshot_of_a_raw_source_names_the_flag(tmp_path):
     raw = tmp_path / "a.raw"
     raw.write_bytes(bytes(MiB))
-    msg = one_error(run("convert", "--snapshot", "s1", raw, tmp_path / "o.vdk"))
+    msg = one_error(run("convert", "-f", "raw", "--snapshot", "s1", raw, tmp_path / "o.vdk"))
     assert "--snapshot s1 picks a vdisk snapshot, but the image is raw" in msg and "snapshot=" not in msg
 
 

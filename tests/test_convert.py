@@ -576,12 +576,12 @@ def test_cli_compare_matches_qemu_img(tmp_path):
 def test_cli_compare_errors_exit_2(tmp_path):
     a = tmp_path / "a.raw"
     a.write_bytes(bytes(512))
-    r = run_cli("compare", a, tmp_path / "missing")
+    r = run_cli("compare", "-f", "raw", a, tmp_path / "missing")
     assert r.exit_code == 2
     assert r.stderr.splitlines() == [f"vdisk: error: {tmp_path / 'missing'}: no such file"]
     bad = tmp_path / "bad.qcow2"
     bad.write_bytes(b"QFI\xfb" + bytes(200))
-    r = run_cli("compare", a, bad)
+    r = run_cli("compare", "-f", "raw", a, bad)
     assert r.exit_code == 2 and r.stderr.startswith("vdisk: error: ") and len(r.stderr.splitlines()) == 1
 
 

@@ -336,7 +336,7 @@ def verify(delta: PathArg, *, progress: Progress | None = None) -> dict[str, Any
         return d.summary()
 
 
-def verify_chain(deltas) -> list[dict]:
+def verify_chain(deltas: Deltas) -> list[dict[str, Any]]:
     """verify() every delta, then check that they form one chain (a full
     first, each next one's since the previous one's change_id: deltas of two
     copies of an image that diverged do not).  Raises BackupChainError naming

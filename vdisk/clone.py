@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import uuid as _uuid
+from typing import Any
 
 import numpy as np
 
@@ -39,11 +40,12 @@ from .disk import open as _open
 from .errors import InvalidArgumentError
 from .fileio import fsync_dir, place_synced, refuse_if_in_use
 from .snapshots import is_backup_snapshot
+from ._types import PathArg
 
 BATCH = 8 << 20
 
 
-def clone(src, dst, *, snapshots: bool = False, overwrite: bool = False) -> dict:
+def clone(src: PathArg, dst: PathArg, *, snapshots: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Copy the vdisk image src into a new image dst with a new identity.
 
     Returns {"path", "uuid", "tracking_id", "snapshots", "source_uuid"}.
