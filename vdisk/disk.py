@@ -189,9 +189,6 @@ class Disk(io.RawIOBase):
         self._hot = _fast.HotPath(self, self._lock, DEFAULT_FOLD_INTERVAL)
         self._load()
         self._rebind_hot()
-        # the single-block pread/pwrite run in Cython; the rest comes back to the methods below
-        self.pread = self._hot.pread
-        self.pwrite = self._hot.pwrite
 
     def _rebind_hot(self) -> None:
         """Point the Cython hot path at the current arrays and size.  Every
@@ -561,11 +558,16 @@ class Disk(io.RawIOBase):
                 f"size {self.size}")
 
     # ------------------------------------------------------------------ reads
-    def pread(self, length: int, offset: int) -> bytes:
-        """length bytes at offset; never-written areas read as zeros.
+    # pread/pwrite: single-block reads and in-place writes run in Cython
+    # (_fast.disk_pread / disk_pwrite, bound like methods, so the call holds
+    # the Disk even when nothing else does); every other case comes back to
+    # _pread_slow / _pwrite_slow below.
+    pread = _fast.disk_pread
+    pwrite = _fast.disk_pwrite
 
-        (An open Disk answers single-block reads in ``_fast.HotPath.pread``,
-        which hands every other case to this method.)"""
+    def _pread_slow(self, length: int, offset: int) -> bytes:
+        """length bytes at offset; never-written areas read as zeros (what
+        ``pread`` does for every case the hot path hands back)."""
         if offset < 0 or length < 0 or offset + length > self._hdr.virtual_size:
             self._check_range(offset, length, "read")
         shift = self._shift
@@ -602,7 +604,6 @@ class Disk(io.RawIOBase):
             self._read_plan(mv, self._plan_read(offset, n))
         return n
 
-    _pread_slow = pread
 
     def _pread_exact(self, length: int, phys: int) -> bytes:
         data = self._io.pread(length, phys)
@@ -648,12 +649,10 @@ class Disk(io.RawIOBase):
                 mv[at:at + n] = bytes(n) if n <= 65536 else np.zeros(n, np.uint8).data
 
     # ------------------------------------------------------------------ writes
-    def pwrite(self, data, offset: int) -> int:
+    def _pwrite_slow(self, data, offset: int) -> int:
         """Write data at offset; returns len(data).  Zeros written to
-        unallocated blocks allocate nothing.
-
-        (An open Disk runs in-place single-block writes in
-        ``_fast.HotPath.pwrite``, which hands every other case to this method.)"""
+        unallocated blocks allocate nothing (what ``pwrite`` does for every
+        case the hot path hands back)."""
         mv = _as_bytes_view(data)
         n = len(mv)
         if offset < 0 or offset + n > self._hdr.virtual_size:
@@ -667,7 +666,6 @@ class Disk(io.RawIOBase):
                 self._write_locked(mv, offset)
         return n
 
-    _pwrite_slow = pwrite
 
     def _write_locked(self, mv: memoryview, offset: int) -> None:
         shift = self._hdr.block_shift
