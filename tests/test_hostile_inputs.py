@@ -194,3 +194,158 @@ def test_open_regular_refuses_other_kinds(tmp_path):
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
     finally:
         os.close(fd)
+
+
+# ============================================================================ counters at their limits
+def small_image(path, snapshots=0) -> bytes:
+    """1 MiB, 4 KiB blocks, data in blocks 0-3 and 10, a checkpoint; returns the content."""
+    with vdisk.create(path, MiB, block_size=BS) as d:
+        d.pwrite(pattern(1, 4 * BS), 0)
+        d.pwrite(pattern(2, BS), 10 * BS)
+        d.checkpoint()
+        for i in range(snapshots):
+            d.snapshot(f"s{i}")
+            d.pwrite(pattern(10 + i, BS), (20 + i) * BS)
+        d.flush()
+        return d.pread(MiB, 0)
+
+
+def slots(path) -> list[L.Header]:
+    with open(path, "rb") as f:
+        raw = f.read(2 * L.SLOT_SIZE)
+    return [L.Header.unpack(raw[o:o + L.SLOT_SIZE]) for o in L.SLOT_OFFSETS]
+
+
+def active_slot(path) -> int:
+    h = slots(path)
+    return 0 if h[0].sequence > h[1].sequence else 1
+
+
+def write_slot(path, slot: int, **fields) -> None:
+    """Set header fields of one slot (a valid CRC: the damage is in the values)."""
+    h = slots(path)[slot]
+    for k, v in fields.items():
+        setattr(h, k, v)
+    with open(path, "r+b") as f:
+        f.seek(L.SLOT_OFFSETS[slot])
+        f.write(h.pack())
+
+
+def near_limit(limit: int, slot: int, below: int) -> int:
+    """A sequence about `below` under limit that belongs in slot (sequence % 2 == slot)."""
+    s = limit - below
+    return s if s % 2 == slot else s - 1
+
+
+def test_sequence_near_the_limit_refuses_writers_and_repair_renumbers(img):
+    content = small_image(img, snapshots=1)
+    a = active_slot(img)
+    seq = near_limit(2 ** 62 - 1, a, 3)          # three commits from the reader's limit
+    write_slot(img, a, sequence=seq)
+    with vdisk.open(img) as d:                   # readers still read it
+        assert d.pread(MiB, 0) == content
+    with pytest.raises(vdisk.CorruptImageError, match=r"sequence .*check --repair") as exc:
+        vdisk.open(img, "r+")
+    assert img in str(exc.value)
+    r = vdisk.check(img)
+    assert not r.ok and any("sequence" in c for c in r.corruptions), r
+    r = vdisk.check(img, repair=True)
+    assert r.ok and r.repaired, r
+    assert max(h.sequence for h in slots(img)) < 16
+    with vdisk.open(img, "r+") as d:             # writable again, nothing lost
+        assert d.pread(MiB, 0) == content
+        assert [s.name for s in d.snapshots] == ["s0"]
+        for _ in range(4):
+            cid = d.checkpoint()
+    with vdisk.open(img) as d:
+        assert d.change_id == cid                # every commit survived the reopen
+
+
+def test_commits_stop_at_the_limit_instead_of_being_rolled_back(img):
+    """The issue's scenario: commits past 2^62 - 1 were written into a slot the
+    next open refuses, silently rolling them back (and with a snapshot
+    deleted and its blocks reused in between, the image no longer opened).
+    A commit that would pass the limit raises, writes nothing, and stops the
+    Disk; the commits before it stand."""
+    content = small_image(img, snapshots=1)
+    d = vdisk.open(img, "r+")
+    d._hdr.sequence = 2 ** 62 - 2                 # white-box: no image gets here honestly (see the test above)
+    d.delete_snapshot("s0")                       # commit: sequence 2^62 - 1, the reader's last
+    d.pwrite(pattern(7, 4 * BS), 40 * BS)         # reuses the snapshot's freed blocks
+    d.flush()
+    with pytest.raises(vdisk.VdiskIOError, match="limit") as exc:
+        d.checkpoint()                            # would be 2^62: refused
+    assert img in str(exc.value)
+    with pytest.raises(vdisk.VdiskIOError):       # stopped: nothing more written
+        d.pread(1, 0)
+    d.close()
+    with vdisk.open(img) as d:
+        assert d._hdr.sequence == 2 ** 62 - 1     # the delete's commit stands, not rolled back
+        assert d.snapshots == []
+        assert d.pread(40 * BS, 0) == content[:40 * BS]
+        assert d.pread(4 * BS, 40 * BS) == pattern(7, 4 * BS)
+    assert vdisk.check(img, repair=True).ok
+    assert vdisk.check(img).ok
+
+
+def test_snapshot_next_id_past_the_limit_is_refused_at_open(img):
+    """2^64 - 1 passed validation and check; snapshot() then raised
+    struct.error (a traceback in the CLI) after allocating blocks."""
+    small_image(img)
+    for slot in (0, 1):
+        write_slot(img, slot, snapshot_next_id=2 ** 64 - 1)
+    for mode in ("r", "r+"):
+        with pytest.raises(vdisk.CorruptImageError, match="snapshot_next_id"):
+            vdisk.open(img, mode)
+    with pytest.raises(vdisk.CorruptImageError, match="snapshot_next_id"):
+        vdisk.check(img)
+
+
+def counters_state(d) -> tuple:
+    h = d._hdr
+    return (h.sequence, h.generation, h.snapshot_next_id, h.snapshot_count, h.snapshot_offset, d._end_block,
+            len(d.snapshots))
+
+
+@pytest.mark.parametrize("field, value, call", [
+    ("snapshot_next_id", 2 ** 62, "snapshot"),
+    ("generation", L.MAX_GENERATION, "snapshot"),
+    ("generation", L.MAX_GENERATION, "checkpoint"),
+])
+def test_counter_at_its_limit_refused_before_anything_is_written(img, field, value, call):
+    content = small_image(img)
+    a = active_slot(img)
+    write_slot(img, a, **{field: value})
+    with open(img, "rb") as f:
+        before = f.read()
+    with vdisk.open(img, "r+") as d:
+        state = counters_state(d)
+        with pytest.raises(vdisk.OutOfRangeError):
+            getattr(d, call)()
+        assert counters_state(d) == state          # the in-memory header did not advance
+        assert d.pread(MiB, 0) == content
+    with open(img, "rb") as f:
+        assert f.read() == before                  # nothing written, nothing leaked
+    r = vdisk.check(img)
+    assert r.ok and r.leaked_blocks == 0, r
+
+
+def test_refcount_at_its_cap_refuses_snapshot_without_leaking(img):
+    """A block at the refcount cap (a leak, allowed) cannot take a snapshot's
+    reference: refused before the frozen table's blocks are allocated."""
+    content = small_image(img)
+    with vdisk.open(img) as d:
+        p = int(d._table[0])
+        ref_off = d._hdr.refcount_offset
+    with open(img, "r+b") as f:
+        f.seek(ref_off + 2 * p)
+        f.write(struct.pack("<H", L.MAX_REFCOUNT))
+    assert vdisk.check(img).leaked_blocks == 1
+    with vdisk.open(img, "r+") as d:
+        state = counters_state(d)
+        with pytest.raises(vdisk.OutOfRangeError, match="references"):
+            d.snapshot("s")
+        assert counters_state(d) == state
+        assert d.pread(MiB, 0) == content
+    r = vdisk.check(img)
+    assert r.leaked_blocks == 1, r                 # the one crafted, no more

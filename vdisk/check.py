@@ -102,6 +102,11 @@ def _check(fio, repair: bool) -> CheckResult:
     nb = hdr.nblocks
     end_block = -(-file_size // bs)
     report = _Report()
+    if hdr.sequence > L.MAX_SEQUENCE - L.SEQUENCE_HEADROOM:     # writers refuse it: no room for commits
+        report.add(f"header sequence {hdr.sequence} leaves fewer than {L.SEQUENCE_HEADROOM} commits before the "
+                   f"format's limit {L.MAX_SEQUENCE} (repair renumbers it)")
+        if repair:
+            _renumber_sequence(fio, hdr, _slot)
     damage = _consumer_damage(fio, hdr)
     if damage:      # data never depends on it: repair drops the table (its blocks are freed below)
         report.add(f"{damage} (repair drops the consumer table)")
@@ -292,6 +297,21 @@ def _mark_frozen_changed(fio, hdr: L.Header, rec, n: int, entries, file_size: in
         f_counters = _load_array(fio, rec.counter_offset, max(n, 1), np.uint32, file_size)
         f_counters[entries] = rec.generation
         _write_all(fio, f_counters, rec.counter_offset)
+
+
+def _renumber_sequence(fio, hdr: L.Header, slot: int) -> None:
+    """Start the header's sequence again low, atomically: the same header
+    with a small sequence into the other slot first, then (once that is
+    durable) with the next one into its own slot.  A crash in between
+    leaves the old slot winning (or, torn, the new low copy): the same
+    header either way.  hdr.sequence becomes the new value."""
+    other = 1 - slot
+    low = 2 if other == 0 else 1                # a sequence belongs in slot sequence % 2
+    fio.pwrite(dataclasses.replace(hdr, sequence=low).pack(), L.SLOT_OFFSETS[other])
+    fio.fsync()
+    hdr.sequence = low + 1
+    fio.pwrite(hdr.pack(), L.SLOT_OFFSETS[slot])
+    fio.fsync()
 
 
 def _consumer_damage(fio, hdr: L.Header) -> str | None:

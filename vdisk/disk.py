@@ -52,9 +52,11 @@ exclusive flock on the file, readers a shared one.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import os
+import struct
 import threading
 import time
 import uuid as _uuid
@@ -956,10 +958,27 @@ class Disk(io.RawIOBase):
 
     @_poisons
     def _commit_header(self) -> None:
-        """Write the header to the other slot and fsync: the atomic commit point."""
-        self._hdr.sequence += 1
-        slot = self._hdr.sequence % 2
-        self._io.pwrite(self._hdr.pack(), L.SLOT_OFFSETS[slot])
+        """Write the header to the other slot and fsync: the atomic commit point.
+
+        Never writes a slot a reader would refuse: a sequence past
+        L.MAX_SEQUENCE, or a field that does not fit its bytes, raises
+        instead (VdiskIOError EOVERFLOW, which poisons the Disk: memory is
+        ahead of the file, which keeps its last commit).  Operations check
+        their own counters before writing anything; this is the backstop."""
+        h = self._hdr
+        if h.sequence >= L.MAX_SEQUENCE:
+            raise VdiskIOError(errno.EOVERFLOW, f"{self.path}: header sequence {h.sequence} reached the format's "
+                                                f"limit {L.MAX_SEQUENCE}; nothing committed (run 'vdisk check "
+                                                f"--repair', which renumbers it)")
+        h.sequence += 1
+        try:
+            raw = h.pack()
+        except struct.error as exc:
+            h.sequence -= 1
+            raise VdiskIOError(errno.EOVERFLOW, f"{self.path}: a header field is out of range ({exc}); nothing "
+                                                f"committed") from None
+        slot = h.sequence % 2
+        self._io.pwrite(raw, L.SLOT_OFFSETS[slot])
         self._io.fsync()
         self._slot = slot
 
@@ -1071,24 +1090,29 @@ class Disk(io.RawIOBase):
                 while name in taken:
                     name += "-"
             name = check_name(name, taken)
+            # every counter this commit advances, checked before anything is written
             if h.generation >= L.MAX_GENERATION:
                 raise OutOfRangeError("the generation counter is exhausted; call reset_tracking()")
+            if h.snapshot_next_id >= L.MAX_SNAPSHOT_ID:
+                raise OutOfRangeError(f"{self.path}: snapshot ids are exhausted (snapshot_next_id "
+                                      f"{h.snapshot_next_id}, limit {L.MAX_SNAPSHOT_ID})")
             self._flush_locked()
             bs, nb = h.block_size, h.nblocks
+            frozen = lazy_zeros(max(nb, 1), np.uint32)      # copied where the live table may hold entries
+            for lo, hi in self._table_runs(nb):
+                frozen[lo:hi] = self._table[lo:hi]
+            used = _fast.nonzero_values(frozen, nb)
+            if len(used) and self._refcounts[used].max() >= L.MAX_REFCOUNT:    # before any block is allocated
+                raise OutOfRangeError(f"{self.path}: a block would exceed {L.MAX_REFCOUNT} references "
+                                      f"(run 'vdisk check --repair' if the image leaks)")
             tbytes = L.round_up(max(nb, 1) * 4, bs)
             # 1. the frozen table and counters, in fresh blocks
             first = self._alloc_run(2 * (tbytes // bs))
             t_off, c_off = first * bs, first * bs + tbytes
-            frozen = lazy_zeros(max(nb, 1), np.uint32)      # copied where the live table may hold entries
-            for lo, hi in self._table_runs(nb):
-                frozen[lo:hi] = self._table[lo:hi]
             self._write_nonzero_pages(frozen, t_off)
             if self._tracker:
                 self._write_nonzero_pages(self._tracker.counters[:max(nb, 1)], c_off)
             # 2. every block the live table maps gains a reference
-            used = _fast.nonzero_values(frozen, nb)
-            if len(used) and self._refcounts[used].max() >= L.MAX_REFCOUNT:
-                raise OutOfRangeError(f"{self.path}: a block would exceed {L.MAX_REFCOUNT} references")
             self._refcounts[used] += 1
             self._dirty_ref_pages.update(np.unique(used // REFS_PER_PAGE).tolist())
             rec = SnapshotRecord(snapshot_id=h.snapshot_next_id, generation=h.generation, virtual_size=h.virtual_size,
@@ -1569,6 +1593,11 @@ def open(path, mode: str = "r", *, io_factory=FileIO) -> Disk:  # noqa: A001 - t
                 raise FormatError(f"{path}: not a vdisk image ({fio.size()} bytes, no vdisk magic)")
             raise CorruptImageError(f"{path}: truncated to {fio.size()} bytes, shorter than the header")
         header, slot = _read_header(fio)
+        if writable and header.sequence > L.MAX_SEQUENCE - L.SEQUENCE_HEADROOM:
+            raise CorruptImageError(
+                f"{path}: header sequence {header.sequence} leaves fewer than {L.SEQUENCE_HEADROOM} commits before "
+                f"the format's limit {L.MAX_SEQUENCE}: refusing to write (run 'vdisk check --repair', which "
+                f"renumbers it)")
         return Disk(fio, header, slot, writable)
     except BaseException:
         fio.close()
