@@ -349,3 +349,113 @@ def test_refcount_at_its_cap_refuses_snapshot_without_leaking(img):
         assert d.pread(MiB, 0) == content
     r = vdisk.check(img)
     assert r.leaked_blocks == 1, r                 # the one crafted, no more
+
+
+# ============================================================================ a damaged snapshot record
+def image_with_snapshots(path):
+    """s0, then block 1 overwritten (its old block is referenced by s0 alone),
+    s1, then block 2 overwritten.  Returns (live, s0, s1) contents and the
+    physical block only s0 references."""
+    with vdisk.create(path, MiB, block_size=BS) as d:
+        d.pwrite(pattern(1, 4 * BS), 0)
+        d.checkpoint()
+        s0 = d.snapshot("s0").pread(MiB, 0)
+        only_s0 = int(d._table[1])
+        d.pwrite(pattern(2, BS), BS)
+        s1 = d.snapshot("s1").pread(MiB, 0)
+        d.pwrite(pattern(3, BS), 2 * BS)
+        live = d.pread(MiB, 0)
+    return live, s0, s1, only_s0
+
+
+def flip_record_bit(path, index: int, byte: int = 20, fix_crc: bool = False, **fields) -> None:
+    h = slots(path)[active_slot(path)]
+    off = h.snapshot_offset + index * L.SNAPSHOT_ENTRY_SIZE
+    with open(path, "r+b") as f:
+        f.seek(off)
+        rec = bytearray(f.read(L.SNAPSHOT_ENTRY_SIZE))
+        if fields:
+            names = [n for n, _ in L.SNAPSHOT_FIELDS]
+            vals = list(L.SNAPSHOT_STRUCT.unpack(bytes(rec[:L.SNAPSHOT_ENTRY_SIZE - 4])))
+            for k, v in fields.items():
+                vals[names.index(k)] = v
+            rec[:L.SNAPSHOT_ENTRY_SIZE - 4] = L.SNAPSHOT_STRUCT.pack(*vals)
+        else:
+            rec[byte] ^= 0x10
+        if fix_crc:
+            struct.pack_into("<I", rec, L.SNAPSHOT_ENTRY_SIZE - 4, L.crc32c(bytes(rec[:L.SNAPSHOT_ENTRY_SIZE - 4])))
+        f.seek(off)
+        f.write(rec)
+
+
+def refcount_of(path, p: int) -> int:
+    h = slots(path)[active_slot(path)]
+    with open(path, "rb") as f:
+        f.seek(h.refcount_offset + 2 * p)
+        return struct.unpack("<H", f.read(2))[0]
+
+
+def test_damaged_snapshot_record_keeps_the_live_disk_readable(img):
+    live, _s0, s1, _only = image_with_snapshots(img)
+    flip_record_bit(img, 0)                          # one flipped bit: s0's CRC fails
+    with vdisk.open(img) as d:                       # read-only: the live disk and s1 read as before
+        assert d.pread(MiB, 0) == live
+        assert [s.name for s in d.snapshots] == ["s1"]
+        assert d.open_snapshot("s1").pread(MiB, 0) == s1
+        assert d.info()["damaged_snapshot_records"] == 1
+    with pytest.raises(vdisk.CorruptImageError) as exc:
+        vdisk.open(img, "r+")
+    msg = str(exc.value)
+    assert img in msg and "snapshot table entry 0" in msg and "check --repair" in msg, msg
+
+
+def test_repair_drops_the_damaged_snapshot_record_and_reclaims_its_blocks(img):
+    live, _s0, s1, only_s0 = image_with_snapshots(img)
+    flip_record_bit(img, 0)
+    r = vdisk.check(img)
+    assert not r.ok and any("snapshot table entry 0" in c and "drops" in c for c in r.corruptions), r
+    assert refcount_of(img, only_s0) == 1
+    r = vdisk.check(img, repair=True)
+    assert r.ok and r.repaired and r.leaked_blocks == 0, r
+    assert refcount_of(img, only_s0) == 0            # referenced by the dropped record alone: reclaimed
+    with vdisk.open(img, "r+") as d:
+        assert d.pread(MiB, 0) == live
+        assert [s.name for s in d.snapshots] == ["s1"]
+        assert d.open_snapshot("s1").pread(MiB, 0) == s1
+        d.pwrite(pattern(9, 4 * BS), 8 * BS)         # allocations reuse reclaimed space, never s1's blocks
+        d.delete_snapshot("s1")
+        assert d.pread(MiB, 0)[:8 * BS] == live[:8 * BS]
+    assert vdisk.check(img).ok
+
+
+def test_repair_of_the_only_snapshot_record(img):
+    live, _s0, _s1, _only = image_with_snapshots(img)
+    flip_record_bit(img, 0)
+    flip_record_bit(img, 1, byte=130)               # both records: a bit of s1's name too
+    with vdisk.open(img) as d:
+        assert d.pread(MiB, 0) == live and d.snapshots == []
+    assert vdisk.check(img, repair=True).ok
+    h = slots(img)[active_slot(img)]
+    assert (h.snapshot_count, h.snapshot_offset, h.snapshot_capacity) == (0, 0, 0)
+    r = vdisk.check(img)
+    assert r.ok and r.leaked_blocks == 0, r
+    with vdisk.open(img, "r+") as d:
+        assert d.pread(MiB, 0) == live
+        d.snapshot("again")
+
+
+def test_snapshot_record_overlapping_the_live_table_is_damaged_alone(img):
+    """A record whose CRC is fine but whose frozen table lies on the live
+    block table: left out (it would make every region check fail), the
+    live disk still opens read-only."""
+    live, _s0, s1, _only = image_with_snapshots(img)
+    h = slots(img)[active_slot(img)]
+    flip_record_bit(img, 0, fix_crc=True, table_offset=h.table_offset)
+    with vdisk.open(img) as d:
+        assert d.pread(MiB, 0) == live
+        assert [s.name for s in d.snapshots] == ["s1"]
+    r = vdisk.check(img, repair=True)
+    assert r.ok, r
+    with vdisk.open(img, "r+") as d:
+        assert d.pread(MiB, 0) == live
+        assert d.open_snapshot("s1").pread(MiB, 0) == s1

@@ -227,11 +227,20 @@ class Disk(io.RawIOBase):
         h, fio = self._hdr, self._io
         file_size = fio.size()
         self._snapshots: list[SnapshotRecord] = []
+        self._damaged_snapshots: list[str] = []     # records left out (read-only opens only)
         if h.snapshot_count:
             raw = fio.pread(h.snapshot_count * L.SNAPSHOT_ENTRY_SIZE, h.snapshot_offset)
             if len(raw) < h.snapshot_count * L.SNAPSHOT_ENTRY_SIZE:
                 raise CorruptImageError(f"{fio.path}: snapshot table truncated")
-            self._snapshots = parse_table(raw, h.snapshot_count, h, file_size)
+            # a damaged record takes only its own snapshot: a reader reads the live disk and the
+            # other snapshots; a writer (whose refcounts would not count the record's references) refuses
+            damaged: list[str] = []
+            self._snapshots = parse_table(raw, h.snapshot_count, h, file_size, damaged=damaged)
+            if damaged and self._writable:
+                more = f" (and {len(damaged) - 1} more damaged records)" if len(damaged) > 1 else ""
+                raise CorruptImageError(f"{fio.path}: {damaged[0]}{more}; refusing to write (run 'vdisk check "
+                                        f"--repair', which drops the damaged snapshot record)")
+            self._damaged_snapshots = [f"{fio.path}: {msg}" for msg in damaged]
         self._consumers: list[consumer_table.ConsumerRecord] = []
         if h.consumer_count:
             raw = fio.pread(h.consumer_count * L.CONSUMER_ENTRY_SIZE, h.consumer_offset)
@@ -470,10 +479,12 @@ class Disk(io.RawIOBase):
                 "file_size": self._io.size(),
                 "coarse_region_size": 1 << h.coarse_shift,
                 "track_changes": self.track_changes,
-                "snapshots": h.snapshot_count,
+                "snapshots": len(self._snapshots),
                 "consumers": [{"name": r.name, "change_id": r.change_id} for r in self._consumers],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.created_ns / 1e9)),
             }
+            if self._damaged_snapshots:     # left out by a read-only open ('vdisk check --repair' drops them)
+                out["damaged_snapshot_records"] = len(self._damaged_snapshots)
             if self._tracker:
                 out.update(generation=h.generation, tracking_id=self.tracking_id, change_id=self.change_id,
                            dirty_coarse_regions=self._tracker.dirty_regions)
