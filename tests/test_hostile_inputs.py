@@ -459,3 +459,44 @@ def test_snapshot_record_overlapping_the_live_table_is_damaged_alone(img):
     with vdisk.open(img, "r+") as d:
         assert d.pread(MiB, 0) == live
         assert d.open_snapshot("s1").pread(MiB, 0) == s1
+
+
+def test_power_loss_during_the_repair_that_drops_a_record(img, tmp_path):
+    """Power loss at every fsync of the repair (each pending write kept or
+    lost, torn too): the live disk reads as before, the intact snapshot is
+    never lost, and a second repair finishes the job."""
+    import random
+    from vdisk.testing import RecordingIO
+    live, _s0, s1, _only = image_with_snapshots(img)
+    with vdisk.open(img, "r+") as d:        # a third snapshot after the damaged one: two records move down
+        s2 = d.snapshot("s2").pread(MiB, 0)
+    flip_record_bit(img, 0)
+    states = []
+    rng = random.Random(13)
+
+    def sample(rec):
+        n = len(rec.pending)
+        for keep in ([True] * n, [False] * n, None, None, None):
+            states.append(rec.crash_image(rng, keep=keep))
+        states.append(rec.crash_image(rng, torn=True))
+
+    def factory(path, writable, **kw):
+        rec = RecordingIO(path, writable, **kw)
+        rec.on_fsync = sample
+        return rec
+
+    assert vdisk.check(img, repair=True, io_factory=factory).ok
+    assert len(states) >= 6 * 3
+    state_path = str(tmp_path / "state.vdk")
+    for i, raw in enumerate(states):
+        with open(state_path, "wb") as f:
+            f.write(raw)
+        with vdisk.open(state_path) as d:
+            assert d.pread(MiB, 0) == live, i
+        r = vdisk.check(state_path, repair=True)
+        assert r.ok, (i, r)
+        with vdisk.open(state_path, "r+") as d:
+            assert d.pread(MiB, 0) == live, i
+            assert [s.name for s in d.snapshots] == ["s1", "s2"], i
+            assert d.open_snapshot("s1").pread(MiB, 0) == s1, i
+            assert d.open_snapshot("s2").pread(MiB, 0) == s2, i
