@@ -500,3 +500,21 @@ def test_power_loss_during_the_repair_that_drops_a_record(img, tmp_path):
             assert [s.name for s in d.snapshots] == ["s1", "s2"], i
             assert d.open_snapshot("s1").pread(MiB, 0) == s1, i
             assert d.open_snapshot("s2").pread(MiB, 0) == s2, i
+
+
+def test_cli_info_and_check_on_a_damaged_snapshot_record(img):
+    """The CLI reads the live disk's info and says what is left out; check
+    names the entry, and check --repair drops it (exit 0 after)."""
+    from click.testing import CliRunner
+    from vdisk.cli import main
+    image_with_snapshots(img)
+    flip_record_bit(img, 1)
+    runner = CliRunner()
+    r = runner.invoke(main, ["info", img])
+    assert r.exit_code == 0, r.output
+    assert "damaged snapshot records" in r.output and "check --repair" in r.output, r.output
+    r = runner.invoke(main, ["check", img])
+    assert r.exit_code != 0 and "snapshot table entry 1" in r.output + (r.stderr if r.stderr_bytes else ""), r.output
+    r = runner.invoke(main, ["check", "--repair", img])
+    assert r.exit_code == 0, r.output
+    assert runner.invoke(main, ["check", img]).exit_code == 0

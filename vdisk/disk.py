@@ -1241,19 +1241,20 @@ class Disk(io.RawIOBase):
             h = self._hdr
             bs, shift = h.block_size, h.block_shift
             nb_s = L.blocks_for(rec.virtual_size, shift)
-            if nb_s > h.table_capacity:
-                self._grow_tables(nb_s)
-            nb_old = h.nblocks
             frozen = self._load_frozen(rec.table_offset, rec.virtual_size)
             # it becomes the live table: each block mapped once (a snapshot is a copy of a live table;
             # a duplicate would take one reference for two entries below)
             self._validate_table(frozen, nb_s, f"snapshot {name!r} table")
             used = _fast.nonzero_values(frozen, nb_s)
             # a refcount at the cap is allowed (a leak) but cannot take the new table's reference:
-            # refused before anything changes, as snapshot() does (uint16 would wrap to 0: a free block)
+            # refused before anything changes (the table growth below included), as snapshot() does
+            # (uint16 would wrap to 0: a free block)
             if len(used) and self._refcounts[used].max() >= L.MAX_REFCOUNT:
                 raise OutOfRangeError(f"{self.path}: a block would exceed {L.MAX_REFCOUNT} references "
                                       f"(run 'vdisk check --repair' if the image leaks)")
+            if nb_s > h.table_capacity:
+                self._grow_tables(nb_s)
+            nb_old = h.nblocks
             table = lazy_zeros(h.table_capacity, np.uint32)
             table[:nb_s] = frozen[:nb_s]
             # 1. tracking: blocks whose mapping changes, and a grown area, changed now
