@@ -157,6 +157,13 @@ def test_restore_with_fifo_chain_sidecar_is_refused(tmp_path):
         assert d.pread(2 * BS, 0) == pattern(1, BS) + bytes(BS)
 
 
+def test_fsync_dir_of_a_fifo_fails_at_once(fifo):
+    """The directory sync after a rename opens the directory: O_DIRECTORY,
+    so a FIFO in its place fails (ENOTDIR) instead of waiting for a writer."""
+    result = in_child("from vdisk.fileio import fsync_dir\nfsync_dir(args[0])", fifo)
+    assert result["error"] and result["error"].startswith("VdiskIOError") and "Not a directory" in result["error"]
+
+
 def test_cli_info_on_a_fifo(fifo):
     import sys
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

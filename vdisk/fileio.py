@@ -263,8 +263,8 @@ class FileIO:
 # ---------------------------------------------------------------------------- files into place
 def fsync_dir(directory: str) -> None:
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError as exc:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:      # O_DIRECTORY: anything else (a FIFO) fails at once, never waits
         raise _io_error("open", directory, exc) from exc
     try:
         os.fsync(fd)
