@@ -525,3 +525,20 @@ def test_cli_info_and_check_on_a_damaged_snapshot_record(img):
     r = runner.invoke(main, ["check", "--repair", img])
     assert r.exit_code == 0, r.output
     assert runner.invoke(main, ["check", img]).exit_code == 0
+
+
+def test_a_commit_that_readers_would_refuse_is_never_written(img):
+    """The backstop behind every operation's own checks: a header that
+    would fail validation (here a snapshot_next_id past its limit, set
+    behind the Disk's back) is not written; the Disk stops, the file keeps
+    its last commit."""
+    content = small_image(img)
+    d = vdisk.open(img, "r+")
+    before = slots(img)
+    d._hdr.snapshot_next_id = 2 ** 64 - 1            # white-box: what snapshot() used to advance into
+    with pytest.raises(vdisk.VdiskIOError, match="snapshot_next_id"):
+        d.checkpoint()
+    d.close()
+    assert [h.sequence for h in slots(img)] == [h.sequence for h in before]
+    with vdisk.open(img, "r+") as d:
+        assert d.pread(MiB, 0) == content

@@ -972,10 +972,11 @@ class Disk(io.RawIOBase):
         """Write the header to the other slot and fsync: the atomic commit point.
 
         Never writes a slot a reader would refuse: a sequence past
-        L.MAX_SEQUENCE, or a field that does not fit its bytes, raises
-        instead (VdiskIOError EOVERFLOW, which poisons the Disk: memory is
-        ahead of the file, which keeps its last commit).  Operations check
-        their own counters before writing anything; this is the backstop."""
+        L.MAX_SEQUENCE (EOVERFLOW), or a header that fails validation or
+        does not pack (EINVAL), raises VdiskIOError instead, which poisons
+        the Disk: memory is ahead of the file, which keeps its last commit.
+        Operations check their own counters before writing anything; this
+        is the backstop."""
         h = self._hdr
         if h.sequence >= L.MAX_SEQUENCE:
             raise VdiskIOError(errno.EOVERFLOW, f"{self.path}: header sequence {h.sequence} reached the format's "
@@ -983,11 +984,12 @@ class Disk(io.RawIOBase):
                                                 f"--repair', which renumbers it)")
         h.sequence += 1
         try:
-            raw = h.pack()
-        except struct.error as exc:
+            h.validate()            # what every reader checks (but the file size): a slot they would refuse
+            raw = h.pack()          # is never written
+        except (CorruptImageError, struct.error) as exc:
             h.sequence -= 1
-            raise VdiskIOError(errno.EOVERFLOW, f"{self.path}: a header field is out of range ({exc}); nothing "
-                                                f"committed") from None
+            raise VdiskIOError(errno.EINVAL, f"{self.path}: the header to commit would not pass validation "
+                                             f"({exc}); nothing committed") from None
         slot = h.sequence % 2
         self._io.pwrite(raw, L.SLOT_OFFSETS[slot])
         self._io.fsync()
