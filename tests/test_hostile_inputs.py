@@ -542,3 +542,35 @@ def test_a_commit_that_readers_would_refuse_is_never_written(img):
     assert [h.sequence for h in slots(img)] == [h.sequence for h in before]
     with vdisk.open(img, "r+") as d:
         assert d.pread(MiB, 0) == content
+
+
+def test_power_loss_during_the_sequence_renumbering(img, tmp_path):
+    """Power loss at every fsync of the repair that renumbers the sequence:
+    the image opens with the same content and snapshots, and a second
+    repair leaves it writable."""
+    import random
+    from vdisk.testing import RecordingIO
+    content = small_image(img, snapshots=1)
+    a = active_slot(img)
+    write_slot(img, a, sequence=near_limit(2 ** 62 - 1, a, 10))
+    states = []
+    rng = random.Random(7)
+
+    def factory(path, writable, **kw):
+        rec = RecordingIO(path, writable, **kw)
+        rec.on_fsync = lambda r: states.extend(
+            r.crash_image(rng, keep=k) for k in ([True] * len(r.pending), [False] * len(r.pending), None, None))
+        return rec
+
+    assert vdisk.check(img, repair=True, io_factory=factory).ok
+    state_path = str(tmp_path / "state.vdk")
+    for i, raw in enumerate(states):
+        with open(state_path, "wb") as f:
+            f.write(raw)
+        with vdisk.open(state_path) as d:
+            assert d.pread(MiB, 0) == content, i
+            assert [s.name for s in d.snapshots] == ["s0"], i
+        assert vdisk.check(state_path, repair=True).ok, i
+        with vdisk.open(state_path, "r+") as d:
+            assert d.pread(MiB, 0) == content, i
+            d.checkpoint()
