@@ -574,3 +574,59 @@ def test_power_loss_during_the_sequence_renumbering(img, tmp_path):
         with vdisk.open(state_path, "r+") as d:
             assert d.pread(MiB, 0) == content, i
             d.checkpoint()
+
+
+AUDITED = ["sequence", "generation", "snapshot_next_id", "snapshot_count", "snapshot_capacity", "consumer_count",
+           "consumer_capacity", "table_capacity", "refcount_capacity", "created_ns"]
+LIMITS = sorted({0, 1, 2 ** 31, 2 ** 32 - 2, 2 ** 32 - 1, 2 ** 62 - 1, 2 ** 62, 2 ** 63, 2 ** 64 - 2, 2 ** 64 - 1})
+
+
+@pytest.mark.parametrize("field", AUDITED)
+def test_every_header_counter_at_its_limits(img, field):
+    """Each counter of the active slot at each limit that fits its bytes:
+    opening, writing, checkpoint, snapshot, delete, resize, a consumer and
+    reset_tracking raise only VdiskErrors, and the image still opens
+    afterwards (read-only) whenever it opened before."""
+    code = dict(L._FIELDS)[field]
+    top = (1 << 8 * struct.calcsize("<" + code)) - 1
+    content = small_image(img, snapshots=1)
+    pristine = open(img, "rb").read()
+    for value in [v for v in LIMITS if v <= top] + [top - 1, top]:
+        with open(img, "wb") as f:
+            f.write(pristine)
+        a = active_slot(img)
+        if field == "sequence" and value % 2 != a:
+            value = value - 1 if value else 1
+        write_slot(img, a, **{field: value})
+        try:
+            vdisk.open(img).close()
+            opened = True
+        except vdisk.VdiskError:
+            opened = False
+        ops = [lambda d: d.pwrite(pattern(5, BS), 30 * BS), lambda d: d.checkpoint(), lambda d: d.snapshot("new"),
+               lambda d: d.delete_snapshot("s0"), lambda d: d.resize(2 * MiB), lambda d: d.consumers.register("c"),
+               lambda d: d.reset_tracking(), lambda d: d.resize(MiB // 2)]
+        try:
+            d = vdisk.open(img, "r+")
+        except vdisk.VdiskError:
+            d = None
+        if d is not None:
+            for op in ops:
+                try:
+                    op(d)
+                except vdisk.VdiskError:
+                    pass
+                except Exception as exc:  # noqa: BLE001
+                    pytest.fail(f"{field}={value}: {type(exc).__name__} (not a VdiskError): {exc}")
+            try:
+                d.close()
+            except vdisk.VdiskError:
+                pass
+        if opened:
+            with vdisk.open(img) as d:      # whatever was committed, a reader still opens it
+                d.pread(MiB // 2, 0)
+        try:
+            vdisk.check(img, repair=True)
+        except vdisk.VdiskError:
+            pass
+    assert content                              # (the base image had data)
