@@ -568,8 +568,10 @@ cdef class HotPath:
     """A Disk's single-block ``pread`` and in-place ``pwrite``, with no Python
     frame between the caller and the system call.
 
-    The Disk installs ``pread``/``pwrite`` of this object as its own
-    (instance attributes) and binds it to its current arrays with
+    The Disk's ``pread``/``pwrite`` are :func:`disk_pread` / :func:`disk_pwrite`
+    (class attributes: the bound method holds the Disk strongly for the
+    call, while this object holds it only weakly, so a dropped Disk still
+    closes at once).  The Disk binds this object to its current arrays with
     :meth:`bind` after any of them is replaced (open, resize, revert,
     table relocation, refcount growth, tracking reset) and at close.
     Everything this path does not handle it hands, unchanged, to the
@@ -657,6 +659,14 @@ cdef class HotPath:
 
     def pread(self, length, offset):
         """pread(length, offset) -> bytes: length bytes at offset; never-written areas read as zeros."""
+        return self._pread(self.disk_ref(), length, offset)
+
+    def pwrite(self, data, offset):
+        """pwrite(data, offset) -> int: write data (any bytes-like) at offset; returns len(data)."""
+        return self._pwrite(self.disk_ref(), data, offset)
+
+    cdef object _pread(self, disk, length, offset):
+        # disk: the Disk, held by the caller for the whole call (its slow path)
         cdef int64_t n, off, b, p
         cdef object out
         cdef int err = 0
@@ -665,16 +675,16 @@ cdef class HotPath:
             n = length
             off = offset
         except (TypeError, OverflowError):
-            return self.disk_ref()._pread_slow(length, offset)
+            return disk._pread_slow(length, offset)
         if not self.can_read or n <= 0 or off < 0 or off > self.vsize - n:
-            return self.disk_ref()._pread_slow(length, offset)
+            return disk._pread_slow(length, offset)
         b = off >> self.shift
         if b != (off + n - 1) >> self.shift or b >= self.nentries:
-            return self.disk_ref()._pread_slow(length, offset)
+            return disk._pread_slow(length, offset)
         self.acquire()
         try:
             if not self.can_read or off > self.vsize - n or b >= self.nentries:   # bind() may have run
-                return self.disk_ref()._pread_slow(length, offset)
+                return disk._pread_slow(length, offset)
             p = self.table[b]
             out = PyBytes_FromStringAndSize(NULL, n)
             buf = PyBytes_AS_STRING(out)
@@ -682,15 +692,14 @@ cdef class HotPath:
                 with nogil:
                     err = read_full(self.fd, buf, n, (p << self.shift) | (off & ((1 << self.shift) - 1)))
                 if err:
-                    return self.disk_ref()._pread_slow(length, offset)   # raises the VdiskIOError
+                    return disk._pread_slow(length, offset)   # raises the VdiskIOError
             else:
                 memset(buf, 0, n)
             return out
         finally:
             self.release()
 
-    def pwrite(self, data, offset):
-        """pwrite(data, offset) -> int: write data (any bytes-like) at offset; returns len(data)."""
+    cdef object _pwrite(self, disk, data, offset):
         cdef Py_buffer view
         cdef int64_t n, off, b, p, r, within
         cdef int err = 0
@@ -698,50 +707,65 @@ cdef class HotPath:
         try:
             off = offset
         except (TypeError, OverflowError):
-            return self.disk_ref()._pwrite_slow(data, offset)
+            return disk._pwrite_slow(data, offset)
         if not self.can_write:
-            return self.disk_ref()._pwrite_slow(data, offset)
+            return disk._pwrite_slow(data, offset)
         try:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         except (TypeError, BufferError, ValueError):
-            return self.disk_ref()._pwrite_slow(data, offset)   # not contiguous bytes: it says why
+            return disk._pwrite_slow(data, offset)   # not contiguous bytes: it says why
         try:
             n = view.len
             if n <= 0 or off < 0 or off > self.vsize - n:
-                return self.disk_ref()._pwrite_slow(data, offset)
+                return disk._pwrite_slow(data, offset)
             b = off >> self.shift
             within = off & ((1 << self.shift) - 1)
             if b != (off + n - 1) >> self.shift or b >= self.nentries:
-                return self.disk_ref()._pwrite_slow(data, offset)
+                return disk._pwrite_slow(data, offset)
             self.acquire()
             try:
                 if (not self.can_write or self.io.poisoned is not None or off > self.vsize - n
                         or b >= self.nentries):      # bind() may have run since the checks above
-                    return self.disk_ref()._pwrite_slow(data, offset)   # (past a shrink since the check: raises)
+                    return disk._pwrite_slow(data, offset)   # (past a shrink since the check: raises)
                 p = self.table[b]
                 if p == 0 or p >= self.nrefs or self.refs[p] != 1:
-                    return self.disk_ref()._pwrite_slow(data, offset)
+                    return disk._pwrite_slow(data, offset)
                 if n == (1 << self.shift) and all_zero(<const uint8_t *> view.buf, n):
-                    return self.disk_ref()._pwrite_slow(data, offset)   # unmaps the block
+                    return disk._pwrite_slow(data, offset)   # unmaps the block
                 if self.tracking:
                     r = b >> self.rel
                     if (b >= self.ndirty or (b >> SUMMARY_SHIFT_C) >= self.ngroups or r >= self.ncoarse
                             or not self.coarse[r]):
-                        return self.disk_ref()._pwrite_slow(data, offset)  # write-ahead arming
+                        return disk._pwrite_slow(data, offset)  # write-ahead arming
                     self.dirty[b] = 1                 # marked before the data write is issued
                     self.groups[b >> SUMMARY_SHIFT_C] = 1
                 if self.direct:
                     with nogil:
                         err = write_full(self.fd, <const char *> view.buf, n, (p << self.shift) | within)
                     if err:
-                        return self.disk_ref()._pwrite_slow(data, offset)   # repeats it; raises
+                        return disk._pwrite_slow(data, offset)   # repeats it; raises
                 else:
                     self.io_pwrite(memoryview(data).cast("B"), (p << self.shift) | within)
                 self.writes += 1
                 if self.writes >= self.fold_interval:
-                    self.disk_ref()._fold_due()
+                    disk._fold_due()
                 return n
             finally:
                 self.release()
         finally:
             PyBuffer_Release(&view)
+
+
+# The Disk's own pread/pwrite (class attributes of vdisk.disk.Disk: bound like
+# Python methods, so the bound method holds the Disk for the whole call, even
+# when nothing else does: ``vdisk.open(p).pread(10, 0)``).  No Python frame
+# between the caller and the hot path; everything it does not handle goes to
+# the Disk's ``_pread_slow`` / ``_pwrite_slow``.
+def disk_pread(disk, length, offset):
+    """pread(length, offset) -> bytes: length bytes at offset; never-written areas read as zeros."""
+    return (<HotPath?>disk._hot)._pread(disk, length, offset)
+
+
+def disk_pwrite(disk, data, offset):
+    """pwrite(data, offset) -> int: write data (any bytes-like) at offset; returns len(data)."""
+    return (<HotPath?>disk._hot)._pwrite(disk, data, offset)

@@ -61,7 +61,7 @@ from .errors import (BackupChainError, CorruptImageError, InvalidArgumentError, 
 from .errors import FROM_SCRATCH, TO_REPLACE, Param
 from ._types import PathArg, Progress
 from .extents import Extents
-from .fileio import FileIO, refuse_if_in_use
+from .fileio import FileIO, open_regular, refuse_if_in_use
 from .snapshots import BACKUP_SNAPSHOT_PREFIX
 from .tracking import ANY, ChangeId
 
@@ -607,10 +607,14 @@ class _RawSink:
 def _read_sidecar(target: str) -> dict | None:
     path = sidecar_path(target)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        fd = open_regular(path, os.O_RDONLY)    # a FIFO or device: InvalidArgumentError, never a wait
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise CorruptImageError(f"{path}: unreadable chain sidecar: {exc}") from None
+    try:
+        with os.fdopen(fd, encoding="utf-8") as f:
+            data = json.load(f)
     except (OSError, ValueError, RecursionError) as exc:      # RecursionError: JSON nested too deep
         raise CorruptImageError(f"{path}: unreadable chain sidecar: {exc}") from None
     required = {"format": str, "version": int, "state": str, "target_format": str, "image_uuid": str,

@@ -7,7 +7,8 @@ compares it with the stored refcounts:
   referenced more often than its refcount says (it could be handed out
   again), a block mapped twice by one table (live or snapshot), a table
   entry past the virtual size, a change counter newer than the image's
-  generation, a damaged consumer table;
+  generation, a damaged consumer table, a damaged snapshot record, a
+  header sequence too near its limit for a writer;
 * leak: a block whose refcount is higher than its references (space that
   a crash left allocated; harmless, reclaimed by repair).
 
@@ -16,7 +17,10 @@ one block (their blocks read as zeros and count as changed), rewrites the
 refcounts from the references, moves the generation past counters newer
 than the header (a lost header commit: the ids that commit issued become
 stale; a counter is never lowered), clears checkpoint log entries out of
-their slot, drops a damaged consumer table, and syncs.
+their slot, drops a damaged consumer table and each damaged snapshot record
+(the blocks only it referenced become leaks, reclaimed; a block another
+table maps is never freed), renumbers a header sequence near its limit,
+and syncs.
 """
 from __future__ import annotations
 
@@ -106,16 +110,25 @@ def _check(fio, repair: bool) -> CheckResult:
         raise FormatError(f"{fio.path}: not a vdisk image")
     hdr, _slot = _read_header(fio)
     file_size = fio.size()
-    snapshots = []
-    if hdr.snapshot_count:     # a damaged snapshot table cannot be checked (nor repaired) safely
+    snapshots, snap_damage = [], []
+    if hdr.snapshot_count:     # a damaged record is left out (and reported below); the others are checked
         raw = fio.pread(hdr.snapshot_count * L.SNAPSHOT_ENTRY_SIZE, hdr.snapshot_offset)
         if len(raw) < hdr.snapshot_count * L.SNAPSHOT_ENTRY_SIZE:
             raise CorruptImageError(f"{fio.path}: snapshot table truncated")
-        snapshots = parse_table(raw, hdr.snapshot_count, hdr, file_size)
+        snapshots = parse_table(raw, hdr.snapshot_count, hdr, file_size, damaged=snap_damage)
     bs = hdr.block_size
     nb = hdr.nblocks
     end_block = -(-file_size // bs)
     report = _Report()
+    if hdr.sequence > L.MAX_SEQUENCE - L.SEQUENCE_HEADROOM:     # writers refuse it: no room for commits
+        report.add(f"header sequence {hdr.sequence} leaves fewer than {L.SEQUENCE_HEADROOM} commits before the "
+                   f"format's limit {L.MAX_SEQUENCE} (repair renumbers it)")
+        if repair:
+            _renumber_sequence(fio, hdr, _slot)
+    for msg in snap_damage:     # its references become leaks below: repair reclaims what no table maps
+        report.add(f"{msg} (repair drops the damaged snapshot record)")
+    if snap_damage and repair:
+        _drop_snapshot_records(fio, hdr, snapshots)
     damage = _consumer_damage(fio, hdr)
     if damage:      # data never depends on it: repair drops the table (its blocks are freed below)
         report.add(f"{damage} (repair drops the consumer table)")
@@ -352,6 +365,45 @@ def _mark_frozen_changed(fio, hdr: L.Header, rec, n: int, entries, file_size: in
         f_counters = _load_array(fio, rec.counter_offset, max(n, 1), np.uint32, file_size)
         f_counters[entries] = rec.generation
         _write_all(fio, f_counters, rec.counter_offset)
+
+
+def _renumber_sequence(fio, hdr: L.Header, slot: int) -> None:
+    """Start the header's sequence again low, atomically: the same header
+    with a small sequence into the other slot first, then (once that is
+    durable) with the next one into its own slot.  A crash in between
+    leaves the old slot winning (or, torn, the new low copy): the same
+    header either way.  hdr.sequence becomes the new value."""
+    other = 1 - slot
+    low = 2 if other == 0 else 1                # a sequence belongs in slot sequence % 2
+    fio.pwrite(dataclasses.replace(hdr, sequence=low).pack(), L.SLOT_OFFSETS[other])
+    fio.fsync()
+    hdr.sequence = low + 1
+    fio.pwrite(hdr.pack(), L.SLOT_OFFSETS[slot])
+    fio.fsync()
+
+
+def _drop_snapshot_records(fio, hdr: L.Header, kept) -> None:
+    """Leave only the intact records (kept, in table order) in the snapshot
+    table, then commit the header with their count.  In place, one record
+    at a time, each synced: position j takes the j-th kept record, which
+    lies at j or later, so at any crash every kept record is at its new
+    place or its old one (a record at both is a duplicate, which the next
+    check drops as such); the commit names only the first len(kept).  The
+    records' own table and counter regions do not move."""
+    base = hdr.snapshot_offset
+    raw = fio.pread(hdr.snapshot_count * L.SNAPSHOT_ENTRY_SIZE, base)
+    for j, rec in enumerate(kept):
+        packed = rec.pack()
+        at = base + j * L.SNAPSHOT_ENTRY_SIZE
+        if raw[j * L.SNAPSHOT_ENTRY_SIZE:(j + 1) * L.SNAPSHOT_ENTRY_SIZE] != packed:
+            fio.pwrite(packed, at)
+            fio.fsync()
+    hdr.snapshot_count = len(kept)
+    if not kept:
+        hdr.snapshot_offset = hdr.snapshot_capacity = 0      # the region becomes a leak: reclaimed below
+    hdr.sequence += 1
+    fio.pwrite(hdr.pack(), L.SLOT_OFFSETS[hdr.sequence % 2])
+    fio.fsync()
 
 
 def _consumer_damage(fio, hdr: L.Header) -> str | None:

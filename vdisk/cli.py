@@ -343,6 +343,9 @@ def info(file: str, output: str) -> None:
         ]
         for c in data["consumers"]:
             rows.append((f"consumer {c['name']}", c["change_id"] or "no backup recorded (next one is full)"))
+    if data.get("damaged_snapshot_records"):
+        rows.append(("damaged snapshot records", f"{data['damaged_snapshot_records']} (left out; 'vdisk check "
+                                                 f"--repair' drops them)"))
     _table(rows)
 
 

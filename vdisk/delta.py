@@ -26,7 +26,7 @@ import numpy as np
 from . import layout as L
 from .errors import (ChecksumError, CorruptImageError, FormatError, InvalidArgumentError, StaleChangeIdError,
                      UnsupportedFeatureError, VdiskError, VdiskIOError)
-from .fileio import fsync_dir, place, place_synced, pwrite_all, start_writeback  # noqa: F401 - backup imports some here
+from .fileio import fsync_dir, open_regular, place, place_synced, pwrite_all, start_writeback  # noqa: F401 - backup imports some here
 from .tracking import parse_change_id
 
 # ---------------------------------------------------------------------------- the bytes, declared once
@@ -280,7 +280,7 @@ class DeltaFile:
 
     def _open(self) -> None:
         path = self.path
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fd = open_regular(path, os.O_RDONLY)      # O_NONBLOCK, fstat: a regular file before any read
         size = os.fstat(self._fd).st_size
         # 1. the preamble and the CRC of every byte HDF5 will parse, before HDF5 sees the file
         file_size, meta_crc, skips = unpack_preamble(os.pread(self._fd, PREAMBLE_SIZE, 0), path)

@@ -52,9 +52,11 @@ exclusive flock on the file, readers a shared one.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import os
+import struct
 import threading
 import time
 import types
@@ -201,9 +203,6 @@ class Disk(io.RawIOBase):
         self._hot = _fast.HotPath(self, self._lock, DEFAULT_FOLD_INTERVAL)
         self._load()
         self._rebind_hot()
-        # the single-block pread/pwrite run in Cython; the rest comes back to the methods below
-        self.pread = self._hot.pread
-        self.pwrite = self._hot.pwrite
 
     def _rebind_hot(self) -> None:
         """Point the Cython hot path at the current arrays and size.  Every
@@ -240,11 +239,20 @@ class Disk(io.RawIOBase):
         h, fio = self._hdr, self._io
         file_size = fio.size()
         self._snapshots: list[SnapshotRecord] = []
+        self._damaged_snapshots: list[str] = []     # records left out (read-only opens only)
         if h.snapshot_count:
             raw = fio.pread(h.snapshot_count * L.SNAPSHOT_ENTRY_SIZE, h.snapshot_offset)
             if len(raw) < h.snapshot_count * L.SNAPSHOT_ENTRY_SIZE:
                 raise CorruptImageError(f"{fio.path}: snapshot table truncated")
-            self._snapshots = parse_table(raw, h.snapshot_count, h, file_size)
+            # a damaged record takes only its own snapshot: a reader reads the live disk and the
+            # other snapshots; a writer (whose refcounts would not count the record's references) refuses
+            damaged: list[str] = []
+            self._snapshots = parse_table(raw, h.snapshot_count, h, file_size, damaged=damaged)
+            if damaged and self._writable:
+                more = f" (and {len(damaged) - 1} more damaged records)" if len(damaged) > 1 else ""
+                raise CorruptImageError(f"{fio.path}: {damaged[0]}{more}; refusing to write (run 'vdisk check "
+                                        f"--repair', which drops the damaged snapshot record)")
+            self._damaged_snapshots = [f"{fio.path}: {msg}" for msg in damaged]
         self._consumers: list[consumer_table.ConsumerRecord] = []
         if h.consumer_count:
             raw = fio.pread(h.consumer_count * L.CONSUMER_ENTRY_SIZE, h.consumer_offset)
@@ -487,10 +495,12 @@ class Disk(io.RawIOBase):
                 "file_size": self._io.size(),
                 "coarse_region_size": 1 << h.coarse_shift,
                 "track_changes": self.track_changes,
-                "snapshots": h.snapshot_count,
+                "snapshots": len(self._snapshots),
                 "consumers": [{"name": r.name, "change_id": r.change_id} for r in self._consumers],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.created_ns / 1e9)),
             }
+            if self._damaged_snapshots:     # left out by a read-only open ('vdisk check --repair' drops them)
+                out["damaged_snapshot_records"] = len(self._damaged_snapshots)
             if self._tracker:
                 out.update(generation=h.generation, tracking_id=self.tracking_id, change_id=self.change_id,
                            dirty_coarse_regions=self._tracker.dirty_regions)
@@ -577,10 +587,16 @@ class Disk(io.RawIOBase):
                 f"size {self.size}")
 
     # ------------------------------------------------------------------ reads
-    def pread(self, length: int, offset: int) -> bytes:
-        """length bytes at offset; never-written areas read as zeros."""
-        # (an open Disk answers single-block reads in _fast.HotPath.pread, which hands every
-        # other case to this method)
+    # pread/pwrite: single-block reads and in-place writes run in Cython
+    # (_fast.disk_pread / disk_pwrite, bound like methods, so the call holds
+    # the Disk even when nothing else does); every other case comes back to
+    # _pread_slow / _pwrite_slow below.
+    pread = _fast.disk_pread
+    pwrite = _fast.disk_pwrite
+
+    def _pread_slow(self, length: int, offset: int) -> bytes:
+        """length bytes at offset; never-written areas read as zeros (what
+        ``pread`` does for every case the hot path hands back)."""
         if offset < 0 or length < 0 or offset + length > self._hdr.virtual_size:
             self._check_range(offset, length, "read")
         shift = self._shift
@@ -617,7 +633,6 @@ class Disk(io.RawIOBase):
             self._read_plan(mv, self._plan_read(offset, n))
         return n
 
-    _pread_slow = pread
 
     def _pread_exact(self, length: int, phys: int) -> bytes:
         data = self._io.pread(length, phys)
@@ -663,11 +678,10 @@ class Disk(io.RawIOBase):
                 mv[at:at + n] = bytes(n) if n <= 65536 else np.zeros(n, np.uint8).data
 
     # ------------------------------------------------------------------ writes
-    def pwrite(self, data: ReadableBuffer, offset: int) -> int:
+    def _pwrite_slow(self, data: ReadableBuffer, offset: int) -> int:
         """Write data at offset; returns len(data).  Zeros written to
-        unallocated blocks allocate nothing."""
-        # (an open Disk runs in-place single-block writes in _fast.HotPath.pwrite, which hands
-        # every other case to this method)
+        unallocated blocks allocate nothing (what ``pwrite`` does for every
+        case the hot path hands back)."""
         mv = _as_bytes_view(data)
         n = len(mv)
         if offset < 0 or offset + n > self._hdr.virtual_size:
@@ -681,7 +695,6 @@ class Disk(io.RawIOBase):
                 self._write_locked(mv, offset)
         return n
 
-    _pwrite_slow = pwrite
 
     def _write_locked(self, mv: memoryview, offset: int) -> None:
         shift = self._hdr.block_shift
@@ -972,10 +985,29 @@ class Disk(io.RawIOBase):
 
     @_poisons
     def _commit_header(self) -> None:
-        """Write the header to the other slot and fsync: the atomic commit point."""
-        self._hdr.sequence += 1
-        slot = self._hdr.sequence % 2
-        self._io.pwrite(self._hdr.pack(), L.SLOT_OFFSETS[slot])
+        """Write the header to the other slot and fsync: the atomic commit point.
+
+        Never writes a slot a reader would refuse: a sequence past
+        L.MAX_SEQUENCE (EOVERFLOW), or a header that fails validation or
+        does not pack (EINVAL), raises VdiskIOError instead, which poisons
+        the Disk: memory is ahead of the file, which keeps its last commit.
+        Operations check their own counters before writing anything; this
+        is the backstop."""
+        h = self._hdr
+        if h.sequence >= L.MAX_SEQUENCE:
+            raise VdiskIOError(errno.EOVERFLOW, f"{self.path}: header sequence {h.sequence} reached the format's "
+                                                f"limit {L.MAX_SEQUENCE}; nothing committed (run 'vdisk check "
+                                                f"--repair', which renumbers it)")
+        h.sequence += 1
+        try:
+            h.validate()            # what every reader checks (but the file size): a slot they would refuse
+            raw = h.pack()          # is never written
+        except (CorruptImageError, struct.error) as exc:
+            h.sequence -= 1
+            raise VdiskIOError(errno.EINVAL, f"{self.path}: the header to commit would not pass validation "
+                                             f"({exc}); nothing committed") from None
+        slot = h.sequence % 2
+        self._io.pwrite(raw, L.SLOT_OFFSETS[slot])
         self._io.fsync()
         self._slot = slot
 
@@ -1128,24 +1160,29 @@ class Disk(io.RawIOBase):
                 while name in taken:
                     name += "-"
             name = check_name(name, taken)
+            # every counter this commit advances, checked before anything is written
             if h.generation >= L.MAX_GENERATION:
                 raise OutOfRangeError("the generation counter is exhausted; call reset_tracking()")
+            if h.snapshot_next_id >= L.MAX_SNAPSHOT_ID:
+                raise OutOfRangeError(f"{self.path}: snapshot ids are exhausted (snapshot_next_id "
+                                      f"{h.snapshot_next_id}, limit {L.MAX_SNAPSHOT_ID})")
             self._flush_locked()
             bs, nb = h.block_size, h.nblocks
+            frozen = lazy_zeros(max(nb, 1), np.uint32)      # copied where the live table may hold entries
+            for lo, hi in self._table_runs(nb):
+                frozen[lo:hi] = self._table[lo:hi]
+            used = _fast.nonzero_values(frozen, nb)
+            if len(used) and self._refcounts[used].max() >= L.MAX_REFCOUNT:    # before any block is allocated
+                raise OutOfRangeError(f"{self.path}: a block would exceed {L.MAX_REFCOUNT} references "
+                                      f"(run 'vdisk check --repair' if the image leaks)")
             tbytes = L.round_up(max(nb, 1) * 4, bs)
             # 1. the frozen table and counters, in fresh blocks
             first = self._alloc_run(2 * (tbytes // bs))
             t_off, c_off = first * bs, first * bs + tbytes
-            frozen = lazy_zeros(max(nb, 1), np.uint32)      # copied where the live table may hold entries
-            for lo, hi in self._table_runs(nb):
-                frozen[lo:hi] = self._table[lo:hi]
             self._write_nonzero_pages(frozen, t_off)
             if self._tracker:
                 self._write_nonzero_pages(self._tracker.counters[:max(nb, 1)], c_off)
             # 2. every block the live table maps gains a reference
-            used = _fast.nonzero_values(frozen, nb)
-            if len(used) and self._refcounts[used].max() >= L.MAX_REFCOUNT:
-                raise OutOfRangeError(f"{self.path}: a block would exceed {L.MAX_REFCOUNT} references")
             self._refcounts[used] += 1
             self._dirty_ref_pages.update(np.unique(used // REFS_PER_PAGE).tolist())
             token = self._issue_token()     # synced with the new table, before the commit
@@ -1265,19 +1302,20 @@ class Disk(io.RawIOBase):
             h = self._hdr
             bs, shift = h.block_size, h.block_shift
             nb_s = L.blocks_for(rec.virtual_size, shift)
-            if nb_s > h.table_capacity:
-                self._grow_tables(nb_s)
-            nb_old = h.nblocks
             frozen = self._load_frozen(rec.table_offset, rec.virtual_size)
             # it becomes the live table: each block mapped once (a snapshot is a copy of a live table;
             # a duplicate would take one reference for two entries below)
             self._validate_table(frozen, nb_s, f"snapshot {name!r} table")
             used = _fast.nonzero_values(frozen, nb_s)
             # a refcount at the cap is allowed (a leak) but cannot take the new table's reference:
-            # refused before anything changes, as snapshot() does (uint16 would wrap to 0: a free block)
+            # refused before anything changes (the table growth below included), as snapshot() does
+            # (uint16 would wrap to 0: a free block)
             if len(used) and self._refcounts[used].max() >= L.MAX_REFCOUNT:
                 raise OutOfRangeError(f"{self.path}: a block would exceed {L.MAX_REFCOUNT} references "
                                       f"(run 'vdisk check --repair' if the image leaks)")
+            if nb_s > h.table_capacity:
+                self._grow_tables(nb_s)
+            nb_old = h.nblocks
             table = lazy_zeros(h.table_capacity, np.uint32)
             table[:nb_s] = frozen[:nb_s]
             # 1. tracking: blocks whose mapping changes, and a grown area, changed now
@@ -1672,6 +1710,11 @@ def open(path: PathArg, mode: str = "r", *, io_factory: Callable[..., FileIO] = 
                 raise FormatError(f"{path}: not a vdisk image ({fio.size()} bytes, no vdisk magic)")
             raise CorruptImageError(f"{path}: truncated to {fio.size()} bytes, shorter than the header")
         header, slot = _read_header(fio)
+        if writable and header.sequence > L.MAX_SEQUENCE - L.SEQUENCE_HEADROOM:
+            raise CorruptImageError(
+                f"{path}: header sequence {header.sequence} leaves fewer than {L.SEQUENCE_HEADROOM} commits before "
+                f"the format's limit {L.MAX_SEQUENCE}: refusing to write (run 'vdisk check --repair', which "
+                f"renumbers it)")
         return Disk(fio, header, slot, writable)
     except BaseException:
         fio.close()

@@ -19,6 +19,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 
 from .errors import ImageLockedError, InvalidArgumentError, VdiskIOError
 from .errors import NoSuchFileError, Part
@@ -46,6 +47,45 @@ def _io_error(op: str, path: str, exc: OSError) -> VdiskIOError:
     return VdiskIOError(exc.errno, f"{op} failed on {path}: {exc.strerror or exc}")
 
 
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str, flags: int, mode: int = 0o644, *, block_device: bool = False) -> int:
+    """os.open(path, flags) for a file vdisk reads or writes: opened with
+    O_NONBLOCK (opening a FIFO never waits for a writer) and checked with
+    fstat on that descriptor, before any read, to be a regular file (or a
+    block device where block_device allows it); O_NONBLOCK is cleared again.
+    A FIFO, socket, character device or directory raises
+    InvalidArgumentError naming the path and what it is.  OSErrors pass
+    through (FileNotFoundError included): callers word them."""
+    flags |= os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.EISDIR):    # a FIFO without reader (write-only), a socket; a directory
+            try:
+                kind = _kind(os.stat(path).st_mode)
+            except OSError:
+                raise exc from None
+            raise InvalidArgumentError(f"{path}: {kind}, not a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or (block_device and stat.S_ISBLK(st.st_mode))):
+            want = "a regular file or block device" if block_device else "a regular file"
+            raise InvalidArgumentError(f"{path}: {_kind(st.st_mode)}, not {want}")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class FileIO:
     """Positional I/O on one host file."""
 
@@ -55,9 +95,8 @@ class FileIO:
         flags = os.O_RDWR if writable else os.O_RDONLY
         if create:
             flags |= os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-        flags |= getattr(os, "O_CLOEXEC", 0)
         try:
-            self.fd = os.open(self.path, flags, 0o644)
+            self.fd = open_regular(self.path, flags)
         except FileExistsError:
             raise
         except FileNotFoundError:
@@ -225,8 +264,8 @@ class FileIO:
 # ---------------------------------------------------------------------------- files into place
 def fsync_dir(directory: str) -> None:
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError as exc:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:      # O_DIRECTORY: anything else (a FIFO) fails at once, never waits
         raise _io_error("open", directory, exc) from exc
     try:
         os.fsync(fd)
@@ -237,11 +276,17 @@ def fsync_dir(directory: str) -> None:
 
 
 def refuse_if_in_use(path: str) -> None:
-    """Never replace an image another process (or Disk) holds open."""
+    """Never replace an image another process (or Disk) holds open, nor
+    anything but a regular file (a FIFO, device or socket is refused: never
+    opened in a way that waits, never replaced by a file)."""
+    if not os.path.exists(path):      # nothing to protect (a dangling symlink neither)
+        return
     try:
         probe = FileIO(path, writable=False)
-    except InvalidArgumentError:      # no such file: nothing to protect
-        return
+    except InvalidArgumentError as exc:
+        if not os.path.exists(path):   # gone meanwhile: nothing to protect
+            return
+        raise InvalidArgumentError(f"{exc}: refusing to replace it") from None
     try:
         probe.lock(exclusive=True)
     finally:

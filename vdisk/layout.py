@@ -46,6 +46,15 @@ MAX_BLOCKS = 1 << 28           # virtual blocks: 16 TiB at 64 KiB, 1 TiB at 4 Ki
 MAX_PHYS_BLOCKS = (1 << 32) - 1  # physical block numbers are uint32; 0 is the header block
 MAX_GENERATION = (1 << 32) - 2   # counters are uint32
 MAX_REFCOUNT = (1 << 16) - 1
+# header commits: a reader takes sequences 1..MAX_SEQUENCE; a writer never
+# writes a slot past it, and opens for writing only with SEQUENCE_HEADROOM
+# commits left (2^32: years of commits at any rate an fsync allows).  Real
+# images never come near: 2^62 commits would take millennia.
+MAX_SEQUENCE = (1 << 62) - 1
+SEQUENCE_HEADROOM = 1 << 32
+# snapshot ids come from snapshot_next_id, one per header commit at most:
+# a value past MAX_SEQUENCE + 1 can only be damage
+MAX_SNAPSHOT_ID = 1 << 62
 REFCOUNT_BYTES = 2
 TABLE_ENTRY_BYTES = 4
 COUNTER_BYTES = 4
@@ -288,8 +297,10 @@ class Header:
             bad(f"virtual_size {self.virtual_size} needs {self.nblocks} blocks, limit {MAX_BLOCKS}")
         if not self.block_shift <= self.coarse_shift <= MAX_COARSE_SHIFT:
             bad(f"coarse_shift {self.coarse_shift} outside {self.block_shift}..{MAX_COARSE_SHIFT}")
-        if not 1 <= self.sequence < 1 << 62:
-            bad(f"sequence {self.sequence} outside 1..2^62")
+        if not 1 <= self.sequence <= MAX_SEQUENCE:
+            bad(f"sequence {self.sequence} outside 1..{MAX_SEQUENCE} (2^62 - 1)")
+        if not 1 <= self.snapshot_next_id <= MAX_SNAPSHOT_ID:
+            bad(f"snapshot_next_id {self.snapshot_next_id} outside 1..{MAX_SNAPSHOT_ID} (2^62)")
         if self.flags & ~FLAGS_KNOWN:
             bad(f"unknown flags {self.flags:#x}")
         if self.bitmap_offset != BITMAP_OFFSET:

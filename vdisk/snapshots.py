@@ -22,6 +22,7 @@ orders the writes (vdisk/disk.py).
 """
 from __future__ import annotations
 
+import bisect
 import datetime
 import re
 import struct
@@ -135,28 +136,70 @@ def check_name(name: str, taken) -> str:
     return name
 
 
-def parse_table(raw: bytes, count: int, hdr: L.Header, file_size: int) -> list[SnapshotRecord]:
-    """Records of a snapshot table, each checked against the format's limits."""
+def parse_table(raw: bytes, count: int, hdr: L.Header, file_size: int,
+                damaged: list | None = None) -> list[SnapshotRecord]:
+    """Records of a snapshot table, each checked against the format's limits:
+    CRC, name, size, generation and id (not from the future), regions
+    (aligned, inside the file, overlapping neither the header's regions nor
+    an earlier record's), names and ids unique.
+
+    A record that fails raises CorruptImageError, or, when ``damaged`` is a
+    list, is left out and its message appended there (each damaged record
+    alone: the others, and the live disk, stay readable; see "Snapshot
+    table" in docs/FORMAT.md)."""
     out, names, ids = [], set(), set()
     bs = hdr.block_size
+    starts: list[int] = []          # sorted, disjoint [start, stop) of the regions taken so far
+    stops: list[int] = []
+    for _name, off, length in hdr.regions():
+        _take(starts, stops, off, off + length)
     for i in range(count):
-        rec = SnapshotRecord.unpack(raw[i * L.SNAPSHOT_ENTRY_SIZE:(i + 1) * L.SNAPSHOT_ENTRY_SIZE], i)
-        where = f"snapshot {rec.name!r}"
-        if rec.name in names or rec.snapshot_id in ids:
-            raise CorruptImageError(f"{where}: duplicate name or id")
-        if rec.virtual_size % L.SECTOR or L.blocks_for(rec.virtual_size, hdr.block_shift) > L.MAX_BLOCKS:
-            raise CorruptImageError(f"{where}: virtual size {rec.virtual_size} outside the format's limits")
-        # a generation counts within its tracking epoch: reset_tracking starts the header's again at 1
-        newest = hdr.generation if rec.tracking_uuid == hdr.tracking_uuid else L.MAX_GENERATION + 1
-        if not 1 <= rec.generation < newest or rec.snapshot_id >= hdr.snapshot_next_id:
-            raise CorruptImageError(f"{where}: generation {rec.generation} or id {rec.snapshot_id} from the future")
-        for what, off, length in rec.regions(bs):
-            if off % bs or off < L.round_up(L.HEADER_AREA, bs) or off + length > file_size:
-                raise CorruptImageError(f"{what}: region [{off}, {off + length}) unaligned or outside the file")
+        try:
+            rec = SnapshotRecord.unpack(raw[i * L.SNAPSHOT_ENTRY_SIZE:(i + 1) * L.SNAPSHOT_ENTRY_SIZE], i)
+            _check_record(rec, i, hdr, file_size, names, ids, starts, stops)
+        except CorruptImageError as exc:
+            if damaged is None:
+                raise
+            damaged.append(str(exc))
+            continue
+        for _what, off, length in rec.regions(bs):
+            _take(starts, stops, off, off + length)
         names.add(rec.name)
         ids.add(rec.snapshot_id)
         out.append(rec)
     return out
+
+
+def _check_record(rec: SnapshotRecord, i: int, hdr: L.Header, file_size: int, names, ids, starts, stops) -> None:
+    bs = hdr.block_size
+    where = f"snapshot table entry {i} ({rec.name!r})"
+    if rec.name in names or rec.snapshot_id in ids:
+        raise CorruptImageError(f"{where}: duplicate name or id")
+    if rec.virtual_size % L.SECTOR or L.blocks_for(rec.virtual_size, hdr.block_shift) > L.MAX_BLOCKS:
+        raise CorruptImageError(f"{where}: virtual size {rec.virtual_size} outside the format's limits")
+    # a generation counts within its tracking epoch: reset_tracking starts the header's again at 1
+    newest = hdr.generation if rec.tracking_uuid == hdr.tracking_uuid else L.MAX_GENERATION + 1
+    if not 1 <= rec.generation < newest or rec.snapshot_id >= hdr.snapshot_next_id:
+        raise CorruptImageError(f"{where}: generation {rec.generation} or id {rec.snapshot_id} from the future")
+    spans = []
+    for what, off, length in rec.regions(bs):
+        if off % bs or off < L.round_up(L.HEADER_AREA, bs) or off + length > file_size:
+            raise CorruptImageError(f"{where}: {what} region [{off}, {off + length}) unaligned or outside the file")
+        spans.append((off, off + length))
+    (a0, a1), (b0, b1) = spans
+    if a0 < b1 and b0 < a1 or any(_overlaps(starts, stops, lo, hi) for lo, hi in spans):
+        raise CorruptImageError(f"{where}: its table or counter region overlaps another metadata region")
+
+
+def _overlaps(starts: list[int], stops: list[int], lo: int, hi: int) -> bool:
+    j = bisect.bisect_right(starts, lo) - 1       # the last region starting at or before lo
+    return (j >= 0 and stops[j] > lo) or (j + 1 < len(starts) and starts[j + 1] < hi)
+
+
+def _take(starts: list[int], stops: list[int], lo: int, hi: int) -> None:
+    j = bisect.bisect_right(starts, lo)
+    starts.insert(j, lo)
+    stops.insert(j, hi)
 
 
 class Snapshot:

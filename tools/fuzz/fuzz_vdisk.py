@@ -18,6 +18,13 @@ quicker run that does not need them.
 A writable open also takes a snapshot, writes (copy on write), reads the
 snapshot back and deletes it, on the damaged image as opened.
 
+The structure-aware mutator also sets counters to their limits (0, max,
+max - 1, 2^62, 2^63, 2^64 - 1, every declared limit +-1): the header's
+sequence, generation, snapshot_next_id, counts and capacities, a snapshot
+record's id, generation, size and time, a mapped block's refcount at the
+cap; seeds hold the snapshots image with its generation, snapshot_next_id
+or sequence one step from the limit (issue #13).
+
 Input encoding (so that mutations get past the checksums and land on bytes
 that matter)::
 
@@ -59,6 +66,25 @@ PACK_FROM = L.BITMAP_OFFSET + 4096      # the first 4 KiB of the bitmap area sta
 MAX_READ = 1 * MiB                      # bytes read per pread call
 SNAPSHOT_FIELD_OFFSETS = {name: struct.calcsize("<" + "".join(c for _, c in L.SNAPSHOT_FIELDS[:i]))
                           for i, (name, _) in enumerate(L.SNAPSHOT_FIELDS)}
+# counters and capacities: the fields an operation advances or allocates from (issue #13: a counter at its
+# limit must get a VdiskError before anything is written, never a struct.error or a slot readers refuse)
+HEADER_COUNTERS = ("sequence", "generation", "snapshot_next_id", "snapshot_count", "snapshot_capacity",
+                   "consumer_count", "consumer_capacity", "table_capacity", "refcount_capacity", "created_ns",
+                   "virtual_size", "bitmap_length")
+SNAPSHOT_COUNTERS = ("snapshot_id", "generation", "created_ns", "virtual_size")
+_WIDTH = {"B": 1, "H": 2, "I": 4, "Q": 8}
+
+
+def limit_values(width: int) -> list[int]:
+    """0, the field's max and max - 1, 2^62, 2^63, 2^64 - 1 and their
+    neighbours, and every limit the format declares (+-1), that fit in width bytes."""
+    top = (1 << 8 * width) - 1
+    vals = {0, 1, 2, top, top - 1}
+    for v in (1 << 31, 1 << 32, 1 << 62, 1 << 63, L.MAX_SEQUENCE, L.MAX_SEQUENCE - L.SEQUENCE_HEADROOM,
+              L.MAX_SNAPSHOT_ID, L.MAX_GENERATION, L.MAX_REFCOUNT, L.MAX_SNAPSHOTS, L.MAX_CONSUMERS, L.MAX_BLOCKS,
+              L.MAX_PHYS_BLOCKS, (1 << 64) - 1):
+        vals.update((v - 1, v, v + 1))
+    return sorted(v for v in vals if 0 <= v <= top)
 
 
 # ---------------------------------------------------------------------------- the encoding
@@ -216,7 +242,8 @@ def _pattern(seed: int, n: int) -> bytes:
 
 def build_seed_images(directory: str) -> dict[str, bytes]:
     """Small real images (4 KiB blocks): snapshots, tracking state, a crash
-    state with coarse bits set, tracking off, a grown (relocated) table."""
+    state with coarse bits set, tracking off, a grown (relocated) table, and
+    the snapshots image with a counter one step from its limit."""
     out = {}
     bs = 4 * KiB
     p = os.path.join(directory, "snaps.img")
@@ -259,6 +286,18 @@ def build_seed_images(directory: str) -> dict[str, bytes]:
         d.snapshot("after-grow")
         d.resize(8 * KiB)
     out["grown"] = open(p, "rb").read()
+    # counters one step from their limits: the next checkpoint, snapshot or commit meets the guard
+    for name, fields in (("gen-limit", {"generation": L.MAX_GENERATION - 1}),
+                         ("id-limit", {"snapshot_next_id": L.MAX_SNAPSHOT_ID - 1}),
+                         ("seq-room", {"sequence": L.MAX_SEQUENCE - L.SEQUENCE_HEADROOM})):
+        raw = bytearray(out["snaps"])
+        slot = _newest_slot(raw)
+        for field, v in fields.items():
+            if field == "sequence" and v % 2 != slot:
+                v -= 1
+            put_int(raw, L.SLOT_OFFSETS[slot] + L.FIELD_OFFSETS[field], 8, v)
+        fix_header_crc(raw)
+        out[name] = bytes(raw)
     for name, raw in out.items():
         assert not raw[PACK_FROM:L.HEADER_AREA].strip(b"\0"), name
     return out
@@ -294,6 +333,7 @@ def _value_for(image, h: dict, width: int, rng: random.Random) -> int:
         lambda: rng.getrandbits(8 * width),
         lambda: rng.choice((L.MAX_BLOCKS, L.MAX_PHYS_BLOCKS, L.MAX_GENERATION, L.MAX_SNAPSHOTS, L.HEADER_AREA,
                             L.MAX_BITMAP_LENGTH)) + rng.choice((-1, 0, 1)),
+        lambda: rng.choice(limit_values(width)),
     ]
     v = rng.choice(choices)()
     return v if isinstance(v, int) else 0
@@ -304,10 +344,14 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     flags, image, _ = decode(data)
     if not image:
         return havoc(data, rng)
-    what = rng.randrange(10)
+    what = rng.randrange(11)
     slot = _newest_slot(image) if rng.random() < 0.8 else rng.randrange(2)
     h = slot_fields(image, slot)
-    if what <= 2 and h is not None:                  # header fields
+    if what == 10 and h is not None:                  # counters at their limits
+        limit_counters(image, h, slot, rng)
+        flags |= (FIX_HEADER_CRC | FIX_SNAPSHOT_CRC) if rng.random() < 0.9 else 0
+        flags |= WRITE if rng.random() < 0.6 else 0
+    elif what <= 2 and h is not None:                  # header fields
         for _ in range(1 + int(rng.random() < 0.3)):
             name, code = rng.choice(L._FIELDS)
             width = {"B": 1, "H": 2, "I": 4, "Q": 8}.get(code)
@@ -369,6 +413,36 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     if len(image) > L.HEADER_AREA:
         image[PACK_FROM:L.HEADER_AREA] = bytes(L.HEADER_AREA - PACK_FROM)
     return encode(bytes(image), flags)
+
+
+def limit_counters(image: bytearray, h: dict, slot: int, rng: random.Random) -> None:
+    """One to three counters set to a limit value: header counters (a
+    sequence mostly of the slot's parity, so the slot is not refused for
+    that alone), a snapshot record's, or the refcount of a mapped block."""
+    codes = dict(L._FIELDS)
+    for _ in range(1 + int(rng.random() < 0.4) + int(rng.random() < 0.2)):
+        where = rng.random()
+        if where < 0.65:
+            name = rng.choice(HEADER_COUNTERS)
+            width = _WIDTH[codes[name]]
+            v = rng.choice(limit_values(width))
+            if name == "sequence" and rng.random() < 0.8 and v and v % 2 != slot:
+                v -= 1
+            put_int(image, L.SLOT_OFFSETS[slot] + L.FIELD_OFFSETS[name], width, v)
+            h[name] = v
+        elif where < 0.85 and h["snapshot_offset"] and h["snapshot_count"]:
+            i = rng.randrange(min(h["snapshot_count"], L.MAX_SNAPSHOTS))
+            name = rng.choice(SNAPSHOT_COUNTERS)
+            width = _WIDTH[dict(L.SNAPSHOT_FIELDS)[name]]
+            put_int(image, h["snapshot_offset"] + i * L.SNAPSHOT_ENTRY_SIZE + SNAPSHOT_FIELD_OFFSETS[name], width,
+                    rng.choice(limit_values(width)))
+        else:                                          # a mapped block's refcount at the cap (or just under)
+            shift = min(max(h.get("block_shift", 12), 12), 22)
+            n = min(64, max(1, h.get("virtual_size", 0) >> shift))
+            at = h["table_offset"] + 4 * rng.randrange(n)
+            if 0 <= at <= len(image) - 4:
+                p = int.from_bytes(image[at:at + 4], "little")
+                put_int(image, h["refcount_offset"] + 2 * p, 2, rng.choice((L.MAX_REFCOUNT, L.MAX_REFCOUNT - 1)))
 
 
 def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
