@@ -37,7 +37,7 @@ __all__ = [
     "OutOfRangeError", "ReadOnlyError", "StaleChangeIdError", "VdiskIOError", "ClosedError",
     "InvalidArgumentError", "SnapshotNotFoundError", "Snapshot", "SnapshotInfo", "__version__",
     "backup", "restore", "verify", "merge", "BackupResult", "BackupChainError", "ChecksumError",
-    "Consumers", "ConsumerInfo", "ConsumerNotFoundError",
+    "Consumers", "ConsumerInfo", "ConsumerNotFoundError", "connect",
 ]
 
 
@@ -45,3 +45,9 @@ def serve(path_or_disk, *, socket=None, listen=None, export=None, read_only=Fals
     """Serve an image over NBD until SIGTERM/SIGINT (vdisk/nbd/__init__.py)."""
     from .nbd import serve as _serve
     _serve(path_or_disk, socket=socket, listen=listen, export=export, read_only=read_only, **options)
+
+
+def connect(path, timeout=None):
+    """A handle on an image served by ``vdisk serve`` in another process (vdisk/live.py)."""
+    from .live import connect as _connect
+    return _connect(path, timeout)

@@ -113,6 +113,17 @@ def _size(text: str, what: str = "size") -> int:
     return vdisk.parse_size(text, what)
 
 
+def _open_or_connect(file: str, mode: str = "r"):
+    """The image, or, while `vdisk serve` holds it, its server's control channel (vdisk/live.py)."""
+    from vdisk.live import open_or_connect
+    return open_or_connect(file, mode)
+
+
+def _is_live(d) -> bool:
+    from vdisk.live import LiveDisk
+    return isinstance(d, LiveDisk)
+
+
 def _table(rows: list[tuple[str, object]]) -> None:
     """Print aligned ``key: value`` lines."""
     width = max(len(k) for k, _ in rows) + 2
@@ -149,7 +160,7 @@ def create(file: str, size: str, block_size: str, no_track_changes: bool, overwr
 @output_option
 def info(file: str, output: str) -> None:
     """Show the image's geometry, allocation and tracking state."""
-    with vdisk.open(file) as d:
+    with _open_or_connect(file) as d:
         data = d.info()
     if output == "json":
         _emit_json(data)
@@ -243,7 +254,7 @@ def check(ctx: click.Context, file: str, repair: bool, output: str) -> None:
 @output_option
 def map_(file: str, output: str) -> None:
     """List the allocated (data) extents of the image."""
-    with vdisk.open(file) as d:
+    with _open_or_connect(file) as d:
         extents = list(d.map())
     if output == "json":
         _emit_json([{"offset": o, "length": n, "data": True} for o, n in extents])
@@ -272,7 +283,7 @@ def _new_size(spec: str, current: int) -> int:
 @click.option("--shrink", is_flag=True, help="Allow making the image smaller (data past the new end is lost).")
 def resize(file: str, size: str, shrink: bool) -> None:
     """Set the virtual size to SIZE, or grow/shrink it by +SIZE/-SIZE."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         new = _new_size(size, d.size)
         if new < d.size and not shrink:
             raise click.UsageError(
@@ -285,7 +296,7 @@ def resize(file: str, size: str, shrink: bool) -> None:
 @file_argument
 def checkpoint(file: str) -> None:
     """Take a change-tracking point; prints its change id."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         cid = d.checkpoint()
     click.echo(cid)
 
@@ -300,7 +311,7 @@ def changes(file: str, since: str | None, consumer: str | None, output: str) -> 
     """List the extents changed after the point ID (or since a consumer's last backup)."""
     if (since is None) == (consumer is None):
         raise click.UsageError("give exactly one of --since ID and --consumer NAME")
-    with vdisk.open(file) as d:
+    with _open_or_connect(file) as d:
         if consumer is not None:
             since = d.consumers.last_id(consumer) or "*"
         extents = d.changes_since(since)
@@ -331,7 +342,7 @@ def _snapshot_json(info: vdisk.SnapshotInfo) -> dict:
 @output_option
 def snapshot_create(file: str, name: str | None, output: str) -> None:
     """Take a snapshot (a generated name when NAME is omitted)."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         info = d.snapshot(name).info
     if output == "json":
         _emit_json(_snapshot_json(info))
@@ -344,7 +355,7 @@ def snapshot_create(file: str, name: str | None, output: str) -> None:
 @output_option
 def snapshot_list(file: str, output: str) -> None:
     """List the snapshots, oldest first."""
-    with vdisk.open(file) as d:
+    with _open_or_connect(file) as d:
         infos = d.snapshots
     if output == "json":
         _emit_json([_snapshot_json(i) for i in infos])
@@ -358,10 +369,12 @@ def snapshot_list(file: str, output: str) -> None:
 @snapshot.command(name="delete")
 @file_argument
 @click.argument("name")
-def snapshot_delete(file: str, name: str) -> None:
+@click.option("--wait", type=float, metavar="SECONDS",
+              help="On a served image: wait this long for NBD clients of NAME's export to disconnect.")
+def snapshot_delete(file: str, name: str, wait: float | None) -> None:
     """Delete snapshot NAME; its unshared blocks become free."""
-    with vdisk.open(file, "r+") as d:
-        d.delete_snapshot(name)
+    with _open_or_connect(file, "r+") as d:
+        d.delete_snapshot(name, **({"wait": wait} if wait is not None and _is_live(d) else {}))
 
 
 @snapshot.command(name="revert")
@@ -369,7 +382,7 @@ def snapshot_delete(file: str, name: str) -> None:
 @click.argument("name")
 def snapshot_revert(file: str, name: str) -> None:
     """Make the disk's content (and size) that of snapshot NAME."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         d.revert(name)
 
 
@@ -390,7 +403,7 @@ def _consumer_json(info) -> dict:
 @click.option("--change-id", metavar="ID", help="The id of a backup the consumer holds already (default: none).")
 def consumer_register(file: str, name: str, change_id: str | None) -> None:
     """Register consumer NAME (its first backup with --consumer is a full one)."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         d.consumers.register(name, change_id)
 
 
@@ -400,7 +413,7 @@ def consumer_register(file: str, name: str, change_id: str | None) -> None:
 @click.argument("change_id", metavar="ID")
 def consumer_update(file: str, name: str, change_id: str) -> None:
     """Record ID as the last completed backup of consumer NAME."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         d.consumers.update(name, change_id)
 
 
@@ -409,7 +422,7 @@ def consumer_update(file: str, name: str, change_id: str) -> None:
 @click.argument("name")
 def consumer_forget(file: str, name: str) -> None:
     """Remove consumer NAME from the image."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         d.consumers.forget(name)
 
 
@@ -418,7 +431,7 @@ def consumer_forget(file: str, name: str) -> None:
 @output_option
 def consumer_list(file: str, output: str) -> None:
     """List the consumers and the change id of each one's last recorded backup."""
-    with vdisk.open(file) as d:
+    with _open_or_connect(file) as d:
         infos = d.consumers.values()
     if output == "json":
         _emit_json([_consumer_json(i) for i in infos])
@@ -431,7 +444,7 @@ def consumer_list(file: str, output: str) -> None:
 @file_argument
 def compact(file: str) -> None:
     """Give unused space inside the image back to the file system."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         released = d.compact()
     click.echo(f"Released {format_size(released)}.")
 

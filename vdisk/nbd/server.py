@@ -262,6 +262,8 @@ class Connection:
             return False
         self._reply(opt, P.NBD_REP_INFO, P.INFO_EXPORT.pack(P.NBD_INFO_EXPORT, export.size,
                                                             export.transmission_flags()))
+        if export.description:
+            self._reply(opt, P.NBD_REP_INFO, P.U16.pack(P.NBD_INFO_DESCRIPTION) + export.description.encode())
         self._reply(opt, P.NBD_REP_INFO, P.INFO_BLOCK_SIZE.pack(
             P.NBD_INFO_BLOCK_SIZE, self.server.min_block, max(self.server.min_block, P.PREFERRED_BLOCK),
             P.MAX_REQUEST))
@@ -586,6 +588,15 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.control = None                    # the control channel (vdisk/nbd/control.py)
+
+    def export_clients(self) -> dict[str, int]:
+        """Connected clients by export name (the live export counted as NAME)."""
+        out: dict[str, int] = {}
+        for conn in self._conns.values():
+            if conn.export is not None:
+                out[conn.export.name] = out.get(conn.export.name, 0) + 1
+        return out
 
     @property
     def export_name(self) -> str:
@@ -622,6 +633,9 @@ class Server:
         if self.pid_file:
             with open(self.pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
+        from .control import ControlServer
+        self.control = ControlServer(self)
+        await self.control.start()
         log.info("serving %s as export %r (and %r) on %s%s", self.disk.path, self.image.name, "",
                  self.address, " read-only" if self.image.read_only else "")
 
@@ -665,6 +679,8 @@ class Server:
             for task, conn in list(self._conns.items()):    # those busy a moment ago are idle now
                 if not conn.busy:
                     task.cancel()
+        if self.control is not None:
+            await self.control.stop()
         await self._close_image()
         if self.socket_path and os.path.exists(self.socket_path):
             try:
