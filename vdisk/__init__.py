@@ -24,7 +24,7 @@ from .consumers import ConsumerInfo, Consumers
 from .errors import (ClosedError, CorruptImageError, FormatError, ImageLockedError, InvalidArgumentError,
                      OutOfRangeError, ReadOnlyError, StaleChangeIdError, UnsupportedFeatureError, VdiskError,
                      VdiskIOError, SnapshotNotFoundError, BackupChainError, ChecksumError,
-                     ConsumerNotFoundError)
+                     ConsumerNotFoundError, ControlError)
 from .extents import Extents
 from .layout import parse_size
 from .backup import BackupResult, backup, merge, restore, verify
@@ -37,7 +37,7 @@ __all__ = [
     "OutOfRangeError", "ReadOnlyError", "StaleChangeIdError", "VdiskIOError", "ClosedError",
     "InvalidArgumentError", "SnapshotNotFoundError", "Snapshot", "SnapshotInfo", "__version__",
     "backup", "restore", "verify", "merge", "BackupResult", "BackupChainError", "ChecksumError",
-    "Consumers", "ConsumerInfo", "ConsumerNotFoundError", "connect",
+    "Consumers", "ConsumerInfo", "ConsumerNotFoundError", "ControlError", "connect",
 ]
 
 

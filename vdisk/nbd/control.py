@@ -312,6 +312,8 @@ async def _op_snapshot_delete(c: ControlServer, name, wait=None) -> None:
 @_op
 async def _op_snapshot_revert(c: ControlServer, name) -> None:
     name = _str(name, "name")
+    if name not in {s.name for s in c.disk.snapshots}:
+        raise errors.SnapshotNotFoundError(f"{c.disk.path}: no snapshot named {name!r}")
     n = c.server.export_clients().get(c.server.image.name, 0)
     if n:
         raise errors.ImageLockedError(c._served(
