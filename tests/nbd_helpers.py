@@ -22,11 +22,13 @@ def uri(sock: str, export: str = "") -> str:
 class ServeProcess:
     """`vdisk serve FILE --socket S ...` as a child process."""
 
-    def __init__(self, image: str, sock: str, *args: str, wait: bool = True):
-        self.image, self.socket = image, sock
+    def __init__(self, image: str, sock: str, *args: str, wait: bool = True, tcp: bool = False):
+        """tcp: args hold --listen instead of a socket; sock only names the stderr file."""
+        self.image, self.socket = image, (None if tcp else sock)
         self.stderr_path = sock + ".stderr"
         self._err = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vdisk", "serve", image, "--socket", sock, *args],
+        where = [] if tcp else ["--socket", sock]
+        self.proc = subprocess.Popen([sys.executable, "-m", "vdisk", "serve", image, *where, *args],
                                      stdout=subprocess.DEVNULL, stderr=self._err)
         if wait:
             self.wait_ready()
@@ -40,6 +42,13 @@ class ServeProcess:
                 raise AssertionError(f"vdisk serve exited {self.proc.returncode}: {self.stderr()}")
             time.sleep(0.02)
         raise AssertionError(f"vdisk serve not ready after {timeout}s: {self.stderr()}")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The TCP address the server said it listens on."""
+        line = next(ln for ln in self.stderr().splitlines() if "serving" in ln)
+        host, _, port = line.rsplit(" on ", 1)[1].split()[0].rpartition(":")
+        return host, int(port)
 
     def stderr(self) -> str:
         with open(self.stderr_path, "rb") as f:
@@ -69,8 +78,8 @@ def serve_process(tmp_path):
     """serve_process(image, *args) -> ServeProcess; every one is stopped at the end."""
     started = []
 
-    def start(image, *args, sock=None, wait=True):
-        p = ServeProcess(str(image), sock or str(tmp_path / f"nbd{len(started)}.sock"), *args, wait=wait)
+    def start(image, *args, sock=None, wait=True, tcp=False):
+        p = ServeProcess(str(image), sock or str(tmp_path / f"nbd{len(started)}.sock"), *args, wait=wait, tcp=tcp)
         started.append(p)
         return p
     yield start

@@ -205,3 +205,141 @@ def test_cli_refuses_non_loopback_listen_before_binding(tmp_path):
         assert len(lines) == 1 and "--insecure" in lines[0] and "--tls-cert" in lines[0], r.stderr
     r = run(sys.executable, "-m", "vdisk", "serve", missing, check=False)
     assert r.returncode == 2 and "--socket" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sigkill_after_flush_loses_nothing_flushed_and_tracking_covers(tmp_path, serve_process):
+    """The crash contract through NBD: SIGKILL right after the replies; what a
+    client was told is flushed (FLUSH on any connection, or FUA) reads back,
+    and changes_since of every outstanding id covers every changed block."""
+    from helpers import differing_blocks, extent_blocks
+    from nbd_client import Client
+    from vdisk.nbd import protocol as P
+    img = str(tmp_path / "disk.vdk")
+    size = 16 * MiB
+    with vdisk.create(img, size, block_size=BS) as d:
+        d.pwrite(pattern(1, 4 * MiB), 0)
+        old = d.checkpoint()
+        d.consumers.register("nightly", old)
+        d.pwrite(pattern(2, MiB), 4 * MiB)
+        newer = d.checkpoint()
+        before = d.pread(size, 0)
+    srv = serve_process(img)
+    a, b = Client(srv.socket).connect(), Client(srv.socket).connect()
+    flushed = {}
+    for i in range(8):                                   # new blocks (a mapping only a flush makes durable)
+        off = 7 * MiB + i * 300 * KiB + 77
+        data = pattern(10 + i, 50 * KiB)
+        assert a.call(P.NBD_CMD_WRITE, off, len(data), 0, data).error == 0
+        flushed[off] = data
+    assert a.call(P.NBD_CMD_TRIM, 4 * MiB, 2 * BS).error == 0
+    assert a.call(P.NBD_CMD_WRITE_ZEROES, 2 * MiB + 100, 3 * BS, P.NBD_CMD_FLAG_NO_HOLE).error == 0
+    assert b.call(P.NBD_CMD_FLUSH).error == 0
+    fua = pattern(30, 70 * KiB)
+    assert b.call(P.NBD_CMD_WRITE, 10 * MiB + 5, len(fua), P.NBD_CMD_FLAG_FUA, fua).error == 0
+    flushed[10 * MiB + 5] = fua
+    for i in range(20):                                  # never flushed: may or may not survive
+        data = pattern(40 + i, 20 * KiB)
+        assert a.call(P.NBD_CMD_WRITE, 12 * MiB + i * 100 * KiB, len(data), 0, data).error == 0
+    srv.kill()
+    with vdisk.open(img, "r+") as d:
+        now = d.pread(size, 0)
+        for off, data in flushed.items():
+            assert now[off:off + len(data)] == data, f"flushed write at {off} lost"
+        assert now[4 * MiB:4 * MiB + 2 * BS] == bytes(2 * BS)
+        assert now[2 * MiB + 100:2 * MiB + 100 + 3 * BS] == bytes(3 * BS)
+        changed = differing_blocks(now, before, BS)
+        for cid in (old, newer, d.consumers["nightly"].change_id):
+            missing = changed - extent_blocks(d.changes_since(cid), BS)
+            assert not missing, f"changes_since({cid}) misses blocks {sorted(missing)[:8]}"
+    assert not vdisk.check(img).corruptions
+
+
+def test_golden_against_qemu_nbd_dirty_bitmap_and_allocation(tmp_path, serve_process):
+    """The same writes to a qcow2 with a persistent bitmap served by `qemu-nbd -B`
+    and to a vdisk image with a consumer: the same dirty extents at the block
+    size and the same allocation map."""
+    import shutil
+    import subprocess
+    import time
+    if not shutil.which("qemu-nbd"):
+        pytest.skip("qemu-nbd not installed")
+    size = 32 * MiB
+    first = [(0, 100 * KiB), (5 * MiB + 3, 3 * BS), (20 * MiB, MiB)]
+    second = [(70 * KiB, 10), (5 * MiB + BS, 5), (9 * MiB + 4095, 2 * BS + 2), (31 * MiB, MiB), (20 * MiB + 7, 9)]
+    q = str(tmp_path / "g.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", q, size)
+
+    def qemu_writes(ws, seed):
+        cmds = []
+        for i, (off, n) in enumerate(ws):
+            cmds += ["-c", f"write -P {seed + i} {off} {n}"]
+        run("qemu-io", "-f", "qcow2", *cmds, q)
+    qemu_writes(first, 1)
+    run("qemu-img", "bitmap", "--add", "-g", "64k", q, "b0")
+    qemu_writes(second, 50)
+    img = str(tmp_path / "g.vdk")
+    with vdisk.create(img, size, block_size=BS) as d:
+        for i, (off, n) in enumerate(first):
+            d.pwrite(bytes([1 + i]) * n, off)
+        d.consumers.register("b0", d.checkpoint())
+        for i, (off, n) in enumerate(second):
+            d.pwrite(bytes([50 + i]) * n, off)
+    qsock = str(tmp_path / "q.sock")
+    qproc = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", "qcow2", "-B", "b0", "-x", "g", "-k", qsock, q],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(500):
+            if os.path.exists(qsock):
+                break
+            time.sleep(0.02)
+        srv = serve_process(img)
+        quri = f"nbd+unix:///g?socket={qsock}"
+        q_dirty = extents_of_map(nbdinfo_map(quri, "qemu:dirty-bitmap:b0"), 1)
+        v_dirty = extents_of_map(nbdinfo_map(srv.uri(), "qemu:dirty-bitmap:b0"), 1)
+        assert q_dirty == v_dirty and q_dirty
+        q_alloc = extents_of_map(nbdinfo_map(quri), 3)
+        v_alloc = extents_of_map(nbdinfo_map(srv.uri()), 3)
+        assert q_alloc == v_alloc
+        q_data = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", quri).stdout)
+        v_data = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", srv.uri()).stdout)
+        strip = [("start", "length", "data", "zero")]
+        assert [{k: e[k] for k in strip[0]} for e in q_data] == [{k: e[k] for k in strip[0]} for e in v_data]
+        assert srv.stop() == 0
+    finally:
+        qproc.terminate()
+        qproc.wait(30)
+
+
+def test_sigterm_answers_requests_in_flight_then_exits_0(tmp_path, serve_process):
+    """Pipelined writes, SIGTERM as soon as the first reply arrives: every write
+    answered is in the image after the clean exit, and the session ends with a
+    close, not a half-sent reply."""
+    from nbd_client import Client
+    from vdisk.nbd import protocol as P
+    img = make_image(tmp_path / "disk.vdk")
+    srv = serve_process(img)
+    c = Client(srv.socket).connect()
+    n = 200
+    burst = b"".join(P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_WRITE, i + 1, i * BS, 4096)
+                     + bytes([i % 250 + 1]) * 4096 for i in range(n))
+    c.send(burst)
+    answered = [c.reply()]
+    srv.proc.send_signal(signal.SIGTERM)
+    while True:
+        try:
+            answered.append(c.reply())
+        except EOFError:
+            break
+    assert srv.stop() == 0
+    assert all(r.error == 0 for r in answered) and [r.cookie for r in answered] == list(range(1, len(answered) + 1))
+    data = image_bytes(img)
+    for r in answered:
+        i = r.cookie - 1
+        assert data[i * BS:i * BS + 4096] == bytes([i % 250 + 1]) * 4096
+
+
+def test_second_server_on_a_served_image_fails_in_one_line(tmp_path, serve_process):
+    img = make_image(tmp_path / "disk.vdk")
+    serve_process(img)
+    r = run(sys.executable, "-m", "vdisk", "serve", img, "--socket", str(tmp_path / "other.sock"), check=False)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "in use" in r.stderr, r.stderr

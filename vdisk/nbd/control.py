@@ -209,9 +209,6 @@ class ControlServer:
         return {"ok": True, "result": result}
 
     # ---------------------------------------------------------------- helpers
-    def _changed(self) -> None:
-        self.server.image.changed()
-
     def _in_worker(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
@@ -266,7 +263,6 @@ async def _op_changes(c: ControlServer, since=None, consumer=None) -> dict:
 @_op
 async def _op_checkpoint(c: ControlServer) -> str:
     cid = c.disk.checkpoint()
-    c._changed()
     return cid
 
 
@@ -277,7 +273,6 @@ async def _op_snapshot_create(c: ControlServer, name=None) -> dict:
         info = snap.info
     finally:
         snap.close()
-    c._changed()
     return live.snapshot_dict(info)
 
 
@@ -306,7 +301,6 @@ async def _op_snapshot_delete(c: ControlServer, name, wait=None) -> None:
                 f"delete it once they disconnect (or pass --wait SECONDS)"))
         await asyncio.sleep(0.05)
     c.disk.delete_snapshot(name)         # same step as the count: no client can connect in between
-    c._changed()
 
 
 @_op
@@ -320,7 +314,6 @@ async def _op_snapshot_revert(c: ControlServer, name) -> None:
             f"cannot revert to snapshot {name!r} while {n} NBD client{'s are' if n > 1 else ' is'} connected to "
             f"the live export (the guest would see its disk change under it); disconnect them first"))
     c.disk.revert(name)
-    c._changed()
 
 
 def _consumer(info) -> dict:
@@ -330,21 +323,18 @@ def _consumer(info) -> dict:
 @_op
 async def _op_consumer_register(c: ControlServer, name, change_id=None) -> dict:
     info = c.disk.consumers.register(_str(name, "name"), _str(change_id, "change_id", optional=True))
-    c._changed()
     return _consumer(info)
 
 
 @_op
 async def _op_consumer_update(c: ControlServer, name, change_id) -> dict:
     info = c.disk.consumers.update(_str(name, "name"), _str(change_id, "change_id"))
-    c._changed()
     return _consumer(info)
 
 
 @_op
 async def _op_consumer_forget(c: ControlServer, name) -> None:
     c.disk.consumers.forget(_str(name, "name"))
-    c._changed()
 
 
 @_op
@@ -367,7 +357,6 @@ async def _op_backup(c: ControlServer, dest, since=None, consumer=None, compress
     _str(consumer, "consumer", optional=True)
     res = await c._in_worker(lambda: run_backup(c.disk, dest, since=since, consumer=consumer,
                                                     compression=_str(compression, "compression")))
-    c._changed()
     out = res.to_dict()
     out["extent_runs"] = live.extents_list(res.extents)
     return out
