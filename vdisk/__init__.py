@@ -39,3 +39,9 @@ __all__ = [
     "backup", "restore", "verify", "merge", "BackupResult", "BackupChainError", "ChecksumError",
     "Consumers", "ConsumerInfo", "ConsumerNotFoundError",
 ]
+
+
+def serve(path_or_disk, *, socket=None, listen=None, export=None, read_only=False, **options) -> None:
+    """Serve an image over NBD until SIGTERM/SIGINT (vdisk/nbd/__init__.py)."""
+    from .nbd import serve as _serve
+    _serve(path_or_disk, socket=socket, listen=listen, export=export, read_only=read_only, **options)

@@ -12,6 +12,8 @@ Commands::
     vdisk convert [-f FMT] [-O FMT] [-p] [--allow-backing] [--backing FILE] [--block-size N]
                   [--snapshot NAME] [--overwrite] SRC DST
     vdisk compare [-f FMT] [-F FMT] [--allow-backing] A B
+    vdisk serve FILE (--socket PATH | --listen HOST:PORT) [--export NAME] [--read-only] [--pid-file PATH]
+                [--tls-cert F --tls-key F [--tls-ca F]] [--insecure]
 
 Sizes are bytes or take a unit: 512, 64KiB, 10GiB, 1G (K/M/G/T are binary).
 
@@ -592,6 +594,43 @@ def merge_(dest: str, deltas: tuple[str, ...]) -> None:
     """Merge the chain DELTA... into one full backup DEST; prints its change id."""
     res = vdisk.merge(list(deltas), dest)
     click.echo(res.change_id)
+
+
+@main.command(name="serve")
+@file_argument
+@click.option("--socket", "socket_path", type=click.Path(), help="Listen on this unix socket (created mode 0600).")
+@click.option("--listen", metavar="HOST:PORT",
+              help="Listen on TCP; a non-loopback address needs TLS or --insecure.")
+@click.option("--export", "export_name", metavar="NAME",
+              help="Export name of the live image (default: the file name without extension).")
+@click.option("--read-only", is_flag=True, help="Serve read-only (writes are answered EPERM).")
+@click.option("--pid-file", type=click.Path(), help="Write the server's pid here once listening.")
+@click.option("--tls-cert", type=click.Path(), help="Server certificate (PEM): TLS is then required.")
+@click.option("--tls-key", type=click.Path(), help="Private key of --tls-cert (PEM).")
+@click.option("--tls-ca", type=click.Path(), help="Accept only clients with a certificate this CA signed.")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --listen without TLS.")
+def serve_(file: str, socket_path: str | None, listen: str | None, export_name: str | None, read_only: bool,
+           pid_file: str | None, tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
+           insecure: bool) -> None:
+    """Serve FILE over NBD until SIGTERM/SIGINT (then flush and exit 0).
+
+    Exports: "" and NAME are the live image, NAME@SNAPSHOT each snapshot
+    (read-only).  Meta contexts: base:allocation, qemu:dirty-bitmap:CONSUMER,
+    qemu:dirty-bitmap:CHANGE-ID.
+    """
+    import logging
+
+    from vdisk.nbd import Server
+    if (socket_path is None) == (listen is None):
+        raise click.UsageError("give exactly one of --socket PATH or --listen HOST:PORT")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("vdisk serve: %(message)s"))
+    logger = logging.getLogger("vdisk.nbd")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    Server(file, socket=socket_path, listen=listen, export=export_name, read_only=read_only, pid_file=pid_file,
+           tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, insecure=insecure).run()
 
 
 if __name__ == "__main__":

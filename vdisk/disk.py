@@ -1296,6 +1296,25 @@ class Disk(io.RawIOBase):
             self._check_open()
             return self._map_locked()
 
+    def map_range(self, offset: int, length: int) -> Extents:
+        """The allocated extents of map() that meet [offset, offset + length),
+        clipped to it; the cost is that of the range's blocks, not the
+        disk's (the NBD server answers block status and reads with it)."""
+        self._check_range(offset, length, "map")
+        with self._lock:
+            self._check_open()
+            shift = self._hdr.block_shift
+            if not length:
+                return Extents()
+            b0, b1 = offset >> shift, ((offset + length - 1) >> shift) + 1
+            starts, lengths = _fast.nonzero_runs(self._table, b0, b1)
+            ext = Extents.from_block_runs(starts, lengths, shift, self.size)
+            if len(ext):
+                ends = np.minimum(ext.offsets + ext.lengths, np.uint64(offset + length))
+                offs = np.maximum(ext.offsets, np.uint64(offset))
+                ext = Extents(offs, ends - offs)
+            return ext
+
     def _map_locked(self) -> Extents:
         runs = [_fast.nonzero_runs(self._table, lo, hi) for lo, hi in self._table_runs(self._hdr.nblocks)]
         starts = np.concatenate([r[0] for r in runs]) if runs else np.empty(0, np.int64)

@@ -79,3 +79,9 @@ class BackupChainError(VdiskError):
 
 class ChecksumError(CorruptImageError):
     """Stored data does not match its checksum; the message names the file and the block or structure."""
+
+
+class ServeError(VdiskError):
+    """The NBD server cannot start as asked: an address it may not or cannot
+    listen on, a socket path in use, unusable TLS files.  The message names
+    the address or file and the flag that would allow it."""

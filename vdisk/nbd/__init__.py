@@ -1,0 +1,33 @@
+"""``vdisk serve``: an NBD server of vdisk images.
+
+How to start it
+---------------
+Command line (serves until SIGTERM/SIGINT, then flushes and exits 0)::
+
+    vdisk serve disk.vdk --socket /run/disk.sock        # nbd+unix:///?socket=/run/disk.sock
+    vdisk serve disk.vdk --listen 127.0.0.1:10809       # nbd://127.0.0.1:10809/disk
+    vdisk serve disk.vdk --listen 0.0.0.0:10809 --tls-cert server-cert.pem --tls-key server-key.pem
+
+Python::
+
+    import vdisk
+    vdisk.serve("disk.vdk", socket="/run/disk.sock")     # blocks until SIGTERM/SIGINT
+
+    from vdisk.nbd import Server
+    with Server("disk.vdk", socket="/tmp/s") as srv:     # served from a thread
+        ...                                              # clients use nbd+unix:///?socket=/tmp/s
+    srv = Server(disk, listen="127.0.0.1:0")             # or in your own event loop:
+    await srv.start(); print(srv.address); ...; await srv.stop()
+
+Exports: ``""`` and NAME (``export=``, default the file name without its
+extension) are the live image; ``NAME@S`` is snapshot S, read-only.  Meta
+contexts: ``base:allocation``, ``qemu:dirty-bitmap:CONSUMER`` and
+``qemu:dirty-bitmap:CHANGE-ID``.
+
+Modules: protocol.py declares the wire (constants and structs, named as in
+the NBD spec), exports.py is the glue to a Disk, server.py the asyncio
+server and its lifecycle.
+"""
+from .server import Server, serve
+
+__all__ = ["Server", "serve"]

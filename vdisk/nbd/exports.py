@@ -1,0 +1,227 @@
+"""The glue between NBD exports and one vdisk image.
+
+An :class:`Image` owns one open Disk and names its exports:
+
+* ``""`` and ``NAME``: the live image (read-write unless the server is
+  read-only);
+* ``NAME@S`` for each snapshot ``S``: the frozen view, read-only.
+
+Each export offers meta contexts (doc/proto.md, "Metadata querying"):
+
+* ``base:allocation``: unallocated ranges are ``NBD_STATE_HOLE | NBD_STATE_ZERO``,
+  allocated ones 0;
+* ``qemu:dirty-bitmap:C`` for every named consumer ``C`` of the image: the
+  blocks changed since C's last recorded id (every allocated block when
+  it has none), on a snapshot export up to the snapshot's point;
+* ``qemu:dirty-bitmap:ID`` for any change id the export can answer.  An
+  id it cannot answer (stale, foreign, newer than a snapshot) is not
+  offered: the client sees the context refused, never a partial answer.
+
+Every answer comes from Disk.map_range / Snapshot.map and changes_since (the
+tracking kernels), never from reading data.  Change ids are opaque strings.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import errors
+from . import protocol as P
+
+
+class Context:
+    """One selectable meta context of one export: the runs its flag is set on."""
+
+    __slots__ = ("name", "export", "set_flags", "clear_flags", "_query")
+
+    def __init__(self, name: str, export: "Export", set_flags: int, clear_flags: int, query):
+        self.name = name
+        self.export = export
+        self.set_flags = set_flags          # the flags of the runs query() returns
+        self.clear_flags = clear_flags      # the flags elsewhere
+        self._query = query                 # (offset, length) -> (offsets, ends) uint64 arrays
+
+    def descriptors(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        """(length, flags) descriptors from offset, covering at most length bytes
+        and at most limit descriptors; never a zero-length one."""
+        offsets, ends = self._query(offset, length)
+        return describe(offsets, ends, offset, offset + length, self.set_flags, self.clear_flags, limit)
+
+
+def describe(offsets: np.ndarray, ends: np.ndarray, start: int, stop: int, inside: int, outside: int,
+             limit: int) -> list[tuple[int, int]]:
+    """Descriptors of [start, stop) given sorted, disjoint runs [offsets, ends)."""
+    lo = int(np.searchsorted(ends, start, side="right"))
+    hi = int(np.searchsorted(offsets, stop, side="left"))
+    runs_lo = offsets[lo:hi].tolist()
+    runs_hi = ends[lo:hi].tolist()
+    out: list[tuple[int, int]] = []
+    pos = start
+    i = 0
+    n = len(runs_lo)
+    while pos < stop and len(out) < limit:
+        if i < n and runs_lo[i] <= pos:
+            end = min(runs_hi[i], stop)
+            i += 1
+            if end <= pos:
+                continue
+            flags = inside
+        else:
+            end = min(runs_lo[i], stop) if i < n else stop
+            flags = outside
+        if out and out[-1][1] == flags:         # touching runs of one kind: one descriptor
+            out[-1] = (out[-1][0] + end - pos, flags)
+        else:
+            out.append((end - pos, flags))
+        pos = end
+    return out
+
+
+def _arrays(extents) -> tuple[np.ndarray, np.ndarray]:
+    offs = extents.offsets
+    return offs, offs + extents.lengths
+
+
+class Export:
+    """One export: a name, a view (the Disk or a Snapshot), and whether it is writable."""
+
+    def __init__(self, image: "Image", name: str, view, read_only: bool, snapshot: str | None = None):
+        self.image = image
+        self.name = name
+        self.view = view
+        self.read_only = read_only
+        self.snapshot = snapshot
+        self._cache: dict = {}
+
+    @property
+    def size(self) -> int:
+        return self.view.size
+
+    @property
+    def live(self) -> bool:
+        return self.snapshot is None
+
+    def transmission_flags(self) -> int:
+        f = (P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH | P.NBD_FLAG_SEND_FUA | P.NBD_FLAG_SEND_DF
+             | P.NBD_FLAG_SEND_CACHE | P.NBD_FLAG_CAN_MULTI_CONN)
+        # CAN_MULTI_CONN: every connection writes through the one Disk, whose flush makes every
+        # write acknowledged before it durable, whichever connection wrote it
+        if self.read_only:
+            f |= P.NBD_FLAG_READ_ONLY
+        else:
+            f |= P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO
+        return f
+
+    # --- answers cached per state of the image (snapshots never change) -------------------
+    def _cached(self, key, compute):
+        epoch = self.image.epoch if self.live else 0
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == epoch:
+            return hit[1]
+        value = compute()
+        if len(self._cache) > 64:
+            self._cache.clear()
+        self._cache[key] = (epoch, value)
+        return value
+
+    def allocated(self, offset: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Runs [offsets, ends) of allocated data that meet [offset, offset + length)."""
+        if self.live:
+            return _arrays(self.view.map_range(offset, length))
+        return self._cached("map", lambda: _arrays(self.view.map()))
+
+    def changed(self, change_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Runs changed after change_id (raises StaleChangeIdError if the view cannot answer)."""
+        return self._cached(("changes", change_id), lambda: _arrays(self.view.changes_since(change_id)))
+
+    # --- meta contexts --------------------------------------------------------------------
+    def _consumer_ids(self) -> dict[str, str]:
+        """Consumer name -> the change id its bitmap starts from ('*': everything allocated)."""
+        if not self.image.disk.track_changes:
+            return {}
+        return {info.name: info.change_id or "*" for info in self.image.disk.consumers.values()}
+
+    def _context_for(self, name: str) -> Context | None:
+        if name == P.BASE_ALLOCATION:
+            return Context(name, self, 0, P.NBD_STATE_HOLE | P.NBD_STATE_ZERO, self.allocated)
+        if not name.startswith(P.QEMU_DIRTY_BITMAP) or not self.image.disk.track_changes:
+            return None
+        key = name[len(P.QEMU_DIRTY_BITMAP):]
+        if not key:
+            return None
+        cid = self._consumer_ids().get(key, key)
+        try:
+            self.changed(cid)               # an id this view cannot answer is not offered
+        except (errors.StaleChangeIdError, errors.UnsupportedFeatureError):
+            return None
+        return Context(name, self, P.NBD_STATE_DIRTY, 0, lambda off, n: self.changed(cid))
+
+    def list_contexts(self, queries: list[str]) -> list[str]:
+        """Names answering NBD_OPT_LIST_META_CONTEXT: an empty list or a leaf-less
+        namespace (``base:``, ``qemu:``, ``qemu:dirty-bitmap:``) lists all it covers."""
+        bitmaps = [P.QEMU_DIRTY_BITMAP + c for c in self._consumer_ids()]
+        bitmaps = [b for b in bitmaps if self._context_for(b) is not None]
+        everything = [P.BASE_ALLOCATION] + bitmaps
+        if not queries:
+            return everything
+        out: list[str] = []
+        for q in queries:
+            if q == "base:":
+                names = [P.BASE_ALLOCATION]
+            elif q in (P.QEMU_NAMESPACE, P.QEMU_DIRTY_BITMAP):
+                names = bitmaps
+            else:
+                names = [q] if self._context_for(q) is not None else []
+            out += [n for n in names if n not in out]
+        return out
+
+    def select_contexts(self, queries: list[str]) -> list[Context]:
+        """Contexts for NBD_OPT_SET_META_CONTEXT: exact names only; unknown or
+        unanswerable ones are left out."""
+        out: list[Context] = []
+        for q in queries:
+            if any(c.name == q for c in out):
+                continue
+            ctx = self._context_for(q)
+            if ctx is not None:
+                out.append(ctx)
+        return out
+
+
+class Image:
+    """The exports of one open Disk."""
+
+    def __init__(self, disk, name: str, read_only: bool):
+        self.disk = disk
+        self.name = name
+        self.read_only = read_only or not disk.writable()
+        self.epoch = 0                      # advanced by every change made through the server
+        self._live = Export(self, name, disk, self.read_only)
+        self._snapshots: dict[str, Export] = {}
+
+    def changed(self) -> None:
+        self.epoch += 1
+
+    def names(self) -> list[str]:
+        """The export names NBD_OPT_LIST shows: NAME, then NAME@S for each snapshot."""
+        return [self.name] + [f"{self.name}@{s.name}" for s in self.disk.snapshots]
+
+    def lookup(self, name: str) -> Export | None:
+        if name in ("", self.name):
+            return self._live
+        prefix = self.name + "@"
+        if not name.startswith(prefix):
+            return None
+        snap = name[len(prefix):]
+        export = self._snapshots.get(snap)
+        if export is not None and not export.view.closed:
+            return export
+        if snap not in {s.name for s in self.disk.snapshots}:
+            return None
+        export = Export(self, name, self.disk.open_snapshot(snap), True, snapshot=snap)
+        self._snapshots[snap] = export
+        return export
+
+    def close(self) -> None:
+        for export in self._snapshots.values():
+            export.view.close()
+        self._snapshots.clear()

@@ -1,0 +1,781 @@
+"""The asyncio NBD server: handshake, transmission, lifecycle.
+
+One :class:`Server` serves one image (vdisk/nbd/exports.py names its
+exports) on a unix socket or a TCP address, to any number of connections.
+
+Contracts
+---------
+* Durability: a reply to FLUSH, or to a write with FUA, is sent only after
+  Disk.flush returned.  Every connection writes through the one Disk, and
+  Disk.flush makes every write before it durable, so a flush covers the
+  writes acknowledged on every connection before it: the server advertises
+  NBD_FLAG_CAN_MULTI_CONN.
+* Isolation: a connection handles one request at a time (its in-flight
+  count is one, its memory bounded by the 32 MiB request cap).  A
+  malformed or hostile client is disconnected and logged in one line
+  (``logging`` logger ``vdisk.nbd``); no other connection notices.
+* Disk calls run in the loop's thread (Disk calls are short: a pread or
+  pwrite of at most 32 MiB), except flush, which runs in one executor
+  thread so a slow fsync does not stall the other connections' network I/O.
+* Stop (SIGTERM/SIGINT, or Server.stop()): stop accepting, let each
+  connection finish the request it is handling, flush, close the image.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ipaddress
+import logging
+import os
+import signal
+import socket as _socket
+import ssl
+import stat
+import threading
+
+from .. import errors
+from . import protocol as P
+from .exports import Export, Image
+
+log = logging.getLogger("vdisk.nbd")
+
+_ZEROS = bytes(1 << 20)
+
+
+class ProtocolViolation(Exception):
+    """The client broke the protocol: log one line and disconnect."""
+
+
+class _Disconnect(Exception):
+    """The client ended the session cleanly (ABORT, DISC, EOF between messages)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address host resolves to is a loopback address (no DNS is asked
+    for a literal address)."""
+    if host in ("", "*"):
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = _socket.getaddrinfo(host, None, type=_socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT or [V6]:PORT."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise errors.InvalidArgumentError(f"--listen {text!r}: expected HOST:PORT (e.g. 127.0.0.1:10809)")
+    return host.strip("[]"), int(port)
+
+
+def tls_context(cert, key, ca=None) -> ssl.SSLContext:
+    """A server TLS context; with ca, clients must present a certificate it signed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+        if ca:
+            ctx.load_verify_locations(ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise errors.ServeError(f"TLS certificate {cert} / key {key}: {exc}") from None
+    return ctx
+
+
+class Connection:
+    """One client: the handshake's state, then the transmission loop."""
+
+    def __init__(self, server: "Server", reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str):
+        self.server = server
+        self.image: Image = server.image
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+        self.structured = False
+        self.no_zeroes = False
+        self.tls = False
+        self.export: Export | None = None
+        self.meta_export: str | None = None    # the export name the contexts were set for
+        self.contexts: list = []               # index i: context id i + 1
+        self.busy = False                      # a request is being handled: let it finish on stop
+        self.stopping = False
+        self._buf = bytearray(0)
+
+    # ---------------------------------------------------------------- io helpers
+    async def _read(self, n: int) -> bytes:
+        return await self.reader.readexactly(n)
+
+    def _send(self, *parts) -> None:
+        w = self.writer
+        for p in parts:
+            w.write(p)
+
+    async def _drain(self) -> None:
+        if self.writer.transport.get_write_buffer_size() > 1 << 20:
+            await self.writer.drain()
+
+    # ---------------------------------------------------------------- the session
+    async def run(self) -> None:
+        try:
+            await self._handshake()
+            await self._transmission()
+        except _Disconnect:
+            pass
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                log.warning("nbd client %s: disconnected in the middle of a message (%d of %d bytes)",
+                            self.peer, len(exc.partial), exc.expected)
+        except ProtocolViolation as exc:
+            log.warning("nbd client %s: %s; disconnected", self.peer, exc)
+        except ssl.SSLError as exc:
+            log.warning("nbd client %s: TLS failed: %s; disconnected", self.peer, exc)
+        except ConnectionError as exc:          # the peer went away: its own business
+            log.debug("nbd client %s: connection lost: %s", self.peer, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:                  # a bug: this connection only
+            log.exception("nbd client %s: internal error %s; disconnected", self.peer, exc)
+        finally:
+            try:
+                self.writer.close()
+            except Exception:
+                pass
+
+    # ---------------------------------------------------------------- handshake
+    async def _handshake(self) -> None:
+        self._send(P.SERVER_GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, P.NBD_FLAG_FIXED_NEWSTYLE | P.NBD_FLAG_NO_ZEROES))
+        await self.writer.drain()
+        (flags,) = P.CLIENT_FLAGS.unpack(await self._read(4))
+        if not flags & P.NBD_FLAG_C_FIXED_NEWSTYLE:
+            raise ProtocolViolation(f"client flags {flags:#x} lack NBD_FLAG_C_FIXED_NEWSTYLE")
+        if flags & ~P.KNOWN_CLIENT_FLAGS:
+            raise ProtocolViolation(f"unknown client flags {flags:#x}")
+        self.no_zeroes = bool(flags & P.NBD_FLAG_C_NO_ZEROES)
+        for _ in range(P.MAX_OPTIONS):
+            magic, opt, length = P.OPTION_HEADER.unpack(await self._read(P.OPTION_HEADER.size))
+            if magic != P.IHAVEOPT:
+                raise ProtocolViolation(f"option magic {magic:#x}, expected IHAVEOPT")
+            if length > P.MAX_OPTION_LENGTH:
+                raise ProtocolViolation(f"option {opt} of {length} bytes (at most {P.MAX_OPTION_LENGTH})")
+            data = await self._read(length) if length else b""
+            if self.stopping:
+                self._reply(opt, P.NBD_REP_ERR_SHUTDOWN, b"server shutting down")
+                await self.writer.drain()
+                raise _Disconnect()
+            if await self._option(opt, data):
+                return
+            await self.writer.drain()
+        raise ProtocolViolation(f"more than {P.MAX_OPTIONS} options without entering transmission")
+
+    def _reply(self, opt: int, rtype: int, data: bytes = b"") -> None:
+        self._send(P.OPTION_REPLY.pack(P.NBD_OPT_REPLY_MAGIC, opt, rtype, len(data)), data)
+
+    def _error(self, opt: int, rtype: int, message: str) -> None:
+        self._reply(opt, rtype, message.encode()[:P.MAX_STRING])
+
+    async def _option(self, opt: int, data: bytes) -> bool:
+        """Handle one option; True when transmission begins."""
+        if self.server.tls_context is not None and not self.tls and opt not in (P.NBD_OPT_STARTTLS, P.NBD_OPT_ABORT):
+            if opt == P.NBD_OPT_EXPORT_NAME:
+                raise ProtocolViolation("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a TLS-only server")
+            self._error(opt, P.NBD_REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
+            return False
+        if opt == P.NBD_OPT_EXPORT_NAME:
+            export = self.image.lookup(self._text(data, "export name"))
+            if export is None:
+                raise ProtocolViolation(f"NBD_OPT_EXPORT_NAME of an unknown export {data[:64]!r}")
+            self._enter(export)
+            reply = P.EXPORT_NAME_REPLY.pack(export.size, export.transmission_flags())
+            self._send(reply if self.no_zeroes else reply + bytes(P.EXPORT_NAME_PADDING))
+            return True
+        if opt == P.NBD_OPT_ABORT:
+            self._reply(opt, P.NBD_REP_ACK)
+            await self.writer.drain()
+            raise _Disconnect()
+        if opt == P.NBD_OPT_LIST:
+            if data:
+                self._error(opt, P.NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+                return False
+            for name in self.image.names():
+                raw = name.encode()
+                self._reply(opt, P.NBD_REP_SERVER, P.U32.pack(len(raw)) + raw)
+            self._reply(opt, P.NBD_REP_ACK)
+            return False
+        if opt == P.NBD_OPT_STARTTLS:
+            await self._starttls(data)
+            return False
+        if opt in (P.NBD_OPT_INFO, P.NBD_OPT_GO):
+            return self._info_go(opt, data)
+        if opt == P.NBD_OPT_STRUCTURED_REPLY:
+            if data:
+                self._error(opt, P.NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+            else:
+                self.structured = True
+                self._reply(opt, P.NBD_REP_ACK)
+            return False
+        if opt in (P.NBD_OPT_LIST_META_CONTEXT, P.NBD_OPT_SET_META_CONTEXT):
+            self._meta_context(opt, data)
+            return False
+        self._error(opt, P.NBD_REP_ERR_UNSUP, f"option {opt} is not supported")
+        return False
+
+    def _text(self, raw: bytes, what: str) -> str:
+        if len(raw) > P.MAX_STRING:
+            raise ProtocolViolation(f"{what} of {len(raw)} bytes (at most {P.MAX_STRING})")
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise ProtocolViolation(f"{what} is not UTF-8") from None
+
+    def _parse_name(self, data: bytes, what: str) -> tuple[str, int]:
+        """A u32-length-prefixed string at the start of data: (text, offset after it)."""
+        if len(data) < 4:
+            raise _BadOption(f"{what}: {len(data)} bytes, too short for its length field")
+        (n,) = P.U32.unpack_from(data)
+        if n > P.MAX_STRING or 4 + n > len(data):
+            raise _BadOption(f"{what}: length {n} does not fit the option's {len(data)} bytes")
+        try:
+            return data[4:4 + n].decode(), 4 + n
+        except UnicodeDecodeError:
+            raise _BadOption(f"{what} is not UTF-8") from None
+
+    def _info_go(self, opt: int, data: bytes) -> bool:
+        try:
+            name, pos = self._parse_name(data, "export name")
+            if len(data) < pos + 2:
+                raise _BadOption("no count of information requests")
+            (count,) = P.U16.unpack_from(data, pos)
+            if len(data) != pos + 2 + 2 * count:
+                raise _BadOption(f"{count} information requests in {len(data) - pos - 2} bytes")
+        except _BadOption as exc:
+            self._error(opt, P.NBD_REP_ERR_INVALID, str(exc))
+            return False
+        export = self.image.lookup(name)
+        if export is None:
+            self._error(opt, P.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
+            return False
+        self._reply(opt, P.NBD_REP_INFO, P.INFO_EXPORT.pack(P.NBD_INFO_EXPORT, export.size,
+                                                            export.transmission_flags()))
+        self._reply(opt, P.NBD_REP_INFO, P.INFO_BLOCK_SIZE.pack(
+            P.NBD_INFO_BLOCK_SIZE, self.server.min_block, max(self.server.min_block, P.PREFERRED_BLOCK),
+            P.MAX_REQUEST))
+        self._reply(opt, P.NBD_REP_ACK)
+        if opt == P.NBD_OPT_GO:
+            self._enter(export)
+            return True
+        return False
+
+    def _enter(self, export: Export) -> None:
+        self.export = export
+        if self.meta_export is not None and self.image.lookup(self.meta_export) is not export:
+            self.contexts = []          # contexts were negotiated for another export
+
+    def _meta_context(self, opt: int, data: bytes) -> None:
+        if not self.structured:
+            self._error(opt, P.NBD_REP_ERR_INVALID, "meta contexts need NBD_OPT_STRUCTURED_REPLY first")
+            return
+        try:
+            name, pos = self._parse_name(data, "export name")
+            if len(data) < pos + 4:
+                raise _BadOption("no count of queries")
+            (count,) = P.U32.unpack_from(data, pos)
+            pos += 4
+            queries = []
+            for i in range(count):
+                q, used = self._parse_name(data[pos:], f"query {i}")
+                pos += used
+                queries.append(q)
+            if pos != len(data):
+                raise _BadOption(f"{len(data) - pos} bytes after the queries")
+        except _BadOption as exc:
+            self._error(opt, P.NBD_REP_ERR_INVALID, str(exc))
+            return
+        export = self.image.lookup(name)
+        if export is None:
+            self._error(opt, P.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
+            return
+        if opt == P.NBD_OPT_LIST_META_CONTEXT:
+            for ctx_name in export.list_contexts(queries):
+                raw = ctx_name.encode()
+                self._reply(opt, P.NBD_REP_META_CONTEXT, P.U32.pack(0) + raw)
+        else:
+            self.contexts = export.select_contexts(queries)
+            self.meta_export = name
+            for i, ctx in enumerate(self.contexts):
+                self._reply(opt, P.NBD_REP_META_CONTEXT, P.U32.pack(i + 1) + ctx.name.encode())
+        self._reply(opt, P.NBD_REP_ACK)
+
+    async def _starttls(self, data: bytes) -> None:
+        opt = P.NBD_OPT_STARTTLS
+        if self.server.tls_context is None:
+            self._error(opt, P.NBD_REP_ERR_POLICY, "this server is not configured for TLS")
+            return
+        if self.tls:
+            self._error(opt, P.NBD_REP_ERR_INVALID, "TLS is already on")
+            return
+        if data:
+            self._error(opt, P.NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+            return
+        self._reply(opt, P.NBD_REP_ACK)
+        await self.writer.drain()
+        try:
+            await asyncio.wait_for(self.writer.start_tls(self.server.tls_context), 30)
+        except (ssl.SSLError, ConnectionError, asyncio.TimeoutError, OSError) as exc:
+            raise ProtocolViolation(f"TLS handshake failed: {exc}") from None
+        self.tls = True
+
+    # ---------------------------------------------------------------- transmission
+    async def _transmission(self) -> None:
+        read = self.reader.readexactly
+        unpack = P.REQUEST.unpack
+        size = P.REQUEST.size
+        while not self.stopping:
+            self.busy = False
+            header = await read(size)
+            self.busy = True
+            magic, flags, cmd, cookie, offset, length = unpack(header)
+            if magic != P.NBD_REQUEST_MAGIC:
+                raise ProtocolViolation(f"request magic {magic:#x}, expected {P.NBD_REQUEST_MAGIC:#x}")
+            if cmd == P.NBD_CMD_WRITE:
+                if length > P.MAX_REQUEST:
+                    raise ProtocolViolation(f"WRITE of {length} bytes (the advertised maximum is {P.MAX_REQUEST})")
+                payload = await read(length) if length else b""
+            else:
+                payload = None
+            if cmd == P.NBD_CMD_DISC:
+                raise _Disconnect()
+            err, msg = self._check(cmd, flags, offset, length)
+            if err:
+                self._reply_error(cmd, cookie, err, msg)
+            else:
+                await self._command(cmd, flags, cookie, offset, length, payload)
+            await self._drain()
+
+    def _check(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str]:
+        """(NBD error, message) for a request the server refuses before doing it, or (0, '')."""
+        allowed = _ALLOWED_FLAGS.get(cmd)
+        if allowed is None:
+            return P.NBD_EINVAL, f"unknown command {cmd}"
+        if flags & ~allowed:
+            return P.NBD_EINVAL, f"flags {flags:#x} not valid for {P.COMMAND_NAMES[cmd]}"
+        export = self.export
+        if cmd == P.NBD_CMD_FLUSH:
+            return 0, ""
+        if flags & P.NBD_CMD_FLAG_DF and not self.structured:
+            return P.NBD_EINVAL, "NBD_CMD_FLAG_DF without structured replies"
+        if cmd in _WRITES and export.read_only:
+            return P.NBD_EPERM, "the export is read-only"
+        if offset + length > export.size:
+            return (P.NBD_ENOSPC if cmd in (P.NBD_CMD_WRITE, P.NBD_CMD_WRITE_ZEROES) else P.NBD_EINVAL,
+                    f"offset {offset} + length {length} is past the export's size {export.size}")
+        mb = self.server.min_block
+        if mb > 1 and (offset % mb or (length % mb and offset + length != export.size)):
+            return P.NBD_EINVAL, f"offset {offset} or length {length} not a multiple of {mb}"
+        if cmd in (P.NBD_CMD_READ, P.NBD_CMD_CACHE) and length > P.MAX_REQUEST:
+            return P.NBD_EINVAL, f"{P.COMMAND_NAMES[cmd]} of {length} bytes (at most {P.MAX_REQUEST})"
+        if cmd == P.NBD_CMD_BLOCK_STATUS:
+            if not self.contexts:
+                return P.NBD_EINVAL, "BLOCK_STATUS without a meta context (NBD_OPT_SET_META_CONTEXT)"
+            if not length:
+                return P.NBD_EINVAL, "BLOCK_STATUS of length 0"
+        if cmd == P.NBD_CMD_WRITE_ZEROES and flags & P.NBD_CMD_FLAG_FAST_ZERO and flags & P.NBD_CMD_FLAG_NO_HOLE:
+            return P.NBD_ENOTSUP, "writing zeros that stay allocated is not faster than a write"
+        return 0, ""
+
+    def _reply_error(self, cmd: int, cookie: int, err: int, msg: str) -> None:
+        if self.structured and cmd in (P.NBD_CMD_READ, P.NBD_CMD_BLOCK_STATUS):
+            raw = msg.encode()[:P.MAX_STRING]
+            self._send(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                                           P.NBD_REPLY_TYPE_ERROR, cookie, P.ERROR_CHUNK.size + len(raw)),
+                       P.ERROR_CHUNK.pack(err, len(raw)), raw)
+        else:
+            self._send(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, err, cookie))
+
+    def _ok(self, cookie: int) -> None:
+        self._send(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    async def _command(self, cmd: int, flags: int, cookie: int, offset: int, length: int, payload) -> None:
+        export = self.export
+        try:
+            if cmd == P.NBD_CMD_READ:
+                self._do_read(flags, cookie, offset, length)
+                return
+            if cmd == P.NBD_CMD_WRITE:
+                if length:
+                    export.view.pwrite(payload, offset)
+                    self.image.changed()
+            elif cmd == P.NBD_CMD_FLUSH:
+                if not export.read_only:
+                    await self.server.flush()
+            elif cmd == P.NBD_CMD_TRIM:
+                if length:
+                    export.view.discard(offset, length)
+                    self.image.changed()
+            elif cmd == P.NBD_CMD_WRITE_ZEROES:
+                if length:
+                    self._write_zeroes(flags, offset, length)
+                    self.image.changed()
+            elif cmd == P.NBD_CMD_CACHE:
+                pass                    # the page cache serves reads; nothing to prefetch
+            elif cmd == P.NBD_CMD_BLOCK_STATUS:
+                self._block_status(flags, cookie, offset, length)
+                return
+            if flags & P.NBD_CMD_FLAG_FUA and cmd in _WRITES:
+                await self.server.flush()
+            self._ok(cookie)
+        except errors.ReadOnlyError as exc:
+            self._reply_error(cmd, cookie, P.NBD_EPERM, str(exc))
+        except errors.OutOfRangeError as exc:       # e.g. the image's physical limit
+            self._reply_error(cmd, cookie, P.NBD_ENOSPC if cmd in _WRITES else P.NBD_EINVAL, str(exc))
+        except (errors.VdiskIOError, OSError) as exc:
+            log.error("nbd client %s: %s at offset %d length %d failed: %s", self.peer,
+                      P.COMMAND_NAMES.get(cmd, cmd), offset, length, exc)
+            self._reply_error(cmd, cookie, P.ERRNO_TO_NBD.get(exc.errno or 0, P.NBD_EIO), str(exc))
+        except errors.VdiskError as exc:
+            log.error("nbd client %s: %s at offset %d length %d failed: %s", self.peer,
+                      P.COMMAND_NAMES.get(cmd, cmd), offset, length, exc)
+            self._reply_error(cmd, cookie, P.NBD_EIO, str(exc))
+
+    def _write_zeroes(self, flags: int, offset: int, length: int) -> None:
+        view = self.export.view
+        if not flags & P.NBD_CMD_FLAG_NO_HOLE:
+            view.discard(offset, length)            # a hole: reads as zeros, blocks freed
+            return
+        end = offset + length
+        while offset < end:                         # zeros written (whole zero blocks still unmap)
+            n = min(end - offset, len(_ZEROS))
+            view.pwrite(memoryview(_ZEROS)[:n], offset)
+            offset += n
+
+    def _buffer(self, n: int) -> memoryview:
+        """A reusable buffer for reads: reused only when the transport holds nothing of it."""
+        if len(self._buf) < n or self.writer.transport.get_write_buffer_size():
+            self._buf = bytearray(max(n, 65536))
+        return memoryview(self._buf)[:n]
+
+    def _do_read(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        export = self.export
+        if not self.structured:
+            buf = self._buffer(length)
+            if length:
+                export.view.preadinto(buf, offset)
+            self._send(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie), buf)
+            return
+        if not length:
+            self._send(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                                           P.NBD_REPLY_TYPE_NONE, cookie, 0))
+            return
+        # runs of data and holes; DF (do not fragment): one chunk
+        offs, ends = export.allocated(offset, length)
+        from .exports import describe
+        runs = describe(offs, ends, offset, offset + length, 0, 1, 1 << 30)
+        if flags & P.NBD_CMD_FLAG_DF and len(runs) > 1:
+            runs = [(length, 0)]
+        buf = self._buffer(length)
+        pos = offset
+        last = len(runs) - 1
+        for i, (n, hole) in enumerate(runs):
+            done = P.NBD_REPLY_FLAG_DONE if i == last else 0
+            if hole:
+                self._send(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, done, P.NBD_REPLY_TYPE_OFFSET_HOLE,
+                                               cookie, P.OFFSET_HOLE.size), P.OFFSET_HOLE.pack(pos, n))
+            else:
+                at = pos - offset
+                part = buf[at:at + n]
+                export.view.preadinto(part, pos)
+                self._send(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, done, P.NBD_REPLY_TYPE_OFFSET_DATA,
+                                               cookie, 8 + n), P.U64.pack(pos), part)
+            pos += n
+
+    def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        limit = 1 if flags & P.NBD_CMD_FLAG_REQ_ONE else P.MAX_EXTENTS
+        chunks = []
+        for i, ctx in enumerate(self.contexts):
+            try:
+                descs = ctx.descriptors(offset, length, limit)
+            except (errors.StaleChangeIdError, errors.UnsupportedFeatureError) as exc:
+                # the id stopped being answerable (tracking reset): refuse, never a partial answer
+                self._reply_error(P.NBD_CMD_BLOCK_STATUS, cookie, P.NBD_EINVAL, str(exc))
+                return
+            body = bytearray(P.U32.pack(i + 1))
+            for n, f in descs:
+                body += P.EXTENT.pack(n, f)
+            chunks.append(body)
+        last = len(chunks) - 1
+        for i, body in enumerate(chunks):
+            self._send(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE if i == last else 0,
+                                           P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, len(body)), bytes(body))
+
+
+class _BadOption(Exception):
+    """An option's data does not parse: answered NBD_REP_ERR_INVALID."""
+
+
+_WRITES = frozenset((P.NBD_CMD_WRITE, P.NBD_CMD_TRIM, P.NBD_CMD_WRITE_ZEROES))
+_ALLOWED_FLAGS = {
+    P.NBD_CMD_READ: P.NBD_CMD_FLAG_DF | P.NBD_CMD_FLAG_FUA,
+    P.NBD_CMD_WRITE: P.NBD_CMD_FLAG_FUA,
+    P.NBD_CMD_FLUSH: 0,
+    P.NBD_CMD_TRIM: P.NBD_CMD_FLAG_FUA,
+    P.NBD_CMD_CACHE: 0,
+    P.NBD_CMD_WRITE_ZEROES: P.NBD_CMD_FLAG_FUA | P.NBD_CMD_FLAG_NO_HOLE | P.NBD_CMD_FLAG_FAST_ZERO,
+    P.NBD_CMD_BLOCK_STATUS: P.NBD_CMD_FLAG_REQ_ONE,
+}
+
+
+class Server:
+    """An NBD server of one vdisk image.
+
+    ``Server(path_or_disk, socket=PATH)`` or ``listen="HOST:PORT"``; then
+    either ``await server.start()`` / ``await server.stop()`` in your own
+    event loop, ``server.start_in_thread()`` / ``server.stop_in_thread()``
+    from plain code, or ``server.run()`` to serve until SIGTERM/SIGINT.
+    A path is opened (``r+``, or ``r`` when read-only) and closed at stop;
+    a Disk passed in is flushed at stop and left open.
+    """
+
+    def __init__(self, path_or_disk, *, socket=None, listen=None, export: str | None = None,
+                 read_only: bool = False, tls_cert=None, tls_key=None, tls_ca=None, insecure: bool = False,
+                 pid_file=None, min_block_size: int = 1):
+        if (socket is None) == (listen is None):
+            raise errors.InvalidArgumentError("give exactly one of socket=PATH or listen='HOST:PORT'")
+        if bool(tls_cert) != bool(tls_key):
+            raise errors.InvalidArgumentError("TLS needs both --tls-cert and --tls-key")
+        if tls_ca and not tls_cert:
+            raise errors.InvalidArgumentError("--tls-ca needs --tls-cert and --tls-key")
+        if min_block_size < 1 or min_block_size & (min_block_size - 1) or min_block_size > 65536:
+            raise errors.InvalidArgumentError(f"min_block_size {min_block_size}: a power of two from 1 to 65536")
+        self.socket_path = os.fspath(socket) if socket is not None else None
+        self.listen = parse_listen(listen) if listen is not None else None
+        if self.listen and not is_loopback(self.listen[0]) and not tls_cert and not insecure:
+            raise errors.ServeError(
+                f"--listen {listen}: {self.listen[0] or 'every address'} is not a loopback address; "
+                f"serve it only with TLS (--tls-cert/--tls-key) or pass --insecure")
+        self.tls_context = tls_context(tls_cert, tls_key, tls_ca) if tls_cert else None
+        self.min_block = min_block_size
+        self.pid_file = os.fspath(pid_file) if pid_file is not None else None
+        self._owns_disk = not hasattr(path_or_disk, "pread")
+        if self._owns_disk:
+            from .. import disk as _disk
+            self.disk = _disk.open(path_or_disk, "r" if read_only else "r+")
+        else:
+            self.disk = path_or_disk
+        try:
+            if export is None:
+                export = os.path.splitext(os.path.basename(self.disk.path))[0]
+            if "@" in export or len(export.encode()) > P.MAX_STRING or not export.isprintable():
+                raise errors.InvalidArgumentError(f"export name {export!r}: printable, no '@', at most 4096 bytes")
+            self.image = Image(self.disk, export, read_only)
+        except BaseException:
+            if self._owns_disk:
+                self.disk.close()
+            raise
+        self.address: str | None = None       # "unix:PATH" or "HOST:PORT" once listening
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: dict[asyncio.Task, Connection] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vdisk-nbd-flush")
+        self._counter = 0
+        self._stopped: asyncio.Event | None = None     # set when stop() begins
+        self._done: asyncio.Event | None = None        # set when stop() has finished
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def export_name(self) -> str:
+        return self.image.name
+
+    async def flush(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.disk.flush)
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Bind and start accepting (returns once listening)."""
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._done = asyncio.Event()
+        try:
+            if self.socket_path is not None:
+                _clear_stale_socket(self.socket_path)
+                old = os.umask(0o177)           # the socket is born 0600
+                try:
+                    self._server = await asyncio.start_unix_server(self._accept, self.socket_path,
+                                                                   limit=P.MAX_REQUEST + 1024)
+                finally:
+                    os.umask(old)
+                os.chmod(self.socket_path, 0o600)
+                self.address = f"unix:{self.socket_path}"
+            else:
+                host, port = self.listen
+                self._server = await asyncio.start_server(self._accept, host, port, limit=P.MAX_REQUEST + 1024)
+                bound = self._server.sockets[0].getsockname()
+                self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
+        except OSError as exc:
+            await self._close_image()
+            where = self.socket_path or f"{self.listen[0]}:{self.listen[1]}"
+            raise errors.ServeError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        if self.pid_file:
+            with open(self.pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        log.info("serving %s as export %r (and %r) on %s%s", self.disk.path, self.image.name, "",
+                 self.address, " read-only" if self.image.read_only else "")
+
+    async def _accept(self, reader, writer) -> None:
+        self._counter += 1
+        peer = writer.get_extra_info("peername")
+        peer = f"#{self._counter} " + (f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix")
+        task = asyncio.current_task()
+        if self._stopped.is_set():
+            writer.close()
+            return
+        conn = Connection(self, reader, writer, peer)
+        self._conns[task] = conn
+        try:
+            await conn.run()
+        finally:
+            self._conns.pop(task, None)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, flush and close the image."""
+        if self._stopped is None:
+            return
+        if self._stopped.is_set():
+            await self._done.wait()
+            return
+        self._stopped.set()
+        try:
+            await self._stop()
+        finally:
+            self._done.set()
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task, conn in list(self._conns.items()):
+            conn.stopping = True
+            if not conn.busy:
+                task.cancel()
+        while self._conns:
+            await asyncio.wait(list(self._conns), timeout=1)
+            for task, conn in list(self._conns.items()):    # those busy a moment ago are idle now
+                if not conn.busy:
+                    task.cancel()
+        await self._close_image()
+        if self.socket_path and os.path.exists(self.socket_path):
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
+        if self.pid_file:
+            try:
+                os.unlink(self.pid_file)
+            except OSError:
+                pass
+        log.info("stopped; %s flushed and closed", self.disk.path)
+
+    async def _close_image(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.image.close()
+            if not self.disk.closed and self.disk.writable():
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.disk.flush)
+        finally:
+            self._executor.shutdown(wait=True)
+            if self._owns_disk:
+                self.disk.close()
+
+    async def serve_until_stopped(self) -> None:
+        """Wait until stop() (called elsewhere, or by a signal) has finished."""
+        await self._stopped.wait()
+        await self._done.wait()
+
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT (in the main thread), then stop cleanly."""
+        async def main():
+            await self.start()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+            try:
+                await self._stopped.wait()
+                await self._done.wait()
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+        asyncio.run(main())
+
+    # ---------------------------------------------------------------- from plain code
+    def start_in_thread(self) -> "Server":
+        """Serve from a thread with its own event loop; returns once listening."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def body():
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as exc:
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_until_complete(self._stopped_and_closed())
+            loop.close()
+
+        self._thread = threading.Thread(target=body, name="vdisk-nbd", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
+        return self
+
+    async def _stopped_and_closed(self) -> None:
+        await self._stopped.wait()
+        await self._done.wait()
+
+    def stop_in_thread(self) -> None:
+        if self._thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.stop(), self._loop).result()
+        self._thread.join()
+        self._thread = None
+
+    def __enter__(self) -> "Server":
+        return self.start_in_thread()
+
+    def __exit__(self, *exc) -> None:
+        self.stop_in_thread()
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file nobody listens on; refuse anything else at path."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise errors.ServeError(f"{path} exists and is not a socket")
+    probe = _socket.socket(_socket.AF_UNIX)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise errors.ServeError(f"{path}: another server is listening on this socket")
+
+
+def serve(path_or_disk, *, socket=None, listen=None, export=None, read_only=False, **options) -> None:
+    """Serve an image over NBD until SIGTERM/SIGINT (see Server for the options)."""
+    Server(path_or_disk, socket=socket, listen=listen, export=export, read_only=read_only, **options).run()
