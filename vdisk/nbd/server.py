@@ -35,7 +35,7 @@ import threading
 
 from .. import errors
 from . import protocol as P
-from .exports import Export, Image
+from .exports import Export, Image, describe
 
 log = logging.getLogger("vdisk.nbd")
 
@@ -103,9 +103,8 @@ class Connection:
         self.export: Export | None = None
         self.meta_export: str | None = None    # the export name the contexts were set for
         self.contexts: list = []               # index i: context id i + 1
-        self.busy = False                      # a request is being handled: let it finish on stop
         self.stopping = False
-        self._buf = bytearray(0)
+        self.proto: Transmission | None = None
 
     # ---------------------------------------------------------------- io helpers
     async def _read(self, n: int) -> bytes:
@@ -115,10 +114,6 @@ class Connection:
         w = self.writer
         for p in parts:
             w.write(p)
-
-    async def _drain(self) -> None:
-        if self.writer.transport.get_write_buffer_size() > 1 << 20:
-            await self.writer.drain()
 
     # ---------------------------------------------------------------- the session
     async def run(self) -> None:
@@ -332,30 +327,243 @@ class Connection:
 
     # ---------------------------------------------------------------- transmission
     async def _transmission(self) -> None:
-        read = self.reader.readexactly
-        unpack = P.REQUEST.unpack
+        """Hand the transport to a Transmission protocol; wait until it closes."""
+        transport = self.writer.transport
+        leftover = bytes(self.reader._buffer)       # requests the client pipelined after GO
+        self.reader._buffer.clear()
+        proto = Transmission(self, transport, leftover)
+        self.proto = proto
+        transport.set_protocol(proto)
+        if not transport.is_reading():
+            transport.resume_reading()
+        proto.start()
+        await proto.closed
+        if proto.violation:
+            log.warning("nbd client %s: %s; disconnected", self.peer, proto.violation)
+
+    def stop(self, task: asyncio.Task) -> None:
+        """Server stop: a session in transmission finishes what it holds, then closes;
+        one still negotiating is cut off."""
+        self.stopping = True
+        if self.proto is not None:
+            self.proto.shutdown()
+        else:
+            task.cancel()
+
+
+class Transmission(asyncio.Protocol):
+    """The transmission phase of one connection, driven by data_received.
+
+    Requests are parsed from the input buffer and handled synchronously in
+    the loop's thread, replies gathered and written once per batch (one
+    send for the sixteen replies of a qd16 burst).  A flush (FLUSH, or a
+    write with FUA) runs in the server's flush thread; meanwhile the
+    connection reads nothing more, so its input is bounded by one request
+    (at most 32 MiB) plus one socket read.  When the client does not read
+    its replies, the transport's high-water mark pauses us the same way.
+    """
+
+    HEAD = 32           # room before read data for the reply header (simple: 16, structured: 28)
+
+    def __init__(self, conn: Connection, transport, leftover: bytes):
+        self.conn = conn
+        self.server = conn.server
+        self.export = conn.export
+        self.view = conn.export.view
+        self.image = conn.image
+        self.structured = conn.structured
+        self.contexts = conn.contexts
+        self.peer = conn.peer
+        self.t = transport
+        self.inbuf = bytearray(leftover)
+        self.out: list = []
+        self.blocked = False            # waiting for a flush
+        self.write_paused = False
+        self.closing = False
+        self.violation: str | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self._buf = bytearray(0)
+        transport.set_write_buffer_limits(high=4 << 20)
+
+    # ---------------------------------------------------------------- asyncio callbacks
+    def start(self) -> None:
+        self._process()
+
+    def data_received(self, data) -> None:
+        self.inbuf += data
+        if not self.blocked and not self.write_paused:
+            self._process()
+
+    def eof_received(self):
+        self.closing = True             # the client is done sending: answer what it sent, then close
+        if not self.blocked:
+            self._process()
+            self.t.close()
+        return True
+
+    def connection_lost(self, exc) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.t.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if not self.blocked:
+            self.t.resume_reading()
+            self._process()
+
+    def shutdown(self) -> None:
+        """Answer the requests already received, then close (after a pending flush)."""
+        self.closing = True
+        if not self.blocked:
+            self._process()
+            self.t.close()
+
+    def _disconnect(self, why: str) -> None:
+        self.violation = why
+        self.closing = True
+        self.inbuf.clear()
+        self._send_out()
+        self.t.close()
+
+    # ---------------------------------------------------------------- the request loop
+    def _process(self) -> None:
+        buf = self.inbuf
+        pos = 0
         size = P.REQUEST.size
-        while not self.stopping:
-            self.busy = False
-            header = await read(size)
-            self.busy = True
-            magic, flags, cmd, cookie, offset, length = unpack(header)
-            if magic != P.NBD_REQUEST_MAGIC:
-                raise ProtocolViolation(f"request magic {magic:#x}, expected {P.NBD_REQUEST_MAGIC:#x}")
+        unpack = P.REQUEST.unpack_from
+        try:
+            while not self.blocked and not self.write_paused:
+                avail = len(buf) - pos
+                if avail < size:
+                    break
+                magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+                if magic != P.NBD_REQUEST_MAGIC:
+                    self._disconnect(f"request magic {magic:#x}, expected {P.NBD_REQUEST_MAGIC:#x}")
+                    return
+                if cmd == P.NBD_CMD_WRITE:
+                    if length > P.MAX_REQUEST:
+                        self._disconnect(f"WRITE of {length} bytes (the advertised maximum is {P.MAX_REQUEST})")
+                        return
+                    if avail < size + length:
+                        break
+                    with memoryview(buf) as mv:
+                        payload = mv[pos + size:pos + size + length]
+                        try:
+                            self._request(cmd, flags, cookie, offset, length, payload)
+                        finally:
+                            payload.release()
+                    pos += size + length
+                else:
+                    pos += size
+                    if cmd == P.NBD_CMD_DISC:
+                        self.closing = True
+                        self.blocked = True     # nothing after DISC is read
+                        self._send_out()
+                        self.t.close()
+                        return
+                    self._request(cmd, flags, cookie, offset, length, None)
+        except Exception as exc:                    # a bug: this connection only
+            log.exception("nbd client %s: internal error %s; disconnected", self.peer, exc)
+            self._disconnect(f"internal error {exc!r}")
+            return
+        finally:
+            if pos:
+                del buf[:pos]
+        self._send_out()
+        if self.closing and not self.blocked:
+            self.t.close()
+
+    def _send_out(self) -> None:
+        out = self.out
+        if not out:
+            return
+        if len(out) == 1:
+            self.t.write(out[0])
+        else:
+            self.t.write(b"".join(out))
+        out.clear()
+
+    def _send_now(self, part) -> None:
+        """Write a large part at once, after what is gathered (no copy into a join)."""
+        self._send_out()
+        self.t.write(part)
+
+    def _request(self, cmd: int, flags: int, cookie: int, offset: int, length: int, payload) -> None:
+        err, msg = self._check(cmd, flags, offset, length)
+        if err:
+            self._reply_error(cmd, cookie, err, msg)
+            return
+        try:
+            if cmd == P.NBD_CMD_READ:
+                self._read(flags, cookie, offset, length)
+                return
+            if cmd == P.NBD_CMD_BLOCK_STATUS:
+                self._block_status(flags, cookie, offset, length)
+                return
             if cmd == P.NBD_CMD_WRITE:
-                if length > P.MAX_REQUEST:
-                    raise ProtocolViolation(f"WRITE of {length} bytes (the advertised maximum is {P.MAX_REQUEST})")
-                payload = await read(length) if length else b""
+                if length:
+                    self.view.pwrite(payload, offset)
+                    self.image.changed()
+            elif cmd == P.NBD_CMD_TRIM:
+                if length:
+                    self.view.discard(offset, length)
+                    self.image.changed()
+            elif cmd == P.NBD_CMD_WRITE_ZEROES:
+                if length:
+                    self._write_zeroes(flags, offset, length)
+                    self.image.changed()
+            # CACHE: the page cache serves reads; nothing to prefetch
+            if cmd == P.NBD_CMD_FLUSH and not self.export.read_only or flags & P.NBD_CMD_FLAG_FUA and cmd in _WRITES:
+                self._flush_then_reply(cmd, cookie, offset, length)
+                return
+            self._ok(cookie)
+        except Exception as exc:
+            self._failed(cmd, cookie, offset, length, exc)
+
+    def _failed(self, cmd: int, cookie: int, offset: int, length: int, exc: Exception) -> None:
+        if isinstance(exc, errors.ReadOnlyError):
+            self._reply_error(cmd, cookie, P.NBD_EPERM, str(exc))
+            return
+        if isinstance(exc, errors.OutOfRangeError):         # e.g. the image's physical limit
+            self._reply_error(cmd, cookie, P.NBD_ENOSPC if cmd in _WRITES else P.NBD_EINVAL, str(exc))
+            return
+        if isinstance(exc, OSError):
+            err = P.ERRNO_TO_NBD.get(exc.errno or 0, P.NBD_EIO)
+        elif isinstance(exc, errors.VdiskError):
+            err = P.NBD_EIO
+        else:
+            raise exc
+        log.error("nbd client %s: %s at offset %d length %d failed: %s", self.peer,
+                  P.COMMAND_NAMES.get(cmd, cmd), offset, length, exc)
+        self._reply_error(cmd, cookie, err, str(exc))
+
+    def _flush_then_reply(self, cmd: int, cookie: int, offset: int, length: int) -> None:
+        """Block this connection until Disk.flush returned in the flush thread; then reply."""
+        self.blocked = True
+        self.t.pause_reading()
+        self._send_out()
+        fut = self.server.flush_future()
+
+        def done(f):
+            self.blocked = False
+            exc = f.exception()
+            if exc is None:
+                self._ok(cookie)
             else:
-                payload = None
-            if cmd == P.NBD_CMD_DISC:
-                raise _Disconnect()
-            err, msg = self._check(cmd, flags, offset, length)
-            if err:
-                self._reply_error(cmd, cookie, err, msg)
-            else:
-                await self._command(cmd, flags, cookie, offset, length, payload)
-            await self._drain()
+                try:
+                    self._failed(cmd, cookie, offset, length, exc)
+                except Exception:
+                    self._reply_error(cmd, cookie, P.NBD_EIO, str(exc))
+            if self.t.is_closing():
+                return
+            if not self.write_paused:
+                self.t.resume_reading()
+            self._process()
+        fut.add_done_callback(done)
 
     def _check(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str]:
         """(NBD error, message) for a request the server refuses before doing it, or (0, '')."""
@@ -364,9 +572,9 @@ class Connection:
             return P.NBD_EINVAL, f"unknown command {cmd}"
         if flags & ~allowed:
             return P.NBD_EINVAL, f"flags {flags:#x} not valid for {P.COMMAND_NAMES[cmd]}"
-        export = self.export
         if cmd == P.NBD_CMD_FLUSH:
             return 0, ""
+        export = self.export
         if flags & P.NBD_CMD_FLAG_DF and not self.structured:
             return P.NBD_EINVAL, "NBD_CMD_FLAG_DF without structured replies"
         if cmd in _WRITES and export.read_only:
@@ -388,109 +596,98 @@ class Connection:
             return P.NBD_ENOTSUP, "writing zeros that stay allocated is not faster than a write"
         return 0, ""
 
+    # ---------------------------------------------------------------- replies
     def _reply_error(self, cmd: int, cookie: int, err: int, msg: str) -> None:
         if self.structured and cmd in (P.NBD_CMD_READ, P.NBD_CMD_BLOCK_STATUS):
             raw = msg.encode()[:P.MAX_STRING]
-            self._send(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
-                                           P.NBD_REPLY_TYPE_ERROR, cookie, P.ERROR_CHUNK.size + len(raw)),
-                       P.ERROR_CHUNK.pack(err, len(raw)), raw)
+            self.out.append(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                                                P.NBD_REPLY_TYPE_ERROR, cookie, P.ERROR_CHUNK.size + len(raw))
+                            + P.ERROR_CHUNK.pack(err, len(raw)) + raw)
         else:
-            self._send(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, err, cookie))
+            self.out.append(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, err, cookie))
 
     def _ok(self, cookie: int) -> None:
-        self._send(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
-
-    async def _command(self, cmd: int, flags: int, cookie: int, offset: int, length: int, payload) -> None:
-        export = self.export
-        try:
-            if cmd == P.NBD_CMD_READ:
-                self._do_read(flags, cookie, offset, length)
-                return
-            if cmd == P.NBD_CMD_WRITE:
-                if length:
-                    export.view.pwrite(payload, offset)
-                    self.image.changed()
-            elif cmd == P.NBD_CMD_FLUSH:
-                if not export.read_only:
-                    await self.server.flush()
-            elif cmd == P.NBD_CMD_TRIM:
-                if length:
-                    export.view.discard(offset, length)
-                    self.image.changed()
-            elif cmd == P.NBD_CMD_WRITE_ZEROES:
-                if length:
-                    self._write_zeroes(flags, offset, length)
-                    self.image.changed()
-            elif cmd == P.NBD_CMD_CACHE:
-                pass                    # the page cache serves reads; nothing to prefetch
-            elif cmd == P.NBD_CMD_BLOCK_STATUS:
-                self._block_status(flags, cookie, offset, length)
-                return
-            if flags & P.NBD_CMD_FLAG_FUA and cmd in _WRITES:
-                await self.server.flush()
-            self._ok(cookie)
-        except errors.ReadOnlyError as exc:
-            self._reply_error(cmd, cookie, P.NBD_EPERM, str(exc))
-        except errors.OutOfRangeError as exc:       # e.g. the image's physical limit
-            self._reply_error(cmd, cookie, P.NBD_ENOSPC if cmd in _WRITES else P.NBD_EINVAL, str(exc))
-        except (errors.VdiskIOError, OSError) as exc:
-            log.error("nbd client %s: %s at offset %d length %d failed: %s", self.peer,
-                      P.COMMAND_NAMES.get(cmd, cmd), offset, length, exc)
-            self._reply_error(cmd, cookie, P.ERRNO_TO_NBD.get(exc.errno or 0, P.NBD_EIO), str(exc))
-        except errors.VdiskError as exc:
-            log.error("nbd client %s: %s at offset %d length %d failed: %s", self.peer,
-                      P.COMMAND_NAMES.get(cmd, cmd), offset, length, exc)
-            self._reply_error(cmd, cookie, P.NBD_EIO, str(exc))
+        self.out.append(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
 
     def _write_zeroes(self, flags: int, offset: int, length: int) -> None:
-        view = self.export.view
         if not flags & P.NBD_CMD_FLAG_NO_HOLE:
-            view.discard(offset, length)            # a hole: reads as zeros, blocks freed
+            self.view.discard(offset, length)       # a hole: reads as zeros, blocks freed
             return
         end = offset + length
         while offset < end:                         # zeros written (whole zero blocks still unmap)
             n = min(end - offset, len(_ZEROS))
-            view.pwrite(memoryview(_ZEROS)[:n], offset)
+            self.view.pwrite(memoryview(_ZEROS)[:n], offset)
             offset += n
 
-    def _buffer(self, n: int) -> memoryview:
-        """A reusable buffer for reads: reused only when the transport holds nothing of it."""
-        if len(self._buf) < n or self.writer.transport.get_write_buffer_size():
-            self._buf = bytearray(max(n, 65536))
-        return memoryview(self._buf)[:n]
+    def _buffer(self, n: int) -> bytearray:
+        """The connection's read buffer (HEAD + n bytes), reused only when the
+        transport holds no reference into it (everything written reached the socket)."""
+        if len(self._buf) < self.HEAD + n or self.t.get_write_buffer_size():
+            self._buf = bytearray(self.HEAD + max(n, 1 << 16))
+        return self._buf
 
-    def _do_read(self, flags: int, cookie: int, offset: int, length: int) -> None:
-        export = self.export
+    def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        view = self.view
+        H = self.HEAD
+        if not length:
+            if self.structured:
+                self.out.append(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                                                    P.NBD_REPLY_TYPE_NONE, cookie, 0))
+            else:
+                self._ok(cookie)
+            return
+        if length <= 1 << 16:                       # small: bytes from the hot path, gathered
+            data = view.pread(length, offset)
+            if not self.structured:
+                self.out.append(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
+                self.out.append(data)
+                return
+            if data.count(0) == length:             # all zeros: maybe holes (data never is)
+                self._read_runs(flags, cookie, offset, length, data)
+                return
+            self.out.append(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                                                P.NBD_REPLY_TYPE_OFFSET_DATA, cookie, 8 + length) + P.U64.pack(offset))
+            self.out.append(data)
+            return
         if not self.structured:
             buf = self._buffer(length)
-            if length:
-                export.view.preadinto(buf, offset)
-            self._send(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie), buf)
+            with memoryview(buf) as mv:
+                view.preadinto(mv[H:H + length], offset)
+                P.SIMPLE_REPLY.pack_into(buf, H - 16, P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
+                self._send_now(mv[H - 16:H + length])
             return
-        if not length:
-            self._send(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
-                                           P.NBD_REPLY_TYPE_NONE, cookie, 0))
-            return
-        # runs of data and holes; DF (do not fragment): one chunk
-        offs, ends = export.allocated(offset, length)
-        from .exports import describe
+        self._read_runs(flags, cookie, offset, length, None)
+
+    def _read_runs(self, flags: int, cookie: int, offset: int, length: int, data) -> None:
+        """A structured read as data and hole chunks; with DF one chunk.  data: the
+        range's content when already read (all zeros)."""
+        offs, ends = self.export.allocated(offset, length)
         runs = describe(offs, ends, offset, offset + length, 0, 1, 1 << 30)
         if flags & P.NBD_CMD_FLAG_DF and len(runs) > 1:
             runs = [(length, 0)]
-        buf = self._buffer(length)
-        pos = offset
         last = len(runs) - 1
+        pos = offset
+        hdr = P.CHUNK_HEADER.pack
+        magic = P.NBD_STRUCTURED_REPLY_MAGIC
+        if data is None and len(runs) == 1 and not runs[0][1]:
+            H = self.HEAD                           # one data chunk: header and data in one buffer
+            buf = self._buffer(length)
+            with memoryview(buf) as mv:
+                self.view.preadinto(mv[H:H + length], offset)
+                P.CHUNK_HEADER.pack_into(buf, H - 28, magic, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_DATA,
+                                         cookie, 8 + length)
+                P.U64.pack_into(buf, H - 8, offset)
+                self._send_now(mv[H - 28:H + length])
+            return
         for i, (n, hole) in enumerate(runs):
             done = P.NBD_REPLY_FLAG_DONE if i == last else 0
             if hole:
-                self._send(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, done, P.NBD_REPLY_TYPE_OFFSET_HOLE,
-                                               cookie, P.OFFSET_HOLE.size), P.OFFSET_HOLE.pack(pos, n))
+                self.out.append(hdr(magic, done, P.NBD_REPLY_TYPE_OFFSET_HOLE, cookie, P.OFFSET_HOLE.size)
+                                + P.OFFSET_HOLE.pack(pos, n))
             else:
-                at = pos - offset
-                part = buf[at:at + n]
-                export.view.preadinto(part, pos)
-                self._send(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, done, P.NBD_REPLY_TYPE_OFFSET_DATA,
-                                               cookie, 8 + n), P.U64.pack(pos), part)
+                part = data[pos - offset:pos - offset + n] if data is not None else self.view.pread(n, pos)
+                self.out.append(hdr(magic, done, P.NBD_REPLY_TYPE_OFFSET_DATA, cookie, 8 + n) + P.U64.pack(pos))
+                self.out.append(part)
             pos += n
 
     def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
@@ -509,8 +706,9 @@ class Connection:
             chunks.append(body)
         last = len(chunks) - 1
         for i, body in enumerate(chunks):
-            self._send(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE if i == last else 0,
-                                           P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, len(body)), bytes(body))
+            self.out.append(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC,
+                                                P.NBD_REPLY_FLAG_DONE if i == last else 0,
+                                                P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, len(body)) + bytes(body))
 
 
 class _BadOption(Exception):
@@ -591,8 +789,9 @@ class Server:
     def export_name(self) -> str:
         return self.image.name
 
-    async def flush(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.disk.flush)
+    def flush_future(self) -> asyncio.Future:
+        """Disk.flush in the flush thread: every write acknowledged before, on any connection, durable."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, self.disk.flush)
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -605,15 +804,14 @@ class Server:
                 _clear_stale_socket(self.socket_path)
                 old = os.umask(0o177)           # the socket is born 0600
                 try:
-                    self._server = await asyncio.start_unix_server(self._accept, self.socket_path,
-                                                                   limit=P.MAX_REQUEST + 1024)
+                    self._server = await asyncio.start_unix_server(self._accept, self.socket_path)
                 finally:
                     os.umask(old)
                 os.chmod(self.socket_path, 0o600)
                 self.address = f"unix:{self.socket_path}"
             else:
                 host, port = self.listen
-                self._server = await asyncio.start_server(self._accept, host, port, limit=P.MAX_REQUEST + 1024)
+                self._server = await asyncio.start_server(self._accept, host, port)
                 bound = self._server.sockets[0].getsockname()
                 self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         except OSError as exc:
@@ -658,14 +856,9 @@ class Server:
         if self._server is not None:
             self._server.close()
         for task, conn in list(self._conns.items()):
-            conn.stopping = True
-            if not conn.busy:
-                task.cancel()
+            conn.stop(task)
         while self._conns:
             await asyncio.wait(list(self._conns), timeout=1)
-            for task, conn in list(self._conns.items()):    # those busy a moment ago are idle now
-                if not conn.busy:
-                    task.cancel()
         await self._close_image()
         if self.socket_path and os.path.exists(self.socket_path):
             try:
@@ -698,7 +891,10 @@ class Server:
         await self._done.wait()
 
     def run(self) -> None:
-        """Serve until SIGTERM or SIGINT (in the main thread), then stop cleanly."""
+        """Serve until SIGTERM or SIGINT (in the main thread), then stop cleanly.
+
+        With VDISK_NBD_UVLOOP=1 in the environment and uvloop installed, the
+        loop is uvloop's (optional: not a dependency; see the module notes)."""
         async def main():
             await self.start()
             loop = asyncio.get_running_loop()
@@ -710,7 +906,11 @@ class Server:
             finally:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
-        asyncio.run(main())
+        if os.environ.get("VDISK_NBD_UVLOOP"):
+            import uvloop
+            uvloop.run(main())
+        else:
+            asyncio.run(main())
 
     # ---------------------------------------------------------------- from plain code
     def start_in_thread(self) -> "Server":
