@@ -30,6 +30,7 @@ timing; the map row checks that both servers report the same dirty extents.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -143,12 +144,27 @@ def make_map_images(work: str, sockdir: str, size: int = MAP_SIZE) -> tuple[str,
 
 
 # ---------------------------------------------------------------------------- measuring
-def fio(uri: str, rw: str, bs: str, depth: int, size: int, runtime: float) -> float:
-    """Throughput of one fio run: bytes/s for 1 MiB rows, ops/s for 4 KiB rows."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass
+class Sample:
+    rate: float        # bytes/s (1 MiB rows), ops/s (4 KiB rows), seconds (map row)
+    cpu_us: float      # server CPU per op (µs), or per map (ms) for the map row
+
+
+def fio(uri: str, pid: int, rw: str, bs: str, depth: int, size: int, runtime: float) -> Sample:
+    """One fio run against the server with that pid: its throughput and the server's CPU per op."""
     cmd = ["fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
-           f"--iodepth={depth}", f"--size={size}", "--time_based", f"--runtime={runtime}", "--ramp_time=0.3",
+           f"--iodepth={depth}", f"--size={size}", "--time_based", f"--runtime={runtime}",
            "--randrepeat=1", "--norandommap", "--output-format=json"]
+    c0 = cpu_seconds(pid)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime * 10 + 60)
+    cpu = cpu_seconds(pid) - c0
     if out.returncode:
         raise RuntimeError(f"fio failed ({out.returncode}): {out.stderr.strip()[-800:]}")
     text = out.stdout
@@ -156,7 +172,7 @@ def fio(uri: str, rw: str, bs: str, depth: int, size: int, runtime: float) -> fl
     side = job["write" if "write" in rw else "read"]
     if job.get("error"):
         raise RuntimeError(f"fio job error {job['error']}")
-    return side["bw_bytes"] if bs == "1M" else side["iops"]
+    return Sample(side["bw_bytes"] if bs == "1M" else side["iops"], cpu / max(1, side["total_ios"]) * 1e6)
 
 
 def nbdinfo_map(uri: str) -> tuple[float, str]:
@@ -180,9 +196,9 @@ def dirty_runs(text: str) -> list[tuple[int, int]]:
     return runs
 
 
-def alternate(rounds: int, measure) -> dict[str, list[float]]:
+def alternate(rounds: int, measure) -> dict[str, list[Sample]]:
     """measure(side) for both sides in every round, vdisk first in even rounds, qemu-nbd first in odd ones."""
-    out: dict[str, list[float]] = {"vdisk": [], "qemu": []}
+    out: dict[str, list[Sample]] = {"vdisk": [], "qemu": []}
     for r in range(rounds):
         for side in (("vdisk", "qemu") if r % 2 == 0 else ("qemu", "vdisk")):
             out[side].append(measure(side))
@@ -203,7 +219,10 @@ def fmt_ratio(x: float) -> str:
 
 
 def row_line(label: str, res: dict, unit: str) -> tuple[str, float]:
-    v, q = np.asarray(res["vdisk"]), np.asarray(res["qemu"])
+    v = np.asarray([x.rate for x in res["vdisk"]])
+    q = np.asarray([x.rate for x in res["qemu"]])
+    cv = float(np.median([x.cpu_us for x in res["vdisk"]]))
+    cq = float(np.median([x.cpu_us for x in res["qemu"]]))
     ratios = (q / v) if unit == "time" else (v / q)
     ratio = float(np.median(ratios))
     lo, hi = float(ratios.min()), float(ratios.max())
@@ -215,8 +234,10 @@ def row_line(label: str, res: dict, unit: str) -> tuple[str, float]:
     def side(a):
         return f"{fmt_rate(float(np.median(a)), unit)} [{fmt_rate(float(a.min()), unit)}–{fmt_rate(float(a.max()), unit)}]"
 
+    cpu_unit = "ms" if unit == "time" else "µs"
+    cpu = f"{cv:,.1f} / {cq:,.1f} {cpu_unit}" if cv < 100 else f"{cv:,.0f} / {cq:,.0f} {cpu_unit}"
     return (f"| {label} | {side(v)} | {side(q)} | **{fmt_ratio(ratio)}x** [{fmt_ratio(lo)}–{fmt_ratio(hi)}] "
-            f"| {verdict} |"), ratio
+            f"| {cpu} | {verdict} |"), ratio
 
 
 def tool_versions() -> str:
@@ -241,13 +262,15 @@ def header(args, size: int) -> list[str]:
     if lib:
         lines.append(lib)
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines += ["", f"Run {when}: {tool_versions()}. I/O region {size // MiB} MiB, fio runs of {args.runtime:g} s "
-                  f"(after 0.3 s ramp), {args.rounds} alternating rounds per row; load average before the run "
+    lines += ["", f"Run {when}: {tool_versions()}. I/O region {size // MiB} MiB, fio runs of {args.runtime:g} s, "
+                  f"{args.rounds} alternating rounds per row; load average before the run "
                   f"{os.getloadavg()[0]:.2f}. Each side: median [min–max] of the rounds; ratio = vdisk / qemu-nbd "
                   f"throughput (map row: qemu-nbd time / vdisk time), median [min–max] of the per-round ratios, "
-                  f"**> 1 means vdisk is faster**.",
-              "", "| workload | vdisk serve | qemu-nbd (qcow2 + persistent bitmap) | ratio | target |",
-              "| --- | --- | --- | --- | --- |"]
+                  f"**> 1 means vdisk is faster**. Server CPU: user + system time of the server process (every thread) "
+                  f"during the client's run, per request (map row: per nbdinfo run), median of the rounds.",
+              "", "| workload | vdisk serve | qemu-nbd (qcow2 + persistent bitmap) | ratio | server CPU per op, "
+                  "vdisk / qemu-nbd | target |",
+              "| --- | --- | --- | --- | --- | --- |"]
     return lines
 
 
@@ -265,9 +288,9 @@ def update_readme(table: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per row (default 5)")
-    ap.add_argument("--runtime", type=float, default=3.0, help="seconds per fio run (default 3)")
-    ap.add_argument("--mib", type=int, default=1024, help="I/O region in MiB (default 1024)")
+    ap.add_argument("--rounds", type=int, help="alternating rounds per row (default 5)")
+    ap.add_argument("--runtime", type=float, help="seconds per fio run (default 3)")
+    ap.add_argument("--mib", type=int, help="I/O region in MiB (default 1024)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all: {','.join(ROWS)})")
     ap.add_argument("--quick", action="store_true", help="128 MiB, 1 s runs, 3 rounds")
     ap.add_argument("--json", help="write every round's figures here")
@@ -275,8 +298,9 @@ def main(argv=None) -> int:
     ap.add_argument("--update-readme", action="store_true", help="replace the NBD results block of benchmarks/README.md")
     ap.add_argument("--keep", help="use this directory for the images and keep it (default: a temp dir, removed)")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.mib, args.runtime, args.rounds = 128, 1.0, 3
+    for name, normal, quick in (("mib", 1024, 128), ("runtime", 3.0, 1.0), ("rounds", 5, 3)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else normal)
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -303,15 +327,17 @@ def main(argv=None) -> int:
             sq = nbdserve.qemu_nbd(q, os.path.join(sockdir, "q"), "io", bitmap=CONSUMER)
             servers.append(sq)
             uris = {"vdisk": sv.uri, "qemu": sq.uri}
+            pids = {"vdisk": sv.pid, "qemu": sq.pid}
             for name in io_rows:
                 label, rw, bsz, depth = ROWS[name]
-                res = alternate(args.rounds, lambda side: fio(uris[side], rw, bsz, depth, size, args.runtime))
+                res = alternate(args.rounds, lambda side: fio(uris[side], pids[side], rw, bsz, depth, size,
+                                                              args.runtime))
                 results[name] = res
                 unit = "MiB/s" if bsz == "1M" else "k IOPS"
                 line, ratio = row_line(label, res, unit)
                 lines.append(line)
-                print(f"{name}: ratio {ratio:.3f}  vdisk {res['vdisk']}  qemu {res['qemu']}", file=sys.stderr,
-                      flush=True)
+                print(f"{name}: ratio {ratio:.3f}  vdisk {[round(x.rate) for x in res['vdisk']]}  "
+                      f"qemu {[round(x.rate) for x in res['qemu']]}", file=sys.stderr, flush=True)
             for s in servers:
                 s.stop()
             servers.clear()
@@ -325,12 +351,14 @@ def main(argv=None) -> int:
             write_blocks(sv, changed, 2)       # the same blocks and bytes through the same client
             write_blocks(sq, changed, 2)
             uris = {"vdisk": sv.uri, "qemu": sq.uri}
+            pids = {"vdisk": sv.pid, "qemu": sq.pid}
             outputs = {}
 
             def measure(side):
+                c0 = cpu_seconds(pids[side])
                 t, text = nbdinfo_map(uris[side])
                 outputs[side] = text
-                return t
+                return Sample(t, (cpu_seconds(pids[side]) - c0) * 1e3)
 
             res = alternate(args.rounds, measure)
             rv, rq = dirty_runs(outputs["vdisk"]), dirty_runs(outputs["qemu"])
@@ -339,11 +367,12 @@ def main(argv=None) -> int:
                 print(f"WARNING: the dirty maps differ: vdisk {len(rv)} runs ({sum(n for _, n in rv)} bytes), "
                       f"qemu-nbd {len(rq)} runs ({sum(n for _, n in rq)} bytes), written {want} bytes",
                       file=sys.stderr)
-                res["mismatch"] = True
+                results["map_mismatch"] = True
             results["map"] = res
             line, ratio = row_line(ROWS["map"][0], res, "time")
             lines.append(line)
-            print(f"map: ratio {ratio:.3f}  vdisk {res['vdisk']}  qemu {res['qemu']}", file=sys.stderr, flush=True)
+            print(f"map: ratio {ratio:.3f}  vdisk {[x.rate for x in res['vdisk']]}  qemu {[x.rate for x in res['qemu']]}",
+                  file=sys.stderr, flush=True)
     finally:
         for s in servers:
             s.stop()
@@ -354,7 +383,7 @@ def main(argv=None) -> int:
     print(table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(results, f, indent=1, default=dataclasses.asdict)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(table + "\n")
