@@ -1,4 +1,4 @@
-"""Kill campaign of live backups: SIGKILL the server or the backup client mid-backup.
+"""Kill campaign of live backups: SIGKILL the server, the CLI client or the backup mid-way.
 
 Each trial serves a fresh image with `vdisk serve` while a stamp writer
 (tests/live_helpers.py) writes its live export, and runs `vdisk backup FILE
@@ -15,6 +15,17 @@ again) or the CLI process.  Then it stops the writer, runs one more backup
 * no temporary backup snapshot is left (the next backup reclaims those of
   interrupted ones), and check finds no corruption.
 
+A pull trial does the same for the README's pull workflow driven by a
+tool (this process): snapshot create, nbdinfo --map of the consumer's
+dirty bitmap on the snapshot export, reads of those extents into the
+tool's copy, consumer update, snapshot delete.  In one round it stops at
+a random step: SIGKILL of the CLI process of step 1, 4 or 5 after a
+random delay, a copy of only some of the extents in step 3, or SIGKILL
+of the server (served again).  The next rounds start by deleting the
+tool's leftover snapshots.  After a last full round with the writer
+stopped, the tool's copy must be the image's content byte for byte, and
+no snapshot is left.
+
     nice -n 19 python3 tools/campaign_live.py --trials 100
 
 Prints trials, kills by target, violations; exits 1 on any violation.
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import random
 import subprocess
@@ -37,7 +49,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import vdisk  # noqa: E402
 from live_helpers import StampWriter  # noqa: E402  (tests/ is on the path only now)
-from nbd_helpers import ServeProcess  # noqa: E402
+from nbd_client import Client  # noqa: E402
+from nbd_helpers import ServeProcess, extents_of_map, nbdinfo_map, run as run_tool  # noqa: E402
 
 MiB = 1 << 20
 UNITS = 1024
@@ -131,19 +144,112 @@ def verify(img: str, dests: list[str], work: str) -> str | None:
     return None
 
 
+def _cli(*args) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "vdisk", *args], capture_output=True, text=True, timeout=300)
+    if r.returncode:
+        raise AssertionError(f"vdisk {' '.join(args)} exited {r.returncode}: {r.stderr[-300:]}")
+    return r
+
+
+def _killed_cli(rng, max_delay: float, *args) -> None:
+    p = subprocess.Popen([sys.executable, "-m", "vdisk", *args], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    time.sleep(rng.uniform(0, max_delay))
+    p.kill()
+    p.wait(60)
+
+
+def pull_trial(work: str, seed: int, max_delay: float = 0.6) -> dict:
+    """The pull workflow interrupted at a random step of one round (module docstring)."""
+    rng = random.Random(seed)
+    os.environ["VDISK_RUNTIME_DIR"] = os.path.join(work, "run")
+    img = os.path.join(work, "disk.vdk")
+    sock = os.path.join(work, "nbd.sock")
+    size = 16 * MiB
+    with vdisk.create(img, size, block_size=(4096, 65536)[seed % 2]) as d:
+        d.consumers.register("p")
+    kill_round, step, target = rng.randrange(3), rng.randrange(1, 6), rng.choice(("tool", "server"))
+    out = {"target": f"pull-{target}-step{step}", "delay": 0.0, "violation": None, "deltas": 0}
+    copy = bytearray(size)
+    state = {"srv": ServeProcess(img, sock)}
+    state["w"] = StampWriter(sock, UNITS)
+
+    def kill_server():
+        state["srv"].kill()
+        state["w"].stop(check=False)
+        state["srv"] = ServeProcess(img, sock)
+        state["w"] = StampWriter(sock, UNITS)
+
+    def one_round(name: str, stop_at: int | None) -> None:
+        for s in json.loads(_cli("snapshot", "list", img, "--output", "json").stdout):
+            if s["name"].startswith("pull-"):           # a leftover of an interrupted round
+                _cli("snapshot", "delete", img, s["name"])
+        for k in range(1, 6):
+            if k == stop_at and target == "server":
+                kill_server()
+                return
+            if k == 1:
+                if k == stop_at:
+                    return _killed_cli(rng, max_delay, "snapshot", "create", img, name)
+                _cli("snapshot", "create", img, name)
+            elif k == 2:
+                uri = f"nbd+unix:///disk@{name}?socket={sock}"
+                dirty = extents_of_map(nbdinfo_map(uri, "qemu:dirty-bitmap:p"), 1)
+            elif k == 3:
+                c = Client(sock).connect(f"disk@{name}")
+                todo = dirty[:rng.randrange(len(dirty) + 1)] if k == stop_at else dirty
+                for off, n in todo:
+                    copy[off:off + n] = c.read(off, n)
+                c.close()
+                if k == stop_at:
+                    return
+            elif k == 4:
+                snaps = json.loads(_cli("snapshot", "list", img, "--output", "json").stdout)
+                cid = next(s["change_id"] for s in snaps if s["name"] == name)
+                if k == stop_at:
+                    return _killed_cli(rng, max_delay, "consumer", "update", img, "p", cid)
+                _cli("consumer", "update", img, "p", cid)
+            else:
+                if k == stop_at:
+                    return _killed_cli(rng, max_delay, "snapshot", "delete", img, name)
+                _cli("snapshot", "delete", img, name)
+    try:
+        for r in range(3):
+            one_round(f"pull-{r}", step if r == kill_round else None)
+            time.sleep(rng.uniform(0, 0.3))
+        state["w"].stop()
+        one_round("pull-last", None)
+        assert state["srv"].stop() == 0
+        with vdisk.open(img) as d:
+            content = d.pread(d.size, 0)
+            snaps = [s.name for s in d.snapshots]
+        if snaps:
+            out["violation"] = f"snapshots left after a completed round: {snaps}"
+        elif bytes(copy) != content:
+            first = next(i for i in range(size) if copy[i] != content[i])
+            out["violation"] = f"the tool's copy misses a change at offset {first}"
+        elif vdisk.check(img).corruptions:
+            out["violation"] = "check found corruption"
+    except Exception as exc:                        # any failure is a violation
+        out["violation"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+    finally:
+        state["w"].stop(check=False)
+        state["srv"].kill()
+    return out
+
+
 def run(trials: int, seed0: int = 0, max_delay: float = 1.0, log=print) -> dict:
     stats = collections.Counter()
     violations = []
     for t in range(trials):
         with tempfile.TemporaryDirectory(prefix="vdisk-live-kill-") as work:
-            r = trial(work, seed0 + t, max_delay)
-        stats[r["target"]] += 1
+            r = (pull_trial if t % 2 else trial)(work, seed0 + t, max_delay)
+        stats[r["target"].split("-step")[0]] += 1
         stats["deltas"] += r["deltas"]
         if r["violation"]:
             violations.append((seed0 + t, r["violation"]))
             log(f"seed {seed0 + t}: kill {r['target']} after {r['delay']:.2f}s: VIOLATION {r['violation']}")
-    return {"trials": trials, "server": stats["server"], "backup": stats["backup"], "deltas": stats["deltas"],
-            "violations": violations}
+    return {"trials": trials, "stats": dict(stats), "violations": violations}
 
 
 def main(argv=None) -> int:
@@ -154,8 +260,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     t = time.monotonic()
     r = run(a.trials, a.seed, a.max_delay)
-    print(f"{r['trials']} trials ({r['server']} server kills, {r['backup']} backup-client kills), "
-          f"{r['deltas']} deltas checked, {len(r['violations'])} violations, {time.monotonic() - t:.0f} s")
+    kinds = ", ".join(f"{v} {k}" for k, v in sorted(r["stats"].items()))
+    print(f"{r['trials']} trials ({kinds}), {len(r['violations'])} violations, {time.monotonic() - t:.0f} s")
     return 1 if r["violations"] else 0
 
 
