@@ -13,8 +13,9 @@ on both sides), then the timed incremental backup with --consumer b:
   one after the other (a 1 MiB region: they add at most 1 MiB to the delta).
 
 Prints the ratio (in-process time / served time: 1.0 means no cost, the
-target is >= 0.8) and the writer's latency percentiles while idle and
-during the backup.  No timing is asserted.
+target is >= 0.8) and the writer's latency percentiles while idle, during
+the backup, and during a `vdisk check` of the served image (which holds the
+image still for the whole check).  No timing is asserted.
 """
 from __future__ import annotations
 
@@ -79,12 +80,18 @@ def one_round(work: str, mib: int, changed_mib: int, seed: int) -> dict:
         vdisk.backup(img, os.path.join(work, "served.vdelta"), consumer="b", compression="none")
         served = time.perf_counter() - t
         during = w.latencies[n0:len(w.latencies)]
+        n1 = len(w.latencies)
+        t = time.perf_counter()
+        assert vdisk.check(img).ok               # holds the image still for the whole check
+        checked = time.perf_counter() - t
+        in_check = w.latencies[n1:len(w.latencies)]
         w.stop()
     finally:
         srv.stop()
     os.unlink(os.path.join(work, "served.vdelta"))
     os.unlink(img)
-    return {"inproc": inproc, "served": served, "idle": idle, "during": during}
+    return {"inproc": inproc, "served": served, "idle": idle, "during": during, "check": checked,
+            "in_check": in_check}
 
 
 def main() -> None:
@@ -110,6 +117,10 @@ def main() -> None:
           f"max {pct(idle, 100):.2f} ms  ({len(idle)} writes)")
     print(f"NBD 4 KiB write latency backup: p50 {pct(during, 50):.2f} ms  p99 {pct(during, 99):.2f} ms  "
           f"max {pct(during, 100):.2f} ms  ({len(during)} writes)")
+    in_check = [x for r in rows for x in r["in_check"]]
+    print(f"NBD 4 KiB write latency check:  p50 {pct(in_check, 50):.2f} ms  p99 {pct(in_check, 99):.2f} ms  "
+          f"max {pct(in_check, 100):.2f} ms  ({len(in_check)} writes; check took "
+          f"{statistics.median(r['check'] for r in rows) * 1e3:.0f} ms)")
 
 
 if __name__ == "__main__":

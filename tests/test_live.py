@@ -301,7 +301,9 @@ def test_bad_requests_get_clear_errors_and_nbd_keeps_serving(tmp_path, serve_pro
                            (b'{"op": "snapshot_create", "args": {"bogus": 1}}\n', "bad arguments"),
                            (b'{"op": "snapshot_create", "args": {"name": 7}}\n', "name must be a string"),
                            (b'{"op": "backup", "args": {"dest": "rel.vdelta"}}\n', "absolute path"),
-                           (b"\xff\xfe\n", "not a line of JSON")):
+                           (b"\xff\xfe\n", "not a line of JSON"), (b"[" * 400000 + b"\n", "not a line of JSON"),
+                           (b'{"op": "snapshot_delete", "args": {"name": "s", "wait": NaN}}\n', "seconds from 0"),
+                           (b'{"op": "snapshot_delete", "args": {"name": "s", "wait": 1e9}}\n', "seconds from 0")):
             s.sendall(line)
             a = _answer(s)
             assert a["ok"] is False and what in a["error"]["message"], (line, a)
@@ -315,12 +317,29 @@ def test_bad_requests_get_clear_errors_and_nbd_keeps_serving(tmp_path, serve_pro
             pass                                    # closed after the first MiB; the answer is queued
         a = _answer(s)
         assert not a["ok"] and "longer than 1048576 bytes" in a["error"]["message"]
-        assert s.recv(10) == b""
+        try:
+            assert s.recv(10) == b""                # closed (EOF, or a reset: the rest was never read)
+        except ConnectionResetError:
+            pass
         s.close()
         # a client that connects and vanishes mid-line
         s = _raw(runtime_dir)
         s.sendall(b'{"op": "inf')
         s.close()
+        # more control clients than the cap: the extra ones are told so; the first ones still work
+        time.sleep(0.3)                             # the server has seen the last one go
+        many = [_raw(runtime_dir) for _ in range(40)]
+        refused = 0
+        for m in many:
+            try:
+                m.sendall(b'{"op": "hello"}\n')
+            except BrokenPipeError:
+                pass                                # refused at once: the answer is queued
+            a = _answer(m)
+            refused += not a["ok"] and "control clients are connected already" in a["error"]["message"]
+        assert refused == 40 - 32
+        for m in many:
+            m.close()
         # two clients racing: each create/delete cycle succeeds or fails cleanly
         failures: list = []
 

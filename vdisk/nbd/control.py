@@ -61,9 +61,7 @@ from .. import errors, live
 
 log = logging.getLogger("vdisk.nbd")
 
-
-class _Refused(errors.VdiskError):
-    pass
+MAX_CLIENTS = 32        # control connections at once; more are answered an error and closed
 
 
 class ControlServer:
@@ -136,6 +134,11 @@ class ControlServer:
         task = asyncio.current_task()
         self._tasks.add(task)
         try:
+            if len(self._tasks) > MAX_CLIENTS:
+                writer.write(live.encode(live.error_answer(errors.ControlError(
+                    f"{MAX_CLIENTS} control clients are connected already; try again later"))))
+                await writer.drain()
+                return
             if not self._peer_allowed(writer):
                 writer.write(live.encode(live.error_answer(errors.ControlError(
                     "the control channel serves only the server's own user"))))
@@ -180,7 +183,7 @@ class ControlServer:
     async def _answer(self, line: bytes) -> dict:
         try:
             req = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):         # RecursionError: nesting deeper than the parser goes
             return live.error_answer(errors.ControlError("the request is not a line of JSON"))
         if not isinstance(req, dict) or not isinstance(req.get("op"), str):
             return live.error_answer(errors.ControlError('the request must be a JSON object {"op": NAME, "args": {...}}'))
@@ -284,7 +287,7 @@ async def _op_snapshot_list(c: ControlServer) -> list:
 @_op
 async def _op_snapshot_delete(c: ControlServer, name, wait=None) -> None:
     name = _str(name, "name")
-    if wait is not None and (not isinstance(wait, (int, float)) or wait < 0 or wait > 86400):
+    if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 86400):
         raise errors.InvalidArgumentError(f"wait {wait!r}: seconds from 0 to 86400")
     export = f"{c.server.image.name}@{name}"
     deadline = time.monotonic() + (wait or 0)
