@@ -69,8 +69,9 @@ def stamp(j: int) -> bytes:
 class StampWriter:
     """Writes stamps through one NBD connection until stop(); .done is the count acknowledged."""
 
-    def __init__(self, sock: str, units: int, export: str = "", flush_every: int = 64):
+    def __init__(self, sock: str, units: int, export: str = "", flush_every: int = 64, rate: float = 0):
         self.units, self.flush_every = units, flush_every
+        self.rate = rate                    # writes per second (0: as fast as the server answers)
         self.client = Client(sock).connect(export)
         self.done = 0
         self.errors: list[str] = []
@@ -83,7 +84,12 @@ class StampWriter:
         import time
         try:
             j = 0
+            start = time.perf_counter()
             while not self.stop_event.is_set():
+                if self.rate:
+                    ahead = start + j / self.rate - time.perf_counter()
+                    if ahead > 0:
+                        time.sleep(ahead)
                 t = time.perf_counter()
                 r = self.client.call(P.NBD_CMD_WRITE, (j % self.units) * UNIT, UNIT, payload=stamp(j))
                 self.latencies.append(time.perf_counter() - t)
