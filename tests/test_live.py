@@ -76,6 +76,7 @@ def test_cli_commands_work_while_qemu_io_writes(tmp_path, serve_process, runtime
     try:
         info = json.loads(cli("info", img, "--output", "json").stdout)
         assert info["virtual_size"] == SIZE and info["track_changes"]
+        assert info["path"] == img and info["served_by"]["pid"] == srv.proc.pid
         cli("consumer", "register", img, "nightly")
         cid0 = cli("checkpoint", img).stdout.strip()
         out = cli("snapshot", "create", img, "s1").stdout.split()

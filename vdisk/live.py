@@ -340,7 +340,11 @@ class LiveDisk:
 
     # --- reading ----------------------------------------------------------------------
     def info(self) -> dict:
-        return self._call("info")
+        """Disk.info() of the served image, with this handle's path and a served_by entry."""
+        out = self._call("info")
+        out["path"] = self.path
+        out["served_by"] = {"pid": self.server.get("pid"), "address": self.server.get("address")}
+        return out
 
     def map(self) -> Extents:
         return _extents(self._call("map"))
