@@ -260,8 +260,11 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     t = time.monotonic()
     r = run(a.trials, a.seed, a.max_delay)
-    kinds = ", ".join(f"{v} {k}" for k, v in sorted(r["stats"].items()))
-    print(f"{r['trials']} trials ({kinds}), {len(r['violations'])} violations, {time.monotonic() - t:.0f} s")
+    stats = dict(r["stats"])
+    deltas = stats.pop("deltas", 0)
+    kinds = ", ".join(f"{v} {k}" for k, v in sorted(stats.items()))
+    print(f"{r['trials']} trials ({kinds}), {deltas} deltas checked, {len(r['violations'])} violations, "
+          f"{time.monotonic() - t:.0f} s")
     return 1 if r["violations"] else 0
 
 
