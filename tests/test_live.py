@@ -22,7 +22,7 @@ import pytest
 import vdisk
 import vdisk.nbd.protocol as P
 from live_helpers import UNIT, QemuIoWriter, StampWriter, stamp_point
-from nbd_client import Client
+from nbd_client import Client, ProtocolError
 from nbd_helpers import extents_of_map, needs_clients, nbdinfo_map, qemu_io_nbd, run, serve_process  # noqa: F401
 
 pytestmark = needs_clients
@@ -168,7 +168,7 @@ def test_snapshot_exports_appear_and_delete_waits_for_clients(tmp_path, serve_pr
     threading.Timer(0.5, reader.close).start()
     cli("snapshot", "delete", img, "s1", "--wait", "20")
     assert listed() == ["disk"]
-    with pytest.raises(Exception):
+    with pytest.raises(ProtocolError, match="GO 'disk@s1' refused"):
         Client(srv.socket).connect("disk@s1")
     # revert: refused while the live export has a client
     cli("snapshot", "create", img, "s2")

@@ -343,3 +343,18 @@ def test_second_server_on_a_served_image_fails_in_one_line(tmp_path, serve_proce
     serve_process(img)
     r = run(sys.executable, "-m", "vdisk", "serve", img, "--socket", str(tmp_path / "other.sock"), check=False)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "in use" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--socket", "/nonexistent-dir/x.sock"], ["cannot listen", "/nonexistent-dir/x.sock"]),
+    (["--listen", "127.0.0.1:0", "--tls-cert", "cert.pem"], ["--tls-key"]),
+    (["--listen", "127.0.0.1:0", "--tls-cert", "/missing.pem", "--tls-key", "/missing.key"], ["/missing.pem"]),
+    (["--listen", "no-port"], ["HOST:PORT"]),
+    (["--socket", "s.sock", "--export", "a@b"], ["'a@b'"]),
+])
+def test_cli_errors_are_one_line(tmp_path, args, words):
+    img = make_image(tmp_path / "disk.vdk", size=MiB)
+    r = run(sys.executable, "-m", "vdisk", "serve", img, *args, check=False, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("vdisk: error: "), r.stderr
+    assert all(w in lines[0] for w in words), lines[0]
