@@ -859,12 +859,12 @@ class Server:
             await self._close_image()
             where = self.socket_path or f"{self.listen[0]}:{self.listen[1]}"
             raise errors.ServeError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        from .control import ControlServer     # before the pid file: ready means live operations too
+        self.control = ControlServer(self)
+        await self.control.start()
         if self.pid_file:
             with open(self.pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
-        from .control import ControlServer
-        self.control = ControlServer(self)
-        await self.control.start()
         log.info("serving %s as export %r (and %r) on %s%s", self.disk.path, self.image.name, "",
                  self.address, " read-only" if self.image.read_only else "")
 
