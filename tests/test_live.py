@@ -132,6 +132,7 @@ def test_python_api_routes_to_the_server(tmp_path, serve_process):
             d.changes_since("not-an-id")
         with pytest.raises(vdisk.ImageLockedError, match="resize cannot run on a served image"):
             d.resize(SIZE * 2)
+        assert not hasattr(d, "pread")          # data goes through NBD; hasattr is not fooled
         d.delete_snapshot("x")
     res = vdisk.backup(img, tmp_path / "full.vdelta", consumer="a")
     assert res.bytes_copied == 2 * MiB

@@ -152,6 +152,11 @@ def _extents(runs) -> Extents:
 
 
 # ---------------------------------------------------------------------------- the client
+class NotServedLive(errors.ImageLockedError, AttributeError):
+    """A Disk method the control channel does not carry (resize, compact, pread, ...): the
+    image is locked by its server.  An AttributeError too, so hasattr() says False."""
+
+
 class Channel:
     """One connection to a control socket: request() sends one request and returns its result."""
 
@@ -331,7 +336,7 @@ class LiveDisk:
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
-        raise errors.ImageLockedError(
+        raise NotServedLive(
             f"{self.path} is served by vdisk serve (pid {self.server.get('pid')}, {self.server.get('address')}): "
             f"{name} cannot run on a served image; stop the server first")
 
