@@ -385,3 +385,45 @@ def test_control_socket_refuses_other_users(tmp_path, serve_process, runtime_dir
                        timeout=30)
     assert r.stdout.strip() == "refused", r.stdout + r.stderr
     assert srv.stop() == 0
+
+
+def test_short_operations_are_answered_while_a_backup_runs(tmp_path, monkeypatch):
+    """A backup in the server's worker (held at a gate here) does not hold up snapshot,
+    consumer and info requests; a second backup waits for the first."""
+    from vdisk.nbd import Server
+    backup_module = sys.modules["vdisk.backup"]      # vdisk.backup is also the function's name
+    img = make(tmp_path / "disk.vdk")
+    gate, entered = threading.Event(), threading.Event()
+    real = backup_module.backup
+    calls = []
+
+    def gated(*a, **kw):
+        calls.append(kw.get("consumer"))
+        entered.set()
+        assert gate.wait(60)
+        return real(*a, **kw)
+    monkeypatch.setattr(backup_module, "backup", gated)
+    with Server(img, socket=str(tmp_path / "s.sock")):
+        with vdisk.connect(img) as d:
+            d.consumers.register("a")
+            d.consumers.register("b")
+        results = {}
+
+        def run_backup(c):
+            with vdisk.connect(img) as d:
+                results[c] = d.backup(tmp_path / f"{c}.vdelta", consumer=c)
+        first = threading.Thread(target=run_backup, args=("a",))
+        first.start()
+        assert entered.wait(60)
+        second = threading.Thread(target=run_backup, args=("b",))
+        second.start()
+        with vdisk.connect(img, timeout=20) as d:    # answered while backup a is held at the gate
+            d.snapshot("meanwhile")
+            assert [s.name for s in d.snapshots] == ["meanwhile"]
+            assert d.info()["virtual_size"] == SIZE
+            d.delete_snapshot("meanwhile")
+        assert calls == ["a"], "the second backup started before the first ended"
+        gate.set()
+        first.join(60)
+        second.join(60)
+        assert set(results) == {"a", "b"} and calls == ["a", "b"]

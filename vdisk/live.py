@@ -32,8 +32,9 @@ at most :data:`MAX_REQUEST` bytes with its newline.  One answer per request,
 one line: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error":
 {"type": CLASS, "message": TEXT}}`` where CLASS names a VdiskError subclass
 (vdisk/errors.py); this module raises that class with that message.  A
-connection may send any number of requests, one after the other; requests
-of all connections are carried out one at a time.  The operations are
+connection may send any number of requests, one after the other; backups
+and checks of all connections run one at a time, and the other operations
+are answered meanwhile (vdisk/nbd/control.py).  The operations are
 those of :class:`LiveDisk` (``hello``, ``info``, ``map``, ``changes``,
 ``checkpoint``, ``snapshot_create``, ``snapshot_list``, ``snapshot_delete``,
 ``snapshot_revert``, ``consumer_register``, ``consumer_update``,

@@ -11,6 +11,7 @@ Where each operation runs
   register/update/forget/list, clients).  A snapshot delete and a revert
   check the connected clients and act in the same step, so no client can
   connect to what they remove in between.
+  They are answered while a backup or a check runs (they do not wait for it).
 * In one worker thread, one at a time: ``backup`` and ``check``.  A backup
   reads a snapshot, a frozen view: its reads take the Disk's lock for one
   batch each (Disk._read_through), so live NBD writes interleave with the
@@ -62,6 +63,7 @@ from .. import errors, live
 log = logging.getLogger("vdisk.nbd")
 
 MAX_CLIENTS = 32        # control connections at once; more are answered an error and closed
+_LONG = frozenset(("backup", "check"))      # the operations of the worker thread
 
 
 class ControlServer:
@@ -73,7 +75,7 @@ class ControlServer:
         self.path: str | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._ino: int | None = None
-        self._lock: asyncio.Lock | None = None       # requests are carried out one at a time
+        self._lock: asyncio.Lock | None = None       # backups and checks are carried out one at a time
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vdisk-nbd-control")
         self._tasks: set = set()
 
@@ -199,7 +201,10 @@ class ControlServer:
         except TypeError as exc:
             return live.error_answer(errors.ControlError(f"operation {req['op']!r}: bad arguments ({exc})"))
         try:
-            async with self._lock:
+            if req["op"] in _LONG:
+                async with self._lock:      # one backup or check at a time
+                    result = await handler(self, **args)
+            else:                           # runs in the loop, between the steps of a long one
                 result = await handler(self, **args)
         except errors.VdiskError as exc:
             return live.error_answer(exc)
