@@ -308,3 +308,53 @@ def test_golden_against_qemu_nbd_dirty_bitmap_and_allocation(tmp_path, serve_pro
     finally:
         qproc.terminate()
         qproc.wait(30)
+
+
+def test_sigterm_answers_requests_in_flight_then_exits_0(tmp_path, serve_process):
+    """Pipelined writes, SIGTERM as soon as the first reply arrives: every write
+    answered is in the image after the clean exit, and the session ends with a
+    close, not a half-sent reply."""
+    from nbd_client import Client
+    from vdisk.nbd import protocol as P
+    img = make_image(tmp_path / "disk.vdk")
+    srv = serve_process(img)
+    c = Client(srv.socket).connect()
+    n = 200
+    burst = b"".join(P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_WRITE, i + 1, i * BS, 4096)
+                     + bytes([i % 250 + 1]) * 4096 for i in range(n))
+    c.send(burst)
+    answered = [c.reply()]
+    srv.proc.send_signal(signal.SIGTERM)
+    while True:
+        try:
+            answered.append(c.reply())
+        except EOFError:
+            break
+    assert srv.stop() == 0
+    assert all(r.error == 0 for r in answered) and [r.cookie for r in answered] == list(range(1, len(answered) + 1))
+    data = image_bytes(img)
+    for r in answered:
+        i = r.cookie - 1
+        assert data[i * BS:i * BS + 4096] == bytes([i % 250 + 1]) * 4096
+
+
+def test_second_server_on_a_served_image_fails_in_one_line(tmp_path, serve_process):
+    img = make_image(tmp_path / "disk.vdk")
+    serve_process(img)
+    r = run(sys.executable, "-m", "vdisk", "serve", img, "--socket", str(tmp_path / "other.sock"), check=False)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "in use" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--socket", "/nonexistent-dir/x.sock"], ["cannot listen", "/nonexistent-dir/x.sock"]),
+    (["--listen", "127.0.0.1:0", "--tls-cert", "cert.pem"], ["--tls-key"]),
+    (["--listen", "127.0.0.1:0", "--tls-cert", "/missing.pem", "--tls-key", "/missing.key"], ["/missing.pem"]),
+    (["--listen", "no-port"], ["HOST:PORT"]),
+    (["--socket", "s.sock", "--export", "a@b"], ["'a@b'"]),
+])
+def test_cli_errors_are_one_line(tmp_path, args, words):
+    img = make_image(tmp_path / "disk.vdk", size=MiB)
+    r = run(sys.executable, "-m", "vdisk", "serve", img, *args, check=False, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("vdisk: error: "), r.stderr
+    assert all(w in lines[0] for w in words), lines[0]

@@ -67,3 +67,52 @@ def test_starttls_with_qemu_img_and_nbdinfo(tmp_path, certs, serve_process):
     assert c.option(P.NBD_OPT_STARTTLS)[-1][0] == P.NBD_REP_ERR_INVALID
     c.close()
     assert srv.stop() == 0
+
+
+@pytest.fixture
+def ca_pki(tmp_path):
+    """A CA, a server and a client certificate it signed, laid out as qemu's
+    tls-creds-x509 wants (ca-cert.pem, client-cert.pem, client-key.pem)."""
+    d = tmp_path / "ca"
+    d.mkdir()
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
+        "-keyout", d / "ca-key.pem", "-out", d / "ca-cert.pem")
+    for who, ext in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+                     ("client", "extendedKeyUsage=clientAuth")):
+        (d / f"{who}.ext").write_text(ext + "\n")
+        run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}",
+            "-keyout", d / f"{who}-key.pem", "-out", d / f"{who}.csr")
+        run("openssl", "x509", "-req", "-in", d / f"{who}.csr", "-CA", d / "ca-cert.pem", "-CAkey", d / "ca-key.pem",
+            "-CAcreateserial", "-days", "2", "-extfile", d / f"{who}.ext", "-out", d / f"{who}-cert.pem")
+    return d
+
+
+def test_tls_ca_requires_a_client_certificate(tmp_path, ca_pki, serve_process):
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, MiB).close()
+    srv = serve_process(img, "--listen", "127.0.0.1:0", "--tls-cert", ca_pki / "server-cert.pem",
+                        "--tls-key", ca_pki / "server-key.pem", "--tls-ca", ca_pki / "ca-cert.pem", tcp=True)
+    host, port = srv.address
+    # qemu with the client certificate in its creds dir: accepted
+    info = json.loads(run("qemu-img", "info", "--output=json", "--object",
+                          f"tls-creds-x509,id=tls0,dir={ca_pki},endpoint=client", "--image-opts",
+                          f"driver=nbd,host={host},port={port},export=disk,tls-creds=tls0").stdout)
+    assert info["virtual-size"] == MiB
+    # a client without a certificate: the handshake fails, the server logs it and goes on
+    c = Client((host, port))
+    c.greeting()
+    assert c.option(P.NBD_OPT_STARTTLS)[-1][0] == P.NBD_REP_ACK
+    ctx = ssl.create_default_context(cafile=str(ca_pki / "ca-cert.pem"))
+    with pytest.raises((ssl.SSLError, ConnectionError, EOFError)):
+        c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
+        c.list_exports()
+    c.close()
+    ctx.load_cert_chain(str(ca_pki / "client-cert.pem"), str(ca_pki / "client-key.pem"))
+    c = Client((host, port))
+    c.greeting()
+    assert c.option(P.NBD_OPT_STARTTLS)[-1][0] == P.NBD_REP_ACK
+    c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
+    assert c.list_exports() == ["disk"]
+    c.close()
+    assert srv.stop() == 0
+    assert "TLS handshake failed" in srv.stderr()

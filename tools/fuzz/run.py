@@ -7,6 +7,8 @@ Targets (one harness each, tools/fuzz/fuzz_*.py):
     qcow2          the qcow2 reader and qcow2 -> raw conversion        (fuzz_qcow2.py)
     delta          the delta reader, verify, restore, merge            (fuzz_delta.py)
     changeid       change-id parsing, changes_since, chain sidecars    (fuzz_changeid.py)
+    nbd            bytes at each state of an NBD session (vdisk serve)  (fuzz_nbd.py; not in the default set:
+                   --targets nbd)
     delta-crafted  deltas whose HDF5 metadata is damaged *and* resealed:
                    probes libhdf5 behind the preamble (not in the default set)
 
@@ -65,11 +67,12 @@ TARGETS = {
     "qcow2": ("fuzz_qcow2.py", []),
     "delta": ("fuzz_delta.py", []),
     "changeid": ("fuzz_changeid.py", []),
+    "nbd": ("fuzz_nbd.py", []),
     "delta-crafted": ("fuzz_delta.py", ["--crafted"]),
 }
 DEFAULT_TARGETS = ["vdisk", "qcow2", "delta", "changeid"]
 MAX_LEN = {"vdisk": 256 * 1024, "qcow2": 256 * 1024, "delta": 128 * 1024, "delta-crafted": 128 * 1024,
-           "changeid": 4096}
+           "changeid": 4096, "nbd": 4096}
 FINDING_RE = re.compile(r"^(crash|timeout|oom|leak|slow-unit)-")
 MAX_TRIAGE = 20                 # findings replayed alone per target
 

@@ -8,6 +8,11 @@ Command line (serves until SIGTERM/SIGINT, then flushes and exits 0)::
     vdisk serve disk.vdk --listen 127.0.0.1:10809       # nbd://127.0.0.1:10809/disk
     vdisk serve disk.vdk --listen 0.0.0.0:10809 --tls-cert server-cert.pem --tls-key server-key.pem
 
+Once listening it writes ``--pid-file`` and one line on stderr,
+``vdisk serve: serving FILE as export 'NAME' (and '') on ADDRESS`` (for
+``--listen HOST:0`` the ADDRESS holds the port it got).  Bad clients are
+logged one line each on stderr; the exit status is 0 after a signal.
+
 Python::
 
     import vdisk

@@ -40,40 +40,51 @@ class Context:
         self.clear_flags = clear_flags      # the flags elsewhere
         self._query = query                 # (offset, length) -> (offsets, ends) uint64 arrays
 
-    def descriptors(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
-        """(length, flags) descriptors from offset, covering at most length bytes
-        and at most limit descriptors; never a zero-length one."""
+    def descriptors(self, offset: int, length: int, limit: int) -> np.ndarray:
+        """(length, flags) rows from offset, covering at most length bytes and
+        at most limit rows; never a zero length (see describe)."""
         offsets, ends = self._query(offset, length)
         return describe(offsets, ends, offset, offset + length, self.set_flags, self.clear_flags, limit)
 
 
 def describe(offsets: np.ndarray, ends: np.ndarray, start: int, stop: int, inside: int, outside: int,
-             limit: int) -> list[tuple[int, int]]:
-    """Descriptors of [start, stop) given sorted, disjoint runs [offsets, ends)."""
+             limit: int) -> np.ndarray:
+    """Descriptors of [start, stop) given sorted, disjoint runs [offsets, ends):
+    an (n, 2) uint64 array of (length, flags), touching runs merged, at most
+    limit rows, never a zero length.  Vectorized: a reply may hold 65536."""
     lo = int(np.searchsorted(ends, start, side="right"))
     hi = int(np.searchsorted(offsets, stop, side="left"))
-    runs_lo = offsets[lo:hi].tolist()
-    runs_hi = ends[lo:hi].tolist()
-    out: list[tuple[int, int]] = []
-    pos = start
-    i = 0
-    n = len(runs_lo)
-    while pos < stop and len(out) < limit:
-        if i < n and runs_lo[i] <= pos:
-            end = min(runs_hi[i], stop)
-            i += 1
-            if end <= pos:
-                continue
-            flags = inside
-        else:
-            end = min(runs_lo[i], stop) if i < n else stop
-            flags = outside
-        if out and out[-1][1] == flags:         # touching runs of one kind: one descriptor
-            out[-1] = (out[-1][0] + end - pos, flags)
-        else:
-            out.append((end - pos, flags))
-        pos = end
-    return out
+    if hi - lo > limit:                             # more runs than descriptors: stop at a run's end
+        hi = lo + limit
+        stop = min(stop, int(ends[hi - 1]))
+    o = np.maximum(offsets[lo:hi], np.uint64(start))
+    e = np.minimum(ends[lo:hi], np.uint64(stop))
+    keep = e > o
+    o, e = o[keep], e[keep]
+    if len(o) > 1:                                  # touching runs: one
+        new = np.empty(len(o), dtype=bool)
+        new[0] = True
+        new[1:] = o[1:] > e[:-1]
+        first = np.flatnonzero(new)
+        last = np.append(first[1:] - 1, len(o) - 1)
+        o, e = o[first], e[last]
+    k = len(o)
+    lengths = np.empty(2 * k + 1, dtype=np.uint64)
+    flags = np.empty(2 * k + 1, dtype=np.uint64)
+    prev = np.empty(k, dtype=np.uint64)
+    if k:
+        prev[0] = start
+        prev[1:] = e[:-1]
+        lengths[0:2 * k:2] = o - prev
+        lengths[1:2 * k:2] = e - o
+        lengths[2 * k] = stop - int(e[-1])
+    else:
+        lengths[0] = stop - start
+    flags[0::2] = outside
+    flags[1::2] = inside
+    nz = lengths > 0
+    out = np.stack([lengths[nz], flags[nz]], axis=1)
+    return out[:limit]
 
 
 def _arrays(extents) -> tuple[np.ndarray, np.ndarray]:
@@ -111,17 +122,17 @@ class Export:
             f |= P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO
         return f
 
-    # --- answers cached per state of the image (snapshots never change) -------------------
+    # --- answers (a snapshot's never change: cached; the live disk's are asked each time,
+    #     since a program serving its own Disk may write to it behind the server's back)
     def _cached(self, key, compute):
-        epoch = self.image.epoch if self.live else 0
+        if self.live:
+            return compute()
         hit = self._cache.get(key)
-        if hit is not None and hit[0] == epoch:
-            return hit[1]
-        value = compute()
-        if len(self._cache) > 64:
-            self._cache.clear()
-        self._cache[key] = (epoch, value)
-        return value
+        if hit is None:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            hit = self._cache[key] = compute()
+        return hit
 
     def allocated(self, offset: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         """Runs [offsets, ends) of allocated data that meet [offset, offset + length)."""
@@ -194,12 +205,8 @@ class Image:
         self.disk = disk
         self.name = name
         self.read_only = read_only or not disk.writable()
-        self.epoch = 0                      # advanced by every change made through the server
         self._live = Export(self, name, disk, self.read_only)
         self._snapshots: dict[str, Export] = {}
-
-    def changed(self) -> None:
-        self.epoch += 1
 
     def names(self) -> list[str]:
         """The export names NBD_OPT_LIST shows: NAME, then NAME@S for each snapshot."""

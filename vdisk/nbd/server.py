@@ -1,7 +1,12 @@
 """The asyncio NBD server: handshake, transmission, lifecycle.
 
 One :class:`Server` serves one image (vdisk/nbd/exports.py names its
-exports) on a unix socket or a TCP address, to any number of connections.
+exports) on a unix socket or a TCP address, to any number of connections
+(up to max_connections).  The handshake runs as a coroutine over asyncio
+streams (:class:`Connection`); at GO or EXPORT_NAME the transport is handed
+to a :class:`Transmission` protocol that parses requests straight from its
+input buffer, handles them in the loop's thread and writes the replies of
+a burst at once.
 
 Contracts
 ---------
@@ -10,15 +15,24 @@ Contracts
   Disk.flush makes every write before it durable, so a flush covers the
   writes acknowledged on every connection before it: the server advertises
   NBD_FLAG_CAN_MULTI_CONN.
-* Isolation: a connection handles one request at a time (its in-flight
-  count is one, its memory bounded by the 32 MiB request cap).  A
-  malformed or hostile client is disconnected and logged in one line
-  (``logging`` logger ``vdisk.nbd``); no other connection notices.
-* Disk calls run in the loop's thread (Disk calls are short: a pread or
-  pwrite of at most 32 MiB), except flush, which runs in one executor
-  thread so a slow fsync does not stall the other connections' network I/O.
-* Stop (SIGTERM/SIGINT, or Server.stop()): stop accepting, let each
-  connection finish the request it is handling, flush, close the image.
+* Bounded memory: a request is at most 32 MiB (advertised as the maximum
+  block size; a larger WRITE is a disconnect, a larger READ an EINVAL); a
+  connection holds at most one unanswered request's payload in, and stops
+  reading while its unsent replies pass the 4 MiB high-water mark or a
+  flush is pending: about 70 MiB at worst, times max_connections.
+* Isolation: a malformed or hostile client is disconnected and logged in
+  one line (``logging`` logger ``vdisk.nbd``, with the peer and what was
+  wrong); a bad request (past the end, unaligned, unknown command or
+  flag) gets an error reply and the session goes on.  No other connection
+  notices either.
+* Disk calls run in the loop's thread (each is short: a pread or pwrite of
+  at most 32 MiB), except flush, which runs in one executor thread so a
+  slow fsync does not stall the other connections; the connection that
+  asked waits (reads nothing more) until it returned.
+* Stop (SIGTERM/SIGINT, or Server.stop()): stop accepting, cut off
+  sessions still negotiating, let each session in transmission answer
+  every request it has received (and a pending flush), flush, close the
+  image; sessions still open after stop_timeout are cut off.
 """
 from __future__ import annotations
 
@@ -76,6 +90,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def tls_context(cert, key, ca=None) -> ssl.SSLContext:
     """A server TLS context; with ca, clients must present a certificate it signed."""
+    if not hasattr(asyncio.StreamWriter, "start_tls"):
+        raise errors.ServeError("TLS (--tls-cert) needs Python 3.11 or later (asyncio's StreamWriter.start_tls)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -337,6 +353,8 @@ class Connection:
         if not transport.is_reading():
             transport.resume_reading()
         proto.start()
+        if self.reader.at_eof() or self.reader._eof:    # the client half-closed before the switch
+            proto.eof_received()
         await proto.closed
         if proto.violation:
             log.warning("nbd client %s: %s; disconnected", self.peer, proto.violation)
@@ -398,8 +416,15 @@ class Transmission(asyncio.Protocol):
         self.closing = True             # the client is done sending: answer what it sent, then close
         if not self.blocked:
             self._process()
+            self._log_partial()
             self.t.close()
-        return True
+        return None if self.conn.tls else True      # (TLS transports close on EOF whatever we say)
+
+    def _log_partial(self) -> None:
+        if self.inbuf and self.violation is None:
+            log.warning("nbd client %s: closed in the middle of a request (%d bytes of it sent)",
+                        self.peer, len(self.inbuf))
+            self.inbuf.clear()
 
     def connection_lost(self, exc) -> None:
         if not self.closed.done():
@@ -507,15 +532,12 @@ class Transmission(asyncio.Protocol):
             if cmd == P.NBD_CMD_WRITE:
                 if length:
                     self.view.pwrite(payload, offset)
-                    self.image.changed()
             elif cmd == P.NBD_CMD_TRIM:
                 if length:
                     self.view.discard(offset, length)
-                    self.image.changed()
             elif cmd == P.NBD_CMD_WRITE_ZEROES:
                 if length:
                     self._write_zeroes(flags, offset, length)
-                    self.image.changed()
             # CACHE: the page cache serves reads; nothing to prefetch
             if cmd == P.NBD_CMD_FLUSH and not self.export.read_only or flags & P.NBD_CMD_FLAG_FUA and cmd in _WRITES:
                 self._flush_then_reply(cmd, cookie, offset, length)
@@ -662,7 +684,7 @@ class Transmission(asyncio.Protocol):
         """A structured read as data and hole chunks; with DF one chunk.  data: the
         range's content when already read (all zeros)."""
         offs, ends = self.export.allocated(offset, length)
-        runs = describe(offs, ends, offset, offset + length, 0, 1, 1 << 30)
+        runs = describe(offs, ends, offset, offset + length, 0, 1, 1 << 30).tolist()
         if flags & P.NBD_CMD_FLAG_DF and len(runs) > 1:
             runs = [(length, 0)]
         last = len(runs) - 1
@@ -700,15 +722,12 @@ class Transmission(asyncio.Protocol):
                 # the id stopped being answerable (tracking reset): refuse, never a partial answer
                 self._reply_error(P.NBD_CMD_BLOCK_STATUS, cookie, P.NBD_EINVAL, str(exc))
                 return
-            body = bytearray(P.U32.pack(i + 1))
-            for n, f in descs:
-                body += P.EXTENT.pack(n, f)
-            chunks.append(body)
+            chunks.append(P.U32.pack(i + 1) + descs.astype(">u4").tobytes())
         last = len(chunks) - 1
         for i, body in enumerate(chunks):
             self.out.append(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC,
                                                 P.NBD_REPLY_FLAG_DONE if i == last else 0,
-                                                P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, len(body)) + bytes(body))
+                                                P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, len(body)) + body)
 
 
 class _BadOption(Exception):
@@ -736,11 +755,19 @@ class Server:
     from plain code, or ``server.run()`` to serve until SIGTERM/SIGINT.
     A path is opened (``r+``, or ``r`` when read-only) and closed at stop;
     a Disk passed in is flushed at stop and left open.
+
+    Options: export (the live image's name; default the file name without
+    extension), read_only, tls_cert/tls_key[/tls_ca] (TLS required of every
+    client), insecure (allow a non-loopback listen without TLS), pid_file,
+    min_block_size (advertised minimum; requests not aligned to it get
+    EINVAL), max_connections (more are refused and logged), stop_timeout
+    (seconds a stop waits for sessions to finish their requests before it
+    cuts them off: a client that reads no replies cannot hold it forever).
     """
 
     def __init__(self, path_or_disk, *, socket=None, listen=None, export: str | None = None,
                  read_only: bool = False, tls_cert=None, tls_key=None, tls_ca=None, insecure: bool = False,
-                 pid_file=None, min_block_size: int = 1):
+                 pid_file=None, min_block_size: int = 1, max_connections: int = 64, stop_timeout: float = 30):
         if (socket is None) == (listen is None):
             raise errors.InvalidArgumentError("give exactly one of socket=PATH or listen='HOST:PORT'")
         if bool(tls_cert) != bool(tls_key):
@@ -757,6 +784,9 @@ class Server:
                 f"serve it only with TLS (--tls-cert/--tls-key) or pass --insecure")
         self.tls_context = tls_context(tls_cert, tls_key, tls_ca) if tls_cert else None
         self.min_block = min_block_size
+        self.stop_timeout = stop_timeout              # seconds a stop waits for sessions to finish
+        self.max_connections = max_connections      # each may hold ~70 MiB at worst (a 32 MiB write in,
+        #                                             a 32 MiB read out): the cap bounds the whole server
         self.pid_file = os.fspath(pid_file) if pid_file is not None else None
         self._owns_disk = not hasattr(path_or_disk, "pread")
         if self._owns_disk:
@@ -832,6 +862,11 @@ class Server:
         if self._stopped.is_set():
             writer.close()
             return
+        if len(self._conns) >= self.max_connections:
+            log.warning("nbd client %s: refused, %d connections already open (the maximum)", peer,
+                        len(self._conns))
+            writer.close()
+            return
         conn = Connection(self, reader, writer, peer)
         self._conns[task] = conn
         try:
@@ -857,8 +892,18 @@ class Server:
             self._server.close()
         for task, conn in list(self._conns.items()):
             conn.stop(task)
+        deadline = asyncio.get_running_loop().time() + self.stop_timeout
         while self._conns:
             await asyncio.wait(list(self._conns), timeout=1)
+            if self._conns and asyncio.get_running_loop().time() > deadline:
+                for task, conn in list(self._conns.items()):     # e.g. a client that reads no replies
+                    log.warning("nbd client %s: still open %.0f s after the stop; cut off", conn.peer,
+                                self.stop_timeout)
+                    if conn.proto is not None:
+                        conn.proto.t.abort()
+                    else:
+                        task.cancel()
+                deadline = float("inf")
         await self._close_image()
         if self.socket_path and os.path.exists(self.socket_path):
             try:
