@@ -311,10 +311,10 @@ def main(argv=None) -> int:
             return 1
     size = args.mib * MiB
     base = os.environ.get("VDISK_BENCH_DIR") or tempfile.gettempdir()
+    lines = header(args, size)
     work = args.keep or tempfile.mkdtemp(prefix="vdisk-bench-nbd-", dir=base)
     os.makedirs(work, exist_ok=True)
     sockdir = tempfile.mkdtemp(prefix="vb-")
-    lines = header(args, size)
     results: dict[str, dict] = {}
     servers = []
     try:

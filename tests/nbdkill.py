@@ -44,7 +44,7 @@ import numpy as np
 
 import vdisk
 import nbdserve
-from crashsim import CONSUMER, CrashModel, apply_op, check_chain_restores, check_image
+from crashsim import CrashModel, apply_op, check_chain_restores, check_image
 from helpers import pattern
 
 # ---------------------------------------------------------------------------- the wire (doc/proto.md)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import itertools
 import multiprocessing
 import os
 import sys
@@ -65,7 +64,9 @@ def main(argv=None) -> int:
     ap.add_argument("--depth", type=int, default=8, help="requests in flight at most (default 8)")
     ap.add_argument("--jobs", type=int, default=1, help="images served at once (default 1)")
     args = ap.parse_args(argv)
-    tasks = ((s, args.rounds, args.depth) for s in itertools.count(args.first_seed))
+    # exactly the seeds needed, each run to its end (a worker stopped mid-round would orphan its server)
+    seeds = -(-args.kills // args.rounds)
+    tasks = [(s, args.rounds, args.depth) for s in range(args.first_seed, args.first_seed + seeds)]
     t0 = time.monotonic()
     totals = collections.Counter()
     ids = 0
@@ -83,9 +84,6 @@ def main(argv=None) -> int:
             if totals["seeds"] % 10 == 0:
                 print(f"  {totals['seeds']} images, {totals['kills']} kills, {len(violations)} violations, "
                       f"{time.monotonic() - t0:.0f} s", flush=True)
-            if totals["kills"] >= args.kills:
-                pool.terminate()
-                break
     elapsed = time.monotonic() - t0
     print(f"NBD kill campaign: {totals['kills']} SIGKILLs of vdisk serve over {totals['seeds']} images "
           f"(seeds from {args.first_seed}, {args.rounds} per image, up to {args.depth} requests in flight): "
