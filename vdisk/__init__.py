@@ -19,7 +19,8 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-from .errors import (BackupChainError, ChecksumError, ClosedError, ConsumerNotFoundError, CorruptImageError,
+from .errors import (BackupChainError, ChecksumError, ClosedError, ConsumerNotFoundError, ControlError,
+                     CorruptImageError,
                      FormatError, ImageLockedError, InvalidArgumentError, NoSuchFileError, OutOfRangeError,
                      ReadOnlyError, ServeError, SnapshotNotFoundError, StaleChangeIdError, UnsupportedFeatureError,
                      VdiskError, VdiskIOError)
@@ -35,6 +36,7 @@ if TYPE_CHECKING:       # what the lazy names are, for type checkers and editors
     from .disk import Disk, create, open
     from .extents import Extents
     from .layout import parse_size
+    from .live import connect
     from .nbd import serve
     from .snapshots import Snapshot, SnapshotInfo
 
@@ -48,6 +50,7 @@ _LAZY = {
     "Extents": "extents",
     "parse_size": "layout",
     "serve": "nbd",
+    "connect": "live",
     "BackupResult": "backup", "backup": "backup", "restore": "backup", "verify": "backup", "verify_chain": "backup",
     "merge": "backup", "clone": "clone",
 }
@@ -98,5 +101,6 @@ __all__ = [
     "InvalidArgumentError", "NoSuchFileError", "SnapshotNotFoundError", "Snapshot", "SnapshotInfo",
     "__version__", "backup", "restore", "verify", "verify_chain", "merge", "BackupResult", "BackupChainError", "ChecksumError",
     "Consumers", "ConsumerInfo", "ConsumerNotFoundError", "serve", "ServeError", "clone",
+    "ControlError", "connect",
 ]
 

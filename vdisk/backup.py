@@ -56,7 +56,7 @@ from . import _fast
 from .delta import (BATCH_BYTES, FLAG_ZERO, FORMAT_NAME, FORMAT_VERSION, UUID_RE, DeltaFile, DeltaWriter,
                     batch_rows_for, check_dest, fsync_dir, now_iso, parse_compression, place_synced,
                     start_writeback)
-from .errors import (BackupChainError, CorruptImageError, InvalidArgumentError, ReadOnlyError,
+from .errors import (BackupChainError, CorruptImageError, ImageLockedError, InvalidArgumentError, ReadOnlyError,
                      StaleChangeIdError, UnsupportedFeatureError)
 from .errors import FROM_SCRATCH, TO_REPLACE, Param
 from ._types import PathArg, Progress
@@ -192,7 +192,16 @@ def backup(source: PathArg | Disk | Snapshot, dest: PathArg, *, since: str | Non
         raise InvalidArgumentError.naming("give ", Param("since"), " or ", Param("consumer"),
                                           ", not both: a consumer's backup starts from its own id")
     since = "*" if since is None else since
-    disk, snap, owned = _resolve_source(source)
+    try:
+        disk, snap, owned = _resolve_source(source)
+    except ImageLockedError:                 # served by `vdisk serve`: the backup runs in the server
+        from . import live
+        served = live.find_server(source)
+        if served is None:
+            raise
+        with live.LiveDisk(os.fspath(source), served) as remote:
+            return remote.backup(dest, since=None if since == "*" else since, consumer=consumer,
+                                 compression=compression, progress=progress)
     try:
         if consumer is not None:
             if snap is not None:

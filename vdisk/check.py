@@ -37,7 +37,7 @@ from .arrays import lazy_zeros, load_array as _load_array, nonzero_entries as _n
 from .disk import _read_header
 from .snapshots import parse_table
 from .tracking import CheckpointLog
-from .errors import CorruptImageError, FormatError
+from .errors import CorruptImageError, FormatError, ImageLockedError
 from .fileio import FileIO
 
 MAX_LISTED = 20   # corruptions listed one by one; the rest are counted
@@ -88,7 +88,19 @@ def check(path: str | os.PathLike[str], repair: bool = False, *, io_factory: Cal
     fio = io_factory(path, writable=repair)
     tick = progress or (lambda done, total: None)
     try:
-        fio.lock(exclusive=repair)
+        try:
+            fio.lock(exclusive=repair)
+        except ImageLockedError:             # served by `vdisk serve`: a read-only check in the server
+            from . import live
+            served = live.find_server(path)
+            if served is None:
+                raise
+            if repair:
+                served.close()
+                raise ImageLockedError(f"{fio.path} is served by vdisk serve: check --repair cannot run on a "
+                                       f"served image; stop the server first") from None
+            with live.LiveDisk(fio.path, served) as remote:
+                return remote.check()
         tick(0, 1)
         result = _check(fio, repair=False)
         if repair and not result.ok:

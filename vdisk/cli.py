@@ -202,6 +202,17 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def _open_or_connect(file: str, mode: str = "r"):
+    """The image, or, while `vdisk serve` holds it, its server's control channel (vdisk/live.py)."""
+    from vdisk.live import open_or_connect
+    return open_or_connect(file, mode)
+
+
+def _is_live(d) -> bool:
+    from vdisk.live import LiveDisk
+    return isinstance(d, LiveDisk)
+
+
 def _table(rows: list[tuple[str, object]]) -> None:
     """Print aligned ``key: value`` lines."""
     width = max(len(k) for k, _ in rows) + 2
@@ -314,7 +325,7 @@ def info_json(path: str, data: dict[str, Any], snapshots: list[Any]) -> dict[str
 @output_option
 def info(file: str, output: str) -> None:
     """Show the image's geometry, allocation and tracking state."""
-    with vdisk.open(file) as d:
+    with _open_or_connect(file) as d:
         data = d.info()
         snapshots = d.snapshots if data["snapshots"] else []
     if output == "json":
@@ -442,7 +453,7 @@ def map_json(size: int, runs: list[tuple[int, int, int]]) -> list[dict[str, Any]
 @output_option
 def map_(file: str, output: str) -> None:
     """List the allocated (data) extents of the image (JSON: every range, as qemu-img map)."""
-    with vdisk.open(file) as d:
+    with _open_or_connect(file) as d:
         if output == "json":
             _emit_json(map_json(d.size, d.host_map()))
             return
@@ -472,7 +483,7 @@ def _new_size(spec: str, current: int) -> int:
 @output_option
 def resize(file: str, size: str, shrink: bool, output: str) -> None:
     """Set the virtual size to SIZE, or grow/shrink it by +SIZE/-SIZE."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         old = d.size
         new = _new_size(size, old)
         if new < old and not shrink:
@@ -489,7 +500,7 @@ def resize(file: str, size: str, shrink: bool, output: str) -> None:
 @output_option
 def checkpoint(file: str, output: str) -> None:
     """Take a change-tracking point; prints its change id."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         cid = d.checkpoint()
     if output == "json":
         _emit_json({"change_id": cid})
@@ -507,7 +518,7 @@ def changes(file: str, since: str | None, consumer: str | None, output: str) -> 
     """List the extents changed after the point ID (or since a consumer's last backup)."""
     if (since is None) == (consumer is None):
         _usage("give exactly one of --since ID and --consumer NAME")
-    with vdisk.open(file) as d:
+    with _open_or_connect(file) as d:
         if consumer is not None:
             since = d.consumers.last_id(consumer) or "*"
         extents = d.changes_since(since)
@@ -538,7 +549,7 @@ def _snapshot_json(info: Any) -> dict[str, Any]:
 @output_option
 def snapshot_create(file: str, name: str | None, output: str) -> None:
     """Take a snapshot (a generated name when NAME is omitted)."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         info = d.snapshot(name).info
     if output == "json":
         _emit_json(_snapshot_json(info))
@@ -551,7 +562,7 @@ def snapshot_create(file: str, name: str | None, output: str) -> None:
 @output_option
 def snapshot_list(file: str, output: str) -> None:
     """List the snapshots, oldest first."""
-    with vdisk.open(file) as d:
+    with _open_or_connect(file) as d:
         infos = d.snapshots
     if output == "json":
         _emit_json([_snapshot_json(i) for i in infos])
@@ -566,10 +577,12 @@ def snapshot_list(file: str, output: str) -> None:
 @snapshot.command(name="delete")
 @file_argument
 @click.argument("name")
-def snapshot_delete(file: str, name: str) -> None:
+@click.option("--wait", type=float, metavar="SECONDS",
+              help="On a served image: wait this long for NBD clients of NAME's export to disconnect.")
+def snapshot_delete(file: str, name: str, wait: float | None) -> None:
     """Delete snapshot NAME; its unshared blocks become free."""
-    with vdisk.open(file, "r+") as d:
-        d.delete_snapshot(name)
+    with _open_or_connect(file, "r+") as d:
+        d.delete_snapshot(name, **({"wait": wait} if wait is not None and _is_live(d) else {}))
 
 
 @snapshot.command(name="revert")
@@ -577,7 +590,7 @@ def snapshot_delete(file: str, name: str) -> None:
 @click.argument("name")
 def snapshot_revert(file: str, name: str) -> None:
     """Make the disk's content (and size) that of snapshot NAME."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         d.revert(name)
 
 
@@ -598,7 +611,7 @@ def _consumer_json(info: Any) -> dict[str, Any]:
 @click.option("--change-id", metavar="ID", help="The id of a backup the consumer holds already (default: none).")
 def consumer_register(file: str, name: str, change_id: str | None) -> None:
     """Register consumer NAME (its first backup with --consumer is a full one)."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         d.consumers.register(name, change_id)
 
 
@@ -608,7 +621,7 @@ def consumer_register(file: str, name: str, change_id: str | None) -> None:
 @click.argument("change_id", metavar="ID")
 def consumer_update(file: str, name: str, change_id: str) -> None:
     """Record ID as the last completed backup of consumer NAME."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         d.consumers.update(name, change_id)
 
 
@@ -617,7 +630,7 @@ def consumer_update(file: str, name: str, change_id: str) -> None:
 @click.argument("name")
 def consumer_forget(file: str, name: str) -> None:
     """Remove consumer NAME from the image."""
-    with vdisk.open(file, "r+") as d:
+    with _open_or_connect(file, "r+") as d:
         d.consumers.forget(name)
 
 
@@ -626,7 +639,7 @@ def consumer_forget(file: str, name: str) -> None:
 @output_option
 def consumer_list(file: str, output: str) -> None:
     """List the consumers and the change id of each one's last recorded backup."""
-    with vdisk.open(file) as d:
+    with _open_or_connect(file) as d:
         infos = d.consumers.values()
     if output == "json":
         _emit_json([_consumer_json(i) for i in infos])
@@ -640,7 +653,7 @@ def consumer_list(file: str, output: str) -> None:
 @progress_option
 def compact(file: str, show_progress: bool) -> None:
     """Give unused space inside the image back to the file system."""
-    with vdisk.open(file, "r+") as d, _progress(show_progress, "compact") as bar:
+    with _open_or_connect(file, "r+") as d, _progress(show_progress, "compact") as bar:
         released = d.compact(progress=bar)
     click.echo(f"Released {_fmt_size(released)}.")
 

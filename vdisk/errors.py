@@ -169,3 +169,9 @@ class ServeError(VdiskError):
     """The NBD server cannot start as asked: an address it may not or cannot
     listen on, a socket path in use, unusable TLS files.  The message names
     the address or file and the flag that would allow it."""
+
+
+class ControlError(VdiskError):
+    """The control channel of a served image (vdisk/live.py) failed: no server
+    serves the image, the server went away mid-request, a request or an
+    answer that is not what the channel carries, a peer of another user."""

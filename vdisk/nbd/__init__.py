@@ -31,7 +31,9 @@ contexts: ``base:allocation``, ``qemu:dirty-bitmap:CONSUMER`` and
 
 Modules: protocol.py declares the wire (constants and structs, named as in
 the NBD spec), exports.py is the glue to a Disk, server.py the asyncio
-server and its lifecycle.
+server and its lifecycle, control.py the control channel through which
+other processes take snapshots, record consumers and run backups of the
+served image (the client side and the wire: vdisk/live.py).
 """
 from .server import Server, serve
 

@@ -111,6 +111,11 @@ class Export:
     def live(self) -> bool:
         return self.snapshot is None
 
+    @property
+    def description(self) -> str | None:
+        """NBD_INFO_DESCRIPTION: a snapshot export's change id (what a pull backup records)."""
+        return None if self.live else self.view.change_id
+
     def transmission_flags(self) -> int:
         f = (P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH | P.NBD_FLAG_SEND_FUA | P.NBD_FLAG_SEND_DF
              | P.NBD_FLAG_SEND_CACHE | P.NBD_FLAG_CAN_MULTI_CONN)

@@ -278,6 +278,8 @@ class Connection:
             return False
         self._reply(opt, P.NBD_REP_INFO, P.INFO_EXPORT.pack(P.NBD_INFO_EXPORT, export.size,
                                                             export.transmission_flags()))
+        if export.description:
+            self._reply(opt, P.NBD_REP_INFO, P.U16.pack(P.NBD_INFO_DESCRIPTION) + export.description.encode())
         self._reply(opt, P.NBD_REP_INFO, P.INFO_BLOCK_SIZE.pack(
             P.NBD_INFO_BLOCK_SIZE, self.server.min_block, max(self.server.min_block, P.PREFERRED_BLOCK),
             P.MAX_REQUEST))
@@ -819,6 +821,15 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.control = None                    # the control channel (vdisk/nbd/control.py)
+
+    def export_clients(self) -> dict[str, int]:
+        """Connected clients by export name (the live export counted as NAME)."""
+        out: dict[str, int] = {}
+        for conn in self._conns.values():
+            if conn.export is not None:
+                out[conn.export.name] = out.get(conn.export.name, 0) + 1
+        return out
 
     @property
     def export_name(self) -> str:
@@ -853,6 +864,9 @@ class Server:
             await self._close_image()
             where = self.socket_path or f"{self.listen[0]}:{self.listen[1]}"
             raise errors.ServeError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        from .control import ControlServer     # before the pid file: ready means live operations too
+        self.control = ControlServer(self)
+        await self.control.start()
         if self.pid_file:
             with open(self.pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
@@ -909,6 +923,8 @@ class Server:
                     else:
                         task.cancel()
                 deadline = float("inf")
+        if self.control is not None:
+            await self.control.stop()
         await self._close_image()
         if self.socket_path and os.path.exists(self.socket_path):
             try:

@@ -1,0 +1,435 @@
+"""Live operations on a served image: the client side of the control channel.
+
+While ``vdisk serve FILE`` runs, the server holds FILE's write lock and
+every other open of it fails with ImageLockedError.  The server also
+listens on a *control channel*, a unix socket found from the image itself,
+and this module talks to it::
+
+    >>> import vdisk
+    >>> with vdisk.connect("disk.vdk") as d:          # the image is served elsewhere
+    ...     s = d.snapshot("b1").info                  # NAME@b1 is exported at once
+    ...     d.consumers.update("nightly", s.change_id)
+    ...     d.delete_snapshot("b1")
+
+``vdisk.backup(path, ...)`` and ``vdisk.check(path)`` route through it by
+themselves when the path is served, as do the CLI commands info, map,
+changes, checkpoint, snapshot, consumer, backup and check.
+
+Where the socket is
+-------------------
+``<RUNDIR>/<st_dev>-<st_ino>.ctl`` (hex), named by the image file's device
+and inode, so every path to the file (relative, symlinked, bind-mounted on
+the same device) finds it.  RUNDIR is ``$VDISK_RUNTIME_DIR`` if set, else
+``$XDG_RUNTIME_DIR/vdisk``, else ``/tmp/vdisk-<uid>``; it is created mode
+0700 and used only if it belongs to the user and no one else may enter it.
+The socket is 0600 (bound under a temporary name, then renamed), and the
+server refuses peers of another uid (SO_PEERCRED; root is let in).
+
+The wire
+--------
+One request per line: a JSON object ``{"op": NAME, "args": {...}}``, UTF-8,
+at most :data:`MAX_REQUEST` bytes with its newline.  One answer per request,
+one line: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error":
+{"type": CLASS, "message": TEXT}}`` where CLASS names a VdiskError subclass
+(vdisk/errors.py); this module raises that class with that message.  A
+connection may send any number of requests, one after the other; backups
+and checks of all connections run one at a time, and the other operations
+are answered meanwhile (vdisk/nbd/control.py).  The operations are
+those of :class:`LiveDisk` (``hello``, ``info``, ``map``, ``changes``,
+``checkpoint``, ``snapshot_create``, ``snapshot_list``, ``snapshot_delete``,
+``snapshot_revert``, ``consumer_register``, ``consumer_update``,
+``consumer_forget``, ``consumer_list``, ``backup``, ``check``,
+``clients``); vdisk/nbd/control.py carries them out and documents each.
+
+Change ids cross the wire as the opaque strings they are.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket as _socket
+import stat
+
+from . import errors
+from .consumers import ConsumerInfo
+from .extents import Extents
+from .snapshots import SnapshotInfo
+
+MAX_REQUEST = 1 << 20           # bytes of one request line, newline included
+MAX_ANSWER = 1 << 30            # an answer (a map of a large image) may be long, not endless
+SUFFIX = ".ctl"
+
+
+# ---------------------------------------------------------------------------- where
+def runtime_dir(create: bool = False) -> str:
+    """The directory of the control sockets (module docstring); with create, made 0700 if missing.
+    Raises ControlError if it exists but another user owns it or others may enter it."""
+    base = os.environ.get("VDISK_RUNTIME_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        base = os.path.join(xdg, "vdisk") if xdg and os.path.isdir(xdg) else f"/tmp/vdisk-{os.geteuid()}"
+    if create:
+        try:
+            os.mkdir(base, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise errors.ControlError(f"{base}: cannot create the control directory: {exc.strerror}") from None
+    try:
+        st = os.lstat(base)
+    except FileNotFoundError:
+        return base
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise errors.ControlError(
+            f"{base}: the control directory must be a directory of uid {os.geteuid()} that only its owner "
+            f"may enter (found uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); remove it or set "
+            f"VDISK_RUNTIME_DIR")
+    return base
+
+
+def control_path(image, create_dir: bool = False) -> str:
+    """The control socket of the server of the image file at `image` (the file must exist)."""
+    st = os.stat(image)
+    return os.path.join(runtime_dir(create_dir), f"{st.st_dev:x}-{st.st_ino:x}{SUFFIX}")
+
+
+# ---------------------------------------------------------------------------- the wire
+def encode(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def error_answer(exc: BaseException) -> dict:
+    """The answer for a failed request: the VdiskError subclass by name, and its message
+    (with the notes the operation added)."""
+    name = type(exc).__name__ if isinstance(exc, errors.VdiskError) else "VdiskError"
+    msg = str(exc) or type(exc).__name__
+    notes = getattr(exc, "__notes__", None)
+    if notes:
+        msg += " (" + "; ".join(notes) + ")"
+    return {"ok": False, "error": {"type": name, "message": msg}}
+
+
+def raise_error(err) -> None:
+    """Raise the error an answer names (an unknown or non-vdisk name: ControlError)."""
+    if not isinstance(err, dict):
+        raise errors.ControlError(f"malformed error answer {str(err)[:80]!r}")
+    cls = getattr(errors, str(err.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.VdiskError)):
+        cls = errors.ControlError
+    raise cls(str(err.get("message", "")))
+
+
+def _snapshot_info(d: dict) -> SnapshotInfo:
+    return SnapshotInfo(d["name"], d["change_id"], d["generation"], datetime.datetime.fromisoformat(d["created"]),
+                        d["size"])
+
+
+def snapshot_dict(info: SnapshotInfo) -> dict:
+    return {"name": info.name, "change_id": info.change_id, "generation": info.generation,
+            "created": info.created.isoformat(), "size": info.size}
+
+
+def consumer_dict(info: ConsumerInfo) -> dict:
+    d = info._asdict()
+    for k, v in d.items():
+        if isinstance(v, datetime.datetime):
+            d[k] = v.isoformat()
+    return d
+
+
+def _consumer_info(d: dict) -> ConsumerInfo:
+    vals = {k: (datetime.datetime.fromisoformat(v) if k in ("created", "updated") and v else v)
+            for k, v in d.items()}
+    return ConsumerInfo(**{k: vals.get(k) for k in ConsumerInfo._fields})
+
+
+def extents_list(ext) -> list:
+    return [[int(o), int(n)] for o, n in ext]
+
+
+def _extents(runs) -> Extents:
+    return Extents([r[0] for r in runs], [r[1] for r in runs])
+
+
+# ---------------------------------------------------------------------------- the client
+class NotServedLive(errors.ImageLockedError, AttributeError):
+    """A Disk method the control channel does not carry (resize, compact, pread, ...): the
+    image is locked by its server.  An AttributeError too, so hasattr() says False."""
+
+
+class Channel:
+    """One connection to a control socket: request() sends one request and returns its result."""
+
+    def __init__(self, path: str, timeout: float | None = None):
+        self.path = path
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
+        self._buf = bytearray()
+
+    def request(self, op: str, **args):
+        self.sock.sendall(encode({"op": op, "args": args}))
+        answer = self._line()
+        try:
+            msg = json.loads(answer)
+        except ValueError:
+            raise errors.ControlError(f"{self.path}: the server's answer is not JSON") from None
+        if not isinstance(msg, dict) or "ok" not in msg:
+            raise errors.ControlError(f"{self.path}: the server's answer has no 'ok' field")
+        if not msg["ok"]:
+            raise_error(msg.get("error"))
+        return msg.get("result")
+
+    def _line(self) -> bytes:
+        while True:
+            i = self._buf.find(b"\n")
+            if i >= 0:
+                line = bytes(self._buf[:i])
+                del self._buf[:i + 1]
+                return line
+            if len(self._buf) > MAX_ANSWER:
+                raise errors.ControlError(f"{self.path}: an answer of more than {MAX_ANSWER} bytes")
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise errors.ControlError(f"{self.path}: the server closed the control channel without answering "
+                                          f"(it stopped, or was killed)")
+            self._buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def find_server(path, timeout: float | None = None) -> Channel | None:
+    """A channel to the server of the image at path, or None when no server listens for it
+    (no socket, or a stale one a killed server left)."""
+    try:
+        where = control_path(path)
+    except (OSError, errors.ControlError):
+        return None
+    try:
+        return Channel(where, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+    except OSError as exc:
+        raise errors.ControlError(f"{where}: cannot reach the server's control channel: {exc.strerror or exc}") \
+            from None
+
+
+def connect(path, timeout: float | None = None) -> "LiveDisk":
+    """A handle on the image at path as served by ``vdisk serve`` in another process.
+    Raises ControlError when no server serves it."""
+    ch = find_server(path, timeout)
+    if ch is None:
+        raise errors.ControlError(f"{os.fspath(path)}: no vdisk server serves this image (no control channel "
+                                  f"at {_where(path)})")
+    return LiveDisk(os.fspath(path), ch)
+
+
+def _where(path) -> str:
+    try:
+        return control_path(path)
+    except (OSError, errors.ControlError) as exc:
+        return f"? ({exc})"
+
+
+class _SnapshotHandle:
+    """What LiveDisk.snapshot returns: the new snapshot's info (read it through NAME@S on NBD)."""
+
+    def __init__(self, info: SnapshotInfo):
+        self.info = info
+        self.name = info.name
+        self.change_id = info.change_id
+
+    def close(self) -> None:
+        pass
+
+
+class LiveConsumers:
+    """``LiveDisk.consumers``: the consumers of a served image (as Disk.consumers)."""
+
+    def __init__(self, live: "LiveDisk"):
+        self._live = live
+
+    def values(self) -> list[ConsumerInfo]:
+        return [_consumer_info(d) for d in self._live._call("consumer_list")]
+
+    def __iter__(self):
+        return iter([c.name for c in self.values()])
+
+    def __contains__(self, name) -> bool:
+        return any(c.name == name for c in self.values())
+
+    def __len__(self) -> int:
+        return len(self.values())
+
+    def __getitem__(self, name: str) -> ConsumerInfo:
+        for c in self.values():
+            if c.name == name:
+                return c
+        raise errors.ConsumerNotFoundError(f"{self._live.path}: no consumer named {name!r} (register it first)")
+
+    def get(self, name: str, default=None):
+        try:
+            return self[name]
+        except errors.ConsumerNotFoundError:
+            return default
+
+    def last_id(self, name: str) -> str | None:
+        return self[name].change_id
+
+    def changes(self, name: str) -> Extents:
+        return self._live._changes(consumer=name)[0]
+
+    def register(self, name: str, change_id: str | None = None) -> ConsumerInfo:
+        return _consumer_info(self._live._call("consumer_register", name=name, change_id=change_id))
+
+    def update(self, name: str, change_id: str) -> ConsumerInfo:
+        if change_id is None:
+            raise errors.InvalidArgumentError("update needs a change id (forget and register again to start over)")
+        return _consumer_info(self._live._call("consumer_update", name=name, change_id=change_id))
+
+    def forget(self, name: str) -> None:
+        self._live._call("consumer_forget", name=name)
+
+
+class LiveDisk:
+    """A served image, through its server's control channel.
+
+    It answers the Disk calls that make sense from outside the server:
+    ``info()``, ``map()``, ``changes_since(id)``, ``change_id``,
+    ``checkpoint()``, ``snapshot(name)``, ``snapshots``,
+    ``delete_snapshot(name, wait=None)``, ``revert(name)``, ``consumers``
+    (register/update/forget/values/last_id), ``backup(dest, ...)``,
+    ``check()`` and ``clients()``.  Data I/O goes through NBD, not here;
+    any other Disk method raises ImageLockedError saying so."""
+
+    def __init__(self, path: str, channel: Channel):
+        self.path = path
+        self._ch = channel
+        self.server = channel.request("hello")        # pid, export, address, read_only, path
+
+    # --- plumbing ---------------------------------------------------------------------
+    def _call(self, op: str, **args):
+        if self._ch is None:
+            raise errors.ClosedError(f"{self.path}: the control connection is closed")
+        return self._ch.request(op, **args)
+
+    def close(self) -> None:
+        if self._ch is not None:
+            self._ch.close()
+            self._ch = None
+
+    @property
+    def closed(self) -> bool:
+        return self._ch is None
+
+    def __enter__(self) -> "LiveDisk":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise NotServedLive(
+            f"{self.path} is served by vdisk serve (pid {self.server.get('pid')}, {self.server.get('address')}): "
+            f"{name} cannot run on a served image; stop the server first")
+
+    def __repr__(self) -> str:
+        return f"<vdisk.LiveDisk {self.path!r} served by pid {self.server.get('pid')}>"
+
+    # --- reading ----------------------------------------------------------------------
+    def info(self) -> dict:
+        """Disk.info() of the served image, with this handle's path and a served_by entry."""
+        out = self._call("info")
+        out["path"] = self.path
+        out["served_by"] = {"pid": self.server.get("pid"), "address": self.server.get("address")}
+        return out
+
+    def map(self) -> Extents:
+        return _extents(self._call("map"))
+
+    def host_map(self) -> list[tuple[int, int, int]]:
+        return [(int(o), int(n), int(h)) for o, n, h in self._call("host_map")]
+
+    def _changes(self, since=None, consumer=None) -> tuple[Extents, str | None, str]:
+        r = self._call("changes", since=since, consumer=consumer)
+        return _extents(r["extents"]), r["change_id"], r["since"]
+
+    def changes_since(self, change_id) -> Extents:
+        return self._changes(since=change_id)[0]
+
+    @property
+    def change_id(self) -> str | None:
+        return self.info().get("change_id")
+
+    @property
+    def size(self) -> int:
+        return self.info()["virtual_size"]
+
+    @property
+    def snapshots(self) -> list[SnapshotInfo]:
+        return [_snapshot_info(d) for d in self._call("snapshot_list")]
+
+    @property
+    def consumers(self) -> LiveConsumers:
+        return LiveConsumers(self)
+
+    def clients(self) -> dict[str, int]:
+        """Connected NBD clients by export name (the live export as NAME)."""
+        return self._call("clients")
+
+    # --- changing ---------------------------------------------------------------------
+    def checkpoint(self) -> str:
+        return self._call("checkpoint")
+
+    def snapshot(self, name: str | None = None) -> _SnapshotHandle:
+        return _SnapshotHandle(_snapshot_info(self._call("snapshot_create", name=name)))
+
+    def delete_snapshot(self, name: str, wait: float | None = None) -> None:
+        """Delete a snapshot; refused while NBD clients read its export, unless they
+        disconnect within `wait` seconds."""
+        self._call("snapshot_delete", name=name, wait=wait)
+
+    def revert(self, name: str) -> None:
+        """Refused while a client is connected to the live export."""
+        self._call("snapshot_revert", name=name)
+
+    def backup(self, dest, *, since=None, consumer=None, compression="gzip", progress=None):
+        """vdisk.backup inside the server (DEST is written by the server process)."""
+        from .backup import BackupResult
+        r = self._call("backup", dest=os.path.abspath(os.fspath(dest)), since=since, consumer=consumer,
+                       compression=compression)
+        fields = {k: v for k, v in r.items() if k not in ("extents", "extent_runs")}
+        res = BackupResult(extents=_extents(r["extent_runs"]), **fields)
+        if progress:
+            progress(res.bytes_copied, res.bytes_copied)
+        return res
+
+    def check(self):
+        """A read-only check of the served image's flushed state."""
+        from .check import CheckResult
+        return CheckResult(**self._call("check"))
+
+
+def open_or_connect(path, mode: str = "r"):
+    """vdisk.open(path, mode), or, when a server in another process holds the image,
+    a LiveDisk on its control channel (the CLI's route for live operations)."""
+    from .disk import open as open_disk
+    try:
+        return open_disk(path, mode)
+    except errors.ImageLockedError:
+        ch = find_server(path)
+        if ch is None:
+            raise
+        try:
+            return LiveDisk(os.fspath(path), ch)
+        except BaseException:
+            ch.close()
+            raise
