@@ -262,6 +262,7 @@ def _import_h5py():
 # (external storage), name other files or paths (external and soft links),
 # assemble a dataset from other files (virtual datasets) and run filter
 # plugins it loads from HDF5_PLUGIN_PATH; a delta uses none of it.
+MAX_ROOT_LINKS = 64                    # vdisk writes len(DATASETS); more are refused (named), many by count
 MAX_ROOT_ATTRS = 64                    # vdisk writes len(ATTRS); a few more are accepted (and checksummed)
 MAX_STR_ATTR_BYTES = 4096              # a fixed-length string attribute (vdisk writes variable-length ones)
 FILTER_DEFLATE, FILTER_LZF = 1, 32000  # H5Z_FILTER_DEFLATE; LZF, registered by h5py itself (no plugin)
@@ -312,7 +313,7 @@ def check_structure(f, path: str, file_size: int, skips) -> dict:
     with _h5(path, "reading the HDF5 structure"):
         root = h5py.h5g.open(f.id, b"/")
         nlinks = root.get_num_objs()
-        if nlinks > len(DATASETS):
+        if nlinks > MAX_ROOT_LINKS:
             raise CorruptImageError(f"{path}: the root group holds {nlinks} objects; a delta holds exactly the "
                                     f"datasets {', '.join(DATASETS)}")
         links: dict[bytes, int] = {}
@@ -525,11 +526,45 @@ def open_regular(path: str) -> int:
     return fd
 
 
-def _fd_name(fd: int, path: str) -> str:
-    """A name under which libhdf5 opens the very file fd is open on (not
-    whatever path names by then), where the system has one."""
-    name = f"/proc/self/fd/{fd}"
-    return name if os.path.exists(name) else path
+class _H5Source:
+    """The file object libhdf5 reads an open delta through (h5py's fileobj
+    driver): the very descriptor whose bytes vdisk checked, not whatever the
+    path names by the time libhdf5 opens it, and no file system access of
+    libhdf5's own (no driver or plugin chosen from the environment)."""
+
+    def __init__(self, fd: int):
+        self.fd, self.pos = fd, 0
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = (offset if whence == os.SEEK_SET else self.pos + offset if whence == os.SEEK_CUR
+                    else os.fstat(self.fd).st_size + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        mv = memoryview(buf).cast("B")
+        done = 0
+        while done < len(mv):
+            n = os.preadv(self.fd, [mv[done:]], self.pos + done)
+            if n <= 0:
+                break
+            done += n
+        self.pos += done
+        return done
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = max(0, os.fstat(self.fd).st_size - self.pos)
+        buf = bytearray(size)
+        return bytes(buf[:self.readinto(buf)])
+
+    def write(self, data) -> int:
+        raise OSError(errno.EBADF, "a delta is read-only")
+
+    def flush(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------- reading a delta
@@ -580,7 +615,7 @@ class DeltaFile:
         self._skips = skips
         h5py = _import_h5py()
         with _h5(path, "cannot open as HDF5 (damaged or truncated)"):
-            self._h5file = h5py.File(_fd_name(self._fd, path), "r", driver="sec2", rdcc_nbytes=H5_CACHE_BYTES)
+            self._h5file = h5py.File(_H5Source(self._fd), "r", rdcc_nbytes=H5_CACHE_BYTES)
         self._storage = check_structure(self._h5file, path, size, skips)
         self._read_attrs()
         self._read_datasets()
