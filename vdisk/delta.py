@@ -834,8 +834,8 @@ class DeltaFile:
                 r = row + i
                 b = self.block_of_row(r)
                 raise ChecksumError(
-                    f"{self.path}: block row {r} (virtual block {b}, offset {b * bs}): CRC32C mismatch: stored "
-                    f"{int(crcs[i]):#010x}, computed {got:#010x}")
+                    f"{self.path}: block row {r} (virtual block {b}, offset {b * bs}): CRC32C mismatch (the row "
+                    f"or its checksum in 'crc32c' is damaged)")        # neither value quoted: both failed
 
     def _pread_exact(self, mv: np.ndarray, offset: int, what: str) -> None:
         buf = memoryview(mv).cast("B")
