@@ -4,7 +4,11 @@ docs/BACKUP_FORMAT.md describes it table for table: the five datasets
 (``DATASETS``), the root attributes (``ATTRS``), the extent and row rules,
 the checksums and the write order.  :class:`DeltaFile` opens a delta and
 validates everything but the block rows, which :meth:`DeltaFile.read_rows`
-checks (CRC32C) as it reads them; :class:`DeltaWriter` writes one under a
+checks (CRC32C) as it reads them: first the preamble, then the HDF5
+structure (:func:`check_structure`: nothing that names another file, no
+object, filter or attribute type vdisk does not write, every declared size
+backed by bytes in the file) before libhdf5 reads any attribute value or
+dataset; :class:`DeltaWriter` writes one under a
 temporary name and moves it into place when complete and durable.
 
 h5py/HDF5 errors never escape: they become CorruptImageError naming the file.
