@@ -4,7 +4,11 @@ docs/BACKUP_FORMAT.md describes it table for table: the five datasets
 (``DATASETS``), the root attributes (``ATTRS``), the extent and row rules,
 the checksums and the write order.  :class:`DeltaFile` opens a delta and
 validates everything but the block rows, which :meth:`DeltaFile.read_rows`
-checks (CRC32C) as it reads them; :class:`DeltaWriter` writes one under a
+checks (CRC32C) as it reads them: first the preamble, then the HDF5
+structure (:func:`check_structure`: nothing that names another file, no
+object, filter or attribute type vdisk does not write, every declared size
+backed by bytes in the file) before libhdf5 reads any attribute value or
+dataset; :class:`DeltaWriter` writes one under a
 temporary name and moves it into place when complete and durable.
 
 h5py/HDF5 errors never escape: they become CorruptImageError naming the file.
@@ -14,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import importlib
 import json
 import os
 import re
 import struct
+import threading
 import uuid as _uuid
 
 import crc32c as _crc32c
@@ -70,6 +76,7 @@ CHUNK_BYTES = 1 << 20                  # a chunk of `data` holds at most 16 rows
 MAX_CHUNK_ROWS = 16
 BATCH_BYTES = 8 << 20                  # data moved per batch
 H5_CACHE_BYTES = 16 << 20              # chunk cache of an open delta
+PREAD_BYTES = 8 << 20                  # at most this much per read of the extents and rows
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -251,6 +258,315 @@ def _import_h5py():
     return h5py
 
 
+# ---------------------------------------------------------------------------- the HDF5 structure, before any read
+# What a delta may contain, checked by check_structure before libhdf5 reads
+# any dataset or attribute value (docs/BACKUP_FORMAT.md, "What a reader checks
+# before reading"): HDF5 can store a dataset's bytes in other files
+# (external storage), name other files or paths (external and soft links),
+# assemble a dataset from other files (virtual datasets) and run filter
+# plugins it loads from HDF5_PLUGIN_PATH; a delta uses none of it.
+MAX_ROOT_LINKS = 64                    # vdisk writes len(DATASETS); more are refused (named), many by count
+MAX_ROOT_ATTRS = 64                    # vdisk writes len(ATTRS); a few more are accepted (and checksummed)
+MAX_STR_ATTR_BYTES = 4096              # a fixed-length string attribute (vdisk writes variable-length ones)
+FILTER_DEFLATE, FILTER_LZF = 1, 32000  # H5Z_FILTER_DEFLATE; LZF, registered by h5py itself (no plugin)
+DATA_FILTERS = {FILTER_DEFLATE: "gzip", FILTER_LZF: "lzf"}
+CONTIGUOUS, CHUNKED = "contiguous", "chunked"
+
+
+class Storage:
+    """Where one validated dataset's bytes are: all inside the delta file.
+
+    ``ranges``: the (file offset, length) runs of its storage (one for a
+    contiguous dataset with storage, the coalesced chunks of a chunked
+    one); ``offset``: the file offset of a contiguous dataset's bytes, or
+    None when it has none (an empty dataset)."""
+
+    __slots__ = ("name", "dsid", "shape", "layout", "chunks", "filter", "offset", "ranges")
+
+    def __init__(self, name, dsid, shape, layout, chunks, filt, offset, ranges):
+        self.name, self.dsid, self.shape, self.layout = name, dsid, shape, layout
+        self.chunks, self.filter, self.offset, self.ranges = chunks, filt, offset, ranges
+
+
+def _link_name(raw: bytes) -> str:
+    return ascii(raw.decode("utf-8", "replace")[:64])
+
+
+def check_structure(f, path: str, file_size: int, skips) -> dict:
+    """Validate the HDF5 structure of an open delta before anything reads a
+    dataset or an attribute value; return {dataset name: Storage}.
+
+    The root group holds exactly the five DATASETS, each reached by a hard
+    link (no soft, external or user-defined link: libhdf5 would open what
+    they name), each a plain dataset of its declared integer type and rank,
+    contiguous or (``data`` only) chunked in whole rows, never virtual or
+    compact, with no external storage and no filter but gzip or lzf (on
+    ``data`` only), no attributes, and every byte of its storage inside the
+    file: a contiguous dataset's storage is allocated and exactly its size,
+    a chunked one has every chunk written.  The preamble's skipped ranges
+    are exactly the storage of ``data``.  The root attributes are scalar
+    integers or strings (no references, which can name other files or
+    objects), at most MAX_ROOT_ATTRS of them.  O(number of objects + chunks
+    of ``data``); ``data`` is bounded by ``crc32c`` (4 bytes a row, stored
+    in the file) before its chunks are listed.  Raises
+    UnsupportedFeatureError (an HDF5 feature vdisk never writes) or
+    CorruptImageError; no message quotes a value read from a dataset."""
+    h5py = _import_h5py()
+    h5d, h5l, h5o, h5a, h5s, h5t = h5py.h5d, h5py.h5l, h5py.h5o, h5py.h5a, h5py.h5s, h5py.h5t
+    with _h5(path, "reading the HDF5 structure"):
+        root = h5py.h5g.open(f.id, b"/")
+        nlinks = root.get_num_objs()
+        if nlinks > MAX_ROOT_LINKS:
+            raise CorruptImageError(f"{path}: the root group holds {nlinks} objects; a delta holds exactly the "
+                                    f"datasets {', '.join(DATASETS)}")
+        links: dict[bytes, int] = {}
+        root.links.iterate(lambda name, info: links.__setitem__(name, info.type), info=True)
+        for raw, kind in links.items():
+            name = raw.decode("utf-8", "replace")
+            if name not in DATASETS:
+                raise CorruptImageError(f"{path}: unexpected object {_link_name(raw)} in the root group; a delta "
+                                        f"holds exactly the datasets {', '.join(DATASETS)}")
+            if kind != h5l.TYPE_HARD:
+                what = {h5l.TYPE_SOFT: "a soft link", h5l.TYPE_EXTERNAL: "an external link (to another file)"}
+                raise UnsupportedFeatureError(f"{path}: {name!r} is {what.get(kind, f'a link of type {kind}')}; "
+                                              f"a delta's datasets are stored in it (hard links only)")
+        for name in DATASETS:
+            if name.encode() not in links:
+                raise CorruptImageError(f"{path}: dataset {name!r} missing")
+        out = {name: _check_dataset(h5py, root, name, path, file_size) for name in (DS_OFFSETS, DS_LENGTHS,
+                                                                                    DS_FLAGS, DS_CRC)}
+        out[DS_DATA] = _check_dataset(h5py, root, DS_DATA, path, file_size, max_rows=out[DS_CRC].shape[0])
+        if out[DS_DATA].ranges != [tuple(r) for r in skips] and (out[DS_DATA].layout == CONTIGUOUS or skips):
+            raise CorruptImageError(f"{path}: the preamble's skipped ranges {skips[:4]} are not the storage of "
+                                    f"dataset 'data' {out[DS_DATA].ranges[:4]}")
+        nattrs = h5a.get_num_attrs(root)
+        if nattrs > MAX_ROOT_ATTRS:
+            raise CorruptImageError(f"{path}: the root group has {nattrs} attributes, at most {MAX_ROOT_ATTRS}")
+        for i in range(nattrs):
+            aid = h5a.open(root, index=i)
+            aname = _link_name(aid.name)
+            tid, space = aid.get_type(), aid.get_space()
+            cls = tid.get_class()
+            if space.get_simple_extent_type() != h5s.SCALAR:
+                raise CorruptImageError(f"{path}: attribute {aname} is not a scalar")
+            if tid.committed():
+                raise UnsupportedFeatureError(f"{path}: attribute {aname} has a named (committed) datatype")
+            if cls == h5t.INTEGER:
+                if tid.get_size() > 8:
+                    raise CorruptImageError(f"{path}: attribute {aname} is a {tid.get_size()}-byte integer")
+            elif cls == h5t.STRING:
+                if not tid.is_variable_str() and tid.get_size() > MAX_STR_ATTR_BYTES:
+                    raise CorruptImageError(f"{path}: attribute {aname} is a {tid.get_size()}-byte string, at "
+                                            f"most {MAX_STR_ATTR_BYTES}")
+            else:
+                kind = {h5t.REFERENCE: "a reference (to an object or a region, here or in another file)",
+                        h5t.FLOAT: "a float", h5t.COMPOUND: "a compound", h5t.VLEN: "a variable-length sequence",
+                        h5t.ARRAY: "an array", h5t.ENUM: "an enum", h5t.OPAQUE: "opaque"}.get(cls, f"class {cls}")
+                raise UnsupportedFeatureError(f"{path}: attribute {aname} is {kind}; a delta's attributes are "
+                                              f"integers and strings")
+    return out
+
+
+def _check_dataset(h5py, root, name: str, path: str, file_size: int, max_rows: int | None = None) -> Storage:
+    """One dataset of check_structure, opened by its (hard) link and checked
+    before anything reads it."""
+    h5d, h5o, h5s, h5t = h5py.h5d, h5py.h5o, h5py.h5s, h5py.h5t
+    dtype, ndim = DATASETS[name]
+    where = f"{path}: dataset {name!r}"
+    if h5o.get_info(root, name.encode()).type != h5o.TYPE_DATASET:
+        raise CorruptImageError(f"{where} is not a dataset")
+    dsid = h5d.open(root, name.encode())
+    dcpl = dsid.get_create_plist()
+    layout = dcpl.get_layout()
+    if layout == h5d.VIRTUAL:
+        raise UnsupportedFeatureError(f"{where} is a virtual dataset (made of other files' datasets); a delta "
+                                      f"stores its datasets in it")
+    if dcpl.get_external_count():
+        raise UnsupportedFeatureError(f"{where} has external storage (its bytes in another file); a delta "
+                                      f"stores its datasets in it")
+    if layout not in (h5d.CONTIGUOUS, h5d.CHUNKED):
+        raise UnsupportedFeatureError(f"{where} has layout {layout} (compact?); a delta's datasets are "
+                                      f"contiguous or chunked")
+    chunked = layout == h5d.CHUNKED
+    if chunked and name != DS_DATA:
+        raise CorruptImageError(f"{where} is chunked; version 1 stores it contiguous")
+    filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
+    if filters and (len(filters) > 1 or filters[0] not in DATA_FILTERS):
+        raise UnsupportedFeatureError(f"{where} has the filters {filters}; a delta uses none, or one of gzip "
+                                      f"(id {FILTER_DEFLATE}) and lzf (id {FILTER_LZF}) on 'data'")
+    if h5py.h5a.get_num_attrs(dsid):
+        raise CorruptImageError(f"{where} has attributes; a delta's datasets have none")
+    tid = dsid.get_type()
+    if tid.committed() or tid.get_class() != h5t.INTEGER or tid.get_size() != dtype.itemsize \
+            or tid.get_sign() != h5t.SGN_NONE or tid.get_precision() != 8 * dtype.itemsize or tid.get_offset() \
+            or (dtype.itemsize > 1 and tid.get_order() != h5t.ORDER_LE):
+        raise CorruptImageError(f"{where} is not of type {dtype} (plain little-endian unsigned integers)")
+    space = dsid.get_space()
+    if space.get_simple_extent_type() != h5s.SIMPLE or space.get_simple_extent_ndims() != ndim:
+        raise CorruptImageError(f"{where} is not a {ndim}-D array")
+    shape = tuple(int(n) for n in space.get_simple_extent_dims())
+    nbytes = dtype.itemsize
+    for n in shape:
+        nbytes *= n
+    if not chunked:
+        size, offset = dsid.get_storage_size(), dsid.get_offset()
+        if nbytes == 0:               # an empty dataset (an early allocation of 0 bytes has an odd offset)
+            return Storage(name, dsid, shape, CONTIGUOUS, None, None, None, [])
+        if offset is None or size != nbytes or not PREAMBLE_SIZE <= offset <= file_size - nbytes:
+            raise CorruptImageError(f"{where}: {list(shape)} needs {nbytes} bytes of storage, it has {size} at "
+                                    f"offset {offset}: not all of it inside the {file_size}-byte file")
+        return Storage(name, dsid, shape, CONTIGUOUS, None, None, offset, [(offset, nbytes)])
+    # chunked 'data': whole rows per chunk, at most as many rows as 'crc32c' has entries, every chunk written
+    chunks = tuple(int(n) for n in dcpl.get_chunk())
+    rows, width = shape
+    if rows > max_rows or chunks[1] != width or not 1 <= chunks[0] <= MAX_CHUNK_ROWS:
+        raise CorruptImageError(f"{where}: {list(shape)} in chunks of {list(chunks)}: expected chunks of at most "
+                                f"{MAX_CHUNK_ROWS} whole rows and no more rows than 'crc32c' has ({max_rows})")
+    want = -(-rows // chunks[0])
+    got = dsid.get_num_chunks()
+    if got != want:
+        raise CorruptImageError(f"{where}: {got} chunks written of the {want} its {rows} rows need (a chunk "
+                                f"never written reads as fill values)")
+    runs: list[list[int]] = []
+    seen = set()
+    for i in range(got):
+        info = dsid.get_chunk_info(i)
+        off, n = info.byte_offset, info.size
+        if off is None or n <= 0 or not PREAMBLE_SIZE <= off <= file_size - n or info.chunk_offset[1] \
+                or info.chunk_offset[0] % chunks[0] or info.chunk_offset[0] in seen:
+            raise CorruptImageError(f"{where}: chunk {i} ({n} bytes at offset {off}) is not a chunk of whole rows "
+                                    f"inside the {file_size}-byte file")
+        seen.add(info.chunk_offset[0])
+        runs.append([off, n])
+    runs.sort()
+    ranges: list[list[int]] = []
+    for off, n in runs:
+        if ranges and ranges[-1][0] + ranges[-1][1] > off:
+            raise CorruptImageError(f"{where}: chunks at offsets {ranges[-1][0]} and {off} overlap")
+        if ranges and ranges[-1][0] + ranges[-1][1] == off:
+            ranges[-1][1] += n
+        else:
+            ranges.append([off, n])
+    filt = DATA_FILTERS[filters[0]] if filters else None
+    return Storage(name, dsid, shape, CHUNKED, chunks, filt, None, [(o, n) for o, n in ranges])
+
+
+# libhdf5 loads filter (and VFD, VOL) plugins from HDF5_PLUGIN_PATH when a
+# dataset needs a filter it does not know: code from a directory named by the
+# environment, run because a file asked for it.  check_structure refuses
+# every filter but deflate (built into libhdf5) and lzf (registered by h5py);
+# as a second wall, loading is switched off while vdisk reads a delta.
+_plugin_lock = threading.Lock()
+_plugin_depth = 0
+_plugin_saved: int | None = None
+_plugin_api: list = []                 # [(get, set)] once looked up, [None] where unavailable
+
+
+def _plugin_calls():
+    if not _plugin_api:
+        try:
+            import ctypes
+            h5 = importlib.import_module("h5py.h5")
+            lib = ctypes.CDLL(h5.__file__)            # dlsym on it searches libhdf5, which it links
+            get, put = lib.H5PLget_loading_state, lib.H5PLset_loading_state
+            get.argtypes, get.restype = [ctypes.POINTER(ctypes.c_uint)], ctypes.c_int
+            put.argtypes, put.restype = [ctypes.c_uint], ctypes.c_int
+            _plugin_api.append((get, put))
+        except (OSError, AttributeError, ImportError):
+            _plugin_api.append(None)
+    return _plugin_api[0]
+
+
+def plugin_loading_state() -> int | None:
+    """libhdf5's plugin loading mask (H5PLget_loading_state; 0: none loads), None where unknown."""
+    calls = _plugin_calls()
+    if calls is None:
+        return None
+    import ctypes
+    state = ctypes.c_uint()
+    return state.value if calls[0](ctypes.byref(state)) >= 0 else None
+
+
+@contextlib.contextmanager
+def no_hdf5_plugins():
+    """libhdf5 loads no plugin inside (process-wide: nested and concurrent
+    uses share one switch; the mask before the first is put back after the
+    last)."""
+    global _plugin_depth, _plugin_saved
+    calls = _plugin_calls()
+    if calls is None:
+        yield
+        return
+    with _plugin_lock:
+        if _plugin_depth == 0:
+            _plugin_saved = plugin_loading_state()
+            if _plugin_saved:
+                calls[1](0)
+        _plugin_depth += 1
+    try:
+        yield
+    finally:
+        with _plugin_lock:
+            _plugin_depth -= 1
+            if _plugin_depth == 0 and _plugin_saved:
+                calls[1](_plugin_saved)
+
+
+def _open_delta_fd(path: str) -> int:
+    """A read-only descriptor of the delta at path, refusing what is not a
+    regular file (fileio.open_regular: O_NONBLOCK, so a FIFO never blocks the
+    open, and fstat on that descriptor before any read)."""
+    try:
+        return open_regular(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"{path}: no such delta file") from None
+    except InvalidArgumentError:
+        raise
+    except OSError as exc:
+        raise VdiskIOError(exc.errno or errno.EIO, f"{path}: cannot open: {exc.strerror or exc}") from None
+
+
+class _H5Source:
+    """The file object libhdf5 reads an open delta through (h5py's fileobj
+    driver): the very descriptor whose bytes vdisk checked, not whatever the
+    path names by the time libhdf5 opens it, and no file system access of
+    libhdf5's own (no driver or plugin chosen from the environment)."""
+
+    def __init__(self, fd: int):
+        self.fd, self.pos = fd, 0
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = (offset if whence == os.SEEK_SET else self.pos + offset if whence == os.SEEK_CUR
+                    else os.fstat(self.fd).st_size + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        mv = memoryview(buf).cast("B")
+        done = 0
+        while done < len(mv):
+            n = os.preadv(self.fd, [mv[done:]], self.pos + done)
+            if n <= 0:
+                break
+            done += n
+        self.pos += done
+        return done
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = max(0, os.fstat(self.fd).st_size - self.pos)
+        buf = bytearray(size)
+        return bytes(buf[:self.readinto(buf)])
+
+    def write(self, data) -> int:
+        raise OSError(errno.EBADF, "a delta is read-only")
+
+    def flush(self) -> None:
+        pass
+
+
 # ---------------------------------------------------------------------------- reading a delta
 class DeltaFile:
     """An open delta whose structure, attributes checksum and extents were validated.
@@ -267,22 +583,25 @@ class DeltaFile:
     # --- opening -------------------------------------------------------------------
     @classmethod
     def open(cls, path) -> "DeltaFile":
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise InvalidArgumentError(f"{path}: no such delta file")
-        self = cls(path)
+        """Open and validate the delta at path: every open of a delta comes here."""
+        self = cls(os.fspath(path))
         try:
-            self._open()
+            with no_hdf5_plugins():
+                self._open()
         except BaseException:
             self.close()
             raise
         return self
 
     def _open(self) -> None:
+        """In order: a regular file; the preamble and the CRC of every byte HDF5
+        will parse, and its global heaps, before HDF5 sees the file; the HDF5
+        structure (check_structure) before any attribute value or dataset is
+        read; the attributes; the datasets' sizes against the attributes and
+        the file before the extents are read; the extents; the checksum."""
         path = self.path
-        self._fd = open_regular(path, os.O_RDONLY)      # O_NONBLOCK, fstat: a regular file before any read
+        self._fd = _open_delta_fd(path)      # O_NONBLOCK, fstat: a regular file before any read
         size = os.fstat(self._fd).st_size
-        # 1. the preamble and the CRC of every byte HDF5 will parse, before HDF5 sees the file
         file_size, meta_crc, skips = unpack_preamble(os.pread(self._fd, PREAMBLE_SIZE, 0), path)
         if size != file_size:
             raise CorruptImageError(f"{path}: {size} bytes, the preamble says {file_size}: "
@@ -296,8 +615,8 @@ class DeltaFile:
         self._skips = skips
         h5py = _import_h5py()
         with _h5(path, "cannot open as HDF5 (damaged or truncated)"):
-            self._h5file = h5py.File(path, "r", rdcc_nbytes=H5_CACHE_BYTES)
-        self._check_skips()
+            self._h5file = h5py.File(_H5Source(self._fd), "r", rdcc_nbytes=H5_CACHE_BYTES)
+        self._storage = check_structure(self._h5file, path, size, skips)
         self._read_attrs()
         self._read_datasets()
         self._check_extents()
@@ -306,27 +625,6 @@ class DeltaFile:
             raise ChecksumError(
                 f"{path}: attributes checksum mismatch: stored {self.attrs['checksum']:#010x}, computed "
                 f"{got:#010x} (an attribute or the extents table was changed or damaged)")
-
-    def _check_skips(self) -> None:
-        """The preamble's skipped ranges are the storage of 'data', nothing else:
-        checked before HDF5 reads an attribute, so the global heap holding them
-        lies in the bytes check_global_heaps walked (a crafted preamble could
-        otherwise skip it)."""
-        path, f = self.path, self._h5file
-        if not self._skips:
-            return
-        with _h5(path, "reading the storage layout of dataset 'data'"):
-            if DS_DATA not in f:
-                raise CorruptImageError(f"{path}: dataset {DS_DATA!r} missing")
-            ds = f[DS_DATA]
-            if ds.chunks is None:
-                off = ds.id.get_offset()
-                storage = [(off, ds.id.get_storage_size())] if off is not None else []
-            else:
-                storage = _chunk_ranges(ds)
-        if storage != [tuple(r) for r in self._skips]:
-            raise CorruptImageError(f"{path}: the preamble's skipped ranges {self._skips[:4]} are not the storage "
-                                    f"of dataset 'data' {storage[:4]}")
 
     def _read_attrs(self) -> None:
         path, f = self.path, self._h5file
@@ -380,60 +678,47 @@ class DeltaFile:
                                     f"{attrs['tracking_id']}: {exc}") from None
 
     def _read_datasets(self) -> None:
-        path, f = self.path, self._h5file
+        """Bound every dataset by the attributes (check_structure bounded them by
+        the file), then read the extents, straight from their storage."""
+        path, st, a = self.path, self._storage, self.attrs
         bs, vs = self.block_size, self.virtual_size
-        ds = {}
-        for name, (dtype, ndim) in DATASETS.items():
-            with _h5(path, f"opening dataset {name!r}"):
-                if name not in f:
-                    raise CorruptImageError(f"{path}: dataset {name!r} missing")
-                d = f[name]
-                shape, dt = d.shape, d.dtype
-            if dt != dtype or len(shape) != ndim:
-                raise CorruptImageError(f"{path}: dataset {name!r} is {dt}{list(shape)}, expected {ndim}-D {dtype}")
-            ds[name] = d
-        n = ds[DS_OFFSETS].shape[0]
-        if ds[DS_LENGTHS].shape[0] != n or ds[DS_FLAGS].shape[0] != n:
+        n = st[DS_OFFSETS].shape[0]
+        if st[DS_LENGTHS].shape[0] != n or st[DS_FLAGS].shape[0] != n:
             raise CorruptImageError(f"{path}: extent datasets differ in length: offsets {n}, lengths "
-                                    f"{ds[DS_LENGTHS].shape[0]}, flags {ds[DS_FLAGS].shape[0]}")
-        if n > max(1, -(-vs // bs)):        # each extent holds at least one block: bound before reading
-            raise CorruptImageError(f"{path}: {n} extents cannot fit a disk of {vs} bytes in {bs}-byte blocks")
-        rows = ds[DS_DATA].shape[0]
-        if ds[DS_DATA].shape[1] != bs or ds[DS_CRC].shape[0] != rows:
-            raise CorruptImageError(f"{path}: dataset 'data' is {list(ds[DS_DATA].shape)} and 'crc32c' "
-                                    f"{list(ds[DS_CRC].shape)}, expected [{rows}, {bs}] and [{rows}]")
-        if rows != self.attrs["data_blocks"]:
+                                    f"{st[DS_LENGTHS].shape[0]}, flags {st[DS_FLAGS].shape[0]}")
+        rows = st[DS_DATA].shape[0]
+        if st[DS_DATA].shape[1] != bs or st[DS_CRC].shape[0] != rows:
+            raise CorruptImageError(f"{path}: dataset 'data' is {list(st[DS_DATA].shape)} and 'crc32c' "
+                                    f"{list(st[DS_CRC].shape)}, expected [{rows}, {bs}] and [{rows}]")
+        if rows != a["data_blocks"]:
             raise CorruptImageError(f"{path}: dataset 'data' has {rows} rows, attribute data_blocks says "
-                                    f"{self.attrs['data_blocks']}")
-        with _h5(path, "reading the extents"):
-            self.offsets = ds[DS_OFFSETS][()] if n else np.zeros(0, np.uint64)
-            self.lengths = ds[DS_LENGTHS][()] if n else np.zeros(0, np.uint64)
-            self.flags = ds[DS_FLAGS][()] if n else np.zeros(0, np.uint8)
-        self.offsets = np.ascontiguousarray(self.offsets, dtype=np.uint64)
-        self.lengths = np.ascontiguousarray(self.lengths, dtype=np.uint64)
-        self.flags = np.ascontiguousarray(self.flags, dtype=np.uint8)
-        self._data, self._crc = ds[DS_DATA], ds[DS_CRC]
+                                    f"{a['data_blocks']}")
+        # each data extent owns at least one row, each zero extent a block (the last may be shorter)
+        most = min(max(1, -(-vs // bs)), rows + a["zero_bytes"] // bs + 1)
+        if n > most:
+            raise CorruptImageError(f"{path}: {n} extents cannot fit {rows} data rows and {a['zero_bytes']} zero "
+                                    f"bytes of a disk of {vs} bytes in {bs}-byte blocks")
+        if a["data_bytes"] > rows * bs or a["zero_bytes"] > vs:
+            raise CorruptImageError(f"{path}: attributes data_bytes {a['data_bytes']} and zero_bytes "
+                                    f"{a['zero_bytes']} cannot fit {rows} rows of {bs} bytes and a disk of {vs}")
+        data = st[DS_DATA]
+        if data.layout == CHUNKED and data.chunks[0] != min(chunk_rows_for(bs), rows):
+            raise CorruptImageError(f"{path}: dataset 'data' is stored in chunks of {data.chunks[0]} rows, "
+                                    f"expected {min(chunk_rows_for(bs), rows)} for {bs}-byte blocks")
+        arrays = []
+        for name in (DS_OFFSETS, DS_LENGTHS, DS_FLAGS):
+            arr = np.empty(n, dtype=DATASETS[name][0])
+            if n:
+                self._pread_exact(arr.view(np.uint8), st[name].offset, f"reading dataset {name!r}")
+            arrays.append(arr)
+        self.offsets, self.lengths, self.flags = arrays
         self.rows = rows
-        with _h5(path, "reading the storage layout"):
-            self.compression = self._data.compression
-            contiguous = self._data.chunks is None
-            if self._data.external or self._crc.external:
-                raise UnsupportedFeatureError(f"{path}: external dataset storage")
-            if self._crc.chunks is not None:
-                raise CorruptImageError(f"{path}: dataset 'crc32c' is chunked; version 1 stores it contiguous")
-            crc_off = self._crc.id.get_offset() if rows else None
-            data_off = self._data.id.get_offset() if rows and contiguous else None
-            storage = ([(data_off, rows * bs)] if contiguous else _chunk_ranges(self._data)) if rows else []
-        if rows and (crc_off is None or (contiguous and data_off is None)):
+        self.compression = data.filter
+        self._data = None if data.layout == CONTIGUOUS else _import_h5py().Dataset(data.dsid)
+        self._data_off = data.offset if rows and data.layout == CONTIGUOUS else None
+        self._crc_off = st[DS_CRC].offset
+        if rows and (self._crc_off is None or (data.layout == CONTIGUOUS and self._data_off is None)):
             raise CorruptImageError(f"{path}: datasets 'data' or 'crc32c' have no storage")
-        if storage != [tuple(r) for r in self._skips] and (contiguous or self._skips):
-            raise CorruptImageError(f"{path}: the preamble's skipped ranges {self._skips[:4]} are not the storage "
-                                    f"of dataset 'data' {storage[:4]}")
-        for what, off, nbytes in (("data", data_off, rows * bs), ("crc32c", crc_off, rows * 4)):
-            if off is not None and off + nbytes > self.file_size:
-                raise CorruptImageError(f"{path}: dataset {what!r} occupies bytes [{off}, {off + nbytes}) but the "
-                                        f"file has {self.file_size}: truncated")
-        self._data_off, self._crc_off = data_off, crc_off
 
     def _check_extents(self) -> None:
         path, bs, vs = self.path, self.block_size, self.virtual_size
@@ -457,7 +742,7 @@ class DeltaFile:
                 hits = np.flatnonzero(mask)
                 if len(hits):
                     i = int(hits[0])
-                    bad = f"extent {i} (offset {int(off[i])}, length {int(length[i])}, flags {int(flags[i])}) {what}"
+                    bad = f"extent {i} of {len(off)} {what}"     # values unquoted: they failed
                     break
         if bad:
             raise CorruptImageError(f"{path}: {bad}")
@@ -538,7 +823,7 @@ class DeltaFile:
         if self._data_off is not None:
             self._pread_exact(view.reshape(-1), self._data_off + row * bs, f"block rows [{row}, {row + n})")
         else:
-            with _h5(self.path, f"reading block rows [{row}, {row + n})"):
+            with _h5(self.path, f"reading block rows [{row}, {row + n})"), no_hdf5_plugins():
                 self._data.read_direct(out, np.s_[row:row + n], np.s_[0:n])
         crcs = np.empty(n, dtype="<u4")
         self._pread_exact(crcs.view(np.uint8), self._crc_off + row * 4, f"checksums of rows [{row}, {row + n})")
@@ -549,15 +834,15 @@ class DeltaFile:
                 r = row + i
                 b = self.block_of_row(r)
                 raise ChecksumError(
-                    f"{self.path}: block row {r} (virtual block {b}, offset {b * bs}): CRC32C mismatch: stored "
-                    f"{int(crcs[i]):#010x}, computed {got:#010x}")
+                    f"{self.path}: block row {r} (virtual block {b}, offset {b * bs}): CRC32C mismatch (the row "
+                    f"or its checksum in 'crc32c' is damaged)")        # neither value quoted: both failed
 
     def _pread_exact(self, mv: np.ndarray, offset: int, what: str) -> None:
         buf = memoryview(mv).cast("B")
         done = 0
         while done < len(buf):
             try:
-                k = os.preadv(self._fd, [buf[done:]], offset + done)
+                k = os.preadv(self._fd, [buf[done:done + PREAD_BYTES]], offset + done)
             except OSError as exc:
                 raise CorruptImageError(f"{self.path}: {what}: {exc.strerror or exc}") from exc
             if k == 0:
