@@ -202,13 +202,13 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _open_or_connect(file: str, mode: str = "r"):
+def _open_or_connect(file: str, mode: str = "r") -> Any:
     """The image, or, while `vdisk serve` holds it, its server's control channel (vdisk/live.py)."""
     from vdisk.live import open_or_connect
     return open_or_connect(file, mode)
 
 
-def _is_live(d) -> bool:
+def _is_live(d: Any) -> bool:
     from vdisk.live import LiveDisk
     return isinstance(d, LiveDisk)
 
@@ -317,6 +317,8 @@ def info_json(path: str, data: dict[str, Any], snapshots: list[Any]) -> dict[str
                     "change-id": data["change_id"], "dirty-coarse-regions": data["dirty_coarse_regions"]})
     if snapshots:                                   # qemu-img leaves the key out when there are none
         out["snapshots"] = _qemu_snapshots(snapshots)
+    if "served_by" in data:                         # answered by the `vdisk serve` that holds the image
+        out["served-by"] = data["served_by"]
     return out
 
 

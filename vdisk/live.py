@@ -55,6 +55,7 @@ from . import errors
 from .consumers import ConsumerInfo
 from .extents import Extents
 from .snapshots import SnapshotInfo
+from ._types import PathArg
 
 MAX_REQUEST = 1 << 20           # bytes of one request line, newline included
 MAX_ANSWER = 1 << 30            # an answer (a map of a large image) may be long, not endless
@@ -220,7 +221,7 @@ def find_server(path, timeout: float | None = None) -> Channel | None:
             from None
 
 
-def connect(path, timeout: float | None = None) -> "LiveDisk":
+def connect(path: PathArg, timeout: float | None = None) -> "LiveDisk":
     """A handle on the image at path as served by ``vdisk serve`` in another process.
     Raises ControlError when no server serves it."""
     ch = find_server(path, timeout)
