@@ -621,3 +621,37 @@ def test_wheel_ships_the_pyx_and_pyi_not_the_c(tmp_path):
     names = zipfile.ZipFile(tmp_path / wheel).namelist()
     assert "vdisk/_fast.pyx" in names and "vdisk/_fast.pyi" in names and "vdisk/py.typed" in names
     assert not [n for n in names if n.endswith(".c")], names
+
+
+# ---------------------------------------------------------------------------- check counts
+def _scribbled(tmp_path, bad: int) -> str:
+    """An image whose first `bad` block-table entries point past the file (one corruption each)."""
+    path = str(tmp_path / "bad.vdk")
+    with vdisk.create(path, "4MiB", block_size="4KiB") as d:
+        for b in range(bad):
+            d.pwrite(b"x", b * 4096)
+        table = d._hdr.table_offset
+    with open(path, "r+b") as f:
+        f.seek(table)
+        f.write((0xFFFFFF00).to_bytes(4, "little") * bad)
+    return path
+
+
+def test_check_counts_every_corruption_not_the_listed_ones(tmp_path):
+    """More corruptions than check lists one by one: the counts (human, JSON, API) are the
+    checker's, and no listing line is counted or passed off as a corruption."""
+    bad = 57
+    path = _scribbled(tmp_path, bad)
+    res = vdisk.check(path)
+    from vdisk.check import MAX_LISTED
+    assert res.corruption_count == bad and len(res.corruptions) == MAX_LISTED
+    assert all("more" not in m for m in res.corruptions)
+    r = run("check", "--output", "json", path)
+    assert r.exit_code == 2
+    data = json.loads(r.stdout)
+    assert data["corruptions"] == bad and len(data["corruption-messages"]) == MAX_LISTED
+    assert not any(m.startswith("...") for m in data["corruption-messages"])
+    r = run("check", path)
+    assert r.exit_code == 2
+    assert f"{bad} errors were found on the image." in r.stdout
+    assert f"ERROR ... and {bad - MAX_LISTED} more" in r.stdout

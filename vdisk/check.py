@@ -45,9 +45,13 @@ MAX_LISTED = 20   # corruptions listed one by one; the rest are counted
 
 @dataclasses.dataclass
 class CheckResult:
+    """What check found.  ``corruptions`` lists the first MAX_LISTED
+    findings of each kind, worded; ``corruption_count`` counts all of them
+    (the number to report: the list is shortened)."""
     ok: bool = True
     corruptions: list = dataclasses.field(default_factory=list)
     leaked_blocks: int = 0
+    corruption_count: int = 0
     repaired: bool = False
     allocated_blocks: int = 0
     total_blocks: int = 0
@@ -74,10 +78,10 @@ class _Report:
             self.add(message(i))
         self.extra += max(0, len(indices) - MAX_LISTED)
 
-    def finish(self) -> list[str]:
-        if self.extra:
-            return self.items + [f"... and {self.extra} more"]
-        return self.items
+    @property
+    def count(self) -> int:
+        """Every finding, listed or not."""
+        return len(self.items) + self.extra
 
 
 def check(path: str | os.PathLike[str], repair: bool = False, *, io_factory: Callable[..., Any] = FileIO,
@@ -318,9 +322,9 @@ def _check(fio, repair: bool) -> CheckResult:
         _write_all(fio, new_refs, hdr.refcount_offset)
         fio.fsync()
 
-    corruptions = report.finish()
     return CheckResult(
-        ok=not corruptions and leaked == 0, corruptions=corruptions, leaked_blocks=leaked,
+        ok=report.count == 0 and leaked == 0, corruptions=report.items, corruption_count=report.count,
+        leaked_blocks=leaked,
         allocated_blocks=sum(int(np.count_nonzero(valid[lo:hi_v])) for lo, hi_v in t_runs), total_blocks=nb,
         image_end_offset=file_size)
 

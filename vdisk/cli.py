@@ -363,7 +363,7 @@ def info(file: str, output: str) -> None:
 
 
 def _check_exit_code(result: Any) -> int:
-    if result.corruptions:
+    if result.corruption_count:
         return EXIT_CORRUPT
     if result.leaked_blocks:
         return EXIT_LEAKS
@@ -373,15 +373,17 @@ def _check_exit_code(result: Any) -> int:
 def _print_findings(result: Any) -> None:
     for msg in result.corruptions:
         click.echo(f"ERROR {msg}")
-    if result.corruptions:
-        click.echo(f"\n{len(result.corruptions)} errors were found on the image.")
+    if result.corruption_count > len(result.corruptions):
+        click.echo(f"ERROR ... and {result.corruption_count - len(result.corruptions)} more")
+    if result.corruption_count:
+        click.echo(f"\n{result.corruption_count} errors were found on the image.")
         click.echo("Data may be corrupted, or further writes to the image may corrupt it.")
     if result.leaked_blocks:
-        if result.corruptions:
+        if result.corruption_count:
             click.echo()
         click.echo(f"{result.leaked_blocks} leaked clusters were found on the image.")
         click.echo("This means waste of disk space, but no harm to data.")
-    if not result.corruptions and not result.leaked_blocks:
+    if not result.corruption_count and not result.leaked_blocks:
         click.echo("No errors were found on the image.")
 
 
@@ -389,13 +391,13 @@ def check_json(file: str, result: Any, before: Any) -> dict[str, Any]:
     """``vdisk check --output json``: qemu-img check's keys (counts), the findings listed beside."""
     data: dict[str, Any] = {
         "filename": file, "format": "vdisk", "check-errors": 0,
-        "corruptions": len(result.corruptions), "leaks": result.leaked_blocks,
+        "corruptions": result.corruption_count, "leaks": result.leaked_blocks,
         "image-end-offset": result.image_end_offset, "total-clusters": result.total_blocks,
         "allocated-clusters": result.allocated_blocks,
         "ok": result.ok, "corruption-messages": list(result.corruptions), "repaired": result.repaired,
     }
     if result.repaired:
-        data.update({"corruptions-fixed": len(before.corruptions) - len(result.corruptions),
+        data.update({"corruptions-fixed": before.corruption_count - result.corruption_count,
                      "leaks-fixed": before.leaked_blocks - result.leaked_blocks})
     return data
 
@@ -421,7 +423,7 @@ def check(ctx: click.Context, file: str, repair: bool, show_progress: bool, outp
         if result.repaired:
             click.echo("The following inconsistencies were found and repaired:\n")
             click.echo(f"    {before.leaked_blocks} leaked clusters")
-            click.echo(f"    {len(before.corruptions)} corruptions\n")
+            click.echo(f"    {before.corruption_count} corruptions\n")
             click.echo("Double checking the fixed image now...")
         _print_findings(result)
         if result.total_blocks:

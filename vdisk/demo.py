@@ -75,7 +75,7 @@ def basics(path: str) -> bool:
                                                          "file_size", "generation", "change_id")}))
         assert d.pread(7, (1 << 30) + 70000) == b"changed"
     result = vdisk.check(path)
-    print(f"check: ok={result.ok} corruptions={len(result.corruptions)} leaks={result.leaked_blocks}")
+    print(f"check: ok={result.ok} corruptions={result.corruption_count} leaks={result.leaked_blocks}")
     print(f"image file: {os.path.getsize(path)} bytes apparent, {os.stat(path).st_blocks * 512} bytes on disk")
     return result.ok
 
