@@ -790,7 +790,10 @@ class Server:
     min_block_size (advertised minimum; requests not aligned to it get
     EINVAL), max_connections (more are refused and logged), stop_timeout
     (seconds a stop waits for sessions to finish their requests before it
-    cuts them off: a client that reads no replies cannot hold it forever).
+    cuts them off: a client that reads no replies cannot hold it forever),
+    fold_period (seconds between the periodic folds of writes no client
+    flushed; see "Folds" in the module notes: the Disk's own fold_interval is
+    off while serving and put back at close).
     """
 
     def __init__(self, path_or_disk, *, socket=None, listen=None, export: str | None = None,
