@@ -433,6 +433,27 @@ class ChangeTracker:
         return _fast.changed_runs(self.counters, self.dirty, self.summary, self.sole, self.dirty_groups,
                                   since, SUMMARY_SHIFT, self.hdr.nblocks)
 
+    def changed_blocks_in(self, since: int, b0: int, b1: int):
+        """The runs of changed_blocks(since) that meet blocks [b0, b1), clipped
+        to them: the kernel runs on the summary groups of the range only (one
+        max-generation per 32 blocks), so the cost follows the range."""
+        b1 = min(b1, self.hdr.nblocks)
+        if b0 >= b1:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        g0, g1 = b0 >> SUMMARY_SHIFT, -(-b1 >> SUMMARY_SHIFT)
+        base = g0 << SUMMARY_SHIFT
+        # views of whole groups: `sole` is relative to its group and a group's dirty flag and
+        # summary cover its 32 blocks, so the kernel sees the groups exactly as in the whole query
+        stop = min(g1 << SUMMARY_SHIFT, self.hdr.nblocks)
+        starts, lengths = _fast.changed_runs(self.counters[base:stop], self.dirty[base:stop],
+                                             self.summary[g0:g1], self.sole[g0:g1], self.dirty_groups[g0:g1],
+                                             since, SUMMARY_SHIFT, stop - base)
+        starts = np.asarray(starts, dtype=np.int64) + base
+        ends = np.minimum(starts + np.asarray(lengths, dtype=np.int64), b1)
+        starts = np.maximum(starts, b0)
+        keep = ends > starts
+        return starts[keep], (ends - starts)[keep]
+
     def changes_since(self, since: int) -> Extents:
         starts, lengths = self.changed_blocks(since)
         return Extents.from_block_runs(starts, lengths, self.hdr.block_shift, self.hdr.virtual_size)

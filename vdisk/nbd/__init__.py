@@ -29,6 +29,17 @@ extension) are the live image; ``NAME@S`` is snapshot S, read-only.  Meta
 contexts: ``base:allocation``, ``qemu:dirty-bitmap:CONSUMER`` and
 ``qemu:dirty-bitmap:CHANGE-ID``.
 
+Tracking and folds: while serving, the Disk's automatic fold (every
+``fold_interval`` writes) is off and the server folds in its flush thread
+instead, at each client FLUSH and every ``fold_period`` seconds (default 5)
+when writes went unflushed; the event loop never waits on a fold's
+fdatasync.  Changed-block tracking stays exact without a crash and never
+under-reports after one: an in-place overwrite arms its coarse region's
+bit durably before its data is written (docs/FORMAT.md, "Write order"),
+however long since the last fold (server.py's notes say why).  Block
+status of a dirty bitmap costs what its range's blocks cost
+(Disk.changes_in), not the whole disk's.
+
 Modules: protocol.py declares the wire (constants and structs, named as in
 the NBD spec), exports.py is the glue to a Disk, server.py the asyncio
 server and its lifecycle, control.py the control channel through which

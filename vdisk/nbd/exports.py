@@ -17,8 +17,9 @@ Each export offers meta contexts (doc/proto.md, "Metadata querying"):
   id it cannot answer (stale, foreign, newer than a snapshot) is not
   offered: the client sees the context refused, never a partial answer.
 
-Every answer comes from Disk.map_range / Snapshot.map and changes_since (the
-tracking kernels), never from reading data.  Change ids are opaque strings.
+Every answer comes from Disk.map_range / Snapshot.map and Disk.changes_in /
+Snapshot.changes_since (the tracking kernels), never from reading data; on
+the live disk each BLOCK_STATUS costs what its range's blocks cost.  Change ids are opaque strings.
 """
 from __future__ import annotations
 
@@ -145,9 +146,27 @@ class Export:
             return _arrays(self.view.map_range(offset, length))
         return self._cached("map", lambda: _arrays(self.view.map()))
 
-    def changed(self, change_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """Runs changed after change_id (raises StaleChangeIdError if the view cannot answer)."""
+    def changed(self, change_id: str, offset: int = 0, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Runs changed after change_id that meet [offset, offset + length) (all of
+        them when length is None; raises StaleChangeIdError if the view cannot
+        answer).  The live disk answers the range alone (Disk.changes_in: the
+        cost follows the range, not the disk); a snapshot's whole answer is cached."""
+        if self.live:
+            if length is None:
+                return _arrays(self.view.changes_since(change_id))
+            return _arrays(self.view.changes_in(change_id, offset, length))
         return self._cached(("changes", change_id), lambda: _arrays(self.view.changes_since(change_id)))
+
+    def answers(self, change_id: str) -> bool:
+        """Whether this view can answer change_id (without computing the answer on the live disk)."""
+        try:
+            if self.live:
+                self.view.changes_in(change_id, 0, 0)
+            else:
+                self.changed(change_id)
+        except (errors.StaleChangeIdError, errors.UnsupportedFeatureError):
+            return False
+        return True
 
     # --- meta contexts --------------------------------------------------------------------
     def _consumer_ids(self) -> dict[str, str]:
@@ -165,11 +184,9 @@ class Export:
         if not key:
             return None
         cid = self._consumer_ids().get(key, key)
-        try:
-            self.changed(cid)               # an id this view cannot answer is not offered
-        except (errors.StaleChangeIdError, errors.UnsupportedFeatureError):
+        if not self.answers(cid):           # an id this view cannot answer is not offered
             return None
-        return Context(name, self, P.NBD_STATE_DIRTY, 0, lambda off, n: self.changed(cid))
+        return Context(name, self, P.NBD_STATE_DIRTY, 0, lambda off, n: self.changed(cid, off, n))
 
     def list_contexts(self, queries: list[str]) -> list[str]:
         """Names answering NBD_OPT_LIST_META_CONTEXT: an empty list or a leaf-less

@@ -29,6 +29,26 @@ Contracts
   at most 32 MiB), except flush, which runs in one executor thread so a
   slow fsync does not stall the other connections; the connection that
   asked waits (reads nothing more) until it returned.
+* Folds never run in the loop's thread.  While serving, the Disk's
+  automatic fold (every Disk.fold_interval writes: counter pages, then
+  fdatasync, under the Disk's lock) is turned off (fold_interval set to
+  SERVE_FOLD_INTERVAL, the old value put back at close); the tracking bits
+  are folded by Disk.flush in the executor thread: at the client's FLUSH
+  or FUA, and every fold_period seconds (default 5) when a write, trim or
+  zeroing was answered since the last flush began, so a client that never
+  flushes still gets its counters folded.  That flush first syncs the file
+  from a descriptor of its own, without the Disk's lock, so the locked
+  flush that follows has little data left to write and writes in the loop's
+  thread wait on the lock only briefly.
+  Tracking never under-reports between folds: the write path only sets
+  bits; an in-place overwrite of durably mapped data makes its coarse
+  region's bit durable before the data write is issued (the write-ahead
+  rule, vdisk/tracking.py and docs/FORMAT.md "Write order"), whatever the
+  time since the last fold, so a crash before the fold reports the whole
+  region; a write that remaps a block becomes visible only with the block
+  table that the flush writes after the folded counters are durable.
+  Longer intervals cost only a larger in-memory dirty set and, after a
+  crash, the regions written since the last fold (more, never less).
 * Stop (SIGTERM/SIGINT, or Server.stop()): stop accepting, cut off
   sessions still negotiating, let each session in transmission answer
   every request it has received (and a pending flush), flush, close the
@@ -59,6 +79,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vdisk.nbd")
 
 _ZEROS = bytes(1 << 20)
+SERVE_FOLD_INTERVAL = 1 << 62      # Disk.fold_interval while serving: no automatic fold in the loop's thread
 
 
 class ProtocolViolation(Exception):
@@ -546,6 +567,8 @@ class Transmission(asyncio.Protocol):
                 if length:
                     self._write_zeroes(flags, offset, length)
             # CACHE: the page cache serves reads; nothing to prefetch
+            if cmd in _WRITES:
+                self.server.unflushed += 1      # the periodic fold flushes when this is non-zero
             if cmd == P.NBD_CMD_FLUSH and not self.export.read_only or flags & P.NBD_CMD_FLAG_FUA and cmd in _WRITES:
                 self._flush_then_reply(cmd, cookie, offset, length)
                 return
@@ -769,18 +792,24 @@ class Server:
     min_block_size (advertised minimum; requests not aligned to it get
     EINVAL), max_connections (more are refused and logged), stop_timeout
     (seconds a stop waits for sessions to finish their requests before it
-    cuts them off: a client that reads no replies cannot hold it forever).
+    cuts them off: a client that reads no replies cannot hold it forever),
+    fold_period (seconds between the periodic folds of writes no client
+    flushed; see "Folds" in the module notes: the Disk's own fold_interval is
+    off while serving and put back at close).
     """
 
     def __init__(self, path_or_disk, *, socket=None, listen=None, export: str | None = None,
                  read_only: bool = False, tls_cert=None, tls_key=None, tls_ca=None, insecure: bool = False,
-                 pid_file=None, min_block_size: int = 1, max_connections: int = 64, stop_timeout: float = 30):
+                 pid_file=None, min_block_size: int = 1, max_connections: int = 64, stop_timeout: float = 30,
+                 fold_period: float = 5):
         if (socket is None) == (listen is None):
             raise errors.InvalidArgumentError("give exactly one of socket=PATH or listen='HOST:PORT'")
         if bool(tls_cert) != bool(tls_key):
             raise errors.InvalidArgumentError("TLS needs both --tls-cert and --tls-key")
         if tls_ca and not tls_cert:
             raise errors.InvalidArgumentError("--tls-ca needs --tls-cert and --tls-key")
+        if not fold_period > 0:
+            raise errors.InvalidArgumentError(f"fold_period {fold_period}: seconds, more than 0")
         if min_block_size < 1 or min_block_size & (min_block_size - 1) or min_block_size > 65536:
             raise errors.InvalidArgumentError(f"min_block_size {min_block_size}: a power of two from 1 to 65536")
         self.socket_path = os.fspath(socket) if socket is not None else None
@@ -792,6 +821,10 @@ class Server:
         self.tls_context = tls_context(tls_cert, tls_key, tls_ca) if tls_cert else None
         self.min_block = min_block_size
         self.stop_timeout = stop_timeout              # seconds a stop waits for sessions to finish
+        self.fold_period = fold_period                # seconds between folds when writes went unflushed
+        self.unflushed = 0                            # writes answered since the last flush began
+        self._fold_task: asyncio.Task | None = None
+        self._saved_fold_interval: int | None = None
         self.max_connections = max_connections      # each may hold ~70 MiB at worst (a 32 MiB write in,
         #                                             a 32 MiB read out): the cap bounds the whole server
         self.pid_file = os.fspath(pid_file) if pid_file is not None else None
@@ -835,9 +868,55 @@ class Server:
     def export_name(self) -> str:
         return self.image.name
 
-    def flush_future(self) -> asyncio.Future:
-        """Disk.flush in the flush thread: every write acknowledged before, on any connection, durable."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, self.disk.flush)
+    def flush_future(self, presync: bool = False) -> asyncio.Future:
+        """Disk.flush in the flush thread: every write acknowledged before, on any connection, durable
+        (and the tracking bits folded).  presync: sync the file first without the Disk's lock."""
+        self.unflushed = 0          # writes answered from now on: the next period's
+        fn = self._presync_and_flush if presync else self.disk.flush
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _presync_and_flush(self) -> None:
+        try:        # fdatasync of our own descriptor writes the inode's dirty pages back, lock-free
+            fd = os.open(self.disk.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except (OSError, TypeError):    # no such file (a Disk over another io): the flush does it all
+            pass
+        self.disk.flush()
+
+    def _serve_folds(self) -> None:
+        """Turn the Disk's automatic fold off while serving and fold periodically in the executor."""
+        if self.image.read_only or not self.disk.track_changes:
+            return
+        self._saved_fold_interval = self.disk.fold_interval
+        self.disk.fold_interval = SERVE_FOLD_INTERVAL
+        self._fold_task = asyncio.ensure_future(self._fold_periodically())
+
+    async def _fold_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.fold_period)
+            if not self.unflushed or self.disk.closed:
+                continue
+            try:
+                await self.flush_future(presync=True)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:        # the next client FLUSH reports it to the client
+                log.error("periodic flush of %s failed: %s", self.disk.path, exc)
+
+    async def _end_folds(self) -> None:
+        task, self._fold_task = self._fold_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self._saved_fold_interval is not None and not self.disk.closed:
+            self.disk.fold_interval = self._saved_fold_interval
+        self._saved_fold_interval = None
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -864,6 +943,7 @@ class Server:
             await self._close_image()
             where = self.socket_path or f"{self.listen[0]}:{self.listen[1]}"
             raise errors.ServeError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        self._serve_folds()
         from .control import ControlServer     # before the pid file: ready means live operations too
         self.control = ControlServer(self)
         await self.control.start()
@@ -943,6 +1023,7 @@ class Server:
             return
         self._closed = True
         try:
+            await self._end_folds()
             self.image.close()
             if not self.disk.closed and self.disk.writable():
                 await asyncio.get_running_loop().run_in_executor(self._executor, self.disk.flush)
