@@ -1088,17 +1088,7 @@ class Disk(io.RawIOBase):
             if change_id == ANY:
                 return self.map_range(offset, length)
             since = self._resolve(change_id)        # a stale id raises even for an empty range
-            if not length:
-                return Extents()
-            shift = self._hdr.block_shift
-            b0, b1 = offset >> shift, ((offset + length - 1) >> shift) + 1
-            starts, lengths = tracker.changed_blocks_in(since, b0, b1)
-            ext = Extents.from_block_runs(starts, lengths, shift, self.size)
-            if len(ext):
-                ends = np.minimum(ext.offsets + ext.lengths, np.uint64(offset + length))
-                offs = np.maximum(ext.offsets, np.uint64(offset))
-                ext = Extents(offs, ends - offs)
-            return ext
+            return self._clipped_runs(offset, length, lambda b0, b1: tracker.changed_blocks_in(since, b0, b1))
 
     @_rebinds
     @_poisons
@@ -1435,17 +1425,22 @@ class Disk(io.RawIOBase):
         self._check_range(offset, length, "map")
         with self._lock:
             self._check_open()
-            shift = self._hdr.block_shift
-            if not length:
-                return Extents()
-            b0, b1 = offset >> shift, ((offset + length - 1) >> shift) + 1
-            starts, lengths = _fast.nonzero_runs(self._table, b0, b1)
-            ext = Extents.from_block_runs(starts, lengths, shift, self.size)
-            if len(ext):
-                ends = np.minimum(ext.offsets + ext.lengths, np.uint64(offset + length))
-                offs = np.maximum(ext.offsets, np.uint64(offset))
-                ext = Extents(offs, ends - offs)
-            return ext
+            return self._clipped_runs(offset, length, lambda b0, b1: _fast.nonzero_runs(self._table, b0, b1))
+
+    def _clipped_runs(self, offset: int, length: int, block_runs) -> Extents:
+        """The runs block_runs(b0, b1) gives for the blocks [offset, offset + length)
+        meets, as byte extents clipped to that range (map_range, changes_in)."""
+        if not length:
+            return Extents()
+        shift = self._hdr.block_shift
+        b0, b1 = offset >> shift, ((offset + length - 1) >> shift) + 1
+        starts, lengths = block_runs(b0, b1)
+        ext = Extents.from_block_runs(starts, lengths, shift, self.size)
+        if len(ext):
+            ends = np.minimum(ext.offsets + ext.lengths, np.uint64(offset + length))
+            offs = np.maximum(ext.offsets, np.uint64(offset))
+            ext = Extents(offs, ends - offs)
+        return ext
 
     def _map_locked(self) -> Extents:
         runs = [_fast.nonzero_runs(self._table, lo, hi) for lo, hi in self._table_runs(self._hdr.nblocks)]
