@@ -249,8 +249,7 @@ def _backup_disk(disk, dest: str, since: str, comp, progress, close_before_place
         raise UnsupportedFeatureError.naming(f"{disk.path}: change tracking is off for this image: a backup "
                                              f"needs change ids (create the image with ", Param("track_changes", True), ")")
     if since != ANY:      # a stale id (another copy's too) fails before anything is written, even the snapshot
-        with disk._lock:
-            disk._resolve(since)
+        disk.changes_in(since, 0, 0)        # validates the id at no cost (an empty range)
     disk._drop_orphan_backup_snapshots()     # of backups a crash or an error interrupted
     name = f"{BACKUP_SNAPSHOT_PREFIX}{_uuid.uuid4().hex}"
     snap = disk.snapshot(name)

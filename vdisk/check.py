@@ -36,7 +36,7 @@ from . import layout as L
 from .arrays import lazy_zeros, load_array as _load_array, nonzero_entries as _nonzero_entries
 from .disk import _read_header
 from .snapshots import parse_table
-from .tracking import CheckpointLog
+from .tracking import CheckpointLog, counters_kept
 from .errors import CorruptImageError, FormatError, ImageLockedError
 from .fileio import FileIO
 
@@ -150,9 +150,7 @@ def _check(fio, repair: bool) -> CheckResult:
         report.add(f"{damage} (repair drops the consumer table)")
         if repair:
             hdr.consumer_offset = hdr.consumer_count = hdr.consumer_capacity = 0
-            hdr.sequence += 1
-            fio.pwrite(hdr.pack(), L.SLOT_OFFSETS[hdr.sequence % 2])
-            fio.fsync()
+            _commit(fio, hdr)
     t_ranges: list = []
     table = _load_array(fio, hdr.table_offset, hdr.table_capacity, np.uint32, file_size, keep=nb, ranges=t_ranges)
     t_runs = _clip(t_ranges, nb)        # entries outside these are zero: never scanned, never paged in
@@ -289,7 +287,7 @@ def _check(fio, repair: bool) -> CheckResult:
     if hdr.tracking:
         c_ranges: list = []
         counters = _load_array(fio, hdr.counter_offset, hdr.table_capacity, np.uint32, file_size,
-                               keep=min(hdr.table_capacity, L.round_up(nb, 1024)),     # whole pages: see Disk._load
+                               keep=counters_kept(hdr),
                                ranges=c_ranges)
         future = _concat([np.flatnonzero(counters[lo:hi_c] > hdr.generation) + lo
                           for lo, hi_c in _clip(c_ranges, nb)])
@@ -355,6 +353,7 @@ def _past_lost_commits(fio, hdr: L.Header, log, counters, c_ranges, newest: int)
 
 
 def _commit(fio, hdr: L.Header) -> None:
+    """Commit hdr: the next sequence into its slot, synced."""
     hdr.sequence += 1
     fio.pwrite(hdr.pack(), L.SLOT_OFFSETS[hdr.sequence % 2])
     fio.fsync()
@@ -417,9 +416,7 @@ def _drop_snapshot_records(fio, hdr: L.Header, kept) -> None:
     hdr.snapshot_count = len(kept)
     if not kept:
         hdr.snapshot_offset = hdr.snapshot_capacity = 0      # the region becomes a leak: reclaimed below
-    hdr.sequence += 1
-    fio.pwrite(hdr.pack(), L.SLOT_OFFSETS[hdr.sequence % 2])
-    fio.fsync()
+    _commit(fio, hdr)
 
 
 def _consumer_damage(fio, hdr: L.Header) -> str | None:

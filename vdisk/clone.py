@@ -37,7 +37,7 @@ import numpy as np
 from . import layout as L
 from .disk import create as _create
 from .disk import open as _open
-from .errors import InvalidArgumentError
+from .errors import TO_REPLACE, InvalidArgumentError
 from .fileio import fsync_dir, place_synced, refuse_if_in_use
 from .snapshots import is_backup_snapshot
 from ._types import PathArg
@@ -52,7 +52,7 @@ def clone(src: PathArg, dst: PathArg, *, snapshots: bool = False, overwrite: boo
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.exists(dst) and not overwrite:
-        raise InvalidArgumentError(f"{dst} exists (pass overwrite=True to replace it)")
+        raise InvalidArgumentError.naming(f"{dst} exists (", *TO_REPLACE, ")")
     if os.path.exists(dst) and os.path.samefile(src, dst):
         raise InvalidArgumentError(f"{dst} is the source image {src}")
     if overwrite and os.path.exists(dst):
@@ -84,7 +84,7 @@ def clone(src: PathArg, dst: PathArg, *, snapshots: bool = False, overwrite: boo
                 os.replace(tmp, dst)
                 fsync_dir(directory)
             else:
-                place_synced(tmp, dst, "pass overwrite=True to replace it")
+                place_synced(tmp, dst, TO_REPLACE)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -297,11 +297,8 @@ class Disk(io.RawIOBase):
         self._tracker = None
         if h.tracking:
             loaded = []
-            # the whole page holding the last block: a fold rewrites that page, and the counters past
-            # the end must survive it (they report the blocks a shrink cut if its commit is lost later)
             counters = _load_array(fio, h.counter_offset, h.table_capacity, np.uint32, file_size,
-                                   keep=min(h.table_capacity, L.round_up(nb, TABLE_PER_PAGE)),
-                                   ranges=loaded)
+                                   keep=_tracking.counters_kept(h), ranges=loaded)
             bitmap = fio.pread(h.bitmap_length, h.bitmap_offset)
             self._tracker = ChangeTracker(fio, h, counters, bitmap, self._writable, loaded=loaded)
 

@@ -198,6 +198,14 @@ class CheckpointLog:
         return format_change_id(hdr.tracking_uuid, generation) if generation < hdr.legacy_generation else None
 
 
+def counters_kept(hdr) -> int:
+    """How many counters an open (and check) loads: up to the end of the page
+    holding the last block.  A fold rewrites that page, and the counters past
+    the end must survive it (they report the blocks a shrink cut if its
+    commit is lost later)."""
+    return min(hdr.table_capacity, L.round_up(hdr.nblocks, COUNTERS_PER_PAGE))
+
+
 def id_of(hdr, log: "CheckpointLog | None", generation: int) -> str | None:
     """The id of closed generation `generation` (None if the image cannot name it)."""
     if generation < 1:
