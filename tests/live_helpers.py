@@ -69,11 +69,14 @@ def stamp(j: int) -> bytes:
 class StampWriter:
     """Writes stamps through one NBD connection until stop(); .done is the count acknowledged."""
 
-    def __init__(self, sock: str, units: int, export: str = "", flush_every: int = 64, rate: float = 0):
-        self.units, self.flush_every = units, flush_every
+    def __init__(self, sock: str, units: int, export: str = "", flush_every: int = 64, rate: float = 0,
+                 start: int = 0):
+        """start: the first write's j (a writer taking over from one whose server was killed
+        after it had `start` writes acknowledged: the content is state(start) or state(start + 1))."""
+        self.units, self.flush_every, self.start = units, flush_every, start
         self.rate = rate                    # writes per second (0: as fast as the server answers)
         self.client = Client(sock).connect(export)
-        self.done = 0
+        self.done = start
         self.errors: list[str] = []
         self.stop_event = threading.Event()
         self.latencies: list[float] = []
@@ -83,8 +86,8 @@ class StampWriter:
     def _body(self) -> None:
         import time
         try:
-            j = 0
-            start = time.perf_counter()
+            j = self.start
+            start = time.perf_counter() - j / self.rate if self.rate else 0
             while not self.stop_event.is_set():
                 if self.rate:
                     ahead = start + j / self.rate - time.perf_counter()

@@ -1,8 +1,19 @@
-"""A short run of tools/campaign_live.py while a writer writes the served image: the server
-or the backup client SIGKILLed in the middle of `vdisk backup --consumer` (the consumer's
-chain has every delta and restores to the image byte for byte after one more backup, no
-temporary snapshot is left), and the pull workflow stopped at a random step (the tool's copy
-equals the image after the next full round, no snapshot is left).  docs/RELIABILITY.md."""
+"""The short run of tools/campaign_live.py while a stamp writer writes the served image: every
+step of the live workflows stopped once (docs/RELIABILITY.md).
+
+* `vdisk backup FILE DEST --consumer c` inside the server: the server SIGKILLed at each step
+  (temporary snapshot taken, first rows copied, delta synced, temporary snapshot deleted,
+  delta placed, consumer updated), and the CLI client SIGKILLed while the server holds at
+  each of them (tests/livestop.py).  After every backup the consumer's id names a delta
+  that exists; the chain restores prefix by prefix to states the writer went through, in
+  order, and in full to the image after one more backup; no temporary snapshot is left.
+* The README's pull workflow: the server SIGKILLed after each of its operations (snapshot
+  create, consumer update, snapshot delete), the CLI client SIGKILLed while the server holds
+  there, and the backup tool SIGKILLing itself at each of its steps.  The next round leaves
+  the tool's copy a state the writer went through, the last one equal to the image, and no
+  snapshot is left.
+
+The random-delay kills of the same campaign run in tools/campaign_live.py --trials."""
 from __future__ import annotations
 
 import os
@@ -18,16 +29,12 @@ import campaign_live  # noqa: E402
 pytestmark = needs_clients
 
 
-@pytest.mark.parametrize("seed", range(int(os.environ.get("VDISK_LIVE_KILLS", "4"))))
-def test_kill_during_live_backup(tmp_path, monkeypatch, seed):
+@pytest.mark.parametrize("target,step", campaign_live.step_targets(),
+                         ids=[f"{t}-{s}" for t, s in campaign_live.step_targets()])
+def test_stop_at_each_step(tmp_path, monkeypatch, target, step):
     monkeypatch.setenv("VDISK_RUNTIME_DIR", str(tmp_path / "run"))
-    r = campaign_live.trial(str(tmp_path), 1000 + seed)
+    seed = int(os.environ.get("VDISK_LIVE_SEED", "0"))
+    r = campaign_live.step_trial(str(tmp_path), target, step, seed)
     assert r["violation"] is None, r
-    assert r["deltas"] >= 2
-
-
-@pytest.mark.parametrize("seed", range(int(os.environ.get("VDISK_LIVE_KILLS", "4"))))
-def test_pull_workflow_interrupted(tmp_path, monkeypatch, seed):
-    monkeypatch.setenv("VDISK_RUNTIME_DIR", str(tmp_path / "run"))
-    r = campaign_live.pull_trial(str(tmp_path), 2000 + seed)
-    assert r["violation"] is None, r
+    if not target.startswith("pull-"):
+        assert r["deltas"] >= 3

@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import vdisk  # noqa: E402
-from live_helpers import StampWriter  # noqa: E402  (tests/ is on the path only now)
+from live_helpers import StampWriter, stamp_point  # noqa: E402  (tests/ is on the path only now)
 from nbd_client import Client  # noqa: E402
 from nbd_helpers import ServeProcess, extents_of_map, nbdinfo_map, run as run_tool  # noqa: E402
 
@@ -238,6 +238,288 @@ def pull_trial(work: str, seed: int, max_delay: float = 0.6) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------- stops at each step
+STOPPER = os.path.join(ROOT, "tests", "livestop.py")
+BACKUP_STEPS = ("snapshot", "copy", "synced", "dropped", "placed", "recorded")
+PULL_TOOL_STEPS = ("created", "mapped", "copying", "copied", "updated")
+PULL_OPS = ("op:snapshot_create", "op:consumer_update", "op:snapshot_delete")
+
+
+def step_targets() -> list[tuple[str, str]]:
+    """Every (target, step) of the deterministic sweep: the server killed at each step of its
+    backup and of the pull workflow's operations, the CLI client killed while the server holds
+    at each of them, the pull tool killed at each of its steps."""
+    out = [(t, s) for t in ("server", "client") for s in BACKUP_STEPS]
+    out += [(f"pull-{t}", s) for t in ("server", "client") for s in PULL_OPS]
+    out += [("pull-tool", s) for s in PULL_TOOL_STEPS]
+    return out
+
+
+class StopServe(ServeProcess):
+    """`vdisk serve` run through tests/livestop.py, with the stop `spec` (STEP:ACTION) armed by
+    creating stop_file + '.arm'."""
+
+    def __init__(self, image: str, sock: str, spec: str, stop_file: str):
+        self.image, self.socket = image, sock
+        self.stderr_path = sock + ".stderr"
+        self._err = open(self.stderr_path, "wb")
+        env = dict(os.environ, VDISK_STOP=spec, VDISK_STOP_FILE=stop_file)
+        self.proc = subprocess.Popen([sys.executable, STOPPER, "serve", image, "--socket", sock],
+                                     stdout=subprocess.DEVNULL, stderr=self._err, env=env)
+        self.wait_ready()
+
+
+class Stopped(Exception):
+    """A CLI client was stopped on purpose (killed, or it failed because its server was)."""
+
+
+class Served:
+    """The served image of one trial: the server (restarted after it is killed) and a stamp
+    writer on its live export that takes over where the killed one stopped."""
+
+    def __init__(self, img: str, sock: str, spec: str, stop_file: str):
+        self.img, self.sock, self.spec, self.stop_file = img, sock, spec, stop_file
+        self.srv = StopServe(img, sock, spec, stop_file)
+        self.w = StampWriter(sock, UNITS)
+
+    def dead(self) -> bool:
+        return self.srv.proc.poll() is not None
+
+    def restart(self) -> None:
+        done = self.w.stop(check=False)
+        self.srv.kill()
+        self.srv = StopServe(self.img, self.sock, self.spec, self.stop_file)
+        self.w = StampWriter(self.sock, UNITS, start=done)
+
+    def cli(self, *args) -> str:
+        """vdisk ARGS from a CLI process; if the server holds at the armed stop meanwhile, the
+        CLI process is SIGKILLed there and the server let go on (raises Stopped); if the CLI
+        fails because the server killed itself, raises Stopped too."""
+        p = subprocess.Popen([sys.executable, "-m", "vdisk", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        reached = self.stop_file + ".reached"
+        deadline = time.monotonic() + 300
+        while p.poll() is None and not os.path.exists(reached):
+            if time.monotonic() > deadline:
+                p.kill()
+                raise AssertionError(f"vdisk {' '.join(args)} hangs")
+            time.sleep(0.01)
+        if os.path.exists(reached):
+            p.kill()
+            p.communicate()
+            os.unlink(reached)
+            open(self.stop_file + ".go", "w").close()
+            raise Stopped(f"client of {args[0]} killed at the server's {self.spec}")
+        out, err = p.communicate()
+        if p.returncode:
+            if self.dead():
+                raise Stopped(f"server killed at {self.spec}: vdisk {args[0]} exited {p.returncode}")
+            raise AssertionError(f"vdisk {' '.join(args)} exited {p.returncode}: {err[-300:]}")
+        return out
+
+    def close(self) -> None:
+        self.w.stop(check=False)
+        self.srv.kill()
+
+
+def _consumer_names_a_delta(srv: Served, name: str, dests: list[str]) -> str | None:
+    """None if consumer `name` has no id or names one a complete delta among dests holds."""
+    cons = json.loads(srv.cli("consumer", "list", srv.img, "--output", "json"))
+    cid = next(c["change_id"] for c in cons if c["name"] == name)
+    if cid is None:
+        return None
+    for p in dests:
+        if os.path.exists(p) and vdisk.verify(p)["change_id"] == cid:
+            return None
+    return f"consumer {name} names {cid}, whose delta is missing"
+
+
+def _new_image(work: str, seed: int, consumer: str) -> tuple[str, str, str]:
+    os.environ["VDISK_RUNTIME_DIR"] = os.path.join(work, "run")
+    img, sock = os.path.join(work, "disk.vdk"), os.path.join(work, "nbd.sock")
+    with vdisk.create(img, 16 * MiB, block_size=(4096, 65536)[seed % 2]) as d:
+        d.consumers.register(consumer)
+    return img, sock, os.path.join(work, "stop")
+
+
+def backup_step_trial(work: str, target: str, step: str, seed: int) -> dict:
+    """`vdisk backup FILE DEST --consumer c` three times while the stamp writer writes; the
+    stopped one (the first or the second, by seed) has the server SIGKILLed at `step`
+    (target 'server') or its CLI client SIGKILLed while the server holds there ('client').
+    After every backup the consumer's id names a delta that exists; after a last backup with
+    the writer stopped, the consumer's chain restores, prefix by prefix, to states the
+    writer went through in order, and in full to the image; no snapshot is left."""
+    img, sock, stopf = _new_image(work, seed, "c")
+    out = {"target": target, "step": step, "violation": None, "deltas": 0}
+    srv = Served(img, sock, f"{step}:{'kill' if target == 'server' else 'hold'}", stopf)
+    dests: list[str] = []
+    try:
+        stop_at = seed % 2
+        for i in range(3):
+            dest = os.path.join(work, f"d{i}.vdelta")
+            dests.append(dest)
+            if i == stop_at:
+                open(stopf + ".arm", "w").close()
+            try:
+                srv.cli(*_backup_cmd(img, dest)[3:])
+                if i == stop_at:
+                    raise AssertionError(f"the backup was not stopped at {step}")
+            except Stopped:
+                if i != stop_at:
+                    raise
+                if target == "server":
+                    srv.restart()
+            out["violation"] = _consumer_names_a_delta(srv, "c", dests)
+            if out["violation"]:
+                return out
+        srv.w.stop()
+        final = os.path.join(work, "final.vdelta")
+        dests.append(final)
+        srv.cli(*_backup_cmd(img, final)[3:])
+        assert srv.srv.stop() == 0, srv.srv.stderr()[-500:]
+        out["violation"] = verify(img, dests, work) or verify_prefixes(img, dests, work)
+        out["deltas"] = sum(os.path.exists(p) for p in dests)
+    except Exception as exc:                        # any failure is a violation
+        out["violation"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+    finally:
+        srv.close()
+    return out
+
+
+def verify_prefixes(img: str, dests: list[str], work: str) -> str | None:
+    """Each prefix of the consumer's chain restores to a state(k) of the stamp writer, k never
+    going back (tests/live_helpers.stamp_point): every delta is the image at one point."""
+    by_id = {vdisk.verify(p)["change_id"]: p for p in dests if os.path.exists(p)}
+    with vdisk.open(img) as d:
+        cur = d.consumers["c"].change_id
+    chain = []
+    while cur != "*":
+        chain.insert(0, by_id[cur])
+        cur = vdisk.verify(by_id[cur])["since"]
+    last = 0
+    target = os.path.join(work, "prefix.raw")
+    for n in range(1, len(chain) + 1):
+        vdisk.restore(chain[:n], target, format="raw", overwrite=True)
+        with open(target, "rb") as f:
+            k = stamp_point(f.read(), UNITS)
+        os.unlink(target)
+        if k < last:
+            return f"delta {n} of the chain restores to the state after {k} writes, delta {n - 1} to {last}"
+        last = k
+    return None
+
+
+def _tool_stop(stop: str | None, step: str) -> None:
+    if stop == step:
+        os.kill(os.getpid(), 9)
+
+
+def pull_round(img: str, sock: str, name: str, copy_path: str, cli, stop: str | None = None) -> None:
+    """One round of the README's pull workflow by a backup tool keeping a raw copy at
+    copy_path, for consumer p; stop: SIGKILL this process at that step (PULL_TOOL_STEPS)."""
+    for s in json.loads(cli("snapshot", "list", img, "--output", "json")):
+        if s["name"].startswith("pull-"):           # a leftover of an interrupted round
+            cli("snapshot", "delete", img, s["name"])
+    cli("snapshot", "create", img, name)
+    _tool_stop(stop, "created")
+    dirty = extents_of_map(nbdinfo_map(f"nbd+unix:///disk@{name}?socket={sock}", "qemu:dirty-bitmap:p"), 1)
+    _tool_stop(stop, "mapped")
+    c = Client(sock).connect(f"disk@{name}")
+    with open(copy_path, "r+b") as f:
+        for i, (off, n) in enumerate(dirty):
+            if i == len(dirty) // 2:
+                f.flush()
+                _tool_stop(stop, "copying")
+            f.seek(off)
+            f.write(c.read(off, n))
+    c.close()
+    _tool_stop(stop, "copied")
+    snaps = json.loads(cli("snapshot", "list", img, "--output", "json"))
+    cid = next(s["change_id"] for s in snaps if s["name"] == name)
+    cli("consumer", "update", img, "p", cid)
+    _tool_stop(stop, "updated")
+    cli("snapshot", "delete", img, name)
+
+
+def pull_step_trial(work: str, target: str, step: str, seed: int) -> dict:
+    """The pull workflow, three rounds while the stamp writer writes; in the second the server
+    SIGKILLs itself after the operation `step` (target pull-server), or the CLI client is
+    SIGKILLed while the server holds there (pull-client), or the tool, a process of its own,
+    SIGKILLs itself at `step` (pull-tool).  The round after the stopped one leaves the tool's
+    copy a state the writer went through (no changed block missed); after a last round with
+    the writer stopped the copy is the image byte for byte, and no snapshot is left."""
+    img, sock, stopf = _new_image(work, seed, "p")
+    out = {"target": target, "step": step, "violation": None, "deltas": 0}
+    copy_path = os.path.join(work, "copy.raw")
+    with open(copy_path, "wb") as f:
+        f.truncate(16 * MiB)
+    srv = Served(img, sock, f"{step}:{'hold' if target == 'pull-client' else 'kill'}", stopf)
+    try:
+        for r in range(4):
+            if r == 1 and target == "pull-tool":
+                p = subprocess.run([sys.executable, os.path.abspath(__file__), "--pull-round", img, sock,
+                                    f"pull-{r}", copy_path, step], capture_output=True, text=True, timeout=300)
+                if p.returncode != -9:
+                    raise AssertionError(f"the tool was not killed at {step}: exit {p.returncode} {p.stderr[-300:]}")
+                continue
+            if r == 1:
+                open(stopf + ".arm", "w").close()
+            try:
+                pull_round(img, sock, f"pull-{r}", copy_path, srv.cli)
+                if r == 1:
+                    raise AssertionError(f"the round was not stopped at {step}")
+            except Stopped:
+                if r != 1:
+                    raise
+                if target == "pull-server":
+                    srv.restart()
+                continue
+            if r == 2:
+                with open(copy_path, "rb") as f:
+                    stamp_point(f.read(), UNITS)
+        srv.w.stop()
+        pull_round(img, sock, "pull-last", copy_path, srv.cli)
+        assert srv.srv.stop() == 0, srv.srv.stderr()[-500:]
+        with vdisk.open(img) as d:
+            content = d.pread(d.size, 0)
+            snaps = [s.name for s in d.snapshots]
+        with open(copy_path, "rb") as f:
+            copy = f.read()
+        if snaps:
+            out["violation"] = f"snapshots left after a completed round: {snaps}"
+        elif copy != content:
+            first = next(i for i in range(len(copy)) if copy[i] != content[i])
+            out["violation"] = f"the tool's copy misses a change at offset {first}"
+        elif vdisk.check(img).corruptions:
+            out["violation"] = "check found corruption"
+    except Exception as exc:                        # any failure is a violation
+        out["violation"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+    finally:
+        srv.close()
+    return out
+
+
+def step_trial(work: str, target: str, step: str, seed: int) -> dict:
+    return (pull_step_trial if target.startswith("pull-") else backup_step_trial)(work, target, step, seed)
+
+
+def sweep(seeds: int, seed0: int = 0, log=print) -> dict:
+    """Every (target, step) of step_targets() for each of `seeds` seeds."""
+    stats = collections.Counter()
+    violations = []
+    for seed in range(seed0, seed0 + seeds):
+        for target, step in step_targets():
+            with tempfile.TemporaryDirectory(prefix="vdisk-live-step-") as work:
+                r = step_trial(work, target, step, seed)
+            stats[target] += 1
+            stats["deltas"] += r["deltas"]
+            if r["violation"]:
+                violations.append((seed, target, step, r["violation"]))
+                log(f"seed {seed}: {target} stopped at {step}: VIOLATION {r['violation']}")
+    return {"trials": sum(v for k, v in stats.items() if k != "deltas"), "stats": dict(stats),
+            "violations": violations}
+
+
 def run(trials: int, seed0: int = 0, max_delay: float = 1.0, log=print) -> dict:
     stats = collections.Counter()
     violations = []
@@ -254,12 +536,20 @@ def run(trials: int, seed0: int = 0, max_delay: float = 1.0, log=print) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trials", type=int, default=50)
+    ap.add_argument("--trials", type=int, default=50, help="trials with kills after random delays")
+    ap.add_argument("--steps", type=int, default=0, metavar="SEEDS",
+                    help="instead: the sweep of every (target, step), SEEDS times")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-delay", type=float, default=1.0)
+    ap.add_argument("--pull-round", nargs=5, metavar=("IMG", "SOCK", "NAME", "COPY", "STOP"),
+                    help=argparse.SUPPRESS)          # the pull tool of pull_step_trial, killed at STOP
     a = ap.parse_args(argv)
+    if a.pull_round:
+        img, sock, name, copy_path, stop = a.pull_round
+        pull_round(img, sock, name, copy_path, lambda *args: _cli(*args).stdout, stop)
+        return 0
     t = time.monotonic()
-    r = run(a.trials, a.seed, a.max_delay)
+    r = sweep(a.steps, a.seed) if a.steps else run(a.trials, a.seed, a.max_delay)
     stats = dict(r["stats"])
     deltas = stats.pop("deltas", 0)
     kinds = ", ".join(f"{v} {k}" for k, v in sorted(stats.items()))
