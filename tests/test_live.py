@@ -9,6 +9,7 @@ snapshot exports with nbdcopy, or from the stamp writer's state(k)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -24,6 +25,9 @@ import vdisk.nbd.protocol as P
 from live_helpers import UNIT, QemuIoWriter, StampWriter, stamp_point
 from nbd_client import Client, ProtocolError
 from nbd_helpers import extents_of_map, needs_clients, nbdinfo_map, qemu_io_nbd, run, serve_process  # noqa: F401
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from campaign_live import StopServe  # noqa: E402  (tools/ is on the path only now)
 
 pytestmark = needs_clients
 
@@ -103,6 +107,14 @@ def test_cli_commands_work_while_qemu_io_writes(tmp_path, serve_process, runtime
             r = cli(*args, check=False)
             assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
             assert "cannot run on a served image" in r.stderr and f"pid {srv.proc.pid}" in r.stderr
+        # the commands that read the file itself name the snapshot export to read instead
+        for args, code in ((("convert", img, tmp_path / "out.raw"), 1), (("compare", img, img), 2),
+                           (("clone", img, tmp_path / "c.vdk"), 1)):
+            r = cli(*args, check=False)
+            assert r.returncode == code and r.stderr.count("\n") == 1, r.stderr
+            assert f"{args[0]} cannot run on a served image" in r.stderr and f"pid {srv.proc.pid}" in r.stderr
+            assert f"nbd+unix:///disk@S?socket={srv.socket}" in r.stderr, r.stderr
+            assert not os.path.exists(tmp_path / "out.raw") and not os.path.exists(tmp_path / "c.vdk")
         r = cli("snapshot", "revert", img, "nope", check=False)
         assert r.returncode == 1 and "no snapshot named 'nope'" in r.stderr
     finally:
@@ -230,18 +242,31 @@ def test_pull_backup_workflow_with_nbdinfo_and_nbdcopy(tmp_path, serve_process):
 
 
 # ---------------------------------------------------------------------------- 4. backup inside the server
-def test_backup_consumers_inside_the_server_while_writing(tmp_path, serve_process):
+def test_backup_consumers_inside_the_server_while_writing(tmp_path, runtime_dir):
     """Three consumers on different schedules back up with `vdisk backup --consumer` while a
-    writer stamps units; every prefix of every chain restores to a state(k) of the writer, with
-    k between the writes acknowledged before and after that backup."""
+    writer stamps units.  The server (tests/livestop.py) holds each backup just after its
+    temporary snapshot is taken, and the test copies that snapshot's export NAME@vdisk-backup-...
+    with nbdcopy meanwhile: every prefix of every chain restores byte for byte to the copy of
+    its last backup's snapshot, a state(k) of the writer with k between the writes acknowledged
+    before and after that backup."""
     units = 2048                         # 8 MiB of stamped units
     img = make(tmp_path / "disk.vdk")
-    srv = serve_process(img)
+    sock, stopf = str(tmp_path / "nbd.sock"), str(tmp_path / "stop")
+    srv = StopServe(img, sock, "snapshot:hold", stopf)
+    try:
+        _backups_with_snapshot_truth(tmp_path, img, sock, stopf, units)
+        assert srv.stop() == 0
+    finally:
+        srv.kill()
+    assert vdisk.check(img).ok
+
+
+def _backups_with_snapshot_truth(tmp_path, img, sock, stopf, units):
     for c in "abc":
         cli("consumer", "register", img, c)
-    w = StampWriter(srv.socket, units)
+    w = StampWriter(sock, units)
     chains = {c: [] for c in "abc"}
-    bounds = {c: [] for c in "abc"}
+    truths = {c: [] for c in "abc"}       # (sha256 of the nbdcopy of the backup's snapshot, lo, hi)
     try:
         for rnd in range(6):
             for c, every in (("a", 1), ("b", 2), ("c", 3)):
@@ -249,29 +274,40 @@ def test_backup_consumers_inside_the_server_while_writing(tmp_path, serve_proces
                     continue
                 dest = tmp_path / f"{c}{rnd}.vdelta"
                 lo = w.done
-                out = json.loads(cli("backup", img, dest, "--consumer", c, "--output", "json").stdout)
+                open(stopf + ".arm", "w").close()
+                p = subprocess.Popen([sys.executable, "-m", "vdisk", "backup", img, str(dest), "--consumer", c,
+                                      "--output", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                deadline = time.monotonic() + 120
+                while not os.path.exists(stopf + ".reached"):
+                    assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+                    time.sleep(0.01)
+                os.unlink(stopf + ".reached")
                 hi = w.done
+                (snap,) = [s["name"] for s in json.loads(cli("snapshot", "list", img, "--output", "json").stdout)
+                           if s["name"].startswith("vdisk-backup-")]
+                truth = nbdcopy_to(f"nbd+unix:///disk@{snap}?socket={sock}", tmp_path / "truth.raw")
+                open(stopf + ".go", "w").close()
+                out, err = p.communicate(timeout=300)
+                os.unlink(stopf + ".go")
+                assert p.returncode == 0, err
+                assert json.loads(out)["dest"] == str(dest)
                 chains[c].append(dest)
-                bounds[c].append((lo, hi))
-                assert out["dest"] == str(dest)
+                truths[c].append((hashlib.sha256(truth).digest(), lo, hi))
+                assert lo <= stamp_point(truth, units) <= hi
             time.sleep(0.2)
     finally:
         done = w.stop()
     assert done > 100
     for c, chain in chains.items():
-        last = -1
+        assert len(chain) == {"a": 6, "b": 3, "c": 2}[c]
         for i in range(1, len(chain) + 1):
-            k = stamp_point(restore_bytes(tmp_path, chain[:i], f"{c}{i}"), units)
-            lo, hi = bounds[c][i - 1]
-            assert lo <= k <= hi, f"consumer {c} backup {i}: state({k}) outside [{lo}, {hi}]"
-            assert k >= last
-            last = k
+            restored = restore_bytes(tmp_path, chain[:i], f"{c}{i}")
+            digest, lo, hi = truths[c][i - 1]
+            assert hashlib.sha256(restored).digest() == digest, f"consumer {c}: prefix {i} differs from its snapshot"
     with vdisk.connect(img) as d:
         assert d.snapshots == []          # the temporary snapshots are gone
         ids = {i.name: i.change_id for i in d.consumers.values()}
     assert ids["a"] == vdisk.verify(chains["a"][-1])["change_id"]
-    assert srv.stop() == 0
-    assert vdisk.check(img).ok
 
 
 # ---------------------------------------------------------------------------- 5. bad requests

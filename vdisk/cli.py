@@ -54,16 +54,17 @@ classes only; numpy, h5py and tqdm load inside the commands that use them
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import warnings
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import click
 
 import vdisk
-from vdisk.errors import InvalidArgumentError, OutOfRangeError, Param, VdiskError
+from vdisk.errors import ImageLockedError, InvalidArgumentError, OutOfRangeError, Param, VdiskError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -206,6 +207,21 @@ def _open_or_connect(file: str, mode: str = "r") -> Any:
     """The image, or, while `vdisk serve` holds it, its server's control channel (vdisk/live.py)."""
     from vdisk.live import open_or_connect
     return open_or_connect(file, mode)
+
+
+@contextlib.contextmanager
+def _not_live(what: str, *paths: str | None) -> Iterator[None]:
+    """A command that reads image files itself: when one of them is held by `vdisk serve`,
+    say so in one line (vdisk.live.served_refusal) instead of the bare lock error."""
+    try:
+        yield
+    except ImageLockedError as exc:
+        from vdisk.live import served_refusal
+        for p in paths:
+            refusal = served_refusal(p, what) if p else None
+            if refusal is not None:
+                raise refusal from exc
+        raise
 
 
 def _is_live(d: Any) -> bool:
@@ -711,7 +727,7 @@ def convert_(src: str, dst: str, src_format: str | None, dst_format: str | None,
     from vdisk.convert import convert as convert_image, open_image
     fmt = output_format(dst, dst_format)
     bs = None if block_size is None else _size(block_size, "block size")
-    with _progress(show_progress, "convert") as bar:
+    with _not_live("convert", src, backing_path), _progress(show_progress, "convert") as bar:
         convert_image(src, dst, src_format=src_format, dst_format=fmt, block_size=bs, snapshot=snapshot,
                       allow_backing=backing_path if backing_path is not None else allow_backing,
                       progress=bar, overwrite=overwrite)
@@ -735,7 +751,8 @@ def clone_(src: str, dst: str, snapshots: bool, overwrite: bool) -> None:
     Use it instead of cp for a second disk from one image: DST answers no change id of SRC and
     no delta of one chains onto the other's. Consumers are dropped; DST is sparse and appears
     complete or not at all."""
-    res = vdisk.clone(src, dst, snapshots=snapshots, overwrite=overwrite)
+    with _not_live("clone", src):
+        res = vdisk.clone(src, dst, snapshots=snapshots, overwrite=overwrite)
     epoch = f", tracking epoch {res['tracking_id']}" if res["tracking_id"] else ""
     click.echo(f"{dst}: clone of {src} with a new identity (uuid {res['uuid']}{epoch}), {res['snapshots']} snapshots")
 
@@ -755,7 +772,7 @@ def compare_(ctx: click.Context, a: str, b: str, a_format: str | None, b_format:
     """Compare the content of images A and B (exit 0 identical, 1 different, 2 error)."""
     from vdisk.convert import compare_images
     try:
-        with _progress(show_progress, "compare") as bar:
+        with _not_live("compare", a, b), _progress(show_progress, "compare") as bar:
             offset, size_a, size_b = compare_images(a, b, a_format=a_format, b_format=b_format,
                                                     allow_backing=allow_backing, progress=bar)
     except (VdiskError, OSError) as exc:

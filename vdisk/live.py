@@ -338,9 +338,7 @@ class LiveDisk:
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
-        raise NotServedLive(
-            f"{self.path} is served by vdisk serve (pid {self.server.get('pid')}, {self.server.get('address')}): "
-            f"{name} cannot run on a served image; stop the server first")
+        raise NotServedLive(_served_line(self.path, self.server, name))
 
     def __repr__(self) -> str:
         return f"<vdisk.LiveDisk {self.path!r} served by pid {self.server.get('pid')}>"
@@ -417,6 +415,30 @@ class LiveDisk:
         """A read-only check of the served image's flushed state."""
         from .check import CheckResult
         return CheckResult(**self._call("check"))
+
+
+def _served_line(path, server: dict, what: str, instead: str = "stop the server first") -> str:
+    return (f"{os.fspath(path)} is served by vdisk serve (pid {server.get('pid')}, {server.get('address')}): "
+            f"{what} cannot run on a served image; {instead}")
+
+
+def served_refusal(path, what: str) -> NotServedLive | None:
+    """The one-line error for a command that reads the image file itself (convert, compare,
+    clone, ...) when a server in another process holds it, or None when none serves it.  The
+    line names the server and how to read the served state instead: a snapshot's NBD export."""
+    ch = find_server(path, timeout=10)
+    if ch is None:
+        return None
+    try:
+        server = ch.request("hello")
+    finally:
+        ch.close()
+    addr = str(server.get("address") or "")
+    uri = (f"nbd+unix:///{server.get('export')}@S?socket={addr[5:]}" if addr.startswith("unix:")
+           else f"nbd://{addr}/{server.get('export')}@S")
+    return NotServedLive(_served_line(
+        path, server, what, f"take a snapshot (vdisk snapshot create {os.fspath(path)} S) and read it from "
+                            f"{uri} (qemu-img convert, nbdcopy), or stop the server first"))
 
 
 def open_or_connect(path, mode: str = "r"):
