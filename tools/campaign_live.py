@@ -1,6 +1,17 @@
 """Kill campaign of live backups: SIGKILL the server, the CLI client or the backup mid-way.
 
-Each trial serves a fresh image with `vdisk serve` while a stamp writer
+The sweep (``--steps SEEDS``; CI: tests/test_live_kill.py) stops every step
+of both workflows below once per seed, deterministically: the server runs
+through tests/livestop.py, whose stop points SIGKILL it at a step, or hold
+it there while the campaign SIGKILLs the CLI client; the pull tool is a
+process of its own that SIGKILLs itself at each of its steps
+(step_targets(), backup_step_trial, pull_step_trial).  The checks are those
+below, plus: after every backup the consumer's id names a delta that
+exists, and each prefix of the consumer's chain restores to a state the
+writer went through, in order.
+
+The random trials (``--trials N``):
+each trial serves a fresh image with `vdisk serve` while a stamp writer
 (tests/live_helpers.py) writes its live export, and runs `vdisk backup FILE
 DEST --consumer c` from CLI processes three times; during one of them it
 kills, after a random delay, either the server (then serves the image
@@ -26,10 +37,10 @@ tool's leftover snapshots.  After a last full round with the writer
 stopped, the tool's copy must be the image's content byte for byte, and
 no snapshot is left.
 
+    nice -n 19 python3 tools/campaign_live.py --steps 3
     nice -n 19 python3 tools/campaign_live.py --trials 100
 
 Prints trials, kills by target, violations; exits 1 on any violation.
-CI runs a few trials through tests/test_live_kill.py.
 """
 from __future__ import annotations
 
@@ -281,6 +292,9 @@ class Served:
         self.img, self.sock, self.spec, self.stop_file = img, sock, spec, stop_file
         self.srv = StopServe(img, sock, spec, stop_file)
         self.w = StampWriter(sock, UNITS)
+        deadline = time.monotonic() + 60
+        while self.w.done < 64 and time.monotonic() < deadline:     # data for the first backup to copy
+            time.sleep(0.01)
 
     def dead(self) -> bool:
         return self.srv.proc.poll() is not None
