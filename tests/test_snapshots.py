@@ -261,7 +261,8 @@ def test_snapshot_limit(disk, monkeypatch):
 
 def test_snapshot_is_read_only_view(disk):
     snap = disk.snapshot("s")
-    assert not hasattr(snap, "pwrite")
+    with pytest.raises(vdisk.ReadOnlyError):      # #17: ReadOnlyError, not AttributeError
+        snap.pwrite(b"x", 0)
     assert snap.read(10) == bytes(10) and snap.tell() == 10
     assert snap.seek(0, 2) == snap.size
 
@@ -360,3 +361,42 @@ def test_cli_snapshot_commands(img):
     r = CliRunner().invoke(main, ["snapshot", "delete", img, "first"])
     assert r.exit_code == 1
     assert CliRunner().invoke(main, ["compact", img]).exit_code == 0
+
+
+# ---------------------------------------------------------------------------- Snapshot as a file (#17)
+def test_snapshot_is_a_read_only_raw_file(disk):
+    """A Snapshot is an io.RawIOBase: BufferedReader and copyfileobj take it, and
+    every write path raises ReadOnlyError (a VdiskError) as a Disk opened "r" does
+    (before: AttributeError on write, not an io object)."""
+    import io
+    import shutil
+    disk.pwrite(pattern(1, 3 * BS), BS)
+    snap = disk.snapshot("s")
+    disk.pwrite(b"\xff" * BS, BS)              # the live disk moves on; the snapshot does not
+    assert isinstance(snap, io.RawIOBase)
+    assert snap.readable() and snap.seekable() and not snap.writable()
+    expect = bytes(BS) + pattern(1, 3 * BS) + bytes(disk.size - 4 * BS)
+    buffered = io.BufferedReader(snap, 8192)        # which closes snap when it is closed or collected
+    assert buffered.read() == expect
+    buffered.seek(0)
+    out = io.BytesIO()
+    shutil.copyfileobj(buffered, out)
+    assert out.getvalue() == expect
+    for attempt in (lambda: snap.write(b"x"), lambda: snap.pwrite(b"x", 0),
+                    lambda: snap.truncate(0), lambda: snap.discard(0, BS)):
+        with pytest.raises(vdisk.ReadOnlyError, match="read-only"):
+            attempt()
+    assert snap.pread(BS, BS) == pattern(1, 3 * BS)[:BS]     # nothing was written
+    snap.close()
+    assert snap.closed
+    with pytest.raises(vdisk.ClosedError):
+        snap.read(1)
+
+
+def test_snapshot_closes_with_its_context_and_a_closed_one_refuses_with(disk):
+    with disk.snapshot("s") as snap:
+        assert snap.read(4) == bytes(4)
+    assert snap.closed
+    with pytest.raises(vdisk.ClosedError):
+        with snap:
+            pass

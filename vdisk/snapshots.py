@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import datetime
+import io
 import re
 import struct
 import threading
@@ -31,14 +32,14 @@ import typing
 import uuid as _uuid
 
 if typing.TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
     from .disk import Disk
 
 import numpy as np
 
 from . import layout as L
-from .errors import ClosedError, CorruptImageError, InvalidArgumentError, OutOfRangeError
+from .errors import ClosedError, CorruptImageError, InvalidArgumentError, OutOfRangeError, ReadOnlyError
 from .extents import Extents
 from .tracking import ANY, format_change_id, resolve
 
@@ -202,10 +203,13 @@ def _take(starts: list[int], stops: list[int], lo: int, hi: int) -> None:
     stops.insert(j, hi)
 
 
-class Snapshot:
-    """A read-only view of one snapshot: the read side of the Disk API."""
+class Snapshot(io.RawIOBase):
+    """A read-only view of one snapshot: the read side of the Disk API, and a
+    read-only, seekable io.RawIOBase (writes raise ReadOnlyError, as on a Disk
+    opened "r"), so io.BufferedReader, shutil.copyfileobj and the like take it."""
 
     def __init__(self, disk: Disk, record: SnapshotRecord, table: np.ndarray):
+        super().__init__()
         self._disk = disk
         self._rec = record
         self._table = table
@@ -292,6 +296,39 @@ class Snapshot:
         self._pos += n
         return n
 
+    def readable(self) -> bool:
+        self._check_open()
+        return True
+
+    def seekable(self) -> bool:
+        self._check_open()
+        return True
+
+    def writable(self) -> bool:
+        self._check_open()
+        return False
+
+    def _read_only(self, what: str) -> typing.NoReturn:
+        self._check_open()
+        raise ReadOnlyError(f"snapshot {self.name!r} is read-only: {what} the live disk instead "
+                            f"(or revert to the snapshot)")
+
+    def write(self, data: ReadableBuffer) -> int:
+        self._read_only("write to")
+
+    def pwrite(self, data: ReadableBuffer, offset: int) -> int:
+        self._read_only("write to")
+
+    def truncate(self, size: int | None = None) -> int:
+        self._read_only("resize")
+
+    def discard(self, offset: int, length: int) -> None:
+        self._read_only("discard on")
+
+    def flush(self) -> None:
+        """Nothing to make durable: a snapshot is never written."""
+        self._check_open()
+
     def seek(self, offset: int, whence: int = 0) -> int:
         self._check_open()
         base = {0: 0, 1: self._pos, 2: self.size}.get(whence)
@@ -303,6 +340,7 @@ class Snapshot:
         return self._pos
 
     def tell(self) -> int:
+        self._check_open()
         return self._pos
 
     def map(self) -> Extents:
@@ -334,9 +372,12 @@ class Snapshot:
 
     # --- life -----------------------------------------------------------------------
     def close(self) -> None:
-        self._closed = True
+        if not self._closed:
+            super().close()         # io.IOBase.close: flush(), then marks the object closed
+            self._closed = True
 
     def __enter__(self) -> "Snapshot":
+        self._check_open()
         return self
 
     def __exit__(self, *exc: object) -> None:
