@@ -12,6 +12,7 @@ id handed out is refused or answered with every block that changed.
 import os
 
 import vdisk
+from vdisk.fileio import FileIO
 
 import repairsim
 from helpers import differing_blocks, extent_blocks
@@ -161,3 +162,62 @@ def test_lost_refcount_growth_commit(tmp_path):
     assert not found, found
     _assert_ids(path, issued, expect)
     assert not split, "the older header slot names released regions"
+
+
+def test_repair_leaves_no_slot_naming_what_it_frees(tmp_path):
+    """Repair drops a damaged consumer table and frees its blocks: the other
+    header slot, which still named it, gets the repaired header first."""
+    path = str(tmp_path / "r.vdk")
+    d = vdisk.create(path, 16 * BS, block_size=BS)
+    d.pwrite(b"\x01" * BS, 0)
+    d.consumers.register("nightly", d.checkpoint())
+    off = d._hdr.consumer_offset
+    d.close()
+    with open(path, "r+b") as f:
+        f.seek(off + 3)
+        f.write(b"\xee")
+    res = vdisk.check(path, repair=True)
+    assert res.repaired and not res.corruptions
+    assert not repairsim.layouts_differ(path), "a header slot still names the consumer table repair freed"
+
+
+class _CountingIO(FileIO):
+    fsyncs = 0
+
+    def fsync(self) -> None:
+        _CountingIO.fsyncs += 1
+        super().fsync()
+
+
+def _write_flush_loop(d, rounds: int = 20) -> tuple[int, int]:
+    """Overwrites, copy-on-write of shared blocks, discards, each round flushed: (fsyncs, commits)."""
+    f0, s0 = _CountingIO.fsyncs, d._hdr.sequence
+    for r in range(rounds):
+        d.pwrite(bytes([r + 1]) * 100, 0)              # in place
+        d.pwrite(bytes([r + 2]) * BS, (1 + r % 4) * BS)  # copy-on-write away from the snapshot's block
+        d.discard((5 + r % 4) * BS, BS)                 # a reference released
+        d.pwrite(bytes([r + 3]) * BS, (5 + r % 4) * BS)
+        d.flush()
+    return _CountingIO.fsyncs - f0, d._hdr.sequence - s0
+
+
+def test_rule_costs_one_commit_per_region_move_not_per_flush(tmp_path):
+    """The extra commit comes once after a commit that moved a region, never
+    in the write + flush loop: the loop's fsyncs are those of the same loop
+    on the image reopened (both slots the same header: nothing to settle)."""
+    path = str(tmp_path / "r.vdk")
+    d = vdisk.create(path, 16 * BS, block_size=BS, io_factory=_CountingIO)
+    for b in range(12):
+        d.pwrite(bytes([b + 1]) * BS, b * BS)
+    d.snapshot("s").close()     # the first snapshot table: the older slot names none
+    seq = d._hdr.sequence
+    d.pwrite(b"\x09" * BS, BS)  # copy-on-write: a reference to release at the flush
+    d.flush()
+    assert d._hdr.sequence == seq + 1, "the first release after the move commits once more"
+    assert not repairsim.layouts_differ(path)
+    after_move = _write_flush_loop(d)
+    d.close()
+    with vdisk.open(path, "r+", io_factory=_CountingIO) as d:
+        settled = _write_flush_loop(d)
+    assert after_move[1] == 0 and settled[1] == 0, "a header commit in the write + flush loop"
+    assert after_move[0] == settled[0]

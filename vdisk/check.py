@@ -34,7 +34,7 @@ from . import _fast
 from . import consumers as consumer_table
 from . import layout as L
 from .arrays import lazy_zeros, load_array as _load_array, nonzero_entries as _nonzero_entries
-from .disk import _read_header
+from .disk import _read_header, older_slot_regions
 from .snapshots import parse_table
 from .tracking import CheckpointLog, counters_kept
 from .errors import CorruptImageError, FormatError, ImageLockedError
@@ -317,6 +317,10 @@ def _check(fio, repair: bool) -> CheckResult:
             new_refs[lo_b:hi_b] = 1
         # order: the cleared table durable before the refcounts drop
         fio.fsync()
+        # and no header slot naming what they free (a dropped table, the region of a lost commit's
+        # older slot): the repaired header into the other slot too (docs/FORMAT.md, "Write order")
+        if older_slot_regions(fio, hdr.sequence % 2) not in (None, hdr.regions()):
+            _commit(fio, hdr)
         _write_all(fio, new_refs, hdr.refcount_offset)
         fio.fsync()
 
