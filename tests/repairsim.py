@@ -2,11 +2,10 @@
 at random points, each followed by ``check --repair`` (issue #13).
 
 The history runs writes (in place and remapping), zero writes, discards,
-flushes, checkpoints, resizes (inside the table's capacity: a commit that
-moves a region cannot be lost without losing what the region held), and
-reopens.  At random points the image is closed and its newest header slot
-damaged (one flipped byte): the image then opens at the commit before,
-while the data and the change counters of what came after are durable.
+flushes, checkpoints, resizes inside the table's capacity, and reopens.
+At random points the image is closed and its newest header slot damaged
+(one flipped byte): the image then opens at the commit before, while the
+data and the change counters of what came after are durable.
 ``check --repair`` runs; then every id ever handed out is asked of the
 repaired image: it must be refused (StaleChangeIdError) or answered with
 every block that differs from the content at its point (never an
@@ -23,7 +22,11 @@ new live table), reset_tracking (a new counter region and consumer table)
 and consumer register / update / forget (a new consumer table).  A lost
 commit of one of these is the case the write order must survive: the slot
 before it names the old region, so nothing that slot names may have been
-reused (docs/FORMAT.md, "Write order").
+reused (docs/FORMAT.md, "The older slot").  ``layout_losses`` counts the
+losses where the damaged slot named other regions than the surviving one
+(the move itself lost); with the rule, a move is followed by a second copy
+of its commit before anything is released, so most losses after a move
+lose that copy.
 
 Used by tests/test_repair_campaign.py and tools/campaign_repair.py.
 """

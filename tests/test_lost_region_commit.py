@@ -12,6 +12,7 @@ id handed out is refused or answered with every block that changed.
 import os
 
 import vdisk
+from vdisk.disk import Disk
 from vdisk.fileio import FileIO
 
 import repairsim
@@ -221,3 +222,40 @@ def test_rule_costs_one_commit_per_region_move_not_per_flush(tmp_path):
         settled = _write_flush_loop(d)
     assert after_move[1] == 0 and settled[1] == 0, "a header commit in the write + flush loop"
     assert after_move[0] == settled[0]
+
+
+def test_repair_distrusts_counters_reused_as_data(tmp_path, monkeypatch):
+    """An image written before the rule (the second commit left out): the older
+    slot names the counter region reset_tracking released, and data reused it.
+    After the newest slot is lost, repair must not trust those counters: a new
+    tracking epoch, every id stale."""
+    monkeypatch.setattr(Disk, "_commit_again", lambda self: None)
+    path = str(tmp_path / "r.vdk")
+    d = vdisk.create(path, 16 * BS, block_size=BS)
+    for b in range(4):
+        d.pwrite(bytes([b + 1]) * BS, b * BS)
+    cid = d.checkpoint()
+    issued = {cid: d.pread(d.size, 0)}
+    d.reset_tracking()
+    _reuse(d, 8, 4)             # counters "1" for the old epoch, in blocks the table maps
+    d.close()
+    monkeypatch.undo()
+    assert repairsim.layouts_differ(path)
+    off = vdisk.layout.SLOT_OFFSETS[repairsim.newest_slot(path)] + 20
+    with open(path, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)[0]
+        f.seek(off)
+        f.write(bytes([b ^ 0x10]))
+    found = vdisk.check(path).corruptions
+    assert any("change counters share" in c for c in found), found
+    res = vdisk.check(path, repair=True)
+    assert not res.corruptions, res.corruptions
+    with vdisk.open(path) as d:
+        now = d.pread(d.size, 0)
+        try:
+            got = extent_blocks(d.changes_since(cid), BS)
+        except vdisk.StaleChangeIdError:
+            got = None
+        assert got is None or not differing_blocks(now, issued[cid], BS) - got
+    assert not repairsim.layouts_differ(path)

@@ -1016,7 +1016,7 @@ class Disk(io.RawIOBase):
         """The last commit once more (the same content, the next sequence) into
         the other slot: then both slots name the same regions, and what only
         the older one named may be released (_flush_locked step 5)."""
-        again = dataclasses.replace(self._committed)
+        again = dataclasses.replace(self._committed, sequence=self._hdr.sequence)
         self._write_slot(again)
         self._hdr.sequence = again.sequence
 
