@@ -276,8 +276,9 @@ def test_commits_stop_at_the_limit_instead_of_being_rolled_back(img):
     Disk; the commits before it stand."""
     content = small_image(img, snapshots=1)
     d = vdisk.open(img, "r+")
-    d._hdr.sequence = 2 ** 62 - 2                 # white-box: no image gets here honestly (see the test above)
-    d.delete_snapshot("s0")                       # commit: sequence 2^62 - 1, the reader's last
+    d._hdr.sequence = 2 ** 62 - 3                 # white-box: no image gets here honestly (see the test above)
+    d.delete_snapshot("s0")                       # commit: 2^62 - 2, and its second copy before the
+    assert d._hdr.sequence == 2 ** 62 - 1         # release (docs/FORMAT.md, "The older slot"): the last
     d.pwrite(pattern(7, 4 * BS), 40 * BS)         # reuses the snapshot's freed blocks
     d.flush()
     with pytest.raises(vdisk.VdiskIOError, match="limit") as exc:
@@ -287,7 +288,7 @@ def test_commits_stop_at_the_limit_instead_of_being_rolled_back(img):
         d.pread(1, 0)
     d.close()
     with vdisk.open(img) as d:
-        assert d._hdr.sequence == 2 ** 62 - 1     # the delete's commit stands, not rolled back
+        assert d._hdr.sequence == 2 ** 62 - 1     # the delete's commits stand, not rolled back
         assert d.snapshots == []
         assert d.pread(40 * BS, 0) == content[:40 * BS]
         assert d.pread(4 * BS, 40 * BS) == pattern(7, 4 * BS)

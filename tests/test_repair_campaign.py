@@ -19,3 +19,17 @@ def test_campaign_reaches_lost_generations(tmp_path):
     """The campaign does lose checkpoints' commits (counters past the header), not only others."""
     moved = sum(repairsim.run(100 + s, ops=100, workdir=str(tmp_path)).repairs_moved for s in range(3))
     assert moved > 0
+
+
+# seeds whose history, on the code before the write-order rule (docs/FORMAT.md, "Write order"), lost a
+# reset_tracking commit (21, 51) or a revert commit (0, 12) after the released region was reused: the
+# repaired image under-reported
+REGION_SEEDS = (0, 12, 21, 51)
+
+
+@pytest.mark.parametrize("seed", REGION_SEEDS)
+def test_lost_region_commits_repaired_never_under_report(seed, tmp_path):
+    """Histories with every operation whose commit moves a metadata region (regions=True)."""
+    stats = repairsim.run(seed, ops=80, workdir=str(tmp_path), regions=True)
+    assert stats.losses > 0 and stats.region_losses > 0 and stats.checks > 0
+    print(f"seed {seed}: {stats}")

@@ -7,7 +7,9 @@ compares it with the stored refcounts:
   referenced more often than its refcount says (it could be handed out
   again), a block mapped twice by one table (live or snapshot), a table
   entry past the virtual size, a change counter newer than the image's
-  generation, a damaged consumer table, a damaged snapshot record, a
+  generation, a change counter region sharing blocks with data (the
+  region of a lost commit's older header, reused by code that released it
+  too early), a damaged consumer table, a damaged snapshot record, a
   header sequence too near its limit for a writer;
 * leak: a block whose refcount is higher than its references (space that
   a crash left allocated; harmless, reclaimed by repair).
@@ -16,11 +18,13 @@ compares it with the stored refcounts:
 one block (their blocks read as zeros and count as changed), rewrites the
 refcounts from the references, moves the generation past counters newer
 than the header (a lost header commit: the ids that commit issued become
-stale; a counter is never lowered), clears checkpoint log entries out of
+stale; a counter is never lowered), starts a new tracking epoch over
+counters that share blocks with data (every id stale), clears checkpoint log entries out of
 their slot, drops a damaged consumer table and each damaged snapshot record
 (the blocks only it referenced become leaks, reclaimed; a block another
 table maps is never freed), renumbers a header sequence near its limit,
-and syncs.
+commits the repaired header into the other slot too when that slot names
+other regions (before the refcounts free them), and syncs.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from . import _fast
 from . import consumers as consumer_table
 from . import layout as L
 from .arrays import lazy_zeros, load_array as _load_array, nonzero_entries as _nonzero_entries
-from .disk import _read_header
+from .disk import _read_header, older_slot_regions
 from .snapshots import parse_table
 from .tracking import CheckpointLog, counters_kept
 from .errors import CorruptImageError, FormatError, ImageLockedError
@@ -289,12 +293,23 @@ def _check(fio, repair: bool) -> CheckResult:
         counters = _load_array(fio, hdr.counter_offset, hdr.table_capacity, np.uint32, file_size,
                                keep=counters_kept(hdr),
                                ranges=c_ranges)
+        # counters in blocks a table maps as data: the region of a header whose newer commit was
+        # lost, released and reused (older code released it before the other slot stopped naming
+        # it): what it holds is data, not counters, and no id of this epoch can be trusted
+        c_lo = hdr.counter_offset // bs
+        c_hi = c_lo + L.round_up(hdr.table_capacity * L.COUNTER_BYTES, bs) // bs
+        reused = int(np.count_nonzero((into_meta >= c_lo) & (into_meta < c_hi)))
+        if reused:
+            report.add(f"the change counters share {reused} blocks with data (the region of a lost commit's "
+                       f"older header, reused): repair starts a new tracking epoch, every id stale")
         future = _concat([np.flatnonzero(counters[lo:hi_c] > hdr.generation) + lo
                           for lo, hi_c in _clip(c_ranges, nb)])
         report.add_each(future, lambda i: f"block {i}: change counter {int(counters[i])} is newer than "
                                           f"generation {hdr.generation} (a lost header commit: repair moves "
                                           f"the generation past it)")
-        if repair:
+        if repair and reused:
+            _new_epoch(fio, hdr, len(counters))     # the data mapped there is dropped above: zeros are safe
+        elif repair:
             if cleared:
                 # their content changed: report them, in the generation open after the repair
                 counters[cleared] = max(hdr.generation, int(counters[future].max()) + 1 if len(future) else 0)
@@ -317,6 +332,10 @@ def _check(fio, repair: bool) -> CheckResult:
             new_refs[lo_b:hi_b] = 1
         # order: the cleared table durable before the refcounts drop
         fio.fsync()
+        # and no header slot naming what they free (a dropped table, the region of a lost commit's
+        # older slot): the repaired header into the other slot too (docs/FORMAT.md, "Write order")
+        if older_slot_regions(fio, hdr.sequence % 2) not in (None, hdr.regions()):
+            _commit(fio, hdr)
         _write_all(fio, new_refs, hdr.refcount_offset)
         fio.fsync()
 
@@ -340,6 +359,11 @@ def _past_lost_commits(fio, hdr: L.Header, log, counters, c_ranges, newest: int)
         hdr.generation = newest + 1
         _commit(fio, hdr)
         return
+    _new_epoch(fio, hdr, len(counters))
+
+
+def _new_epoch(fio, hdr: L.Header, n: int) -> None:
+    """A new tracking epoch (every id stale, consumers dropped) with n zeroed counters."""
     # the new epoch first (every old id dead), then its counters cleared: a crash
     # in between leaves an epoch that has issued no id yet
     hdr.tracking_uuid = L.new_uuid()
@@ -348,7 +372,7 @@ def _past_lost_commits(fio, hdr: L.Header, log, counters, c_ranges, newest: int)
         hdr.legacy_generation = 1
     hdr.consumer_offset = hdr.consumer_count = hdr.consumer_capacity = 0
     _commit(fio, hdr)
-    _write_all(fio, lazy_zeros(len(counters), np.uint32), hdr.counter_offset)
+    _write_all(fio, lazy_zeros(n, np.uint32), hdr.counter_offset)
     fio.fsync()
 
 

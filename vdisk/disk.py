@@ -52,6 +52,7 @@ exclusive flock on the file, readers a shared one.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import io
@@ -122,9 +123,8 @@ def _check_size(size: int, block_shift: int) -> None:
             f"the limit is {L.MAX_BLOCKS} blocks ({L.format_size(L.MAX_BLOCKS << block_shift)})", *hint)
 
 
-def _read_header(fio) -> tuple[L.Header, int]:
-    """The slot with the highest sequence that passes every check (magic,
-    CRC, fields, file size), and its index."""
+def _read_slots(fio) -> list[tuple[L.Header, int]]:
+    """Every slot that passes every check (magic, CRC, fields, file size), with its index."""
     file_size = fio.size()
     raw = fio.pread(2 * L.SLOT_SIZE, 0)
     if raw[:8] != L.MAGIC and raw[L.SLOT_SIZE:L.SLOT_SIZE + 8] != L.MAGIC:
@@ -146,7 +146,23 @@ def _read_header(fio) -> tuple[L.Header, int]:
             valid.append((h, i))
     if not valid:
         raise CorruptImageError(f"{fio.path}: no valid header slot ({'; '.join(errors)})")
-    return max(valid, key=lambda hv: hv[0].sequence)
+    return valid
+
+
+def _read_header(fio) -> tuple[L.Header, int]:
+    """The slot with the highest sequence that passes every check (magic,
+    CRC, fields, file size), and its index."""
+    return max(_read_slots(fio), key=lambda hv: hv[0].sequence)
+
+
+def older_slot_regions(fio, slot: int) -> list | None:
+    """The metadata regions the slot other than slot names, None if an open
+    would never read it (damaged, never written)."""
+    try:
+        others = [h for h, i in _read_slots(fio) if i != slot]
+    except FormatError:
+        return None
+    return others[0].regions() if others else None
 
 
 def _rebinds(method):
@@ -201,6 +217,11 @@ class Disk(io.RawIOBase):
         self._shift = header.block_shift           # fixed for the image's life
         self._block_mask = header.block_size - 1
         self._hot = _fast.HotPath(self, self._lock, DEFAULT_FOLD_INTERVAL)
+        # the header as the newest slot holds it, and whether the other slot names other regions
+        # (the write-order rule of _flush_locked step 5: nothing the older slot names is released)
+        self._committed = dataclasses.replace(header)
+        older = older_slot_regions(fio, slot) if writable else None
+        self._slots_differ = older is not None and older != header.regions()
         self._load()
         self._rebind_hot()
 
@@ -956,8 +977,13 @@ class Disk(io.RawIOBase):
             self._dirty_table_pages.clear()
             self._io.fsync()
         self._fresh.clear()
-        # 5. references the durable table no longer holds: release them
+        # 5. references the durable table no longer holds: release them.  The older header slot
+        # must name none of them: after a commit that moved a region, that slot names the old
+        # region (a table, counters, a snapshot table ...), and a lost newest slot brings it back.
+        # So first the last commit once more into the other slot: both name the new regions.
         if self._pending_decref:
+            if self._slots_differ:
+                self._commit_again()
             pending, self._pending_decref = self._pending_decref, []
             refs = self._refs_mv
             for p in pending:
@@ -982,7 +1008,20 @@ class Disk(io.RawIOBase):
 
     @_poisons
     def _commit_header(self) -> None:
-        """Write the header to the other slot and fsync: the atomic commit point.
+        """Write the header to the other slot and fsync: the atomic commit point."""
+        self._write_slot(self._hdr)
+
+    @_poisons
+    def _commit_again(self) -> None:
+        """The last commit once more (the same content, the next sequence) into
+        the other slot: then both slots name the same regions, and what only
+        the older one named may be released (_flush_locked step 5)."""
+        again = dataclasses.replace(self._committed, sequence=self._hdr.sequence)
+        self._write_slot(again)
+        self._hdr.sequence = again.sequence
+
+    def _write_slot(self, h: L.Header) -> None:
+        """Write h, at the next sequence, to the slot that sequence names, and fsync.
 
         Never writes a slot a reader would refuse: a sequence past
         L.MAX_SEQUENCE (EOVERFLOW), or a header that fails validation or
@@ -990,7 +1029,6 @@ class Disk(io.RawIOBase):
         the Disk: memory is ahead of the file, which keeps its last commit.
         Operations check their own counters before writing anything; this
         is the backstop."""
-        h = self._hdr
         if h.sequence >= L.MAX_SEQUENCE:
             raise VdiskIOError(errno.EOVERFLOW, f"{self.path}: header sequence {h.sequence} reached the format's "
                                                 f"limit {L.MAX_SEQUENCE}; nothing committed (run 'vdisk check "
@@ -1007,6 +1045,8 @@ class Disk(io.RawIOBase):
         self._io.pwrite(raw, L.SLOT_OFFSETS[slot])
         self._io.fsync()
         self._slot = slot
+        self._slots_differ = h.regions() != self._committed.regions()
+        self._committed = dataclasses.replace(h)
 
     # ------------------------------------------------------------------ tracking
     @_poisons
