@@ -64,7 +64,8 @@ def count(track: str, n: int, tmp: str, op: str = "write") -> tuple[int, int]:
                           text=True).stdout
     total = int(re.search(r"([\d,]+) \(100\.0+%\)\s+PROGRAM TOTALS", text).group(1).replace(",", ""))
     name = "pread" if op == "read" else "pwrite"
-    hot = re.search(rf"^\s*([\d,]+) \([^)]*\)\s+\S*HotPath_\d+{name}\b", text, re.M)
+    # the def method (HotPath_7pwrite) or, in later builds, the cdef one it calls (HotPath__pwrite)
+    hot = re.search(rf"^\s*([\d,]+) \([^)]*\)\s+\S*HotPath_(?:\d+|_){name}\b", text, re.M)
     return total, int(hot.group(1).replace(",", "")) if hot else 0
 
 
@@ -98,7 +99,7 @@ def main() -> int:
     d_total = per["on"][0] - per["off"][0]
     d_hot = per["on"][1] - per["off"][1]
     print(f"| difference | {d_total:+,.0f} ({100 * d_total / per['off'][0]:+.1f}%) | "
-          f"{d_hot:+,.0f} ({100 * d_hot / per['off'][1]:+.1f}%) |")
+          f"{d_hot:+,.0f} ({100 * d_hot / max(per['off'][1], 1):+.1f}%) |")
     print()
     print(f"the same writes into blocks allocated since the last flush (fresh blocks):")
     print("| side | whole process | HotPath.pwrite (inclusive) |")
