@@ -233,8 +233,9 @@ def test_region_is_allocated(filled_vdisk):
 # of earlier work, other load), which two separate benchmarks run one after
 # the other cannot.  report.py reads the per-round times from
 # extra_info["paired"]; the benchmark's own timing (both sides) is unused.
-def _paired(benchmark, workload: str, sides: dict, n_rounds: int, nbytes: int, ops: int) -> None:
-    tag(benchmark, f"tracking_paired_{workload}", "paired", nbytes=nbytes, ops=ops)
+def _paired(benchmark, workload: str, sides: dict, n_rounds: int, nbytes: int, ops: int,
+            prefix: str = "tracking_paired_") -> None:
+    tag(benchmark, f"{prefix}{workload}", "paired", nbytes=nbytes, ops=ops)
     rng = random.Random(SEED)
     times: dict[str, list[float]] = {side: [] for side in sides}
 

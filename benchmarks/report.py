@@ -40,6 +40,30 @@ MARK_END = "<!-- results:end -->"
 TRACKING_TARGET = 1 / 1.03      # tracking on / off throughput: at most 3% overhead
 KERNEL_TARGET = 5.0             # tracking kernels vs numpy
 
+# bench_patterns.py: vdisk against raw in paired rounds, both sides prefilled in 64 KiB and in 1 MiB writes
+PATTERN_TARGET = 0.95
+PREFILL_TEXT = {"64KiB": "64 KiB", "1MiB": "1 MiB"}
+_PATTERNS = [
+    ("12a", "seq 1 MiB reads", "seq_read_1MiB"),
+    ("12b", "seq 4 MiB reads", "seq_read_4MiB"),
+    ("13a", "seq 1 MiB in-place writes + flush", "seq_overwrite_1MiB"),
+    ("13b", "seq 4 MiB in-place writes + flush", "seq_overwrite_4MiB"),
+    ("15a", "random 4 KiB reads", "rand_read_4KiB"),
+    ("15b", "random 4 KiB writes + flush", "rand_write_4KiB_flush"),
+    ("15c", "random 4 KiB writes, buffered", "rand_write_4KiB_buffered"),
+    ("16a", "mixed 4 KiB-1 MiB reads, 4 KiB-aligned", "mixed_read_aligned"),
+    ("16b", "mixed 4 KiB-1 MiB reads, unaligned", "mixed_read_unaligned"),
+    ("16c", "mixed 4 KiB-1 MiB writes, 4 KiB-aligned, buffered", "mixed_write_aligned"),
+    ("16d", "mixed 4 KiB-1 MiB writes, unaligned, buffered", "mixed_write_unaligned"),
+]
+PATTERN_ROWS = [
+    (f"{num}. {what}, both sides prefilled in {PREFILL_TEXT[pf]} writes (paired)",
+     f"paired_{workload}@{pf}", "vdisk", "raw", PATTERN_TARGET, "≥0.95x raw")
+    for num, what, workload in _PATTERNS for pf in ("64KiB", "1MiB")
+]
+PATTERN_ROWS.insert(8, ("14. seq 4 MiB writes + flush, fresh image (paired)", "paired_seq_write_4MiB_fresh", "vdisk", "raw",
+                        PATTERN_TARGET, "≥0.95x raw"))
+
 # (row label, workload group, subject impl, baseline impl, minimum ratio or None, target text)
 PAIRS = [
     ("1. seq 1 MiB writes + flush, fresh image", "seq_write_1MiB", "vdisk", "raw", 0.9, "≥0.9x raw"),
@@ -71,6 +95,12 @@ PAIRS = [
      "raw", 0.8, "≥0.8x raw copy"),
     ("9b. restore a full delta into a new raw file", "restore_full", "vdisk-raw", "raw", 0.8, "≥0.8x raw write"),
     ("9c. restore a full delta into a new vdisk image", "restore_full", "vdisk-vdisk", "raw", None, "none set"),
+    ("11a. tracking on/off: fresh image filled with 1 MiB writes, then 20,000 random 4 KiB overwrites before "
+     "the flush (the overwrites timed)", "tracking_paired_fresh_fill_overwrite_overwrites", "on", "off",
+     TRACKING_TARGET, "≤3% overhead"),
+    ("11b. the same, the fill, the overwrites and the flush timed", "tracking_paired_fresh_fill_overwrite_whole",
+     "on", "off", TRACKING_TARGET, "≤3% overhead"),
+    *PATTERN_ROWS,
     ("10a. convert qcow2 → vdisk, 1 GiB half data (vs `qemu-img convert -O raw`)", "convert_qcow2_vdisk", "vdisk",
      "qemu-img-sync", 1.0, "≥1x qemu-img"),
     ("10b. the same, against qemu-img's default (no fsync)", "convert_qcow2_vdisk", "vdisk", "qemu-img", None,

@@ -629,3 +629,39 @@ def test_cli_convert_subprocess_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert r.stderr.splitlines() == [f"vdisk: error: {img}: qcow2 version 1 (only versions 2 and 3)"]
+
+
+# ---------------------------------------------------------------------------- source read errors
+@pytest.mark.parametrize("src_format", ["raw", "qcow2"])
+@pytest.mark.parametrize("call", ["pread", "preadv"])
+def test_source_read_error_is_vdisk_io_error(tmp_path, monkeypatch, src_format, call):
+    """A failing read of a raw or qcow2 source raises VdiskIOError naming the
+    source (the readers read by descriptor through fileio), never a bare
+    OSError, and leaves no output behind."""
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(pattern(7, 2 * MiB))
+    src = raw
+    if src_format == "qcow2":
+        src = tmp_path / "src.qcow2"
+        vdisk.convert(raw, src, src_format="raw", dst_format="qcow2")
+    real = getattr(os, call)
+    failed = []
+
+    def failing(fd, *args):
+        if os.readlink(f"/proc/self/fd/{fd}") == str(src):
+            failed.append(fd)
+            raise OSError(5, "Input/output error")
+        return real(fd, *args)
+
+    monkeypatch.setattr(os, call, failing)
+    out = tmp_path / "out.raw"
+    try:
+        vdisk.convert(src, out, src_format=src_format, dst_format="raw")
+    except vdisk.VdiskIOError as exc:
+        assert str(src) in str(exc) and exc.errno == 5
+    else:
+        assert not failed, "a failed read went unnoticed"
+        return                     # this reader does not use this call
+    assert failed
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in {raw, src})

@@ -144,8 +144,30 @@ class TestCreate:
 
     def test_new_image_file_is_small(self, img):
         new(img, "64MiB").close()
-        assert file_size(img) < 2 * MiB
+        assert file_size(img) <= 2 * MiB        # the data area starts at 2 MiB: the rest is a hole
         assert disk_usage(img) < 2 * MiB
+
+    @pytest.mark.parametrize("block_size", ["4KiB", "64KiB", "1MiB"])
+    def test_sequential_data_is_2MiB_aligned_in_the_file(self, img, block_size):
+        """A fresh image filled in order from 0 keeps file offset = virtual offset mod 2 MiB,
+        so the page cache can use large folios for it (FORMAT.md, "Data alignment")."""
+        with new(img, "64MiB", block_size=block_size) as d:
+            chunk = bytes(range(1, 256)) * (MiB // 255) + b"\1" * (MiB % 255)
+            for off in range(0, 8 * MiB, MiB):
+                d.pwrite(chunk, off)
+            d.flush()
+            runs = d.host_map()
+        assert runs and runs[0][0] == 0
+        assert all((offset - host) % (2 * MiB) == 0 for offset, _, host in runs)
+        assert vdisk.check(img).ok
+
+    def test_small_disks_stay_packed(self, img):
+        """Below layout.DATA_ALIGN_MIN_SIZE no padding: the data area follows the refcounts."""
+        with new(img, "1MiB", block_size="64KiB") as d:
+            d.pwrite(b"\1" * BS, 0)
+            d.flush()
+            (_, _, host), = d.host_map()
+        assert host < 2 * MiB and host % (2 * MiB)
 
     def test_track_changes_off(self, img):
         with new(img, track_changes=False) as d:
@@ -967,20 +989,17 @@ class TestFileLike:
 # ============================================================================ I/O failures
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
 def test_failed_data_write_leaves_the_image_consistent(img, err):
-    from vdisk.testing import FaultyIO
+    from vdisk.testing import FaultPlan, FaultyIO
 
-    class Faulty(FaultyIO):
-        fail_on = "nothing yet"
-        counter: dict = {}
-
+    plan = FaultPlan()                                  # fails nothing yet: counts
     vdisk.create(img, "1MiB", block_size=BS).close()
-    d = vdisk.open(img, "r+", io_factory=Faulty)
+    d = vdisk.open(img, "r+", io_factory=FaultyIO.factory(plan))
     d.pwrite(b"a" * BS, 0)
     d.flush()
-    Faulty.err, Faulty.fail_on, Faulty.nth, Faulty.counter = err, "pwrite", 0, {}
+    plan.kind, plan.nth, plan.err = "pwrite", plan.counts["pwrite"], err      # the next pwrite
     with pytest.raises(vdisk.VdiskIOError):
         d.pwrite(b"b" * BS, 2 * BS)                    # a new block: its data write fails
-    Faulty.fail_on = "nothing"
+    assert plan.fired == ("pwrite", plan.nth, err)     # once: nothing fails after it
     try:
         d.close()
     except vdisk.VdiskError:

@@ -134,7 +134,8 @@ def _hostile_snapshots(path: str) -> None:
         cap = r_block + L.round_up(cap * 2, bs) // bs
     cap = L.round_up(cap * 2, bs) // 2
     new_refs = np.zeros(cap, "<u2")
-    new_refs[:len(refs)] = refs                       # the old tables stay counted: leaks, allowed
+    new_refs[:first] = refs[:first]                   # the old tables stay counted: leaks, allowed
+    assert not refs[first:].any()                     # (past the file's end: nothing to count)
     new_refs[data_blocks] += HOSTILE_SNAPSHOTS - 1    # snapshot "s" gives way to the records
     new_refs[first:r_block] = 1                       # the frozen regions
     new_refs[r_block:r_block + L.round_up(cap * 2, bs) // bs] = 1

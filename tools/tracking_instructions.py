@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Count the CPU instructions that change tracking adds to a 4 KiB write.
+"""Count the CPU instructions of a single-block 4 KiB write and read, and what tracking adds.
 
 Timings of random 4 KiB writes with tracking on and off differ by less than
 the noise of these machines, so this counts instead: callgrind runs the same
@@ -8,6 +8,10 @@ state) with tracking on and off, at two loop lengths, and the difference
 between the lengths divided by the extra writes is the cost of one write,
 free of the setup.  Two figures per side: the whole process (user space)
 and the hot path alone (``HotPath.pwrite``, inclusive of what it calls).
+The same is done for 4 KiB writes into blocks allocated since the last
+flush ("fresh": the fill is not flushed), and for a loop of 4 KiB reads of
+allocated blocks (``Disk.pread``; ``HotPath.pread`` for the hot path),
+with tracking on.
 Kernel time is not counted by callgrind; it is the same on both sides (the
 same pwrite of the same bytes) and makes the real overhead smaller still.
 
@@ -26,34 +30,42 @@ import tempfile
 
 CHILD = r"""
 import os, random, sys, tempfile, vdisk
-track, n, tmp = sys.argv[1] == "on", int(sys.argv[2]), sys.argv[3]
+track, n, tmp, op = sys.argv[1] == "on", int(sys.argv[2]), sys.argv[3], sys.argv[4]
 size = 16 << 20
-d = vdisk.create(os.path.join(tmp, f"{sys.argv[1]}-{n}.vdk"), size, block_size="64KiB", track_changes=track)
+d = vdisk.create(os.path.join(tmp, f"{op}-{sys.argv[1]}-{n}.vdk"), size, block_size="64KiB", track_changes=track)
 block = b"\x01" * 65536
 for off in range(0, size, 65536):
     d.pwrite(block, off)
-d.flush()
+if op != "fresh":
+    d.flush()                     # "fresh": the blocks stay allocated-since-the-last-flush
 rnd = random.Random(1)
 offs = [rnd.randrange(size // 4096) * 4096 for _ in range(n)]
 small = block[:4096]
 for off in range(0, size, 1 << 20):
     d.pwrite(small, off)          # arm every coarse region: the loop below is the steady state
-pw = d.pwrite
-for off in offs:
-    pw(small, off)
+if op in ("write", "fresh"):
+    pw = d.pwrite
+    for off in offs:
+        pw(small, off)
+else:
+    pr = d.pread
+    for off in offs:
+        pr(4096, off)
 d.close()
 """
 
 
-def count(track: str, n: int, tmp: str) -> tuple[int, int]:
-    out = os.path.join(tmp, f"cg.{track}.{n}")
+def count(track: str, n: int, tmp: str, op: str = "write") -> tuple[int, int]:
+    out = os.path.join(tmp, f"cg.{op}.{track}.{n}")
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")     # no spinning BLAS threads in the counts
     subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c", CHILD,
-                    track, str(n), tmp], check=True, capture_output=True, env=env)
+                    track, str(n), tmp, op], check=True, capture_output=True, env=env)
     text = subprocess.run(["callgrind_annotate", "--inclusive=yes", out], check=True, capture_output=True,
                           text=True).stdout
     total = int(re.search(r"([\d,]+) \(100\.0+%\)\s+PROGRAM TOTALS", text).group(1).replace(",", ""))
-    hot = re.search(r"^\s*([\d,]+) \([^)]*\)\s+\S*HotPath_\d+pwrite\b", text, re.M)
+    name = "pread" if op == "read" else "pwrite"
+    # the def method (HotPath_7pwrite) or, in later builds, the cdef one it calls (HotPath__pwrite)
+    hot = re.search(rf"^\s*([\d,]+) \([^)]*\)\s+\S*HotPath_(?:\d+|_){name}\b", text, re.M)
     return total, int(hot.group(1).replace(",", "")) if hot else 0
 
 
@@ -71,6 +83,12 @@ def main() -> int:
         for track in ("on", "off"):
             (t1, h1), (t2, h2) = count(track, n1, tmp), count(track, n2, tmp)
             per[track] = ((t2 - t1) / (n2 - n1), (h2 - h1) / (n2 - n1))
+        fresh = {}
+        for track in ("on", "off"):
+            (t1, h1), (t2, h2) = count(track, n1, tmp, "fresh"), count(track, n2, tmp, "fresh")
+            fresh[track] = ((t2 - t1) / (n2 - n1), (h2 - h1) / (n2 - n1))
+        (t1, h1), (t2, h2) = count("on", n1, tmp, "read"), count("on", n2, tmp, "read")
+        read = ((t2 - t1) / (n2 - n1), (h2 - h1) / (n2 - n1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"user-space instructions per in-place 4 KiB write ({n2 - n1} writes measured):")
@@ -81,7 +99,18 @@ def main() -> int:
     d_total = per["on"][0] - per["off"][0]
     d_hot = per["on"][1] - per["off"][1]
     print(f"| difference | {d_total:+,.0f} ({100 * d_total / per['off'][0]:+.1f}%) | "
-          f"{d_hot:+,.0f} ({100 * d_hot / per['off'][1]:+.1f}%) |")
+          f"{d_hot:+,.0f} ({100 * d_hot / max(per['off'][1], 1):+.1f}%) |")
+    print()
+    print(f"the same writes into blocks allocated since the last flush (fresh blocks):")
+    print("| side | whole process | HotPath.pwrite (inclusive) |")
+    print("| --- | --- | --- |")
+    for track in ("on", "off"):
+        print(f"| tracking {track} | {fresh[track][0]:,.0f} | {fresh[track][1]:,.0f} |")
+    print()
+    print(f"user-space instructions per 4 KiB read of an allocated block ({n2 - n1} reads measured):")
+    print("| side | whole process | HotPath.pread (inclusive) |")
+    print("| --- | --- | --- |")
+    print(f"| tracking on | {read[0]:,.0f} | {read[1]:,.0f} |")
     return 0
 
 

@@ -54,14 +54,14 @@ import numpy as np
 
 from . import _fast
 from .delta import (BATCH_BYTES, FLAG_ZERO, FORMAT_NAME, FORMAT_VERSION, UUID_RE, DeltaFile, DeltaWriter,
-                    batch_rows_for, check_dest, fsync_dir, now_iso, parse_compression, place_synced,
+                    batch_rows_for, check_dest, fsync_dir, now_iso, parse_compression,
                     start_writeback)
 from .errors import (BackupChainError, CorruptImageError, ImageLockedError, InvalidArgumentError, ReadOnlyError,
                      StaleChangeIdError, UnsupportedFeatureError)
 from .errors import FROM_SCRATCH, TO_REPLACE, Param
 from ._types import PathArg, Progress
 from .extents import Extents
-from .fileio import FileIO, open_regular, refuse_if_in_use
+from .fileio import FileIO, atomic_output, open_regular, refuse_if_in_use
 from .snapshots import BACKUP_SNAPSHOT_PREFIX
 from .tracking import ANY, ChangeId
 
@@ -726,8 +726,7 @@ def _restore_fresh(files, target: str, fmt: str, progress, replace: bool) -> dic
         refuse_if_in_use(target)
     # 2. build under a temporary name; the copy checks the rest of the checksums
     directory = os.path.dirname(os.path.abspath(target))
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.{_uuid.uuid4().hex[:8]}.restoring")
-    try:
+    with atomic_output(target, overwrite=replace, what="restoring") as tmp:
         if fmt == "vdisk":
             with create_disk(tmp, plan.size, block_size=bs) as d:
                 plan.copy(_VdiskSink(d, fresh=True), prog.tick)
@@ -742,20 +741,12 @@ def _restore_fresh(files, target: str, fmt: str, progress, replace: bool) -> dic
             finally:
                 fio.close()
             info = None
-        # 3. into place: the old sidecar goes first, so a crash never pairs it with the new image
+        # 3. into place (as the context ends): the old sidecar goes first, so a crash never pairs
+        # it with the new image
         side = sidecar_path(target)
         if os.path.lexists(side):
             os.unlink(side)
             fsync_dir(directory)
-        if replace:
-            os.replace(tmp, target)
-            fsync_dir(directory)
-        else:
-            place_synced(tmp, target, TO_REPLACE)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     try:
         if info is None:
             info = _raw_identity(target)

@@ -29,7 +29,6 @@ refuse each other's ids only once they diverge.
 from __future__ import annotations
 
 import os
-import uuid as _uuid
 from typing import Any
 
 import numpy as np
@@ -38,7 +37,7 @@ from . import layout as L
 from .disk import create as _create
 from .disk import open as _open
 from .errors import TO_REPLACE, InvalidArgumentError
-from .fileio import fsync_dir, place_synced, refuse_if_in_use
+from .fileio import atomic_output, refuse_if_in_use
 from .snapshots import is_backup_snapshot
 from ._types import PathArg
 
@@ -57,8 +56,6 @@ def clone(src: PathArg, dst: PathArg, *, snapshots: bool = False, overwrite: boo
         raise InvalidArgumentError(f"{dst} is the source image {src}")
     if overwrite and os.path.exists(dst):
         refuse_if_in_use(dst)
-    directory = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(directory, f".{os.path.basename(dst)}.{_uuid.uuid4().hex[:8]}.cloning")
     with _open(src) as s:
         h = s._hdr
         states = []
@@ -66,7 +63,7 @@ def clone(src: PathArg, dst: PathArg, *, snapshots: bool = False, overwrite: boo
             for info in s.snapshots:
                 if not is_backup_snapshot(info.name):
                     states.append(info.name)
-        try:
+        with atomic_output(dst, overwrite=overwrite, what="cloning") as tmp:
             out = _create(tmp, h.virtual_size, block_size=h.block_size, track_changes=h.tracking,
                           coarse_region_size=1 << h.coarse_shift)
             try:
@@ -80,15 +77,6 @@ def clone(src: PathArg, dst: PathArg, *, snapshots: bool = False, overwrite: boo
                           "snapshots": len(states), "source_uuid": str(s.uuid)}
             finally:
                 out.close()         # flushed and synced
-            if overwrite:
-                os.replace(tmp, dst)
-                fsync_dir(directory)
-            else:
-                place_synced(tmp, dst, TO_REPLACE)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
     return result
 
 

@@ -28,7 +28,6 @@ import os
 import queue
 import stat
 import threading
-import uuid as _uuid
 import warnings
 from typing import Callable, Iterator
 
@@ -43,7 +42,7 @@ from .disk import open as _open
 from .errors import InvalidArgumentError, UnsupportedFeatureError, VdiskWarning
 from .errors import TO_REPLACE, NoSuchFileError, Param, VdiskIOError
 from ._types import PathArg, SizeArg
-from .fileio import fsync_dir, place_synced, pwrite_all, refuse_if_in_use
+from .fileio import atomic_output, pread_fd, preadinto_fd, pwrite_all
 
 KiB, MiB = 1 << 10, 1 << 20
 BATCH = 8 * MiB                  # bytes read and written per step
@@ -121,9 +120,9 @@ def probe_format(path) -> tuple[str, str]:
     path = os.fspath(path)
     fd = _open_source_fd(path)
     try:
-        head = os.pread(fd, max(PROBE_SIZE, L.SLOT_OFFSETS[1] + len(L.MAGIC)), 0)
+        head = pread_fd(fd, max(PROBE_SIZE, L.SLOT_OFFSETS[1] + len(L.MAGIC)), 0, path)
         size = os.lseek(fd, 0, os.SEEK_END)
-        tail = os.pread(fd, 512, size - 512) if size >= 1024 else b""
+        tail = pread_fd(fd, 512, size - 512, path) if size >= 1024 else b""
     finally:
         os.close(fd)
     # qcow2 and vdisk first: vdi's signature (at 64) could sit in the body of their headers by chance
@@ -199,15 +198,7 @@ class RawImage:
             pos += n
 
     def readinto(self, buf, offset: int) -> int:
-        mv = memoryview(buf).cast("B")
-        done = 0
-        while done < len(mv):
-            got = os.preadv(self._fd, [mv[done:]], offset + done)
-            if got == 0:                 # the file shrank under us: zeros
-                mv[done:] = bytes(len(mv) - done)
-                break
-            done += got
-        return len(mv)
+        return preadinto_fd(self._fd, buf, offset, self.path)     # the file shrank under us: zeros
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -613,34 +604,28 @@ def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_fo
     image = open_image(src, src_format, allow_backing=allow_backing, snapshot=snapshot)
     try:
         size = image.size if dst_format == "raw" else L.round_up(image.size, L.SECTOR)
-        directory = os.path.dirname(os.path.abspath(dst))
-        tmp = os.path.join(directory, f".{os.path.basename(dst)}.{_uuid.uuid4().hex[:8]}.converting")
-        try:
-            if dst_format == "vdisk":
-                sink = _NamedOutput(lambda: _VdiskSink(tmp, size, "64KiB" if block_size is None else block_size),
-                                    dst)
-            elif dst_format == "raw":
-                sink = _NamedOutput(lambda: _RawSink(tmp, size), dst)
-            else:
-                sink = _NamedOutput(lambda: _Qcow2Sink(tmp, size, cluster_size), dst)
-            try:
-                _copy(image, sink, _Ticker(progress, image.size))
-                sink.finish()
-            except BaseException:
-                sink.abort()
-                raise
-            try:
-                _commit(tmp, dst, overwrite)
-            except OSError as exc:
-                raise _output_error(dst, exc) from exc
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        with atomic_output(dst, overwrite=overwrite, what="converting",
+                           placing_error=lambda exc: _output_error(dst, exc)) as tmp:
+            _convert_into(image, tmp, dst, dst_format, size, block_size, cluster_size, progress)
     finally:
         image.close()
+
+
+def _convert_into(image, tmp: str, dst: str, dst_format: str, size: int, block_size, cluster_size, progress) -> None:
+    """Copy image into a new file tmp of dst_format (synced at the end); errors name dst."""
+    if dst_format == "vdisk":
+        sink = _NamedOutput(lambda: _VdiskSink(tmp, size, "64KiB" if block_size is None else block_size),
+                            dst)
+    elif dst_format == "raw":
+        sink = _NamedOutput(lambda: _RawSink(tmp, size), dst)
+    else:
+        sink = _NamedOutput(lambda: _Qcow2Sink(tmp, size, cluster_size), dst)
+    try:
+        _copy(image, sink, _Ticker(progress, image.size))
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
 
 
 def _copy(image, sink, tick: _Ticker) -> None:
@@ -714,16 +699,6 @@ def _copy(image, sink, tick: _Ticker) -> None:
                 pass
             reader.join(0.05)
     tick.finish()
-
-
-def _commit(tmp: str, dst: str, overwrite: bool) -> None:
-    """Move a complete, synced tmp to dst (never over an image in use)."""
-    if overwrite:
-        refuse_if_in_use(dst)
-        os.replace(tmp, dst)
-        fsync_dir(os.path.dirname(os.path.abspath(dst)))
-    else:
-        place_synced(tmp, dst, TO_REPLACE)
 
 
 def compare(a: PathArg, b: PathArg, *, a_format: str | None = None, b_format: str | None = None,

@@ -1708,6 +1708,10 @@ def create(path: PathArg, size: SizeArg, block_size: SizeArg = "64KiB", *, overw
         if rcap >= meta_blocks + rbytes // bs + nb // 8 + 64:
             break
         rcap = meta_blocks + rbytes // bs + nb + nb // 8 + 64
+    # the data area starts at a DATA_ALIGN file offset: the refcount region takes the blocks up to it
+    # (sparse, never written), so a sequential writer's data lies where the page cache can use large folios
+    if size >= L.DATA_ALIGN_MIN_SIZE:
+        rbytes += -(meta_blocks * bs + rbytes) % max(L.DATA_ALIGN, bs)
     rcap = rbytes // L.REFCOUNT_BYTES
     end_blocks = meta_blocks + rbytes // bs
     hdr = L.Header(

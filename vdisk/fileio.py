@@ -20,9 +20,10 @@ import errno
 import fcntl
 import os
 import stat
+import uuid as _uuid
 
 from .errors import ImageLockedError, InvalidArgumentError, VdiskIOError
-from .errors import NoSuchFileError, Part
+from .errors import TO_REPLACE, NoSuchFileError, Part
 
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -325,6 +326,41 @@ def place_synced(tmp: str, dest: str, why: str | tuple[Part, ...]) -> None:
         raise
 
 
+@contextlib.contextmanager
+def atomic_output(dest: str, *, overwrite: bool = False, what: str = "partial",
+                  why: str | tuple[Part, ...] = TO_REPLACE, placing_error=None):
+    """Build a new file for dest under a temporary name beside it, then put it in place.
+
+    Yields the temporary path (``.NAME.XXXXXXXX.<what>`` in dest's directory).
+    The body writes the file there, syncs and closes it.  On a clean exit the
+    file goes to dest: over an existing one with overwrite=True (never over an
+    image in use; a rename, then the directory synced), else only where nothing
+    is (place_synced: dest exists -> InvalidArgumentError ending with why).  On
+    an exception in the body or the placing, the temporary file is removed and
+    dest is as it was.  placing_error(exc), if given, is what an OSError of the
+    placing itself (rename, directory sync) is raised as.
+    """
+    directory = os.path.dirname(os.path.abspath(dest))
+    tmp = os.path.join(directory, f".{os.path.basename(dest)}.{_uuid.uuid4().hex[:8]}.{what}")
+    try:
+        yield tmp
+        try:
+            if overwrite:
+                refuse_if_in_use(dest)
+                os.replace(tmp, dest)
+                fsync_dir(directory)
+            else:
+                place_synced(tmp, dest, why)
+        except OSError as exc:
+            if placing_error is None:
+                raise
+            raise placing_error(exc) from exc
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 # sync_file_range(2): start writing dirty pages back without waiting, so the
 # final fsync finds most of the data on its way (the copy and the device work
 # at once).  Linux only, best effort; durability still comes from fsync.
@@ -335,6 +371,32 @@ _sync_file_range = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes
 def start_writeback(fd: int, offset: int, length: int) -> None:
     if _sync_file_range is not None and length > 0:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def pread_fd(fd: int, length: int, offset: int, path: str) -> bytes:
+    """os.pread for a source read by descriptor outside FileIO (the raw and
+    qcow2 readers): an OSError becomes VdiskIOError naming path."""
+    try:
+        return os.pread(fd, length, offset)
+    except OSError as exc:
+        raise _io_error("pread", path, exc) from exc
+
+
+def preadinto_fd(fd: int, buf, offset: int, path: str) -> int:
+    """Fill buf from offset (bytes past EOF read as zeros), as FileIO.preadinto."""
+    mv = memoryview(buf).cast("B")
+    done = 0
+    total = len(mv)
+    try:
+        while done < total:
+            n = os.preadv(fd, [mv[done:]], offset + done)
+            if n == 0:                 # past EOF (a file shrinking under us): zeros
+                mv[done:] = bytes(total - done)
+                break
+            done += n
+    except OSError as exc:
+        raise _io_error("pread", path, exc) from exc
+    return total
 
 
 def pwrite_all(fd: int, data, offset: int) -> None:

@@ -43,6 +43,8 @@ DEFAULT_COARSE_SHIFT = 25      # 32 MiB coarse regions: 1 TiB -> 32768 bits = on
 MAX_COARSE_SHIFT = 40
 
 MAX_BLOCKS = 1 << 28           # virtual blocks: 16 TiB at 64 KiB, 1 TiB at 4 KiB
+DATA_ALIGN = 2 << 20          # create() starts the data area at a multiple of this file offset (large folios)
+DATA_ALIGN_MIN_SIZE = 64 << 20  # ... for disks of at least this size (smaller ones stay packed)
 MAX_PHYS_BLOCKS = (1 << 32) - 1  # physical block numbers are uint32; 0 is the header block
 MAX_GENERATION = (1 << 32) - 2   # counters are uint32
 MAX_REFCOUNT = (1 << 16) - 1

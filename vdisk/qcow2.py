@@ -79,7 +79,7 @@ import numpy as np
 
 from .errors import CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError, UnsupportedFeatureError
 from .errors import NoSuchFileError, Param
-from .fileio import pwrite_all
+from .fileio import pread_fd, preadinto_fd, pwrite_all
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -561,7 +561,7 @@ class Qcow2Image:
         if off < 0 or off + n > self.file_size:
             raise self._corrupt(f"{what} at offset {off:#x} ({n} bytes) runs past the end of the file "
                                 f"({self.file_size} bytes)")
-        data = os.pread(self._fd, n, off)
+        data = pread_fd(self._fd, n, off, self.path)
         if len(data) != n:
             raise self._corrupt(f"{what} at offset {off:#x}: short read ({len(data)} of {n} bytes; "
                                 f"the file shrank?)")
@@ -569,7 +569,7 @@ class Qcow2Image:
 
     def _open(self) -> None:
         fs = self.file_size
-        head = os.pread(self._fd, 4096, 0)
+        head = pread_fd(self._fd, 4096, 0, self.path)
         if not probe(head):
             raise FormatError(f"{self.path}: not a qcow2 image (no QFI\\xfb magic)")
         if fs < V2_HEADER_LENGTH:
@@ -596,7 +596,7 @@ class Qcow2Image:
             if fs < h.header_length:
                 raise self._corrupt(f"truncated to {fs} bytes, shorter than its {h.header_length}-byte header")
             if h.header_length > V3_MIN_HEADER_LENGTH:
-                h.compression_type = os.pread(self._fd, 1, V3_MIN_HEADER_LENGTH)[0]
+                h.compression_type = pread_fd(self._fd, 1, V3_MIN_HEADER_LENGTH, self.path)[0]
         # features
         incompat = h.incompatible_features
         if incompat & ~INCOMPAT_KNOWN:
@@ -769,7 +769,7 @@ class Qcow2Image:
                     raise self._corrupt(f"{what} at offset {at:#x} runs past the end of the file "
                                         f"({self.file_size} bytes)")
                 wstart = at
-                window = os.pread(self._fd, max(n, min(1 * MiB, self.file_size - at)), at)
+                window = pread_fd(self._fd, max(n, min(1 * MiB, self.file_size - at)), at, self.path)
                 if len(window) < n:
                     raise self._corrupt(f"{what} at offset {at:#x}: short read")
             return window[at - wstart:at - wstart + n]
@@ -800,7 +800,7 @@ class Qcow2Image:
         end = min(end, self.file_size)
         if end <= start:
             return
-        raw = os.pread(self._fd, end - start, start)
+        raw = pread_fd(self._fd, end - start, start, self.path)
         pos = 0
         while pos + EXTENSION.size <= len(raw):
             typ, length = EXTENSION.unpack_from(raw, pos)
@@ -1189,13 +1189,7 @@ class Qcow2Image:
         return bytes(buf)
 
     def _pread_into(self, mv: memoryview, host: int) -> None:
-        done = 0
-        while done < len(mv):
-            got = os.preadv(self._fd, [mv[done:]], host + done)
-            if got == 0:                 # past EOF (a shrinking file): zeros
-                mv[done:] = bytes(len(mv) - done)
-                return
-            done += got
+        preadinto_fd(self._fd, mv, host, self.path)     # past EOF (a shrinking file): zeros
 
     def _read_compressed(self, runs: list[tuple[memoryview, int, int]]) -> None:
         """Fill the targets of runs (target, offset in cluster, guest cluster)
@@ -1226,7 +1220,7 @@ class Qcow2Image:
                     break
                 hi = max(hi, co + cs)
                 j += 1
-            span = os.pread(self._fd, hi - lo, lo)
+            span = pread_fd(self._fd, hi - lo, lo, self.path)
             for cl, (co, cs) in order[i:j + 1]:
                 jobs.append((cl, co, memoryview(span)[co - lo:co - lo + cs]))
             i = j + 1

@@ -20,7 +20,7 @@ with ``FaultPlan(kind, n, err)`` for each of them fails every site in turn.
 leaves its writes pending: any subset may have reached the disk).
 
 Use them through the ``io_factory`` argument of vdisk.create / vdisk.open
-(``FaultyIO.factory(plan)`` binds a plan).
+(``FaultyIO.factory(plan)`` binds a plan; the plan is the only interface).
 """
 from __future__ import annotations
 
@@ -161,23 +161,17 @@ class FaultPlan:
 
 
 class FaultyIO(FileIO):
-    """FileIO that fails one chosen call.
+    """FileIO that fails the call its :class:`FaultPlan` chooses, and counts every call.
 
-    With a :class:`FaultPlan` (``FaultyIO.factory(plan)``): the plan's call
-    fails and every call is counted.  Without one (the older interface):
-    raises OSError(err) from the `nth` call (0-based) of kind `fail_on`
-    ("pwrite", "fsync" or "truncate"), counted across all instances that
-    share the same `counter` dict.
+    Made through ``FaultyIO.factory(plan)``; without a plan it fails nothing.
+    The plan's fields may be changed between calls (for example
+    ``plan.kind, plan.nth = "pwrite", plan.counts["pwrite"]``: the next pwrite).
 
     A failed fsync poisons the file as a real one does; a failed pwrite,
     truncate or punch_hole changes nothing (with plan.partial, a pwrite
     lands its first half).  pwritev counts as one pwrite.
     """
 
-    fail_on = "pwrite"
-    nth = 0
-    err = errno.EIO
-    counter: dict = {}
     plan: FaultPlan | None = None
     _inner = False           # inside a counted call (pwritev -> pwrite): not a call of its own
 
@@ -191,16 +185,8 @@ class FaultyIO(FileIO):
         return make
 
     def _maybe_fail(self, kind):
-        if self.plan is not None:
-            if self.plan._hit(kind):
-                raise OSError(self.plan.err, f"injected fault: {kind} #{self.plan.nth}")
-            return
-        if kind != self.fail_on:
-            return
-        n = self.counter.get(kind, 0)
-        self.counter[kind] = n + 1
-        if n == self.nth:
-            raise OSError(self.err, "injected fault")
+        if self.plan is not None and self.plan._hit(kind):
+            raise OSError(self.plan.err, f"injected fault: {kind} #{self.plan.nth}")
 
     def _call(self, kind, op, *args):
         """op(*args) as one call of `kind`: fail it if it is the chosen one."""
@@ -246,8 +232,6 @@ class FaultyIO(FileIO):
         return self._call("truncate", super().truncate, size)
 
     def punch_hole(self, offset, length):
-        if self.plan is None:       # the older interface never failed hole punching
-            return super().punch_hole(offset, length)
         return self._call("punch_hole", super().punch_hole, offset, length)
 
 
