@@ -389,34 +389,6 @@ def count_refs_within(const uint32_t[::1] table, Py_ssize_t n, uint64_t lo, uint
     return bad, problem
 
 
-def pages_touched(const int64_t[::1] starts, const int64_t[::1] lengths, int page_shift):
-    """Sorted unique page numbers (index >> page_shift) covered by the runs."""
-    cdef Py_ssize_t k, n = starts.shape[0]
-    cdef int64_t p, first, last, prev = -1
-    cdef RunBuf rb
-    cdef int failed = 0
-    rb.starts = NULL; rb.lengths = NULL; rb.n = 0; rb.cap = 0
-    if lengths.shape[0] != n:
-        raise ValueError("pages_touched: starts and lengths differ in length")
-    with nogil:
-        for k in range(n):
-            if lengths[k] <= 0:
-                continue
-            first = starts[k] >> page_shift
-            last = (starts[k] + lengths[k] - 1) >> page_shift
-            if first <= prev:
-                first = prev + 1
-            if first <= last:
-                if runbuf_push(&rb, first, last - first + 1):
-                    failed = 1
-                    break
-                prev = last
-    s, l = runbuf_finish(&rb, failed)
-    if len(s) == 0:
-        return np.empty(0, dtype=np.int64)
-    return np.concatenate([np.arange(a, a + b, dtype=np.int64) for a, b in zip(s, l)])
-
-
 def find_duplicate(const uint32_t[::1] table, Py_ssize_t n, uint64_t nphys) -> int:
     """Index of the first entry of table[:n] whose nonzero value appeared
     earlier, or -1.  Values must be < nphys (validate with check_table)."""
@@ -523,10 +495,6 @@ from libc.string cimport memset
 from libc.errno cimport errno, EINTR
 from posix.unistd cimport pread as c_pread, pwrite as c_pwrite
 
-cdef enum:
-    SUMMARY_SHIFT_C = 5     # vdisk.layout.SUMMARY_SHIFT (bind() checks it)
-
-
 cdef bint all_zero(const uint8_t *p, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(16 if n >= 16 else n):
@@ -598,6 +566,7 @@ cdef class HotPath:
     cdef Py_ssize_t nentries, nrefs, ndirty, ngroups, ncoarse
     cdef int fd, shift, rel
     cdef int64_t vsize
+    cdef int summary_shift      # vdisk.layout.SUMMARY_SHIFT, given by bind()
     cdef bint can_read, can_write, tracking, direct
     cdef object acquire, release, disk_ref, io, io_pwrite
     cdef public Py_ssize_t writes
@@ -613,11 +582,12 @@ cdef class HotPath:
         self.can_read = self.can_write = False
 
     def bind(self, io, bint direct, int fd, table, refs, int shift, int64_t vsize, bint readable,
-             bint writable, dirty=None, groups=None, coarse=None, int rel=0, int summary_shift=5):
+             bint writable, dirty=None, groups=None, coarse=None, int rel=0, int summary_shift=-1):
         """Point the hot path at the Disk's current state (call under its lock).
         direct: write with pwrite(2) on fd rather than through io.pwrite."""
-        if summary_shift != SUMMARY_SHIFT_C:
-            raise ValueError(f"summary shift {summary_shift} != {SUMMARY_SHIFT_C}")
+        if not 0 <= summary_shift < 32:
+            raise ValueError(f"bind needs the summary shift (vdisk.layout.SUMMARY_SHIFT), got {summary_shift}")
+        self.summary_shift = summary_shift
         self.io = io
         self.io_pwrite = io.pwrite
         self.direct = direct
@@ -734,11 +704,11 @@ cdef class HotPath:
                     return disk._pwrite_slow(data, offset)   # unmaps the block
                 if self.tracking:
                     r = b >> self.rel
-                    if (b >= self.ndirty or (b >> SUMMARY_SHIFT_C) >= self.ngroups or r >= self.ncoarse
+                    if (b >= self.ndirty or (b >> self.summary_shift) >= self.ngroups or r >= self.ncoarse
                             or not self.coarse[r]):
                         return disk._pwrite_slow(data, offset)  # write-ahead arming
                     self.dirty[b] = 1                 # marked before the data write is issued
-                    self.groups[b >> SUMMARY_SHIFT_C] = 1
+                    self.groups[b >> self.summary_shift] = 1
                 if self.direct:
                     with nogil:
                         err = write_full(self.fd, <const char *> view.buf, n, (p << self.shift) | within)

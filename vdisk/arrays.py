@@ -11,6 +11,8 @@ import mmap
 
 import numpy as np
 
+from .errors import InvalidArgumentError
+
 
 def lazy_zeros(count: int, dtype) -> np.ndarray:
     """A zeroed array whose pages cost memory only once written.
@@ -67,3 +69,52 @@ def nonzero_entries(fio, offset: int, start: int, stop: int, dtype, file_size: i
             count += len(nz)
             first.extend(((pos - offset) // itemsize + nz[:most - len(first)]).tolist())
     return count, first[:most]
+
+
+PAGE = 4096
+
+
+def page_runs(pages):
+    """Contiguous runs [start, stop) of a sorted array of page numbers."""
+    pages = np.asarray(pages, dtype=np.int64)
+    if len(pages) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = pages[np.concatenate(([0], breaks))]
+    stops = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] + 1
+    return list(zip(starts.tolist(), stops.tolist()))
+
+
+def write_pages(fio, arr: np.ndarray, pages, base: int) -> None:
+    """Write the 4 KiB pages (sorted page numbers) of arr to the file at base."""
+    raw = arr.view(np.uint8)
+    for start, stop in page_runs(pages):
+        fio.pwrite(raw[start * PAGE:stop * PAGE], base + start * PAGE)
+
+
+def write_nonzero_pages(fio, arr: np.ndarray, base: int) -> None:
+    """Write the 4 KiB pages of arr that hold a nonzero byte, 1 MiB of arr at a time."""
+    raw = arr.view(np.uint8)
+    step = 256 * PAGE
+    pages = []
+    for lo in range(0, raw.nbytes, step):
+        seg = raw[lo:lo + step]
+        whole = len(seg) // PAGE
+        pages.append(np.flatnonzero(seg[:whole * PAGE].reshape(whole, PAGE).any(axis=1)) + lo // PAGE)
+        if len(seg) % PAGE and seg[whole * PAGE:].any():
+            pages.append(np.array([lo // PAGE + whole]))
+    for start, stop in page_runs(np.concatenate(pages) if pages else []):
+        fio.pwrite(raw[start * PAGE:stop * PAGE], base + start * PAGE)
+
+
+def as_bytes_view(data) -> memoryview:
+    """data as a flat, contiguous memoryview of bytes (a copy only when not contiguous)."""
+    if isinstance(data, np.ndarray) and not data.flags.c_contiguous:
+        data = np.ascontiguousarray(data)
+    try:
+        mv = memoryview(data)
+    except TypeError:
+        raise InvalidArgumentError(f"expected a bytes-like object, got {type(data).__name__}") from None
+    if not mv.c_contiguous:
+        mv = memoryview(mv.tobytes())
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv

@@ -250,7 +250,7 @@ def _backup_disk(disk, dest: str, since: str, comp, progress, close_before_place
                                              f"needs change ids (create the image with ", Param("track_changes", True), ")")
     if since != ANY:      # a stale id (another copy's too) fails before anything is written, even the snapshot
         disk.changes_in(since, 0, 0)        # validates the id at no cost (an empty range)
-    disk._drop_orphan_backup_snapshots()     # of backups a crash or an error interrupted
+    disk.drop_orphan_backup_snapshots()     # of backups a crash or an error interrupted
     name = f"{BACKUP_SNAPSHOT_PREFIX}{_uuid.uuid4().hex}"
     snap = disk.snapshot(name)
     dropped = []

@@ -38,7 +38,7 @@ from . import _fast
 from . import consumers as consumer_table
 from . import layout as L
 from .arrays import lazy_zeros, load_array as _load_array, nonzero_entries as _nonzero_entries
-from .disk import _read_header, older_slot_regions
+from .header import older_slot_regions, read_header as _read_header, write_slot
 from .snapshots import parse_table
 from .tracking import CheckpointLog, counters_kept
 from .errors import CorruptImageError, FormatError, ImageLockedError
@@ -379,8 +379,7 @@ def _new_epoch(fio, hdr: L.Header, n: int) -> None:
 def _commit(fio, hdr: L.Header) -> None:
     """Commit hdr: the next sequence into its slot, synced."""
     hdr.sequence += 1
-    fio.pwrite(hdr.pack(), L.SLOT_OFFSETS[hdr.sequence % 2])
-    fio.fsync()
+    write_slot(fio, hdr.pack(), hdr.sequence)
 
 
 _CHUNK_SHIFT = 20          # passes over [0, size) go 1 Mi blocks at a time

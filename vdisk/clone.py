@@ -57,27 +57,39 @@ def clone(src: PathArg, dst: PathArg, *, snapshots: bool = False, overwrite: boo
     if overwrite and os.path.exists(dst):
         refuse_if_in_use(dst)
     with _open(src) as s:
-        h = s._hdr
+        coarse = s.info()["coarse_region_size"]
         states = []
         if snapshots:
             for info in s.snapshots:
                 if not is_backup_snapshot(info.name):
                     states.append(info.name)
         with atomic_output(dst, overwrite=overwrite, what="cloning") as tmp:
-            out = _create(tmp, h.virtual_size, block_size=h.block_size, track_changes=h.tracking,
-                          coarse_region_size=1 << h.coarse_shift)
+            out = _create(tmp, s.size, block_size=s.block_size, track_changes=s.track_changes,
+                          coarse_region_size=coarse)
             try:
                 prev = None
                 for name in states:
                     with s.open_snapshot(name) as view:
-                        prev = _write_state(out, view, view._table, prev)
+                        prev = _write_state(out, view, _table_of(view), prev)
                     out.snapshot(name)
-                _write_state(out, s, s._table, prev)
+                _write_state(out, s, _table_of(s), prev)
                 result = {"path": dst, "uuid": str(out.uuid), "tracking_id": out.tracking_id,
                           "snapshots": len(states), "source_uuid": str(s.uuid)}
             finally:
                 out.close()         # flushed and synced
     return result
+
+
+def _table_of(reader) -> np.ndarray:
+    """The physical block each block of reader (a Disk or a Snapshot) maps, 0
+    where none, from its host_map: equal nonzero entries are shared data."""
+    shift = reader.block_size.bit_length() - 1
+    table = np.zeros(L.blocks_for(reader.size, shift), dtype=np.uint32)
+    for off, length, phys in reader.host_map():
+        b0 = off >> shift
+        n = ((off + length - 1) >> shift) + 1 - b0
+        table[b0:b0 + n] = np.arange(phys >> shift, (phys >> shift) + n, dtype=np.uint32)
+    return table
 
 
 def _write_state(out, reader, table: np.ndarray, prev):

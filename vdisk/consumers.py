@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime
 import struct
 import typing
+from typing import Callable
 
 from . import layout as L
 from .errors import ConsumerNotFoundError, CorruptImageError, InvalidArgumentError
@@ -144,14 +145,16 @@ class Consumers:
         >>> d.consumers["nightly"].change_id
     """
 
-    def __init__(self, disk: Disk):
+    def __init__(self, disk: Disk, records: Callable[[], list[ConsumerRecord]], check_id: Callable[[str], object],
+                 change: Callable[..., typing.Any]):
+        """What the table needs of its Disk, given by the Disk: records() (a copy
+        of the table, under its lock), check_id(change_id) (StaleChangeIdError
+        if the image cannot answer it) and change(op, name, change_id) (commits
+        a changed table); disk itself only for its public API."""
         self._disk = disk
-
-    # --- reading ------------------------------------------------------------------
-    def _records(self) -> list[ConsumerRecord]:
-        with self._disk._lock:
-            self._disk._check_open()
-            return list(self._disk._consumers)
+        self._records = records
+        self._check_id = check_id
+        self._change = change
 
     def __getitem__(self, name: str) -> ConsumerInfo:
         for rec in self._records():
@@ -187,8 +190,7 @@ class Consumers:
         if cid is None:
             return None
         try:
-            with self._disk._lock:
-                self._disk._resolve(cid)
+            self._check_id(cid)
         except StaleChangeIdError:
             return None
         return cid
@@ -201,18 +203,18 @@ class Consumers:
     # --- changing -------------------------------------------------------------------
     def register(self, name: str, change_id: str | None = None) -> ConsumerInfo:
         """Add a consumer; change_id: the id of a backup it already holds (None: none yet)."""
-        return self._disk._change_consumers("register", name, change_id)
+        return self._change("register", name, change_id)
 
     def update(self, name: str, change_id: str) -> ConsumerInfo:
         """Record change_id as the consumer's last completed backup.  Call it
         only once that backup is durable: the next one starts from this id."""
         if change_id is None:
             raise InvalidArgumentError("update needs a change id (forget and register again to start over)")
-        return self._disk._change_consumers("update", name, change_id)
+        return self._change("update", name, change_id)
 
     def forget(self, name: str) -> None:
         """Remove a consumer from the image."""
-        self._disk._change_consumers("forget", name, None)
+        self._change("forget", name, None)
 
     def __repr__(self) -> str:
         return f"<vdisk consumers {list(self)!r}>"

@@ -52,12 +52,11 @@ exclusive flock on the file, readers a shared one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import errno
 import functools
 import io
 import os
-import struct
 import threading
 import time
 import types
@@ -75,32 +74,23 @@ from . import consumers as consumer_table
 from . import layout as L
 from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError,
                      ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError, VdiskIOError)
+from . import header as _header
 from .errors import TO_REPLACE, NoSuchFileError, Param
 from ._types import PathArg, SizeArg
-from .arrays import lazy_zeros, load_array as _load_array
+from .allocator import Allocator
+from .arrays import as_bytes_view as _as_bytes_view, lazy_zeros, load_array as _load_array, write_nonzero_pages
+from .blocktable import BlockTable, plan_read, validate as _validate_table
+from .header import older_slot_regions, read_header as _read_header
 from .extents import Extents
 from .fileio import FileIO, _io_error, fsync_dir, place_synced, refuse_if_in_use
 from .layout import SUMMARY_SHIFT
-from .snapshots import Snapshot, SnapshotInfo, SnapshotRecord, check_name, is_backup_snapshot, parse_table
+from .snapshot_ops import SnapshotHost, SnapshotOps
+from .snapshots import Snapshot, SnapshotInfo, ViewHost, SnapshotRecord, is_backup_snapshot, parse_table
 from . import tracking as _tracking
-from .tracking import ANY, ChangeTracker, CheckpointLog, _page_runs
+from .tracking import ANY, ChangeTracker, CheckpointLog
 
 PAGE = 4096
-TABLE_PER_PAGE = PAGE // L.TABLE_ENTRY_BYTES
-REFS_PER_PAGE = PAGE // L.REFCOUNT_BYTES
 DEFAULT_FOLD_INTERVAL = 1 << 16   # writes between automatic folds
-
-
-def _as_bytes_view(data) -> memoryview:
-    if isinstance(data, np.ndarray) and not data.flags.c_contiguous:
-        data = np.ascontiguousarray(data)
-    try:
-        mv = memoryview(data)
-    except TypeError:
-        raise InvalidArgumentError(f"expected a bytes-like object, got {type(data).__name__}") from None
-    if not mv.c_contiguous:
-        mv = memoryview(mv.tobytes())
-    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 
 def _parse_block_size(block_size) -> int:
@@ -121,48 +111,6 @@ def _check_size(size: int, block_shift: int) -> None:
         raise OutOfRangeError.naming(
             f"size {size} needs {L.blocks_for(size, block_shift)} blocks of {1 << block_shift} bytes; "
             f"the limit is {L.MAX_BLOCKS} blocks ({L.format_size(L.MAX_BLOCKS << block_shift)})", *hint)
-
-
-def _read_slots(fio) -> list[tuple[L.Header, int]]:
-    """Every slot that passes every check (magic, CRC, fields, file size), with its index."""
-    file_size = fio.size()
-    raw = fio.pread(2 * L.SLOT_SIZE, 0)
-    if raw[:8] != L.MAGIC and raw[L.SLOT_SIZE:L.SLOT_SIZE + 8] != L.MAGIC:
-        raise FormatError(f"{fio.path}: not a vdisk image (no vdisk magic in either header slot)")
-    valid, errors = [], []
-    for i in (0, 1):
-        try:
-            h = L.Header.unpack(raw[i * L.SLOT_SIZE:(i + 1) * L.SLOT_SIZE])
-            if h.sequence % 2 != i:
-                raise CorruptImageError(f"sequence {h.sequence} does not belong in slot {i}")
-            h.validate(file_size)
-        except FormatError as exc:
-            if raw[i * L.SLOT_SIZE:i * L.SLOT_SIZE + 8] == L.MAGIC:   # a real header we cannot read
-                raise FormatError(f"{fio.path}: header slot {i}: {exc}") from None
-            errors.append(f"slot {i}: {exc}")
-        except CorruptImageError as exc:
-            errors.append(f"slot {i}: {exc}")
-        else:
-            valid.append((h, i))
-    if not valid:
-        raise CorruptImageError(f"{fio.path}: no valid header slot ({'; '.join(errors)})")
-    return valid
-
-
-def _read_header(fio) -> tuple[L.Header, int]:
-    """The slot with the highest sequence that passes every check (magic,
-    CRC, fields, file size), and its index."""
-    return max(_read_slots(fio), key=lambda hv: hv[0].sequence)
-
-
-def older_slot_regions(fio, slot: int) -> list | None:
-    """The metadata regions the slot other than slot names, None if an open
-    would never read it (damaged, never written)."""
-    try:
-        others = [h for h, i in _read_slots(fio) if i != slot]
-    except FormatError:
-        return None
-    return others[0].regions() if others else None
 
 
 def _rebinds(method):
@@ -190,6 +138,16 @@ def _poisons(method):
             self._poison(exc)
             raise
     return wrapper
+
+
+def _weakly(method):
+    """A Disk method as a callable for one of its parts, through a weak
+    reference: no cycle, so a dropped Disk still closes at once."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args, **kwargs):
+        return ref()(*args, **kwargs)
+    return call
 
 
 def _poison_hook(ref, err) -> None:
@@ -223,18 +181,36 @@ class Disk(io.RawIOBase):
         older = older_slot_regions(fio, slot) if writable else None
         self._slots_differ = older is not None and older != header.regions()
         self._load()
+        self._snap_ops = SnapshotOps(fio, header, self._alloc, self._bt, self._tracker, SnapshotHost(
+            *(_weakly(m) for m in (self._flush_locked, self._commit_header, self._grow_tables, self._issue_token,
+                                   self._commit_snapshot_table, self._alloc_run, self._validate_table,
+                                   self._refresh_meta_ranges))))
         self._rebind_hot()
 
     def _rebind_hot(self) -> None:
         """Point the Cython hot path at the current arrays and size.  Every
         method that replaces one of them is decorated with @_rebinds."""
         t = self._tracker
-        track = {} if t is None else dict(dirty=t.dirty, groups=t.dirty_groups, coarse=t._coarse, rel=t.rel_shift)
+        track = {} if t is None else dict(dirty=t.dirty, groups=t.dirty_groups, coarse=t.coarse, rel=t.rel_shift)
         if self._shut:
             self._hot.shut()
             return
-        self._hot.bind(self._io, type(self._io) is FileIO, self._io.fd, self._table, self._refcounts, self._shift,
+        self._hot.bind(self._io, type(self._io) is FileIO, self._io.fd, self._bt.table, self._alloc.refcounts,
+                       self._shift,
                        self._hdr.virtual_size, True, self._writable, summary_shift=SUMMARY_SHIFT, **track)
+
+    # white-box views of the parts' state (the tests and tools read them)
+    @property
+    def _table(self) -> np.ndarray:
+        return self._bt.table
+
+    @property
+    def _refcounts(self) -> np.ndarray:
+        return self._alloc.refcounts
+
+    @property
+    def _end_block(self) -> int:
+        return self._alloc.end_block
 
     @property
     def fold_interval(self) -> int:
@@ -290,31 +266,16 @@ class Disk(io.RawIOBase):
         nb = h.nblocks
         # entries past the virtual size are never data: not even loaded
         loaded: list[tuple[int, int]] = []
-        self._table = _load_array(fio, h.table_offset, h.table_capacity, np.uint32, file_size, keep=nb,
-                                  ranges=loaded)
-        # table pages that may hold entries: read from the file, or written since (scans skip the rest)
-        self._table_pages = np.zeros(h.table_capacity // TABLE_PER_PAGE + 1, dtype=bool)
-        for lo, hi in loaded:
-            self._table_pages[lo // TABLE_PER_PAGE:(hi - 1) // TABLE_PER_PAGE + 1] = True
-        self._end_block = -(-file_size // bs)
-        self._refcounts = _load_array(fio, h.refcount_offset, h.refcount_capacity, np.uint16, file_size,
-                                      keep=self._end_block)
-        self._meta_end_block = L.round_up(L.HEADER_AREA, bs) // bs
+        table = _load_array(fio, h.table_offset, h.table_capacity, np.uint32, file_size, keep=nb, ranges=loaded)
+        self._bt = BlockTable(table, h.table_capacity, loaded)
+        end_block = -(-file_size // bs)
+        refcounts = _load_array(fio, h.refcount_offset, h.refcount_capacity, np.uint16, file_size, keep=end_block)
+        self._alloc = Allocator(fio, h, refcounts, end_block, _weakly(self._grow_refcounts))
         self._refresh_meta_ranges()
-        self._validate_meta_refcounts()
-        self._validate_table(self._table, nb, "block table", runs=self._table_runs(nb))
+        self._alloc.validate_meta()
+        self._validate_table(self._bt.table, nb, "block table", runs=self._bt.runs(nb))
         if self._writable and self._snapshots:
-            self._validate_shared_refcounts()
-        self._table_mv = memoryview(self._table)
-        self._refs_mv = memoryview(self._refcounts)
-        self._dirty_table_pages: set[int] = set()
-        self._fresh: set[int] = set()         # blocks remapped since the last flush
-        self._dirty_ref_pages: set[int] = set()
-        self._pending_decref: list[int] = []
-        self._free: list[int] = []      # blocks released since open (durably unreferenced)
-        self._holes: list[int] = []     # zero-refcount blocks found by the scan, lowest last
-        self._scan = self._meta_end_block
-        self._scan_limit = self._end_block
+            self._alloc.validate_shared(self._bt.parts(nb), self._snapshots)
         self._tracker = None
         if h.tracking:
             loaded = []
@@ -323,124 +284,8 @@ class Disk(io.RawIOBase):
             bitmap = fio.pread(h.bitmap_length, h.bitmap_offset)
             self._tracker = ChangeTracker(fio, h, counters, bitmap, self._writable, loaded=loaded)
 
-    def _table_runs(self, n: int) -> list[tuple[int, int]]:
-        """Entry ranges [start, stop) below n of the table pages that may hold entries."""
-        pages = np.flatnonzero(self._table_pages[:-(-n // TABLE_PER_PAGE)])
-        return [(a * TABLE_PER_PAGE, min(b * TABLE_PER_PAGE, n)) for a, b in _page_runs(pages)]
-
     def _validate_table(self, table, n: int, what: str, allow_shared: bool = False, runs=None) -> None:
-        """Every pointer inside the file and the refcount table, outside the
-        metadata regions, held by a nonzero refcount, and (for the live
-        table) mapped once.  runs: the entry ranges that may be nonzero."""
-        h = self._hdr
-        # a data block lies wholly inside the file (a file cut inside a block is truncated)
-        hi = min(self._io.size() // h.block_size, h.refcount_capacity)
-        parts = []
-        for lo, stop in ([(0, n)] if runs is None else runs):
-            part = table[lo:stop]
-            bad = _fast.check_table(part, len(part), self._meta_end_block, hi)
-            if bad >= 0:
-                raise CorruptImageError(
-                    f"{self._io.path}: {what} entry {lo + bad} points to physical block {int(part[bad])}, "
-                    f"outside the data area [{self._meta_end_block}, {hi}) (run 'vdisk check --repair')")
-            parts.append(_fast.nonzero_values(part, len(part)))
-        used = np.concatenate(parts) if parts else np.empty(0, np.uint32)
-        if len(used):
-            for lo, hi_m in self._meta_ranges:
-                hits = used[(used >= lo) & (used < hi_m)]
-                if len(hits):
-                    raise CorruptImageError(
-                        f"{self._io.path}: {what} points into a metadata region (physical block {int(hits[0])})")
-            zero = used[self._refcounts[used] == 0]
-            if len(zero):
-                raise CorruptImageError(
-                    f"{self._io.path}: {what} references physical block {int(zero[0])} whose refcount is 0 "
-                    f"(run 'vdisk check --repair')")
-            dup = -1 if allow_shared else _fast.find_duplicate(used, len(used), hi)
-            if dup >= 0:
-                raise CorruptImageError(
-                    f"{self._io.path}: {what} maps physical block {int(used[dup])} from two entries, as if an "
-                    f"earlier entry maps it too (run 'vdisk check --repair')")
-
-    def _validate_shared_refcounts(self) -> None:
-        """Every data block's refcount is at least the number of tables that
-        map it: the live table and every snapshot's frozen table
-        (docs/FORMAT.md, "Refcounts").  A lower refcount would send a write
-        to a shared block in place (a snapshot changes) and let a delete or
-        revert free a block a table still maps (reused: one block reads
-        another's data); a higher one is only a leak.
-
-        Run at a writable open of an image with snapshots, before anything
-        depends on the refcounts; the write path, delete_snapshot and revert
-        keep the property from then on.  Without snapshots the live table's
-        own validation is enough (each block mapped once, refcount nonzero).
-        Read-only opens skip it: refcounts only steer a writer's choices
-        (in place or copy, free or reuse), a reader follows the tables as
-        they are, and no writer can run beside it (the writer's exclusive
-        lock); the next writer validates at its own open.
-
-        Each snapshot table is streamed from the pages the file holds, 1 MiB
-        at a time, and its pointers checked as the live table's are (inside
-        the data area, outside metadata; a refcount of 0 fails the count);
-        the reference counts go into a lazy array (pages only where
-        referenced), so memory follows the referenced blocks, not the
-        virtual size (docs/FORMAT.md, "Validation at open", has the cost)."""
-        h, fio = self._hdr, self._io
-        file_size = fio.size()
-        hi = min(file_size // h.block_size, h.refcount_capacity)
-        counts = lazy_zeros(hi, np.uint16)
-        refs = self._refcounts[:hi]
-        meta = sorted(r for r in self._meta_ranges if r[0] < r[1])
-        m_starts = np.array([lo for lo, _ in meta], np.int64)
-        m_stops = np.array([stop for _, stop in meta], np.int64)
-        # at most 64 Ki cells, marked where a metadata range lies: only there is a range searched
-        cell_shift = max(0, hi.bit_length() - 16)
-        cells = np.zeros((hi >> cell_shift) + 1, np.uint8)
-        for lo, stop in meta:
-            cells[lo >> cell_shift:((stop - 1) >> cell_shift) + 1] = 1
-
-        def count(part: np.ndarray, first: int, what: str) -> None:
-            bad, problem = _fast.count_refs_within(part, len(part), self._meta_end_block, hi, m_starts, m_stops,
-                                                   cells, cell_shift, counts, refs)
-            if bad < 0:
-                return
-            p = int(part[bad])
-            if problem == 1:
-                found = f"{what} entry {first + bad} points to physical block {p}, outside the data area " \
-                        f"[{self._meta_end_block}, {hi})"
-            elif problem == 2:
-                found = f"{what} points into a metadata region (physical block {p}, entry {first + bad})"
-            else:
-                found = (f"physical block {p} has refcount {int(refs[p])}, but more tables map it ({what} "
-                         f"entry {first + bad} is one more): a write could change a snapshot and a delete free "
-                         f"a block in use")
-            raise CorruptImageError(f"{fio.path}: {found} (run 'vdisk check --repair')")
-
-        for lo, stop in self._table_runs(h.nblocks):
-            count(self._table[lo:stop], lo, "block table")
-        step = 1 << 20
-        for rec in self._snapshots:
-            what = f"snapshot {rec.name!r} table"
-            base = rec.table_offset
-            end = min(base + L.blocks_for(rec.virtual_size, h.block_shift) * L.TABLE_ENTRY_BYTES, file_size)
-            for off, length in fio.data_extents(base, end):
-                stop = off + length
-                off -= (off - base) % L.TABLE_ENTRY_BYTES
-                for pos in range(off, stop, step):
-                    raw = fio.pread(min(step, stop - pos), pos)
-                    part = np.frombuffer(raw, np.uint32, len(raw) // L.TABLE_ENTRY_BYTES)
-                    count(part, (pos - base) // L.TABLE_ENTRY_BYTES, what)
-
-    def _validate_meta_refcounts(self) -> None:
-        """Every block of a metadata region holds a reference (docs/FORMAT.md,
-        "Refcounts"): releasing a region whose refcount says 0 would take it
-        below zero."""
-        for lo, hi in self._meta_ranges:
-            zero = np.flatnonzero(self._refcounts[lo:hi] == 0)
-            if len(zero):
-                raise CorruptImageError(
-                    f"{self._io.path}: metadata block {lo + int(zero[0])} has refcount 0, expected 1 "
-                    f"(run 'vdisk check --repair')")
+        _validate_table(table, n, what, self._io, self._hdr, self._alloc, allow_shared, runs)
 
     def _metadata_regions(self) -> list[tuple[str, int, int]]:
         """Every metadata region: the header's and each snapshot's frozen tables."""
@@ -453,7 +298,7 @@ class Disk(io.RawIOBase):
         bs = self._hdr.block_size
         regions = self._metadata_regions()
         L.check_no_overlap(regions, self.path)
-        self._meta_ranges = [(off // bs, (off + length) // bs) for _, off, length in regions]
+        self._alloc.set_meta_ranges([(off // bs, (off + length) // bs) for _, off, length in regions])
 
     # ------------------------------------------------------------------ properties
     @property
@@ -500,7 +345,7 @@ class Disk(io.RawIOBase):
         with self._lock:
             self._check_open()
             h = self._hdr
-            allocated = sum(int(np.count_nonzero(self._table[lo:hi])) for lo, hi in self._table_runs(h.nblocks))
+            allocated = self._bt.allocated(h.nblocks)
             out = {
                 "path": self.path,
                 "format": "vdisk",
@@ -621,7 +466,7 @@ class Disk(io.RawIOBase):
         if length and (offset >> shift) == ((offset + length - 1) >> shift):
             with self._lock:
                 self._check_open()
-                p = self._table_mv[offset >> shift]
+                p = self._bt.mv[offset >> shift]
                 if p:
                     return self._pread_exact(length, (p << shift) | (offset & self._block_mask))
             return bytes(length)
@@ -656,6 +501,16 @@ class Disk(io.RawIOBase):
         data = self._io.pread(length, phys)
         return data if len(data) == length else data.ljust(length, b"\0")
 
+    def _view_host(self) -> ViewHost:
+        """What a snapshot view calls back (snapshots.py, ViewHost)."""
+        return ViewHost(self._read_through, self._resolve_for_snapshot, self._load_frozen_checked)
+
+    def _load_frozen_checked(self, offset: int, size: int, check) -> np.ndarray:
+        with self._lock:
+            self._check_open()
+            check()
+            return self._load_frozen(offset, size)
+
     def _read_through(self, table_mv, mv: memoryview, offset: int, check) -> None:
         """Read through another block table (a snapshot's) under the Disk's lock."""
         with self._lock:
@@ -665,28 +520,8 @@ class Disk(io.RawIOBase):
 
     def _plan_read(self, offset: int, length: int, table=None) -> list[tuple[int, int, int]]:
         """Runs (buffer offset, physical offset or -1 for zeros, length) for a
-        read, merging blocks that are contiguous in the file."""
-        shift = self._hdr.block_shift
-        bs = 1 << shift
-        table = self._table_mv if table is None else table
-        plan: list[list[int]] = []
-        end = offset + length
-        pos = offset
-        while pos < end:
-            b = pos >> shift
-            lo = pos - (b << shift)
-            piece = min(bs - lo, end - pos)
-            p = table[b]
-            phys = (p << shift) + lo if p else -1
-            if plan:
-                last = plan[-1]
-                if (phys < 0 and last[1] < 0) or (phys >= 0 and last[1] >= 0 and last[1] + last[2] == phys):
-                    last[2] += piece
-                    pos += piece
-                    continue
-            plan.append([pos - offset, phys, piece])
-            pos += piece
-        return [tuple(run) for run in plan]
+        read through the live table (or another), merging blocks that are contiguous in the file."""
+        return plan_read(self._bt.mv if table is None else table, self._shift, offset, length)
 
     def _read_plan(self, mv: memoryview, plan) -> None:
         for at, phys, n in plan:
@@ -717,26 +552,22 @@ class Disk(io.RawIOBase):
     def _write_locked(self, mv: memoryview, offset: int) -> None:
         shift = self._hdr.block_shift
         bs = 1 << shift
-        table, refs = self._table_mv, self._refs_mv
+        bt, alloc = self._bt, self._alloc
         tracker = self._tracker
         end = offset + len(mv)
         b = offset >> shift
         if ((end - 1) >> shift) == b and len(mv) < bs:
             # the hot path: a partial overwrite in place of an unshared block
-            p = table[b]
-            if p and refs[p] == 1:
-                if tracker is not None:     # tracker.mark_inplace, inlined
-                    dirty, groups, coarse, rel = tracker.hot
-                    dirty[b] = 1
-                    groups[b >> SUMMARY_SHIFT] = 1
-                    if not coarse[b >> rel] and b not in self._fresh:
-                        tracker._arm(b >> rel)      # write-ahead: durable before the data
+            p = bt.mv[b]
+            if p and alloc.refs_mv[p] == 1:
+                if tracker is not None:
+                    tracker.mark_write(b, b in bt.fresh)
                 self._io.pwrite(mv, (p << shift) + (offset & (bs - 1)))
                 self._count_write()
                 return
-        if not offset & (bs - 1) and not len(mv) & (bs - 1) and self._appends_only():
+        if not offset & (bs - 1) and not len(mv) & (bs - 1) and alloc.appends_only():
             b1 = end >> shift
-            if not self._table[b:b1].any() and not _fast.zero_blocks(mv, bs).any():
+            if not bt.table[b:b1].any() and not _fast.zero_blocks(mv, bs).any():
                 self._append_run(mv, b, b1)     # whole new blocks of data: one run at the end
                 self._count_write()
                 return
@@ -745,16 +576,12 @@ class Disk(io.RawIOBase):
             self._write_blocks(mv, offset, remaps)
         except BaseException:
             for _b, newp, _old in remaps:           # give the new blocks back; the table never saw them
-                self._refs_mv[newp] = 0
-                self._free.append(newp)
+                alloc.give_back(newp)
             raise
         for b, newp, oldp in remaps:
-            table[b] = newp
-            self._table_pages[b // TABLE_PER_PAGE] = True
-            self._fresh.add(b)
-            self._dirty_table_pages.add(b // TABLE_PER_PAGE)
+            bt.remap(b, newp)
             if oldp:                                # copy-on-write away from a shared block
-                self._decref_later(oldp)
+                alloc.decref_later(oldp)
         self._count_write()
 
     def _count_write(self) -> None:
@@ -763,45 +590,27 @@ class Disk(io.RawIOBase):
         if hot.writes >= hot.fold_interval and self._tracker is not None:
             self._flush_locked()
 
-    def _appends_only(self) -> bool:
-        """Whether the next allocations all append at the end of the file
-        (no free blocks, and the scan for holes has finished)."""
-        return (not self._free and not self._holes
-                and self._scan >= min(self._scan_limit, self._hdr.refcount_capacity))
-
     def _append_run(self, mv: memoryview, b0: int, b1: int) -> None:
         """Write whole unallocated blocks [b0, b1) of data into new blocks
         appended at the end of the file: what _write_blocks does block by
         block (allocate, mark, write, then remap), for the run at once."""
         count = b1 - b0
-        if self._end_block + count + 1 >= self._hdr.refcount_capacity:
-            self._grow_refcounts(self._end_block + count + 2)
-        p0 = self._end_block
-        if p0 + count - 1 > L.MAX_PHYS_BLOCKS:
-            raise OutOfRangeError(f"{self.path}: the image file reached the format's limit of "
-                                  f"{L.MAX_PHYS_BLOCKS} physical blocks")
-        self._end_block += count
-        self._refcounts[p0:p0 + count] = 1
-        self._dirty_ref_pages.update(range(p0 // REFS_PER_PAGE, (p0 + count - 1) // REFS_PER_PAGE + 1))
+        p0 = self._alloc.append_run(count)
         if self._tracker:
             self._tracker.mark_run(b0, b1)
         try:
             self._io.pwrite(mv, p0 << self._shift)
         except BaseException:               # give the blocks back; the table never saw them
-            self._refcounts[p0:p0 + count] = 0
-            self._free.extend(range(p0 + count - 1, p0 - 1, -1))
+            self._alloc.give_back_run(p0, count)
             raise
-        self._table[b0:b1] = np.arange(p0, p0 + count, dtype=np.uint32)
-        pages = range(b0 // TABLE_PER_PAGE, (b1 - 1) // TABLE_PER_PAGE + 1)
-        self._table_pages[pages.start:pages.stop] = True
-        self._dirty_table_pages.update(pages)
-        self._fresh.update(range(b0, b1))
+        self._bt.map_run(b0, b1, p0)
 
     def _write_blocks(self, mv: memoryview, offset: int, remaps: list) -> None:
         """Issue the data writes of a request; remaps collects the table changes."""
         shift = self._hdr.block_shift
         bs = 1 << shift
-        table, refs = self._table_mv, self._refs_mv
+        bt = self._bt
+        table, refs = bt.mv, self._alloc.refs_mv
         tracker = self._tracker
         end = offset + len(mv)
         pos = offset
@@ -823,10 +632,7 @@ class Disk(io.RawIOBase):
                 continue
             if p and refs[p] == 1:
                 if tracker:
-                    if b in self._fresh:    # mapping not durable yet: the flush orders it
-                        tracker.mark(b)
-                    else:                   # overwrite of durable data: write-ahead coarse bit
-                        tracker.mark_inplace(b)
+                    tracker.mark_write(b, b in bt.fresh)
                 phys, buf = (p << shift) + lo, src
             else:
                 if not p and _fast.is_zero(src):
@@ -840,7 +646,7 @@ class Disk(io.RawIOBase):
                     whole = bytearray(bs) if not p else bytearray(self._io.pread(bs, p << shift).ljust(bs, b"\0"))
                     whole[lo:lo + piece] = src
                     buf = whole
-                newp = self._alloc()
+                newp = self._alloc.alloc()
                 remaps.append((b, newp, p))
                 phys = newp << shift
             if run_phys is not None and run_phys + run_len == phys:
@@ -855,12 +661,9 @@ class Disk(io.RawIOBase):
             self._io.pwritev(run_bufs, run_phys)
 
     def _unmap(self, b: int) -> None:
-        p = self._table_mv[b]
+        p = self._bt.unmap(b)
         if p:
-            self._table_mv[b] = 0
-            self._fresh.add(b)
-            self._dirty_table_pages.add(b // TABLE_PER_PAGE)
-            self._decref_later(p)
+            self._alloc.decref_later(p)
 
     def discard(self, offset: int, length: int) -> None:
         """The range reads back as zeros; whole blocks are freed."""
@@ -880,75 +683,19 @@ class Disk(io.RawIOBase):
             block_end = min((b + 1) << shift, self.size)
             piece = min(block_end, end) - pos
             if lo == 0 and pos + piece == block_end:
-                if self._table_mv[b]:
+                if self._bt.mv[b]:
                     if self._tracker:
                         self._tracker.mark(b)
                     self._unmap(b)
-            elif self._table_mv[b]:
+            elif self._bt.mv[b]:
                 self._write_locked(memoryview(bytes(piece)), pos)
             pos += piece
 
     # ------------------------------------------------------------------ allocation
-    def _find_hole(self) -> int:
-        """The lowest block with refcount 0 that the file held at open, or -1.
-
-        Scans the refcounts lazily, 64 Ki entries at a time, so opening an
-        image with a huge sparse file costs nothing up front.  Blocks
-        appended since open are allocated when appended, and come back
-        through the free list if released.
-        """
-        limit = min(self._scan_limit, self._hdr.refcount_capacity)
-        refs = self._refs_mv
-        while True:
-            while self._holes:
-                p = self._holes.pop()
-                if refs[p] == 0:
-                    return p
-            if self._scan >= limit:
-                return -1
-            lo, hi = self._scan, min(self._scan + 65536, limit)
-            free = self._refcounts[lo:hi] == 0
-            for m0, m1 in self._meta_ranges:       # never metadata, whatever its refcount says
-                if m0 < hi and m1 > lo:
-                    free[max(m0, lo) - lo:min(m1, hi) - lo] = False
-            self._scan = hi
-            self._holes = (np.flatnonzero(free)[::-1] + lo).tolist()
-
-    def _alloc(self) -> int:
-        p = -1
-        while self._free and p < 0:
-            q = self._free.pop()
-            if self._refs_mv[q] == 0:       # not handed out by the scan meanwhile
-                p = q
-        if p < 0:
-            p = self._find_hole()
-        if p < 0:
-            if self._end_block + 1 >= self._hdr.refcount_capacity:
-                self._grow_refcounts(self._end_block + 2)
-            p = self._end_block
-            if p > L.MAX_PHYS_BLOCKS:
-                raise OutOfRangeError(f"{self.path}: the image file reached the format's limit of "
-                                      f"{L.MAX_PHYS_BLOCKS} physical blocks")
-            self._end_block += 1
-        self._refs_mv[p] = 1
-        self._dirty_ref_pages.add(p // REFS_PER_PAGE)
-        return p
-
     @_poisons
     def _alloc_run(self, count: int) -> int:
         """count contiguous new blocks at the end of the file (for metadata regions)."""
-        if self._end_block + count + 1 >= self._hdr.refcount_capacity:
-            self._grow_refcounts(self._end_block + count + 2)
-        p = self._end_block
-        self._end_block += count
-        self._refcounts[p:p + count] = 1
-        self._dirty_ref_pages.update(range(p // REFS_PER_PAGE, (p + count - 1) // REFS_PER_PAGE + 1))
-        self._io.truncate(max(self._io.size(), self._end_block << self._hdr.block_shift))
-        return p
-
-    def _decref_later(self, p: int) -> None:
-        """Drop a reference once the table that no longer holds it is durable."""
-        self._pending_decref.append(p)
+        return self._alloc.alloc_run(count)
 
     # ------------------------------------------------------------------ flush
     def flush(self) -> None:
@@ -964,51 +711,39 @@ class Disk(io.RawIOBase):
 
     @_poisons
     def _flush_locked(self) -> None:
-        h = self._hdr
+        """The write order (module docstring, docs/FORMAT.md "Write order"):
+        the one place it is written."""
+        h, alloc, bt = self._hdr, self._alloc, self._bt
         self._hot.writes = 0
         # 1. counters of the tracking fold, refcount increments
         folded = self._tracker.fold(h.generation) if self._tracker else False
-        self._write_ref_pages()
+        alloc.write_pages()
         # 2. data, refcounts and counters durable
         self._io.fsync()
         # 3-4. the new mapping
-        if self._dirty_table_pages:
-            self._write_pages(self._table, sorted(self._dirty_table_pages), h.table_offset)
-            self._dirty_table_pages.clear()
+        if bt.write_dirty(self._io, h.table_offset):
             self._io.fsync()
-        self._fresh.clear()
+        bt.settle()
         # 5. references the durable table no longer holds: release them.  The older header slot
         # must name none of them: after a commit that moved a region, that slot names the old
         # region (a table, counters, a snapshot table ...), and a lost newest slot brings it back.
         # So first the last commit once more into the other slot: both name the new regions.
-        if self._pending_decref:
-            if self._slots_differ:
-                self._commit_again()
-            pending, self._pending_decref = self._pending_decref, []
-            refs = self._refs_mv
-            for p in pending:
-                refs[p] -= 1
-                self._dirty_ref_pages.add(p // REFS_PER_PAGE)
-                if refs[p] == 0:
-                    self._free.append(p)
-            self._free.sort(reverse=True)
-            self._write_ref_pages()
+        if alloc.pending and self._slots_differ:
+            self._commit_again()
+        if alloc.release_pending():
+            alloc.write_pages()
         if self._tracker and (folded or self._tracker.dirty_regions):
             self._tracker.clear_idle_regions()
 
     def _write_ref_pages(self) -> None:
-        if self._dirty_ref_pages:
-            self._write_pages(self._refcounts, sorted(self._dirty_ref_pages), self._hdr.refcount_offset)
-            self._dirty_ref_pages.clear()
-
-    def _write_pages(self, arr: np.ndarray, pages, base: int) -> None:
-        raw = arr.view(np.uint8)
-        for start, stop in _page_runs(pages):
-            self._io.pwrite(raw[start * PAGE:stop * PAGE], base + start * PAGE)
+        self._alloc.write_pages()
 
     @_poisons
     def _commit_header(self) -> None:
-        """Write the header to the other slot and fsync: the atomic commit point."""
+        """Write the header to the other slot and fsync: the atomic commit
+        point (vdisk/header.py, commit: never a slot a reader would refuse;
+        its VdiskIOError poisons the Disk: memory is ahead of the file,
+        which keeps its last commit)."""
         self._write_slot(self._hdr)
 
     @_poisons
@@ -1021,30 +756,7 @@ class Disk(io.RawIOBase):
         self._hdr.sequence = again.sequence
 
     def _write_slot(self, h: L.Header) -> None:
-        """Write h, at the next sequence, to the slot that sequence names, and fsync.
-
-        Never writes a slot a reader would refuse: a sequence past
-        L.MAX_SEQUENCE (EOVERFLOW), or a header that fails validation or
-        does not pack (EINVAL), raises VdiskIOError instead, which poisons
-        the Disk: memory is ahead of the file, which keeps its last commit.
-        Operations check their own counters before writing anything; this
-        is the backstop."""
-        if h.sequence >= L.MAX_SEQUENCE:
-            raise VdiskIOError(errno.EOVERFLOW, f"{self.path}: header sequence {h.sequence} reached the format's "
-                                                f"limit {L.MAX_SEQUENCE}; nothing committed (run 'vdisk check "
-                                                f"--repair', which renumbers it)")
-        h.sequence += 1
-        try:
-            h.validate()            # what every reader checks (but the file size): a slot they would refuse
-            raw = h.pack()          # is never written
-        except (CorruptImageError, struct.error) as exc:
-            h.sequence -= 1
-            raise VdiskIOError(errno.EINVAL, f"{self.path}: the header to commit would not pass validation "
-                                             f"({exc}); nothing committed") from None
-        slot = h.sequence % 2
-        self._io.pwrite(raw, L.SLOT_OFFSETS[slot])
-        self._io.fsync()
-        self._slot = slot
+        self._slot = _header.commit(self._io, h)
         self._slots_differ = h.regions() != self._committed.regions()
         self._committed = dataclasses.replace(h)
 
@@ -1178,8 +890,7 @@ class Disk(io.RawIOBase):
         raise SnapshotNotFoundError(f"{self.path}: no snapshot named {name!r}")
 
     def _load_frozen(self, offset: int, size: int) -> np.ndarray:
-        nb = L.blocks_for(size, self._hdr.block_shift)
-        return _load_array(self._io, offset, max(nb, 1), np.uint32, self._io.size())
+        return self._snap_ops.load_frozen(offset, size)
 
     def _write_entry_table(self, records, entry_size: int, limit: int) -> tuple[int, int]:
         """A new copy of a snapshot or consumer table in fresh blocks: (offset, capacity)."""
@@ -1192,8 +903,7 @@ class Disk(io.RawIOBase):
         return first * bs, min(nbytes // entry_size, limit)
 
     def _release_run(self, offset: int, nbytes: int) -> None:
-        bs = self._hdr.block_size
-        self._pending_decref.extend(range(offset // bs, (offset + nbytes) // bs))
+        self._alloc.release_run(offset, nbytes)
 
     @_poisons
     def snapshot(self, name: str | None = None) -> Snapshot:
@@ -1201,48 +911,8 @@ class Disk(io.RawIOBase):
         current generation; returns the read-only view."""
         with self._lock:
             self._check_writable()
-            h = self._hdr
-            if len(self._snapshots) >= L.MAX_SNAPSHOTS:
-                raise OutOfRangeError(f"{self.path}: the image holds the maximum of {L.MAX_SNAPSHOTS} snapshots")
-            taken = {rec.name for rec in self._snapshots}
-            if name is None:
-                name = f"snap-{h.snapshot_next_id}"
-                while name in taken:
-                    name += "-"
-            name = check_name(name, taken)
-            # every counter this commit advances, checked before anything is written
-            if h.generation >= L.MAX_GENERATION:
-                raise OutOfRangeError("the generation counter is exhausted; call reset_tracking()")
-            if h.snapshot_next_id >= L.MAX_SNAPSHOT_ID:
-                raise OutOfRangeError(f"{self.path}: snapshot ids are exhausted (snapshot_next_id "
-                                      f"{h.snapshot_next_id}, limit {L.MAX_SNAPSHOT_ID})")
-            self._flush_locked()
-            bs, nb = h.block_size, h.nblocks
-            frozen = lazy_zeros(max(nb, 1), np.uint32)      # copied where the live table may hold entries
-            for lo, hi in self._table_runs(nb):
-                frozen[lo:hi] = self._table[lo:hi]
-            used = _fast.nonzero_values(frozen, nb)
-            if len(used) and self._refcounts[used].max() >= L.MAX_REFCOUNT:    # before any block is allocated
-                raise OutOfRangeError(f"{self.path}: a block would exceed {L.MAX_REFCOUNT} references "
-                                      f"(run 'vdisk check --repair' if the image leaks)")
-            tbytes = L.round_up(max(nb, 1) * 4, bs)
-            # 1. the frozen table and counters, in fresh blocks
-            first = self._alloc_run(2 * (tbytes // bs))
-            t_off, c_off = first * bs, first * bs + tbytes
-            self._write_nonzero_pages(frozen, t_off)
-            if self._tracker:
-                self._write_nonzero_pages(self._tracker.counters[:max(nb, 1)], c_off)
-            # 2. every block the live table maps gains a reference
-            self._refcounts[used] += 1
-            self._dirty_ref_pages.update(np.unique(used // REFS_PER_PAGE).tolist())
-            token = self._issue_token()     # synced with the new table, before the commit
-            rec = SnapshotRecord(snapshot_id=h.snapshot_next_id, generation=h.generation, virtual_size=h.virtual_size,
-                                 created_ns=time.time_ns(), table_offset=t_off, counter_offset=c_off,
-                                 tracking_uuid=h.tracking_uuid, name=name, token=token)
-            records = self._snapshots + [rec]
-            # 3. a new snapshot table; everything durable before the header names it
-            self._commit_snapshot_table(records, advance=True)
-            view = Snapshot(self, rec, frozen)
+            rec, frozen = self._snap_ops.create(name, self._snapshots)
+            view = Snapshot(self, rec, frozen, self._view_host())
             self._views.add(view)
             return view
 
@@ -1276,7 +946,16 @@ class Disk(io.RawIOBase):
     @property
     def consumers(self) -> consumer_table.Consumers:
         """The named backup consumers stored in the image (vdisk/consumers.py)."""
-        return consumer_table.Consumers(self)
+        return consumer_table.Consumers(self, self._consumer_records, self._check_change_id, self._change_consumers)
+
+    def _consumer_records(self) -> list[consumer_table.ConsumerRecord]:
+        with self._lock:
+            self._check_open()
+            return list(self._consumers)
+
+    def _check_change_id(self, change_id) -> None:
+        with self._lock:
+            self._resolve(change_id)
 
     @_poisons
     def _change_consumers(self, op: str, name, change_id):
@@ -1300,21 +979,18 @@ class Disk(io.RawIOBase):
         with self._lock:
             self._check_open()
             rec = self._find_snapshot(name)
-            frozen = self._load_frozen(rec.table_offset, rec.virtual_size)
-            self._validate_table(frozen, L.blocks_for(rec.virtual_size, self._hdr.block_shift),
-                                 f"snapshot {name!r} table", allow_shared=True)
-            view = Snapshot(self, rec, frozen)
+            view = Snapshot(self, rec, self._snap_ops.open(rec), self._view_host())
             self._views.add(view)
             return view
 
-    def _drop_orphan_backup_snapshots(self) -> list[str]:
+    def drop_orphan_backup_snapshots(self) -> list[str]:
         """Delete the temporary snapshots of backups that never finished (a
         crash, an error while deleting them): those no open view in this
         process reads.  No other process reads them: a writer holds the
         image's exclusive lock.  Returns their names."""
         with self._lock:
             self._check_writable()
-            in_use = {view._rec.name for view in list(self._views) if not view.closed}
+            in_use = {view.name for view in list(self._views) if not view.closed}
             orphans = [rec.name for rec in self._snapshots
                        if is_backup_snapshot(rec.name) and rec.name not in in_use]
             for name in orphans:
@@ -1327,15 +1003,9 @@ class Disk(io.RawIOBase):
         with self._lock:
             self._check_writable()
             rec = self._find_snapshot(name)
-            self._flush_locked()
-            frozen = self._load_frozen(rec.table_offset, rec.virtual_size)
-            nb = L.blocks_for(rec.virtual_size, self._hdr.block_shift)
-            self._commit_snapshot_table([r for r in self._snapshots if r is not rec])
-            # after the commit: drop the references the snapshot held
-            self._pending_decref.extend(_fast.nonzero_values(frozen, nb).tolist())
-            self._release_run(rec.table_offset, 2 * rec.table_bytes(self._hdr.block_size))
+            self._snap_ops.delete(rec, self._snapshots)
             for view in list(self._views):
-                if view._rec is rec:
+                if view.is_of(rec):
                     view.close()
             self._flush_locked()
 
@@ -1347,59 +1017,8 @@ class Disk(io.RawIOBase):
         consumer's change id stays valid."""
         with self._lock:
             self._check_writable()
-            rec = self._find_snapshot(name)
-            self._flush_locked()
-            h = self._hdr
-            bs, shift = h.block_size, h.block_shift
-            nb_s = L.blocks_for(rec.virtual_size, shift)
-            frozen = self._load_frozen(rec.table_offset, rec.virtual_size)
-            # it becomes the live table: each block mapped once (a snapshot is a copy of a live table;
-            # a duplicate would take one reference for two entries below)
-            self._validate_table(frozen, nb_s, f"snapshot {name!r} table")
-            used = _fast.nonzero_values(frozen, nb_s)
-            # a refcount at the cap is allowed (a leak) but cannot take the new table's reference:
-            # refused before anything changes (the table growth below included), as snapshot() does
-            # (uint16 would wrap to 0: a free block)
-            if len(used) and self._refcounts[used].max() >= L.MAX_REFCOUNT:
-                raise OutOfRangeError(f"{self.path}: a block would exceed {L.MAX_REFCOUNT} references "
-                                      f"(run 'vdisk check --repair' if the image leaks)")
-            if nb_s > h.table_capacity:
-                self._grow_tables(nb_s)
-            nb_old = h.nblocks
-            table = lazy_zeros(h.table_capacity, np.uint32)
-            table[:nb_s] = frozen[:nb_s]
-            # 1. tracking: blocks whose mapping changes, and a grown area, changed now
-            if self._tracker:
-                differ = np.flatnonzero(table[:nb_s] != self._table[:nb_s])
-                self._tracker.dirty[differ] = 1
-                self._tracker.dirty_groups[np.unique(differ >> SUMMARY_SHIFT)] = 1
-                if nb_s > nb_old or rec.virtual_size > h.virtual_size:
-                    first = h.virtual_size >> shift
-                    self._tracker.dirty[first:nb_s] = 1
-                    self._tracker.dirty_groups[first >> SUMMARY_SHIFT:((nb_s - 1) >> SUMMARY_SHIFT) + 1] = 1
-                self._tracker.fold(h.generation, nblocks=nb_s)
-            # 2. the new live table in fresh blocks, its references counted
-            tbytes = L.round_up(h.table_capacity * 4, bs)
-            first = self._alloc_run(tbytes // bs)
-            self._write_nonzero_pages(table, first * bs)
-            self._refcounts[used] += 1
-            self._dirty_ref_pages.update(np.unique(used // REFS_PER_PAGE).tolist())
-            self._write_ref_pages()
-            self._io.fsync()
-            # 3. commit; then drop the old table's references
-            old_off = h.table_offset
-            old_used = _fast.nonzero_values(self._table, nb_old)
-            h.table_offset, h.virtual_size = first * bs, rec.virtual_size
-            self._commit_header()
-            self._table = table
-            self._table_mv = memoryview(table)
-            self._table_pages = np.zeros(h.table_capacity // TABLE_PER_PAGE + 1, dtype=bool)
-            self._table_pages[np.flatnonzero(table[:nb_s]) // TABLE_PER_PAGE] = True
-            self._fresh.clear()
-            self._refresh_meta_ranges()
-            self._pending_decref.extend(old_used.tolist())
-            self._release_run(old_off, tbytes)
-            self._pos = min(self._pos, h.virtual_size)
+            self._snap_ops.revert(self._find_snapshot(name))
+            self._pos = min(self._pos, self._hdr.virtual_size)
             self._flush_locked()
 
     @_poisons
@@ -1413,30 +1032,23 @@ class Disk(io.RawIOBase):
             self._flush_locked()
             self._io.fsync()                 # the released refcounts are durable first
             bs = self._hdr.block_size
-            end = min(self._end_block, self._hdr.refcount_capacity)
-            used = self._refcounts[:end] != 0
-            for lo, hi in self._meta_ranges:
-                used[lo:min(hi, end)] = True
-            used[:self._meta_end_block] = True
-            last = int(np.flatnonzero(used)[-1]) + 1 if used.any() else self._meta_end_block
+            alloc = self._alloc
+            used = alloc.used_mask()
+            last = int(np.flatnonzero(used)[-1]) + 1 if used.any() else alloc.meta_end_block
             released = 0
             starts, lengths = _fast.nonzero_runs((~used[:last]).astype(np.uint32), 0, last)
             for start, n in zip(starts.tolist(), lengths.tolist()):
                 if self._io.punch_hole(start * bs, n * bs):
                     released += n * bs
                 if progress is not None:
-                    progress(start + n, self._end_block)
-            if last < self._end_block:
-                released += (self._end_block - last) * bs
+                    progress(start + n, alloc.end_block)
+            if last < alloc.end_block:
+                released += (alloc.end_block - last) * bs
                 self._io.truncate(last * bs)
-                self._end_block = last
-                self._free = [p for p in self._free if p < last]
-                self._holes = [p for p in self._holes if p < last]
-                self._scan = min(self._scan, last)
-                self._scan_limit = min(self._scan_limit, last)
+                alloc.cut_at(last)
             self._io.fsync()
             if progress is not None:
-                progress(self._end_block, self._end_block)
+                progress(alloc.end_block, alloc.end_block)
             return released
 
     # ------------------------------------------------------------------ map
@@ -1462,7 +1074,7 @@ class Disk(io.RawIOBase):
         self._check_range(offset, length, "map")
         with self._lock:
             self._check_open()
-            return self._clipped_runs(offset, length, lambda b0, b1: _fast.nonzero_runs(self._table, b0, b1))
+            return self._clipped_runs(offset, length, lambda b0, b1: _fast.nonzero_runs(self._bt.table, b0, b1))
 
     def _clipped_runs(self, offset: int, length: int, block_runs) -> Extents:
         """The runs block_runs(b0, b1) gives for the blocks [offset, offset + length)
@@ -1480,9 +1092,7 @@ class Disk(io.RawIOBase):
         return ext
 
     def _map_locked(self) -> Extents:
-        runs = [_fast.nonzero_runs(self._table, lo, hi) for lo, hi in self._table_runs(self._hdr.nblocks)]
-        starts = np.concatenate([r[0] for r in runs]) if runs else np.empty(0, np.int64)
-        lengths = np.concatenate([r[1] for r in runs]) if runs else np.empty(0, np.int64)
+        starts, lengths = self._bt.map_runs(self._hdr.nblocks)
         return Extents.from_block_runs(starts, lengths, self._hdr.block_shift, self.size)
 
     # ------------------------------------------------------------------ resize
@@ -1511,13 +1121,13 @@ class Disk(io.RawIOBase):
                 self._commit_header()
             else:
                 tail = new_size % h.block_size
-                if tail and self._table_mv[new_nb - 1]:   # zero the cut-off part of the new last block
+                if tail and self._bt.mv[new_nb - 1]:   # zero the cut-off part of the new last block
                     cut = min(old_size, new_nb << h.block_shift) - new_size
                     self._write_locked(memoryview(bytes(cut)), new_size)
                 if self._tracker:       # a crash before the commit shows the old size with these
                     # zeroed: their armed regions report them
                     self._tracker.mark_range(new_nb, old_nb, dirty=False)
-                for b in np.flatnonzero(self._table[new_nb:old_nb]).tolist():
+                for b in np.flatnonzero(self._bt.table[new_nb:old_nb]).tolist():
                     self._unmap(new_nb + b)
                     if self._tracker:   # and so do their counters (folded below): also when the
                         self._tracker.mark(new_nb + b)      # commit is lost later (a damaged header slot)
@@ -1539,12 +1149,12 @@ class Disk(io.RawIOBase):
         first = self._alloc_run(2 * nblk)
         t_off, c_off = first * bs, (first + nblk) * bs
         table = lazy_zeros(cap, np.uint32)
-        table[:h.table_capacity] = self._table
-        self._write_nonzero_pages(table, t_off)
+        table[:h.table_capacity] = self._bt.table
+        write_nonzero_pages(self._io, table, t_off)
         old = [(h.table_offset, h.table_capacity), (h.counter_offset, h.table_capacity)]
         if self._tracker:
             self._tracker.grow_arrays(cap)
-            self._write_nonzero_pages(self._tracker.counters, c_off)
+            write_nonzero_pages(self._io, self._tracker.counters, c_off)
         self._write_ref_pages()
         self._io.fsync()
         coarse = L.coarse_shift_for(cap, h.block_shift)
@@ -1557,66 +1167,55 @@ class Disk(io.RawIOBase):
         if self._tracker:
             self._tracker.recoarsen()
             self._io.pwrite(bytes(h.bitmap_length), h.bitmap_offset)
-        self._table = table
-        self._table_mv = memoryview(table)
-        self._table_pages = np.concatenate(
-            [self._table_pages, np.zeros(cap // TABLE_PER_PAGE + 1 - len(self._table_pages), dtype=bool)])
+        self._bt.grow(table, cap)
         for off, capacity in old:       # the old regions are unreferenced now
-            nbytes = L.round_up(capacity * 4, bs)
-            for p in range(off // bs, (off + nbytes) // bs):
-                self._pending_decref.append(p)
+            self._alloc.release_run(off, L.round_up(capacity * 4, bs))
         self._flush_locked()
 
     @_rebinds
     @_poisons
     def _grow_refcounts(self, need: int) -> None:
-        """Relocate the refcount table to a larger region at the end of the file."""
-        h = self._hdr
+        """Relocate the refcount table to a larger region at the end of the file
+        (the allocator calls this when it runs out of capacity)."""
+        h, alloc = self._hdr, self._alloc
         bs = h.block_size
         cap = max(need, h.refcount_capacity + h.refcount_capacity // 2)
         while True:
             rbytes = L.round_up(cap * L.REFCOUNT_BYTES, bs)
             nblk = rbytes // bs
-            if self._end_block + nblk + 2 <= cap:
+            if alloc.end_block + nblk + 2 <= cap:
                 break
-            cap = self._end_block + nblk + 2 + 1024
+            cap = alloc.end_block + nblk + 2 + 1024
         cap = min(rbytes // L.REFCOUNT_BYTES, L.MAX_PHYS_BLOCKS)
-        first = self._end_block
-        self._end_block += nblk
-        self._io.truncate(max(self._io.size(), self._end_block * bs))
+        first = alloc.end_block
+        alloc.end_block += nblk
+        self._io.truncate(max(self._io.size(), alloc.end_block * bs))
         refs = lazy_zeros(cap, np.uint16)
-        kept = len(self._refcounts)
-        refs[:kept] = self._refcounts
+        kept = len(alloc.refcounts)
+        refs[:kept] = alloc.refcounts
         refs[first:first + nblk] = 1
         old_off, old_cap = h.refcount_offset, h.refcount_capacity
-        self._refcounts = refs
-        self._refs_mv = memoryview(refs)
+        alloc.replace(refs)
         # only the old entries and the new region's own can be nonzero: scanning the whole array would
         # touch every page of a capacity that the end of a huge sparse file asks for (fuzz finding)
-        self._write_nonzero_pages(refs[:kept], first * bs)
-        self._write_nonzero_pages(refs[first:first + nblk], first * bs + first * L.REFCOUNT_BYTES)
+        write_nonzero_pages(self._io, refs[:kept], first * bs)
+        write_nonzero_pages(self._io, refs[first:first + nblk], first * bs + first * L.REFCOUNT_BYTES)
         self._io.fsync()
         h.refcount_offset, h.refcount_capacity = first * bs, cap
         self._commit_header()
         self._refresh_meta_ranges()
-        self._dirty_ref_pages.clear()
-        old_blocks = L.round_up(old_cap * L.REFCOUNT_BYTES, bs) // bs
-        for p in range(old_off // bs, old_off // bs + old_blocks):
-            self._pending_decref.append(p)
+        alloc.dirty_pages.clear()
+        alloc.release_run(old_off, L.round_up(old_cap * L.REFCOUNT_BYTES, bs))
 
-    def _write_nonzero_pages(self, arr: np.ndarray, base: int) -> None:
-        """Write the 4 KiB pages of arr that hold a nonzero byte, 1 MiB of arr at a time."""
-        raw = arr.view(np.uint8)
-        step = 256 * PAGE
-        pages = []
-        for lo in range(0, raw.nbytes, step):
-            seg = raw[lo:lo + step]
-            whole = len(seg) // PAGE
-            pages.append(np.flatnonzero(seg[:whole * PAGE].reshape(whole, PAGE).any(axis=1)) + lo // PAGE)
-            if len(seg) % PAGE and seg[whole * PAGE:].any():
-                pages.append(np.array([lo // PAGE + whole]))
-        for start, stop in _page_runs(np.concatenate(pages) if pages else []):
-            self._io.pwrite(raw[start * PAGE:stop * PAGE], base + start * PAGE)
+    @contextlib.contextmanager
+    def quiesced(self):
+        """Hold the Disk still: its lock held (no call of another thread runs)
+        after a flush (when writable), so the file holds every write and does
+        not change inside the block (the NBD server checks a served image so)."""
+        with self._lock:
+            if self._writable:
+                self.flush()
+            yield self
 
     # ------------------------------------------------------------------ close
     def close(self) -> None:

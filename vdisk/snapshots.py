@@ -38,7 +38,10 @@ if typing.TYPE_CHECKING:
 
 import numpy as np
 
+from . import _fast
 from . import layout as L
+from .arrays import as_bytes_view as _as_bytes_view
+from .blocktable import plan_read
 from .errors import ClosedError, CorruptImageError, InvalidArgumentError, OutOfRangeError, ReadOnlyError
 from .extents import Extents
 from .tracking import ANY, format_change_id, resolve
@@ -203,14 +206,31 @@ def _take(starts: list[int], stops: list[int], lo: int, hi: int) -> None:
     stops.insert(j, hi)
 
 
+class ViewHost(typing.NamedTuple):
+    """What a Snapshot view needs of its Disk, given by the Disk (a view never
+    names the Disk's private state):
+
+    read_through(table_mv, mv, offset, check): fill mv from offset through
+        another block table, under the Disk's lock, check() first;
+    resolve(change_id, record): the generation the id names on this view
+        (StaleChangeIdError if the image did not issue it);
+    load_frozen(offset, size, check): a frozen array of the file (the
+        snapshot's counters), under the Disk's lock, check() first."""
+    read_through: typing.Callable
+    resolve: typing.Callable
+    load_frozen: typing.Callable
+
+
 class Snapshot(io.RawIOBase):
     """A read-only view of one snapshot: the read side of the Disk API, and a
     read-only, seekable io.RawIOBase (writes raise ReadOnlyError, as on a Disk
     opened "r"), so io.BufferedReader, shutil.copyfileobj and the like take it."""
 
-    def __init__(self, disk: Disk, record: SnapshotRecord, table: np.ndarray):
+    def __init__(self, disk: Disk, record: SnapshotRecord, table: np.ndarray, host: ViewHost):
         super().__init__()
         self._disk = disk
+        self._host = host
+        self._shift = disk.block_size.bit_length() - 1
         self._rec = record
         self._table = table
         self._table_mv = memoryview(table)
@@ -256,6 +276,10 @@ class Snapshot(io.RawIOBase):
     def closed(self) -> bool:
         return self._closed
 
+    def is_of(self, record: SnapshotRecord) -> bool:
+        """Whether this view reads the snapshot of record."""
+        return self._rec is record
+
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError(f"snapshot {self.name!r} is closed (or was deleted)")
@@ -267,7 +291,6 @@ class Snapshot(io.RawIOBase):
         return buf.tobytes()
 
     def preadinto(self, buffer: WriteableBuffer, offset: int) -> int:
-        from .disk import _as_bytes_view
         if isinstance(buffer, np.ndarray) and not buffer.flags.c_contiguous:
             staging = np.empty(buffer.shape, dtype=buffer.dtype)
             n = self.preadinto(staging, offset)
@@ -277,7 +300,7 @@ class Snapshot(io.RawIOBase):
         n = len(mv)
         if offset < 0 or offset + n > self.size:
             raise OutOfRangeError(f"read of {n} bytes at offset {offset} past the snapshot's size {self.size}")
-        self._disk._read_through(self._table_mv, mv, offset, self._check_open)
+        self._host.read_through(self._table_mv, mv, offset, self._check_open)
         return n
 
     def read(self, size: int = -1) -> bytes:
@@ -288,7 +311,6 @@ class Snapshot(io.RawIOBase):
         return data
 
     def readinto(self, buffer: WriteableBuffer) -> int:
-        from .disk import _as_bytes_view
         mv = _as_bytes_view(buffer)
         n = max(0, min(len(mv), self.size - self._pos))
         if n:
@@ -344,30 +366,34 @@ class Snapshot(io.RawIOBase):
         return self._pos
 
     def map(self) -> Extents:
-        from . import _fast
         self._check_open()
-        nb = L.blocks_for(self.size, self._disk._hdr.block_shift)
+        nb = L.blocks_for(self.size, self._shift)
         starts, lengths = _fast.nonzero_runs(self._table, 0, nb)
-        return Extents.from_block_runs(starts, lengths, self._disk._hdr.block_shift, self.size)
+        return Extents.from_block_runs(starts, lengths, self._shift, self.size)
+
+    def host_map(self) -> list[tuple[int, int, int]]:
+        """The data extents with where they are in the file: (offset, length,
+        host offset) runs, each contiguous in the image file (as Disk.host_map)."""
+        return [(o + at, n, phys) for o, length in self.map()
+                for at, phys, n in plan_read(self._table_mv, self._shift, o, length)]
 
     def changes_since(self, change_id: str | None) -> Extents:
         """Blocks changed between the id's point and this snapshot (exact)."""
-        from . import _fast
         self._check_open()
         if change_id == ANY:
             return self.map()
-        since = self._disk._resolve_for_snapshot(change_id, self._rec)
+        since = self._host.resolve(change_id, self._rec)
         counters = self._load_counters()
-        nb = L.blocks_for(self.size, self._disk._hdr.block_shift)
+        nb = L.blocks_for(self.size, self._shift)
         starts, lengths = _fast.runs_above(counters, since, 0, nb)
-        return Extents.from_block_runs(starts, lengths, self._disk._hdr.block_shift, self.size)
+        return Extents.from_block_runs(starts, lengths, self._shift, self.size)
 
     def _load_counters(self) -> np.ndarray:
         with self._lock:
             if self._counters is None:
-                with self._disk._lock:      # a delete in another thread must not free the blocks under the read
-                    self._check_open()
-                    self._counters = self._disk._load_frozen(self._rec.counter_offset, self._rec.virtual_size)
+                # under the Disk's lock: a delete in another thread must not free the blocks under the read
+                self._counters = self._host.load_frozen(self._rec.counter_offset, self._rec.virtual_size,
+                                                        self._check_open)
             return self._counters
 
     # --- life -----------------------------------------------------------------------

@@ -48,7 +48,7 @@ from . import _fast
 from . import layout as L
 from .errors import StaleChangeIdError
 from .extents import Extents
-from .arrays import lazy_zeros
+from .arrays import lazy_zeros, page_runs as _page_runs
 from .layout import SECTOR, SUMMARY_SHIFT, regions_for
 
 PAGE = 4096
@@ -328,6 +328,27 @@ class ChangeTracker:
         self.dirty[b0:b1] = 1
         self.dirty_groups[b0 >> SUMMARY_SHIFT:((b1 - 1) >> SUMMARY_SHIFT) + 1] = 1
 
+    def mark_blocks(self, blocks: np.ndarray) -> None:
+        """mark() for every block of an array of block numbers (revert: the
+        blocks whose mapping changes)."""
+        self.dirty[blocks] = 1
+        self.dirty_groups[np.unique(blocks >> SUMMARY_SHIFT)] = 1
+
+    def mark_write(self, b: int, fresh: bool) -> None:
+        """Block b is about to be written in place.  fresh (remapped since the
+        last flush: its mapping is not durable yet): the flush orders it, as for
+        a remap; otherwise durable data is overwritten: the write-ahead coarse
+        bit (mark_inplace)."""
+        if fresh:
+            self.mark(b)
+        else:
+            self.mark_inplace(b)
+
+    @property
+    def coarse(self) -> np.ndarray:
+        """The in-memory coarse bits, one byte per region (the hot path reads them)."""
+        return self._coarse
+
     def mark_inplace(self, b: int) -> None:
         """Block b's durable data is about to be overwritten in place: its
         coarse bit must be durable before the data write is issued."""
@@ -499,14 +520,3 @@ class ChangeTracker:
         self.summary = lazy_zeros(len(self.summary), np.uint32)
         self.sole = lazy_zeros(len(self.sole), np.uint8)
         self._rebind()
-
-
-def _page_runs(pages):
-    """Contiguous runs [start, stop) of a sorted array of page numbers."""
-    pages = np.asarray(pages, dtype=np.int64)
-    if len(pages) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = pages[np.concatenate(([0], breaks))]
-    stops = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] + 1
-    return list(zip(starts.tolist(), stops.tolist()))

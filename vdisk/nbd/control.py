@@ -14,7 +14,7 @@ Where each operation runs
   They are answered while a backup or a check runs (they do not wait for it).
 * In one worker thread, one at a time: ``backup`` and ``check``.  A backup
   reads a snapshot, a frozen view: its reads take the Disk's lock for one
-  batch each (Disk._read_through), so live NBD writes interleave with the
+  batch each (ViewHost.read_through), so live NBD writes interleave with the
   copy; the snapshot taken, the consumer recorded and the snapshot deleted
   are each one short locked step.  ``check`` flushes and then holds the
   Disk's lock for the whole check (NBD requests wait meanwhile): it reads
@@ -383,9 +383,7 @@ async def _op_check(c: ControlServer) -> dict:
 
     def run():
         disk = c.disk
-        with disk._lock:                    # the file must not change while check reads it
-            if disk.writable():
-                disk.flush()
+        with disk.quiesced():               # the file must not change while check reads it
             fio = FileIO(disk.path, writable=False)
             try:
                 return check_file(fio, repair=False)
