@@ -1096,3 +1096,25 @@ class TestCheckHealthy:
         with vdisk.open(img) as d:
             assert vdisk.check(img).ok
             assert d.pread(1, 0) == b"x"
+
+
+def test_write_zeros_keeps_blocks_allocated_and_spares_snapshots(tmp_path):
+    """Disk.write_zeros: zeros read back, every touched block stays or becomes allocated (a
+    shared block is copied, the snapshot keeps its data), and the blocks count as changed."""
+    bs = 64 << 10
+    path = str(tmp_path / "z.vdk")
+    with vdisk.create(path, 16 * bs, block_size=bs) as d:
+        d.pwrite(b"\x07" * (2 * bs), 0)
+        d.snapshot("s")
+        cid = d.checkpoint()
+        d.write_zeros(bs // 2, 4 * bs)              # shared blocks 0-1, unallocated 2-4 (4 partly)
+        assert d.pread(5 * bs, 0) == b"\x07" * (bs // 2) + bytes(4 * bs) + bytes(bs // 2)
+        ext = d.map_range(0, 16 * bs)
+        assert list(zip(ext.offsets.tolist(), ext.lengths.tolist())) == [(0, 5 * bs)]
+        ch = d.changes_since(cid)
+        assert sum(ch.lengths.tolist()) >= 5 * bs and int(ch.offsets[0]) == 0
+        with d.open_snapshot("s") as s:
+            assert s.pread(2 * bs, 0) == b"\x07" * (2 * bs)
+    with vdisk.open(path) as d:
+        assert d.pread(5 * bs, 0) == b"\x07" * (bs // 2) + bytes(5 * bs - bs // 2)
+    assert not vdisk.check(path).corruptions

@@ -559,3 +559,27 @@ def test_stop_cuts_off_a_client_that_never_reads(tmp_path):
     greedy.close(), writer.close()
     with vdisk.open(path) as d:
         assert d.pread(4, 2 * MiB) == b"last"
+
+
+def test_write_zeroes_no_hole_keeps_blocks_allocated(server):
+    """WRITE_ZEROES with NO_HOLE reads back as zeros and leaves every block of the range
+    allocated (later writes there need no new space); without it the whole blocks are freed."""
+    c = client(server)
+    assert c.call(P.NBD_CMD_WRITE_ZEROES, 0, 2 * BS, P.NBD_CMD_FLAG_NO_HOLE).error == 0       # data blocks
+    assert c.call(P.NBD_CMD_WRITE_ZEROES, 3 * BS, 2 * BS + 100, P.NBD_CMD_FLAG_NO_HOLE).error == 0  # unallocated
+    assert c.call(P.NBD_CMD_WRITE_ZEROES, 8 * BS, BS, 0).error == 0                          # a hole
+    assert c.read(0, 6 * BS) == bytes(6 * BS)
+    c.close()
+    disk = server.disk
+    mapped = {(o, n) for o, n in zip(disk.map_range(0, 10 * BS).offsets.tolist(),
+                                     disk.map_range(0, 10 * BS).lengths.tolist())}
+    covered = set()
+    for o, n in mapped:
+        covered.update(range(o // BS, (o + n + BS - 1) // BS))
+    assert {0, 1, 3, 4, 5} <= covered, f"NO_HOLE zeroing freed blocks: mapped {sorted(mapped)}"
+    assert 8 not in covered
+    changed = set()                         # zeros written are changes: tracked like any write
+    ext = disk.changes_since(disk.consumers["c"].change_id)
+    for o, n in zip(ext.offsets.tolist(), ext.lengths.tolist()):
+        changed.update(range(o // BS, (o + n + BS - 1) // BS))
+    assert {0, 1, 3, 4, 5} <= changed

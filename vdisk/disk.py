@@ -571,9 +571,14 @@ class Disk(io.RawIOBase):
                 self._append_run(mv, b, b1)     # whole new blocks of data: one run at the end
                 self._count_write()
                 return
+        self._write_remapping(mv, offset)
+
+    def _write_remapping(self, mv: memoryview, offset: int, keep_zeros: bool = False) -> None:
+        """_write_blocks, then the table changes it collected (undone if a write failed)."""
+        table = self._table_mv
         remaps: list[tuple[int, int, int]] = []   # (block, new, old): applied once the data is written
         try:
-            self._write_blocks(mv, offset, remaps)
+            self._write_blocks(mv, offset, remaps, keep_zeros)
         except BaseException:
             for _b, newp, _old in remaps:           # give the new blocks back; the table never saw them
                 alloc.give_back(newp)
@@ -605,8 +610,9 @@ class Disk(io.RawIOBase):
             raise
         self._bt.map_run(b0, b1, p0)
 
-    def _write_blocks(self, mv: memoryview, offset: int, remaps: list) -> None:
-        """Issue the data writes of a request; remaps collects the table changes."""
+    def _write_blocks(self, mv: memoryview, offset: int, remaps: list, keep_zeros: bool = False) -> None:
+        """Issue the data writes of a request; remaps collects the table changes.
+        keep_zeros: zeros are written like data (no block freed, none left unallocated)."""
         shift = self._hdr.block_shift
         bs = 1 << shift
         bt = self._bt
@@ -623,7 +629,7 @@ class Disk(io.RawIOBase):
             piece = min(bs - lo, end - pos)
             src = mv[pos - offset:pos - offset + piece]
             p = table[b]
-            if p and piece == bs and _fast.is_zero(src):
+            if p and piece == bs and not keep_zeros and _fast.is_zero(src):
                 # a whole block of zeros: give the block back (detect-zeroes=unmap), shared or not
                 if tracker:
                     tracker.mark(b)
@@ -635,7 +641,7 @@ class Disk(io.RawIOBase):
                     tracker.mark_write(b, b in bt.fresh)
                 phys, buf = (p << shift) + lo, src
             else:
-                if not p and _fast.is_zero(src):
+                if not p and not keep_zeros and _fast.is_zero(src):
                     pos += piece            # zeros onto zeros: nothing changes
                     continue
                 if tracker:
@@ -664,6 +670,21 @@ class Disk(io.RawIOBase):
         p = self._bt.unmap(b)
         if p:
             self._alloc.decref_later(p)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        """The range reads back as zeros and every block it touches stays, or
+        becomes, allocated (NBD's WRITE_ZEROES with NO_HOLE: later writes there
+        need no new space).  Tracked as a write; discard() frees blocks instead."""
+        self._check_range(offset, length, "write")
+        zeros = memoryview(bytes(min(length, 1 << 20)))
+        with self._lock:
+            self._check_writable()
+            self._check_range(offset, length, "write")    # again: a shrink may have come first
+            end = offset + length
+            while offset < end:
+                n = min(end - offset, len(zeros))
+                self._write_remapping(zeros[:n], offset, keep_zeros=True)
+                offset += n
 
     def discard(self, offset: int, length: int) -> None:
         """The range reads back as zeros; whole blocks are freed."""

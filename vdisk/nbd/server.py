@@ -78,7 +78,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vdisk.nbd")
 
-_ZEROS = bytes(1 << 20)
 SERVE_FOLD_INTERVAL = 1 << 62      # Disk.fold_interval while serving: no automatic fold in the loop's thread
 
 
@@ -665,11 +664,7 @@ class Transmission(asyncio.Protocol):
         if not flags & P.NBD_CMD_FLAG_NO_HOLE:
             self.view.discard(offset, length)       # a hole: reads as zeros, blocks freed
             return
-        end = offset + length
-        while offset < end:                         # zeros written (whole zero blocks still unmap)
-            n = min(end - offset, len(_ZEROS))
-            self.view.pwrite(memoryview(_ZEROS)[:n], offset)
-            offset += n
+        self.view.write_zeros(offset, length)       # zeros written: every block stays allocated
 
     def _buffer(self, n: int) -> bytearray:
         """The connection's read buffer (HEAD + n bytes), reused only when the
