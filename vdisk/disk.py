@@ -575,7 +575,7 @@ class Disk(io.RawIOBase):
 
     def _write_remapping(self, mv: memoryview, offset: int, keep_zeros: bool = False) -> None:
         """_write_blocks, then the table changes it collected (undone if a write failed)."""
-        table = self._table_mv
+        bt, alloc = self._bt, self._alloc
         remaps: list[tuple[int, int, int]] = []   # (block, new, old): applied once the data is written
         try:
             self._write_blocks(mv, offset, remaps, keep_zeros)
