@@ -1373,12 +1373,7 @@ class Disk(io.RawIOBase):
             self._flush_locked()
             self._io.fsync()                 # the released refcounts are durable first
             bs = self._hdr.block_size
-            end = min(self._end_block, self._hdr.refcount_capacity)
-            used = self._refcounts[:end] != 0
-            for lo, hi in self._meta_ranges:
-                used[lo:min(hi, end)] = True
-            used[:self._meta_end_block] = True
-            last = int(np.flatnonzero(used)[-1]) + 1 if used.any() else self._meta_end_block
+            used, last = self._used_blocks()
             released = 0
             starts, lengths = _fast.nonzero_runs((~used[:last]).astype(np.uint32), 0, last)
             for start, n in zip(starts.tolist(), lengths.tolist()):
@@ -1386,18 +1381,36 @@ class Disk(io.RawIOBase):
                     released += n * bs
                 if progress is not None:
                     progress(start + n, self._end_block)
-            if last < self._end_block:
-                released += (self._end_block - last) * bs
-                self._io.truncate(last * bs)
-                self._end_block = last
-                self._free = [p for p in self._free if p < last]
-                self._holes = [p for p in self._holes if p < last]
-                self._scan = min(self._scan, last)
-                self._scan_limit = min(self._scan_limit, last)
+            released += self._cut_tail(last)
             self._io.fsync()
             if progress is not None:
                 progress(self._end_block, self._end_block)
             return released
+
+    def _used_blocks(self) -> tuple[np.ndarray, int]:
+        """(used, last): which blocks a refcount or a metadata region holds,
+        and the end of the last one."""
+        end = min(self._end_block, self._hdr.refcount_capacity)
+        used = self._refcounts[:end] != 0
+        for lo, hi in self._meta_ranges:
+            used[lo:min(hi, end)] = True
+        used[:self._meta_end_block] = True
+        last = int(np.flatnonzero(used)[-1]) + 1 if used.any() else self._meta_end_block
+        return used, last
+
+    def _cut_tail(self, last: int) -> int:
+        """Truncate the free blocks past block last off the file (the
+        released refcounts must be durable); returns the bytes cut."""
+        if last >= self._end_block:
+            return 0
+        cut = (self._end_block - last) * self._hdr.block_size
+        self._io.truncate(last * self._hdr.block_size)
+        self._end_block = last
+        self._free = [p for p in self._free if p < last]
+        self._holes = [p for p in self._holes if p < last]
+        self._scan = min(self._scan, last)
+        self._scan_limit = min(self._scan_limit, last)
+        return cut
 
     # ------------------------------------------------------------------ map
     def map(self) -> Extents:
@@ -1590,6 +1603,10 @@ class Disk(io.RawIOBase):
                         if self._tracker:    # counters are durable: a clean close leaves no bit set
                             self._tracker.clear_idle_regions(everything=True)
                         self._io.fsync()     # the decrements and cleared bits of the last flush
+                        # free blocks at the end go (a snapshot delete's): check then
+                        # reports any data past the last used block as a killed writer's
+                        if self._cut_tail(self._used_blocks()[1]):
+                            self._io.fsync()
                     except VdiskIOError as exc:
                         self._poison(exc)    # a later flush() must not report success
                         raise
