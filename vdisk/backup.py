@@ -54,7 +54,7 @@ import numpy as np
 
 from . import _fast
 from .delta import (BATCH_BYTES, FLAG_ZERO, FORMAT_NAME, FORMAT_VERSION, UUID_RE, DeltaFile, DeltaWriter,
-                    batch_rows_for, check_dest, fsync_dir, now_iso, parse_compression,
+                    batch_rows_for, check_dest, fsync_dir, now_iso, parse_compression, remove_abandoned_partials,
                     start_writeback)
 from .errors import (BackupChainError, CorruptImageError, ImageLockedError, InvalidArgumentError, ReadOnlyError,
                      StaleChangeIdError, UnsupportedFeatureError)
@@ -188,6 +188,7 @@ def backup(source: PathArg | Disk | Snapshot, dest: PathArg, *, since: str | Non
     """
     comp = parse_compression(compression)
     dest = check_dest(dest)
+    remove_abandoned_partials(os.path.dirname(os.path.abspath(dest)))    # a killed backup's leftovers
     if consumer is not None and since is not None:
         raise InvalidArgumentError.naming("give ", Param("since"), " or ", Param("consumer"),
                                           ", not both: a consumer's backup starts from its own id")

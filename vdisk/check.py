@@ -12,7 +12,11 @@ compares it with the stored refcounts:
   too early), a damaged consumer table, a damaged snapshot record, a
   header sequence too near its limit for a writer;
 * leak: a block whose refcount is higher than its references (space that
-  a crash left allocated; harmless, reclaimed by repair).
+  a crash left allocated; harmless, reclaimed by repair);
+* unreferenced data: blocks holding file data past the last block any
+  table, metadata region or nonzero refcount references (a killed writer's
+  appended, never committed blocks); repair truncates the file after them,
+  once the rewritten refcounts are durable.
 
 ``repair=True`` clears bad pointers and the later of two entries mapping
 one block (their blocks read as zeros and count as changed), rewrites the
@@ -55,6 +59,7 @@ class CheckResult:
     ok: bool = True
     corruptions: list = dataclasses.field(default_factory=list)
     leaked_blocks: int = 0
+    unreferenced_data_blocks: int = 0
     corruption_count: int = 0
     repaired: bool = False
     allocated_blocks: int = 0
@@ -277,6 +282,18 @@ def _check(fio, repair: bool) -> CheckResult:
         leaked += int(np.count_nonzero(stored_m > 1))
     leaked += n_past - meta_nonzero
 
+    # past the end of what anything references (the tables, the metadata
+    # regions, a nonzero refcount): blocks a killed writer appended but
+    # never committed.  Only blocks holding file data count (SEEK_DATA):
+    # the holes creation leaves inside the file cost nothing.
+    kept_end = max([size, meta_end] + [-(-(off + length) // bs) for _n, off, length in regions])
+    ref_end = max([kept_end] + [int(np.flatnonzero(refcounts[lo:hi_r])[-1]) + lo + 1
+                     for lo, hi_r in _clip(r_ranges, end_block) if refcounts[lo:hi_r].any()])
+    tail = set()
+    for off, length in fio.data_extents(ref_end * bs, file_size):
+        tail.update(range(off // bs, -(-(off + length) // bs)))
+    unreferenced = len(tail)
+
     # the checkpoint log: every entry empty or in its slot
     log = CheckpointLog.load(fio, hdr)
     if log is not None:
@@ -338,10 +355,13 @@ def _check(fio, repair: bool) -> CheckResult:
             _commit(fio, hdr)
         _write_all(fio, new_refs, hdr.refcount_offset)
         fio.fsync()
+        if kept_end * bs < file_size:    # the refcounts durable first: then nothing names the tail
+            fio.truncate(kept_end * bs)
+            fio.fsync()
 
     return CheckResult(
-        ok=report.count == 0 and leaked == 0, corruptions=report.items, corruption_count=report.count,
-        leaked_blocks=leaked,
+        ok=report.count == 0 and leaked == 0 and unreferenced == 0, corruptions=report.items,
+        corruption_count=report.count, leaked_blocks=leaked, unreferenced_data_blocks=unreferenced,
         allocated_blocks=sum(int(np.count_nonzero(valid[lo:hi_v])) for lo, hi_v in t_runs), total_blocks=nb,
         image_end_offset=file_size)
 

@@ -381,7 +381,7 @@ def info(file: str, output: str) -> None:
 def _check_exit_code(result: Any) -> int:
     if result.corruption_count:
         return EXIT_CORRUPT
-    if result.leaked_blocks:
+    if result.leaked_blocks or result.unreferenced_data_blocks:
         return EXIT_LEAKS
     return EXIT_OK
 
@@ -399,7 +399,10 @@ def _print_findings(result: Any) -> None:
             click.echo()
         click.echo(f"{result.leaked_blocks} leaked clusters were found on the image.")
         click.echo("This means waste of disk space, but no harm to data.")
-    if not result.corruption_count and not result.leaked_blocks:
+    if result.unreferenced_data_blocks:
+        click.echo(f"{result.unreferenced_data_blocks} blocks past the last referenced one hold data nothing maps "
+                   f"(leaked by a killed writer; 'vdisk check --repair' truncates them).")
+    if not result.corruption_count and not result.leaked_blocks and not result.unreferenced_data_blocks:
         click.echo("No errors were found on the image.")
 
 
@@ -407,14 +410,16 @@ def check_json(file: str, result: Any, before: Any) -> dict[str, Any]:
     """``vdisk check --output json``: qemu-img check's keys (counts), the findings listed beside."""
     data: dict[str, Any] = {
         "filename": file, "format": "vdisk", "check-errors": 0,
-        "corruptions": result.corruption_count, "leaks": result.leaked_blocks,
+        "corruptions": result.corruption_count, "leaks": result.leaked_blocks + result.unreferenced_data_blocks,
+        "unreferenced-data-blocks": result.unreferenced_data_blocks,
         "image-end-offset": result.image_end_offset, "total-clusters": result.total_blocks,
         "allocated-clusters": result.allocated_blocks,
         "ok": result.ok, "corruption-messages": list(result.corruptions), "repaired": result.repaired,
     }
     if result.repaired:
         data.update({"corruptions-fixed": before.corruption_count - result.corruption_count,
-                     "leaks-fixed": before.leaked_blocks - result.leaked_blocks})
+                     "leaks-fixed": (before.leaked_blocks + before.unreferenced_data_blocks
+                                     - result.leaked_blocks - result.unreferenced_data_blocks)})
     return data
 
 
@@ -438,7 +443,7 @@ def check(ctx: click.Context, file: str, repair: bool, show_progress: bool, outp
     else:
         if result.repaired:
             click.echo("The following inconsistencies were found and repaired:\n")
-            click.echo(f"    {before.leaked_blocks} leaked clusters")
+            click.echo(f"    {before.leaked_blocks + before.unreferenced_data_blocks} leaked clusters")
             click.echo(f"    {before.corruption_count} corruptions\n")
             click.echo("Double checking the fixed image now...")
         _print_findings(result)

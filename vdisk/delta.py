@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import fcntl
 import importlib
 import json
 import os
 import re
 import struct
+from stat import S_ISREG as stat_is_regular
 import threading
 import uuid as _uuid
 
@@ -891,6 +893,46 @@ def check_dest(dest) -> str:
     return dest
 
 
+PARTIAL_SUFFIX = ".partial"
+_PARTIAL_RE = re.compile(r"^\..+\.[0-9a-f]{8}\.partial$")
+
+
+def remove_abandoned_partials(directory: str) -> list[str]:
+    """Remove the partial deltas (``.NAME.<hex>.partial``) in directory
+    whose writer is dead: a live DeltaWriter holds an flock on its partial
+    until it is placed or removed, so a partial whose lock can be taken was
+    left by a killed process.  Returns the paths removed."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not _PARTIAL_RE.match(name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat_is_regular(st.st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue                    # locked: its writer is alive
+            if os.stat(path, follow_symlinks=False).st_ino == st.st_ino:
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 def parse_compression(compression):
     if isinstance(compression, str):
         compression = compression.lower()
@@ -998,11 +1040,12 @@ class DeltaWriter:
         self.dest = dest
         directory = os.path.dirname(os.path.abspath(dest))
         self.directory = directory
-        self.tmp = os.path.join(directory, f".{os.path.basename(dest)}.{_uuid.uuid4().hex[:8]}.partial")
+        self.tmp = ""
         self.bs = attrs["block_size"]
         self.rows = attrs["data_blocks"]
         self._f = None
         self._fd = -1
+        self._lock_fd = -1
         self._target = None
         attrs = dict(attrs)
         attrs["checksum"] = attrs_checksum(attrs, offsets, lengths, flags)
@@ -1028,8 +1071,7 @@ class DeltaWriter:
 
     def _create(self, h5py, attrs, offsets, lengths, flags, compression) -> None:
         bs, rows = self.bs, self.rows
-        with _writing(self.tmp):
-            self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self._open_locked()
         self._target = _H5Target(self._fd)
         with self._h5_writing():
             self._f = f = h5py.File(self._target, "w", userblock_size=PREAMBLE_SIZE, libver=HDF5_LIBVER)
@@ -1057,6 +1099,35 @@ class DeltaWriter:
             self._crc_off = self._crc.id.get_offset()
             if self._raw:
                 self._close_h5()
+
+    def _open_locked(self) -> None:
+        """Create the partial file and hold an flock on it until it is placed
+        or removed: a later backup removes only partials whose lock it can
+        take (their writer is dead).  Such a cleaner may remove the file
+        between our create and our lock: then the name no longer names our
+        file, and we start again under a new name."""
+        while True:
+            self.tmp = os.path.join(self.directory,
+                                    f".{os.path.basename(self.dest)}.{_uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+            with _writing(self.tmp):
+                self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                                   0o644)
+                self._lock_fd = os.dup(self._fd)    # its own descriptor: commit closes _fd before placing
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                try:
+                    ours = os.stat(self.tmp).st_ino == os.fstat(self._fd).st_ino
+                except FileNotFoundError:
+                    ours = False
+            if ours:
+                return
+            os.close(self._fd)
+            os.close(self._lock_fd)
+            self._fd = self._lock_fd = -1
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def _close_h5(self) -> None:
         self._data = self._crc = None
@@ -1090,7 +1161,7 @@ class DeltaWriter:
             if self._raw:
                 skips = [(self._data_off, self.rows * self.bs)] if self.rows else []
             else:
-                with _import_h5py().File(self.tmp, "r") as f:
+                with _import_h5py().File(self.tmp, "r", locking=False) as f:     # we hold the file's flock
                     skips = _chunk_ranges(f[DS_DATA])
                 if len(skips) > MAX_SKIP_RANGES:   # too scattered to list: the whole file under one CRC
                     skips = []
@@ -1103,6 +1174,7 @@ class DeltaWriter:
         if before_place is not None:
             before_place()
         place_synced(self.tmp, self.dest, "a delta is never overwritten")
+        self._unlock()
         return os.path.getsize(self.dest)
 
     def abort(self) -> None:
@@ -1117,5 +1189,7 @@ class DeltaWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
+        if self.tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+        self._unlock()

@@ -1054,8 +1054,7 @@ class Disk(io.RawIOBase):
             self._io.fsync()                 # the released refcounts are durable first
             bs = self._hdr.block_size
             alloc = self._alloc
-            used = alloc.used_mask()
-            last = int(np.flatnonzero(used)[-1]) + 1 if used.any() else alloc.meta_end_block
+            used, last = self._used_blocks()
             released = 0
             starts, lengths = _fast.nonzero_runs((~used[:last]).astype(np.uint32), 0, last)
             for start, n in zip(starts.tolist(), lengths.tolist()):
@@ -1063,14 +1062,30 @@ class Disk(io.RawIOBase):
                     released += n * bs
                 if progress is not None:
                     progress(start + n, alloc.end_block)
-            if last < alloc.end_block:
-                released += (alloc.end_block - last) * bs
-                self._io.truncate(last * bs)
-                alloc.cut_at(last)
+            released += self._cut_tail(last)
             self._io.fsync()
             if progress is not None:
                 progress(alloc.end_block, alloc.end_block)
             return released
+
+    def _used_blocks(self) -> tuple[np.ndarray, int]:
+        """(used, last): which blocks a refcount or a metadata region holds,
+        and the end of the last one."""
+        alloc = self._alloc
+        used = alloc.used_mask()
+        last = int(np.flatnonzero(used)[-1]) + 1 if used.any() else alloc.meta_end_block
+        return used, last
+
+    def _cut_tail(self, last: int) -> int:
+        """Truncate the free blocks past block last off the file (the
+        released refcounts must be durable); returns the bytes cut."""
+        alloc = self._alloc
+        if last >= alloc.end_block:
+            return 0
+        cut = (alloc.end_block - last) * self._hdr.block_size
+        self._io.truncate(last * self._hdr.block_size)
+        alloc.cut_at(last)
+        return cut
 
     # ------------------------------------------------------------------ map
     def map(self) -> Extents:
@@ -1250,6 +1265,10 @@ class Disk(io.RawIOBase):
                         if self._tracker:    # counters are durable: a clean close leaves no bit set
                             self._tracker.clear_idle_regions(everything=True)
                         self._io.fsync()     # the decrements and cleared bits of the last flush
+                        # free blocks at the end go (a snapshot delete's): check then
+                        # reports any data past the last used block as a killed writer's
+                        if self._cut_tail(self._used_blocks()[1]):
+                            self._io.fsync()
                     except VdiskIOError as exc:
                         self._poison(exc)    # a later flush() must not report success
                         raise
