@@ -201,6 +201,21 @@ class Allocator:
         used[:self.meta_end_block] = True
         return used
 
+    def last_used_block(self) -> int:
+        """The end of the last block in use (as used_mask), scanning back from
+        the file's end 1 Mi refcounts at a time: the cost is the free tail's,
+        not the file's (Disk.close runs it on every writable close)."""
+        end = min(self.end_block, self._hdr.refcount_capacity)
+        floor = max([self.meta_end_block] + [min(hi, end) for _lo, hi in self.meta_ranges])
+        hi = end
+        while hi > floor:
+            lo = max(floor, hi - (1 << 20))
+            nz = np.flatnonzero(self.refcounts[lo:hi])
+            if len(nz):
+                return lo + int(nz[-1]) + 1
+            hi = lo
+        return floor
+
     def cut_at(self, last: int) -> None:
         """The file now ends at block last (compact truncated it)."""
         self.end_block = last

@@ -62,7 +62,7 @@ import time
 import types
 import uuid as _uuid
 import weakref
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -1244,7 +1244,7 @@ class Disk(io.RawIOBase):
         alloc.release_run(old_off, L.round_up(old_cap * L.REFCOUNT_BYTES, bs))
 
     @contextlib.contextmanager
-    def quiesced(self):
+    def quiesced(self) -> Iterator[None]:
         """Hold the Disk still: its lock held (no call of another thread runs)
         after a flush (when writable), so the file holds every write and does
         not change inside the block (the NBD server checks a served image so)."""
@@ -1267,7 +1267,7 @@ class Disk(io.RawIOBase):
                         self._io.fsync()     # the decrements and cleared bits of the last flush
                         # free blocks at the end go (a snapshot delete's): check then
                         # reports any data past the last used block as a killed writer's
-                        if self._cut_tail(self._used_blocks()[1]):
+                        if self._cut_tail(self._alloc.last_used_block()):
                             self._io.fsync()
                     except VdiskIOError as exc:
                         self._poison(exc)    # a later flush() must not report success
