@@ -216,13 +216,19 @@ class Allocator:
             hi = lo
         return floor
 
-    def cut_at(self, last: int) -> None:
-        """The file now ends at block last (compact truncated it)."""
+    def cut_tail(self, last: int) -> int:
+        """Truncate the free blocks from block last to the end off the file
+        (their released refcounts must be durable); returns the bytes cut."""
+        if last >= self.end_block:
+            return 0
+        cut = (self.end_block - last) * self._hdr.block_size
+        self._io.truncate(last * self._hdr.block_size)
         self.end_block = last
         self.free = [p for p in self.free if p < last]
         self.holes = [p for p in self.holes if p < last]
         self.scan = min(self.scan, last)
         self.scan_limit = min(self.scan_limit, last)
+        return cut
 
     # --- validation at open -------------------------------------------------------
     def validate_meta(self) -> None:

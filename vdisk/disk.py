@@ -756,9 +756,6 @@ class Disk(io.RawIOBase):
         if self._tracker and (folded or self._tracker.dirty_regions):
             self._tracker.clear_idle_regions()
 
-    def _write_ref_pages(self) -> None:
-        self._alloc.write_pages()
-
     @_poisons
     def _commit_header(self) -> None:
         """Write the header to the other slot and fsync: the atomic commit
@@ -807,7 +804,7 @@ class Disk(io.RawIOBase):
             cap = L.log_capacity_for(h.block_size)
             nbytes = L.round_up(cap * L.LOG_ENTRY_SIZE, h.block_size)
             first = self._alloc_run(nbytes // h.block_size)
-            self._write_ref_pages()
+            self._alloc.write_pages()
             self._log = CheckpointLog(self._io, first * h.block_size, cap)
             h.log_offset, h.log_capacity, h.legacy_generation = first * h.block_size, cap, h.generation
             h.incompatible_features |= L.INCOMPAT_CHECKPOINT_LOG
@@ -952,7 +949,7 @@ class Disk(io.RawIOBase):
         h = self._hdr
         old_off, old_cap = getattr(h, f"{kind}_offset"), getattr(h, f"{kind}_capacity")
         off, cap = self._write_entry_table(records, entry_size, limit)
-        self._write_ref_pages()
+        self._alloc.write_pages()
         self._io.fsync()
         setattr(h, f"{kind}_offset", off)
         setattr(h, f"{kind}_capacity", cap)
@@ -1054,7 +1051,8 @@ class Disk(io.RawIOBase):
             self._io.fsync()                 # the released refcounts are durable first
             bs = self._hdr.block_size
             alloc = self._alloc
-            used, last = self._used_blocks()
+            used = alloc.used_mask()
+            last = alloc.last_used_block()
             released = 0
             starts, lengths = _fast.nonzero_runs((~used[:last]).astype(np.uint32), 0, last)
             for start, n in zip(starts.tolist(), lengths.tolist()):
@@ -1062,30 +1060,12 @@ class Disk(io.RawIOBase):
                     released += n * bs
                 if progress is not None:
                     progress(start + n, alloc.end_block)
-            released += self._cut_tail(last)
+            released += alloc.cut_tail(last)
             self._io.fsync()
             if progress is not None:
                 progress(alloc.end_block, alloc.end_block)
             return released
 
-    def _used_blocks(self) -> tuple[np.ndarray, int]:
-        """(used, last): which blocks a refcount or a metadata region holds,
-        and the end of the last one."""
-        alloc = self._alloc
-        used = alloc.used_mask()
-        last = int(np.flatnonzero(used)[-1]) + 1 if used.any() else alloc.meta_end_block
-        return used, last
-
-    def _cut_tail(self, last: int) -> int:
-        """Truncate the free blocks past block last off the file (the
-        released refcounts must be durable); returns the bytes cut."""
-        alloc = self._alloc
-        if last >= alloc.end_block:
-            return 0
-        cut = (alloc.end_block - last) * self._hdr.block_size
-        self._io.truncate(last * self._hdr.block_size)
-        alloc.cut_at(last)
-        return cut
 
     # ------------------------------------------------------------------ map
     def map(self) -> Extents:
@@ -1191,7 +1171,7 @@ class Disk(io.RawIOBase):
         if self._tracker:
             self._tracker.grow_arrays(cap)
             write_nonzero_pages(self._io, self._tracker.counters, c_off)
-        self._write_ref_pages()
+        self._alloc.write_pages()
         self._io.fsync()
         coarse = L.coarse_shift_for(cap, h.block_shift)
         h.table_offset, h.counter_offset, h.table_capacity = t_off, c_off, cap
@@ -1267,7 +1247,7 @@ class Disk(io.RawIOBase):
                         self._io.fsync()     # the decrements and cleared bits of the last flush
                         # free blocks at the end go (a snapshot delete's): check then
                         # reports any data past the last used block as a killed writer's
-                        if self._cut_tail(self._alloc.last_used_block()):
+                        if self._alloc.cut_tail(self._alloc.last_used_block()):
                             self._io.fsync()
                     except VdiskIOError as exc:
                         self._poison(exc)    # a later flush() must not report success

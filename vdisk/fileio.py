@@ -331,7 +331,7 @@ def atomic_output(dest: str, *, overwrite: bool = False, what: str = "partial",
                   why: str | tuple[Part, ...] = TO_REPLACE, placing_error=None):
     """Build a new file for dest under a temporary name beside it, then put it in place.
 
-    Yields the temporary path (``.NAME.XXXXXXXX.<what>`` in dest's directory).
+    Yields the temporary path (``.NAME.<8 hex digits>.<what>`` in dest's directory).
     The body writes the file there, syncs and closes it.  On a clean exit the
     file goes to dest: over an existing one with overwrite=True (never over an
     image in use; a rename, then the directory synced), else only where nothing
