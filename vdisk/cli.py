@@ -401,7 +401,7 @@ def _print_findings(result: Any) -> None:
         click.echo("This means waste of disk space, but no harm to data.")
     if result.unreferenced_data_blocks:
         click.echo(f"{result.unreferenced_data_blocks} blocks past the last referenced one hold data nothing maps "
-                   f"(leaked by a killed writer; 'vdisk check --repair' truncates them).")
+                   f"(leaked by a killed writer; 'vdisk compact' or 'vdisk check --repair' truncates them).")
     if not result.corruption_count and not result.leaked_blocks and not result.unreferenced_data_blocks:
         click.echo("No errors were found on the image.")
 

@@ -13,7 +13,7 @@ and this module talks to it::
 
 ``vdisk.backup(path, ...)`` and ``vdisk.check(path)`` route through it by
 themselves when the path is served, as do the CLI commands info, map,
-changes, checkpoint, snapshot, consumer, backup and check.
+changes, checkpoint, snapshot, consumer, backup, check and compact.
 
 Where the socket is
 -------------------
@@ -39,7 +39,7 @@ those of :class:`LiveDisk` (``hello``, ``info``, ``map``, ``changes``,
 ``checkpoint``, ``snapshot_create``, ``snapshot_list``, ``snapshot_delete``,
 ``snapshot_revert``, ``consumer_register``, ``consumer_update``,
 ``consumer_forget``, ``consumer_list``, ``backup``, ``check``,
-``clients``); vdisk/nbd/control.py carries them out and documents each.
+``compact``, ``clients``); vdisk/nbd/control.py carries them out and documents each.
 
 Change ids cross the wire as the opaque strings they are.
 """
@@ -155,7 +155,7 @@ def _extents(runs) -> Extents:
 
 # ---------------------------------------------------------------------------- the client
 class NotServedLive(errors.ImageLockedError, AttributeError):
-    """A Disk method the control channel does not carry (resize, compact, pread, ...): the
+    """A Disk method the control channel does not carry (resize, pread, ...): the
     image is locked by its server.  An AttributeError too, so hasattr() says False."""
 
 
@@ -306,7 +306,7 @@ class LiveDisk:
     ``checkpoint()``, ``snapshot(name)``, ``snapshots``,
     ``delete_snapshot(name, wait=None)``, ``revert(name)``, ``consumers``
     (register/update/forget/values/last_id), ``backup(dest, ...)``,
-    ``check()`` and ``clients()``.  Data I/O goes through NBD, not here;
+    ``check()``, ``compact()`` and ``clients()``.  Data I/O goes through NBD, not here;
     any other Disk method raises ImageLockedError saying so."""
 
     def __init__(self, path: str, channel: Channel):
@@ -410,6 +410,13 @@ class LiveDisk:
         if progress:
             progress(res.bytes_copied, res.bytes_copied)
         return res
+
+    def compact(self, *, progress=None) -> int:
+        """Disk.compact inside the server (refused by a --read-only one): the bytes released."""
+        r = self._call("compact")
+        if progress:
+            progress(r["blocks"], r["blocks"])
+        return int(r["released"])
 
     def check(self):
         """A read-only check of the served image's flushed state."""

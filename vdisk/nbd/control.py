@@ -12,13 +12,15 @@ Where each operation runs
   check the connected clients and act in the same step, so no client can
   connect to what they remove in between.
   They are answered while a backup or a check runs (they do not wait for it).
-* In one worker thread, one at a time: ``backup`` and ``check``.  A backup
+* In one worker thread, one at a time: ``backup``, ``check`` and ``compact``.  A backup
   reads a snapshot, a frozen view: its reads take the Disk's lock for one
   batch each (ViewHost.read_through), so live NBD writes interleave with the
   copy; the snapshot taken, the consumer recorded and the snapshot deleted
   are each one short locked step.  ``check`` flushes and then holds the
   Disk's lock for the whole check (NBD requests wait meanwhile): it reads
-  the file, which must not change under it.
+  the file, which must not change under it.  ``compact`` is Disk.compact:
+  it holds the Disk's lock while it flushes, punches the free blocks and
+  cuts the free tail (a killed writer's leak among them) off the file.
 
 Operations (``args`` of the request; the result)
 ------------------------------------------------
@@ -39,6 +41,8 @@ consumer_forget {name}             null
 consumer_list                      [{name, change_id, generation, created, updated}, ...]
 backup {dest, since?, consumer?, compression?}   BackupResult.to_dict() and extent_runs
 check                              CheckResult.to_dict() of the flushed state
+compact                            {released: bytes given back, blocks: the file's blocks after};
+                                   refused (ReadOnlyError) by a --read-only server
 clients                            {export name: connected clients}
 
 Isolation: a control client is one task of the loop; whatever it sends,
@@ -64,7 +68,7 @@ from .. import errors, live
 log = logging.getLogger("vdisk.nbd")
 
 MAX_CLIENTS = 32        # control connections at once; more are answered an error and closed
-_LONG = frozenset(("backup", "check"))      # the operations of the worker thread
+_LONG = frozenset(("backup", "check", "compact"))      # the operations of the worker thread
 
 
 class ControlServer:
@@ -374,6 +378,19 @@ async def _op_backup(c: ControlServer, dest, since=None, consumer=None, compress
     out = res.to_dict()
     out["extent_runs"] = live.extents_list(res.extents)
     return out
+
+
+@_op
+async def _op_compact(c: ControlServer) -> dict:
+    if c.server.image.read_only:
+        raise errors.ReadOnlyError(c._served("it is served read-only, and compact writes the image; serve it "
+                                             "without --read-only, or stop the server first"))
+    seen = [0]
+
+    def run() -> dict:
+        released = c.disk.compact(progress=lambda done, total: seen.__setitem__(0, total))
+        return {"released": released, "blocks": seen[0]}
+    return await c._in_worker(run)
 
 
 @_op
