@@ -54,8 +54,8 @@ import numpy as np
 
 from . import _fast
 from .delta import (BATCH_BYTES, FLAG_ZERO, FORMAT_NAME, FORMAT_VERSION, UUID_RE, DeltaFile, DeltaWriter,
-                    batch_rows_for, check_dest, fsync_dir, now_iso, parse_compression, remove_abandoned_partials,
-                    start_writeback)
+                    abandoned_partials, batch_rows_for, check_dest, fsync_dir, now_iso, parse_compression,
+                    remove_abandoned_partials, start_writeback)
 from .errors import (BackupChainError, CorruptImageError, ImageLockedError, InvalidArgumentError, ReadOnlyError,
                      StaleChangeIdError, UnsupportedFeatureError)
 from .errors import FROM_SCRATCH, TO_REPLACE, Param
@@ -336,13 +336,19 @@ def _backup_snapshot(snap, dest: str, since: str, compression, progress, before_
 def verify(delta: PathArg, *, progress: Progress | None = None) -> dict[str, Any]:
     """Check one delta completely: structure, attributes checksum, extents, every
     block checksum.  Raises CorruptImageError/ChecksumError (FormatError for a
-    file that is not a delta); returns a summary dict.
+    file that is not a delta); returns a summary dict, whose ``abandoned_partials``
+    lists the partial deltas of killed backups and merges in the delta's
+    directory (reported, not removed: the next backup or merge there removes them).
     progress(done_bytes, total_bytes): called as block rows are checked, finally with done == total."""
     with DeltaFile.open(delta) as d:
         prog = _Progress(progress, d.rows * d.block_size)
         d.verify_rows(tick=prog.tick)
         prog.finish()
-        return d.summary()
+        return _summary(d)
+
+
+def _summary(d: DeltaFile) -> dict[str, Any]:
+    return dict(d.summary(), abandoned_partials=abandoned_partials(os.path.dirname(os.path.abspath(d.path))))
 
 
 def verify_chain(deltas: Deltas) -> list[dict[str, Any]]:
@@ -356,7 +362,7 @@ def verify_chain(deltas: Deltas) -> list[dict[str, Any]]:
         out = []
         for f in files:
             f.verify_rows()
-            out.append(f.summary())
+            out.append(_summary(f))
         return out
     finally:
         for f in files:
@@ -892,9 +898,12 @@ def merge(deltas: Deltas, dest: PathArg, *, progress: Progress | None = None) ->
     full backup at the last delta's point).  The chain is validated and every
     delta verified first; dest must not exist.  The new delta uses the
     compression of the newest delta.  progress(done_bytes, total_bytes): called
-    as the deltas are verified and copied, finally with done == total."""
+    as the deltas are verified and copied, finally with done == total.
+    Partial deltas of killed backups and merges in dest's directory are
+    removed first (those whose writer is dead, as backup does)."""
     from . import __version__
     dest = check_dest(dest)
+    remove_abandoned_partials(os.path.dirname(os.path.abspath(dest)))    # a killed backup's or merge's leftovers
     files = _open_all(_delta_paths(deltas))
     try:
         check_chain(files)

@@ -875,9 +875,27 @@ def verify_(ctx: click.Context, deltas: tuple[str, ...], as_chain: bool, show_pr
             kind = "full" if summary["full"] else f"since {summary['since']}"
             click.echo(f"{path}: ok, {kind} -> {summary['change_id']}, {_plural(summary['extents'], 'extent')}, "
                        f"{summary['bytes']} bytes")
+    if output != "json":
+        _report_partials(results)
     if output == "json":
         _emit_json(results)
     ctx.exit(EXIT_ERROR if bad else EXIT_OK)
+
+
+def _report_partials(results: list[dict[str, Any]]) -> None:
+    """One line per abandoned partial delta beside the verified ones (each once)."""
+    seen: set[str] = set()
+    for res in results:
+        for partial in res.get("abandoned_partials", ()):
+            if partial in seen:
+                continue
+            seen.add(partial)
+            try:
+                size = _fmt_size(os.path.getsize(partial))
+            except OSError:
+                continue                      # removed meanwhile
+            click.echo(f"{partial}: abandoned partial delta of a killed backup or merge ({size}); the next "
+                       f"backup or merge into {os.path.dirname(partial)} removes it")
 
 
 @main.command(name="merge")

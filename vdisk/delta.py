@@ -902,12 +902,24 @@ def remove_abandoned_partials(directory: str) -> list[str]:
     whose writer is dead: a live DeltaWriter holds an flock on its partial
     until it is placed or removed, so a partial whose lock can be taken was
     left by a killed process.  Returns the paths removed."""
-    removed = []
+    return abandoned_partials(directory, remove=True)
+
+
+def abandoned_partials(directory: str, remove: bool = False) -> list[str]:
+    """The partial deltas in directory whose lock can be taken (their writer
+    is dead), sorted; with remove, each is removed (remove_abandoned_partials).
+
+    Without remove (a report: verify), empty partials are left out: a
+    writer between its create and its lock (_open_locked) holds an empty
+    file whose lock can be taken, and a report must not name a live
+    writer's file.  A remover may take such a file: the writer then starts
+    again under a new name."""
+    found = []
     try:
         names = os.listdir(directory)
     except OSError:
-        return removed
-    for name in names:
+        return found
+    for name in sorted(names):
         if not _PARTIAL_RE.match(name):
             continue
         path = os.path.join(directory, name)
@@ -917,20 +929,21 @@ def remove_abandoned_partials(directory: str) -> list[str]:
             continue
         try:
             st = os.fstat(fd)
-            if not stat_is_regular(st.st_mode):
+            if not stat_is_regular(st.st_mode) or not (remove or st.st_size):
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue                    # locked: its writer is alive
             if os.stat(path, follow_symlinks=False).st_ino == st.st_ino:
-                os.unlink(path)
-                removed.append(path)
+                if remove:
+                    os.unlink(path)
+                found.append(path)
         except OSError:
             pass
         finally:
             os.close(fd)
-    return removed
+    return found
 
 
 def parse_compression(compression):
