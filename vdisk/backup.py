@@ -9,7 +9,13 @@ The contract
   taken at the start and deleted once the delta is complete and synced,
   before it is linked into place (also when the copy fails), so the disk
   stays writable during the copy; a source given as a path is closed
-  (flushed and synced) then too.  A crash (or a failed delete) can leave
+  (flushed and synced) then too.  A Disk opened "r" (or a path the user
+  may not write, opened so) needs no snapshot: its shared lock keeps every
+  writer out.  It cannot name a new point either (that writes the image):
+  its delta names the image's last change id and holds the image as it is,
+  blocks changed after that id included, which the next incremental since
+  it copies again (more, never less); since that very id is refused, and
+  so is a consumer's backup (its record is a write).  A crash (or a failed delete) can leave
   that snapshot (``vdisk-backup-`` and 32 hex digits); the next backup of
   the image deletes every such snapshot no open view reads.  The result's ``change_id`` names the
   point: the consumer keeps it and passes it as ``since`` next time.  A
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import uuid as _uuid
@@ -57,7 +64,7 @@ from .delta import (BATCH_BYTES, FLAG_ZERO, FORMAT_NAME, FORMAT_VERSION, UUID_RE
                     abandoned_partials, batch_rows_for, check_dest, fsync_dir, now_iso, parse_compression,
                     remove_abandoned_partials, start_writeback)
 from .errors import (BackupChainError, CorruptImageError, ImageLockedError, InvalidArgumentError, ReadOnlyError,
-                     StaleChangeIdError, UnsupportedFeatureError)
+                     StaleChangeIdError, UnsupportedFeatureError, VdiskIOError)
 from .errors import FROM_SCRATCH, TO_REPLACE, Param
 from ._types import PathArg, Progress
 from .extents import Extents
@@ -168,7 +175,12 @@ def _resolve_source(source):
     if isinstance(source, Disk):
         return source, None, False
     if isinstance(source, (str, bytes, os.PathLike)):
-        return open_disk(source, "r+"), None, True
+        try:
+            return open_disk(source, "r+"), None, True
+        except VdiskIOError as exc:     # the user may only read it: nobody writes while we hold it "r"
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+        return open_disk(source, "r"), None, True
     raise InvalidArgumentError(f"backup source must be a path, a vdisk.Disk or a vdisk.Snapshot, "
                                f"not {type(source).__name__}")
 
@@ -211,14 +223,18 @@ def backup(source: PathArg | Disk | Snapshot, dest: PathArg, *, since: str | Non
                 raise UnsupportedFeatureError(f"{disk.path}: change tracking is off for this image: it has no "
                                               f"consumers")
             if not disk.writable():
-                raise ReadOnlyError(f"{disk.path}: opened read-only, but a consumer's backup records its id "
-                                    f"in the image (open it with mode 'r+')")
+                raise ReadOnlyError(f"{disk.path}: open read-only (no write permission, or mode 'r'), but a "
+                                    f"consumer's backup records its new id in the image: back up since the "
+                                    f"consumer's last id instead (vdisk consumer list shows it), or open the "
+                                    f"image writable")
             since = disk.consumers.last_id(consumer) or "*"
             result = _backup_disk(disk, dest, since, comp, progress)
             _record(disk, consumer, result)
             return result
         if snap is not None:
             return _backup_snapshot(snap, dest, since, comp, progress)
+        if not disk.writable():
+            return _backup_unwritable(disk, dest, since, comp, progress, close_before_place=owned)
         return _backup_disk(disk, dest, since, comp, progress, close_before_place=owned)
     finally:
         if owned:
@@ -273,12 +289,48 @@ def _backup_disk(disk, dest: str, since: str, comp, progress, close_before_place
         raise
 
 
+def _backup_unwritable(disk, dest: str, since: str, comp, progress, close_before_place: bool = False
+                       ) -> BackupResult:
+    """Back up a Disk opened "r": its shared lock keeps every writer out, so the
+    image itself is the frozen view (no temporary snapshot, which would write).
+
+    Naming a new point writes the image too (a checkpoint), so the delta names
+    the last point the image closed (its change_id) while it holds the image
+    as it is: blocks changed after that point may be in it.  Never less: the
+    next incremental since that id copies every block changed after it, those
+    again.  A backup since that very id would end where it starts: refused."""
+    if disk.tracking_id is None:
+        raise UnsupportedFeatureError.naming(f"{disk.path}: change tracking is off for this image: a backup "
+                                             f"needs change ids (create the image with ", Param("track_changes", True), ")")
+    if since != ANY:
+        disk.changes_in(since, 0, 0)            # a stale id fails before anything is written
+    point = disk.change_id
+    how = ("it is open read-only (no write permission, or mode 'r'), and naming a new point writes the image "
+           "(vdisk checkpoint, or a writable open)")
+    if point is None:
+        raise ReadOnlyError(f"{disk.path}: no change id yet to name the backup's point, and {how}")
+    if since != ANY and ChangeId.parse(since) == ChangeId.parse(point):
+        raise ReadOnlyError(f"{disk.path}: since {since} is the image's last change id: a delta after it ends at a "
+                            f"new point, and {how}")
+
+    def close():
+        if close_before_place:
+            disk.close()
+    return _write_delta(disk, point, dest, since, comp, progress, before_place=close)
+
+
 def _backup_snapshot(snap, dest: str, since: str, compression, progress, before_place=None) -> BackupResult:
-    from . import __version__
     if not snap._disk.track_changes:             # frozen counters of an untracked image say nothing
         raise UnsupportedFeatureError.naming(f"{snap._disk.path}: change tracking is off for this image: a "
                                              f"backup needs change ids (create the image with ",
                                              Param("track_changes", True), ")")
+    return _write_delta(snap, snap.change_id, dest, since, compression, progress, before_place)
+
+
+def _write_delta(snap, change_id: str, dest: str, since: str, compression, progress,
+                 before_place=None) -> BackupResult:
+    """The delta of view snap (a Snapshot, or a Disk nobody can write) since `since`, named change_id."""
+    from . import __version__
     changed = snap.changes_since(since)          # validates since: StaleChangeIdError before any file
     bs, size = snap.block_size, snap.size
     offsets, lengths, flags = _split_by_allocation(changed, snap.map() if since != "*" else changed, bs, size)
@@ -290,7 +342,7 @@ def _backup_snapshot(snap, dest: str, since: str, compression, progress, before_
     attrs = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "image_uuid": str(snap.uuid),
         "tracking_id": snap.tracking_id, "since": since if since == "*" else since.strip().lower(),
-        "change_id": snap.change_id, "block_size": bs, "virtual_size": size, "data_blocks": rows,
+        "change_id": change_id, "block_size": bs, "virtual_size": size, "data_blocks": rows,
         "data_bytes": data_bytes, "zero_bytes": zero_bytes, "created": now_iso(), "vdisk_version": __version__,
     }
     writer = DeltaWriter(dest, attrs, offsets, lengths, flags, compression)
@@ -327,7 +379,7 @@ def _backup_snapshot(snap, dest: str, since: str, compression, progress, before_
     except BaseException:
         writer.abort()
         raise
-    return BackupResult(change_id=snap.change_id, since=attrs["since"], extents=changed, bytes_copied=data_bytes,
+    return BackupResult(change_id=change_id, since=attrs["since"], extents=changed, bytes_copied=data_bytes,
                         zero_bytes=zero_bytes, dest=dest, image_uuid=attrs["image_uuid"],
                         tracking_id=attrs["tracking_id"], virtual_size=size, block_size=bs, file_bytes=file_bytes)
 
