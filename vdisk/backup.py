@@ -70,7 +70,7 @@ from ._types import PathArg, Progress
 from .extents import Extents
 from .fileio import FileIO, atomic_output, open_regular, refuse_if_in_use
 from .snapshots import BACKUP_SNAPSHOT_PREFIX
-from .tracking import ANY, ChangeId
+from .changeid import ANY, ChangeId, Since, parse_since
 
 if TYPE_CHECKING:
     from .disk import Disk
@@ -204,7 +204,7 @@ def backup(source: PathArg | Disk | Snapshot, dest: PathArg, *, since: str | Non
     if consumer is not None and since is not None:
         raise InvalidArgumentError.naming("give ", Param("since"), " or ", Param("consumer"),
                                           ", not both: a consumer's backup starts from its own id")
-    since = "*" if since is None else since
+    since = ANY if since is None else since
     try:
         disk, snap, owned = _resolve_source(source)
     except ImageLockedError:                 # served by `vdisk serve`: the backup runs in the server
@@ -213,7 +213,7 @@ def backup(source: PathArg | Disk | Snapshot, dest: PathArg, *, since: str | Non
         if served is None:
             raise
         with live.LiveDisk(os.fspath(source), served) as remote:
-            return remote.backup(dest, since=None if since == "*" else since, consumer=consumer,
+            return remote.backup(dest, since=None if since == ANY else since, consumer=consumer,
                                  compression=compression, progress=progress)
     try:
         if consumer is not None:
@@ -227,7 +227,7 @@ def backup(source: PathArg | Disk | Snapshot, dest: PathArg, *, since: str | Non
                                     f"consumer's backup records its new id in the image: back up since the "
                                     f"consumer's last id instead (vdisk consumer list shows it), or open the "
                                     f"image writable")
-            since = disk.consumers.last_id(consumer) or "*"
+            since = disk.consumers.last_id(consumer) or ANY
             result = _backup_disk(disk, dest, since, comp, progress)
             _record(disk, consumer, result)
             return result
@@ -258,13 +258,14 @@ def _record(disk, consumer: str, result: BackupResult) -> None:
         raise
 
 
-def _backup_disk(disk, dest: str, since: str, comp, progress, close_before_place: bool = False) -> BackupResult:
+def _backup_disk(disk, dest: str, since: Since, comp, progress, close_before_place: bool = False) -> BackupResult:
     """Back up the live disk through a temporary snapshot, deleted before the delta is placed.
     close_before_place: the caller owns the disk and needs nothing more of it: close it
     before the delta is in place too (its last flush and fsync may fail)."""
     if disk.tracking_id is None:
         raise UnsupportedFeatureError.naming(f"{disk.path}: change tracking is off for this image: a backup "
                                              f"needs change ids (create the image with ", Param("track_changes", True), ")")
+    since = parse_since(since)      # once: the layers below take the ChangeId
     if since != ANY:      # a stale id (another copy's too) fails before anything is written, even the snapshot
         disk.changes_in(since, 0, 0)        # validates the id at no cost (an empty range)
     disk.drop_orphan_backup_snapshots()     # of backups a crash or an error interrupted
@@ -289,7 +290,7 @@ def _backup_disk(disk, dest: str, since: str, comp, progress, close_before_place
         raise
 
 
-def _backup_unwritable(disk, dest: str, since: str, comp, progress, close_before_place: bool = False
+def _backup_unwritable(disk, dest: str, since: Since, comp, progress, close_before_place: bool = False
                        ) -> BackupResult:
     """Back up a Disk opened "r": its shared lock keeps every writer out, so the
     image itself is the frozen view (no temporary snapshot, which would write).
@@ -302,6 +303,7 @@ def _backup_unwritable(disk, dest: str, since: str, comp, progress, close_before
     if disk.tracking_id is None:
         raise UnsupportedFeatureError.naming(f"{disk.path}: change tracking is off for this image: a backup "
                                              f"needs change ids (create the image with ", Param("track_changes", True), ")")
+    since = parse_since(since)
     if since != ANY:
         disk.changes_in(since, 0, 0)            # a stale id fails before anything is written
     point = disk.change_id
@@ -309,8 +311,8 @@ def _backup_unwritable(disk, dest: str, since: str, comp, progress, close_before
            "(vdisk checkpoint, or a writable open)")
     if point is None:
         raise ReadOnlyError(f"{disk.path}: no change id yet to name the backup's point, and {how}")
-    if since != ANY and ChangeId.parse(since) == ChangeId.parse(point):
-        raise ReadOnlyError(f"{disk.path}: since {since} is the image's last change id: a delta after it ends at a "
+    if since != ANY and since == ChangeId.parse(point):
+        raise ReadOnlyError(f"{disk.path}: since {since.given} is the image's last change id: a delta after it ends at a "
                             f"new point, and {how}")
 
     def close():
@@ -319,21 +321,21 @@ def _backup_unwritable(disk, dest: str, since: str, comp, progress, close_before
     return _write_delta(disk, point, dest, since, comp, progress, before_place=close)
 
 
-def _backup_snapshot(snap, dest: str, since: str, compression, progress, before_place=None) -> BackupResult:
+def _backup_snapshot(snap, dest: str, since: Since, compression, progress, before_place=None) -> BackupResult:
     if not snap._disk.track_changes:             # frozen counters of an untracked image say nothing
         raise UnsupportedFeatureError.naming(f"{snap._disk.path}: change tracking is off for this image: a "
                                              f"backup needs change ids (create the image with ",
                                              Param("track_changes", True), ")")
-    return _write_delta(snap, snap.change_id, dest, since, compression, progress, before_place)
+    return _write_delta(snap, snap.change_id, dest, parse_since(since), compression, progress, before_place)
 
 
-def _write_delta(snap, change_id: str, dest: str, since: str, compression, progress,
+def _write_delta(snap, change_id: str, dest: str, since: Since, compression, progress,
                  before_place=None) -> BackupResult:
     """The delta of view snap (a Snapshot, or a Disk nobody can write) since `since`, named change_id."""
     from . import __version__
     changed = snap.changes_since(since)          # validates since: StaleChangeIdError before any file
     bs, size = snap.block_size, snap.size
-    offsets, lengths, flags = _split_by_allocation(changed, snap.map() if since != "*" else changed, bs, size)
+    offsets, lengths, flags = _split_by_allocation(changed, snap.map() if since != ANY else changed, bs, size)
     data = (flags & FLAG_ZERO) == 0
     nblocks = (lengths + np.uint64(bs - 1)) // np.uint64(bs)
     rows = int(nblocks[data].sum())
@@ -341,7 +343,7 @@ def _write_delta(snap, change_id: str, dest: str, since: str, compression, progr
     zero_bytes = int(lengths[~data].sum())
     attrs = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "image_uuid": str(snap.uuid),
-        "tracking_id": snap.tracking_id, "since": since if since == "*" else since.strip().lower(),
+        "tracking_id": snap.tracking_id, "since": ANY if since == ANY else since.given.strip().lower(),
         "change_id": change_id, "block_size": bs, "virtual_size": size, "data_blocks": rows,
         "data_bytes": data_bytes, "zero_bytes": zero_bytes, "created": now_iso(), "vdisk_version": __version__,
     }
@@ -422,10 +424,6 @@ def verify_chain(deltas: Deltas) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- chains
-def _gen(change_id: str) -> int:
-    return ChangeId.parse(change_id).generation
-
-
 def check_chain(files: list[DeltaFile], base: str | None = None, base_what: str = "") -> None:
     """Raise BackupChainError unless files form one chain: one image, one tracking
     epoch, a full first (or, with base, a first whose since is base), each
@@ -438,10 +436,11 @@ def check_chain(files: list[DeltaFile], base: str | None = None, base_what: str 
             f"missing full backup: {first.path} is an incremental (since {first.since}); a chain starts with "
             f"the full backup of image {first.image_uuid}")
     if base is not None and first.since != base:
+        g = ChangeId.parse(base).generation         # a delta's generations were parsed as it opened
         hint = ("it is of another copy of the image, which diverged from this chain at that generation"
-                if _gen(first.since) == _gen(base) else
-                "it is applied already" if not first.full and _gen(first.change_id) <= _gen(base) else
-                "the deltas between them are missing" if not first.full and _gen(first.since) > _gen(base) else
+                if first.since_generation == g else
+                "it is applied already" if not first.full and first.generation <= g else
+                "the deltas between them are missing" if not first.full and first.since_generation > g else
                 "not the next delta for it")
         raise BackupChainError(f"{first.path} starts at {first.since}, but {base_what} is at {base}: {hint}")
     for i, (prev, cur) in enumerate(zip(files, files[1:]), start=1):
@@ -459,7 +458,7 @@ def check_chain(files: list[DeltaFile], base: str | None = None, base_what: str 
             raise BackupChainError(f"{link}: {cur.path} is a full backup (up to {cur.change_id}); only the first "
                                    f"delta of a chain may be one")
         if cur.since != prev.change_id:
-            gp, gs, gc = _gen(prev.change_id), _gen(cur.since), _gen(cur.change_id)
+            gp, gs, gc = prev.generation, cur.since_generation, cur.generation
             if cur.change_id == prev.change_id:
                 kind = f"duplicate: {cur.path} covers the same point {cur.change_id} as {prev.path}"
             elif gs == gp:
@@ -976,7 +975,7 @@ def merge(deltas: Deltas, dest: PathArg, *, progress: Progress | None = None) ->
         data_bytes = int(lengths.sum())
         attrs = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "image_uuid": last.image_uuid,
-            "tracking_id": last.tracking_id, "since": "*", "change_id": last.change_id, "block_size": bs,
+            "tracking_id": last.tracking_id, "since": ANY, "change_id": last.change_id, "block_size": bs,
             "virtual_size": size, "data_blocks": rows, "data_bytes": data_bytes, "zero_bytes": 0,
             "created": now_iso(), "vdisk_version": __version__,
         }
@@ -993,6 +992,6 @@ def merge(deltas: Deltas, dest: PathArg, *, progress: Progress | None = None) ->
     finally:
         for f in files:
             f.close()
-    return BackupResult(change_id=last.change_id, since="*", extents=Extents(offsets, lengths),
+    return BackupResult(change_id=last.change_id, since=ANY, extents=Extents(offsets, lengths),
                         bytes_copied=data_bytes, zero_bytes=0, dest=dest, image_uuid=last.image_uuid,
                         tracking_id=last.tracking_id, virtual_size=size, block_size=bs, file_bytes=file_bytes)

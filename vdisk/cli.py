@@ -543,9 +543,10 @@ def changes(file: str, since: str | None, consumer: str | None, output: str) -> 
     """List the extents changed after the point ID (or since a consumer's last backup)."""
     if (since is None) == (consumer is None):
         _usage("give exactly one of --since ID and --consumer NAME")
+    from vdisk.changeid import ANY
     with _open_or_connect(file) as d:
         if consumer is not None:
-            since = d.consumers.last_id(consumer) or "*"
+            since = d.consumers.last_id(consumer) or ANY
         extents = d.changes_since(since)
         change_id = d.change_id
     if output == "json":

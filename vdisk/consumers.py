@@ -38,7 +38,7 @@ from . import layout as L
 from .errors import ConsumerNotFoundError, CorruptImageError, InvalidArgumentError
 from .extents import Extents
 from .errors import StaleChangeIdError
-from .tracking import ChangeId, format_change_id
+from .changeid import ANY, ChangeId, format_change_id
 
 if typing.TYPE_CHECKING:
     from .disk import Disk
@@ -198,7 +198,7 @@ class Consumers:
     def changes(self, name: str) -> Extents:
         """What the consumer's next backup must copy: the changes since its last
         id, or every allocated extent when it has none."""
-        return self._disk.changes_since(self.last_id(name) or "*")
+        return self._disk.changes_since(self.last_id(name) or ANY)
 
     # --- changing -------------------------------------------------------------------
     def register(self, name: str, change_id: str | None = None) -> ConsumerInfo:
@@ -241,9 +241,10 @@ def apply(records: list[ConsumerRecord], op: str, name, change_id, hdr: L.Header
         rec = ConsumerRecord(name, created_ns=old.created_ns, updated_ns=now_ns)
         out = [rec if r is old else r for r in records]
     if change_id is not None:
-        rec.generation = resolve(change_id)
+        cid = ChangeId.parse(change_id)     # once: resolve takes the ChangeId
+        rec.generation = resolve(cid)
         rec.tracking_uuid = hdr.tracking_uuid
-        rec.token = ChangeId.parse(change_id).token
+        rec.token = cid.token
     return out, rec
 
 

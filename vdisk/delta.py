@@ -35,6 +35,7 @@ from . import layout as L
 from .errors import (ChecksumError, CorruptImageError, FormatError, InvalidArgumentError, StaleChangeIdError,
                      UnsupportedFeatureError, VdiskError, VdiskIOError)
 from .fileio import fsync_dir, open_regular, place, place_synced, pwrite_all, start_writeback  # noqa: F401 - backup imports some here
+from .changeid import ANY
 from .tracking import parse_change_id
 
 # ---------------------------------------------------------------------------- the bytes, declared once
@@ -60,7 +61,7 @@ ATTRS = {
     "format_version": np.dtype("<u4"),  # FORMAT_VERSION
     "image_uuid": "str",
     "tracking_id": "str",
-    "since": "str",                    # "*" for a full backup
+    "since": "str",                    # "*" (changeid.ANY) for a full backup
     "change_id": "str",
     "block_size": np.dtype("<u8"),
     "virtual_size": np.dtype("<u8"),
@@ -672,7 +673,7 @@ class DeltaFile:
         tracking = _uuid.UUID(attrs["tracking_id"]).bytes
         try:
             self.generation = parse_change_id(attrs["change_id"], tracking, 1 << 62)
-            self.since_generation = (0 if attrs["since"] == "*" else
+            self.since_generation = (0 if attrs["since"] == ANY else
                                      parse_change_id(attrs["since"], tracking, self.generation))
         except StaleChangeIdError as exc:
             raise CorruptImageError(f"{path}: attributes 'since' {attrs['since']!r} and 'change_id' "
@@ -795,7 +796,7 @@ class DeltaFile:
 
     @property
     def full(self) -> bool:
-        return self.since == "*"
+        return self.since == ANY
 
     def block_of_row(self, row: int) -> int:
         i = int(np.searchsorted(self._data_rows, row, side="right")) - 1

@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 import vdisk
+from vdisk.changeid import ANY
 from vdisk.fileio import FileIO
 
 
@@ -87,7 +88,7 @@ def backups(path: str, directory: str) -> bool:
         return os.path.join(directory, name)
 
     def said(res, who):
-        kind = "full" if res.since == "*" else "incremental"
+        kind = "full" if res.since == ANY else "incremental"
         n = len(res.extents)
         print(f"  {who}: {kind:<11} -> {os.path.basename(res.dest)}: {n} extent{'s' if n != 1 else ''}, "
               f"{res.bytes_copied} bytes of data, {res.zero_bytes} bytes zeroed; file {res.file_bytes} bytes; "

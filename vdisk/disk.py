@@ -87,7 +87,8 @@ from .layout import SUMMARY_SHIFT
 from .snapshot_ops import SnapshotHost, SnapshotOps
 from .snapshots import Snapshot, SnapshotInfo, ViewHost, SnapshotRecord, is_backup_snapshot, parse_table
 from . import tracking as _tracking
-from .tracking import ANY, ChangeTracker, CheckpointLog
+from .changeid import ANY
+from .tracking import ChangeTracker, CheckpointLog
 
 PAGE = 4096
 DEFAULT_FOLD_INTERVAL = 1 << 16   # writes between automatic folds

@@ -44,7 +44,8 @@ from .arrays import as_bytes_view as _as_bytes_view
 from .blocktable import plan_read
 from .errors import ClosedError, CorruptImageError, InvalidArgumentError, OutOfRangeError, ReadOnlyError
 from .extents import Extents
-from .tracking import ANY, format_change_id, resolve
+from .changeid import ANY, format_change_id
+from .tracking import resolve
 
 
 # backup()'s temporary snapshots: this prefix and 32 hex digits.  One that no

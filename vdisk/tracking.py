@@ -33,12 +33,12 @@ tokens for the same generation, so neither answers the other's ids.  Legacy
 ids ``"<tracking-uuid>/<generation>"`` (issued before the image had a log)
 stay valid below the header's ``legacy_generation``.  An id from another
 image or tracking epoch, a generation not yet closed, a token the log does
-not hold, or a malformed string raises StaleChangeIdError.
+not hold, or a malformed string raises StaleChangeIdError.  The value type
+(ChangeId, the ANY sentinel) is vdisk/changeid.py's: resolve takes an id
+parsed once where it entered, or a string it parses.
 """
 from __future__ import annotations
 
-import dataclasses
-import re
 import secrets
 import uuid as _uuid
 
@@ -46,6 +46,7 @@ import numpy as np
 
 from . import _fast
 from . import layout as L
+from .changeid import ANY, ChangeId, format_change_id  # noqa: F401 - the value type lives there; re-exported
 from .errors import StaleChangeIdError
 from .extents import Extents
 from .arrays import lazy_zeros, page_runs as _page_runs
@@ -54,39 +55,6 @@ from .layout import SECTOR, SUMMARY_SHIFT, regions_for
 PAGE = 4096
 DEFAULT_ARM_BUDGET = 16     # write-ahead syncs per interval before arming every region at once
 COUNTERS_PER_PAGE = PAGE // 4
-ANY = "*"                   # the id of "nothing": every allocated extent (a full backup)
-_ID_RE = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/([0-9]{1,10})"
-                    r"(?:\.([0-9a-f]{16}))?$")
-
-
-@dataclasses.dataclass(frozen=True)
-class ChangeId:
-    """A parsed change id: tracking epoch, generation and token (0: a legacy id)."""
-    tracking_uuid: bytes
-    generation: int
-    token: int = 0
-
-    @classmethod
-    def parse(cls, change_id) -> "ChangeId":
-        """Syntax only (StaleChangeIdError for anything that is not an id)."""
-        if not isinstance(change_id, str):
-            raise StaleChangeIdError(f"change id must be a string, got {type(change_id).__name__}")
-        m = _ID_RE.match(change_id.strip().lower())
-        if not m:
-            raise StaleChangeIdError(f"malformed change id {change_id!r}: expected "
-                                     f"'<tracking-uuid>/<generation>.<token>' or {ANY!r}")
-        token = int(m.group(3), 16) if m.group(3) else 0
-        if m.group(3) and token == 0:
-            raise StaleChangeIdError(f"malformed change id {change_id!r}: token 0 is never issued")
-        return cls(_uuid.UUID(m.group(1)).bytes, int(m.group(2)), token)
-
-    def __str__(self) -> str:
-        base = f"{_uuid.UUID(bytes=self.tracking_uuid)}/{self.generation}"
-        return f"{base}.{self.token:016x}" if self.token else base
-
-
-def format_change_id(tracking_uuid: bytes, generation: int, token: int = 0) -> str:
-    return str(ChangeId(tracking_uuid, generation, token))
 
 
 def parse_change_id(change_id, tracking_uuid: bytes, generation: int) -> int:
@@ -94,11 +62,12 @@ def parse_change_id(change_id, tracking_uuid: bytes, generation: int) -> int:
     generation bound only (1 <= g < generation): the syntax check of a delta's
     attributes.  An image checks the token too (CheckpointLog.resolve)."""
     cid = ChangeId.parse(change_id)
-    _check_epoch(change_id, cid, tracking_uuid, generation)
+    _check_epoch(cid, tracking_uuid, generation)
     return cid.generation
 
 
-def _check_epoch(text, cid: ChangeId, tracking_uuid: bytes, generation: int) -> None:
+def _check_epoch(cid: ChangeId, tracking_uuid: bytes, generation: int) -> None:
+    text = cid.given
     if cid.tracking_uuid != tracking_uuid:
         raise StaleChangeIdError(
             f"change id {text!r} belongs to tracking epoch {_uuid.UUID(bytes=cid.tracking_uuid)}, this image "
@@ -227,7 +196,8 @@ def resolve(change_id, hdr, log: "CheckpointLog | None", limit: int | None = Non
     at or past legacy_generation.
     """
     cid = ChangeId.parse(change_id)
-    _check_epoch(change_id, cid, hdr.tracking_uuid, hdr.generation if limit is None else limit)
+    change_id = cid.given           # the messages quote it as given
+    _check_epoch(cid, hdr.tracking_uuid, hdr.generation if limit is None else limit)
     g = cid.generation
     if own is not None and g == own[0]:
         if cid.token == own[1]:

@@ -64,6 +64,7 @@ import struct
 import time
 
 from .. import errors, live
+from ..changeid import ANY
 
 log = logging.getLogger("vdisk.nbd")
 
@@ -273,7 +274,7 @@ async def _op_changes(c: ControlServer, since=None, consumer=None) -> dict:
     if (since is None) == (consumer is None):
         raise errors.InvalidArgumentError("give exactly one of since and consumer")
     if consumer is not None:
-        since = c.disk.consumers.last_id(_str(consumer, "consumer")) or "*"
+        since = c.disk.consumers.last_id(_str(consumer, "consumer")) or ANY
     ext = c.disk.changes_since(_str(since, "since"))
     return {"since": since, "change_id": c.disk.change_id, "extents": live.extents_list(ext)}
 

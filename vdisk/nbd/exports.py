@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors
+from ..changeid import ANY
 from . import protocol as P
 
 
@@ -173,7 +174,7 @@ class Export:
         """Consumer name -> the change id its bitmap starts from ('*': everything allocated)."""
         if not self.image.disk.track_changes:
             return {}
-        return {info.name: info.change_id or "*" for info in self.image.disk.consumers.values()}
+        return {info.name: info.change_id or ANY for info in self.image.disk.consumers.values()}
 
     def _context_for(self, name: str) -> Context | None:
         if name == P.BASE_ALLOCATION:
