@@ -48,3 +48,20 @@ def test_change_id_values(tmp_path):
     for bad in ("*x", "", "12345678-1234-1234-1234-123456789abc/7.0000000000000000", 7):
         with pytest.raises(vdisk.StaleChangeIdError):
             ChangeId.parse(bad)
+
+
+def test_a_since_is_recorded_in_its_canonical_form(tmp_path):
+    """An id the image accepts in another spelling (leading zeros in the generation, upper
+    case, spaces) is recorded as the image issues it, so the chain links by string."""
+    path = str(tmp_path / "a.vdk")
+    with vdisk.create(path, size="1MiB", block_size="4KiB") as d:
+        d.pwrite(b"a" * 4096, 0)
+        full = vdisk.backup(d, tmp_path / "f.h5")
+        d.pwrite(b"b" * 4096, 8192)
+        epoch, rest = full.change_id.split("/")
+        odd = f" {epoch.upper()}/00{rest} "
+        incr = vdisk.backup(d, tmp_path / "i.h5", since=odd)
+        data = d.pread(d.size, 0)
+    assert incr.since == full.change_id            # before: ".../001..." (leading zeros kept)
+    vdisk.restore([str(tmp_path / "f.h5"), str(tmp_path / "i.h5")], str(tmp_path / "t.raw"), format="raw")
+    assert (tmp_path / "t.raw").read_bytes() == data    # before: BackupChainError "diverged copies"

@@ -343,7 +343,7 @@ def _write_delta(snap, change_id: str, dest: str, since: Since, compression, pro
     zero_bytes = int(lengths[~data].sum())
     attrs = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "image_uuid": str(snap.uuid),
-        "tracking_id": snap.tracking_id, "since": ANY if since == ANY else since.given.strip().lower(),
+        "tracking_id": snap.tracking_id, "since": ANY if since == ANY else str(since),     # as the image issues it: the chain links by string
         "change_id": change_id, "block_size": bs, "virtual_size": size, "data_blocks": rows,
         "data_bytes": data_bytes, "zero_bytes": zero_bytes, "created": now_iso(), "vdisk_version": __version__,
     }
