@@ -424,6 +424,12 @@ def verify_chain(deltas: Deltas) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- chains
+def _gen(change_id: str) -> int:
+    """The generation of a delta's id, for the hints of a broken link (the ids were checked
+    as the deltas opened; check_chain also takes stand-ins that carry the strings only)."""
+    return ChangeId.parse(change_id).generation
+
+
 def check_chain(files: list[DeltaFile], base: str | None = None, base_what: str = "") -> None:
     """Raise BackupChainError unless files form one chain: one image, one tracking
     epoch, a full first (or, with base, a first whose since is base), each
@@ -436,11 +442,10 @@ def check_chain(files: list[DeltaFile], base: str | None = None, base_what: str 
             f"missing full backup: {first.path} is an incremental (since {first.since}); a chain starts with "
             f"the full backup of image {first.image_uuid}")
     if base is not None and first.since != base:
-        g = ChangeId.parse(base).generation         # a delta's generations were parsed as it opened
         hint = ("it is of another copy of the image, which diverged from this chain at that generation"
-                if first.since_generation == g else
-                "it is applied already" if not first.full and first.generation <= g else
-                "the deltas between them are missing" if not first.full and first.since_generation > g else
+                if _gen(first.since) == _gen(base) else
+                "it is applied already" if not first.full and _gen(first.change_id) <= _gen(base) else
+                "the deltas between them are missing" if not first.full and _gen(first.since) > _gen(base) else
                 "not the next delta for it")
         raise BackupChainError(f"{first.path} starts at {first.since}, but {base_what} is at {base}: {hint}")
     for i, (prev, cur) in enumerate(zip(files, files[1:]), start=1):
@@ -458,7 +463,7 @@ def check_chain(files: list[DeltaFile], base: str | None = None, base_what: str 
             raise BackupChainError(f"{link}: {cur.path} is a full backup (up to {cur.change_id}); only the first "
                                    f"delta of a chain may be one")
         if cur.since != prev.change_id:
-            gp, gs, gc = prev.generation, cur.since_generation, cur.generation
+            gp, gs, gc = _gen(prev.change_id), _gen(cur.since), _gen(cur.change_id)
             if cur.change_id == prev.change_id:
                 kind = f"duplicate: {cur.path} covers the same point {cur.change_id} as {prev.path}"
             elif gs == gp:
