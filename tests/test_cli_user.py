@@ -655,3 +655,31 @@ def test_check_counts_every_corruption_not_the_listed_ones(tmp_path):
     assert r.exit_code == 2
     assert f"{bad} errors were found on the image." in r.stdout
     assert f"ERROR ... and {bad - MAX_LISTED} more" in r.stdout
+
+
+# ---------------------------------------------------------------------------- foreign formats
+def test_a_foreign_format_refusal_names_the_flag(tmp_path):
+    """The way out of a VMDK refusal is said as the flag in the CLI (-f raw; compare's B: -F raw) and
+    as the parameter in Python (src_format='raw'), each alone."""
+    vmdk = tmp_path / "a.vmdk"
+    vmdk.write_bytes(b"KDMV" + bytes(64 * KiB - 4))             # a VMDK sparse extent's magic
+    raw = tmp_path / "b.raw"
+    raw.write_bytes(bytes(64 * KiB))
+    msg = one_error(run("convert", vmdk, tmp_path / "o.vdk"))
+    assert "(format vmdk)" in msg and msg.endswith("or pass -f raw to read the file's bytes as a raw disk")
+    assert "src_format" not in msg
+    msg = one_error(run("compare", "-f", "raw", raw, vmdk), 2)
+    assert msg.endswith("or pass -F raw to read the file's bytes as a raw disk") and "b_format" not in msg
+    msg = one_error(run("compare", vmdk, raw), 2)
+    assert "or pass -f raw to read" in msg and "a_format" not in msg
+    with pytest.raises(vdisk.UnsupportedFeatureError) as exc:
+        vdisk.convert(vmdk, tmp_path / "o.vdk")
+    assert str(exc.value).endswith("or pass src_format='raw' to read the file's bytes as a raw disk")
+    assert "-f raw" not in str(exc.value)
+    with pytest.raises(vdisk.UnsupportedFeatureError, match=r"pass b_format='raw' to read"):
+        vdisk.compare(raw, vmdk, a_format="raw")
+    assert run("convert", "-f", "raw", vmdk, tmp_path / "o.vdk").exit_code == 0
+    from vdisk.convert import open_backing
+    with pytest.raises(vdisk.UnsupportedFeatureError) as exc:      # a backing file: the overlay records formats
+        open_backing(str(vmdk), None, (), True)
+    assert "qemu-img rebase -u -F raw" in str(exc.value) and "src_format" not in str(exc.value)

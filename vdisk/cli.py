@@ -80,6 +80,7 @@ FLAGS = {
     "overwrite": "--overwrite", "allow_backing": "--allow-backing", "block_size": "--block-size",
     "snapshot": "--snapshot", "since": "--since", "consumer": "--consumer", "format": "-O",
     "repair": "--repair", "shrink": "--shrink",
+    "src_format": "-f", "a_format": "-f", "b_format": "-F",     # convert's -f, compare's -f and -F
 }
 
 

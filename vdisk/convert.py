@@ -40,7 +40,7 @@ from .disk import Disk
 from .disk import create as _create
 from .disk import open as _open
 from .errors import InvalidArgumentError, UnsupportedFeatureError, VdiskWarning
-from .errors import TO_REPLACE, NoSuchFileError, Param, VdiskIOError
+from .errors import TO_REPLACE, NoSuchFileError, Param, Part, VdiskIOError
 from ._types import PathArg, SizeArg
 from .fileio import atomic_output, pread_fd, preadinto_fd, pwrite_all
 
@@ -145,16 +145,22 @@ def detect_format(path) -> str:
     return probe_format(path)[0]
 
 
-def _detect_source(path: str, *, warn: bool = True) -> str:
+def _detect_source(path: str, *, warn: bool = True, format_param: str | None = "src_format") -> str:
     """The format of a source whose format was not given: qcow2, vdisk or
     raw (then a RawProbeWarning when warn, as qemu-img warns); a foreign
-    format is refused with UnsupportedFeatureError naming it and the ways out."""
+    format is refused with UnsupportedFeatureError naming it and the ways out
+    (format_param: the caller's parameter that insists on raw, named as a
+    Param so that the command line says its flag; None for a backing file,
+    whose format the overlay records)."""
     name, what = probe_format(path)
     if name not in SOURCE_FORMATS:
-        raise UnsupportedFeatureError(
+        insist: tuple[Part, ...] = (
+            (", or record the backing format in the overlay (qemu-img rebase -u -F raw) to read the file's "
+             "bytes as a raw disk",) if format_param is None else
+            (", or pass ", Param(format_param, "raw"), " to read the file's bytes as a raw disk"))
+        raise UnsupportedFeatureError.naming(
             f"{path}: {what} (format {name}), which vdisk does not read; convert it first with "
-            f"'qemu-img convert -f {name} -O qcow2 {path} OUT.qcow2', or pass src_format='raw' (-f raw) to read "
-            f"the file's bytes as a raw disk")
+            f"'qemu-img convert -f {name} -O qcow2 {path} OUT.qcow2'", *insist)
     if name == "raw" and warn:
         warnings.warn(f"Image format was not specified for '{path}' and probing guessed raw.", RawProbeWarning,
                       stacklevel=4)
@@ -256,7 +262,7 @@ class VdiskImage:
 
 
 def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: str | None = None,
-               chain: tuple[str, ...] = (), warn_raw: bool = True):
+               chain: tuple[str, ...] = (), warn_raw: bool = True, format_param: str | None = "src_format"):
     """An image opened for reading: RawImage, VdiskImage or qcow2.Qcow2Image.
 
     fmt None detects qcow2 and vdisk by their magic and refuses the formats
@@ -268,7 +274,7 @@ def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: s
     if fmt is not None and fmt not in SOURCE_FORMATS:
         raise InvalidArgumentError(f"unknown source format {fmt!r} (one of {', '.join(SOURCE_FORMATS)})")
     os.close(_open_source_fd(path))         # exists, and is not a FIFO or socket whose open would block
-    fmt = fmt or _detect_source(path, warn=warn_raw)
+    fmt = fmt or _detect_source(path, warn=warn_raw, format_param=format_param)
     if snapshot is not None and fmt != "vdisk":
         raise InvalidArgumentError.naming(f"{path}: ", Param("snapshot", snapshot),
                                           f" picks a vdisk snapshot, but the image is {fmt}")
@@ -290,7 +296,7 @@ def open_backing(path: str, fmt: str | None, chain: tuple[str, ...], named_by_im
     (named_by_image False) is detected, vdisk included.
     """
     if fmt is None:
-        fmt = _detect_source(path, warn=False)
+        fmt = _detect_source(path, warn=False, format_param=None)
         if fmt == "vdisk" and named_by_image:
             raise UnsupportedFeatureError(
                 f"{path}: this backing file is a vdisk image, but the overlay records no backing format, so "
@@ -719,9 +725,9 @@ def compare(a: PathArg, b: PathArg, *, a_format: str | None = None, b_format: st
 def compare_images(a, b, *, a_format=None, b_format=None, allow_backing=False,
                    progress=None) -> tuple[int | None, int, int]:
     """(first differing offset or None, size of a, size of b)."""
-    ia = open_image(a, a_format, allow_backing=allow_backing)
+    ia = open_image(a, a_format, allow_backing=allow_backing, format_param="a_format")
     try:
-        ib = open_image(b, b_format, allow_backing=allow_backing)
+        ib = open_image(b, b_format, allow_backing=allow_backing, format_param="b_format")
         try:
             return _compare(ia, ib, progress), ia.size, ib.size
         finally:
