@@ -35,13 +35,13 @@ import typing
 from typing import Callable
 
 from . import layout as L
+from .changeid import ChangeId, format_change_id
 from .errors import ConsumerNotFoundError, CorruptImageError, InvalidArgumentError
-from .extents import Extents
 from .errors import StaleChangeIdError
-from .tracking import ChangeId, format_change_id
 
 if typing.TYPE_CHECKING:
     from .disk import Disk
+    from .extents import Extents
 
 _NO_EPOCH = bytes(16)
 

@@ -46,6 +46,18 @@ def read_header(fio) -> tuple[L.Header, int]:
     return max(read_slots(fio), key=lambda hv: hv[0].sequence)
 
 
+def read_image_header(fio) -> tuple[L.Header, int]:
+    """read_header of a file opened as an image: one shorter than the two
+    slots is refused first (FormatError without the vdisk magic, else
+    CorruptImageError: truncated).  Disk.open and vdisk/summary.py read here."""
+    size = fio.size()
+    if size < 2 * L.SLOT_SIZE:
+        if fio.pread(8, 0)[:8] != L.MAGIC:
+            raise FormatError(f"{fio.path}: not a vdisk image ({size} bytes, no vdisk magic)")
+        raise CorruptImageError(f"{fio.path}: truncated to {size} bytes, shorter than the header")
+    return read_header(fio)
+
+
 def older_slot_regions(fio, slot: int) -> list | None:
     """The metadata regions the slot other than slot names, None if an open
     would never read it (damaged, never written)."""
