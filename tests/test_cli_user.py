@@ -683,3 +683,25 @@ def test_a_foreign_format_refusal_names_the_flag(tmp_path):
     with pytest.raises(vdisk.UnsupportedFeatureError) as exc:      # a backing file: the overlay records formats
         open_backing(str(vmdk), None, (), True)
     assert "qemu-img rebase -u -F raw" in str(exc.value) and "src_format" not in str(exc.value)
+
+
+def test_convert_warns_of_what_it_does_not_carry_over(tmp_path, image):
+    """A vdisk source's snapshots and consumers are not in convert's output: one warning line says so."""
+    r = run("convert", image, tmp_path / "plain.vdk")
+    assert r.exit_code == 0 and r.stderr == ""                  # nothing left behind: no warning
+    with vdisk.open(image, "r+") as d:
+        d.snapshot("s1")
+        d.snapshot("s2")
+        d.consumers.register("nightly")
+    r = run("convert", image, tmp_path / "o.vdk")
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.splitlines() == [f"vdisk: warning: {image} has 2 snapshots and 1 consumer, which convert does "
+                                     f"not carry over: the output holds the current content only (clone copies a "
+                                     f"vdisk image with its snapshots)"]
+    r = run("convert", "-O", "raw", image, tmp_path / "o.raw")
+    assert r.stderr.splitlines() == [f"vdisk: warning: {image} has 2 snapshots and 1 consumer, which convert does "
+                                     f"not carry over: the output holds the current content only"]
+    assert run("convert", "--snapshot", "s1", image, tmp_path / "s1.vdk").stderr == ""    # one snapshot, chosen
+    from vdisk.convert import NotCarriedOverWarning
+    with pytest.warns(NotCarriedOverWarning, match="2 snapshots and 1 consumer"):
+        vdisk.convert(image, tmp_path / "api.vdk")

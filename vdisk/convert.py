@@ -39,6 +39,7 @@ from . import qcow2 as Q
 from .disk import Disk
 from .disk import create as _create
 from .disk import open as _open
+from .snapshot_table import is_backup_snapshot
 from .errors import InvalidArgumentError, UnsupportedFeatureError, VdiskWarning
 from .errors import TO_REPLACE, NoSuchFileError, Param, Part, VdiskIOError
 from ._types import PathArg, SizeArg
@@ -60,6 +61,10 @@ PROBE_SIZE = 512                 # BLOCK_PROBE_BUF_SIZE: how much of a file qemu
 
 class RawProbeWarning(VdiskWarning):
     """A source of unspecified format read as raw because nothing else matched (as qemu-img warns)."""
+
+
+class NotCarriedOverWarning(VdiskWarning):
+    """convert copied a vdisk image's content but not its snapshots or consumers (vdisk.clone keeps snapshots)."""
 
 
 def _vmdk_descriptor(head: bytes) -> bool:
@@ -232,6 +237,10 @@ class VdiskImage:
             raise
         view = self._snap if self._snap is not None else self._disk
         self._view = view
+        #: what a copy of the content leaves behind: the image's snapshots (not backup's temporary ones)
+        #: and consumers; nothing when the source is one snapshot
+        self.not_carried = (0, 0) if self._snap is not None else (
+            sum(not is_backup_snapshot(i.name) for i in self._disk.snapshots), len(self._disk.consumers))
         self.size = view.size
         self.block_size = view.block_size
 
@@ -613,8 +622,21 @@ def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_fo
         with atomic_output(dst, overwrite=overwrite, what="converting",
                            placing_error=lambda exc: _output_error(dst, exc)) as tmp:
             _convert_into(image, tmp, dst, dst_format, size, block_size, cluster_size, progress)
+        _warn_not_carried(image, src, dst_format)
     finally:
         image.close()
+
+
+def _warn_not_carried(image, src: str, dst_format: str) -> None:
+    """A NotCarriedOverWarning when a vdisk source had snapshots or consumers the output lacks."""
+    nsnap, ncons = getattr(image, "not_carried", (0, 0))
+    if not nsnap and not ncons:
+        return
+    what = " and ".join(f"{n} {word}{'' if n == 1 else 's'}"
+                        for n, word in ((nsnap, "snapshot"), (ncons, "consumer")) if n)
+    keep = " (clone copies a vdisk image with its snapshots)" if nsnap and dst_format == "vdisk" else ""
+    warnings.warn(f"{src} has {what}, which convert does not carry over: the output holds the current "
+                  f"content only{keep}", NotCarriedOverWarning, stacklevel=3)
 
 
 def _convert_into(image, tmp: str, dst: str, dst_format: str, size: int, block_size, cluster_size, progress) -> None:
