@@ -41,8 +41,18 @@ class SnapshotRecord:
     """One entry of the on-disk snapshot table (docs/FORMAT.md, "Snapshot table")."""
 
     __slots__ = [name for name, _ in L.SNAPSHOT_FIELDS if not name.startswith("reserved") and name != "name_length"]
+    # the slots' types, for type checkers (layout.SNAPSHOT_FIELDS declares the bytes)
+    snapshot_id: int
+    generation: int
+    virtual_size: int
+    created_ns: int
+    table_offset: int
+    counter_offset: int
+    tracking_uuid: bytes
+    token: int
+    name: str
 
-    def __init__(self, **fields):
+    def __init__(self, **fields: typing.Any):
         fields.setdefault("token", 0)          # a legacy record: its id is tokenless
         for k in self.__slots__:
             setattr(self, k, fields[k])
@@ -57,7 +67,7 @@ class SnapshotRecord:
 
     def pack(self) -> bytes:
         name = self.name.encode()
-        values = []
+        values: list[object] = []
         for field, _code in L.SNAPSHOT_FIELDS:
             if field == "name":
                 values.append(name)
@@ -99,7 +109,7 @@ class SnapshotRecord:
                             self.virtual_size)
 
 
-def check_name(name: str, taken) -> str:
+def check_name(name: str, taken: typing.Container[str]) -> str:
     if not isinstance(name, str):
         raise InvalidArgumentError(f"snapshot name must be a string, not {type(name).__name__}")
     raw = name.encode()
@@ -113,7 +123,7 @@ def check_name(name: str, taken) -> str:
 
 
 def parse_table(raw: bytes, count: int, hdr: L.Header, file_size: int,
-                damaged: list | None = None) -> list[SnapshotRecord]:
+                damaged: list[str] | None = None) -> list[SnapshotRecord]:
     """Records of a snapshot table, each checked against the format's limits:
     CRC, name, size, generation and id (not from the future), regions
     (aligned, inside the file, overlapping neither the header's regions nor
@@ -123,7 +133,9 @@ def parse_table(raw: bytes, count: int, hdr: L.Header, file_size: int,
     list, is left out and its message appended there (each damaged record
     alone: the others, and the live disk, stay readable; see "Snapshot
     table" in docs/FORMAT.md)."""
-    out, names, ids = [], set(), set()
+    out: list[SnapshotRecord] = []
+    names: set[str] = set()
+    ids: set[int] = set()
     bs = hdr.block_size
     starts: list[int] = []          # sorted, disjoint [start, stop) of the regions taken so far
     stops: list[int] = []
@@ -146,7 +158,8 @@ def parse_table(raw: bytes, count: int, hdr: L.Header, file_size: int,
     return out
 
 
-def _check_record(rec: SnapshotRecord, i: int, hdr: L.Header, file_size: int, names, ids, starts, stops) -> None:
+def _check_record(rec: SnapshotRecord, i: int, hdr: L.Header, file_size: int, names: set[str], ids: set[int],
+                  starts: list[int], stops: list[int]) -> None:
     bs = hdr.block_size
     where = f"snapshot table entry {i} ({rec.name!r})"
     if rec.name in names or rec.snapshot_id in ids:
