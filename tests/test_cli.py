@@ -231,8 +231,10 @@ def test_check_corruption_exits_2(image):
     assert "1 errors were found on the image." in r.stdout
     data = json.loads(run("check", image, "--output", "json").stdout)
     assert data["ok"] is False and data["corruptions"] == 1 and len(data["corruption-messages"]) == 1
-    # the image cannot be opened, one line says so
-    assert "block table" in assert_user_error(run("info", image), 1)
+    # the image cannot be opened, one line says so; info reads only the header and the records
+    # (vdisk/summary.py, as qemu-img info reads no L2 table), so it still describes the image
+    assert "block table" in str(pytest.raises(vdisk.CorruptImageError, vdisk.open, image).value)
+    assert run("info", image).exit_code == 0
     r = run("check", image, "--repair", "--output", "json")
     assert r.exit_code == 0
     data = json.loads(r.stdout)

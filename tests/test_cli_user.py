@@ -607,8 +607,10 @@ def test_mypy_sees_the_typed_public_api(tmp_path):
         "mypy cannot see the installed vdisk: install it as the README says "
         "(pip install -e . --config-settings editable_mode=compat)\n" + r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
+    strict = ["vdisk", "vdisk.errors", "vdisk.cli", "vdisk._types", "vdisk.summary", "vdisk.changeid",
+              "vdisk.snapshot_table", "vdisk.consumers", "vdisk.extents", "vdisk.header", "vdisk.clone"]
     r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--follow-imports=silent",
-                        "-m", "vdisk", "-m", "vdisk.errors", "-m", "vdisk.cli", "-m", "vdisk._types"],
+                        *(a for m in strict for a in ("-m", m))],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -655,3 +657,53 @@ def test_check_counts_every_corruption_not_the_listed_ones(tmp_path):
     assert r.exit_code == 2
     assert f"{bad} errors were found on the image." in r.stdout
     assert f"ERROR ... and {bad - MAX_LISTED} more" in r.stdout
+
+
+# ---------------------------------------------------------------------------- foreign formats
+def test_a_foreign_format_refusal_names_the_flag(tmp_path):
+    """The way out of a VMDK refusal is said as the flag in the CLI (-f raw; compare's B: -F raw) and
+    as the parameter in Python (src_format='raw'), each alone."""
+    vmdk = tmp_path / "a.vmdk"
+    vmdk.write_bytes(b"KDMV" + bytes(64 * KiB - 4))             # a VMDK sparse extent's magic
+    raw = tmp_path / "b.raw"
+    raw.write_bytes(bytes(64 * KiB))
+    msg = one_error(run("convert", vmdk, tmp_path / "o.vdk"))
+    assert "(format vmdk)" in msg and msg.endswith("or pass -f raw to read the file's bytes as a raw disk")
+    assert "src_format" not in msg
+    msg = one_error(run("compare", "-f", "raw", raw, vmdk), 2)
+    assert msg.endswith("or pass -F raw to read the file's bytes as a raw disk") and "b_format" not in msg
+    msg = one_error(run("compare", vmdk, raw), 2)
+    assert "or pass -f raw to read" in msg and "a_format" not in msg
+    with pytest.raises(vdisk.UnsupportedFeatureError) as exc:
+        vdisk.convert(vmdk, tmp_path / "o.vdk")
+    assert str(exc.value).endswith("or pass src_format='raw' to read the file's bytes as a raw disk")
+    assert "-f raw" not in str(exc.value)
+    with pytest.raises(vdisk.UnsupportedFeatureError, match=r"pass b_format='raw' to read"):
+        vdisk.compare(raw, vmdk, a_format="raw")
+    assert run("convert", "-f", "raw", vmdk, tmp_path / "o.vdk").exit_code == 0
+    from vdisk.convert import open_backing
+    with pytest.raises(vdisk.UnsupportedFeatureError) as exc:      # a backing file: the overlay records formats
+        open_backing(str(vmdk), None, (), True)
+    assert "qemu-img rebase -u -F raw" in str(exc.value) and "src_format" not in str(exc.value)
+
+
+def test_convert_warns_of_what_it_does_not_carry_over(tmp_path, image):
+    """A vdisk source's snapshots and consumers are not in convert's output: one warning line says so."""
+    r = run("convert", image, tmp_path / "plain.vdk")
+    assert r.exit_code == 0 and r.stderr == ""                  # nothing left behind: no warning
+    with vdisk.open(image, "r+") as d:
+        d.snapshot("s1")
+        d.snapshot("s2")
+        d.consumers.register("nightly")
+    r = run("convert", image, tmp_path / "o.vdk")
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.splitlines() == [f"vdisk: warning: {image} has 2 snapshots and 1 consumer, which convert does "
+                                     f"not carry over: the output holds the current content only (clone copies a "
+                                     f"vdisk image with its snapshots)"]
+    r = run("convert", "-O", "raw", image, tmp_path / "o.raw")
+    assert r.stderr.splitlines() == [f"vdisk: warning: {image} has 2 snapshots and 1 consumer, which convert does "
+                                     f"not carry over: the output holds the current content only"]
+    assert run("convert", "--snapshot", "s1", image, tmp_path / "s1.vdk").stderr == ""    # one snapshot, chosen
+    from vdisk.convert import NotCarriedOverWarning
+    with pytest.warns(NotCarriedOverWarning, match="2 snapshots and 1 consumer"):
+        vdisk.convert(image, tmp_path / "api.vdk")

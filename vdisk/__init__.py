@@ -38,14 +38,15 @@ if TYPE_CHECKING:       # what the lazy names are, for type checkers and editors
     from .layout import parse_size
     from .live import connect
     from .nbd import serve
-    from .snapshots import Snapshot, SnapshotInfo
+    from .snapshot_table import SnapshotInfo
+    from .snapshots import Snapshot
 
 #: lazy name -> the submodule that defines it
 _LAZY = {
     "create": "disk", "open": "disk", "Disk": "disk",
     "check": "check", "CheckResult": "check",
     "convert": "convert", "compare": "convert",
-    "Snapshot": "snapshots", "SnapshotInfo": "snapshots",
+    "Snapshot": "snapshots", "SnapshotInfo": "snapshot_table",
     "ConsumerInfo": "consumers", "Consumers": "consumers",
     "Extents": "extents",
     "parse_size": "layout",

@@ -10,17 +10,22 @@ Ids stay strings at the API, the CLI and the control channel.  Where a
 string enters, it is parsed once (:meth:`ChangeId.parse`, or
 :func:`parse_since` where ANY is allowed) and the layers below are handed
 the ChangeId: ``ChangeId.parse`` of a ChangeId is that ChangeId, so nothing
-below parses again.  This module imports no numpy: the CLI's commands use it
-as they parse their flags.
+below parses again.  This module imports neither numpy nor the compiled core: the CLI's
+commands use it as they parse their flags, and ``vdisk info`` names an
+image's ids through it (vdisk/summary.py); vdisk.tracking re-exports its names.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
 import uuid as _uuid
+import typing
 from typing import Union
 
 from .errors import StaleChangeIdError
+
+if typing.TYPE_CHECKING:
+    from .layout import Header
 
 ANY = "*"                   # the id of "nothing": every allocated extent (a full backup)
 _ID_RE = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/([0-9]{1,10})"
@@ -73,3 +78,34 @@ def parse_since(since: "str | ChangeId") -> Since:
 
 def format_change_id(tracking_uuid: bytes, generation: int, token: int = 0) -> str:
     return str(ChangeId(tracking_uuid, generation, token))
+
+
+def parse_change_id(change_id: "str | ChangeId", tracking_uuid: bytes, generation: int) -> int:
+    """The generation an id names, checked against a tracking epoch and a
+    generation bound only (1 <= g < generation): the syntax check of a delta's
+    attributes.  An image checks the token too (CheckpointLog.resolve)."""
+    cid = ChangeId.parse(change_id)
+    _check_epoch(cid, tracking_uuid, generation)
+    return cid.generation
+
+
+def _check_epoch(cid: ChangeId, tracking_uuid: bytes, generation: int) -> None:
+    text = cid.given
+    if cid.tracking_uuid != tracking_uuid:
+        raise StaleChangeIdError(
+            f"change id {text!r} belongs to tracking epoch {_uuid.UUID(bytes=cid.tracking_uuid)}, this image "
+            f"tracks as {_uuid.UUID(bytes=tracking_uuid)} (another image, or tracking was reset): take a full "
+            f"backup")
+    if cid.generation < 1 or cid.generation >= generation:
+        raise StaleChangeIdError(
+            f"change id {text!r} names generation {cid.generation}, but this image's last closed generation "
+            f"is {generation - 1}: the id is from the future (or from a reverted copy of the image)")
+
+
+def issued_id(hdr: "Header", generation: int, token: int) -> str | None:
+    """The id of closed generation `generation` as an image with a checkpoint
+    log issues it, given the token its log holds for that generation (0:
+    none): tokenless below the header's legacy_generation, else none."""
+    if token:
+        return format_change_id(hdr.tracking_uuid, generation, token)
+    return format_change_id(hdr.tracking_uuid, generation) if generation < hdr.legacy_generation else None

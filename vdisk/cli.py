@@ -50,7 +50,9 @@ parameter.  A traceback means a bug in vdisk.
 
 Start-up is kept short: this module imports click and vdisk's error
 classes only; numpy, h5py and tqdm load inside the commands that use them
-(``vdisk --help`` imports no numpy).
+(``vdisk --help`` imports no numpy, and ``vdisk info`` of an image reads
+it through vdisk/summary.py, which needs neither numpy nor the compiled
+core).
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ FLAGS = {
     "overwrite": "--overwrite", "allow_backing": "--allow-backing", "block_size": "--block-size",
     "snapshot": "--snapshot", "since": "--since", "consumer": "--consumer", "format": "-O",
     "repair": "--repair", "shrink": "--shrink",
+    "src_format": "-f", "a_format": "-f", "b_format": "-F",     # convert's -f, compare's -f and -F
 }
 
 
@@ -224,6 +227,18 @@ def _not_live(what: str, *paths: str | None) -> Iterator[None]:
         raise
 
 
+def _info_of(file: str) -> tuple[dict[str, Any], list[Any]]:
+    """(Disk.info(), the snapshots' SnapshotInfo) of FILE, read by vdisk.summary without numpy
+    (start-up); an image a `vdisk serve` holds, through its server."""
+    from vdisk.summary import summarize
+    try:
+        return summarize(file)
+    except ImageLockedError:
+        with _open_or_connect(file) as d:
+            data = d.info()
+            return data, d.snapshots if data["snapshots"] else []
+
+
 def _is_live(d: Any) -> bool:
     from vdisk.live import LiveDisk
     return isinstance(d, LiveDisk)
@@ -343,9 +358,7 @@ def info_json(path: str, data: dict[str, Any], snapshots: list[Any]) -> dict[str
 @output_option
 def info(file: str, output: str) -> None:
     """Show the image's geometry, allocation and tracking state."""
-    with _open_or_connect(file) as d:
-        data = d.info()
-        snapshots = d.snapshots if data["snapshots"] else []
+    data, snapshots = _info_of(file)
     if output == "json":
         _emit_json(info_json(file, data, snapshots))
         return

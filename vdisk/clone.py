@@ -29,7 +29,7 @@ refuse each other's ids only once they diverge.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -67,7 +67,7 @@ def clone(src: PathArg, dst: PathArg, *, snapshots: bool = False, overwrite: boo
             out = _create(tmp, s.size, block_size=s.block_size, track_changes=s.track_changes,
                           coarse_region_size=coarse)
             try:
-                prev = None
+                prev: tuple[np.ndarray, int] | None = None
                 for name in states:
                     with s.open_snapshot(name) as view:
                         prev = _write_state(out, view, _table_of(view), prev)
@@ -80,7 +80,7 @@ def clone(src: PathArg, dst: PathArg, *, snapshots: bool = False, overwrite: boo
     return result
 
 
-def _table_of(reader) -> np.ndarray:
+def _table_of(reader: Any) -> np.ndarray:
     """The physical block each block of reader (a Disk or a Snapshot) maps, 0
     where none, from its host_map: equal nonzero entries are shared data."""
     shift = reader.block_size.bit_length() - 1
@@ -92,7 +92,8 @@ def _table_of(reader) -> np.ndarray:
     return table
 
 
-def _write_state(out, reader, table: np.ndarray, prev):
+def _write_state(out: Any, reader: Any, table: np.ndarray,
+                 prev: tuple[np.ndarray, int] | None) -> tuple[np.ndarray, int]:
     """Make out read as reader: write the blocks whose table entry differs from
     the state before (prev: (table, size) or None for an empty image)."""
     size = reader.size
@@ -124,7 +125,7 @@ def _write_state(out, reader, table: np.ndarray, prev):
     return (cur, size)
 
 
-def _runs(blocks: np.ndarray, limit: int):
+def _runs(blocks: np.ndarray, limit: int) -> Iterator[tuple[int, int]]:
     """Runs [b0, b1) of consecutive block numbers, at most limit long."""
     if not len(blocks):
         return

@@ -35,13 +35,13 @@ import typing
 from typing import Callable
 
 from . import layout as L
-from .errors import ConsumerNotFoundError, CorruptImageError, InvalidArgumentError
-from .extents import Extents
-from .errors import StaleChangeIdError
 from .changeid import ANY, ChangeId, format_change_id
+from .errors import ConsumerNotFoundError, CorruptImageError, InvalidArgumentError
+from .errors import StaleChangeIdError
 
 if typing.TYPE_CHECKING:
     from .disk import Disk
+    from .extents import Extents
 
 _NO_EPOCH = bytes(16)
 
@@ -104,7 +104,7 @@ class ConsumerRecord:
         return cls(text, gen, epoch, created, updated, token)
 
 
-def check_name(name, taken=()) -> str:
+def check_name(name: object, taken: typing.Container[str] = ()) -> str:
     if not isinstance(name, str):
         raise InvalidArgumentError(f"consumer name must be a string, not {type(name).__name__}")
     if not name or len(name.encode()) > L.MAX_CONSUMER_NAME or not name.isprintable() or name != name.strip():
@@ -146,7 +146,7 @@ class Consumers:
     """
 
     def __init__(self, disk: Disk, records: Callable[[], list[ConsumerRecord]], check_id: Callable[[str], object],
-                 change: Callable[..., typing.Any]):
+                 change: Callable[[str, str, str | None], ConsumerInfo | None]):
         """What the table needs of its Disk, given by the Disk: records() (a copy
         of the table, under its lock), check_id(change_id) (StaleChangeIdError
         if the image cannot answer it) and change(op, name, change_id) (commits
@@ -168,10 +168,10 @@ class Consumers:
         except ConsumerNotFoundError:
             return default
 
-    def __contains__(self, name) -> bool:
+    def __contains__(self, name: object) -> bool:
         return any(rec.name == name for rec in self._records())
 
-    def __iter__(self):
+    def __iter__(self) -> typing.Iterator[str]:
         return iter([rec.name for rec in self._records()])
 
     def __len__(self) -> int:
@@ -203,14 +203,19 @@ class Consumers:
     # --- changing -------------------------------------------------------------------
     def register(self, name: str, change_id: str | None = None) -> ConsumerInfo:
         """Add a consumer; change_id: the id of a backup it already holds (None: none yet)."""
-        return self._change("register", name, change_id)
+        return self._changed("register", name, change_id)
 
     def update(self, name: str, change_id: str) -> ConsumerInfo:
         """Record change_id as the consumer's last completed backup.  Call it
         only once that backup is durable: the next one starts from this id."""
         if change_id is None:
             raise InvalidArgumentError("update needs a change id (forget and register again to start over)")
-        return self._change("update", name, change_id)
+        return self._changed("update", name, change_id)
+
+    def _changed(self, op: str, name: str, change_id: str | None) -> ConsumerInfo:
+        info = self._change(op, name, change_id)
+        assert info is not None             # register and update return the changed record's info
+        return info
 
     def forget(self, name: str) -> None:
         """Remove a consumer from the image."""
@@ -220,8 +225,8 @@ class Consumers:
         return f"<vdisk consumers {list(self)!r}>"
 
 
-def apply(records: list[ConsumerRecord], op: str, name, change_id, hdr: L.Header,
-          now_ns: int, resolve) -> tuple[list[ConsumerRecord], ConsumerRecord | None]:
+def apply(records: list[ConsumerRecord], op: str, name: str, change_id: str | None, hdr: L.Header,
+          now_ns: int, resolve: Callable[[str], int]) -> tuple[list[ConsumerRecord], ConsumerRecord | None]:
     """The table after one change (records are not modified), and the changed record.
     resolve(change_id) -> generation: the image's check of an id (StaleChangeIdError)."""
     taken = {rec.name for rec in records}

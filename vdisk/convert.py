@@ -39,8 +39,9 @@ from . import qcow2 as Q
 from .disk import Disk
 from .disk import create as _create
 from .disk import open as _open
+from .snapshot_table import is_backup_snapshot
 from .errors import InvalidArgumentError, UnsupportedFeatureError, VdiskWarning
-from .errors import TO_REPLACE, NoSuchFileError, Param, VdiskIOError
+from .errors import TO_REPLACE, NoSuchFileError, Param, Part, VdiskIOError
 from ._types import PathArg, SizeArg
 from .fileio import atomic_output, pread_fd, preadinto_fd, pwrite_all
 
@@ -60,6 +61,10 @@ PROBE_SIZE = 512                 # BLOCK_PROBE_BUF_SIZE: how much of a file qemu
 
 class RawProbeWarning(VdiskWarning):
     """A source of unspecified format read as raw because nothing else matched (as qemu-img warns)."""
+
+
+class NotCarriedOverWarning(VdiskWarning):
+    """convert copied a vdisk image's content but not its snapshots or consumers (vdisk.clone keeps snapshots)."""
 
 
 def _vmdk_descriptor(head: bytes) -> bool:
@@ -145,16 +150,22 @@ def detect_format(path) -> str:
     return probe_format(path)[0]
 
 
-def _detect_source(path: str, *, warn: bool = True) -> str:
+def _detect_source(path: str, *, warn: bool = True, format_param: str | None = "src_format") -> str:
     """The format of a source whose format was not given: qcow2, vdisk or
     raw (then a RawProbeWarning when warn, as qemu-img warns); a foreign
-    format is refused with UnsupportedFeatureError naming it and the ways out."""
+    format is refused with UnsupportedFeatureError naming it and the ways out
+    (format_param: the caller's parameter that insists on raw, named as a
+    Param so that the command line says its flag; None for a backing file,
+    whose format the overlay records)."""
     name, what = probe_format(path)
     if name not in SOURCE_FORMATS:
-        raise UnsupportedFeatureError(
+        insist: tuple[Part, ...] = (
+            (", or record the backing format in the overlay (qemu-img rebase -u -F raw) to read the file's "
+             "bytes as a raw disk",) if format_param is None else
+            (", or pass ", Param(format_param, "raw"), " to read the file's bytes as a raw disk"))
+        raise UnsupportedFeatureError.naming(
             f"{path}: {what} (format {name}), which vdisk does not read; convert it first with "
-            f"'qemu-img convert -f {name} -O qcow2 {path} OUT.qcow2', or pass src_format='raw' (-f raw) to read "
-            f"the file's bytes as a raw disk")
+            f"'qemu-img convert -f {name} -O qcow2 {path} OUT.qcow2'", *insist)
     if name == "raw" and warn:
         warnings.warn(f"Image format was not specified for '{path}' and probing guessed raw.", RawProbeWarning,
                       stacklevel=4)
@@ -226,6 +237,10 @@ class VdiskImage:
             raise
         view = self._snap if self._snap is not None else self._disk
         self._view = view
+        #: what a copy of the content leaves behind: the image's snapshots (not backup's temporary ones)
+        #: and consumers; nothing when the source is one snapshot
+        self.not_carried = (0, 0) if self._snap is not None else (
+            sum(not is_backup_snapshot(i.name) for i in self._disk.snapshots), len(self._disk.consumers))
         self.size = view.size
         self.block_size = view.block_size
 
@@ -256,7 +271,7 @@ class VdiskImage:
 
 
 def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: str | None = None,
-               chain: tuple[str, ...] = (), warn_raw: bool = True):
+               chain: tuple[str, ...] = (), warn_raw: bool = True, format_param: str | None = "src_format"):
     """An image opened for reading: RawImage, VdiskImage or qcow2.Qcow2Image.
 
     fmt None detects qcow2 and vdisk by their magic and refuses the formats
@@ -268,7 +283,7 @@ def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: s
     if fmt is not None and fmt not in SOURCE_FORMATS:
         raise InvalidArgumentError(f"unknown source format {fmt!r} (one of {', '.join(SOURCE_FORMATS)})")
     os.close(_open_source_fd(path))         # exists, and is not a FIFO or socket whose open would block
-    fmt = fmt or _detect_source(path, warn=warn_raw)
+    fmt = fmt or _detect_source(path, warn=warn_raw, format_param=format_param)
     if snapshot is not None and fmt != "vdisk":
         raise InvalidArgumentError.naming(f"{path}: ", Param("snapshot", snapshot),
                                           f" picks a vdisk snapshot, but the image is {fmt}")
@@ -290,7 +305,7 @@ def open_backing(path: str, fmt: str | None, chain: tuple[str, ...], named_by_im
     (named_by_image False) is detected, vdisk included.
     """
     if fmt is None:
-        fmt = _detect_source(path, warn=False)
+        fmt = _detect_source(path, warn=False, format_param=None)
         if fmt == "vdisk" and named_by_image:
             raise UnsupportedFeatureError(
                 f"{path}: this backing file is a vdisk image, but the overlay records no backing format, so "
@@ -607,8 +622,21 @@ def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_fo
         with atomic_output(dst, overwrite=overwrite, what="converting",
                            placing_error=lambda exc: _output_error(dst, exc)) as tmp:
             _convert_into(image, tmp, dst, dst_format, size, block_size, cluster_size, progress)
+        _warn_not_carried(image, src, dst_format)
     finally:
         image.close()
+
+
+def _warn_not_carried(image, src: str, dst_format: str) -> None:
+    """A NotCarriedOverWarning when a vdisk source had snapshots or consumers the output lacks."""
+    nsnap, ncons = getattr(image, "not_carried", (0, 0))
+    if not nsnap and not ncons:
+        return
+    what = " and ".join(f"{n} {word}{'' if n == 1 else 's'}"
+                        for n, word in ((nsnap, "snapshot"), (ncons, "consumer")) if n)
+    keep = " (clone copies a vdisk image with its snapshots)" if nsnap and dst_format == "vdisk" else ""
+    warnings.warn(f"{src} has {what}, which convert does not carry over: the output holds the current "
+                  f"content only{keep}", NotCarriedOverWarning, stacklevel=3)
 
 
 def _convert_into(image, tmp: str, dst: str, dst_format: str, size: int, block_size, cluster_size, progress) -> None:
@@ -719,9 +747,9 @@ def compare(a: PathArg, b: PathArg, *, a_format: str | None = None, b_format: st
 def compare_images(a, b, *, a_format=None, b_format=None, allow_backing=False,
                    progress=None) -> tuple[int | None, int, int]:
     """(first differing offset or None, size of a, size of b)."""
-    ia = open_image(a, a_format, allow_backing=allow_backing)
+    ia = open_image(a, a_format, allow_backing=allow_backing, format_param="a_format")
     try:
-        ib = open_image(b, b_format, allow_backing=allow_backing)
+        ib = open_image(b, b_format, allow_backing=allow_backing, format_param="b_format")
         try:
             return _compare(ia, ib, progress), ia.size, ib.size
         finally:

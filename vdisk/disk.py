@@ -80,7 +80,7 @@ from ._types import PathArg, SizeArg
 from .allocator import Allocator
 from .arrays import as_bytes_view as _as_bytes_view, lazy_zeros, load_array as _load_array, write_nonzero_pages
 from .blocktable import BlockTable, plan_read, validate as _validate_table
-from .header import older_slot_regions, read_header as _read_header
+from .header import older_slot_regions, read_header as _read_header, read_image_header  # noqa: F401
 from .extents import Extents
 from .fileio import FileIO, _io_error, fsync_dir, place_synced, refuse_if_in_use
 from .layout import SUMMARY_SHIFT
@@ -1383,12 +1383,7 @@ def open(path: PathArg, mode: str = "r", *, io_factory: Callable[..., FileIO] = 
     fio = io_factory(path, writable=writable)
     try:
         fio.lock(exclusive=writable)
-        if fio.size() < 2 * L.SLOT_SIZE:
-            head = fio.pread(8, 0)
-            if head[:8] != L.MAGIC:
-                raise FormatError(f"{path}: not a vdisk image ({fio.size()} bytes, no vdisk magic)")
-            raise CorruptImageError(f"{path}: truncated to {fio.size()} bytes, shorter than the header")
-        header, slot = _read_header(fio)
+        header, slot = read_image_header(fio)
         if writable and header.sequence > L.MAX_SEQUENCE - L.SEQUENCE_HEADROOM:
             raise CorruptImageError(
                 f"{path}: header sequence {header.sequence} leaves fewer than {L.SEQUENCE_HEADROOM} commits before "

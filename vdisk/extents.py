@@ -47,7 +47,7 @@ class Extents:
     def __bool__(self) -> bool:
         return len(self.offsets) > 0
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         if not isinstance(other, Extents):
             return NotImplemented
         return np.array_equal(self.offsets, other.offsets) and np.array_equal(self.lengths, other.lengths)
@@ -57,5 +57,5 @@ class Extents:
         more = f", ... {len(self) - 4} more" if len(self) > 4 else ""
         return f"Extents([{head}{more}], nbytes={self.nbytes})"
 
-    def to_list(self) -> list[dict]:
+    def to_list(self) -> list[dict[str, int]]:
         return [{"offset": o, "length": n} for o, n in self]

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import errno
 import struct
+import typing
 
 from . import layout as L
 from .errors import CorruptImageError, FormatError, VdiskIOError
 
+if typing.TYPE_CHECKING:
+    from .fileio import FileIO
 
-def read_slots(fio) -> list[tuple[L.Header, int]]:
+
+def read_slots(fio: FileIO) -> list[tuple[L.Header, int]]:
     """Every slot that passes every check (magic, CRC, fields, file size), with its index."""
     file_size = fio.size()
     raw = fio.pread(2 * L.SLOT_SIZE, 0)
     if raw[:8] != L.MAGIC and raw[L.SLOT_SIZE:L.SLOT_SIZE + 8] != L.MAGIC:
         raise FormatError(f"{fio.path}: not a vdisk image (no vdisk magic in either header slot)")
-    valid, errors = [], []
+    valid: list[tuple[L.Header, int]] = []
+    errors: list[str] = []
     for i in (0, 1):
         try:
             h = L.Header.unpack(raw[i * L.SLOT_SIZE:(i + 1) * L.SLOT_SIZE])
@@ -40,13 +45,25 @@ def read_slots(fio) -> list[tuple[L.Header, int]]:
     return valid
 
 
-def read_header(fio) -> tuple[L.Header, int]:
+def read_header(fio: FileIO) -> tuple[L.Header, int]:
     """The slot with the highest sequence that passes every check (magic,
     CRC, fields, file size), and its index."""
     return max(read_slots(fio), key=lambda hv: hv[0].sequence)
 
 
-def older_slot_regions(fio, slot: int) -> list | None:
+def read_image_header(fio: FileIO) -> tuple[L.Header, int]:
+    """read_header of a file opened as an image: one shorter than the two
+    slots is refused first (FormatError without the vdisk magic, else
+    CorruptImageError: truncated).  Disk.open and vdisk/summary.py read here."""
+    size = fio.size()
+    if size < 2 * L.SLOT_SIZE:
+        if fio.pread(8, 0)[:8] != L.MAGIC:
+            raise FormatError(f"{fio.path}: not a vdisk image ({size} bytes, no vdisk magic)")
+        raise CorruptImageError(f"{fio.path}: truncated to {size} bytes, shorter than the header")
+    return read_header(fio)
+
+
+def older_slot_regions(fio: FileIO, slot: int) -> list[tuple[str, int, int]] | None:
     """The metadata regions the slot other than slot names, None if an open
     would never read it (damaged, never written)."""
     try:
@@ -56,7 +73,7 @@ def older_slot_regions(fio, slot: int) -> list | None:
     return others[0].regions() if others else None
 
 
-def write_slot(fio, raw: bytes, sequence: int) -> int:
+def write_slot(fio: FileIO, raw: bytes, sequence: int) -> int:
     """Write a packed header into the slot its sequence names and fsync: the
     atomic commit point.  Returns the slot."""
     slot = sequence % 2
@@ -65,7 +82,7 @@ def write_slot(fio, raw: bytes, sequence: int) -> int:
     return slot
 
 
-def commit(fio, h: L.Header) -> int:
+def commit(fio: FileIO, h: L.Header) -> int:
     """Advance h's sequence and commit it (write_slot); returns the slot.
 
     Never writes a slot a reader would refuse: a sequence past

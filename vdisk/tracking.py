@@ -40,13 +40,14 @@ parsed once where it entered, or a string it parses.
 from __future__ import annotations
 
 import secrets
-import uuid as _uuid
 
 import numpy as np
 
 from . import _fast
 from . import layout as L
-from .changeid import ANY, ChangeId, format_change_id  # noqa: F401 - the value type lives there; re-exported
+from .changeid import ANY as ANY, ChangeId as ChangeId, format_change_id as format_change_id  # re-exported,
+from .changeid import parse_change_id as parse_change_id                                      # as before
+from .changeid import _check_epoch, issued_id
 from .errors import StaleChangeIdError
 from .extents import Extents
 from .arrays import lazy_zeros, page_runs as _page_runs
@@ -55,28 +56,6 @@ from .layout import SECTOR, SUMMARY_SHIFT, regions_for
 PAGE = 4096
 DEFAULT_ARM_BUDGET = 16     # write-ahead syncs per interval before arming every region at once
 COUNTERS_PER_PAGE = PAGE // 4
-
-
-def parse_change_id(change_id, tracking_uuid: bytes, generation: int) -> int:
-    """The generation an id names, checked against a tracking epoch and a
-    generation bound only (1 <= g < generation): the syntax check of a delta's
-    attributes.  An image checks the token too (CheckpointLog.resolve)."""
-    cid = ChangeId.parse(change_id)
-    _check_epoch(cid, tracking_uuid, generation)
-    return cid.generation
-
-
-def _check_epoch(cid: ChangeId, tracking_uuid: bytes, generation: int) -> None:
-    text = cid.given
-    if cid.tracking_uuid != tracking_uuid:
-        raise StaleChangeIdError(
-            f"change id {text!r} belongs to tracking epoch {_uuid.UUID(bytes=cid.tracking_uuid)}, this image "
-            f"tracks as {_uuid.UUID(bytes=tracking_uuid)} (another image, or tracking was reset): take a full "
-            f"backup")
-    if cid.generation < 1 or cid.generation >= generation:
-        raise StaleChangeIdError(
-            f"change id {text!r} names generation {cid.generation}, but this image's last closed generation "
-            f"is {generation - 1}: the id is from the future (or from a reverted copy of the image)")
 
 
 def new_token() -> int:
@@ -161,10 +140,7 @@ class CheckpointLog:
 
     def change_id(self, hdr, generation: int) -> str | None:
         """The id of closed generation `generation` as this image issues it."""
-        t = self.token(generation)
-        if t:
-            return format_change_id(hdr.tracking_uuid, generation, t)
-        return format_change_id(hdr.tracking_uuid, generation) if generation < hdr.legacy_generation else None
+        return issued_id(hdr, generation, self.token(generation))
 
 
 def counters_kept(hdr) -> int:
