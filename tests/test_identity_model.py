@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import vdisk
-from helpers import differing_blocks, extent_blocks, pattern
+from vdisk_testkit.helpers import differing_blocks, extent_blocks, pattern
 
 BS = 4096
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import vdisk
-from helpers import assert_hot_bound, blocks_of, differing_blocks, extent_blocks, pattern
+from vdisk_testkit.helpers import assert_hot_bound, blocks_of, differing_blocks, extent_blocks, pattern
 
 BLOCK_SIZES = [4096, 8192, 65536]
 

@@ -1,9 +1,9 @@
-"""Lost header commits repaired (tests/repairsim.py; the long run is tools/campaign_repair.py)."""
+"""Lost header commits repaired (vdisk_testkit/repairsim.py; the long run is tools/campaign_repair.py)."""
 import os
 
 import pytest
 
-import repairsim
+from vdisk_testkit import repairsim
 
 SEEDS = int(os.environ.get("VDISK_REPAIR_SEEDS", "4"))
 

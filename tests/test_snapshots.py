@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import vdisk
 from vdisk import layout as L
-from helpers import differing_blocks, extent_blocks, pattern
+from vdisk_testkit.helpers import differing_blocks, extent_blocks, pattern
 
 BS = 4096
 

@@ -1,6 +1,6 @@
 """Repair campaign: header commits lost at random points of random histories.
 
-Each seed runs tests/repairsim.py: a random history (writes, zero writes,
+Each seed runs vdisk_testkit/repairsim.py: a random history (writes, zero writes,
 discards, flushes, checkpoints, resizes, reopens) in which, at random
 points, the newest header slot is damaged (the image opens at the commit
 before, with the data and counters of what followed durable), ``check
@@ -22,15 +22,11 @@ Prints losses, checks and violations; exits 1 on any violation.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-import repairsim  # noqa: E402  (tests/ is on the path only now)
+from vdisk_testkit import repairsim
 
 
 def main(argv=None) -> int:

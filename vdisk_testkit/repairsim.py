@@ -40,7 +40,7 @@ import zlib
 
 import vdisk
 from vdisk import layout as L
-from helpers import differing_blocks, extent_blocks, pattern
+from vdisk_testkit.helpers import differing_blocks, extent_blocks, pattern
 
 BS = 4096
 
