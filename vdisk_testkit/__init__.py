@@ -11,7 +11,8 @@ makes it importable from anywhere; it needs the test extra, not a user.
 Helpers:      helpers (patterns, block sets, memory of a child), qemu_helpers,
               nbd_client (a raw NBD client), nbd_helpers, nbdserve (NBD servers
               as processes), live_helpers (stamp writers), guest (a TCG Linux
-              guest), deltacraft (hostile deltas)
+              guest), deltacraft (hostile deltas), machines (the shared rules
+              of the hypothesis state machines)
 Simulators:   crashsim (power loss: the workload, the model, the checks),
               killsim (SIGKILLed writers), faultsim (I/O faults at every call),
               opfaultsim with faultshim.c (faults below Python), repairsim (lost
