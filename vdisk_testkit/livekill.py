@@ -1,9 +1,9 @@
 """Kill campaign of live backups: SIGKILL the server, the CLI client or the backup mid-way.
 
-The sweep (tools/campaign_live.py ``--steps SEEDS``; CI: tests/test_live_kill.py) stops every step
-of both workflows below once per seed, deterministically: the server runs
-through vdisk_testkit/livestop.py, whose stop points SIGKILL it at a step, or hold
-it there while the campaign SIGKILLs the CLI client; the pull tool is a
+The sweep (tools/campaign_live.py ``--steps SEEDS``; CI: tests/test_live_kill.py)
+stops every step of both workflows below once per seed, deterministically:
+the server runs through vdisk_testkit/livestop.py, whose stop points SIGKILL
+it at a step, or hold it there while the campaign SIGKILLs the CLI client; the pull tool is a
 process of its own that SIGKILLs itself at each of its steps
 (step_targets(), backup_step_trial, pull_step_trial).  The checks are those
 below, plus: after every backup the consumer's id names a delta that
@@ -12,8 +12,8 @@ writer went through, in order.
 
 The random trials (tools/campaign_live.py ``--trials N``):
 each trial serves a fresh image with `vdisk serve` while a stamp writer
-(vdisk_testkit/live_helpers.py) writes its live export, and runs `vdisk backup FILE
-DEST --consumer c` from CLI processes three times; during one of them it
+(vdisk_testkit/live_helpers.py) writes its live export, and runs `vdisk backup
+FILE DEST --consumer c` from CLI processes three times; during one of them it
 kills, after a random delay, either the server (then serves the image
 again) or the CLI process.  Then it stops the writer, runs one more backup
 (which must succeed), stops the server and checks:
