@@ -28,18 +28,14 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
-import vdisk  # noqa: E402
-from live_helpers import StampWriter  # noqa: E402
-from nbd_helpers import ServeProcess  # noqa: E402
+import vdisk
+from vdisk_testkit.live_helpers import StampWriter
+from vdisk_testkit.nbd_helpers import ServeProcess
 
 MiB = 1 << 20
 BS = 64 * 1024

@@ -45,13 +45,13 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-for p in (ROOT, HERE, os.path.join(ROOT, "tests")):
+for p in (ROOT, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
 import vdisk  # noqa: E402
-import nbdserve  # noqa: E402  (tests/nbdserve.py)
-from nbdkill import NBD_CMD_FLUSH, NBD_CMD_WRITE, Client  # noqa: E402
+from vdisk_testkit import nbdserve  # noqa: E402
+from vdisk_testkit.nbdkill import NBD_CMD_FLUSH, NBD_CMD_WRITE, Client  # noqa: E402
 
 README = os.path.join(HERE, "README.md")
 MARK_BEGIN = "<!-- nbd-results:begin -->"

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 import vdisk
 from vdisk.cli import main as cli_main
-from helpers import pattern
+from vdisk_testkit.helpers import pattern
 
 BS = 4096
 KiB, MiB = 1 << 10, 1 << 20

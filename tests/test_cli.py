@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -283,14 +282,11 @@ def test_help_and_version():
 
 # ---------------------------------------------------------------------------- the real entry point
 def test_module_entry_point(tmp_path):
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(vdisk.__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     path = tmp_path / "p.vdk"
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "vdisk.cli", *map(str, args)],
-                              capture_output=True, text=True, env=env, timeout=60)
+                              capture_output=True, text=True, timeout=60)
 
     r = cli("create", path, "2MiB")
     assert r.returncode == 0, r.stderr

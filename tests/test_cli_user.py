@@ -19,7 +19,7 @@ from click.testing import CliRunner
 import vdisk
 from vdisk.cli import main
 
-from qemu_helpers import needs_qemu
+from vdisk_testkit.qemu_helpers import needs_qemu
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB

@@ -57,11 +57,10 @@ import numpy as np
 import pytest
 
 import vdisk
-from helpers import block_mask
+from vdisk_testkit.helpers import block_mask
 
 ROUNDS = int(os.environ.get("VDISK_CONCURRENCY_ROUNDS", "1"))
 WRITES = int(os.environ.get("VDISK_CONCURRENCY_WRITES", "300"))
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORD = 8
 ID_SHIFT = 20            # write id = (thread + 1) << ID_SHIFT | k
@@ -665,10 +664,9 @@ def test_processes_one_writer_or_many_readers(tmp_path):
     path = str(tmp_path / "p.vdk")
     vdisk.create(path, 1 << 20, block_size=4096).close()
     turns = 15 * ROUNDS
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     roles = ["writer"] * 3 + ["reader"] * 2
     procs = [subprocess.Popen([sys.executable, "-c", _PROC_CHILD, path, role, str(turns), str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i, role in enumerate(roles)]
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs):

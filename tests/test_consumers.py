@@ -14,7 +14,7 @@ import pytest
 import vdisk
 from vdisk import layout as L
 from vdisk.testing import RecordingIO
-from helpers import blocks_of, extent_blocks, pattern, read_all
+from vdisk_testkit.helpers import blocks_of, extent_blocks, pattern, read_all
 
 BS = 4096
 SIZE = 1 << 20

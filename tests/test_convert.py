@@ -15,9 +15,10 @@ from click.testing import CliRunner
 
 import vdisk
 from vdisk.cli import main
-from helpers import pattern
-from qemu_helpers import (HAVE_QEMU, KiB, MiB, compressible, make_qcow2, needs_qemu, patch_header, qemu_check,
-                          qemu_compare, qemu_img, qemu_io, read_header, to_raw, zstd_supported)
+from vdisk_testkit.helpers import pattern
+from vdisk_testkit.qemu_helpers import (HAVE_QEMU, KiB, MiB, compressible, make_qcow2, needs_qemu, patch_header,
+                                        qemu_check, qemu_compare, qemu_img, qemu_io, read_header, to_raw,
+                                        zstd_supported)
 
 C = importlib.import_module("vdisk.convert")     # the module: vdisk.convert is the function
 BS = 64 * KiB

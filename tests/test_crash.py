@@ -4,8 +4,8 @@ import os
 import pytest
 
 import vdisk
-import killsim
-from crashsim import run_campaign
+from vdisk_testkit import killsim
+from vdisk_testkit.crashsim import run_campaign
 
 CRASH_SEEDS = int(os.environ.get("VDISK_CRASH_SEEDS", "6"))
 
@@ -109,7 +109,7 @@ KILL_ROUNDS = 2        # writers killed one after the other on one image
 @pytest.mark.parametrize("seed", range(max(1, -(-KILLS // KILL_ROUNDS))))
 def test_sigkill_writer(tmp_path, seed):
     """A writer process killed at random moments, twice per image: the crash
-    contract holds after each kill (tests/killsim.py; the long run is
+    contract holds after each kill (vdisk_testkit/killsim.py; the long run is
     tools/campaign_kill.py)."""
     stats = killsim.run(seed, KILL_ROUNDS, str(tmp_path), size=(256 if seed % 2 else 128) * 1024,
                         block_size=4096 if seed % 3 else 8192)

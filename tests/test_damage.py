@@ -25,7 +25,7 @@ import pytest
 
 import vdisk
 from vdisk import layout as L
-from helpers import measure_in_child, pattern
+from vdisk_testkit.helpers import measure_in_child, pattern
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -5,7 +5,7 @@ Each delta here is crafted as an attacker would, per docs/BACKUP_FORMAT.md:
 a real delta edited with h5py, its attributes checksum recomputed and its
 preamble resealed, so that only vdisk.delta.check_structure stands between
 it and libhdf5.  Hangs and memory run in a child process with a time limit
-(tests/helpers.py measure_in_child).
+(vdisk_testkit/helpers.py measure_in_child).
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import importlib
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 
 import h5py
@@ -23,7 +22,8 @@ from click.testing import CliRunner
 
 import vdisk
 from vdisk.cli import main as cli_main
-from helpers import measure_in_child, pattern
+from vdisk_testkit.deltacraft import extents_of, make_delta, replace, reseal
+from vdisk_testkit.helpers import measure_in_child, pattern
 
 D = importlib.import_module("vdisk.delta")
 BS = 4096
@@ -31,63 +31,7 @@ KiB, MiB = 1 << 10, 1 << 20
 SECRET = b"root:x:0:0:secret-bytes-of-a-host-file\n" * 4
 
 
-# ---------------------------------------------------------------------------- crafting
-def make_delta(directory, name="d.h5", compression=None, size=64 * KiB) -> str:
-    """A real full delta of a small disk: 2 data extents and 3 data rows."""
-    path = os.path.join(directory, name)
-    img = path + ".img"
-    with vdisk.create(img, size, block_size=BS) as d:
-        d.pwrite(pattern(1, 5000), 0)
-        d.pwrite(pattern(2, BS), 9 * BS)
-        vdisk.backup(d, path, compression=compression)
-    os.unlink(img)
-    return path
-
-
-def extents_of(path):
-    with h5py.File(path, "r") as f:
-        return [f[n][()] for n in (D.DS_OFFSETS, D.DS_LENGTHS, D.DS_FLAGS)]
-
-
-def reseal(path, arrays=None) -> None:
-    """What an attacker does after editing: the attributes checksum (over the
-    given extents, by default the ones the file holds), the preamble's
-    skipped ranges (the storage of 'data'), its CRCs."""
-    with h5py.File(path, "r+") as f:
-        attrs = {k: (v if isinstance(v, str) else int(v)) for k, v in f.attrs.items()
-                 if isinstance(v, (str, int, np.integer))}
-        if arrays is None:
-            arrays = [np.asarray(f[n][()]) for n in (D.DS_OFFSETS, D.DS_LENGTHS, D.DS_FLAGS)]
-        f.attrs["checksum"] = np.uint32(D.attrs_checksum(attrs, *arrays))
-    skips = []
-    try:
-        with h5py.File(path, "r") as f:
-            ds = f[D.DS_DATA]
-            if ds.chunks is not None:
-                skips = D._chunk_ranges(ds)
-            elif ds.id.get_offset() is not None and ds.id.get_storage_size():
-                skips = [(ds.id.get_offset(), ds.id.get_storage_size())]
-    except (OSError, KeyError):
-        pass
-    fd = os.open(path, os.O_RDWR)
-    try:
-        size = os.fstat(fd).st_size
-        os.pwrite(fd, D.pack_preamble(size, D.metadata_crc(fd, size, skips, path), skips), 0)
-    finally:
-        os.close(fd)
-
-
-def replace(f, name, **kwargs):
-    """Replace dataset name by one made with create_dataset(**kwargs) (same shape and dtype by default)."""
-    old = f[name]
-    data = kwargs.pop("data", False)
-    data = old[()] if data is None else (None if data is False else data)
-    kwargs.setdefault("shape", old.shape if data is None else data.shape)
-    kwargs.setdefault("dtype", old.dtype)
-    del f[name]
-    return f.create_dataset(name, data=data, **kwargs)
-
-
+# ---------------------------------------------------------------------------- crafting: vdisk_testkit/deltacraft.py
 @pytest.fixture
 def secret(tmp_path):
     p = tmp_path / "host-file"
@@ -462,12 +406,11 @@ def plugin(tmp_path):
 
 
 _PLUGIN_CRAFT = """
-import h5py, sys
-sys.path.insert(0, {tests!r})
-import test_delta_hostile as T
+import h5py
+from vdisk_testkit.deltacraft import replace, reseal
 with h5py.File(args[0], "r+") as f:
-    T.replace(f, "data", data=None, chunks=f["data"].chunks, compression={pid})
-T.reseal(args[0])
+    replace(f, "data", data=None, chunks=f["data"].chunks, compression={pid})
+reseal(args[0])
 """
 
 
@@ -479,8 +422,7 @@ def test_a_filter_plugin_is_never_loaded(tmp_path, plugin, monkeypatch):
     marker = str(tmp_path / "marker")
     monkeypatch.setenv("HDF5_PLUGIN_PATH", plugin)
     monkeypatch.setenv("VDISK_PLUGIN_MARKER", marker)
-    tests = os.path.dirname(os.path.abspath(__file__))
-    r = measure_in_child(_PLUGIN_CRAFT.format(tests=tests, pid=PLUGIN_ID), p)
+    r = measure_in_child(_PLUGIN_CRAFT.format(pid=PLUGIN_ID), p)
     assert r["error"] is None and os.path.exists(marker), "crafting with the plugin failed"
     os.unlink(marker)
     for body in ("vdisk.verify(args[0])", "vdisk.restore([args[0]], args[1], format='raw')",
@@ -516,8 +458,7 @@ def test_plugin_loading_is_off_while_a_delta_is_read(tmp_path, plugin, monkeypat
     marker = str(tmp_path / "marker")
     monkeypatch.setenv("HDF5_PLUGIN_PATH", plugin)
     monkeypatch.setenv("VDISK_PLUGIN_MARKER", marker)
-    tests = os.path.dirname(os.path.abspath(__file__))
-    assert measure_in_child(_PLUGIN_CRAFT.format(tests=tests, pid=PLUGIN_ID), p)["error"] is None
+    assert measure_in_child(_PLUGIN_CRAFT.format(pid=PLUGIN_ID), p)["error"] is None
     os.unlink(marker)
     r = measure_in_child("import os\n" + _PLUGIN_SWITCH, p, marker)
     assert r["state_inside"] == 0 and r["inside"] == "refused" and not r["loaded_inside"], r
@@ -570,11 +511,10 @@ def test_the_file_libhdf5_opens_is_the_file_vdisk_checked(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the fuzzer's structure mutations
-FUZZ = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "fuzz")
 
 
 def test_structure_mutations_never_reach_outside():
-    """tools/fuzz/fuzz_delta.py's structure mutations alone (external
+    """vdisk_testkit/fuzz/fuzz_delta.py's structure mutations alone (external
     storage, links, virtual datasets, extra objects, attribute types,
     filters, huge declared shapes, unwritten chunks; the delta resealed),
     driven by hypothesis: only VdiskErrors, and no file outside the delta
@@ -582,8 +522,7 @@ def test_structure_mutations_never_reach_outside():
     reader before check_structure)."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
-    sys.path.insert(0, FUZZ)
-    fz = importlib.import_module("fuzz_delta")
+    from vdisk_testkit.fuzz import fuzz_delta as fz
     seeds = {k: v for k, v in fz.build_seeds().items() if v[1:9] == D.PREAMBLE_MAGIC}
     if not fz.arm_bait():
         pytest.skip("the scratch file system keeps no access times: the bait cannot tell")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import vdisk
-from helpers import pattern, read_all
+from vdisk_testkit.helpers import pattern, read_all
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -1,5 +1,5 @@
 """Injected I/O faults: EIO and ENOSPC from every pwrite, fsync, truncate and
-hole punch of a workload, in turn (the engine is tests/faultsim.py; the long
+hole punch of a workload, in turn (the engine is vdisk_testkit/faultsim.py; the long
 run is tools/fault_campaign.py).  After each fault the failing operation
 raised VdiskIOError, the Disk kept working or was poisoned (vdisk/disk.py,
 "I/O errors"), and the image, reopened, satisfies the crash contract, as it
@@ -13,9 +13,9 @@ import pytest
 import vdisk
 from vdisk.testing import FaultPlan, FaultyIO, FaultyRecordingIO, KINDS, RecordingIO
 
-import faultsim
-from faultsim import Scenario
-from helpers import extent_blocks, pattern
+from vdisk_testkit import faultsim
+from vdisk_testkit.faultsim import Scenario
+from vdisk_testkit.helpers import extent_blocks, pattern
 
 BS = 4096
 GROWN = 9 * 1024 * 1024     # 2,300 blocks of 4 KiB: past the refcount table of a 96 KiB image

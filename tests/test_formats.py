@@ -19,9 +19,10 @@ import vdisk
 from click.testing import CliRunner
 
 from vdisk.cli import main
-from helpers import pattern
-from qemu_helpers import (QEMU_IO, KiB, MiB, compressible, l2_table_offset, make_qcow2, needs_qemu, patch_header, qemu_compare,
-                          qemu_img, qemu_io, read_u64, to_raw, write_u64)
+from vdisk_testkit.helpers import pattern
+from vdisk_testkit.qemu_helpers import (QEMU_IO, KiB, MiB, compressible, l2_table_offset, make_qcow2,
+                                        needs_qemu, patch_header, qemu_compare, qemu_img, qemu_io, read_u64,
+                                        to_raw, write_u64)
 
 pytestmark = needs_qemu
 

@@ -37,16 +37,14 @@ from hypothesis import strategies as st
 import vdisk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FUZZ = os.path.join(ROOT, "tools", "fuzz")
 REGRESSIONS = os.path.join(ROOT, "tests", "fuzz_regressions")
-sys.path.insert(0, FUZZ)
 
 TARGETS = {"vdisk": "fuzz_vdisk", "qcow2": "fuzz_qcow2", "delta": "fuzz_delta", "changeid": "fuzz_changeid"}
 EXAMPLES = {"vdisk": 500, "qcow2": 500, "delta": 300, "changeid": 500}
 
 
 def harness(target: str):
-    return importlib.import_module(TARGETS[target])
+    return importlib.import_module(f"vdisk_testkit.fuzz.{TARGETS[target]}")
 
 
 def kept(target: str) -> list[str]:
@@ -102,8 +100,7 @@ def test_restore_onto_a_target_with_a_hostile_sidecar(tmp_path, bad):
 # ---------------------------------------------------------------------------- memory
 _WRITE_CHILD = """
 import sys
-sys.path.insert(0, {fuzz!r})
-import common, fuzz_vdisk
+from vdisk_testkit.fuzz import common, fuzz_vdisk
 path = common.scratch_path("image")
 fuzz_vdisk.materialize(open(sys.argv[1], "rb").read(), path)
 base = common.peak_rss_mb()
@@ -122,7 +119,7 @@ def test_writer_memory_on_a_huge_sparse_file():
     touching ~100 MiB of pages for 33 Mi blocks nobody uses; it now writes
     only the pages that can hold counts."""
     name = "oom-write-refcount-grow-to-end-of-128g-sparse-file"
-    proc = subprocess.run([sys.executable, "-c", _WRITE_CHILD.format(fuzz=FUZZ),
+    proc = subprocess.run([sys.executable, "-c", _WRITE_CHILD,
                            os.path.join(REGRESSIONS, "vdisk", name)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     growth = int(proc.stdout.split()[-1])
@@ -131,8 +128,8 @@ def test_writer_memory_on_a_huge_sparse_file():
 
 _CHECK_CHILD = """
 import sys
-sys.path.insert(0, {fuzz!r})
-import common, fuzz_vdisk, vdisk
+import vdisk
+from vdisk_testkit.fuzz import common, fuzz_vdisk
 if {instrument!r}:                  # atheris's instrumentation, as a fuzz run has it (not mended)
     import atheris
     atheris.instrument_func(sys.modules["vdisk.check"]._check)
@@ -149,7 +146,7 @@ HUGE = "oom-check-dense-arrays-span-a-128g-sparse-file"
 
 def check_growth(name: str, repair: bool = False, instrument: bool = False) -> int:
     """Peak RSS growth (MiB) of check (repair) in a fresh process, after the harness wrote the image."""
-    code = _CHECK_CHILD.format(fuzz=FUZZ, repair=repair, instrument=instrument)
+    code = _CHECK_CHILD.format(repair=repair, instrument=instrument)
     proc = subprocess.run([sys.executable, "-c", code, os.path.join(REGRESSIONS, "vdisk", name)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -192,9 +189,8 @@ def test_check_and_repair_under_atheris_instrumentation():
 
 _MENDED_CHILD = """
 import sys, weakref
-sys.path.insert(0, {fuzz!r})
 import numpy as np
-import common
+from vdisk_testkit.fuzz import common
 
 
 def compare(a, b):                      # instrumented (a __main__ function): atheris._trace_cmp
@@ -222,7 +218,7 @@ def test_atheris_trace_cmp_mended(tmp_path):
     comparisons of instrumented code keep their results and semantics, and
     the results die when dropped."""
     pytest.importorskip("atheris")
-    proc = subprocess.run([sys.executable, "-c", _MENDED_CHILD.format(fuzz=FUZZ), "-runs=20",
+    proc = subprocess.run([sys.executable, "-c", _MENDED_CHILD, "-runs=20",
                            f"-artifact_prefix={tmp_path}/", str(tmp_path)],
                           capture_output=True, text=True, timeout=60,
                           env={k: v for k, v in os.environ.items() if k != "VDISK_FUZZ_INPUT_MB"})
@@ -233,8 +229,7 @@ def test_atheris_trace_cmp_mended(tmp_path):
 # ---------------------------------------------------------------------------- crafted deltas (libhdf5)
 _CRAFTED_CHILD = """
 import sys
-sys.path.insert(0, {fuzz!r})
-import fuzz_delta
+from vdisk_testkit.fuzz import fuzz_delta
 fuzz_delta.one_input_crafted(open(sys.argv[1], "rb").read())
 print("done")
 """
@@ -252,7 +247,7 @@ def test_crafted_delta(name):
         f.write(data)
         f.flush()
         try:
-            proc = subprocess.run([sys.executable, "-c", _CRAFTED_CHILD.format(fuzz=FUZZ), f.name],
+            proc = subprocess.run([sys.executable, "-c", _CRAFTED_CHILD, f.name],
                                   capture_output=True, text=True, timeout=10)
         except subprocess.TimeoutExpired:
             if name.startswith("open-"):
@@ -296,7 +291,7 @@ def test_short_fuzz(target):
                                 f"fuzz-finding-{target}-{hashlib.sha1(data).hexdigest()[:12]}")
             with open(path, "wb") as f:
                 f.write(data)
-            exc.add_note(f"input saved to {path}; replay: tools/fuzz/{TARGETS[target]}.py one_input")
+            exc.add_note(f"input saved to {path}; replay: vdisk_testkit.fuzz.{TARGETS[target]}.one_input")
             raise
 
     fuzz()

@@ -1,4 +1,4 @@
-"""A real Linux guest (tests/guest.py: Debian's cloud kernel under TCG) on an NBD export.
+"""A real Linux guest (vdisk_testkit/guest.py: Debian's cloud kernel under TCG) on an NBD export.
 
 The guest makes an ext2 file system (busybox mke2fs) on its virtio-blk disk,
 writes files, syncs, unmounts and powers off, printing the files' sha256.
@@ -30,11 +30,9 @@ import tempfile
 import numpy as np
 import pytest
 
-import guest
-import nbdserve
-from helpers import pattern
-
 import vdisk
+from vdisk_testkit import guest, nbdserve
+from vdisk_testkit.helpers import pattern
 
 SIZE = 64 << 20
 BS = 64 << 10

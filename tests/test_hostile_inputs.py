@@ -17,7 +17,7 @@ import pytest
 
 import vdisk
 from vdisk import layout as L
-from helpers import measure_in_child, pattern
+from vdisk_testkit.helpers import measure_in_child, pattern
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -68,7 +68,6 @@ def test_dropped_disk_still_closes_at_once(img):
 
 
 # ============================================================================ FIFOs
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_LIMIT = 30          # seconds: a call that waits on a FIFO never returns at all
 
 
@@ -166,10 +165,9 @@ def test_fsync_dir_of_a_fifo_fails_at_once(fifo):
 
 def test_cli_info_on_a_fifo(fifo):
     import sys
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
         proc = subprocess.run([sys.executable, "-m", "vdisk", "info", fifo], capture_output=True, text=True,
-                              timeout=HANG_LIMIT, env=env, stdin=subprocess.DEVNULL)
+                              timeout=HANG_LIMIT, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         pytest.fail(f"vdisk info hung for {HANG_LIMIT} s on a FIFO")
     assert proc.returncode != 0

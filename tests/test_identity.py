@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import vdisk
 from vdisk import layout as L
 from vdisk.cli import main
-from helpers import differing_blocks, extent_blocks, pattern, read_all
+from vdisk_testkit.helpers import differing_blocks, extent_blocks, pattern, read_all
 
 BS = 4096
 SIZE = 16 * BS

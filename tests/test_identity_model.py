@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import vdisk
-from helpers import differing_blocks, extent_blocks, pattern
+from vdisk_testkit.machines import draw_write, resize_model, under_reported
 
 BS = 4096
 
@@ -69,13 +69,10 @@ class CopiesMachine(RuleBasedStateMachine):
     @rule(i=copy_index, data=st.data())
     def write(self, i, data):
         c = self._pick(i)
-        size = len(c.content)
-        off = data.draw(st.integers(0, size - 1))
-        length = data.draw(st.integers(1, min(size - off, 3 * BS)))
-        buf = pattern(data.draw(st.integers(0, 2**31)), length, data.draw(st.booleans()))
+        off, buf = draw_write(data, len(c.content), BS)
         with vdisk.open(c.path, "r+") as d:
             d.pwrite(buf, off)
-        c.content[off:off + length] = buf
+        c.content[off:off + len(buf)] = buf
 
     @rule(i=copy_index)
     def checkpoint(self, i):
@@ -89,10 +86,7 @@ class CopiesMachine(RuleBasedStateMachine):
         new = blocks * BS - (BS // 2 if blocks % 3 == 0 else 0)
         with vdisk.open(c.path, "r+") as d:
             d.resize(new)
-        if new > len(c.content):
-            c.content.extend(bytes(new - len(c.content)))
-        else:
-            del c.content[new:]
+        resize_model(c.content, new)
 
     @rule(i=copy_index)
     def snapshot(self, i):
@@ -191,12 +185,11 @@ class CopiesMachine(RuleBasedStateMachine):
                 assert d.pread(d.size, 0) == now
                 for cid, then in self.points.items():
                     try:
-                        got = extent_blocks(d.changes_since(cid), BS)
+                        _, missing = under_reported(d, cid, now, then, BS)
                     except vdisk.StaleChangeIdError:
                         assert cid not in c.lineage, f"{c.path} refused {cid} of its own history"
                         continue
                     assert cid in c.lineage, f"{c.path} answered {cid}, an id of a copy it diverged from"
-                    missing = differing_blocks(now, then, BS) - got
                     assert not missing, f"{c.path}: under-report for {cid}: {sorted(missing)}"
 
     def teardown(self):

@@ -5,7 +5,7 @@ writer works on the live export, and drives the CLI (other processes) or
 the Python API against the same path.  Without the control channel each
 of these commands fails with ImageLockedError.  Truth is taken from the
 snapshot exports with nbdcopy, or from the stamp writer's state(k)
-(tests/live_helpers.py).
+(vdisk_testkit/live_helpers.py).
 """
 from __future__ import annotations
 
@@ -22,12 +22,11 @@ import pytest
 
 import vdisk
 import vdisk.nbd.protocol as P
-from live_helpers import UNIT, QemuIoWriter, StampWriter, stamp_point
-from nbd_client import Client, ProtocolError
-from nbd_helpers import extents_of_map, needs_clients, nbdinfo_map, qemu_io_nbd, run, serve_process  # noqa: F401
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-from campaign_live import StopServe  # noqa: E402  (tools/ is on the path only now)
+from vdisk_testkit.live_helpers import UNIT, QemuIoWriter, StampWriter, stamp_point
+from vdisk_testkit.livekill import StopServe
+from vdisk_testkit.nbd_client import Client, ProtocolError
+from vdisk_testkit.nbd_helpers import (extents_of_map, needs_clients, nbdinfo_map, qemu_io_nbd, run,
+                                       serve_process)  # noqa: F401
 
 pytestmark = needs_clients
 
@@ -245,7 +244,7 @@ def test_pull_backup_workflow_with_nbdinfo_and_nbdcopy(tmp_path, serve_process):
 # ---------------------------------------------------------------------------- 4. backup inside the server
 def test_backup_consumers_inside_the_server_while_writing(tmp_path, runtime_dir):
     """Three consumers on different schedules back up with `vdisk backup --consumer` while a
-    writer stamps units.  The server (tests/livestop.py) holds each backup just after its
+    writer stamps units.  The server (vdisk_testkit/livestop.py) holds each backup just after its
     temporary snapshot is taken, and the test copies that snapshot's export NAME@vdisk-backup-...
     with nbdcopy meanwhile: every prefix of every chain restores byte for byte to the copy of
     its last backup's snapshot, a state(k) of the writer with k between the writes acknowledged

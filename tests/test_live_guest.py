@@ -1,4 +1,4 @@
-"""Live backups while a real Linux guest (tests/guest.py, TCG) writes files on the served image.
+"""Live backups while a real Linux guest (vdisk_testkit/guest.py, TCG) writes files on the served image.
 
 The guest makes an ext2 file system on its virtio-blk disk (an NBD export
 of `vdisk serve`) and writes, rewrites and syncs files for a while.  While
@@ -30,10 +30,10 @@ import time
 
 import pytest
 
-import guest
 import vdisk
-from nbd_client import Client
-from nbd_helpers import ServeProcess, extents_of_map, needs_clients, nbdinfo_map, run
+from vdisk_testkit import guest
+from vdisk_testkit.nbd_client import Client
+from vdisk_testkit.nbd_helpers import ServeProcess, extents_of_map, needs_clients, nbdinfo_map, run
 
 pytestmark = needs_clients
 

@@ -4,7 +4,7 @@ step of the live workflows stopped once (docs/RELIABILITY.md).
 * `vdisk backup FILE DEST --consumer c` inside the server: the server SIGKILLed at each step
   (temporary snapshot taken, first rows copied, delta synced, temporary snapshot deleted,
   delta placed, consumer updated), and the CLI client SIGKILLed while the server holds at
-  each of them (tests/livestop.py).  After every backup the consumer's id names a delta
+  each of them (vdisk_testkit/livestop.py).  After every backup the consumer's id names a delta
   that exists; the chain restores prefix by prefix to states the writer went through, in
   order, and in full to the image after one more backup; no temporary snapshot is left.
 * The README's pull workflow: the server SIGKILLed after each of its operations (snapshot
@@ -17,24 +17,21 @@ The random-delay kills of the same campaign run in tools/campaign_live.py --tria
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
-from nbd_helpers import needs_clients
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import campaign_live  # noqa: E402
+from vdisk_testkit import livekill
+from vdisk_testkit.nbd_helpers import needs_clients
 
 pytestmark = needs_clients
 
 
-@pytest.mark.parametrize("target,step", campaign_live.step_targets(),
-                         ids=[f"{t}-{s}" for t, s in campaign_live.step_targets()])
+@pytest.mark.parametrize("target,step", livekill.step_targets(),
+                         ids=[f"{t}-{s}" for t, s in livekill.step_targets()])
 def test_stop_at_each_step(tmp_path, monkeypatch, target, step):
     monkeypatch.setenv("VDISK_RUNTIME_DIR", str(tmp_path / "run"))
     seed = int(os.environ.get("VDISK_LIVE_SEED", "0"))
-    r = campaign_live.step_trial(str(tmp_path), target, step, seed)
+    r = livekill.step_trial(str(tmp_path), target, step, seed)
     assert r["violation"] is None, r
     if not target.startswith("pull-"):
         assert r["deltas"] >= 3

@@ -15,7 +15,6 @@ import pytest
 
 import vdisk
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CHILD = textwrap.dedent("""
     import sys
@@ -39,9 +38,8 @@ class Holder:
     """A child process holding the image open in `mode`."""
 
     def __init__(self, path, mode):
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), mode], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.first = self.proc.stdout.readline().split()
 
     @property

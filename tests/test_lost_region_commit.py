@@ -15,8 +15,8 @@ import vdisk
 from vdisk.disk import Disk
 from vdisk.fileio import FileIO
 
-import repairsim
-from helpers import differing_blocks, extent_blocks
+from vdisk_testkit import repairsim
+from vdisk_testkit.helpers import differing_blocks, extent_blocks
 
 BS = 4096
 ONES = b"\x01\0\0\0" * (BS // 4)    # read as counters: generation 1; as a table: physical block 1

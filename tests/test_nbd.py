@@ -14,9 +14,9 @@ import sys
 import pytest
 
 import vdisk
-from helpers import pattern
-from nbd_helpers import (complement, extents_of_map, nbdinfo_map, needs_clients, qemu_io_nbd, run, serve_process,
-                         socket_mode)  # noqa: F401 - serve_process is a fixture
+from vdisk_testkit.helpers import pattern
+from vdisk_testkit.nbd_helpers import (complement, extents_of_map, nbdinfo_map, needs_clients, qemu_io_nbd, run,
+                                       serve_process, socket_mode)  # noqa: F401 - serve_process is a fixture
 
 pytestmark = needs_clients
 
@@ -212,8 +212,8 @@ def test_sigkill_after_flush_loses_nothing_flushed_and_tracking_covers(tmp_path,
     """The crash contract through NBD: SIGKILL right after the replies; what a
     client was told is flushed (FLUSH on any connection, or FUA) reads back,
     and changes_since of every outstanding id covers every changed block."""
-    from helpers import differing_blocks, extent_blocks
-    from nbd_client import Client
+    from vdisk_testkit.helpers import differing_blocks, extent_blocks
+    from vdisk_testkit.nbd_client import Client
     from vdisk.nbd import protocol as P
     img = str(tmp_path / "disk.vdk")
     size = 16 * MiB
@@ -315,7 +315,7 @@ def test_sigterm_answers_requests_in_flight_then_exits_0(tmp_path, serve_process
     """Pipelined writes, SIGTERM as soon as the first reply arrives: every write
     answered is in the image after the clean exit, and the session ends with a
     close, not a half-sent reply."""
-    from nbd_client import Client
+    from vdisk_testkit.nbd_client import Client
     from vdisk.nbd import protocol as P
     img = make_image(tmp_path / "disk.vdk")
     srv = serve_process(img)

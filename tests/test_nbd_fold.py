@@ -7,8 +7,8 @@ import threading
 import time
 
 import vdisk
-from nbd_client import Client
 from vdisk.nbd import Server, protocol as P
+from vdisk_testkit.nbd_client import Client
 
 BS = 4096
 

@@ -1,4 +1,4 @@
-"""The NBD flush contract under SIGKILL of `vdisk serve` (tests/nbdkill.py), a short run:
+"""The NBD flush contract under SIGKILL of `vdisk serve` (vdisk_testkit/nbdkill.py), a short run:
 VDISK_NBD_KILLS kills (default 12, 4 per image) over images of 4 and 8 KiB blocks.
 The long run is tools/campaign_nbd_kill.py (docs/RELIABILITY.md, "NBD server kill")."""
 from __future__ import annotations
@@ -9,8 +9,7 @@ import tempfile
 
 import pytest
 
-import nbdkill
-import nbdserve
+from vdisk_testkit import nbdkill, nbdserve
 
 KILLS = int(os.environ.get("VDISK_NBD_KILLS", "12"))
 ROUNDS = 4             # servers killed one after the other on one image
@@ -27,7 +26,7 @@ def sockdir():
 @pytest.mark.parametrize("seed", range(max(1, -(-KILLS // ROUNDS))))
 def test_sigkill_server_after_flush(tmp_path, sockdir, seed):
     """Flushed (and FUA) writes survive a SIGKILL of the server; every change id handed out
-    before covers every changed block; the backup chain restores (see tests/nbdkill.py)."""
+    before covers every changed block; the backup chain restores (see vdisk_testkit/nbdkill.py)."""
     stats = nbdkill.run(seed, ROUNDS, str(tmp_path), sockdir, size=(256 if seed % 2 else 128) * 1024,
                         block_size=4096 if seed % 3 else 8192)
     assert stats.kills == ROUNDS and stats.after_flush >= ROUNDS // 2 and stats.flushes > stats.after_flush

@@ -1,4 +1,4 @@
-"""The NBD server against a raw client (tests/nbd_client.py): what real
+"""The NBD server against a raw client (vdisk_testkit/nbd_client.py): what real
 clients refuse to send, the wire details they hide, and hostile input.
 
 Each bad request must get a clean error reply (the connection goes on) or
@@ -8,7 +8,6 @@ and other connections never notice.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 
@@ -16,8 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import vdisk
-from nbd_client import Client
 from vdisk.nbd import Server, protocol as P
+from vdisk_testkit.fuzz import fuzz_nbd
+from vdisk_testkit.nbd_client import Client
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB
@@ -363,27 +363,18 @@ def test_pipelined_requests_after_go_and_disc_finishes_them(server):
     assert server.disk.pread(5, MiB) == b"xyz!!"
 
 
-def _fuzz_nbd():
-    import importlib
-    import sys
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "fuzz")
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    return importlib.import_module("fuzz_nbd")
-
-
 def test_fuzz_harness_seeds():
-    """tools/fuzz/fuzz_nbd.py (the atheris target) on its seeds: no finding."""
-    fz = _fuzz_nbd()
+    """vdisk_testkit/fuzz/fuzz_nbd.py (the atheris target) on its seeds: no finding."""
+    fz = fuzz_nbd
     for name, data in fz.build_seeds().items():
         fz.one_input(data)
 
 
 @settings(max_examples=150, deadline=None)
-@given(seed=st.sampled_from(sorted(_fuzz_nbd().build_seeds())), rnd=st.randoms(use_true_random=False))
+@given(seed=st.sampled_from(sorted(fuzz_nbd.build_seeds())), rnd=st.randoms(use_true_random=False))
 def test_fuzz_harness_mutations(seed, rnd):
     """The harness's own mutator over its seeds, under hypothesis (CI's fuzzing)."""
-    fz = _fuzz_nbd()
+    fz = fuzz_nbd
     fz.one_input(fz.mutate(fz.build_seeds()[seed], rnd))
 
 

@@ -9,9 +9,9 @@ import ssl
 import pytest
 
 import vdisk
-from nbd_client import Client
-from nbd_helpers import needs_clients, run, serve_process  # noqa: F401 - a fixture
 from vdisk.nbd import protocol as P
+from vdisk_testkit.nbd_client import Client
+from vdisk_testkit.nbd_helpers import needs_clients, run, serve_process  # noqa: F401 - a fixture
 
 pytestmark = [needs_clients, pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl CLI")]
 

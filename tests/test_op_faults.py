@@ -1,7 +1,7 @@
-"""Injected faults below Python (tests/faultshim/faultshim.c, an LD_PRELOAD
+"""Injected faults below Python (vdisk_testkit/faultshim.c, an LD_PRELOAD
 library): EIO and ENOSPC from the write-side system calls of restore,
 convert, check --repair, backup, merge and create, run through the CLI in a
-child process (the engine is tests/opfaultsim.py; the long run is
+child process (the engine is vdisk_testkit/opfaultsim.py; the long run is
 tools/fault_campaign_ops.py).  The short campaign here tries a few sites of
 every operation; the regression tests fail the very call each bug was found
 at.
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-import opfaultsim as O
+from vdisk_testkit import opfaultsim as O
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("qemu-img") is None,
                                 reason="needs gcc (the shim) and qemu-img (the qcow2 input and checks)")

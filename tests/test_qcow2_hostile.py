@@ -13,14 +13,13 @@ import zlib
 import pytest
 
 import vdisk
-from qemu_helpers import (KiB, MiB, l1_entry_offset, l2_table_offset, make_qcow2, needs_qemu, patch_header,
-                          qemu_img, read_header, read_u64, to_raw, write_u64)
+from vdisk_testkit.qemu_helpers import (KiB, MiB, l1_entry_offset, l2_table_offset, make_qcow2, needs_qemu,
+                                        patch_header, qemu_img, read_header, read_u64, to_raw, write_u64)
 
 pytestmark = needs_qemu
 
 COPIED = 1 << 63
 COMPRESSED = 1 << 62
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -468,7 +467,6 @@ def test_truncation_at_many_points(base, tmp_path):
 # ---------------------------------------------------------------------------- bounded memory
 MEMORY_SCRIPT = textwrap.dedent("""
     import sys
-    sys.path.insert(0, {root!r})
     import vdisk
     kind, src, dst = sys.argv[1:4]
     try:
@@ -484,7 +482,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 def _peak_kib(tmp_path, img) -> tuple[str, int]:
     script = tmp_path / "mem.py"
-    script.write_text(MEMORY_SCRIPT.format(root=ROOT))
+    script.write_text(MEMORY_SCRIPT)
     out = tmp_path / (os.path.basename(str(img)) + ".vdk")
     r = subprocess.run([sys.executable, str(script), "x", str(img), str(out)],
                        capture_output=True, text=True, timeout=120)

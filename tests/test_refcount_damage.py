@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import vdisk
-from helpers import measure_in_child, pattern
+from vdisk_testkit.helpers import measure_in_child, pattern
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -20,7 +20,7 @@ import pytest
 
 import vdisk
 import vdisk.layout as L
-from helpers import measure_in_child
+from vdisk_testkit.helpers import measure_in_child
 
 MiB = 1 << 20
 SCATTERED = 4000

@@ -1,67 +1,35 @@
 """Snapshots: frozen views, copy-on-write, delete, revert, exact snapshot changes."""
 import os
-import tempfile
 import threading
 
 import hypothesis.strategies as st
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, precondition, rule
 
 import vdisk
 from vdisk import layout as L
-from helpers import differing_blocks, extent_blocks, pattern
+from vdisk_testkit.helpers import extent_blocks, pattern
+from vdisk_testkit.machines import ImageMachine
 
 BS = 4096
 
 
 # --------------------------------------------------------------------------- model test
-class SnapshotMachine(RuleBasedStateMachine):
+class SnapshotMachine(ImageMachine):
     """Random writes, discards, resizes, snapshot create/delete/revert and
-    reopens; every snapshot's frozen content and change id held in the model
+    reopens (the shared rules of vdisk_testkit/machines.py and the ones
+    below); every snapshot's frozen content and change id held in the model
     and read back entirely after every step."""
 
-    def __init__(self):
-        super().__init__()
-        self.dir = tempfile.TemporaryDirectory()
-        self.path = self.dir.name + "/s.vdk"
-        self.disk = None
+    IMAGE = "s.vdk"
 
     @initialize(bs=st.sampled_from([4096, 16384]), sectors=st.integers(8, 600))
     def create(self, bs, sectors):
-        self.bs = bs
-        self.disk = vdisk.create(self.path, sectors * 512, block_size=bs)
-        self.model = bytearray(sectors * 512)
+        self.start(bs, sectors * 512)
         self.snaps = {}        # name -> (content, change id)
-        self.points = []       # (change id, content)
         self.n = 0
-
-    @rule(data=st.data(), zero=st.booleans())
-    def write(self, data, zero):
-        size = len(self.model)
-        off = data.draw(st.integers(0, size - 1))
-        length = data.draw(st.integers(1, min(size - off, 3 * self.bs)))
-        buf = pattern(data.draw(st.integers(0, 2**31)), length, zero)
-        self.disk.pwrite(buf, off)
-        self.model[off:off + length] = buf
-
-    @rule(data=st.data())
-    def discard(self, data):
-        size = len(self.model)
-        off = data.draw(st.integers(0, size - 1))
-        length = data.draw(st.integers(1, size - off))
-        self.disk.discard(off, length)
-        self.model[off:off + length] = bytes(length)
-
-    @rule(sectors=st.integers(8, 700))
-    def resize(self, sectors):
-        new = sectors * 512
-        self.disk.resize(new)
-        if new > len(self.model):
-            self.model.extend(bytes(new - len(self.model)))
-        else:
-            del self.model[new:]
 
     @precondition(lambda self: len(self.snaps) < 6)
     @rule(named=st.booleans())
@@ -71,7 +39,7 @@ class SnapshotMachine(RuleBasedStateMachine):
         assert snap.size == len(self.model)
         assert self.disk.change_id == snap.change_id
         self.snaps[snap.name] = (bytes(self.model), snap.change_id)
-        self.points.append((snap.change_id, bytes(self.model)))
+        self.point(snap.change_id)
         snap.close()
 
     @precondition(lambda self: self.snaps)
@@ -89,11 +57,6 @@ class SnapshotMachine(RuleBasedStateMachine):
         self.model = bytearray(self.snaps[name][0])
         assert self.disk.size == len(self.model)
 
-    @rule()
-    def reopen(self):
-        self.disk.close()
-        self.disk = vdisk.open(self.path, "r+")
-
     @precondition(lambda self: self.disk is not None)
     @invariant()
     def everything_reads_back(self):
@@ -103,21 +66,6 @@ class SnapshotMachine(RuleBasedStateMachine):
             with self.disk.open_snapshot(name) as snap:
                 assert snap.change_id == cid
                 assert snap.pread(snap.size, 0) == content
-
-    @precondition(lambda self: self.disk is not None)
-    @invariant()
-    def live_changes_never_under_report(self):
-        for cid, then in self.points[-3:]:
-            got = extent_blocks(self.disk.changes_since(cid), self.bs)
-            must = differing_blocks(bytes(self.model), then, self.bs)
-            assert must <= got, f"missing {sorted(must - got)[:5]}"
-
-    def teardown(self):
-        if self.disk is not None:
-            self.disk.close()
-            res = vdisk.check(self.path)
-            assert res.ok, res
-        self.dir.cleanup()
 
 
 TestSnapshotModel = SnapshotMachine.TestCase

@@ -8,7 +8,7 @@ import pytest
 
 import vdisk
 from vdisk.testing import RecordingIO
-from helpers import extent_blocks
+from vdisk_testkit.helpers import extent_blocks
 
 BS = 4096
 

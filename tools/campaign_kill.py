@@ -5,7 +5,7 @@ times: the child runs the crash workload (writes with and without a flush,
 discards, flushes, checkpoints, snapshot create/delete/revert, resizes,
 backups, compact, reset_tracking) and logs every op before it starts and its result when
 it returns; the parent kills it after a random delay, then checks the
-image (tests/killsim.py, tests/crashsim.py: check clean but for leaks,
+image (vdisk_testkit/killsim.py, vdisk_testkit/crashsim.py: check clean but for leaks,
 flushed data intact, no foreign or garbage data, snapshots intact,
 changes_since for every id any earlier child handed out covering the
 truth, the same after recovery, the backup chain plus a post-kill
@@ -26,16 +26,12 @@ import argparse
 import collections
 import itertools
 import multiprocessing
-import os
 import sys
 import tempfile
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-import killsim  # noqa: E402  (tests/ is on the path only now)
+from vdisk_testkit import killsim
 
 
 def run_seed(args) -> dict:

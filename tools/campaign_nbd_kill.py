@@ -1,11 +1,11 @@
 """NBD server kill campaign: SIGKILL of `vdisk serve` after a client's flush, or with requests in flight.
 
 Each seed creates one image and serves it --rounds times; in each round a
-client (tests/nbdkill.py) sends random WRITE (some with FUA), WRITE_ZEROES,
+client (vdisk_testkit/nbdkill.py) sends random WRITE (some with FUA), WRITE_ZEROES,
 TRIM, READ and FLUSH requests, up to --depth in flight, then the server is
 SIGKILLed right after a FLUSH reply (every odd round, and 30% of the
 others) or with requests in flight.  After each kill the image is checked
-with tests/crashsim.py's checks: check clean but for leaks, every byte its
+with vdisk_testkit/crashsim.py's checks: check clean but for leaks, every byte its
 value as of the last acknowledged flush (as the flush was sent) or one
 written since, FUA writes intact, changes_since of every change id handed
 out in any earlier round covering every changed block, the same after
@@ -23,17 +23,12 @@ import argparse
 import collections
 import dataclasses
 import multiprocessing
-import os
 import sys
 import tempfile
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, ROOT)
-
-import nbdkill  # noqa: E402  (tests/ is on the path only now)
+from vdisk_testkit import nbdkill
 
 FIELDS = [f.name for f in dataclasses.fields(nbdkill.NbdKillStats)]
 

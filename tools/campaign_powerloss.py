@@ -6,8 +6,8 @@ incremental backups, compact, reset_tracking) on an image opened through
 vdisk.testing.RecordingIO, samples crash states at every fsync and after
 every op (unsynced writes dropped at random, some torn at 512-byte
 sectors; one seed in eight grows the disk and the file far enough to
-relocate the block table and the refcount table), and checks each against the crash contract (tests/crashsim.py:
-flushed data intact, no foreign or garbage data, check clean but for
+relocate the block table and the refcount table), and checks each against
+the crash contract (vdisk_testkit/crashsim.py: flushed data intact, no foreign or garbage data, check clean but for
 leaks, committed snapshots intact, changes_since never under-reports for
 any id handed out, the exported backup chain still restores after the
 crash; up to two crash states per seed are kept as copies, diverge, and at
@@ -24,15 +24,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import multiprocessing
-import os
 import sys
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-import crashsim  # noqa: E402  (tests/ is on the path only now)
+from vdisk_testkit import crashsim
 
 
 def config_for(seed: int, ops: int, per_point: int) -> dict:

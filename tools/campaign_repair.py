@@ -1,6 +1,6 @@
 """Repair campaign: header commits lost at random points of random histories.
 
-Each seed runs tests/repairsim.py: a random history (writes, zero writes,
+Each seed runs vdisk_testkit/repairsim.py: a random history (writes, zero writes,
 discards, flushes, checkpoints, resizes, reopens) in which, at random
 points, the newest header slot is damaged (the image opens at the commit
 before, with the data and counters of what followed durable), ``check
@@ -13,7 +13,8 @@ tests/test_repair_campaign.py; this is the long run (docs/RELIABILITY.md):
 
 With --regions the history also runs every operation whose commit moves a
 metadata region (table growth, snapshot create/delete, revert,
-reset_tracking, consumer register/update/forget):
+reset_tracking, consumer register/update/forget), and after every repair
+each snapshot the image holds must read the content it was taken with:
 
     nice -n 19 python3 tools/campaign_repair.py --regions --seeds 300
 
@@ -22,15 +23,11 @@ Prints losses, checks and violations; exits 1 on any violation.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-import repairsim  # noqa: E402  (tests/ is on the path only now)
+from vdisk_testkit import repairsim
 
 
 def main(argv=None) -> int:
@@ -53,14 +50,15 @@ def main(argv=None) -> int:
             print(f"VIOLATION seed {seed}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}", flush=True)
             continue
         for f in ("losses", "repairs_moved", "ids", "checks", "stale", "region_ops", "region_losses",
-                  "layout_losses"):
+                  "layout_losses", "snapshot_checks"):
             setattr(tot, f, getattr(tot, f) + getattr(st, f))
     print(f"repair campaign: {args.seeds} seeds (from {args.first_seed}, {args.ops} ops each), {tot.losses} header "
           f"commits lost and repaired ({tot.repairs_moved} with counters past the surviving header: the "
           f"generation moved), {tot.ids} ids handed out, {tot.checks} (id, repaired image) checks, "
           f"{tot.stale} of them refused as stale, {len(violations)} violations; "
           + (f"{tot.region_ops} region-moving operations, {tot.region_losses} losses with a region-moving "
-             f"operation's commit newest, {tot.layout_losses} with the two slots naming different regions; "
+             f"operation's commit newest, {tot.layout_losses} with the two slots naming different regions, "
+             f"{tot.snapshot_checks} (snapshot, repaired image) content checks; "
              if args.regions else "")
           + f"{time.monotonic() - t0:.1f} s")
     if violations:

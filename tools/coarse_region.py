@@ -9,9 +9,9 @@ bitmap size for a 1 TiB disk.
 
     python tools/coarse_region.py [DIR]
 """
+import argparse
 import os
 import random
-import sys
 import tempfile
 import time
 
@@ -61,8 +61,10 @@ def run(directory, region, track, pattern):
     return elapsed, fs, dirty_max
 
 
-def main():
-    directory = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dir", nargs="?", help="where the 64 GiB sparse test image goes (default: a new temporary one)")
+    directory = ap.parse_args(argv).dir or tempfile.mkdtemp()
     base_r, _, _ = run(directory, 1 << 25, False, "random")
     base_s, _, _ = run(directory, 1 << 25, False, "seq")
     print(f"{'region':>8} {'rand 4K vs off':>15} {'seq 1M vs off':>14} {'fsyncs/1k rand':>15} "

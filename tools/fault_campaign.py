@@ -1,6 +1,6 @@
 """Fault-injection campaign: EIO and ENOSPC at every call site of random workloads.
 
-Each seed is one workload (tests/faultsim.py: writes partial and whole,
+Each seed is one workload (vdisk_testkit/faultsim.py: writes partial and whole,
 allocating and in place, discards, flushes, checkpoints, resizes that grow
 and shrink, snapshot create/delete/revert, compact, full and incremental
 backups, reopen, reset_tracking; block size, image size and fold interval
@@ -25,15 +25,11 @@ from __future__ import annotations
 import argparse
 import errno
 import multiprocessing
-import os
 import sys
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-import faultsim  # noqa: E402  (tests/ is on the path only now)
+from vdisk_testkit import faultsim
 
 GROWN = 9 * 1024 * 1024
 

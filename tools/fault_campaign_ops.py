@@ -2,7 +2,7 @@
 system call of restore, convert, check --repair, backup, merge and create.
 
 Each operation runs through the CLI (``python -m vdisk.cli``) in a child
-process with tests/faultshim/faultshim.c preloaded (tests/opfaultsim.py is
+process with vdisk_testkit/faultshim.c preloaded (vdisk_testkit/opfaultsim.py is
 the engine and states what every run must satisfy).  A fault-free dry run
 counts the calls the operation makes under its directory (write, pwrite(v),
 writev, fsync, fdatasync, ftruncate, fallocate, ... from Python and from
@@ -20,14 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, ROOT)
-
-import opfaultsim  # noqa: E402  (tests/ is on the path only now)
+from vdisk_testkit import opfaultsim
 
 
 def main(argv=None) -> int:

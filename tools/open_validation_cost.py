@@ -10,6 +10,7 @@ skips it); then the peak RSS growth of each open in a fresh interpreter.
 
     python tools/open_validation_cost.py [DIR]
 """
+import argparse
 import os
 import statistics
 import subprocess
@@ -66,8 +67,10 @@ def time_open(path: str, mode: str) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    directory = sys.argv[1] if len(sys.argv) > 1 else None
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dir", nargs="?", help="where the temporary image goes (default: the system's temporary directory)")
+    directory = ap.parse_args(argv).dir
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         path = os.path.join(tmp, "v.vdk")
         build(path)

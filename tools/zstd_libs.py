@@ -24,9 +24,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from vdisk import qcow2 as Q  # noqa: E402
+from vdisk import qcow2 as Q
 
 
 def text_like(nbytes: int, seed: int = 7) -> bytes:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the fuzz campaigns with atheris (libFuzzer) and report executions.
 
-Targets (one harness each, tools/fuzz/fuzz_*.py):
+Targets (one harness each, vdisk_testkit/fuzz/fuzz_*.py):
 
     vdisk          image open and metadata reads, snapshots, check   (fuzz_vdisk.py)
     qcow2          the qcow2 reader and qcow2 -> raw conversion        (fuzz_qcow2.py)
@@ -46,6 +46,7 @@ Needs ``pip install -e '.[fuzz]'`` (atheris).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -55,20 +56,19 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+from vdisk_testkit.fuzz import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REGRESSIONS = os.path.join(ROOT, "tests", "fuzz_regressions")
-sys.path.insert(0, HERE)
+PACKAGE = "vdisk_testkit.fuzz"
 
-import common  # noqa: E402
-
-TARGETS = {
-    "vdisk": ("fuzz_vdisk.py", []),
-    "qcow2": ("fuzz_qcow2.py", []),
-    "delta": ("fuzz_delta.py", []),
-    "changeid": ("fuzz_changeid.py", []),
-    "nbd": ("fuzz_nbd.py", []),
-    "delta-crafted": ("fuzz_delta.py", ["--crafted"]),
+TARGETS = {                     # target: (harness module of PACKAGE, extra arguments)
+    "vdisk": ("fuzz_vdisk", []),
+    "qcow2": ("fuzz_qcow2", []),
+    "delta": ("fuzz_delta", []),
+    "changeid": ("fuzz_changeid", []),
+    "nbd": ("fuzz_nbd", []),
+    "delta-crafted": ("fuzz_delta", ["--crafted"]),
 }
 DEFAULT_TARGETS = ["vdisk", "qcow2", "delta", "changeid"]
 MAX_LEN = {"vdisk": 256 * 1024, "qcow2": 256 * 1024, "delta": 128 * 1024, "delta-crafted": 128 * 1024,
@@ -78,8 +78,7 @@ MAX_TRIAGE = 20                 # findings replayed alone per target
 
 
 def module_for(target: str):
-    import importlib
-    return importlib.import_module(TARGETS[target][0][:-3])
+    return importlib.import_module(f"{PACKAGE}.{TARGETS[target][0]}")
 
 
 def write_seeds(target: str, directory: str) -> int:
@@ -105,8 +104,7 @@ def parse_stats(text: str) -> dict:
 
 _REPLAY = """
 import sys, time, traceback
-sys.path.insert(0, {here!r})
-import common, {module} as h
+from vdisk_testkit.fuzz import common, {module} as h
 data = open(sys.argv[1], "rb").read()
 base = common.peak_rss_mb()
 t = time.monotonic()
@@ -123,10 +121,10 @@ print(f"{{outcome}} | {{time.monotonic() - t:.2f}} s | +{{peak - base}} MiB peak
 
 def triage(target: str, path: str, timeout: int) -> str:
     """Replay one finding in a fresh process without atheris: what it does there."""
-    module = TARGETS[target][0][:-3]
+    module = TARGETS[target][0]
     func = "one_input_crafted" if target == "delta-crafted" else "one_input"
     try:
-        proc = subprocess.run([sys.executable, "-c", _REPLAY.format(here=HERE, module=module, func=func), path],
+        proc = subprocess.run([sys.executable, "-c", _REPLAY.format(module=module, func=func), path],
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return f"hangs (no answer in {timeout} s)"
@@ -137,7 +135,7 @@ def triage(target: str, path: str, timeout: int) -> str:
 
 
 def run_target(target: str, runs: int, args) -> dict:
-    script, extra = TARGETS[target]
+    module, extra = TARGETS[target]
     work = os.path.join(args.workdir, target)
     corpus, seeds, artifacts = (os.path.join(work, d) for d in ("corpus", "seeds", "artifacts"))
     for d in (corpus, artifacts):
@@ -153,7 +151,7 @@ def run_target(target: str, runs: int, args) -> dict:
     with open(log_path, "a") as log:
         while total < runs:
             before = set(os.listdir(artifacts))
-            cmd = [sys.executable, os.path.join(HERE, script), *extra, *dirs,
+            cmd = [sys.executable, "-m", f"{PACKAGE}.{module}", *extra, *dirs,
                    f"-runs={min(args.chunk, runs - total)}", f"-rss_limit_mb={args.rss_limit_mb}",
                    f"-timeout={args.timeout}",
                    f"-max_len={MAX_LEN[target]}", f"-artifact_prefix={artifacts}/", "-print_final_stats=1",

@@ -1,6 +1,6 @@
 /*
  * faultshim: an LD_PRELOAD library that fails the Nth write-side call a
- * process makes on files under one directory (tests/opfaultsim.py, the
+ * process makes on files under one directory (vdisk_testkit/opfaultsim.py, the
  * campaign over restore, convert, check --repair, backup and merge).
  *
  * Intercepted: write, writev, pwrite, pwrite64, pwritev, pwritev64,

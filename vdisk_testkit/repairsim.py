@@ -9,7 +9,8 @@ data and the change counters of what came after are durable.
 ``check --repair`` runs; then every id ever handed out is asked of the
 repaired image: it must be refused (StaleChangeIdError) or answered with
 every block that differs from the content at its point (never an
-under-report), and the history goes on.  An id string is never handed out
+under-report), every snapshot the image holds (one whose delete was lost
+too) must read the content it was taken with, and the history goes on.  An id string is never handed out
 twice (a re-issued id would name two contents).  Losses repeat over the
 history, so the commit lost is in turn a checkpoint's, a resize's or
 another's, at every age of the image.
@@ -40,7 +41,7 @@ import zlib
 
 import vdisk
 from vdisk import layout as L
-from helpers import differing_blocks, extent_blocks, pattern
+from vdisk_testkit.helpers import differing_blocks, extent_blocks, pattern
 
 BS = 4096
 
@@ -55,6 +56,7 @@ class RepairStats:
     region_ops: int = 0        # operations whose commit moves a metadata region
     region_losses: int = 0     # losses whose newest commit was a region-moving operation's
     layout_losses: int = 0     # losses where the damaged slot named other regions than the surviving one
+    snapshot_checks: int = 0   # (snapshot, repaired image) pairs read back whole
 
 
 REGION_OPS = ("grow", "snapshot", "delete_snapshot", "revert", "reset_tracking", "consumer")
@@ -115,6 +117,7 @@ def run(seed: int, ops: int = 120, loss_rate: float = 0.08, workdir: str | None 
         d.fold_interval = rng.randint(1, 20)
         issued: dict[str, bytes] = {}        # every id ever handed out -> content at its point (compressed)
         last_commit = None                   # the kind of the newest operation that committed the header
+        snap_content: dict[str, bytes] = {}  # every snapshot ever taken -> its content (compressed)
 
         def hand_out(cid: str) -> None:
             assert cid not in issued, f"seed {seed}: id {cid} handed out twice"
@@ -157,8 +160,10 @@ def run(seed: int, ops: int = 120, loss_rate: float = 0.08, workdir: str | None 
                 cap = d._hdr.table_capacity      # (kept small: every id holds the content at its point)
                 d.resize((cap + rng.randint(1, 600) if cap < 4096 else rng.randint(1, cap)) * BS)
             elif kind == "snapshot":
-                snap = d.snapshot()
+                name = f"s{len(snap_content)}"      # never reused: a name names one content
+                snap = d.snapshot(name)
                 hand_out(snap.change_id)
+                snap_content[name] = issued[snap.change_id]
                 snap.close()
             elif kind == "delete_snapshot":
                 d.delete_snapshot(rng.choice(snaps))
@@ -196,6 +201,13 @@ def run(seed: int, ops: int = 120, loss_rate: float = 0.08, workdir: str | None 
                                              f"{lost}): {res.corruptions}")
                 d = vdisk.open(path, "r+")
                 last_commit = "repair"
+                for info in d.snapshots:     # every snapshot it holds (a deleted one back too) reads its content
+                    with d.open_snapshot(info.name) as view:
+                        got_snap = view.pread(view.size, 0)
+                    stats.snapshot_checks += 1
+                    assert got_snap == zlib.decompress(snap_content[info.name]), (
+                        f"seed {seed} step {step}: after a lost commit (newest op that committed: {lost}) and "
+                        f"repair, snapshot {info.name} reads other content")
                 now = d.pread(d.size, 0)
                 for cid, packed in issued.items():
                     then = zlib.decompress(packed)

@@ -1,7 +1,7 @@
 """Injected I/O faults at every call site: the engine behind tests/test_faults.py
 and tools/fault_campaign.py.
 
-A dry run drives a seeded workload (tests/crashsim.py's ops, plus reopen,
+A dry run drives a seeded workload (vdisk_testkit/crashsim.py's ops, plus reopen,
 reset_tracking, whole-block runs and a table relocation; the image is
 created and finally closed through the same I/O layer) over
 vdisk.testing.FaultyRecordingIO with an empty FaultPlan: it counts the
@@ -46,8 +46,8 @@ import numpy as np
 import vdisk
 from vdisk.testing import FaultPlan, FaultyRecordingIO
 
-import crashsim
-from crashsim import CrashModel, Workload, apply_op, check_image
+from vdisk_testkit import crashsim
+from vdisk_testkit.crashsim import CrashModel, Workload, apply_op, check_image
 
 ERRNOS = (_errno.EIO, _errno.ENOSPC)
 EXTRA_KINDS = ("reopen", "reset", "run", "grow_tables")

@@ -22,18 +22,15 @@ import random
 import shutil
 import struct
 import subprocess
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
 
-import numpy as np  # noqa: E402
+import vdisk
+from vdisk import qcow2 as Q
+from vdisk.convert import open_backing  # how vdisk.convert opens backing files
 
-import vdisk  # noqa: E402
-from vdisk import qcow2 as Q  # noqa: E402
-from vdisk.convert import open_backing  # noqa: E402  (how vdisk.convert opens backing files)
-
-from common import INTERESTING, KiB, MiB, guard, havoc, put_int, remove, scratch_path, write_sparse  # noqa: E402
+from vdisk_testkit.fuzz.common import INTERESTING, KiB, MiB, guard, havoc, put_int, remove, scratch_path, write_sparse
 
 NAME = "qcow2"
 ALLOW_BACKING = 1 << 0
@@ -258,10 +255,10 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 
 
 def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
-    from common import mixed_mutator
+    from vdisk_testkit.fuzz.common import mixed_mutator
     return mixed_mutator(mutate)(data, max_size, seed)
 
 
 if __name__ == "__main__":
-    from common import atheris_main
+    from vdisk_testkit.fuzz.common import atheris_main
     atheris_main(one_input, custom_mutator)

@@ -34,15 +34,12 @@ import logging
 import os
 import socket
 import struct
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vdisk
+from vdisk.nbd import Server, protocol as P
 
-import vdisk  # noqa: E402
-from vdisk.nbd import Server, protocol as P  # noqa: E402
-
-from common import remove, scratch_path  # noqa: E402
+from vdisk_testkit.fuzz.common import remove, scratch_path
 
 NAME = "nbd"
 KiB, MiB = 1 << 10, 1 << 20
@@ -212,12 +209,12 @@ def build_seeds(directory: str | None = None) -> dict[str, bytes]:
 
 
 def mutate(data: bytes, rng) -> bytes:
-    from common import havoc
+    from vdisk_testkit.fuzz.common import havoc
     if data and rng.random() < 0.2:
         return bytes([rng.randrange(5)]) + data[1:]
     return havoc(data, rng, 1 if len(data) > 1 else 0, max_len=4096)
 
 
 if __name__ == "__main__":
-    from common import atheris_main
+    from vdisk_testkit.fuzz.common import atheris_main
     atheris_main(one_input)

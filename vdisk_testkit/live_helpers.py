@@ -20,7 +20,7 @@ import threading
 import numpy as np
 
 import vdisk.nbd.protocol as P
-from nbd_client import Client
+from vdisk_testkit.nbd_client import Client
 
 UNIT = 4096
 

@@ -15,8 +15,7 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class NbdServer:
@@ -104,9 +103,7 @@ def vdisk_serve(image: str, sock: str, export: str = "", read_only: bool = False
     cmd = [sys.executable, "-m", "vdisk", "serve", image, "--socket", sock, "--export", export, *extra]
     if read_only:
         cmd.append("--read-only")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return NbdServer(cmd, sock, export, "vdisk serve", env=env)
+    return NbdServer(cmd, sock, export, "vdisk serve")
 
 
 def qemu_nbd(image: str, sock: str, export: str = "", fmt: str = "qcow2", bitmap: str | None = None,

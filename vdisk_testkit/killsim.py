@@ -1,7 +1,7 @@
 """Real SIGKILLs of a writer process, checked against the crash contract.
 
-A child process (this file run as a script) opens an image read-write and
-runs the crash workload of tests/crashsim.py (writes with and without a
+A child process (``python -m vdisk_testkit.killsim SPEC``) opens an image read-write and
+runs the crash workload of vdisk_testkit/crashsim.py (writes with and without a
 flush after them, discards, checkpoints, snapshot create/delete/revert,
 resizes, backups, compact, reset_tracking).  Before each op it appends the op to a log
 file, after it returns the op's result (the change id it handed out, if
@@ -34,10 +34,8 @@ import sys
 import time
 
 import vdisk
-from crashsim import CopyWatch, CrashModel, Workload, apply_op, check_chain_restores, check_image, weights
+from vdisk_testkit.crashsim import CopyWatch, CrashModel, Workload, apply_op, check_chain_restores, check_image, weights
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 
 
 @dataclasses.dataclass
@@ -87,9 +85,8 @@ class KillCampaign:
     def kill_once(self) -> None:
         spec = self.spec()
         self.round += 1
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")]))
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "killsim.py"), json.dumps(spec)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "vdisk_testkit.killsim", json.dumps(spec)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             first = proc.stdout.readline()
             if first != "ready\n":          # it failed before its first op: say why

@@ -5,7 +5,7 @@ qcow2 into vdisk, vdisk out to raw and qcow2), ``check --repair``, backup
 (full and incremental: the HDF5 delta file) and merge.  The engine behind
 tests/test_op_faults.py (CI) and tools/fault_campaign_ops.py (the long run).
 
-The injector is tests/faultshim/faultshim.c, an LD_PRELOAD library built
+The injector is vdisk_testkit/faultshim.c, an LD_PRELOAD library built
 here with gcc (once per source version, cached in the temp directory).  It
 counts the write, writev, pwrite(v), fsync, fdatasync, ftruncate, fallocate
 (and posix_fallocate, copy_file_range, sendfile) calls a process makes on
@@ -61,10 +61,9 @@ import numpy as np
 import vdisk
 from vdisk import layout as L
 
-from helpers import pattern
+from vdisk_testkit.helpers import pattern
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIM_SOURCE = os.path.join(ROOT, "tests", "faultshim", "faultshim.c")
+SHIM_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faultshim.c")
 BS = 4096
 KiB = 1024
 MODES = ("eio", "enospc", "short")          # short: ENOSPC after a short write, later writes failing too
@@ -96,7 +95,6 @@ def shim_env(shim: str, directory: str, fail_at: int = 0, mode: str = "eio", rep
              log: str | None = None) -> dict:
     env = dict(os.environ)
     env["LD_PRELOAD"] = shim
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["FAULTSHIM_DIR"] = os.path.realpath(directory)
     env["FAULTSHIM_FAIL_AT"] = str(fail_at)
     env["FAULTSHIM_ERRNO"] = str(MODE_ERRNO[mode])

@@ -1,7 +1,7 @@
 """Crash simulation: a random workload, a model of what the image may hold
 after a crash, and the checks of the crash contract.
 
-Shared by tests/test_crash.py (short runs in CI), tests/killsim.py (real
+Shared by tests/test_crash.py (short runs in CI), vdisk_testkit/killsim.py (real
 SIGKILLs of a writer process) and tools/campaign_powerloss.py (power loss
 through vdisk.testing.RecordingIO, sampled at every fsync).
 
@@ -49,7 +49,7 @@ import numpy as np
 import vdisk
 from vdisk.backup import sidecar_path
 from vdisk.testing import RecordingIO
-from helpers import block_mask, differing_mask, pattern
+from vdisk_testkit.helpers import block_mask, differing_mask, pattern
 
 BACKUP_PREFIX = "vdisk-backup-"     # vdisk.backup()'s temporary snapshot
 

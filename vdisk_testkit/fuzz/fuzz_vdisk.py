@@ -36,22 +36,19 @@ that matter)::
                 left out (zeros; the harness puts them back)
 
 Run it: ``python3 tools/fuzz/run.py --targets vdisk`` (or directly,
-``python3 tools/fuzz/fuzz_vdisk.py CORPUS_DIR -runs=N`` with libFuzzer flags).
+``python3 -m vdisk_testkit.fuzz.fuzz_vdisk CORPUS_DIR -runs=N`` with libFuzzer flags).
 """
 from __future__ import annotations
 
 import os
 import random
 import struct
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vdisk
+from vdisk import layout as L
 
-import vdisk  # noqa: E402
-from vdisk import layout as L  # noqa: E402
-
-from common import INTERESTING, KiB, MiB, guard, havoc, put_int, remove, scratch_path, write_sparse  # noqa: E402
+from vdisk_testkit.fuzz.common import INTERESTING, KiB, MiB, guard, havoc, put_int, remove, scratch_path, write_sparse
 
 NAME = "vdisk"
 FIX_HEADER_CRC = 1 << 0
@@ -448,7 +445,7 @@ def limit_counters(image: bytearray, h: dict, slot: int, rng: random.Random) -> 
 def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
     """libFuzzer's mutator (atheris.Mutate) on the header bytes or the whole
     input a third of the time, the structure-aware one otherwise."""
-    from common import atheris_mutate
+    from vdisk_testkit.fuzz.common import atheris_mutate
     rng = random.Random(seed)
     if rng.random() < 0.33 and len(data) > 1:
         if rng.random() < 0.5 and len(data) > 1 + 2 * L.SLOT_SIZE:
@@ -464,5 +461,5 @@ def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
 
 
 if __name__ == "__main__":
-    from common import atheris_main
+    from vdisk_testkit.fuzz.common import atheris_main
     atheris_main(one_input, custom_mutator)

@@ -126,14 +126,11 @@ def measure_in_child(body: str, *args, timeout: float = 300) -> dict:
     peak RSS in bytes ("growth", over the baseline after importing vdisk and its modules),
     "seconds", and "error" (a VdiskError's name and message, or None)."""
     import json
-    import os
     import subprocess
     import sys
     import textwrap
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = _MEASURED % textwrap.indent(textwrap.dedent(body), "    ")
-    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout)
     assert proc.returncode == 0, f"child died ({proc.returncode}): {proc.stderr[-2000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])

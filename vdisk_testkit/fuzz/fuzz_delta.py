@@ -53,15 +53,13 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import crc32c as _crc32c
+import numpy as np
 
-import crc32c as _crc32c  # noqa: E402
-import numpy as np  # noqa: E402
+import vdisk
+from vdisk import delta as D
 
-import vdisk  # noqa: E402
-from vdisk import delta as D  # noqa: E402
-
-from common import INTERESTING, KiB, MiB, guard, havoc, put_int, remove, scratch_path, write_sparse  # noqa: E402
+from vdisk_testkit.fuzz.common import INTERESTING, KiB, MiB, guard, havoc, put_int, remove, scratch_path, write_sparse
 
 NAME = "delta"
 SEAL_ATTRS = 1 << 1
@@ -544,12 +542,12 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 
 
 def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
-    from common import mixed_mutator
+    from vdisk_testkit.fuzz.common import mixed_mutator
     return mixed_mutator(mutate)(data, max_size, seed)
 
 
 if __name__ == "__main__":
-    from common import atheris_main
+    from vdisk_testkit.fuzz.common import atheris_main
     crafted = "--crafted" in sys.argv
     if crafted:
         sys.argv.remove("--crafted")

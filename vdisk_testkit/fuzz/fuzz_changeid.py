@@ -29,17 +29,14 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import sys
 import types
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import vdisk  # noqa: E402
-from vdisk.tracking import format_change_id, parse_change_id  # noqa: E402
+import vdisk
+from vdisk.tracking import format_change_id, parse_change_id
 
 B = importlib.import_module("vdisk.backup")    # vdisk.backup is also the name of the function
 
-from common import guard, remove, scratch_path  # noqa: E402
+from vdisk_testkit.fuzz.common import guard, remove, scratch_path
 
 NAME = "changeid"
 _STATE = None
@@ -195,12 +192,12 @@ def build_seeds(directory: str | None = None) -> dict[str, bytes]:
 
 
 def mutate(data: bytes, rng) -> bytes:
-    from common import havoc
+    from vdisk_testkit.fuzz.common import havoc
     if data and rng.random() < 0.2:
         return bytes([rng.randrange(7) | rng.choice((0, LATIN1))]) + data[1:]
     return havoc(data, rng, 1 if len(data) > 1 else 0, max_len=4096)
 
 
 if __name__ == "__main__":
-    from common import atheris_main
+    from vdisk_testkit.fuzz.common import atheris_main
     atheris_main(one_input)

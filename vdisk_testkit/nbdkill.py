@@ -8,7 +8,7 @@ and length), WRITE_ZEROES, TRIM, FLUSH and READ, several in flight at once
 (pipelined; never two in flight on the same block, so their order does not
 matter).  Then it SIGKILLs the server, either right after a FLUSH reply
 (the contract's case) or with requests still in flight, and checks the
-image with tests/crashsim.py's checks:
+image with vdisk_testkit/crashsim.py's checks:
 
 * vdisk.check finds no corruption (leaks allowed); the image opens;
 * every byte holds the value it had when the last acknowledged FLUSH was
@@ -43,9 +43,9 @@ import time
 import numpy as np
 
 import vdisk
-import nbdserve
-from crashsim import CrashModel, apply_op, check_chain_restores, check_image
-from helpers import pattern
+from vdisk_testkit import nbdserve
+from vdisk_testkit.crashsim import CrashModel, apply_op, check_chain_restores, check_image
+from vdisk_testkit.helpers import pattern
 
 # ---------------------------------------------------------------------------- the wire (doc/proto.md)
 NBDMAGIC = 0x4E42444D41474943

@@ -1,6 +1,6 @@
 """Deterministic stop points in a vdisk process, for the live kill campaign (tools/campaign_live.py).
 
-Run ``python tests/livestop.py ARGS...`` instead of ``python -m vdisk ARGS...``
+Run ``python -m vdisk_testkit.livestop ARGS...`` instead of ``python -m vdisk ARGS...``
 (``serve FILE --socket S`` for a server).  With ``VDISK_STOP=STEP:ACTION`` and
 ``VDISK_STOP_FILE=F`` in the environment, the process stops when it reaches STEP
 while the file ``F.arm`` exists (it removes ``F.arm`` then: one stop per arming):
