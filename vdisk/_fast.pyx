@@ -536,14 +536,15 @@ cdef class HotPath:
     """A Disk's single-block ``pread`` and in-place ``pwrite``, with no Python
     frame between the caller and the system call.
 
-    The Disk's ``pread``/``pwrite`` are :func:`disk_pread` / :func:`disk_pwrite`
-    (class attributes: the bound method holds the Disk strongly for the
-    call, while this object holds it only weakly, so a dropped Disk still
-    closes at once).  The Disk binds this object to its current arrays with
-    :meth:`bind` after any of them is replaced (open, resize, revert,
-    table relocation, refcount growth, tracking reset) and at close.
-    Everything this path does not handle it hands, unchanged, to the
-    Disk's Python methods ``_pread_slow`` / ``_pwrite_slow``:
+    One-way boundary: this object knows arrays, a descriptor, sizes, flags
+    and callables, never the Disk.  It is given its fallbacks at construction
+    (``read_slow(length, offset)``, ``write_slow(data, offset)``: the Python
+    paths, which handle every case and raise the right errors; ``fold_due()``:
+    called after ``fold_interval`` writes) and its state through one setter,
+    :meth:`bind`, which the owner calls after any of that state is replaced
+    (open, resize, revert, table relocation, refcount growth, tracking
+    reset) and at close (:meth:`shut`).  Everything this path does not
+    handle goes, unchanged, to the fallbacks:
 
     * reads that span blocks, are empty or out of range;
     * writes that span blocks or allocate (unallocated or shared block),
@@ -554,9 +555,15 @@ cdef class HotPath:
       the VdiskError).
 
     What it does do is exactly what the Python hot path did: under the
-    Disk's lock, look the block up, mark the block dirty in the tracker
+    owner's lock, look the block up, mark the block dirty in the tracker
     (fine bit and summary group) before issuing the data write, and count
     writes towards the automatic fold.
+
+    The owner's ``pread``/``pwrite`` are the functions :func:`methods` makes
+    (class attributes: bound like Python methods, so the call holds the
+    owner for its whole length, even when nothing else does:
+    ``vdisk.open(p).pread(10, 0)``); the fallbacks, held here, reach the
+    owner only weakly (a dropped Disk still closes at once).
     """
     cdef uint32_t[::1] table
     cdef uint16_t[::1] refs
@@ -568,22 +575,24 @@ cdef class HotPath:
     cdef int64_t vsize
     cdef int summary_shift      # vdisk.layout.SUMMARY_SHIFT, given by bind()
     cdef bint can_read, can_write, tracking, direct
-    cdef object acquire, release, disk_ref, io, io_pwrite
+    cdef object acquire, release, io, io_pwrite
+    cdef object read_slow, write_slow, fold_due
     cdef public Py_ssize_t writes
     cdef public Py_ssize_t fold_interval
 
-    def __init__(self, disk, lock, Py_ssize_t fold_interval):
-        import weakref
-        self.disk_ref = weakref.ref(disk)     # no cycle: a dropped Disk still closes at once
+    def __init__(self, lock, read_slow, write_slow, fold_due, Py_ssize_t fold_interval):
         self.acquire = lock.acquire
         self.release = lock.release
+        self.read_slow = read_slow
+        self.write_slow = write_slow
+        self.fold_due = fold_due
         self.fold_interval = fold_interval
         self.writes = 0
         self.can_read = self.can_write = False
 
     def bind(self, io, bint direct, int fd, table, refs, int shift, int64_t vsize, bint readable,
              bint writable, dirty=None, groups=None, coarse=None, int rel=0, int summary_shift=-1):
-        """Point the hot path at the Disk's current state (call under its lock).
+        """Point the hot path at the owner's current state (call under its lock).
         direct: write with pwrite(2) on fd rather than through io.pwrite."""
         if not 0 <= summary_shift < 32:
             raise ValueError(f"bind needs the summary shift (vdisk.layout.SUMMARY_SHIFT), got {summary_shift}")
@@ -629,14 +638,13 @@ cdef class HotPath:
 
     def pread(self, length, offset):
         """pread(length, offset) -> bytes: length bytes at offset; never-written areas read as zeros."""
-        return self._pread(self.disk_ref(), length, offset)
+        return self.read(length, offset)
 
     def pwrite(self, data, offset):
         """pwrite(data, offset) -> int: write data (any bytes-like) at offset; returns len(data)."""
-        return self._pwrite(self.disk_ref(), data, offset)
+        return self.write(data, offset)
 
-    cdef object _pread(self, disk, length, offset):
-        # disk: the Disk, held by the caller for the whole call (its slow path)
+    cdef object read(self, length, offset):
         cdef int64_t n, off, b, p
         cdef object out
         cdef int err = 0
@@ -645,16 +653,16 @@ cdef class HotPath:
             n = length
             off = offset
         except (TypeError, OverflowError):
-            return disk._pread_slow(length, offset)
+            return self.read_slow(length, offset)
         if not self.can_read or n <= 0 or off < 0 or off > self.vsize - n:
-            return disk._pread_slow(length, offset)
+            return self.read_slow(length, offset)
         b = off >> self.shift
         if b != (off + n - 1) >> self.shift or b >= self.nentries:
-            return disk._pread_slow(length, offset)
+            return self.read_slow(length, offset)
         self.acquire()
         try:
             if not self.can_read or off > self.vsize - n or b >= self.nentries:   # bind() may have run
-                return disk._pread_slow(length, offset)
+                return self.read_slow(length, offset)
             p = self.table[b]
             out = PyBytes_FromStringAndSize(NULL, n)
             buf = PyBytes_AS_STRING(out)
@@ -662,14 +670,14 @@ cdef class HotPath:
                 with nogil:
                     err = read_full(self.fd, buf, n, (p << self.shift) | (off & ((1 << self.shift) - 1)))
                 if err:
-                    return disk._pread_slow(length, offset)   # raises the VdiskIOError
+                    return self.read_slow(length, offset)   # raises the VdiskIOError
             else:
                 memset(buf, 0, n)
             return out
         finally:
             self.release()
 
-    cdef object _pwrite(self, disk, data, offset):
+    cdef object write(self, data, offset):
         cdef Py_buffer view
         cdef int64_t n, off, b, p, r, within
         cdef int err = 0
@@ -677,48 +685,48 @@ cdef class HotPath:
         try:
             off = offset
         except (TypeError, OverflowError):
-            return disk._pwrite_slow(data, offset)
+            return self.write_slow(data, offset)
         if not self.can_write:
-            return disk._pwrite_slow(data, offset)
+            return self.write_slow(data, offset)
         try:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         except (TypeError, BufferError, ValueError):
-            return disk._pwrite_slow(data, offset)   # not contiguous bytes: it says why
+            return self.write_slow(data, offset)   # not contiguous bytes: it says why
         try:
             n = view.len
             if n <= 0 or off < 0 or off > self.vsize - n:
-                return disk._pwrite_slow(data, offset)
+                return self.write_slow(data, offset)
             b = off >> self.shift
             within = off & ((1 << self.shift) - 1)
             if b != (off + n - 1) >> self.shift or b >= self.nentries:
-                return disk._pwrite_slow(data, offset)
+                return self.write_slow(data, offset)
             self.acquire()
             try:
                 if (not self.can_write or self.io.poisoned is not None or off > self.vsize - n
                         or b >= self.nentries):      # bind() may have run since the checks above
-                    return disk._pwrite_slow(data, offset)   # (past a shrink since the check: raises)
+                    return self.write_slow(data, offset)   # (past a shrink since the check: raises)
                 p = self.table[b]
                 if p == 0 or p >= self.nrefs or self.refs[p] != 1:
-                    return disk._pwrite_slow(data, offset)
+                    return self.write_slow(data, offset)
                 if n == (1 << self.shift) and all_zero(<const uint8_t *> view.buf, n):
-                    return disk._pwrite_slow(data, offset)   # unmaps the block
+                    return self.write_slow(data, offset)   # unmaps the block
                 if self.tracking:
                     r = b >> self.rel
                     if (b >= self.ndirty or (b >> self.summary_shift) >= self.ngroups or r >= self.ncoarse
                             or not self.coarse[r]):
-                        return disk._pwrite_slow(data, offset)  # write-ahead arming
+                        return self.write_slow(data, offset)  # write-ahead arming
                     self.dirty[b] = 1                 # marked before the data write is issued
                     self.groups[b >> self.summary_shift] = 1
                 if self.direct:
                     with nogil:
                         err = write_full(self.fd, <const char *> view.buf, n, (p << self.shift) | within)
                     if err:
-                        return disk._pwrite_slow(data, offset)   # repeats it; raises
+                        return self.write_slow(data, offset)   # repeats it; raises
                 else:
                     self.io_pwrite(memoryview(data).cast("B"), (p << self.shift) | within)
                 self.writes += 1
                 if self.writes >= self.fold_interval:
-                    disk._fold_due()
+                    self.fold_due()
                 return n
             finally:
                 self.release()
@@ -726,16 +734,16 @@ cdef class HotPath:
             PyBuffer_Release(&view)
 
 
-# The Disk's own pread/pwrite (class attributes of vdisk.disk.Disk: bound like
-# Python methods, so the bound method holds the Disk for the whole call, even
-# when nothing else does: ``vdisk.open(p).pread(10, 0)``).  No Python frame
-# between the caller and the hot path; everything it does not handle goes to
-# the Disk's ``_pread_slow`` / ``_pwrite_slow``.
-def disk_pread(disk, length, offset):
-    """pread(length, offset) -> bytes: length bytes at offset; never-written areas read as zeros."""
-    return (<HotPath?>disk._hot)._pread(disk, length, offset)
+def methods(str attribute):
+    """(pread, pwrite) for a class whose instances keep their HotPath in the
+    named attribute: functions that bind like Python methods (the bound call
+    holds the instance for its whole length) and go straight to the hot path.
+    The owner names the attribute; this module never names the owner's state."""
+    def pread(owner, length, offset):
+        """pread(length, offset) -> bytes: length bytes at offset; never-written areas read as zeros."""
+        return (<HotPath?>getattr(owner, attribute)).read(length, offset)
 
-
-def disk_pwrite(disk, data, offset):
-    """pwrite(data, offset) -> int: write data (any bytes-like) at offset; returns len(data)."""
-    return (<HotPath?>disk._hot)._pwrite(disk, data, offset)
+    def pwrite(owner, data, offset):
+        """pwrite(data, offset) -> int: write data (any bytes-like) at offset; returns len(data)."""
+        return (<HotPath?>getattr(owner, attribute)).write(data, offset)
+    return pread, pwrite

@@ -174,7 +174,9 @@ class Disk(io.RawIOBase):
         fio.on_poison = functools.partial(_poison_hook, weakref.ref(self))
         self._shift = header.block_shift           # fixed for the image's life
         self._block_mask = header.block_size - 1
-        self._hot = _fast.HotPath(self, self._lock, DEFAULT_FOLD_INTERVAL)
+        # the Cython hot path: its fallbacks are this Disk's Python paths, held weakly
+        self._hot = _fast.HotPath(self._lock, _weakly(self._pread_slow), _weakly(self._pwrite_slow),
+                                  _weakly(self._fold_due), DEFAULT_FOLD_INTERVAL)
         # the header as the newest slot holds it, and whether the other slot names other regions
         # (the write-order rule of _flush_locked step 5: nothing the older slot names is released)
         self._committed = dataclasses.replace(header)
@@ -224,7 +226,7 @@ class Disk(io.RawIOBase):
         self._hot.fold_interval = n
 
     def _fold_due(self) -> None:
-        """fold_interval writes since the last fold: fold now (the hot path calls this)."""
+        """fold_interval writes since the last fold: fold now (the hot path's fold_due)."""
         with self._lock:
             if self._tracker is not None and not self._shut:
                 self._flush_locked()
@@ -451,11 +453,10 @@ class Disk(io.RawIOBase):
 
     # ------------------------------------------------------------------ reads
     # pread/pwrite: single-block reads and in-place writes run in Cython
-    # (_fast.disk_pread / disk_pwrite, bound like methods, so the call holds
-    # the Disk even when nothing else does); every other case comes back to
-    # _pread_slow / _pwrite_slow below.
-    pread = _fast.disk_pread
-    pwrite = _fast.disk_pwrite
+    # (the HotPath in self._hot; these functions bind like methods, so the call
+    # holds the Disk even when nothing else does); every other case comes back
+    # to _pread_slow / _pwrite_slow below, the fallbacks the HotPath was given.
+    pread, pwrite = _fast.methods("_hot")
 
     def _pread_slow(self, length: int, offset: int) -> bytes:
         """length bytes at offset; never-written areas read as zeros (what
