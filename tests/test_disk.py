@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import vdisk
+import vdisk.disk
 from helpers import pattern, read_all
 
 KiB = 1 << 10
@@ -729,6 +730,37 @@ class TestHotPath:
                 os.close(fd)
         assert d.pread(2, 0) == b"ab"
         d.close()
+
+    def test_writes_into_fresh_blocks_stay_on_the_hot_path_with_tracking(self, img, monkeypatch):
+        """A block allocated since the last flush is overwritten in place in
+        Cython (its mapping is not durable: no coarse bit is needed) with
+        tracking on: the Python fallback is never called, nothing is armed,
+        and every such block is marked changed."""
+        slow = []
+        real = vdisk.disk.Disk._pwrite_slow
+
+        def counting(self, data, offset):
+            slow.append(offset)
+            return real(self, data, offset)
+        monkeypatch.setattr(vdisk.disk.Disk, "_pwrite_slow", counting)
+        d = new(img, "1MiB", block_size="64KiB", coarse_region_size="64KiB")
+        c = d.checkpoint()
+        d.pwrite(pattern(1, 256 * KiB), 0)         # four fresh blocks, one run
+        slow.clear()
+        for off in (4 * KiB, 70 * KiB, 130 * KiB, 200 * KiB, 8 * KiB):
+            assert d.pwrite(b"x" * 512, off) == 512
+        assert slow == [], f"fresh in-place writes fell back to Python at {slow}"
+        assert d._tracker.armings == 0 and not d._tracker.coarse.any()
+        assert d._tracker.dirty[:4].all()
+        d.flush()                                   # the mapping is durable: no block is fresh
+        assert not d._bt.fresh.any()
+        d.pwrite(b"y", 4 * KiB)                     # now the write-ahead rule arms the region
+        assert d._tracker.armings == 1 and d._tracker.coarse[0] == 1
+        assert d.pread(1, 4 * KiB) == b"y" and d.pread(1, 70 * KiB) == b"x"
+        assert {o // (64 * KiB) for o in d.changes_since(c).offsets} >= {0}
+        assert d.changes_since(c).nbytes == 256 * KiB
+        d.close()
+        assert vdisk.check(img).ok
 
     def test_automatic_fold_counts_hot_writes(self, img):
         d = new(img)

@@ -570,7 +570,8 @@ cdef class HotPath:
     cdef uint8_t[::1] dirty
     cdef uint8_t[::1] groups
     cdef uint8_t[::1] coarse
-    cdef Py_ssize_t nentries, nrefs, ndirty, ngroups, ncoarse
+    cdef uint8_t[::1] fresh
+    cdef Py_ssize_t nentries, nrefs, ndirty, ngroups, ncoarse, nfresh
     cdef int fd, shift, rel
     cdef int64_t vsize
     cdef int summary_shift      # vdisk.layout.SUMMARY_SHIFT, given by bind()
@@ -591,9 +592,12 @@ cdef class HotPath:
         self.can_read = self.can_write = False
 
     def bind(self, io, bint direct, int fd, table, refs, int shift, int64_t vsize, bint readable,
-             bint writable, dirty=None, groups=None, coarse=None, int rel=0, int summary_shift=-1):
+             bint writable, dirty=None, groups=None, coarse=None, fresh=None, int rel=0, int summary_shift=-1):
         """Point the hot path at the owner's current state (call under its lock).
-        direct: write with pwrite(2) on fd rather than through io.pwrite."""
+        direct: write with pwrite(2) on fd rather than through io.pwrite.
+        With tracking: the tracker's dirty, group and coarse bytes and its
+        region shift (rel), and the table's fresh bytes (blocks remapped
+        since the last flush), all read by the write-ahead rule."""
         if not 0 <= summary_shift < 32:
             raise ValueError(f"bind needs the summary shift (vdisk.layout.SUMMARY_SHIFT), got {summary_shift}")
         self.summary_shift = summary_shift
@@ -612,9 +616,11 @@ cdef class HotPath:
             self.dirty = dirty
             self.groups = groups
             self.coarse = coarse
+            self.fresh = fresh
             self.ndirty = self.dirty.shape[0]
             self.ngroups = self.groups.shape[0]
             self.ncoarse = self.coarse.shape[0]
+            self.nfresh = self.fresh.shape[0]
             self.rel = rel
         self.can_read = readable
         self.can_write = writable
@@ -624,17 +630,56 @@ cdef class HotPath:
         self.can_read = self.can_write = False
         self.table = None
         self.refs = None
-        self.dirty = self.groups = self.coarse = None
+        self.dirty = self.groups = self.coarse = self.fresh = None
         self.io = self.io_pwrite = None
 
     def describe(self):
-        """What the path is bound to, for tests: (table, refs, vsize, dirty, groups, coarse, rel, can_read, can_write)."""
+        """What the path is bound to, for tests: (table, refs, vsize, dirty, groups, coarse, fresh, rel, can_read,
+        can_write)."""
         return (self.table.base if self.table is not None else None,
                 self.refs.base if self.refs is not None else None, self.vsize,
                 self.dirty.base if self.tracking and self.dirty is not None else None,
                 self.groups.base if self.tracking and self.groups is not None else None,
                 self.coarse.base if self.tracking and self.coarse is not None else None,
+                self.fresh.base if self.tracking and self.fresh is not None else None,
                 self.rel if self.tracking else None, self.can_read, self.can_write)
+
+    cdef int write_ahead(self, int64_t b) noexcept nogil:
+        """The write-ahead rule of change tracking, the one place it is
+        written (tracking.py's module docstring; the Python write paths ask
+        it through mark_write).  Block b is about to be overwritten in place:
+
+        * fresh (remapped since the last flush): its mapping is not durable,
+          and the next flush folds b's counter before the table that makes
+          the mapping durable (docs/FORMAT.md, "Write order"): mark it;
+        * otherwise durable data is overwritten: its coarse region's bit
+          must be durable before the data write is issued; when it is: mark.
+
+        Marking sets b's fine dirty byte and its summary group's flag, before
+        the data write is issued.  Returns 1: marked, the write may be issued;
+        0: nothing marked, the region must be armed first (the caller makes
+        its bit durable, then asks again); -1: b beyond the bound arrays."""
+        cdef int64_t r = b >> self.rel
+        if b < 0 or b >= self.ndirty or (b >> self.summary_shift) >= self.ngroups or r >= self.ncoarse:
+            return -1
+        if not ((b < self.nfresh and self.fresh[b]) or self.coarse[r]):
+            return 0
+        self.dirty[b] = 1
+        self.groups[b >> self.summary_shift] = 1
+        return 1
+
+    def mark_write(self, int64_t b):
+        """The write-ahead rule (write_ahead) for the Python write paths:
+        True once block b is marked and may be written in place, False if
+        its region must be armed first.  Raises if tracking is not bound or
+        b is out of range: a write is never left unmarked."""
+        cdef int r
+        if not self.tracking:
+            raise RuntimeError("HotPath.mark_write: no tracking arrays bound")
+        r = self.write_ahead(b)
+        if r < 0:
+            raise IndexError(f"HotPath.mark_write: block {b} beyond the bound tracking arrays")
+        return r == 1
 
     def pread(self, length, offset):
         """pread(length, offset) -> bytes: length bytes at offset; never-written areas read as zeros."""
@@ -710,13 +755,8 @@ cdef class HotPath:
                     return self.write_slow(data, offset)
                 if n == (1 << self.shift) and all_zero(<const uint8_t *> view.buf, n):
                     return self.write_slow(data, offset)   # unmaps the block
-                if self.tracking:
-                    r = b >> self.rel
-                    if (b >= self.ndirty or (b >> self.summary_shift) >= self.ngroups or r >= self.ncoarse
-                            or not self.coarse[r]):
-                        return self.write_slow(data, offset)  # write-ahead arming
-                    self.dirty[b] = 1                 # marked before the data write is issued
-                    self.groups[b >> self.summary_shift] = 1
+                if self.tracking and self.write_ahead(b) != 1:
+                    return self.write_slow(data, offset)  # the region must be armed first
                 if self.direct:
                     with nogil:
                         err = write_full(self.fd, <const char *> view.buf, n, (p << self.shift) | within)

@@ -193,7 +193,8 @@ class Disk(io.RawIOBase):
         """Point the Cython hot path at the current arrays and size.  Every
         method that replaces one of them is decorated with @_rebinds."""
         t = self._tracker
-        track = {} if t is None else dict(dirty=t.dirty, groups=t.dirty_groups, coarse=t.coarse, rel=t.rel_shift)
+        track = {} if t is None else dict(dirty=t.dirty, groups=t.dirty_groups, coarse=t.coarse, fresh=self._bt.fresh,
+                                          rel=t.rel_shift)
         if self._shut:
             self._hot.shut()
             return
@@ -554,18 +555,8 @@ class Disk(io.RawIOBase):
         shift = self._hdr.block_shift
         bs = 1 << shift
         bt, alloc = self._bt, self._alloc
-        tracker = self._tracker
         end = offset + len(mv)
         b = offset >> shift
-        if ((end - 1) >> shift) == b and len(mv) < bs:
-            # the hot path: a partial overwrite in place of an unshared block
-            p = bt.mv[b]
-            if p and alloc.refs_mv[p] == 1:
-                if tracker is not None:
-                    tracker.mark_write(b, b in bt.fresh)
-                self._io.pwrite(mv, (p << shift) + (offset & (bs - 1)))
-                self._count_write()
-                return
         if not offset & (bs - 1) and not len(mv) & (bs - 1) and alloc.appends_only():
             b1 = end >> shift
             if not bt.table[b:b1].any() and not _fast.zero_blocks(mv, bs).any():
@@ -639,7 +630,7 @@ class Disk(io.RawIOBase):
                 continue
             if p and refs[p] == 1:
                 if tracker:
-                    tracker.mark_write(b, b in bt.fresh)
+                    self._write_ahead(b)
                 phys, buf = (p << shift) + lo, src
             else:
                 if not p and not keep_zeros and _fast.is_zero(src):
@@ -666,6 +657,17 @@ class Disk(io.RawIOBase):
             pos += piece
         if run_phys is not None:
             self._io.pwritev(run_bufs, run_phys)
+
+    def _write_ahead(self, b: int) -> None:
+        """Block b is about to be overwritten in place: the write-ahead rule,
+        asked of the hot path (HotPath.write_ahead, the one place it is
+        written); a region whose bit must be durable first is armed, and the
+        rule asked again."""
+        hot = self._hot
+        if not hot.mark_write(b):
+            self._tracker.arm(b)
+            if not hot.mark_write(b):
+                raise RuntimeError(f"block {b}: its region is armed, yet the hot path refuses the write")
 
     def _unmap(self, b: int) -> None:
         p = self._bt.unmap(b)
