@@ -533,8 +533,11 @@ cdef int write_full(int fd, const char *buf, Py_ssize_t n, int64_t off) noexcept
 
 
 cdef class HotPath:
-    """A Disk's single-block ``pread`` and in-place ``pwrite``, with no Python
-    frame between the caller and the system call.
+    """A Disk's ``pread`` and in-place ``pwrite``, with no Python frame
+    between the caller and the system calls: any request within the
+    virtual size whose blocks are all mapped (reads: or unmapped, read as
+    zeros) and, for writes, unshared; physically contiguous blocks go in one
+    system call.
 
     One-way boundary: this object knows arrays, a descriptor, sizes, flags
     and callables, never the Disk.  It is given its fallbacks at construction
@@ -546,8 +549,9 @@ cdef class HotPath:
     reset) and at close (:meth:`shut`).  Everything this path does not
     handle goes, unchanged, to the fallbacks:
 
-    * reads that span blocks, are empty or out of range;
-    * writes that span blocks or allocate (unallocated or shared block),
+    * reads that are empty or out of range;
+    * writes that allocate (an unallocated or shared block among theirs),
+      that span blocks through a non-FileIO layer (tests' fault layers),
       writes of a whole block of zeros (they unmap), writes into a coarse
       region whose bit is not yet durable (the write-ahead rule needs a
       sync first), and writes when the I/O layer is poisoned;
@@ -689,8 +693,65 @@ cdef class HotPath:
         """pwrite(data, offset) -> int: write data (any bytes-like) at offset; returns len(data)."""
         return self.write(data, offset)
 
+    cdef int read_runs(self, char *buf, int64_t off, int64_t n) noexcept nogil:
+        """Read n bytes at virtual offset off into buf through the table
+        (blocks off >> shift .. (off + n - 1) >> shift, all < nentries):
+        physically contiguous blocks in one pread, unmapped ones as zeros.
+        0 or an errno."""
+        cdef int64_t mask = (1 << self.shift) - 1
+        cdef int64_t pos = off, end = off + n, piece, p, phys
+        cdef int64_t run_phys = -1, run_at = 0, run_len = 0
+        cdef int err
+        while pos < end:
+            piece = (mask + 1) - (pos & mask)
+            if piece > end - pos:
+                piece = end - pos
+            p = self.table[pos >> self.shift]
+            phys = (p << self.shift) | (pos & mask) if p else -1
+            if run_len and ((phys < 0 and run_phys < 0) or (phys >= 0 and run_phys >= 0
+                                                           and run_phys + run_len == phys)):
+                run_len += piece
+            else:
+                if run_len:
+                    err = self.read_run(buf + run_at, run_len, run_phys)
+                    if err:
+                        return err
+                run_phys, run_at, run_len = phys, pos - off, piece
+            pos += piece
+        return self.read_run(buf + run_at, run_len, run_phys) if run_len else 0
+
+    cdef int read_run(self, char *buf, int64_t n, int64_t phys) noexcept nogil:
+        if phys < 0:
+            memset(buf, 0, n)
+            return 0
+        return read_full(self.fd, buf, n, phys)
+
+    cdef int write_runs(self, const char *buf, int64_t off, int64_t n) noexcept nogil:
+        """Write n bytes at virtual offset off in place (every block mapped and
+        checked by the caller): physically contiguous blocks in one pwrite.
+        0 or an errno."""
+        cdef int64_t mask = (1 << self.shift) - 1
+        cdef int64_t pos = off, end = off + n, piece, phys
+        cdef int64_t run_phys = -1, run_at = 0, run_len = 0
+        cdef int err
+        while pos < end:
+            piece = (mask + 1) - (pos & mask)
+            if piece > end - pos:
+                piece = end - pos
+            phys = (<int64_t> self.table[pos >> self.shift] << self.shift) | (pos & mask)
+            if run_len and run_phys + run_len == phys:
+                run_len += piece
+            else:
+                if run_len:
+                    err = write_full(self.fd, buf + run_at, run_len, run_phys)
+                    if err:
+                        return err
+                run_phys, run_at, run_len = phys, pos - off, piece
+            pos += piece
+        return write_full(self.fd, buf + run_at, run_len, run_phys) if run_len else 0
+
     cdef object read(self, length, offset):
-        cdef int64_t n, off, b, p
+        cdef int64_t n, off, b, b1
         cdef object out
         cdef int err = 0
         cdef char *buf
@@ -702,31 +763,31 @@ cdef class HotPath:
         if not self.can_read or n <= 0 or off < 0 or off > self.vsize - n:
             return self.read_slow(length, offset)
         b = off >> self.shift
-        if b != (off + n - 1) >> self.shift or b >= self.nentries:
+        b1 = (off + n - 1) >> self.shift
+        if b1 >= self.nentries:
             return self.read_slow(length, offset)
         self.acquire()
         try:
-            if not self.can_read or off > self.vsize - n or b >= self.nentries:   # bind() may have run
+            if not self.can_read or off > self.vsize - n or b1 >= self.nentries:   # bind() may have run
                 return self.read_slow(length, offset)
-            p = self.table[b]
             out = PyBytes_FromStringAndSize(NULL, n)
             buf = PyBytes_AS_STRING(out)
-            if p:
-                with nogil:
-                    err = read_full(self.fd, buf, n, (p << self.shift) | (off & ((1 << self.shift) - 1)))
-                if err:
-                    return self.read_slow(length, offset)   # raises the VdiskIOError
-            else:
+            if b == b1 and self.table[b] == 0:
                 memset(buf, 0, n)
+                return out
+            with nogil:
+                err = self.read_runs(buf, off, n)
+            if err:
+                return self.read_slow(length, offset)   # raises the VdiskIOError
             return out
         finally:
             self.release()
 
     cdef object write(self, data, offset):
         cdef Py_buffer view
-        cdef int64_t n, off, b, p, r, within
+        cdef int64_t n, off, b, b0, b1, p, pos, piece, mask
         cdef int err = 0
-        cdef bint fast = False
+        cdef const char *src
         try:
             off = offset
         except (TypeError, OverflowError):
@@ -739,31 +800,43 @@ cdef class HotPath:
             return self.write_slow(data, offset)   # not contiguous bytes: it says why
         try:
             n = view.len
+            src = <const char *> view.buf
             if n <= 0 or off < 0 or off > self.vsize - n:
                 return self.write_slow(data, offset)
-            b = off >> self.shift
-            within = off & ((1 << self.shift) - 1)
-            if b != (off + n - 1) >> self.shift or b >= self.nentries:
+            mask = (1 << self.shift) - 1
+            b0 = off >> self.shift
+            b1 = (off + n - 1) >> self.shift
+            if b1 >= self.nentries or (b1 != b0 and not self.direct):
                 return self.write_slow(data, offset)
             self.acquire()
             try:
                 if (not self.can_write or self.io.poisoned is not None or off > self.vsize - n
-                        or b >= self.nentries):      # bind() may have run since the checks above
+                        or b1 >= self.nentries):      # bind() may have run since the checks above
                     return self.write_slow(data, offset)   # (past a shrink since the check: raises)
-                p = self.table[b]
-                if p == 0 or p >= self.nrefs or self.refs[p] != 1:
-                    return self.write_slow(data, offset)
-                if n == (1 << self.shift) and all_zero(<const uint8_t *> view.buf, n):
-                    return self.write_slow(data, offset)   # unmaps the block
-                if self.tracking and self.write_ahead(b) != 1:
-                    return self.write_slow(data, offset)  # the region must be armed first
+                # every block in place: mapped, unshared, and not a whole block of zeros (those unmap)
+                pos = off
+                for b in range(b0, b1 + 1):
+                    p = self.table[b]
+                    if p == 0 or p >= self.nrefs or self.refs[p] != 1:
+                        return self.write_slow(data, offset)
+                    piece = (mask + 1) - (pos & mask)
+                    if piece > off + n - pos:
+                        piece = off + n - pos
+                    if piece == mask + 1 and all_zero(<const uint8_t *> src + (pos - off), piece):
+                        return self.write_slow(data, offset)
+                    pos += piece
+                if self.tracking:
+                    for b in range(b0, b1 + 1):
+                        if self.write_ahead(b) != 1:
+                            # a region to arm: Python does it (the blocks marked so far are written there too)
+                            return self.write_slow(data, offset)
                 if self.direct:
                     with nogil:
-                        err = write_full(self.fd, <const char *> view.buf, n, (p << self.shift) | within)
+                        err = self.write_runs(src, off, n)
                     if err:
                         return self.write_slow(data, offset)   # repeats it; raises
                 else:
-                    self.io_pwrite(memoryview(data).cast("B"), (p << self.shift) | within)
+                    self.io_pwrite(memoryview(data).cast("B"), (<int64_t> self.table[b0] << self.shift) | (off & mask))
                 self.writes += 1
                 if self.writes >= self.fold_interval:
                     self.fold_due()
