@@ -78,3 +78,25 @@ def test_a_dropped_disk_closes_at_once(tmp_path):
             assert again.pread(4, 0) == b"gone"
     finally:
         gc.enable()
+
+
+def _cython_sources() -> list[str]:
+    return sorted(os.path.join(PKG, n) for n in os.listdir(PKG) if n.endswith(".pyx"))
+
+
+def test_the_cython_layer_never_names_the_disks_private_state():
+    """One-way boundary (docs/ARCHITECTURE.md, "The hot path"): the Cython
+    code knows arrays, a descriptor and callables.  It reads no private
+    attribute of any object but its own (``self._x``), names no Disk method
+    and never looks a private name up by string."""
+    access = re.compile(r"\b(?!self\b)[A-Za-z_]\w*\._[a-z]\w*")
+    disk_names = re.compile(r"\b_(?:pread_slow|pwrite_slow|fold_due|hot|rebind_hot|io|bt|alloc|tracker|hdr)\b")
+    by_string = re.compile(r"getattr\([^)]*[\"']_")
+    found = []
+    for path in _cython_sources():
+        for i, line in enumerate(open(path), 1):
+            code = line.split("#", 1)[0]
+            bare = re.sub(r"\"[^\"]*\"|'[^']*'", '""', code)      # names in messages are no access
+            for rx, text in ((access, bare), (disk_names, bare), (by_string, code)):
+                found += [f"{os.path.basename(path)}:{i}: {m}" for m in rx.findall(text)]
+    assert _cython_sources() and not found, found

@@ -1,4 +1,6 @@
 """Type stubs for the Cython kernels in vdisk/_fast.pyx."""
+from typing import Any, Callable
+
 import numpy as np
 import numpy.typing as npt
 
@@ -28,10 +30,11 @@ def first_difference(a: bytes | bytearray | memoryview | npt.NDArray[np.uint8],
 
 class HotPath:
     """A Disk's single-block pread and in-place pwrite in Cython; the rest
-    goes back to the Disk's Python methods (see vdisk/_fast.pyx)."""
+    goes to the fallbacks it was given (see vdisk/_fast.pyx)."""
     writes: int
     fold_interval: int
-    def __init__(self, disk: object, lock: object, fold_interval: int) -> None: ...
+    def __init__(self, lock: object, read_slow: Callable[[int, int], bytes], write_slow: Callable[[object, int], int],
+                 fold_due: Callable[[], None], fold_interval: int) -> None: ...
     def bind(self, io: object, direct: bool, fd: int, table: npt.NDArray[np.uint32], refs: npt.NDArray[np.uint16],
              shift: int, vsize: int, readable: bool, writable: bool, dirty: npt.NDArray[np.uint8] | None = ...,
              groups: npt.NDArray[np.uint8] | None = ..., coarse: npt.NDArray[np.uint8] | None = ..., rel: int = ...,
@@ -41,5 +44,4 @@ class HotPath:
     def pread(self, length: int, offset: int) -> bytes: ...
     def pwrite(self, data: object, offset: int) -> int: ...
 
-def disk_pread(disk: object, length: int, offset: int) -> bytes: ...
-def disk_pwrite(disk: object, data: object, offset: int) -> int: ...
+def methods(attribute: str) -> tuple[Callable[[Any, int, int], bytes], Callable[[Any, object, int], int]]: ...

@@ -533,20 +533,25 @@ cdef int write_full(int fd, const char *buf, Py_ssize_t n, int64_t off) noexcept
 
 
 cdef class HotPath:
-    """A Disk's single-block ``pread`` and in-place ``pwrite``, with no Python
-    frame between the caller and the system call.
+    """A Disk's ``pread`` and in-place ``pwrite``, with no Python frame
+    between the caller and the system calls: any request within the
+    virtual size whose blocks are all mapped (reads: or unmapped, read as
+    zeros) and, for writes, unshared; physically contiguous blocks go in one
+    system call.
 
-    The Disk's ``pread``/``pwrite`` are :func:`disk_pread` / :func:`disk_pwrite`
-    (class attributes: the bound method holds the Disk strongly for the
-    call, while this object holds it only weakly, so a dropped Disk still
-    closes at once).  The Disk binds this object to its current arrays with
-    :meth:`bind` after any of them is replaced (open, resize, revert,
-    table relocation, refcount growth, tracking reset) and at close.
-    Everything this path does not handle it hands, unchanged, to the
-    Disk's Python methods ``_pread_slow`` / ``_pwrite_slow``:
+    One-way boundary: this object knows arrays, a descriptor, sizes, flags
+    and callables, never the Disk.  It is given its fallbacks at construction
+    (``read_slow(length, offset)``, ``write_slow(data, offset)``: the Python
+    paths, which handle every case and raise the right errors; ``fold_due()``:
+    called after ``fold_interval`` writes) and its state through one setter,
+    :meth:`bind`, which the owner calls after any of that state is replaced
+    (open, resize, revert, table relocation, refcount growth, tracking
+    reset) and at close (:meth:`shut`).  Everything this path does not
+    handle goes, unchanged, to the fallbacks:
 
-    * reads that span blocks, are empty or out of range;
-    * writes that span blocks or allocate (unallocated or shared block),
+    * reads that are empty or out of range;
+    * writes that allocate (an unallocated or shared block among theirs),
+      that span blocks through a non-FileIO layer (tests' fault layers),
       writes of a whole block of zeros (they unmap), writes into a coarse
       region whose bit is not yet durable (the write-ahead rule needs a
       sync first), and writes when the I/O layer is poisoned;
@@ -554,37 +559,49 @@ cdef class HotPath:
       the VdiskError).
 
     What it does do is exactly what the Python hot path did: under the
-    Disk's lock, look the block up, mark the block dirty in the tracker
+    owner's lock, look the block up, mark the block dirty in the tracker
     (fine bit and summary group) before issuing the data write, and count
     writes towards the automatic fold.
+
+    The owner's ``pread``/``pwrite`` are the functions :func:`methods` makes
+    (class attributes: bound like Python methods, so the call holds the
+    owner for its whole length, even when nothing else does:
+    ``vdisk.open(p).pread(10, 0)``); the fallbacks, held here, reach the
+    owner only weakly (a dropped Disk still closes at once).
     """
     cdef uint32_t[::1] table
     cdef uint16_t[::1] refs
     cdef uint8_t[::1] dirty
     cdef uint8_t[::1] groups
     cdef uint8_t[::1] coarse
-    cdef Py_ssize_t nentries, nrefs, ndirty, ngroups, ncoarse
+    cdef uint8_t[::1] fresh
+    cdef Py_ssize_t nentries, nrefs, ndirty, ngroups, ncoarse, nfresh
     cdef int fd, shift, rel
     cdef int64_t vsize
     cdef int summary_shift      # vdisk.layout.SUMMARY_SHIFT, given by bind()
     cdef bint can_read, can_write, tracking, direct
-    cdef object acquire, release, disk_ref, io, io_pwrite
+    cdef object acquire, release, io, io_pwrite
+    cdef object read_slow, write_slow, fold_due
     cdef public Py_ssize_t writes
     cdef public Py_ssize_t fold_interval
 
-    def __init__(self, disk, lock, Py_ssize_t fold_interval):
-        import weakref
-        self.disk_ref = weakref.ref(disk)     # no cycle: a dropped Disk still closes at once
+    def __init__(self, lock, read_slow, write_slow, fold_due, Py_ssize_t fold_interval):
         self.acquire = lock.acquire
         self.release = lock.release
+        self.read_slow = read_slow
+        self.write_slow = write_slow
+        self.fold_due = fold_due
         self.fold_interval = fold_interval
         self.writes = 0
         self.can_read = self.can_write = False
 
     def bind(self, io, bint direct, int fd, table, refs, int shift, int64_t vsize, bint readable,
-             bint writable, dirty=None, groups=None, coarse=None, int rel=0, int summary_shift=-1):
-        """Point the hot path at the Disk's current state (call under its lock).
-        direct: write with pwrite(2) on fd rather than through io.pwrite."""
+             bint writable, dirty=None, groups=None, coarse=None, fresh=None, int rel=0, int summary_shift=-1):
+        """Point the hot path at the owner's current state (call under its lock).
+        direct: write with pwrite(2) on fd rather than through io.pwrite.
+        With tracking: the tracker's dirty, group and coarse bytes and its
+        region shift (rel), and the table's fresh bytes (blocks remapped
+        since the last flush), all read by the write-ahead rule."""
         if not 0 <= summary_shift < 32:
             raise ValueError(f"bind needs the summary shift (vdisk.layout.SUMMARY_SHIFT), got {summary_shift}")
         self.summary_shift = summary_shift
@@ -603,9 +620,11 @@ cdef class HotPath:
             self.dirty = dirty
             self.groups = groups
             self.coarse = coarse
+            self.fresh = fresh
             self.ndirty = self.dirty.shape[0]
             self.ngroups = self.groups.shape[0]
             self.ncoarse = self.coarse.shape[0]
+            self.nfresh = self.fresh.shape[0]
             self.rel = rel
         self.can_read = readable
         self.can_write = writable
@@ -615,29 +634,124 @@ cdef class HotPath:
         self.can_read = self.can_write = False
         self.table = None
         self.refs = None
-        self.dirty = self.groups = self.coarse = None
+        self.dirty = self.groups = self.coarse = self.fresh = None
         self.io = self.io_pwrite = None
 
     def describe(self):
-        """What the path is bound to, for tests: (table, refs, vsize, dirty, groups, coarse, rel, can_read, can_write)."""
+        """What the path is bound to, for tests: (table, refs, vsize, dirty, groups, coarse, fresh, rel, can_read,
+        can_write)."""
         return (self.table.base if self.table is not None else None,
                 self.refs.base if self.refs is not None else None, self.vsize,
                 self.dirty.base if self.tracking and self.dirty is not None else None,
                 self.groups.base if self.tracking and self.groups is not None else None,
                 self.coarse.base if self.tracking and self.coarse is not None else None,
+                self.fresh.base if self.tracking and self.fresh is not None else None,
                 self.rel if self.tracking else None, self.can_read, self.can_write)
+
+    cdef int write_ahead(self, int64_t b) noexcept nogil:
+        """The write-ahead rule of change tracking, the one place it is
+        written (tracking.py's module docstring; the Python write paths ask
+        it through mark_write).  Block b is about to be overwritten in place:
+
+        * fresh (remapped since the last flush): its mapping is not durable,
+          and the next flush folds b's counter before the table that makes
+          the mapping durable (docs/FORMAT.md, "Write order"): mark it;
+        * otherwise durable data is overwritten: its coarse region's bit
+          must be durable before the data write is issued; when it is: mark.
+
+        Marking sets b's fine dirty byte and its summary group's flag, before
+        the data write is issued.  Returns 1: marked, the write may be issued;
+        0: nothing marked, the region must be armed first (the caller makes
+        its bit durable, then asks again); -1: b beyond the bound arrays."""
+        cdef int64_t r = b >> self.rel
+        if b < 0 or b >= self.ndirty or (b >> self.summary_shift) >= self.ngroups or r >= self.ncoarse:
+            return -1
+        if not ((b < self.nfresh and self.fresh[b]) or self.coarse[r]):
+            return 0
+        self.dirty[b] = 1
+        self.groups[b >> self.summary_shift] = 1
+        return 1
+
+    def mark_write(self, int64_t b):
+        """The write-ahead rule (write_ahead) for the Python write paths:
+        True once block b is marked and may be written in place, False if
+        its region must be armed first.  Raises if tracking is not bound or
+        b is out of range: a write is never left unmarked."""
+        cdef int r
+        if not self.tracking:
+            raise RuntimeError("HotPath.mark_write: no tracking arrays bound")
+        r = self.write_ahead(b)
+        if r < 0:
+            raise IndexError(f"HotPath.mark_write: block {b} beyond the bound tracking arrays")
+        return r == 1
 
     def pread(self, length, offset):
         """pread(length, offset) -> bytes: length bytes at offset; never-written areas read as zeros."""
-        return self._pread(self.disk_ref(), length, offset)
+        return self.read(length, offset)
 
     def pwrite(self, data, offset):
         """pwrite(data, offset) -> int: write data (any bytes-like) at offset; returns len(data)."""
-        return self._pwrite(self.disk_ref(), data, offset)
+        return self.write(data, offset)
 
-    cdef object _pread(self, disk, length, offset):
-        # disk: the Disk, held by the caller for the whole call (its slow path)
-        cdef int64_t n, off, b, p
+    cdef int read_runs(self, char *buf, int64_t off, int64_t n) noexcept nogil:
+        """Read n bytes at virtual offset off into buf through the table
+        (blocks off >> shift .. (off + n - 1) >> shift, all < nentries):
+        physically contiguous blocks in one pread, unmapped ones as zeros.
+        0 or an errno."""
+        cdef int64_t mask = (1 << self.shift) - 1
+        cdef int64_t pos = off, end = off + n, piece, p, phys
+        cdef int64_t run_phys = -1, run_at = 0, run_len = 0
+        cdef int err
+        while pos < end:
+            piece = (mask + 1) - (pos & mask)
+            if piece > end - pos:
+                piece = end - pos
+            p = self.table[pos >> self.shift]
+            phys = (p << self.shift) | (pos & mask) if p else -1
+            if run_len and ((phys < 0 and run_phys < 0) or (phys >= 0 and run_phys >= 0
+                                                           and run_phys + run_len == phys)):
+                run_len += piece
+            else:
+                if run_len:
+                    err = self.read_run(buf + run_at, run_len, run_phys)
+                    if err:
+                        return err
+                run_phys, run_at, run_len = phys, pos - off, piece
+            pos += piece
+        return self.read_run(buf + run_at, run_len, run_phys) if run_len else 0
+
+    cdef int read_run(self, char *buf, int64_t n, int64_t phys) noexcept nogil:
+        if phys < 0:
+            memset(buf, 0, n)
+            return 0
+        return read_full(self.fd, buf, n, phys)
+
+    cdef int write_runs(self, const char *buf, int64_t off, int64_t n) noexcept nogil:
+        """Write n bytes at virtual offset off in place (every block mapped and
+        checked by the caller): physically contiguous blocks in one pwrite.
+        0 or an errno."""
+        cdef int64_t mask = (1 << self.shift) - 1
+        cdef int64_t pos = off, end = off + n, piece, phys
+        cdef int64_t run_phys = -1, run_at = 0, run_len = 0
+        cdef int err
+        while pos < end:
+            piece = (mask + 1) - (pos & mask)
+            if piece > end - pos:
+                piece = end - pos
+            phys = (<int64_t> self.table[pos >> self.shift] << self.shift) | (pos & mask)
+            if run_len and run_phys + run_len == phys:
+                run_len += piece
+            else:
+                if run_len:
+                    err = write_full(self.fd, buf + run_at, run_len, run_phys)
+                    if err:
+                        return err
+                run_phys, run_at, run_len = phys, pos - off, piece
+            pos += piece
+        return write_full(self.fd, buf + run_at, run_len, run_phys) if run_len else 0
+
+    cdef object read(self, length, offset):
+        cdef int64_t n, off, b, b1
         cdef object out
         cdef int err = 0
         cdef char *buf
@@ -645,80 +759,87 @@ cdef class HotPath:
             n = length
             off = offset
         except (TypeError, OverflowError):
-            return disk._pread_slow(length, offset)
+            return self.read_slow(length, offset)
         if not self.can_read or n <= 0 or off < 0 or off > self.vsize - n:
-            return disk._pread_slow(length, offset)
+            return self.read_slow(length, offset)
         b = off >> self.shift
-        if b != (off + n - 1) >> self.shift or b >= self.nentries:
-            return disk._pread_slow(length, offset)
+        b1 = (off + n - 1) >> self.shift
+        if b1 >= self.nentries:
+            return self.read_slow(length, offset)
         self.acquire()
         try:
-            if not self.can_read or off > self.vsize - n or b >= self.nentries:   # bind() may have run
-                return disk._pread_slow(length, offset)
-            p = self.table[b]
+            if not self.can_read or off > self.vsize - n or b1 >= self.nentries:   # bind() may have run
+                return self.read_slow(length, offset)
             out = PyBytes_FromStringAndSize(NULL, n)
             buf = PyBytes_AS_STRING(out)
-            if p:
-                with nogil:
-                    err = read_full(self.fd, buf, n, (p << self.shift) | (off & ((1 << self.shift) - 1)))
-                if err:
-                    return disk._pread_slow(length, offset)   # raises the VdiskIOError
-            else:
+            if b == b1 and self.table[b] == 0:
                 memset(buf, 0, n)
+                return out
+            with nogil:
+                err = self.read_runs(buf, off, n)
+            if err:
+                return self.read_slow(length, offset)   # raises the VdiskIOError
             return out
         finally:
             self.release()
 
-    cdef object _pwrite(self, disk, data, offset):
+    cdef object write(self, data, offset):
         cdef Py_buffer view
-        cdef int64_t n, off, b, p, r, within
+        cdef int64_t n, off, b, b0, b1, p, pos, piece, mask
         cdef int err = 0
-        cdef bint fast = False
+        cdef const char *src
         try:
             off = offset
         except (TypeError, OverflowError):
-            return disk._pwrite_slow(data, offset)
+            return self.write_slow(data, offset)
         if not self.can_write:
-            return disk._pwrite_slow(data, offset)
+            return self.write_slow(data, offset)
         try:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         except (TypeError, BufferError, ValueError):
-            return disk._pwrite_slow(data, offset)   # not contiguous bytes: it says why
+            return self.write_slow(data, offset)   # not contiguous bytes: it says why
         try:
             n = view.len
+            src = <const char *> view.buf
             if n <= 0 or off < 0 or off > self.vsize - n:
-                return disk._pwrite_slow(data, offset)
-            b = off >> self.shift
-            within = off & ((1 << self.shift) - 1)
-            if b != (off + n - 1) >> self.shift or b >= self.nentries:
-                return disk._pwrite_slow(data, offset)
+                return self.write_slow(data, offset)
+            mask = (1 << self.shift) - 1
+            b0 = off >> self.shift
+            b1 = (off + n - 1) >> self.shift
+            if b1 >= self.nentries or (b1 != b0 and not self.direct):
+                return self.write_slow(data, offset)
             self.acquire()
             try:
                 if (not self.can_write or self.io.poisoned is not None or off > self.vsize - n
-                        or b >= self.nentries):      # bind() may have run since the checks above
-                    return disk._pwrite_slow(data, offset)   # (past a shrink since the check: raises)
-                p = self.table[b]
-                if p == 0 or p >= self.nrefs or self.refs[p] != 1:
-                    return disk._pwrite_slow(data, offset)
-                if n == (1 << self.shift) and all_zero(<const uint8_t *> view.buf, n):
-                    return disk._pwrite_slow(data, offset)   # unmaps the block
+                        or b1 >= self.nentries):      # bind() may have run since the checks above
+                    return self.write_slow(data, offset)   # (past a shrink since the check: raises)
+                # every block in place: mapped, unshared, and not a whole block of zeros (those unmap)
+                pos = off
+                for b in range(b0, b1 + 1):
+                    p = self.table[b]
+                    if p == 0 or p >= self.nrefs or self.refs[p] != 1:
+                        return self.write_slow(data, offset)
+                    piece = (mask + 1) - (pos & mask)
+                    if piece > off + n - pos:
+                        piece = off + n - pos
+                    if piece == mask + 1 and all_zero(<const uint8_t *> src + (pos - off), piece):
+                        return self.write_slow(data, offset)
+                    pos += piece
                 if self.tracking:
-                    r = b >> self.rel
-                    if (b >= self.ndirty or (b >> self.summary_shift) >= self.ngroups or r >= self.ncoarse
-                            or not self.coarse[r]):
-                        return disk._pwrite_slow(data, offset)  # write-ahead arming
-                    self.dirty[b] = 1                 # marked before the data write is issued
-                    self.groups[b >> self.summary_shift] = 1
+                    for b in range(b0, b1 + 1):
+                        if self.write_ahead(b) != 1:
+                            # a region to arm: Python does it (the blocks marked so far are written there too)
+                            return self.write_slow(data, offset)
                 if self.direct:
                     with nogil:
-                        err = write_full(self.fd, <const char *> view.buf, n, (p << self.shift) | within)
+                        err = self.write_runs(src, off, n)
                     if err:
-                        return disk._pwrite_slow(data, offset)   # repeats it; raises
+                        return self.write_slow(data, offset)   # repeats it; raises
                 else:
-                    self.io_pwrite(memoryview(data).cast("B"), (p << self.shift) | within)
+                    self.io_pwrite(memoryview(data).cast("B"), (<int64_t> self.table[b0] << self.shift) | (off & mask))
                 self.writes += 1
                 if self.writes >= self.fold_interval:
-                    disk._fold_due()
+                    self.fold_due()
                 return n
             finally:
                 self.release()
@@ -726,16 +847,16 @@ cdef class HotPath:
             PyBuffer_Release(&view)
 
 
-# The Disk's own pread/pwrite (class attributes of vdisk.disk.Disk: bound like
-# Python methods, so the bound method holds the Disk for the whole call, even
-# when nothing else does: ``vdisk.open(p).pread(10, 0)``).  No Python frame
-# between the caller and the hot path; everything it does not handle goes to
-# the Disk's ``_pread_slow`` / ``_pwrite_slow``.
-def disk_pread(disk, length, offset):
-    """pread(length, offset) -> bytes: length bytes at offset; never-written areas read as zeros."""
-    return (<HotPath?>disk._hot)._pread(disk, length, offset)
+def methods(str attribute):
+    """(pread, pwrite) for a class whose instances keep their HotPath in the
+    named attribute: functions that bind like Python methods (the bound call
+    holds the instance for its whole length) and go straight to the hot path.
+    The owner names the attribute; this module never names the owner's state."""
+    def pread(owner, length, offset):
+        """pread(length, offset) -> bytes: length bytes at offset; never-written areas read as zeros."""
+        return (<HotPath?>getattr(owner, attribute)).read(length, offset)
 
-
-def disk_pwrite(disk, data, offset):
-    """pwrite(data, offset) -> int: write data (any bytes-like) at offset; returns len(data)."""
-    return (<HotPath?>disk._hot)._pwrite(disk, data, offset)
+    def pwrite(owner, data, offset):
+        """pwrite(data, offset) -> int: write data (any bytes-like) at offset; returns len(data)."""
+        return (<HotPath?>getattr(owner, attribute)).write(data, offset)
+    return pread, pwrite

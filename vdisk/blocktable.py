@@ -3,7 +3,9 @@
 Owns the live table array, the pages that may hold entries (scans skip
 the rest), the pages changed since the last flush and the blocks remapped
 since then (``fresh``: their mapping is not durable yet, so the flush
-orders their tracking counters before it).  Also read planning (through
+orders their tracking counters before it: the write-ahead rule lets
+in-place writes into them go without a coarse bit).  ``fresh`` is one byte
+per entry, so the Cython hot path reads it.  Also read planning (through
 this table or a snapshot's) and table validation.
 
 Changing an entry never touches refcounts: the caller gives the old block
@@ -16,7 +18,7 @@ import numpy as np
 
 from . import _fast
 from . import layout as L
-from .arrays import page_runs, write_pages
+from .arrays import lazy_zeros, page_runs, write_pages
 from .errors import CorruptImageError
 
 TABLE_PER_PAGE = 4096 // L.TABLE_ENTRY_BYTES
@@ -32,7 +34,9 @@ class BlockTable:
         for lo, hi in loaded:
             self.pages[lo // TABLE_PER_PAGE:(hi - 1) // TABLE_PER_PAGE + 1] = True
         self.dirty_pages: set[int] = set()
-        self.fresh: set[int] = set()         # blocks remapped since the last flush
+        # blocks remapped since the last flush (1 per entry), and the table pages holding them
+        self.fresh = lazy_zeros(capacity, np.uint8)
+        self.fresh_pages: set[int] = set()
 
     def runs(self, n: int) -> list[tuple[int, int]]:
         """Entry ranges [start, stop) below n of the table pages that may hold entries."""
@@ -68,16 +72,14 @@ class BlockTable:
         """Entry b now maps physical block p (0: unmapped); written at the next flush."""
         self.mv[b] = p
         self.pages[b // TABLE_PER_PAGE] = True
-        self.fresh.add(b)
-        self.dirty_pages.add(b // TABLE_PER_PAGE)
+        self._freshen(b)
 
     def unmap(self, b: int) -> int:
         """Unmap entry b; returns the block it mapped (0 if none)."""
         p = self.mv[b]
         if p:
             self.mv[b] = 0
-            self.fresh.add(b)
-            self.dirty_pages.add(b // TABLE_PER_PAGE)
+            self._freshen(b)
         return p
 
     def map_run(self, b0: int, b1: int, p0: int) -> None:
@@ -86,7 +88,17 @@ class BlockTable:
         pages = range(b0 // TABLE_PER_PAGE, (b1 - 1) // TABLE_PER_PAGE + 1)
         self.pages[pages.start:pages.stop] = True
         self.dirty_pages.update(pages)
-        self.fresh.update(range(b0, b1))
+        self.fresh[b0:b1] = 1
+        self.fresh_pages.update(pages)
+
+    def _freshen(self, b: int) -> None:
+        """Entry b changed: its page is written at the next flush, the block is fresh until then."""
+        self.fresh[b] = 1
+        self.fresh_pages.add(b // TABLE_PER_PAGE)
+        self.dirty_pages.add(b // TABLE_PER_PAGE)
+
+    def is_fresh(self, b: int) -> bool:
+        return bool(self.fresh[b])
 
     def write_dirty(self, fio, base: int) -> bool:
         """Write the changed table pages to the table at base (not synced);
@@ -99,7 +111,9 @@ class BlockTable:
 
     def settle(self) -> None:
         """The mapping is durable: no block is fresh any more."""
-        self.fresh.clear()
+        for pg in self.fresh_pages:
+            self.fresh[pg * TABLE_PER_PAGE:(pg + 1) * TABLE_PER_PAGE] = 0
+        self.fresh_pages.clear()
 
     def grow(self, table: np.ndarray, capacity: int) -> None:
         """A relocated, larger table holding the same entries."""
@@ -107,6 +121,9 @@ class BlockTable:
         self.mv = memoryview(table)
         self.pages = np.concatenate(
             [self.pages, np.zeros(capacity // TABLE_PER_PAGE + 1 - len(self.pages), dtype=bool)])
+        fresh = lazy_zeros(capacity, np.uint8)
+        fresh[:len(self.fresh)] = self.fresh
+        self.fresh = fresh
 
     def replace(self, table: np.ndarray, capacity: int, n: int) -> None:
         """A new, durable table (revert): its first n entries may be nonzero."""
@@ -114,7 +131,9 @@ class BlockTable:
         self.mv = memoryview(table)
         self.pages = np.zeros(capacity // TABLE_PER_PAGE + 1, dtype=bool)
         self.pages[np.flatnonzero(table[:n]) // TABLE_PER_PAGE] = True
-        self.fresh.clear()
+        self.settle()
+        if len(self.fresh) < capacity:
+            self.fresh = lazy_zeros(capacity, np.uint8)
 
 
 def plan_read(table, shift: int, offset: int, length: int) -> list[tuple[int, int, int]]:

@@ -175,7 +175,9 @@ class Disk(io.RawIOBase):
         fio.on_poison = functools.partial(_poison_hook, weakref.ref(self))
         self._shift = header.block_shift           # fixed for the image's life
         self._block_mask = header.block_size - 1
-        self._hot = _fast.HotPath(self, self._lock, DEFAULT_FOLD_INTERVAL)
+        # the Cython hot path: its fallbacks are this Disk's Python paths, held weakly
+        self._hot = _fast.HotPath(self._lock, _weakly(self._pread_slow), _weakly(self._pwrite_slow),
+                                  _weakly(self._fold_due), DEFAULT_FOLD_INTERVAL)
         # the header as the newest slot holds it, and whether the other slot names other regions
         # (the write-order rule of _flush_locked step 5: nothing the older slot names is released)
         self._committed = dataclasses.replace(header)
@@ -192,7 +194,8 @@ class Disk(io.RawIOBase):
         """Point the Cython hot path at the current arrays and size.  Every
         method that replaces one of them is decorated with @_rebinds."""
         t = self._tracker
-        track = {} if t is None else dict(dirty=t.dirty, groups=t.dirty_groups, coarse=t.coarse, rel=t.rel_shift)
+        track = {} if t is None else dict(dirty=t.dirty, groups=t.dirty_groups, coarse=t.coarse, fresh=self._bt.fresh,
+                                          rel=t.rel_shift)
         if self._shut:
             self._hot.shut()
             return
@@ -225,7 +228,7 @@ class Disk(io.RawIOBase):
         self._hot.fold_interval = n
 
     def _fold_due(self) -> None:
-        """fold_interval writes since the last fold: fold now (the hot path calls this)."""
+        """fold_interval writes since the last fold: fold now (the hot path's fold_due)."""
         with self._lock:
             if self._tracker is not None and not self._shut:
                 self._flush_locked()
@@ -452,11 +455,10 @@ class Disk(io.RawIOBase):
 
     # ------------------------------------------------------------------ reads
     # pread/pwrite: single-block reads and in-place writes run in Cython
-    # (_fast.disk_pread / disk_pwrite, bound like methods, so the call holds
-    # the Disk even when nothing else does); every other case comes back to
-    # _pread_slow / _pwrite_slow below.
-    pread = _fast.disk_pread
-    pwrite = _fast.disk_pwrite
+    # (the HotPath in self._hot; these functions bind like methods, so the call
+    # holds the Disk even when nothing else does); every other case comes back
+    # to _pread_slow / _pwrite_slow below, the fallbacks the HotPath was given.
+    pread, pwrite = _fast.methods("_hot")
 
     def _pread_slow(self, length: int, offset: int) -> bytes:
         """length bytes at offset; never-written areas read as zeros (what
@@ -554,18 +556,8 @@ class Disk(io.RawIOBase):
         shift = self._hdr.block_shift
         bs = 1 << shift
         bt, alloc = self._bt, self._alloc
-        tracker = self._tracker
         end = offset + len(mv)
         b = offset >> shift
-        if ((end - 1) >> shift) == b and len(mv) < bs:
-            # the hot path: a partial overwrite in place of an unshared block
-            p = bt.mv[b]
-            if p and alloc.refs_mv[p] == 1:
-                if tracker is not None:
-                    tracker.mark_write(b, b in bt.fresh)
-                self._io.pwrite(mv, (p << shift) + (offset & (bs - 1)))
-                self._count_write()
-                return
         if not offset & (bs - 1) and not len(mv) & (bs - 1) and alloc.appends_only():
             b1 = end >> shift
             if not bt.table[b:b1].any() and not _fast.zero_blocks(mv, bs).any():
@@ -639,7 +631,7 @@ class Disk(io.RawIOBase):
                 continue
             if p and refs[p] == 1:
                 if tracker:
-                    tracker.mark_write(b, b in bt.fresh)
+                    self._write_ahead(b)
                 phys, buf = (p << shift) + lo, src
             else:
                 if not p and not keep_zeros and _fast.is_zero(src):
@@ -666,6 +658,17 @@ class Disk(io.RawIOBase):
             pos += piece
         if run_phys is not None:
             self._io.pwritev(run_bufs, run_phys)
+
+    def _write_ahead(self, b: int) -> None:
+        """Block b is about to be overwritten in place: the write-ahead rule,
+        asked of the hot path (HotPath.write_ahead, the one place it is
+        written); a region whose bit must be durable first is armed, and the
+        rule asked again."""
+        hot = self._hot
+        if not hot.mark_write(b):
+            self._tracker.arm(b)
+            if not hot.mark_write(b):
+                raise RuntimeError(f"block {b}: its region is armed, yet the hot path refuses the write")
 
     def _unmap(self, b: int) -> None:
         p = self._bt.unmap(b)

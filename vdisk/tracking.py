@@ -9,9 +9,12 @@ The contract
 * The write path only sets bits: a fine dirty byte per block and a dirty
   flag per 64-block group.  An overwrite in place of durably mapped data
   also needs its coarse region's bit durable (written and synced) before
-  the data write is issued: the write-ahead rule.  Writes that remap a
-  block (allocation, copy-on-write, unmap) need no bit: the flush makes
-  the folded counters durable before the block table that exposes them.
+  the data write is issued: the write-ahead rule (written once, in
+  ``HotPath.write_ahead``, vdisk/_fast.pyx; ``arm`` makes the bit durable).
+  Writes that remap a block (allocation, copy-on-write, unmap) need no
+  bit: the flush makes the folded counters durable before the block table
+  that exposes them; nor do in-place writes into such a block before that
+  flush (a *fresh* block: its mapping is not durable yet).
 * Arming costs one sync per region per interval, at most ``arm_budget``
   of them: past that, every region is armed in one sync (a crash in that
   interval then reports the whole disk: more, never less).
@@ -280,26 +283,16 @@ class ChangeTracker:
         self.dirty[blocks] = 1
         self.dirty_groups[np.unique(blocks >> SUMMARY_SHIFT)] = 1
 
-    def mark_write(self, b: int, fresh: bool) -> None:
-        """Block b is about to be written in place.  fresh (remapped since the
-        last flush: its mapping is not durable yet): the flush orders it, as for
-        a remap; otherwise durable data is overwritten: the write-ahead coarse
-        bit (mark_inplace)."""
-        if fresh:
-            self.mark(b)
-        else:
-            self.mark_inplace(b)
-
     @property
     def coarse(self) -> np.ndarray:
         """The in-memory coarse bits, one byte per region (the hot path reads them)."""
         return self._coarse
 
-    def mark_inplace(self, b: int) -> None:
-        """Block b's durable data is about to be overwritten in place: its
-        coarse bit must be durable before the data write is issued."""
-        self._dirty_mv[b] = 1
-        self._groups_mv[b >> SUMMARY_SHIFT] = 1
+    def arm(self, b: int) -> None:
+        """Block b's durable data is about to be overwritten in place and its
+        region's coarse bit is not set: make it durable (write-ahead arming).
+        The rule itself, which decides this and marks the block, is the hot
+        path's write_ahead (vdisk/_fast.pyx): the Disk asks it first."""
         r = b >> self.rel_shift
         if not self._coarse_mv[r]:
             self._arm(r)

@@ -46,7 +46,7 @@ def read_all(d) -> bytes:
 def assert_hot_bound(d) -> None:
     """The Cython hot path of an open Disk points at the Disk's current arrays
     and size (a missed rebind would read or write through stale arrays)."""
-    table, refs, vsize, dirty, groups, coarse, rel, can_read, can_write = d._hot.describe()
+    table, refs, vsize, dirty, groups, coarse, fresh, rel, can_read, can_write = d._hot.describe()
     if d.closed:
         assert not can_read and not can_write and table is None
         return
@@ -58,6 +58,7 @@ def assert_hot_bound(d) -> None:
         assert dirty is None
     else:
         assert dirty is t.dirty and groups is t.dirty_groups and coarse is t._coarse, "stale tracker arrays"
+        assert fresh is d._bt.fresh, "stale fresh-block array"
         assert rel == t.rel_shift
 
 
