@@ -9,7 +9,7 @@ from click.testing import CliRunner
 import vdisk
 from vdisk.check import check
 from vdisk.cli import main
-from nbd_helpers import needs_clients, qemu_io_nbd, serve_process  # noqa: F401
+from vdisk_testkit.nbd_helpers import needs_clients, qemu_io_nbd, serve_process  # noqa: F401
 
 WRITER = r"""
 import os, signal, sys
