@@ -679,3 +679,69 @@ def test_processes_one_writer_or_many_readers(tmp_path):
         assert d.pread(8, 8) == bytes(8)
     assert refused > 0, "the processes never competed: the test proves nothing"
     assert vdisk.check(path).ok
+
+
+def test_disk_lock_is_a_reentrant_lock_the_hot_path_honours(tmp_path):
+    """The Disk's lock is vdisk._fast.DiskLock (C, reentrant, shared with the
+    HotPath): RLock semantics, and a thread holding it stops the other
+    threads' hot-path reads and writes until it lets go."""
+    from vdisk._fast import DiskLock
+    lk = DiskLock()
+    assert lk.acquire() and lk.acquire(blocking=False)      # reentrant
+    other = []
+    t = threading.Thread(target=lambda: other.append((lk.acquire(blocking=False), lk.acquire(timeout=0.05))))
+    t.start()
+    t.join()
+    assert other == [(False, False)]                         # held by this thread: others wait
+    with pytest.raises(RuntimeError):
+        _release_elsewhere(lk)                              # not the owner
+    lk.release()
+    lk.release()
+    with pytest.raises(RuntimeError):
+        lk.release()
+    assert _acquire_elsewhere(lk)
+
+    path = str(tmp_path / "l.vdk")
+    d = vdisk.create(path, "1MiB", block_size="64KiB")
+    d.pwrite(b"a" * 65536, 0)
+    d.flush()
+    d.pwrite(b"b", 0)                                        # armed: the next calls are on the hot path
+    done = []
+    with d._lock:
+        ts = [threading.Thread(target=lambda: done.append(d.pread(1, 0))),
+              threading.Thread(target=lambda: done.append(d.pwrite(b"c", 1)))]
+        for th in ts:
+            th.start()
+        time.sleep(0.3)
+        assert done == [], "the hot path ran while another thread held the Disk's lock"
+    for th in ts:
+        th.join(10)
+    assert sorted(map(repr, done)) == sorted([repr(b"b"), repr(1)])
+    d.close()
+
+
+def _release_elsewhere(lk) -> None:
+    err = []
+
+    def run():
+        try:
+            lk.release()
+        except RuntimeError as exc:
+            err.append(exc)
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
+
+
+def _acquire_elsewhere(lk) -> bool:
+    got = []
+
+    def run():
+        got.append(lk.acquire(timeout=1))
+        lk.release()
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return got == [True]

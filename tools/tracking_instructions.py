@@ -63,9 +63,10 @@ def count(track: str, n: int, tmp: str, op: str = "write") -> tuple[int, int]:
     text = subprocess.run(["callgrind_annotate", "--inclusive=yes", out], check=True, capture_output=True,
                           text=True).stdout
     total = int(re.search(r"([\d,]+) \(100\.0+%\)\s+PROGRAM TOTALS", text).group(1).replace(",", ""))
-    name = "pread" if op == "read" else "pwrite"
-    # the def method (HotPath_7pwrite) or, in later builds, the cdef one it calls (HotPath__pwrite)
-    hot = re.search(rf"^\s*([\d,]+) \([^)]*\)\s+\S*HotPath_(?:\d+|_){name}\b", text, re.M)
+    name = "read" if op == "read" else "write"
+    # the def method (HotPath_7pwrite), or the cdef one Disk.pread/pwrite call (HotPath__pwrite in
+    # older builds, HotPath_read / HotPath_write since the one-way boundary)
+    hot = re.search(rf"^\s*([\d,]+) \([^)]*\)\s+\S*HotPath_(?:\d+|_)?p?{name}\b", text, re.M)
     return total, int(hot.group(1).replace(",", "")) if hot else 0
 
 

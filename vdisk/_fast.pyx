@@ -494,6 +494,10 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.string cimport memset
 from libc.errno cimport errno, EINTR
 from posix.unistd cimport pread as c_pread, pwrite as c_pwrite
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock, PyThread_acquire_lock,
+                               PyThread_release_lock, PyThread_get_thread_ident, NOWAIT_LOCK, PyLockStatus,
+                               PY_LOCK_ACQUIRED, PY_LOCK_INTR)
 
 cdef bint all_zero(const uint8_t *p, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
@@ -530,6 +534,87 @@ cdef int write_full(int fd, const char *buf, Py_ssize_t n, int64_t off) noexcept
             return errno
         done += put
     return 0
+
+
+cdef extern from "pythread.h":
+    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock, long long microseconds, int intr_flag) nogil
+
+
+cdef class DiskLock:
+    """A reentrant lock in C: the Disk's lock, shared with its HotPath.
+
+    The same semantics as ``threading.RLock`` (acquire, release, ``with``;
+    the owning thread may take it again), but the hot path takes and drops
+    it with a C call, not two Python method calls per request.  The owner
+    and count change only with the GIL held; a thread that must wait
+    releases the GIL and can be interrupted by signals, as RLock can.
+    """
+    cdef PyThread_type_lock lock
+    cdef unsigned long owner
+    cdef Py_ssize_t count
+
+    def __cinit__(self):
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError("vdisk._fast: no memory for a lock")
+        self.count = 0
+
+    def __dealloc__(self):
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+
+    cdef int enter(self, bint blocking=True, long long timeout_us=-1) except -1:
+        """1 when acquired, 0 when not (non-blocking, or timed out)."""
+        cdef unsigned long me = <unsigned long> PyThread_get_thread_ident()
+        cdef PyLockStatus st
+        if self.count and self.owner == me:
+            self.count += 1
+            return 1
+        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            if not blocking:
+                return 0
+            while True:
+                with nogil:
+                    st = PyThread_acquire_lock_timed(self.lock, timeout_us, 1)
+                if st == PY_LOCK_ACQUIRED:
+                    break
+                if st == PY_LOCK_INTR:
+                    PyErr_CheckSignals()        # a KeyboardInterrupt raises here
+                    continue
+                return 0                        # timed out
+        self.owner = me
+        self.count = 1
+        return 1
+
+    cdef inline void leave(self) noexcept:
+        self.count -= 1
+        if self.count == 0:
+            self.owner = 0
+            PyThread_release_lock(self.lock)
+
+    def acquire(self, bint blocking=True, double timeout=-1) -> bool:
+        """Take the lock (again, if this thread holds it); False on a timeout."""
+        if timeout < 0 and timeout != -1:
+            raise ValueError("timeout value must be a non-negative number")
+        return self.enter(blocking, <long long> (timeout * 1e6) if timeout >= 0 else -1) == 1
+
+    def release(self) -> None:
+        if self.count == 0 or self.owner != <unsigned long> PyThread_get_thread_ident():
+            raise RuntimeError("cannot release un-acquired lock")
+        self.leave()
+
+    def __enter__(self):
+        self.enter()
+        return True
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def _is_owned(self) -> bool:
+        return self.count > 0 and self.owner == <unsigned long> PyThread_get_thread_ident()
+
+    def __repr__(self):
+        return f"<vdisk._fast.DiskLock {'locked' if self.count else 'unlocked'} count={self.count}>"
 
 
 cdef class HotPath:
@@ -580,14 +665,14 @@ cdef class HotPath:
     cdef int64_t vsize
     cdef int summary_shift      # vdisk.layout.SUMMARY_SHIFT, given by bind()
     cdef bint can_read, can_write, tracking, direct
-    cdef object acquire, release, io, io_pwrite
+    cdef DiskLock lock
+    cdef object io, io_pwrite
     cdef object read_slow, write_slow, fold_due
     cdef public Py_ssize_t writes
     cdef public Py_ssize_t fold_interval
 
-    def __init__(self, lock, read_slow, write_slow, fold_due, Py_ssize_t fold_interval):
-        self.acquire = lock.acquire
-        self.release = lock.release
+    def __init__(self, DiskLock lock not None, read_slow, write_slow, fold_due, Py_ssize_t fold_interval):
+        self.lock = lock
         self.read_slow = read_slow
         self.write_slow = write_slow
         self.fold_due = fold_due
@@ -766,7 +851,7 @@ cdef class HotPath:
         b1 = (off + n - 1) >> self.shift
         if b1 >= self.nentries:
             return self.read_slow(length, offset)
-        self.acquire()
+        self.lock.enter()
         try:
             if not self.can_read or off > self.vsize - n or b1 >= self.nentries:   # bind() may have run
                 return self.read_slow(length, offset)
@@ -781,7 +866,7 @@ cdef class HotPath:
                 return self.read_slow(length, offset)   # raises the VdiskIOError
             return out
         finally:
-            self.release()
+            self.lock.leave()
 
     cdef object write(self, data, offset):
         cdef Py_buffer view
@@ -808,7 +893,7 @@ cdef class HotPath:
             b1 = (off + n - 1) >> self.shift
             if b1 >= self.nentries or (b1 != b0 and not self.direct):
                 return self.write_slow(data, offset)
-            self.acquire()
+            self.lock.enter()
             try:
                 if (not self.can_write or self.io.poisoned is not None or off > self.vsize - n
                         or b1 >= self.nentries):      # bind() may have run since the checks above
@@ -842,7 +927,7 @@ cdef class HotPath:
                     self.fold_due()
                 return n
             finally:
-                self.release()
+                self.lock.leave()
         finally:
             PyBuffer_Release(&view)
 

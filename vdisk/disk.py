@@ -46,7 +46,8 @@ from the call that issued it.  Then one of two things holds:
 Reopened, the image satisfies the crash contract above (tests/test_faults.py
 fails every call site of a workload in turn and checks it).
 
-Threads: every public method takes the Disk's lock; data I/O runs in
+Threads: every public method takes the Disk's lock (a reentrant C lock, shared
+with the Cython hot path); data I/O runs in
 os.pread/os.pwrite, which release the GIL.  Processes: a writer holds an
 exclusive flock on the file, readers a shared one.
 """
@@ -57,7 +58,6 @@ import dataclasses
 import functools
 import io
 import os
-import threading
 import time
 import types
 import uuid as _uuid
@@ -167,7 +167,7 @@ class Disk(io.RawIOBase):
         self._hdr = header
         self._slot = slot
         self._writable = writable
-        self._lock = threading.RLock()
+        self._lock = _fast.DiskLock()             # reentrant, in C: the hot path takes it too
         self._pos = 0
         self._shut = False
         self._closing = False
