@@ -1,6 +1,7 @@
-"""How long a flush holds the Disk's lock, and what a writer thread sees meanwhile.
+"""How long a flush (or a snapshot create) holds the Disk's lock, and what a writer
+thread sees meanwhile.
 
-    python benchmarks/bench_flush_lock.py [--rounds 5] [--flushes 8] [--mib 256]
+    python benchmarks/bench_flush_lock.py [--rounds 5] [--flushes 8] [--mib 256] [--snapshots]
 
 A 256 MiB image (64 KiB blocks, prefilled), one writer thread doing random
 4 KiB in-place writes as fast as it can (what the NBD server's loop does
@@ -16,6 +17,11 @@ Measured: the time the flusher thread holds the Disk's lock per flush (a
 timing wrapper around the lock, counting only the flusher's outermost
 holds), and the writer's per-write latency (p50, p99.9, max) over the mode's
 run.  No timing is asserted.
+
+--snapshots: the same with a snapshot create (then its delete, untimed
+apart) in place of each flush: *locked* takes the snapshot as before (every
+fsync under the lock: ``with d._lock: d._flush_locked(); ...create``),
+*unlocked* is ``Disk.snapshot`` now (a flush without the lock first).
 """
 from __future__ import annotations
 
@@ -80,7 +86,15 @@ class TimedRLock:
         self._l._acquire_restore(state)
 
 
-def run_mode(d, lock: TimedRLock, mode: str, flushes: int, nblocks: int, seed: int):
+def take_snapshot(d, mode: str, name: str) -> None:
+    if mode == "locked":            # the old Disk.snapshot: everything under the lock
+        with d._lock:
+            rec, frozen = d._snap_ops.create(name, d._snapshots)
+    else:
+        d.snapshot(name).close()
+
+
+def run_mode(d, lock: TimedRLock, mode: str, flushes: int, nblocks: int, seed: int, snapshots: bool = False):
     stop = threading.Event()
     lat: list[float] = []
     data = os.urandom(4096)
@@ -100,6 +114,11 @@ def run_mode(d, lock: TimedRLock, mode: str, flushes: int, nblocks: int, seed: i
     for _ in range(flushes):
         time.sleep(0.2)
         n0 = len(lock.holds)
+        if snapshots:
+            take_snapshot(d, mode, "b")
+            per_flush.append(sum(lock.holds[n0:]))
+            d.delete_snapshot("b")
+            continue
         if mode == "locked":
             with d._lock:
                 d._flush_locked()
@@ -117,6 +136,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--flushes", type=int, default=8)
     ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--snapshots", action="store_true")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="vdisk-flushlock-")
     path = os.path.join(work, "d.vdisk")
@@ -137,13 +157,13 @@ def main() -> None:
         for mode in (("locked", "unlocked") if r % 2 == 0 else ("unlocked", "locked")):
             box: dict = {}
             t = threading.Thread(target=lambda m=mode: box.update(
-                res=run_mode(d, lock, m, args.flushes, nblocks, r)), name="flusher")
+                res=run_mode(d, lock, m, args.flushes, nblocks, r, args.snapshots)), name="flusher")
             t.start()
             t.join()
             holds, lat = box["res"]
             results[mode][0].extend(holds)
             results[mode][1].append(lat)
-            print(f"round {r} {mode:8s}: lock held per flush median {statistics.median(holds) * 1e3:.2f} ms, "
+            print(f"round {r} {mode:8s}: lock held per {'snapshot' if args.snapshots else 'flush'} median {statistics.median(holds) * 1e3:.2f} ms, "
                   f"max {max(holds) * 1e3:.2f} ms; writes {len(lat)}, p99.9 {lat[int(len(lat) * 0.999)] * 1e3:.2f} ms,"
                   f" max {lat[-1] * 1e3:.2f} ms", flush=True)
     d.close()

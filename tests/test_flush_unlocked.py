@@ -217,3 +217,59 @@ def test_a_flush_in_its_sync_does_not_hold_the_lock(tmp_path):
     os.unlink(path + ".crash")
     with vdisk.open(path) as d:
         assert d.pread(BS, 8 * BS) == b"\4" * BS
+
+
+@pytest.mark.parametrize("op", ["snapshot", "delete_snapshot", "revert"])
+def test_snapshot_operations_sync_their_writes_without_the_lock(tmp_path, op):
+    """snapshot, delete_snapshot and revert first flush without the lock: while
+    that flush's fsync hangs, another thread writes in place and allocates.
+    The operation itself then runs at one instant under the lock: a snapshot
+    taken while a write waits holds either all of it or none of it (before
+    the change the whole operation held the lock and this test timed out)."""
+    path = str(tmp_path / "d.vdisk")
+    d = vdisk.create(path, "1MiB", block_size=BS, io_factory=RecordingIO)
+    d.pwrite(b"\1" * BS, 0)
+    if op != "snapshot":
+        d.snapshot("s")
+    d.pwrite(b"\2" * BS, 0)         # unflushed: the operation's first flush has data to sync
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_fsync(rec):
+        if threading.current_thread().name == "op" and not entered.is_set() and not d._lock._is_owned():
+            entered.set()
+            release.wait(10)
+    d._io.on_fsync = slow_fsync
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            getattr(d, op)("s")
+        except BaseException as exc:        # pragma: no cover
+            errors.append(exc)
+    th = threading.Thread(target=run, name="op")
+    th.start()
+    assert entered.wait(10), "the operation's fsyncs all ran under the lock"
+    done = threading.Event()
+
+    def other():
+        d.pwrite(b"\3" * BS, 0)
+        d.pwrite(b"\4" * BS, 8 * BS)
+        done.set()
+    w = threading.Thread(target=other)
+    w.start()
+    ok = done.wait(5)
+    release.set()
+    w.join(10)
+    th.join(10)
+    d._io.on_fsync = None
+    assert ok, f"a write waited for {op}'s first flush to sync"
+    assert not errors, errors
+    if op == "snapshot":            # the snapshot's instant came after the writes: it holds them
+        with d.open_snapshot("s") as snap:
+            assert snap.pread(BS, 0) == b"\3" * BS and snap.pread(BS, 8 * BS) == b"\4" * BS
+    elif op == "revert":            # the revert came after the writes: they are undone
+        assert d.pread(BS, 0) == b"\1" * BS and d.pread(BS, 8 * BS) == bytes(BS)
+    else:
+        assert d.snapshots == []
+    d.close()
+    assert vdisk.check(path).ok

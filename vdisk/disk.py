@@ -1086,7 +1086,12 @@ class Disk(io.RawIOBase):
     @_poisons
     def snapshot(self, name: str | None = None) -> Snapshot:
         """Take a snapshot: no data is copied.  Folds tracking and closes the
-        current generation; returns the read-only view."""
+        current generation; returns the read-only view.
+
+        A flush without the lock comes first (its syncs beside other threads'
+        writes), so the flush the snapshot makes under the lock, at its
+        instant, has only what was written since to sync."""
+        self._flush_unlocked()
         with self._lock:
             self._check_writable()
             rec, frozen = self._snap_ops.create(name, self._snapshots)
@@ -1177,27 +1182,41 @@ class Disk(io.RawIOBase):
 
     @_poisons
     def delete_snapshot(self, name: str) -> None:
-        """Delete a snapshot; blocks no longer referenced become free."""
+        """Delete a snapshot; blocks no longer referenced become free.  The
+        flushes before and after the commit sync without the lock (as
+        snapshot())."""
         with self._lock:
             self._check_writable()
-            rec = self._find_snapshot(name)
+            self._find_snapshot(name)
+        self._flush_unlocked()
+        with self._lock:
+            self._check_writable()
+            rec = self._find_snapshot(name)     # again: another thread may have deleted it meanwhile
             self._snap_ops.delete(rec, self._snapshots)
             for view in list(self._views):
                 if view.is_of(rec):
                     view.close()
-            self._flush_locked()
+        self._flush_unlocked()                  # the commit's releases: the blocks are free again
 
-    @_rebinds
-    @_poisons
     def revert(self, name: str) -> None:
         """The live disk becomes the snapshot's content (and size).  Every block
         that differs is marked changed in the current generation, so every
-        consumer's change id stays valid."""
+        consumer's change id stays valid.  The flushes before and after the
+        commit sync without the lock (as snapshot())."""
+        with self._lock:
+            self._check_writable()
+            self._find_snapshot(name)
+        self._flush_unlocked()
+        self._revert_locked(name)
+        self._flush_unlocked()                  # the old table's references released
+
+    @_rebinds
+    @_poisons
+    def _revert_locked(self, name: str) -> None:
         with self._lock:
             self._check_writable()
             self._snap_ops.revert(self._find_snapshot(name))
             self._pos = min(self._pos, self._hdr.virtual_size)
-            self._flush_locked()
 
     @_poisons
     def compact(self, *, progress: Callable[[int, int], None] | None = None) -> int:
