@@ -22,6 +22,7 @@ import pytest
 
 import vdisk
 import vdisk.nbd.protocol as P
+from vdisk.live import NotServedLive
 from vdisk_testkit.live_helpers import UNIT, QemuIoWriter, StampWriter, stamp_point
 from vdisk_testkit.livekill import StopServe
 from vdisk_testkit.nbd_client import Client, ProtocolError
@@ -153,6 +154,14 @@ def test_python_api_routes_to_the_server(tmp_path, serve_process):
     assert vdisk.check(img).ok
     with pytest.raises(vdisk.ImageLockedError, match="check --repair cannot run on a served image"):
         vdisk.check(img, repair=True)
+    # the functions that read the file itself raise the CLI's refusal (naming the snapshot export)
+    for what, call in (("convert", lambda: vdisk.convert(img, tmp_path / "out.raw", dst_format="raw")),
+                       ("compare", lambda: vdisk.compare(img, img)),
+                       ("clone", lambda: vdisk.clone(img, tmp_path / "c.vdk"))):
+        with pytest.raises(NotServedLive, match=f"{what} cannot run on a served image") as info:
+            call()
+        assert f"pid {srv.proc.pid}" in str(info.value) and f"nbd+unix:///disk@S?socket={srv.socket}" in str(info.value)
+    assert not os.path.exists(tmp_path / "out.raw") and not os.path.exists(tmp_path / "c.vdk")
     assert restore_bytes(tmp_path, [tmp_path / "full.vdelta"], "r")[:2 * MiB] == b"\x5a" * (2 * MiB)
     srv.stop()
     with pytest.raises(vdisk.ControlError, match="no vdisk server serves"):

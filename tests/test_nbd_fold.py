@@ -20,12 +20,12 @@ def test_folds_run_off_the_loop_thread_and_periodically(tmp_path, monkeypatch):
         c0 = d.checkpoint()
         d.fold_interval = 8                     # an automatic fold every 8 writes, were it left on
         folds: list[str] = []
-        real = d._flush_locked
+        real = d._flush_begin                   # step 1 of every flush, the fold (locked or not)
 
-        def recording():
+        def recording(*args, **kwargs):
             folds.append(threading.current_thread().name)
-            return real()
-        monkeypatch.setattr(d, "_flush_locked", recording)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(d, "_flush_begin", recording)
         srv = Server(d, socket=str(tmp_path / "s.sock"), fold_period=0.2)
         srv.start_in_thread()
         try:

@@ -613,6 +613,24 @@ cdef class DiskLock:
     def _is_owned(self) -> bool:
         return self.count > 0 and self.owner == <unsigned long> PyThread_get_thread_ident()
 
+    def _release_save(self):
+        """Release the lock however deep this thread holds it; the state for
+        _acquire_restore (what threading.Condition.wait does with an RLock)."""
+        if not self._is_owned():
+            raise RuntimeError("cannot release un-acquired lock")
+        state = (self.count, self.owner)
+        self.count = 0
+        self.owner = 0
+        PyThread_release_lock(self.lock)
+        return state
+
+    def _acquire_restore(self, state) -> None:
+        """Take the lock back as deep as _release_save found it."""
+        count, owner = state
+        self.enter()
+        self.count = count
+        self.owner = owner
+
     def __repr__(self):
         return f"<vdisk._fast.DiskLock {'locked' if self.count else 'unlocked'} count={self.count}>"
 

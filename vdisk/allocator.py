@@ -169,13 +169,20 @@ class Allocator:
         bs = self._hdr.block_size
         self.pending.extend(range(offset // bs, (offset + nbytes) // bs))
 
-    def release_pending(self) -> bool:
-        """Drop the pending references (the tables without them are durable);
-        blocks reaching 0 join the free list.  True if there were any (their
-        refcount pages are dirty: write_pages next)."""
-        if not self.pending:
-            return False
+    def take_pending(self) -> list[int]:
+        """The pending references so far (a flush releases them once its table is
+        durable); references dropped from now on wait for the next flush."""
         pending, self.pending = self.pending, []
+        return pending
+
+    def release_pending(self, pending: list[int] | None = None) -> bool:
+        """Drop the pending references (the tables without them are durable), or
+        those of a take_pending(); blocks reaching 0 join the free list.  True if
+        there were any (their refcount pages are dirty: write_pages next)."""
+        if pending is None:
+            pending = self.take_pending()
+        if not pending:
+            return False
         refs = self.refs_mv
         for p in pending:
             refs[p] -= 1

@@ -10,7 +10,8 @@ this table or a snapshot's) and table validation.
 
 Changing an entry never touches refcounts: the caller gives the old block
 to the allocator (``Allocator.decref_later``).  The table is written only
-by ``write_dirty``, from the Disk's flush (step 3 of the write order).
+by the Disk's flush (step 3 of the write order), from the pages
+``take_dirty`` hands it.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from . import _fast
 from . import layout as L
-from .arrays import lazy_zeros, page_runs, write_pages
+from .arrays import PAGE, lazy_zeros, page_runs
 from .errors import CorruptImageError
 
 TABLE_PER_PAGE = 4096 // L.TABLE_ENTRY_BYTES
@@ -100,20 +101,32 @@ class BlockTable:
     def is_fresh(self, b: int) -> bool:
         return bool(self.fresh[b])
 
-    def write_dirty(self, fio, base: int) -> bool:
-        """Write the changed table pages to the table at base (not synced);
-        False if none changed."""
-        if not self.dirty_pages:
-            return False
-        write_pages(fio, self.table, sorted(self.dirty_pages), base)
-        self.dirty_pages.clear()
-        return True
+    def take_dirty(self, base: int, copy: bool) -> list[tuple[int, object]]:
+        """The table pages changed so far, as (file offset, buffer) writes for
+        the table at base: copies of their content now (copy), or views of the
+        live table (for a caller that writes them before releasing the lock).
+        The pages and the fresh blocks start over: a remap from now on is the
+        next flush's, and its block is treated as durably mapped (an in-place
+        write to it arms its coarse bit: more syncs at worst, never less
+        tracking)."""
+        pages, self.dirty_pages = sorted(self.dirty_pages), set()
+        self.settle()       # in place: the hot path holds the fresh array
+        raw = self.table.view(np.uint8)
+        out = []
+        for start, stop in page_runs(pages):
+            view = raw[start * PAGE:stop * PAGE]
+            out.append((base + start * PAGE, view.tobytes() if copy else view))
+        return out
 
     def settle(self) -> None:
-        """The mapping is durable: no block is fresh any more."""
+        """No block is fresh any more (take_dirty: their mapping is on its way to the disk)."""
         for pg in self.fresh_pages:
             self.fresh[pg * TABLE_PER_PAGE:(pg + 1) * TABLE_PER_PAGE] = 0
         self.fresh_pages.clear()
+
+    def dirty_bytes(self) -> int:
+        """Bytes of table pages changed since the last take_dirty."""
+        return len(self.dirty_pages) * PAGE
 
     def grow(self, table: np.ndarray, capacity: int) -> None:
         """A relocated, larger table holding the same entries."""

@@ -216,15 +216,9 @@ def _open_or_connect(file: str, mode: str = "r") -> Any:
 def _not_live(what: str, *paths: str | None) -> Iterator[None]:
     """A command that reads image files itself: when one of them is held by `vdisk serve`,
     say so in one line (vdisk.live.served_refusal) instead of the bare lock error."""
-    try:
+    from vdisk.live import refused_if_served
+    with refused_if_served(what, *paths):
         yield
-    except ImageLockedError as exc:
-        from vdisk.live import served_refusal
-        for p in paths:
-            refusal = served_refusal(p, what) if p else None
-            if refusal is not None:
-                raise refusal from exc
-        raise
 
 
 def _info_of(file: str) -> tuple[dict[str, Any], list[Any]]:

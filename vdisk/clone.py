@@ -56,7 +56,10 @@ def clone(src: PathArg, dst: PathArg, *, snapshots: bool = False, overwrite: boo
         raise InvalidArgumentError(f"{dst} is the source image {src}")
     if overwrite and os.path.exists(dst):
         refuse_if_in_use(dst)
-    with _open(src) as s:
+    from .live import refused_if_served
+    with refused_if_served("clone", src):      # a served image: the server's one-line refusal
+        s = _open(src)
+    with s:
         coarse = s.info()["coarse_region_size"]
         states = []
         if snapshots:

@@ -616,7 +616,9 @@ def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_fo
         if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
             raise InvalidArgumentError(f"{dst} is the source image itself")
     _check_output_path(dst)
-    image = open_image(src, src_format, allow_backing=allow_backing, snapshot=snapshot)
+    from .live import refused_if_served
+    with refused_if_served("convert", src, allow_backing):
+        image = open_image(src, src_format, allow_backing=allow_backing, snapshot=snapshot)
     try:
         size = image.size if dst_format == "raw" else L.round_up(image.size, L.SECTOR)
         with atomic_output(dst, overwrite=overwrite, what="converting",
@@ -740,8 +742,10 @@ def compare(a: PathArg, b: PathArg, *, a_format: str | None = None, b_format: st
     runs of either image are read.  (``vdisk compare`` prints this offset
     rounded down to 512 bytes, as qemu-img compare does.)
     """
-    return compare_images(a, b, a_format=a_format, b_format=b_format, allow_backing=allow_backing,
-                          progress=progress)[0]
+    from .live import refused_if_served
+    with refused_if_served("compare", a, b):
+        return compare_images(a, b, a_format=a_format, b_format=b_format, allow_backing=allow_backing,
+                              progress=progress)[0]
 
 
 def compare_images(a, b, *, a_format=None, b_format=None, allow_backing=False,

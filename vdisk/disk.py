@@ -48,8 +48,14 @@ fails every call site of a workload in turn and checks it).
 
 Threads: every public method takes the Disk's lock (a reentrant C lock, shared
 with the Cython hot path); data I/O runs in
-os.pread/os.pwrite, which release the GIL.  Processes: a writer holds an
-exclusive flock on the file, readers a shared one.
+os.pread/os.pwrite, which release the GIL.  ``flush()`` and the automatic
+fold hold it only for steps 1 and 5 and run steps 2-4 (the fsyncs and the
+table write, from a copy of the changed table pages taken at step 1)
+without it, so other threads read and write meanwhile: what they write is
+the next flush's (docs/FORMAT.md, "Flushes beside writers").  Flushes never
+overlap; commits (checkpoint, snapshots, resize, ...) flush with the lock
+held throughout.  Processes: a writer holds an exclusive flock on the
+file, readers a shared one.
 """
 from __future__ import annotations
 
@@ -92,6 +98,23 @@ from .tracking import ChangeTracker, CheckpointLog
 
 PAGE = 4096
 DEFAULT_FOLD_INTERVAL = 1 << 16   # writes between automatic folds
+
+
+COPY_LIMIT = 16 << 20                # table bytes a flush copies to write them without the lock
+
+
+class _FlushJob:
+    """One flush, between its step 1 (under the lock) and its step 5."""
+
+    def __init__(self, table: list, copied: bool, pending: list[int], folded: bool):
+        self.table = table          # (file offset, buffer) of the table pages to write at step 3
+        self.copied = copied        # table holds copies: steps 2-4 may run without the lock
+        self.pending = pending      # references to release at step 5
+        self.folded = folded
+        self.done = threading.Event()       # steps 2-4 are over (error or not)
+        self.error: VdiskIOError | None = None
+        self.finished = False       # step 5 ran (or the error was raised)
+        self.runner: int | None = None      # the thread in steps 2-4
 
 
 def _parse_block_size(block_size) -> int:
@@ -141,6 +164,26 @@ def _poisons(method):
     return wrapper
 
 
+@contextlib.contextmanager
+def _lock_released(lock) -> Iterator[bool]:
+    """Inside: whether this thread is free of the RLock lock.  Held once (the
+    hot path's hold around _fold_due), it is released for the block and taken
+    back after; held deeper (a caller holds it around the call), it stays held
+    and the answer is False."""
+    if not lock._is_owned():
+        yield True
+        return
+    state = lock._release_save()        # what threading.Condition.wait does with an RLock
+    if state[0] > 1:
+        lock._acquire_restore(state)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock._acquire_restore(state)
+
+
 def _weakly(method):
     """A Disk method as a callable for one of its parts, through a weak
     reference: no cycle, so a dropped Disk still closes at once."""
@@ -152,9 +195,12 @@ def _weakly(method):
 
 
 def _poison_hook(ref, err) -> None:
-    """FileIO's on_poison for a Disk held by weak reference (a failed fsync)."""
+    """FileIO's on_poison for a Disk held by weak reference (a failed fsync).
+    A thread without the Disk's lock is a flush in its unlocked syncs: that
+    flush poisons the Disk under the lock (_flush_end), never closing the
+    file under another thread's write."""
     disk = ref()
-    if disk is not None:
+    if disk is not None and disk._lock._is_owned():
         disk._poison(err)
 
 
@@ -172,6 +218,8 @@ class Disk(io.RawIOBase):
         self._shut = False
         self._closing = False
         self._poisoned: VdiskIOError | None = None   # the I/O error that stopped this Disk
+        self._inflight: _FlushJob | None = None       # a flush between its step 1 and its step 5
+        self._fold_wanted = False     # fold_interval writes counted under the lock: fold once it is released
         fio.on_poison = functools.partial(_poison_hook, weakref.ref(self))
         self._shift = header.block_shift           # fixed for the image's life
         self._block_mask = header.block_size - 1
@@ -228,7 +276,15 @@ class Disk(io.RawIOBase):
         self._hot.fold_interval = n
 
     def _fold_due(self) -> None:
-        """fold_interval writes since the last fold: fold now (the hot path's fold_due)."""
+        """fold_interval writes since the last fold: fold now.  The hot path calls
+        this holding the lock once, the Python write path after releasing it: the
+        fold's syncs then run without the lock (_flush_unlocked).  Held deeper
+        (a caller of the Disk holds it around the write), the fold keeps it."""
+        with _lock_released(self._lock) as free:
+            if free:
+                if not self._shut:
+                    self._flush_unlocked(fold=True)
+                return
         with self._lock:
             if self._tracker is not None and not self._shut:
                 self._flush_locked()
@@ -431,6 +487,13 @@ class Disk(io.RawIOBase):
         call raises VdiskIOError, reads and flush included, close() returns."""
         if self._shut:
             return
+        job = self._inflight
+        if job is not None:         # a flush in its syncs in another thread: the file stays open until
+            if job.runner != threading.get_ident():     # they are over (no write lands in a reused fd)
+                job.done.wait()
+            self._inflight = None
+            job.finished = True
+            job.error = job.error or err
         self._shut = self._closing = True
         self._hot.shut()
         try:
@@ -549,6 +612,7 @@ class Disk(io.RawIOBase):
                 self._check_range(offset, n, "write")
             if n:
                 self._write_locked(mv, offset)
+        self._fold_if_wanted()
         return n
 
 
@@ -583,10 +647,16 @@ class Disk(io.RawIOBase):
         self._count_write()
 
     def _count_write(self) -> None:
+        """One more write towards the automatic fold, which the public write
+        methods run once they released the lock (_fold_if_wanted)."""
         hot = self._hot
         hot.writes += 1
         if hot.writes >= hot.fold_interval and self._tracker is not None:
-            self._flush_locked()
+            self._fold_wanted = True
+
+    def _fold_if_wanted(self) -> None:
+        if self._fold_wanted:
+            self._fold_due()
 
     def _append_run(self, mv: memoryview, b0: int, b1: int) -> None:
         """Write whole unallocated blocks [b0, b1) of data into new blocks
@@ -689,6 +759,7 @@ class Disk(io.RawIOBase):
                 n = min(end - offset, len(zeros))
                 self._write_remapping(zeros[:n], offset, keep_zeros=True)
                 offset += n
+        self._fold_if_wanted()
 
     def discard(self, offset: int, length: int) -> None:
         """The range reads back as zeros; whole blocks are freed."""
@@ -697,6 +768,7 @@ class Disk(io.RawIOBase):
             self._check_writable()
             self._check_range(offset, length, "discard")    # again: a shrink may have come first
             self._discard_locked(offset, length)
+        self._fold_if_wanted()
 
     def _discard_locked(self, offset: int, length: int) -> None:
         shift = self._hdr.block_shift
@@ -724,41 +796,128 @@ class Disk(io.RawIOBase):
 
     # ------------------------------------------------------------------ flush
     def flush(self) -> None:
-        """Make every write before this call durable (survives crash and power loss)."""
+        """Make every write before this call durable (survives crash and power loss).
+
+        Its syncs run without the Disk's lock: other threads keep reading and
+        writing meanwhile (their writes are the next flush's)."""
         if self._shut:
             if self._closing and self._poisoned is None:   # io.IOBase.close() flushes once more: done
                 return
             self._check_open()
-        with self._lock:
-            self._check_open()
-            if self._writable:
-                self._flush_locked()
+        self._flush_unlocked()
+
+    def _flush_unlocked(self, fold: bool = False) -> None:
+        """A flush whose steps 2-4 (the syncs and the table write) run without the
+        Disk's lock (when the caller does not hold it): step 1 and a copy of the
+        changed table pages under the lock, then the I/O, then step 5 under the
+        lock.  fold: the automatic fold (nothing to do without tracking)."""
+        while True:
+            with self._lock:
+                if fold and (self._shut or self._tracker is None):
+                    self._hot.writes = 0        # closed by another thread meanwhile, or nothing to fold
+                    return
+                self._check_open()
+                if not self._writable:
+                    return
+                job = self._inflight
+                if job is None or job.done.is_set():
+                    job = self._flush_begin(copy=True)
+                    break
+            job.done.wait()         # another thread's flush is in its syncs: wait for them without the lock
+        if job.copied:
+            self._flush_io(job)     # the lock is free here (unless the caller holds it)
+            with self._lock:
+                self._flush_end(job)
+        else:                       # too many table pages to copy: written under the lock, as _flush_locked
+            with self._lock:
+                self._flush_io(job)
+                self._flush_end(job)
 
     @_poisons
     def _flush_locked(self) -> None:
-        """The write order (module docstring, docs/FORMAT.md "Write order"):
-        the one place it is written."""
+        """The flush with the lock held throughout (the commits: checkpoint,
+        snapshots, resize, ...).  The write order is _flush_begin, _flush_io
+        and _flush_end."""
+        job = self._flush_begin(copy=False)
+        self._flush_io(job)
+        self._flush_end(job)
+
+    @_poisons
+    def _flush_begin(self, copy: bool) -> "_FlushJob":
+        """Step 1 of the write order (module docstring, docs/FORMAT.md "Write
+        order"), under the lock: fold the tracking bits into counters, write the
+        counter pages and the refcount pages with increments (not synced), and
+        take the changed table pages (copies with copy=True, when they are at
+        most COPY_LIMIT bytes) and the pending references: everything the
+        flush makes durable is what memory holds now.  A flush still in its
+        syncs is finished first (flushes never overlap)."""
+        self._settle_flush()
         h, alloc, bt = self._hdr, self._alloc, self._bt
         self._hot.writes = 0
-        # 1. counters of the tracking fold, refcount increments
+        self._fold_wanted = False
+        # 1. counters of the tracking fold, refcount increments.  Nothing changes counters while
+        # the syncs run without the lock (only a fold, or an operation that settles this flush first)
         folded = self._tracker.fold(h.generation) if self._tracker else False
         alloc.write_pages()
-        # 2. data, refcounts and counters durable
-        self._io.fsync()
-        # 3-4. the new mapping
-        if bt.write_dirty(self._io, h.table_offset):
+        copy = copy and bt.dirty_bytes() <= COPY_LIMIT
+        job = _FlushJob(bt.take_dirty(h.table_offset, copy), copy, alloc.take_pending(), folded)
+        self._inflight = job
+        return job
+
+    def _flush_io(self, job: "_FlushJob") -> None:
+        """Steps 2-4, with or without the lock: sync (data, counters and refcounts
+        durable), write the table pages taken at step 1, sync (the new mapping
+        durable).  A failure is kept in the job for _flush_end to raise."""
+        job.runner = threading.get_ident()
+        try:
             self._io.fsync()
-        bt.settle()
+            if job.table:
+                for off, buf in job.table:
+                    self._io.pwrite(buf, off)
+                self._io.fsync()
+        except VdiskIOError as exc:
+            job.error = exc
+        finally:
+            job.runner = None
+            job.done.set()
+
+    @_poisons
+    def _flush_end(self, job: "_FlushJob") -> None:
+        """Step 5, under the lock, once steps 2-4 of job are done: release the
+        references the durable table no longer holds, clear the idle coarse
+        bits.  Raises the flush's I/O error (which poisons the Disk).  Whoever
+        comes first finishes a job: the flush's thread, or another thread's
+        flush or commit (_settle_flush)."""
+        if self._inflight is job:
+            self._inflight = None
+        if job.finished or self._shut:  # finished by another thread; or the Disk closed after the syncs
+            job.finished = True
+            if job.error is not None:
+                raise job.error
+            return
+        job.finished = True
+        if job.error is not None:
+            raise job.error
+        alloc = self._alloc
         # 5. references the durable table no longer holds: release them.  The older header slot
         # must name none of them: after a commit that moved a region, that slot names the old
         # region (a table, counters, a snapshot table ...), and a lost newest slot brings it back.
         # So first the last commit once more into the other slot: both name the new regions.
-        if alloc.pending and self._slots_differ:
+        if job.pending and self._slots_differ:
             self._commit_again()
-        if alloc.release_pending():
+        if alloc.release_pending(job.pending):
             alloc.write_pages()
-        if self._tracker and (folded or self._tracker.dirty_regions):
-            self._tracker.clear_idle_regions()
+        if self._tracker and (job.folded or self._tracker.dirty_regions):
+            # with the lock released during the syncs, writes since the fold keep their regions' bits
+            self._tracker.clear_idle_regions(since_fold=job.copied)
+
+    def _settle_flush(self) -> None:
+        """Under the lock: finish a flush whose syncs run in another thread (wait
+        for them, then its step 5), before anything else writes metadata."""
+        job = self._inflight
+        if job is not None:
+            job.done.wait()
+            self._flush_end(job)
 
     @_poisons
     def _commit_header(self) -> None:
@@ -766,6 +925,7 @@ class Disk(io.RawIOBase):
         point (vdisk/header.py, commit: never a slot a reader would refuse;
         its VdiskIOError poisons the Disk: memory is ahead of the file,
         which keeps its last commit)."""
+        self._settle_flush()
         self._write_slot(self._hdr)
 
     @_poisons
@@ -930,7 +1090,12 @@ class Disk(io.RawIOBase):
     @_poisons
     def snapshot(self, name: str | None = None) -> Snapshot:
         """Take a snapshot: no data is copied.  Folds tracking and closes the
-        current generation; returns the read-only view."""
+        current generation; returns the read-only view.
+
+        A flush without the lock comes first (its syncs beside other threads'
+        writes), so the flush the snapshot makes under the lock, at its
+        instant, has only what was written since to sync."""
+        self._flush_unlocked()
         with self._lock:
             self._check_writable()
             rec, frozen = self._snap_ops.create(name, self._snapshots)
@@ -1021,27 +1186,41 @@ class Disk(io.RawIOBase):
 
     @_poisons
     def delete_snapshot(self, name: str) -> None:
-        """Delete a snapshot; blocks no longer referenced become free."""
+        """Delete a snapshot; blocks no longer referenced become free.  The
+        flushes before and after the commit sync without the lock (as
+        snapshot())."""
         with self._lock:
             self._check_writable()
-            rec = self._find_snapshot(name)
+            self._find_snapshot(name)
+        self._flush_unlocked()
+        with self._lock:
+            self._check_writable()
+            rec = self._find_snapshot(name)     # again: another thread may have deleted it meanwhile
             self._snap_ops.delete(rec, self._snapshots)
             for view in list(self._views):
                 if view.is_of(rec):
                     view.close()
-            self._flush_locked()
+        self._flush_unlocked()                  # the commit's releases: the blocks are free again
 
-    @_rebinds
-    @_poisons
     def revert(self, name: str) -> None:
         """The live disk becomes the snapshot's content (and size).  Every block
         that differs is marked changed in the current generation, so every
-        consumer's change id stays valid."""
+        consumer's change id stays valid.  The flushes before and after the
+        commit sync without the lock (as snapshot())."""
+        with self._lock:
+            self._check_writable()
+            self._find_snapshot(name)
+        self._flush_unlocked()
+        self._revert_locked(name)
+        self._flush_unlocked()                  # the old table's references released
+
+    @_rebinds
+    @_poisons
+    def _revert_locked(self, name: str) -> None:
         with self._lock:
             self._check_writable()
             self._snap_ops.revert(self._find_snapshot(name))
             self._pos = min(self._pos, self._hdr.virtual_size)
-            self._flush_locked()
 
     @_poisons
     def compact(self, *, progress: Callable[[int, int], None] | None = None) -> int:
@@ -1160,6 +1339,7 @@ class Disk(io.RawIOBase):
     @_poisons
     def _grow_tables(self, need: int) -> None:
         """Relocate the block table and the counters to a larger region at the end of the file."""
+        self._settle_flush()
         h = self._hdr
         bs = h.block_size
         cap = min(L.MAX_BLOCKS, max(need, 2 * h.table_capacity))
@@ -1197,6 +1377,7 @@ class Disk(io.RawIOBase):
     def _grow_refcounts(self, need: int) -> None:
         """Relocate the refcount table to a larger region at the end of the file
         (the allocator calls this when it runs out of capacity)."""
+        self._settle_flush()
         h, alloc = self._hdr, self._alloc
         bs = h.block_size
         cap = max(need, h.refcount_capacity + h.refcount_capacity // 2)
@@ -1243,6 +1424,9 @@ class Disk(io.RawIOBase):
             return
         try:
             with self._lock:
+                job = self._inflight
+                if job is not None and job.runner != threading.get_ident():
+                    job.done.wait()     # a flush's syncs in another thread: over before the file closes
                 if self._writable and self._io.poisoned is None:
                     try:
                         self._flush_locked()

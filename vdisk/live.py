@@ -45,11 +45,13 @@ Change ids cross the wire as the opaque strings they are.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import socket as _socket
 import stat
+from typing import Iterator
 
 from . import errors
 from .consumers import ConsumerInfo
@@ -446,6 +448,24 @@ def served_refusal(path, what: str) -> NotServedLive | None:
     return NotServedLive(_served_line(
         path, server, what, f"take a snapshot (vdisk snapshot create {os.fspath(path)} S) and read it from "
                             f"{uri} (qemu-img convert, nbdcopy), or stop the server first"))
+
+
+@contextlib.contextmanager
+def refused_if_served(what: str, *paths) -> Iterator[None]:
+    """For a command that reads image files itself (convert, compare, clone): an
+    ImageLockedError raised inside, for an image a server in another process holds,
+    becomes that server's one-line refusal (served_refusal); the CLI and the Python
+    functions raise the same error."""
+    try:
+        yield
+    except errors.ImageLockedError as exc:
+        if isinstance(exc, NotServedLive):
+            raise
+        for p in paths:
+            refusal = served_refusal(p, what) if p is not None and not isinstance(p, (bool, int)) else None
+            if refusal is not None:
+                raise refusal from exc
+        raise
 
 
 def open_or_connect(path, mode: str = "r"):

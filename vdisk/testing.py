@@ -7,7 +7,9 @@ returns the bytes the file could hold after a power loss: the durable
 state plus any subset of the pending writes, applied in issue order (a
 disk may persist any of them, in any order; a later write to the same
 bytes wins when both land).  Pass ``torn=True`` to also tear writes at
-512-byte sector boundaries.
+512-byte sector boundaries.  It is thread-safe, as a file is: an fsync
+makes durable the writes issued before it began; writes issued while it
+runs stay pending (they may or may not land), as the kernel promises.
 
 :class:`FaultyIO` fails the n-th call of a chosen kind (pwrite, fsync,
 truncate, punch_hole) with an OSError (EIO, ENOSPC, ...), raised as the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import random
+import threading
 
 from .fileio import FileIO, _io_error
 
@@ -38,6 +41,7 @@ class RecordingIO(FileIO):
         self.durable = bytearray(self._read_all())
         self.pending: list[tuple] = []
         self.fsyncs = 0
+        self._rec_lock = threading.Lock()   # pending/durable bookkeeping (threads write at once)
         self.on_fsync = None     # called (with self) before each fsync lands: crash states mid-operation
 
     def _read_all(self) -> bytes:
@@ -53,15 +57,17 @@ class RecordingIO(FileIO):
     # --- recorded calls -------------------------------------------------------
     def pwrite(self, data, offset):
         data = bytes(memoryview(data).cast("B"))
-        super().pwrite(data, offset)
-        self.pending.append(("w", offset, data))
+        with self._rec_lock:        # the file and the record in the same order
+            super().pwrite(data, offset)
+            self.pending.append(("w", offset, data))
 
     def pwritev(self, buffers, offset):
         self.pwrite(b"".join(bytes(memoryview(b).cast("B")) for b in buffers), offset)
 
     def truncate(self, size):
-        super().truncate(size)
-        self.pending.append(("t", size))
+        with self._rec_lock:
+            super().truncate(size)
+            self.pending.append(("t", size))
 
     def punch_hole(self, offset, length):
         end = min(offset + length, super().size())
@@ -72,10 +78,13 @@ class RecordingIO(FileIO):
     def fsync(self):
         if self.on_fsync is not None:
             self.on_fsync(self)
+        with self._rec_lock:
+            covered = len(self.pending)     # what was issued before this fsync began
         super().fsync()
-        self.durable = apply_ops(self.durable, self.pending)
-        self.pending = []
-        self.fsyncs += 1
+        with self._rec_lock:
+            self.durable = apply_ops(self.durable, self.pending[:covered])
+            self.pending = self.pending[covered:]
+            self.fsyncs += 1
 
     # --- crash states -----------------------------------------------------------
     def crash_image(self, rng: random.Random | None = None, keep=None, torn: bool = False) -> bytes:
@@ -85,10 +94,12 @@ class RecordingIO(FileIO):
         the disk); by default each is kept with probability 1/2.
         """
         rng = rng or random.Random()
+        with self._rec_lock:
+            durable, pending = bytes(self.durable), list(self.pending)
         if keep is None:
-            keep = [rng.random() < 0.5 for _ in self.pending]
+            keep = [rng.random() < 0.5 for _ in pending]
         ops = []
-        for op, k in zip(self.pending, keep):
+        for op, k in zip(pending, keep):
             if not k:
                 continue
             if torn and op[0] == "w" and len(op[2]) > SECTOR:
@@ -98,7 +109,7 @@ class RecordingIO(FileIO):
                         ops.append(("w", op[1] + s, data[s:s + SECTOR]))
             else:
                 ops.append(op)
-        return bytes(apply_ops(bytearray(self.durable), ops))
+        return bytes(apply_ops(bytearray(durable), ops))
 
 
 def apply_ops(image: bytearray, ops) -> bytearray:

@@ -375,14 +375,24 @@ class ChangeTracker:
         for start, stop in _page_runs(pages):
             self.io.pwrite(raw[start * PAGE:stop * PAGE], base + start * PAGE)
 
-    def clear_idle_regions(self, everything: bool = False) -> None:
+    def clear_idle_regions(self, everything: bool = False, since_fold: bool = False) -> None:
         """After the folded counters are durable: clear the coarse bits of the
         regions not written during the interval (see fold).  Regions that were
         stay set, so a steady workload pays no re-arming fsync; after a crash
         the over-report is bounded by the regions written in the last two
-        intervals.  everything=True clears all bits (clean close)."""
+        intervals.  everything=True clears all bits (clean close).
+
+        since_fold: writes may have come after the fold (a flush whose syncs
+        ran without the Disk's lock): the regions of blocks dirty now keep
+        their bits too, since their counters are not durable yet (an
+        in-place write there relied on the bit being set)."""
         if everything:      # a clean close: the counters say it all
             self._touched[:] = 0
+        elif since_fold:
+            ngroups = -(-self.hdr.nblocks >> SUMMARY_SHIFT)
+            dirty = np.flatnonzero(self.dirty_groups[:ngroups]).astype(np.int64)
+            if len(dirty):
+                self._touch_regions_of(dirty)
         idle = np.flatnonzero(self._coarse[:len(self._touched)] & (self._touched == 0))
         self._touched[:] = 0
         self.armings = 0

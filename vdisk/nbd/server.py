@@ -31,15 +31,17 @@ Contracts
   asked waits (reads nothing more) until it returned.
 * Folds never run in the loop's thread.  While serving, the Disk's
   automatic fold (every Disk.fold_interval writes: counter pages, then
-  fdatasync, under the Disk's lock) is turned off (fold_interval set to
+  fdatasync) is turned off (fold_interval set to
   SERVE_FOLD_INTERVAL, the old value put back at close); the tracking bits
   are folded by Disk.flush in the executor thread: at the client's FLUSH
   or FUA, and every fold_period seconds (default 5) when a write, trim or
   zeroing was answered since the last flush began, so a client that never
-  flushes still gets its counters folded.  That flush first syncs the file
-  from a descriptor of its own, without the Disk's lock, so the locked
-  flush that follows has little data left to write and writes in the loop's
-  thread wait on the lock only briefly.
+  flushes still gets its counters folded.  Disk.flush holds the Disk's
+  lock only for the fold and the copy of the changed table pages, and for
+  the releases after its syncs (well under a millisecond; its fdatasyncs
+  run without the lock, benchmarks/README.md), so writes in the loop's
+  thread go on while it syncs.  The periodic one first syncs the file from
+  a descriptor of its own, so its own syncs have little data left to write.
   Tracking never under-reports between folds: the write path only sets
   bits; an in-place overwrite of durably mapped data makes its coarse
   region's bit durable before the data write is issued (the write-ahead
