@@ -64,6 +64,7 @@ import dataclasses
 import functools
 import io
 import os
+import threading
 import time
 import types
 import uuid as _uuid
