@@ -556,6 +556,8 @@ class Transmission(asyncio.Protocol):
             if cmd == P.NBD_CMD_BLOCK_STATUS:
                 self._block_status(flags, cookie, offset, length)
                 return
+            if cmd in _WRITES:
+                self.image.touch()              # block status answers computed before are stale
             if cmd == P.NBD_CMD_WRITE:
                 if length:
                     self.view.pwrite(payload, offset)
@@ -742,12 +744,12 @@ class Transmission(asyncio.Protocol):
         chunks = []
         for i, ctx in enumerate(self.contexts):
             try:
-                descs = ctx.descriptors(offset, length, limit)
+                body = ctx.block_status(offset, length, limit)
             except (errors.StaleChangeIdError, errors.UnsupportedFeatureError) as exc:
                 # the id stopped being answerable (tracking reset): refuse, never a partial answer
                 self._reply_error(P.NBD_CMD_BLOCK_STATUS, cookie, P.NBD_EINVAL, str(exc))
                 return
-            chunks.append(P.U32.pack(i + 1) + descs.astype(">u4").tobytes())
+            chunks.append(P.U32.pack(i + 1) + body)
         last = len(chunks) - 1
         for i, body in enumerate(chunks):
             self.out.append(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC,
@@ -778,8 +780,10 @@ class Server:
     either ``await server.start()`` / ``await server.stop()`` in your own
     event loop, ``server.start_in_thread()`` / ``server.stop_in_thread()``
     from plain code, or ``server.run()`` to serve until SIGTERM/SIGINT.
-    A path is opened (``r+``, or ``r`` when read-only) and closed at stop;
-    a Disk passed in is flushed at stop and left open.
+    A path is opened (``r+``, or ``r`` when read-only) and closed at stop,
+    and is then written only through the server (its block status answers
+    are reused while nothing changes: vdisk/nbd/exports.py, "Reuse"); a Disk
+    passed in is flushed at stop and left open, and asked on every request.
 
     Options: export (the live image's name; default the file name without
     extension), read_only, tls_cert/tls_key[/tls_ca] (TLS required of every
@@ -834,7 +838,7 @@ class Server:
                 export = os.path.splitext(os.path.basename(self.disk.path))[0]
             if "@" in export or len(export.encode()) > P.MAX_STRING or not export.isprintable():
                 raise errors.InvalidArgumentError(f"export name {export!r}: printable, no '@', at most 4096 bytes")
-            self.image = Image(self.disk, export, read_only)
+            self.image = Image(self.disk, export, read_only, sole_writer=self._owns_disk)
         except BaseException:
             if self._owns_disk:
                 self.disk.close()
@@ -868,7 +872,10 @@ class Server:
         (and the tracking bits folded).  presync: sync the file first without the Disk's lock."""
         self.unflushed = 0          # writes answered from now on: the next period's
         fn = self._presync_and_flush if presync else self.disk.flush
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        self.image.touch()
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        fut.add_done_callback(lambda _f: self.image.touch())
+        return fut
 
     def _presync_and_flush(self) -> None:
         try:        # fdatasync of our own descriptor writes the inode's dirty pages back, lock-free
