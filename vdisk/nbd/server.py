@@ -2,8 +2,8 @@
 
 One :class:`Server` serves one image (vdisk/nbd/exports.py names its
 exports) on a unix socket or a TCP address, to any number of connections
-(up to max_connections).  The handshake runs as a coroutine over asyncio
-streams (:class:`Connection`); at GO or EXPORT_NAME the transport is handed
+(up to max_connections).  The handshake runs as a coroutine (:class:`Connection`)
+over the connection's :class:`Wire` protocol; at GO or EXPORT_NAME the transport is handed
 to a :class:`Transmission` protocol that parses requests straight from its
 input buffer, handles them in the loop's thread and writes the replies of
 a burst at once.
@@ -115,8 +115,6 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def tls_context(cert, key, ca=None) -> ssl.SSLContext:
     """A server TLS context; with ca, clients must present a certificate it signed."""
-    if not hasattr(asyncio.StreamWriter, "start_tls"):
-        raise errors.ServeError("TLS (--tls-cert) needs Python 3.11 or later (asyncio's StreamWriter.start_tls)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -129,14 +127,126 @@ def tls_context(cert, key, ca=None) -> ssl.SSLContext:
     return ctx
 
 
+class Wire(asyncio.Protocol):
+    """A connection's protocol during the handshake: the bytes received, read
+    by the handshake coroutine with readexactly, and its writes with drain.
+
+    Everything the client sent is in ``buffer`` (a bytearray of ours), so at
+    GO or EXPORT_NAME the requests it pipelined after the option are handed
+    to the Transmission protocol as they are, with ``eof`` (the client
+    half-closed), through public names only.  Input is bounded as a
+    StreamReader bounds it: reading pauses while more than LIMIT bytes wait
+    unread (an option is at most MAX_OPTION_LENGTH)."""
+
+    LIMIT = 2 * (P.MAX_OPTION_LENGTH + P.OPTION_HEADER.size)
+
+    def __init__(self, accept):
+        self._accept = accept               # coroutine function (wire) run as the session's task
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False
+        self.lost = False
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future | None = None      # readexactly waiting for data
+        self._drained: asyncio.Future | None = None     # drain waiting for the transport's writes
+        self._paused_writing = False
+        self._paused_reading = False
+        self.task: asyncio.Task | None = None
+
+    # --- asyncio callbacks
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.task = asyncio.get_running_loop().create_task(self._accept(self))
+
+    def data_received(self, data) -> None:
+        self.buffer += data
+        if len(self.buffer) > self.LIMIT and not self._paused_reading:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._wake(self._waiter)
+
+    def eof_received(self):
+        self.eof = True
+        self._wake(self._waiter)
+        return None if self.transport.get_extra_info("sslcontext") is not None else True
+
+    def connection_lost(self, exc) -> None:
+        self.lost = True
+        self.eof = True
+        self._exc = exc
+        self._wake(self._waiter)
+        self._wake(self._drained)
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        self._wake(self._drained)
+
+    @staticmethod
+    def _wake(fut) -> None:
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    # --- what the handshake calls
+    async def readexactly(self, n: int) -> bytes:
+        buf = self.buffer
+        while len(buf) < n:
+            if self.eof:
+                if self._exc is not None:
+                    raise ConnectionResetError(f"connection lost: {self._exc}")
+                raise asyncio.IncompleteReadError(bytes(buf), n)
+            if self._paused_reading:
+                self._paused_reading = False
+                self.transport.resume_reading()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = bytes(buf[:n])
+        del buf[:n]
+        if self._paused_reading and len(buf) <= self.LIMIT:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data) -> None:
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.lost:
+            raise ConnectionResetError("connection lost")
+        while self._paused_writing:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await self._drained
+            finally:
+                self._drained = None
+            if self.lost:
+                raise ConnectionResetError("connection lost")
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """TLS from here on (loop.start_tls: this protocol stays, on the new transport)."""
+        self.transport = await asyncio.get_running_loop().start_tls(self.transport, self, context,
+                                                                    server_side=True)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def get_extra_info(self, name: str, default=None):
+        return self.transport.get_extra_info(name, default)
+
+
 class Connection:
     """One client: the handshake's state, then the transmission loop."""
 
-    def __init__(self, server: "Server", reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str):
+    def __init__(self, server: "Server", wire: Wire, peer: str):
         self.server = server
         self.image: Image = server.image
-        self.reader = reader
-        self.writer = writer
+        self.wire = wire
         self.peer = peer
         self.structured = False
         self.no_zeroes = False
@@ -149,10 +259,10 @@ class Connection:
 
     # ---------------------------------------------------------------- io helpers
     async def _read(self, n: int) -> bytes:
-        return await self.reader.readexactly(n)
+        return await self.wire.readexactly(n)
 
     def _send(self, *parts) -> None:
-        w = self.writer
+        w = self.wire
         for p in parts:
             w.write(p)
 
@@ -179,14 +289,14 @@ class Connection:
             log.exception("nbd client %s: internal error %s; disconnected", self.peer, exc)
         finally:
             try:
-                self.writer.close()
+                self.wire.close()
             except Exception:
                 pass
 
     # ---------------------------------------------------------------- handshake
     async def _handshake(self) -> None:
         self._send(P.SERVER_GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, P.NBD_FLAG_FIXED_NEWSTYLE | P.NBD_FLAG_NO_ZEROES))
-        await self.writer.drain()
+        await self.wire.drain()
         (flags,) = P.CLIENT_FLAGS.unpack(await self._read(4))
         if not flags & P.NBD_FLAG_C_FIXED_NEWSTYLE:
             raise ProtocolViolation(f"client flags {flags:#x} lack NBD_FLAG_C_FIXED_NEWSTYLE")
@@ -202,11 +312,11 @@ class Connection:
             data = await self._read(length) if length else b""
             if self.stopping:
                 self._reply(opt, P.NBD_REP_ERR_SHUTDOWN, b"server shutting down")
-                await self.writer.drain()
+                await self.wire.drain()
                 raise _Disconnect()
             if await self._option(opt, data):
                 return
-            await self.writer.drain()
+            await self.wire.drain()
         raise ProtocolViolation(f"more than {P.MAX_OPTIONS} options without entering transmission")
 
     def _reply(self, opt: int, rtype: int, data: bytes = b"") -> None:
@@ -232,7 +342,7 @@ class Connection:
             return True
         if opt == P.NBD_OPT_ABORT:
             self._reply(opt, P.NBD_REP_ACK)
-            await self.writer.drain()
+            await self.wire.drain()
             raise _Disconnect()
         if opt == P.NBD_OPT_LIST:
             if data:
@@ -361,9 +471,9 @@ class Connection:
             self._error(opt, P.NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
             return
         self._reply(opt, P.NBD_REP_ACK)
-        await self.writer.drain()
+        await self.wire.drain()
         try:
-            await asyncio.wait_for(self.writer.start_tls(self.server.tls_context), 30)
+            await asyncio.wait_for(self.wire.start_tls(self.server.tls_context), 30)
         except (ssl.SSLError, ConnectionError, asyncio.TimeoutError, OSError) as exc:
             raise ProtocolViolation(f"TLS handshake failed: {exc}") from None
         self.tls = True
@@ -371,16 +481,17 @@ class Connection:
     # ---------------------------------------------------------------- transmission
     async def _transmission(self) -> None:
         """Hand the transport to a Transmission protocol; wait until it closes."""
-        transport = self.writer.transport
-        leftover = bytes(self.reader._buffer)       # requests the client pipelined after GO
-        self.reader._buffer.clear()
+        wire = self.wire
+        transport = wire.transport
+        leftover = bytes(wire.buffer)               # requests the client pipelined after GO
+        wire.buffer.clear()
         proto = Transmission(self, transport, leftover)
         self.proto = proto
         transport.set_protocol(proto)
         if not transport.is_reading():
             transport.resume_reading()
         proto.start()
-        if self.reader.at_eof() or self.reader._eof:    # the client half-closed before the switch
+        if wire.eof:                                # the client half-closed before the switch
             proto.eof_received()
         await proto.closed
         if proto.violation:
@@ -931,14 +1042,15 @@ class Server:
                 _clear_stale_socket(self.socket_path)
                 old = os.umask(0o177)           # the socket is born 0600
                 try:
-                    self._server = await asyncio.start_unix_server(self._accept, self.socket_path)
+                    self._server = await self._loop.create_unix_server(lambda: Wire(self._accept),
+                                                                       self.socket_path)
                 finally:
                     os.umask(old)
                 os.chmod(self.socket_path, 0o600)
                 self.address = f"unix:{self.socket_path}"
             else:
                 host, port = self.listen
-                self._server = await asyncio.start_server(self._accept, host, port)
+                self._server = await self._loop.create_server(lambda: Wire(self._accept), host, port)
                 bound = self._server.sockets[0].getsockname()
                 self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         except OSError as exc:
@@ -955,20 +1067,20 @@ class Server:
         log.info("serving %s as export %r (and %r) on %s%s", self.disk.path, self.image.name, "",
                  self.address, " read-only" if self.image.read_only else "")
 
-    async def _accept(self, reader, writer) -> None:
+    async def _accept(self, wire: Wire) -> None:
         self._counter += 1
-        peer = writer.get_extra_info("peername")
+        peer = wire.get_extra_info("peername")
         peer = f"#{self._counter} " + (f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix")
         task = asyncio.current_task()
         if self._stopped.is_set():
-            writer.close()
+            wire.close()
             return
         if len(self._conns) >= self.max_connections:
             log.warning("nbd client %s: refused, %d connections already open (the maximum)", peer,
                         len(self._conns))
-            writer.close()
+            wire.close()
             return
-        conn = Connection(self, reader, writer, peer)
+        conn = Connection(self, wire, peer)
         self._conns[task] = conn
         try:
             await conn.run()
