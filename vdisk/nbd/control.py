@@ -206,7 +206,9 @@ class ControlServer:
             inspect.signature(handler).bind(self, **args)
         except TypeError as exc:
             return live.error_answer(errors.ControlError(f"operation {req['op']!r}: bad arguments ({exc})"))
-        try:
+        image = self.server.image
+        image.touch()                       # any operation may change the Disk: block status
+        try:                                # answers computed before or during it are stale
             if req["op"] in _LONG:
                 async with self._lock:      # one backup or check at a time
                     result = await handler(self, **args)
@@ -220,6 +222,8 @@ class ControlServer:
         except Exception as exc:
             log.exception("control operation %s failed: %s", req["op"], exc)
             return live.error_answer(errors.VdiskError(f"operation {req['op']!r} failed: {exc}"))
+        finally:
+            image.touch()
         return {"ok": True, "result": result}
 
     # ---------------------------------------------------------------- helpers

@@ -19,9 +19,22 @@ Each export offers meta contexts (doc/proto.md, "Metadata querying"):
 
 Every answer comes from Disk.map_range / Snapshot.map and Disk.changes_in /
 Snapshot.changes_since (the tracking kernels), never from reading data; on
-the live disk each BLOCK_STATUS costs what its range's blocks cost.  Change ids are opaque strings.
+the live disk a query costs what its range's blocks cost.  Change ids are opaque strings.
+
+Reuse (:class:`Window`): a context keeps its last answer, over a window of
+WINDOW_FACTOR times the request's range (a snapshot's: the whole view), and
+answers the next requests inside it from there, so a client mapping a 1 TiB
+disk in 4 GiB requests costs one query per 64 GiB.  On the live disk that
+is sound only while nothing changes the Disk: the server owns it
+(Image.sole_writer) and calls Image.touch() before and after every change it
+makes (NBD writes, trims and zeroings, flushes, every control operation);
+a window computed at another version is computed anew.  A Disk a program
+passes to the server may change behind its back: its answers are never
+reused (each request is queried, as before).
 """
 from __future__ import annotations
+
+import bisect
 
 import numpy as np
 
@@ -33,7 +46,7 @@ from . import protocol as P
 class Context:
     """One selectable meta context of one export: the runs its flag is set on."""
 
-    __slots__ = ("name", "export", "set_flags", "clear_flags", "_query")
+    __slots__ = ("name", "export", "set_flags", "clear_flags", "_query", "_window")
 
     def __init__(self, name: str, export: "Export", set_flags: int, clear_flags: int, query):
         self.name = name
@@ -41,12 +54,109 @@ class Context:
         self.set_flags = set_flags          # the flags of the runs query() returns
         self.clear_flags = clear_flags      # the flags elsewhere
         self._query = query                 # (offset, length) -> (offsets, ends) uint64 arrays
+        self._window: Window | None = None  # the last answer, reused while the image is unchanged
 
     def descriptors(self, offset: int, length: int, limit: int) -> np.ndarray:
         """(length, flags) rows from offset, covering at most length bytes and
         at most limit rows; never a zero length (see describe)."""
         offsets, ends = self._query(offset, length)
         return describe(offsets, ends, offset, offset + length, self.set_flags, self.clear_flags, limit)
+
+    def block_status(self, offset: int, length: int, limit: int) -> bytes:
+        """The descriptors of descriptors() as the wire writes them (big-endian
+        u32 pairs), from a Window: on an export whose answers can be reused
+        (Export.reusable), one query answers the requests of the next
+        WINDOW_FACTOR times the range, as long as the image's version stays."""
+        stop = offset + length
+        w = self._window
+        version = self.export.image.version
+        if w is None or not w.answers(offset, stop, version):
+            w = self._window = self._compute(offset, length, version)
+        return w.payload(offset, stop, limit)
+
+    def _compute(self, offset: int, length: int, version: int) -> "Window":
+        export = self.export
+        if not export.live:                     # a snapshot's whole answer (cached by the export)
+            offsets, ends = self._query(0, export.size)
+            return Window(offsets, ends, 0, export.size, self.set_flags, self.clear_flags, version)
+        stop = offset + length
+        if export.reusable:
+            stop = min(export.size, offset + max(WINDOW_FACTOR * length, WINDOW_MIN))
+        offsets, ends = self._query(offset, stop - offset)
+        return Window(offsets, ends, offset, stop, self.set_flags, self.clear_flags,
+                      version if export.reusable else None)
+
+
+WINDOW_FACTOR = 16          # a live context's query covers this many times the request's range ...
+WINDOW_MIN = 1 << 30        # ... and at least this much (both clipped to the export's size)
+
+
+class Window:
+    """The block status of one context over [start, stop), as segments:
+    boundaries ``bounds`` (strictly increasing, from start to stop) and the
+    flags of each segment between two of them, touching runs merged.  A
+    request inside the window is answered by two binary searches and one
+    copy of its segments' wire bytes, so a client walking a disk costs one
+    query per window, not one per request."""
+
+    __slots__ = ("start", "stop", "version", "bounds", "flags", "wire")
+
+    def __init__(self, offsets: np.ndarray, ends: np.ndarray, start: int, stop: int, inside: int, outside: int,
+                 version: int | None):
+        self.start, self.stop = start, stop
+        self.version = version              # the image's version it was computed at (None: never reused)
+        lo = np.uint64(start)
+        hi = np.uint64(stop)
+        o = np.maximum(np.asarray(offsets, dtype=np.uint64), lo)
+        e = np.minimum(np.asarray(ends, dtype=np.uint64), hi)
+        keep = e > o
+        o, e = o[keep], e[keep]
+        k = len(o)
+        bounds = np.empty(2 * k + 2, dtype=np.uint64)
+        bounds[0] = lo
+        bounds[1:2 * k + 1:2] = o
+        bounds[2:2 * k + 2:2] = e
+        bounds[-1] = hi
+        flags = np.empty(2 * k + 1, dtype=np.uint32)
+        flags[0::2] = outside
+        flags[1::2] = inside
+        nz = bounds[1:] > bounds[:-1]           # empty segments: a run at start or stop, touching runs
+        flags = flags[nz]
+        bounds = np.append(bounds[:-1][nz], hi)
+        if len(flags) > 1:                      # merge neighbours of equal flags (touching runs)
+            new = np.empty(len(flags), dtype=bool)
+            new[0] = True
+            new[1:] = flags[1:] != flags[:-1]
+            bounds = np.append(bounds[:-1][new], hi)
+            flags = flags[new]
+        self.bounds = bounds.tolist()           # Python ints: bisect is faster than searchsorted here
+        self.flags = flags
+        wire = np.empty((len(flags), 2), dtype=">u4")
+        # a whole segment inside a request is shorter than the request (< 4 GiB): the clip is for the
+        # first and last segment of a request only, whose lengths payload() sets
+        wire[:, 0] = np.minimum(bounds[1:] - bounds[:-1], np.uint64(0xFFFFFFFF))
+        wire[:, 1] = flags
+        self.wire = wire
+
+    def answers(self, start: int, stop: int, version: int) -> bool:
+        return self.version == version and self.start <= start and stop <= self.stop
+
+    def payload(self, start: int, stop: int, limit: int) -> bytes:
+        """Descriptors of [start, stop) (inside the window, start < stop): the
+        segments it meets, the first and last clipped to it, at most limit."""
+        b = self.bounds
+        i = bisect.bisect_right(b, start) - 1
+        j = bisect.bisect_left(b, stop)
+        if j - i > limit:                       # the first limit segments, the last one whole
+            j = i + limit
+            stop = b[j]
+        out = self.wire[i:j].copy()
+        if j - i == 1:
+            out[0, 0] = stop - start
+        else:
+            out[0, 0] = b[i + 1] - start
+            out[-1, 0] = stop - b[j - 1]
+        return out.tobytes()
 
 
 def describe(offsets: np.ndarray, ends: np.ndarray, start: int, stop: int, inside: int, outside: int,
@@ -104,6 +214,13 @@ class Export:
         self.read_only = read_only
         self.snapshot = snapshot
         self._cache: dict = {}
+
+    @property
+    def reusable(self) -> bool:
+        """Whether an answer may be reused while image.version stays: a snapshot's
+        never change; the live disk's only change through the server when it
+        owns the Disk (Image.sole_writer)."""
+        return not self.live or self.image.sole_writer
 
     @property
     def size(self) -> int:
@@ -224,12 +341,20 @@ class Export:
 class Image:
     """The exports of one open Disk."""
 
-    def __init__(self, disk, name: str, read_only: bool):
+    def __init__(self, disk, name: str, read_only: bool, sole_writer: bool = False):
         self.disk = disk
         self.name = name
         self.read_only = read_only or not disk.writable()
+        # sole_writer: every change to the Disk goes through the server (it opened the Disk
+        # itself), which calls touch() before and after each; else answers are never reused
+        self.sole_writer = sole_writer
+        self.version = 0
         self._live = Export(self, name, disk, self.read_only)
         self._snapshots: dict[str, Export] = {}
+
+    def touch(self) -> None:
+        """The Disk changes (or may have changed): block status answers computed before are stale."""
+        self.version += 1
 
     def names(self) -> list[str]:
         """The export names NBD_OPT_LIST shows: NAME, then NAME@S for each snapshot."""

@@ -2,8 +2,8 @@
 
 One :class:`Server` serves one image (vdisk/nbd/exports.py names its
 exports) on a unix socket or a TCP address, to any number of connections
-(up to max_connections).  The handshake runs as a coroutine over asyncio
-streams (:class:`Connection`); at GO or EXPORT_NAME the transport is handed
+(up to max_connections).  The handshake runs as a coroutine (:class:`Connection`)
+over the connection's :class:`Wire` protocol; at GO or EXPORT_NAME the transport is handed
 to a :class:`Transmission` protocol that parses requests straight from its
 input buffer, handles them in the loop's thread and writes the replies of
 a burst at once.
@@ -117,8 +117,6 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def tls_context(cert, key, ca=None) -> ssl.SSLContext:
     """A server TLS context; with ca, clients must present a certificate it signed."""
-    if not hasattr(asyncio.StreamWriter, "start_tls"):
-        raise errors.ServeError("TLS (--tls-cert) needs Python 3.11 or later (asyncio's StreamWriter.start_tls)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -131,14 +129,126 @@ def tls_context(cert, key, ca=None) -> ssl.SSLContext:
     return ctx
 
 
+class Wire(asyncio.Protocol):
+    """A connection's protocol during the handshake: the bytes received, read
+    by the handshake coroutine with readexactly, and its writes with drain.
+
+    Everything the client sent is in ``buffer`` (a bytearray of ours), so at
+    GO or EXPORT_NAME the requests it pipelined after the option are handed
+    to the Transmission protocol as they are, with ``eof`` (the client
+    half-closed), through public names only.  Input is bounded as a
+    StreamReader bounds it: reading pauses while more than LIMIT bytes wait
+    unread (an option is at most MAX_OPTION_LENGTH)."""
+
+    LIMIT = 2 * (P.MAX_OPTION_LENGTH + P.OPTION_HEADER.size)
+
+    def __init__(self, accept):
+        self._accept = accept               # coroutine function (wire) run as the session's task
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False
+        self.lost = False
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future | None = None      # readexactly waiting for data
+        self._drained: asyncio.Future | None = None     # drain waiting for the transport's writes
+        self._paused_writing = False
+        self._paused_reading = False
+        self.task: asyncio.Task | None = None
+
+    # --- asyncio callbacks
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.task = asyncio.get_running_loop().create_task(self._accept(self))
+
+    def data_received(self, data) -> None:
+        self.buffer += data
+        if len(self.buffer) > self.LIMIT and not self._paused_reading:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._wake(self._waiter)
+
+    def eof_received(self):
+        self.eof = True
+        self._wake(self._waiter)
+        return None if self.transport.get_extra_info("sslcontext") is not None else True
+
+    def connection_lost(self, exc) -> None:
+        self.lost = True
+        self.eof = True
+        self._exc = exc
+        self._wake(self._waiter)
+        self._wake(self._drained)
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        self._wake(self._drained)
+
+    @staticmethod
+    def _wake(fut) -> None:
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    # --- what the handshake calls
+    async def readexactly(self, n: int) -> bytes:
+        buf = self.buffer
+        while len(buf) < n:
+            if self.eof:
+                if self._exc is not None:
+                    raise ConnectionResetError(f"connection lost: {self._exc}")
+                raise asyncio.IncompleteReadError(bytes(buf), n)
+            if self._paused_reading:
+                self._paused_reading = False
+                self.transport.resume_reading()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = bytes(buf[:n])
+        del buf[:n]
+        if self._paused_reading and len(buf) <= self.LIMIT:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data) -> None:
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.lost:
+            raise ConnectionResetError("connection lost")
+        while self._paused_writing:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await self._drained
+            finally:
+                self._drained = None
+            if self.lost:
+                raise ConnectionResetError("connection lost")
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """TLS from here on (loop.start_tls: this protocol stays, on the new transport)."""
+        self.transport = await asyncio.get_running_loop().start_tls(self.transport, self, context,
+                                                                    server_side=True)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def get_extra_info(self, name: str, default=None):
+        return self.transport.get_extra_info(name, default)
+
+
 class Connection:
     """One client: the handshake's state, then the transmission loop."""
 
-    def __init__(self, server: "Server", reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str):
+    def __init__(self, server: "Server", wire: Wire, peer: str):
         self.server = server
         self.image: Image = server.image
-        self.reader = reader
-        self.writer = writer
+        self.wire = wire
         self.peer = peer
         self.structured = False
         self.no_zeroes = False
@@ -151,10 +261,10 @@ class Connection:
 
     # ---------------------------------------------------------------- io helpers
     async def _read(self, n: int) -> bytes:
-        return await self.reader.readexactly(n)
+        return await self.wire.readexactly(n)
 
     def _send(self, *parts) -> None:
-        w = self.writer
+        w = self.wire
         for p in parts:
             w.write(p)
 
@@ -181,14 +291,14 @@ class Connection:
             log.exception("nbd client %s: internal error %s; disconnected", self.peer, exc)
         finally:
             try:
-                self.writer.close()
+                self.wire.close()
             except Exception:
                 pass
 
     # ---------------------------------------------------------------- handshake
     async def _handshake(self) -> None:
         self._send(P.SERVER_GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, P.NBD_FLAG_FIXED_NEWSTYLE | P.NBD_FLAG_NO_ZEROES))
-        await self.writer.drain()
+        await self.wire.drain()
         (flags,) = P.CLIENT_FLAGS.unpack(await self._read(4))
         if not flags & P.NBD_FLAG_C_FIXED_NEWSTYLE:
             raise ProtocolViolation(f"client flags {flags:#x} lack NBD_FLAG_C_FIXED_NEWSTYLE")
@@ -204,11 +314,11 @@ class Connection:
             data = await self._read(length) if length else b""
             if self.stopping:
                 self._reply(opt, P.NBD_REP_ERR_SHUTDOWN, b"server shutting down")
-                await self.writer.drain()
+                await self.wire.drain()
                 raise _Disconnect()
             if await self._option(opt, data):
                 return
-            await self.writer.drain()
+            await self.wire.drain()
         raise ProtocolViolation(f"more than {P.MAX_OPTIONS} options without entering transmission")
 
     def _reply(self, opt: int, rtype: int, data: bytes = b"") -> None:
@@ -234,7 +344,7 @@ class Connection:
             return True
         if opt == P.NBD_OPT_ABORT:
             self._reply(opt, P.NBD_REP_ACK)
-            await self.writer.drain()
+            await self.wire.drain()
             raise _Disconnect()
         if opt == P.NBD_OPT_LIST:
             if data:
@@ -363,9 +473,9 @@ class Connection:
             self._error(opt, P.NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
             return
         self._reply(opt, P.NBD_REP_ACK)
-        await self.writer.drain()
+        await self.wire.drain()
         try:
-            await asyncio.wait_for(self.writer.start_tls(self.server.tls_context), 30)
+            await asyncio.wait_for(self.wire.start_tls(self.server.tls_context), 30)
         except (ssl.SSLError, ConnectionError, asyncio.TimeoutError, OSError) as exc:
             raise ProtocolViolation(f"TLS handshake failed: {exc}") from None
         self.tls = True
@@ -373,16 +483,17 @@ class Connection:
     # ---------------------------------------------------------------- transmission
     async def _transmission(self) -> None:
         """Hand the transport to a Transmission protocol; wait until it closes."""
-        transport = self.writer.transport
-        leftover = bytes(self.reader._buffer)       # requests the client pipelined after GO
-        self.reader._buffer.clear()
+        wire = self.wire
+        transport = wire.transport
+        leftover = bytes(wire.buffer)               # requests the client pipelined after GO
+        wire.buffer.clear()
         proto = Transmission(self, transport, leftover)
         self.proto = proto
         transport.set_protocol(proto)
         if not transport.is_reading():
             transport.resume_reading()
         proto.start()
-        if self.reader.at_eof() or self.reader._eof:    # the client half-closed before the switch
+        if wire.eof:                                # the client half-closed before the switch
             proto.eof_received()
         await proto.closed
         if proto.violation:
@@ -558,6 +669,8 @@ class Transmission(asyncio.Protocol):
             if cmd == P.NBD_CMD_BLOCK_STATUS:
                 self._block_status(flags, cookie, offset, length)
                 return
+            if cmd in _WRITES:
+                self.image.touch()              # block status answers computed before are stale
             if cmd == P.NBD_CMD_WRITE:
                 if length:
                     self.view.pwrite(payload, offset)
@@ -744,12 +857,12 @@ class Transmission(asyncio.Protocol):
         chunks = []
         for i, ctx in enumerate(self.contexts):
             try:
-                descs = ctx.descriptors(offset, length, limit)
+                body = ctx.block_status(offset, length, limit)
             except (errors.StaleChangeIdError, errors.UnsupportedFeatureError) as exc:
                 # the id stopped being answerable (tracking reset): refuse, never a partial answer
                 self._reply_error(P.NBD_CMD_BLOCK_STATUS, cookie, P.NBD_EINVAL, str(exc))
                 return
-            chunks.append(P.U32.pack(i + 1) + descs.astype(">u4").tobytes())
+            chunks.append(P.U32.pack(i + 1) + body)
         last = len(chunks) - 1
         for i, body in enumerate(chunks):
             self.out.append(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC,
@@ -780,8 +893,10 @@ class Server:
     either ``await server.start()`` / ``await server.stop()`` in your own
     event loop, ``server.start_in_thread()`` / ``server.stop_in_thread()``
     from plain code, or ``server.run()`` to serve until SIGTERM/SIGINT.
-    A path is opened (``r+``, or ``r`` when read-only) and closed at stop;
-    a Disk passed in is flushed at stop and left open.
+    A path is opened (``r+``, or ``r`` when read-only) and closed at stop,
+    and is then written only through the server (its block status answers
+    are reused while nothing changes: vdisk/nbd/exports.py, "Reuse"); a Disk
+    passed in is flushed at stop and left open, and asked on every request.
 
     Options: export (the live image's name; default the file name without
     extension), read_only, tls_cert/tls_key[/tls_ca] (TLS required of every
@@ -836,7 +951,7 @@ class Server:
                 export = os.path.splitext(os.path.basename(self.disk.path))[0]
             if "@" in export or len(export.encode()) > P.MAX_STRING or not export.isprintable():
                 raise errors.InvalidArgumentError(f"export name {export!r}: printable, no '@', at most 4096 bytes")
-            self.image = Image(self.disk, export, read_only)
+            self.image = Image(self.disk, export, read_only, sole_writer=self._owns_disk)
         except BaseException:
             if self._owns_disk:
                 self.disk.close()
@@ -870,7 +985,10 @@ class Server:
         (and the tracking bits folded).  presync: sync the file first without the Disk's lock."""
         self.unflushed = 0          # writes answered from now on: the next period's
         fn = self._presync_and_flush if presync else self.disk.flush
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        self.image.touch()
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        fut.add_done_callback(lambda _f: self.image.touch())
+        return fut
 
     def _presync_and_flush(self) -> None:
         try:        # fdatasync of our own descriptor writes the inode's dirty pages back, lock-free
@@ -926,14 +1044,15 @@ class Server:
                 _clear_stale_socket(self.socket_path)
                 old = os.umask(0o177)           # the socket is born 0600
                 try:
-                    self._server = await asyncio.start_unix_server(self._accept, self.socket_path)
+                    self._server = await self._loop.create_unix_server(lambda: Wire(self._accept),
+                                                                       self.socket_path)
                 finally:
                     os.umask(old)
                 os.chmod(self.socket_path, 0o600)
                 self.address = f"unix:{self.socket_path}"
             else:
                 host, port = self.listen
-                self._server = await asyncio.start_server(self._accept, host, port)
+                self._server = await self._loop.create_server(lambda: Wire(self._accept), host, port)
                 bound = self._server.sockets[0].getsockname()
                 self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         except OSError as exc:
@@ -950,20 +1069,20 @@ class Server:
         log.info("serving %s as export %r (and %r) on %s%s", self.disk.path, self.image.name, "",
                  self.address, " read-only" if self.image.read_only else "")
 
-    async def _accept(self, reader, writer) -> None:
+    async def _accept(self, wire: Wire) -> None:
         self._counter += 1
-        peer = writer.get_extra_info("peername")
+        peer = wire.get_extra_info("peername")
         peer = f"#{self._counter} " + (f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix")
         task = asyncio.current_task()
         if self._stopped.is_set():
-            writer.close()
+            wire.close()
             return
         if len(self._conns) >= self.max_connections:
             log.warning("nbd client %s: refused, %d connections already open (the maximum)", peer,
                         len(self._conns))
-            writer.close()
+            wire.close()
             return
-        conn = Connection(self, reader, writer, peer)
+        conn = Connection(self, wire, peer)
         self._conns[task] = conn
         try:
             await conn.run()
@@ -1037,8 +1156,11 @@ class Server:
     def run(self) -> None:
         """Serve until SIGTERM or SIGINT (in the main thread), then stop cleanly.
 
-        With VDISK_NBD_UVLOOP=1 in the environment and uvloop installed, the
-        loop is uvloop's (optional: not a dependency; see the module notes)."""
+        The loop is uvloop's when it is installed (a dependency on Linux:
+        about half the server CPU per 4 KiB request of asyncio's own loop,
+        benchmarks/README.md), unless VDISK_NBD_UVLOOP=0 is in the
+        environment or TLS is configured (qemu-img's STARTTLS fails on
+        uvloop 0.23's start_tls: not investigated); asyncio's otherwise."""
         async def main():
             await self.start()
             loop = asyncio.get_running_loop()
@@ -1050,8 +1172,8 @@ class Server:
             finally:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
-        if os.environ.get("VDISK_NBD_UVLOOP"):
-            import uvloop
+        uvloop = _uvloop() if self.tls_context is None else None
+        if uvloop is not None:
             uvloop.run(main())
         else:
             asyncio.run(main())
@@ -1099,6 +1221,17 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop_in_thread()
+
+
+def _uvloop():
+    """The uvloop module, if installed and not turned off (VDISK_NBD_UVLOOP=0)."""
+    if os.environ.get("VDISK_NBD_UVLOOP", "1") == "0":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop if hasattr(uvloop, "run") else None
 
 
 def _clear_stale_socket(path: str) -> None:

@@ -1,0 +1,200 @@
+"""Block status answered from reused windows (vdisk/nbd/exports.py, Window).
+
+A context keeps its last answer over a window of the disk and answers the
+next requests inside it without asking the Disk again, while the image's
+version stays.  What must hold: every answer equals the per-request answer
+(a byte model, and Disk.changes_in / map_range asked fresh), whatever was
+written, trimmed or zeroed in between on any connection; a Disk the
+server does not own (a program may write to it behind the server's back)
+is asked on every request; and a walk over the disk asks the Disk about
+once per window, not once per request.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import vdisk
+from nbd_client import Client
+from vdisk.nbd import Server, protocol as P
+from vdisk.nbd.exports import WINDOW_FACTOR, Window, describe
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+BS = 64 * KiB
+DIRTY = "qemu:dirty-bitmap:c"
+ALLOC = P.BASE_ALLOCATION
+
+
+@settings(max_examples=300, deadline=None)
+@given(points=st.lists(st.integers(0, 300), max_size=40, unique=True), window=st.tuples(st.integers(0, 300),
+       st.integers(0, 300)), request=st.tuples(st.integers(0, 300), st.integers(0, 300)),
+       limit=st.sampled_from([1, 2, 3, 65536]))
+def test_window_payload_equals_describe(points, window, request, limit):
+    """Any request inside any window: the same descriptors as describe() over
+    the runs clipped to the request (the answer before windows), as wire bytes."""
+    w0, w1 = sorted(window)
+    r0, r1 = sorted(request)
+    r0, r1 = max(r0, w0), min(r1, w1)
+    if w0 == w1 or r0 >= r1:
+        return
+    pts = sorted(points)[:len(points) // 2 * 2]
+    offs, ends = np.array(pts[0::2], dtype=np.uint64), np.array(pts[1::2], dtype=np.uint64)
+    # the window's query gives the runs meeting it, clipped to it (what changes_in / map_range return)
+    keep = (ends > w0) & (offs < w1)
+    wo = np.maximum(offs[keep], np.uint64(w0))
+    we = np.minimum(ends[keep], np.uint64(w1))
+    got = Window(wo, we, w0, w1, 1, 0, 0).payload(r0, r1, limit)
+    want = describe(offs, ends, r0, r1, 1, 0, limit).astype(">u4").tobytes()
+    assert got == want
+
+
+def descs_of(runs, start: int, stop: int, inside: int, outside: int):
+    """Descriptors of [start, stop) from Extents (the per-request truth)."""
+    offs = np.asarray([o for o, _ in runs], dtype=np.uint64)
+    ends = np.asarray([o + n for o, n in runs], dtype=np.uint64)
+    return [tuple(x) for x in describe(offs, ends, start, stop, inside, outside, 1 << 20).tolist()]
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A 3 GiB image, data in scattered blocks, consumer c registered after some of them."""
+    path = str(tmp_path / "w.vdk")
+    with vdisk.create(path, 3 * GiB, block_size=BS) as d:
+        for b in range(0, 3 * GiB // BS, 997):
+            d.pwrite(b"\x01" * 4096, b * BS)
+        d.consumers.register("c", d.checkpoint())
+        for b in range(5, 3 * GiB // BS, 1499):
+            d.pwrite(b"\x02" * 4096, b * BS + 100)
+    return path
+
+
+def walk(c: Client, start: int, stop: int, step: int) -> dict[str, list]:
+    """Block status of [start, stop) in requests of step bytes, the descriptors joined."""
+    out: dict[str, list] = {ALLOC: [], DIRTY: []}
+    off = start
+    while off < stop:
+        n = min(step, stop - off)
+        got = c.block_status(off, n)
+        assert isinstance(got, dict), got
+        covered = {}
+        for name, descs in got.items():
+            out[name] += descs
+            covered[name] = sum(x for x, _ in descs)
+        assert len(set(covered.values())) == 1, covered     # both contexts answered the same range
+        off += covered[ALLOC]
+    return out
+
+
+def merged(descs):
+    out: list[list[int]] = []
+    for n, f in descs:
+        if out and out[-1][1] == f:
+            out[-1][0] += n
+        else:
+            out.append([n, f])
+    return [tuple(x) for x in out]
+
+
+def truth(d, start: int, stop: int):
+    """The answers asked fresh of the Disk."""
+    n = stop - start
+    alloc = descs_of(list(d.map_range(start, n)), start, stop, 0, P.NBD_STATE_HOLE | P.NBD_STATE_ZERO)
+    cid = d.consumers["c"].change_id
+    dirty = descs_of(list(d.changes_in(cid, start, n)), start, stop, P.NBD_STATE_DIRTY, 0)
+    return {ALLOC: alloc, DIRTY: dirty}
+
+
+def test_walks_see_every_change_made_between_them_on_any_connection(image, tmp_path):
+    """The server owns the Disk (windows reused).  Each check walks the last
+    GiB (where the previous check left the connection's window), the rest,
+    and the last GiB again; between two checks, on the connection that walks
+    and on another one, a write, a trim, zeroings (hole and NO_HOLE) in that
+    last GiB: the first walk after each must see it, not the window before."""
+    srv = Server(image, socket=str(tmp_path / "w.sock"))
+    srv.start_in_thread()
+    try:
+        assert srv.image.sole_writer
+        a = Client(srv.socket_path).connect("", contexts=[ALLOC, DIRTY])
+        b = Client(srv.socket_path).connect("", contexts=[ALLOC])
+        step = 64 * MiB
+        parts = [(2 * GiB, 3 * GiB), (0, 2 * GiB), (2 * GiB, 3 * GiB)]
+
+        def check():
+            walks = []
+            for lo, hi in parts:
+                got = {k: merged(v) for k, v in walk(a, lo, hi, step).items()}
+                assert got == {k: merged(v) for k, v in truth(srv.disk, lo, hi).items()}, (lo, hi)
+                walks.append(got)
+            return walks[0]
+
+        before = check()
+        steps = [
+            (a, P.NBD_CMD_WRITE, 2 * GiB + 7 * BS + 5, b"\x03" * 10),     # same connection, a new block
+            (b, P.NBD_CMD_WRITE, 2 * GiB + 3 * BS, b"\x04" * 4096),       # another connection
+            (b, P.NBD_CMD_TRIM, 997 * 33 * BS, 2 * BS),                    # a hole where data was
+            (a, P.NBD_CMD_WRITE_ZEROES, 997 * 34 * BS, BS),                # a hole where data was, changed
+            (b, P.NBD_CMD_WRITE_ZEROES, 2 * GiB + 40 * BS, BS),            # zeros that stay allocated
+        ]
+        for i, (conn, cmd, off, arg) in enumerate(steps):
+            if cmd == P.NBD_CMD_WRITE:
+                r = conn.call(cmd, off, len(arg), 0, arg)
+            else:
+                flags = P.NBD_CMD_FLAG_NO_HOLE if i == 4 else 0
+                r = conn.call(cmd, off, arg, flags)
+            assert r.error == 0
+            after = check()
+            assert after != before, f"step {i}: the walk did not change"
+            before = after
+        assert a.call(P.NBD_CMD_FLUSH).error == 0      # a flush folds: the answers stay the same
+        assert check() == before
+        a.close()
+        b.close()
+    finally:
+        srv.stop_in_thread()
+
+
+def test_a_walk_asks_the_disk_once_per_window(image, tmp_path, monkeypatch):
+    """48 requests of 64 MiB over 3 GiB: with windows of 16x the request, the
+    Disk is asked about 3 times per context, not 48."""
+    calls = {"changes_in": 0, "map_range": 0}
+    for name in calls:
+        real = getattr(vdisk.disk.Disk, name)
+
+        def counting(self, *args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(self, *args)
+        monkeypatch.setattr(vdisk.disk.Disk, name, counting)
+    srv = Server(image, socket=str(tmp_path / "w.sock"))
+    srv.start_in_thread()
+    try:
+        a = Client(srv.socket_path).connect("", contexts=[ALLOC, DIRTY])
+        for k in calls:
+            calls[k] = 0
+        walk(a, 0, 3 * GiB, 64 * MiB)
+        a.close()
+    finally:
+        srv.stop_in_thread()
+    per = -(-3 * GiB // (WINDOW_FACTOR * 64 * MiB))
+    assert calls["changes_in"] <= per + 1 and calls["map_range"] <= per + 1, calls
+
+
+def test_a_disk_the_program_owns_is_asked_on_every_request(image, tmp_path):
+    """A Disk passed in: the program may write to it behind the server's back,
+    so no answer is reused: a write made directly shows in the next request."""
+    with vdisk.open(image, "r+") as d:
+        srv = Server(d, socket=str(tmp_path / "w.sock"))
+        srv.start_in_thread()
+        try:
+            assert not srv.image.sole_writer
+            a = Client(srv.socket_path).connect("", contexts=[ALLOC, DIRTY])
+            first = a.block_status(0, 64 * MiB)
+            d.pwrite(b"\x05" * 10, 3 * BS)          # a never-written block, not through the server
+            second = a.block_status(0, 64 * MiB)
+            assert second != first
+            assert merged(second[DIRTY]) == merged(descs_of(list(d.changes_in(d.consumers["c"].change_id, 0,
+                                                                               64 * MiB)), 0, 64 * MiB,
+                                                            P.NBD_STATE_DIRTY, 0))
+            a.close()
+        finally:
+            srv.stop_in_thread()
