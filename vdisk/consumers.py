@@ -226,7 +226,7 @@ class Consumers:
 
 
 def apply(records: list[ConsumerRecord], op: str, name: str, change_id: str | None, hdr: L.Header,
-          now_ns: int, resolve: Callable[[str], int]) -> tuple[list[ConsumerRecord], ConsumerRecord | None]:
+          now_ns: int, resolve: Callable[["str | ChangeId"], int]) -> tuple[list[ConsumerRecord], ConsumerRecord | None]:
     """The table after one change (records are not modified), and the changed record.
     resolve(change_id) -> generation: the image's check of an id (StaleChangeIdError)."""
     taken = {rec.name for rec in records}
