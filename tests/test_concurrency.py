@@ -682,10 +682,10 @@ def test_processes_one_writer_or_many_readers(tmp_path):
 
 
 def test_disk_lock_is_a_reentrant_lock_the_hot_path_honours(tmp_path):
-    """The Disk's lock is vdisk._fast.DiskLock (C, reentrant, shared with the
+    """The Disk's lock is vdisk._hotpath.DiskLock (C, reentrant, shared with the
     HotPath): RLock semantics, and a thread holding it stops the other
     threads' hot-path reads and writes until it lets go."""
-    from vdisk._fast import DiskLock
+    from vdisk._hotpath import DiskLock
     lk = DiskLock()
     assert lk.acquire() and lk.acquire(blocking=False)      # reentrant
     other = []

@@ -8,7 +8,7 @@
 
 The names below load on first use (PEP 562): ``import vdisk`` itself costs
 only the error classes, so the command line starts without numpy or h5py
-when a command needs neither.  The compiled core (vdisk._fast) is
+when a command needs neither.  The compiled core (vdisk._fast, vdisk._hotpath) is
 required: there is no pure-Python stand-in, so a broken build fails at the
 first use of the API, loudly.
 """
@@ -59,10 +59,10 @@ _LAZY = {
 
 def _load_core() -> None:
     try:
-        from . import _fast  # noqa: F401
+        from . import _fast, _hotpath  # noqa: F401
     except ImportError as exc:  # pragma: no cover - a broken install
         raise ImportError(
-            "vdisk's compiled extension vdisk._fast is missing or broken; reinstall with "
+            f"vdisk's compiled extension {exc.name or 'vdisk._fast'} is missing or broken; reinstall with "
             "'pip install .' (needs a C compiler, Cython and numpy)") from exc
 
 

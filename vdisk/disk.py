@@ -76,7 +76,7 @@ if TYPE_CHECKING:
 
 import numpy as np
 
-from . import _fast
+from . import _fast, _hotpath
 from . import consumers as consumer_table
 from . import layout as L
 from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError,
@@ -214,7 +214,7 @@ class Disk(io.RawIOBase):
         self._hdr = header
         self._slot = slot
         self._writable = writable
-        self._lock = _fast.DiskLock()             # reentrant, in C: the hot path takes it too
+        self._lock = _hotpath.DiskLock()             # reentrant, in C: the hot path takes it too
         self._pos = 0
         self._shut = False
         self._closing = False
@@ -225,7 +225,7 @@ class Disk(io.RawIOBase):
         self._shift = header.block_shift           # fixed for the image's life
         self._block_mask = header.block_size - 1
         # the Cython hot path: its fallbacks are this Disk's Python paths, held weakly
-        self._hot = _fast.HotPath(self._lock, _weakly(self._pread_slow), _weakly(self._pwrite_slow),
+        self._hot = _hotpath.HotPath(self._lock, _weakly(self._pread_slow), _weakly(self._pwrite_slow),
                                   _weakly(self._fold_due), DEFAULT_FOLD_INTERVAL)
         # the header as the newest slot holds it, and whether the other slot names other regions
         # (the write-order rule of _flush_locked step 5: nothing the older slot names is released)
@@ -522,7 +522,7 @@ class Disk(io.RawIOBase):
     # (the HotPath in self._hot; these functions bind like methods, so the call
     # holds the Disk even when nothing else does); every other case comes back
     # to _pread_slow / _pwrite_slow below, the fallbacks the HotPath was given.
-    pread, pwrite = _fast.methods("_hot")
+    pread, pwrite = _hotpath.methods("_hot")
 
     def _pread_slow(self, length: int, offset: int) -> bytes:
         """length bytes at offset; never-written areas read as zeros (what

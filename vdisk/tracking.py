@@ -10,7 +10,7 @@ The contract
   flag per 64-block group.  An overwrite in place of durably mapped data
   also needs its coarse region's bit durable (written and synced) before
   the data write is issued: the write-ahead rule (written once, in
-  ``HotPath.write_ahead``, vdisk/_fast.pyx; ``arm`` makes the bit durable).
+  ``HotPath.write_ahead``, vdisk/_hotpath.pyx; ``arm`` makes the bit durable).
   Writes that remap a block (allocation, copy-on-write, unmap) need no
   bit: the flush makes the folded counters durable before the block table
   that exposes them; nor do in-place writes into such a block before that
@@ -292,7 +292,7 @@ class ChangeTracker:
         """Block b's durable data is about to be overwritten in place and its
         region's coarse bit is not set: make it durable (write-ahead arming).
         The rule itself, which decides this and marks the block, is the hot
-        path's write_ahead (vdisk/_fast.pyx): the Disk asks it first."""
+        path's write_ahead (vdisk/_hotpath.pyx): the Disk asks it first."""
         r = b >> self.rel_shift
         if not self._coarse_mv[r]:
             self._arm(r)
