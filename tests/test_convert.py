@@ -2,6 +2,7 @@
 qemu-img and qemu-io (a feature matrix), and the raw and vdisk paths."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import os
@@ -665,3 +666,52 @@ def test_source_read_error_is_vdisk_io_error(tmp_path, monkeypatch, src_format, 
     assert failed
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in {raw, src})
+
+
+# ---------------------------------------------------------------------------- the reader and sink protocols
+@needs_qemu
+@pytest.mark.parametrize("src_format", ["raw", "qcow2", "vdisk"])
+def test_an_input_is_opened_once_and_readers_follow_the_protocol(tmp_path, monkeypatch, src_format):
+    """convert opens its source once (one os.open of the path: probe, format
+    check and read all use that descriptor), and every reader is an
+    ImageReader (vdisk.protocols)."""
+    from vdisk.protocols import ImageReader
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(pattern(3, 256 * KiB) + bytes(256 * KiB))
+    src = {"raw": raw, "qcow2": tmp_path / "src.qcow2", "vdisk": tmp_path / "src.vdk"}[src_format]
+    if src_format != "raw":
+        vdisk.convert(raw, src, src_format="raw", dst_format=src_format)
+    real = os.open
+    opened = []
+
+    def spy(path, *args, **kwargs):
+        if os.fspath(path) == str(src):
+            opened.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    fmt = None if src_format != "raw" else "raw"
+    vdisk.convert(src, tmp_path / "out.raw", src_format=fmt, dst_format="raw")
+    assert len(opened) == 1, opened
+    opened.clear()
+    with pytest.warns(C.RawProbeWarning) if fmt is None and src_format == "raw" else contextlib.nullcontext():
+        image = C.open_image(src, fmt)
+    try:
+        assert len(opened) == 1 and isinstance(image, ImageReader) and image.format == src_format
+    finally:
+        image.close()
+    monkeypatch.undo()
+    assert file_bytes(tmp_path / "out.raw") == file_bytes(raw)
+
+
+def test_the_sinks_follow_the_protocol(tmp_path):
+    from vdisk.fileio import FileIO
+    from vdisk.protocols import ImageSink
+    from vdisk.sinks import Qcow2Sink, RawSink, VdiskSink
+    out = FileIO(str(tmp_path / "o"), writable=True, create=True)
+    try:
+        with vdisk.create(tmp_path / "d.vdk", MiB) as d:
+            for sink in (RawSink(out, fresh=True), Qcow2Sink(out, MiB, 64 * KiB), VdiskSink(d, fresh=True)):
+                assert isinstance(sink, ImageSink)
+    finally:
+        out.close()

@@ -66,7 +66,6 @@ caller hands over are allocated (the caller skips zero clusters).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import re
 import stat
@@ -79,7 +78,7 @@ import numpy as np
 
 from .errors import CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError, UnsupportedFeatureError
 from .errors import NoSuchFileError, Param
-from .fileio import pread_fd, preadinto_fd, pwrite_all
+from .fileio import FileIO, HostMap, open_input
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -475,37 +474,6 @@ def _decompress(data, cluster_size: int, compression_type: int, zstd_ctx=None) -
     return _zstd_decompress(zstd_ctx, data, cluster_size)
 
 
-# ---------------------------------------------------------------------------- host holes
-class _HostMap:
-    """Which parts of the host file are data and which are holes (SEEK_DATA),
-    remembering the last answer so a sequential walk makes few syscalls."""
-
-    def __init__(self, fd: int, file_size: int):
-        self.fd, self.file_size = fd, file_size
-        self.lo = self.hi = 0
-        self.data = True
-
-    def segment(self, off: int) -> tuple[bool, int]:
-        """(is data, end of that state) for host offset off."""
-        if not (self.lo <= off < self.hi):
-            if off >= self.file_size:
-                return False, 1 << 63
-            try:
-                d = os.lseek(self.fd, off, os.SEEK_DATA)
-            except OSError as exc:
-                # ENXIO: nothing but a hole up to EOF; anything else (EINVAL: no SEEK_DATA): all data
-                d = self.file_size if exc.errno == errno.ENXIO else off
-            if d > off:
-                self.lo, self.hi, self.data = off, d, False
-            else:
-                try:
-                    h = os.lseek(self.fd, off, os.SEEK_HOLE)
-                except OSError:
-                    h = self.file_size
-                self.lo, self.hi, self.data = off, max(h, off + 1), True
-        return self.data, self.hi
-
-
 # ---------------------------------------------------------------------------- the reader
 class Qcow2Image:
     """The active layer of a qcow2 image, read-only; see the module docstring.
@@ -528,21 +496,19 @@ class Qcow2Image:
 
     format = "qcow2"
 
-    def __init__(self, path, *, allow_backing=False, open_backing: Callable | None = None,
+    def __init__(self, path, *, fd: int | None = None, allow_backing=False, open_backing: Callable | None = None,
                  chain: tuple[str, ...] = ()):
         self.path = os.fspath(path)
         self.backing = None
         self.backing_file: str | None = None
         self.backing_format: str | None = None
-        self._fd = -1
+        self._io: FileIO | None = None
+        # fd: the image opened by the caller (fileio.open_input), owned from here on
+        self._io = FileIO.adopt(open_input(self.path) if fd is None else fd, self.path)
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise NoSuchFileError(self.path) from None
-        try:
-            self.file_size = os.fstat(self._fd).st_size
+            self.file_size = os.lseek(self._io.fd, 0, os.SEEK_END)     # st_size is 0 for a block device
             self._open()
-            self._host = _HostMap(self._fd, self.file_size)
+            self._host = HostMap(self._io.fd, self.file_size)
             self._l1_cache: tuple[int, np.ndarray] | None = None
             self._l2_cache: OrderedDict[int, tuple] = OrderedDict()
             self._last_compressed: tuple[int, bytes] | None = None
@@ -561,7 +527,7 @@ class Qcow2Image:
         if off < 0 or off + n > self.file_size:
             raise self._corrupt(f"{what} at offset {off:#x} ({n} bytes) runs past the end of the file "
                                 f"({self.file_size} bytes)")
-        data = pread_fd(self._fd, n, off, self.path)
+        data = self._io.pread(n, off)
         if len(data) != n:
             raise self._corrupt(f"{what} at offset {off:#x}: short read ({len(data)} of {n} bytes; "
                                 f"the file shrank?)")
@@ -569,7 +535,7 @@ class Qcow2Image:
 
     def _open(self) -> None:
         fs = self.file_size
-        head = pread_fd(self._fd, 4096, 0, self.path)
+        head = self._io.pread(4096, 0)
         if not probe(head):
             raise FormatError(f"{self.path}: not a qcow2 image (no QFI\\xfb magic)")
         if fs < V2_HEADER_LENGTH:
@@ -596,7 +562,7 @@ class Qcow2Image:
             if fs < h.header_length:
                 raise self._corrupt(f"truncated to {fs} bytes, shorter than its {h.header_length}-byte header")
             if h.header_length > V3_MIN_HEADER_LENGTH:
-                h.compression_type = pread_fd(self._fd, 1, V3_MIN_HEADER_LENGTH, self.path)[0]
+                h.compression_type = self._io.pread(1, V3_MIN_HEADER_LENGTH)[0]
         # features
         incompat = h.incompatible_features
         if incompat & ~INCOMPAT_KNOWN:
@@ -769,7 +735,7 @@ class Qcow2Image:
                     raise self._corrupt(f"{what} at offset {at:#x} runs past the end of the file "
                                         f"({self.file_size} bytes)")
                 wstart = at
-                window = pread_fd(self._fd, max(n, min(1 * MiB, self.file_size - at)), at, self.path)
+                window = self._io.pread(max(n, min(1 * MiB, self.file_size - at)), at)
                 if len(window) < n:
                     raise self._corrupt(f"{what} at offset {at:#x}: short read")
             return window[at - wstart:at - wstart + n]
@@ -800,7 +766,7 @@ class Qcow2Image:
         end = min(end, self.file_size)
         if end <= start:
             return
-        raw = pread_fd(self._fd, end - start, start, self.path)
+        raw = self._io.pread(end - start, start)
         pos = 0
         while pos + EXTENSION.size <= len(raw):
             typ, length = EXTENSION.unpack_from(raw, pos)
@@ -1189,7 +1155,7 @@ class Qcow2Image:
         return bytes(buf)
 
     def _pread_into(self, mv: memoryview, host: int) -> None:
-        preadinto_fd(self._fd, mv, host, self.path)     # past EOF (a shrinking file): zeros
+        self._io.preadinto(mv, host)     # past EOF (a shrinking file): zeros
 
     def _read_compressed(self, runs: list[tuple[memoryview, int, int]]) -> None:
         """Fill the targets of runs (target, offset in cluster, guest cluster)
@@ -1220,7 +1186,7 @@ class Qcow2Image:
                     break
                 hi = max(hi, co + cs)
                 j += 1
-            span = pread_fd(self._fd, hi - lo, lo, self.path)
+            span = self._io.pread(hi - lo, lo)
             for cl, (co, cs) in order[i:j + 1]:
                 jobs.append((cl, co, memoryview(span)[co - lo:co - lo + cs]))
             i = j + 1
@@ -1252,9 +1218,9 @@ class Qcow2Image:
         if self.backing is not None:
             self.backing.close()
             self.backing = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._io is not None:
+            self._io.close()
+            self._io = None
 
     def __enter__(self) -> "Qcow2Image":
         return self
@@ -1317,7 +1283,7 @@ def _map_decompress(jobs, cluster_size: int, compression_type: int, ctx_factory)
 
 # ---------------------------------------------------------------------------- the writer
 class Qcow2Writer:
-    """Stream a version 3 qcow2 image into an open, empty file (see the module docstring).
+    """Stream a version 3 qcow2 image into an open, empty file, a FileIO (see the module docstring).
 
     Call :meth:`write` with cluster-aligned pieces in increasing guest
     order, holding only clusters to allocate (the caller drops zero
@@ -1326,13 +1292,13 @@ class Qcow2Writer:
 
     REFCOUNT_ORDER = 4
 
-    def __init__(self, fd: int, size: int, cluster_size: int = 64 * KiB):
+    def __init__(self, out: FileIO, size: int, cluster_size: int = 64 * KiB):
         if cluster_size & (cluster_size - 1) or not (1 << MIN_CLUSTER_BITS) <= cluster_size <= (1 << MAX_CLUSTER_BITS):
             raise InvalidArgumentError(f"qcow2 cluster size {cluster_size}: must be a power of two from 512 bytes "
                                        f"to 2 MiB")
         if size % 512:
             raise InvalidArgumentError(f"qcow2 virtual size {size} is not a multiple of 512")
-        self.fd = fd
+        self.out = out           # the output file: its pwrite and truncate (FileIO: errors name its path)
         self.size = size
         self.geometry = g = Geometry(cluster_size.bit_length() - 1, False)
         self.cluster_size = C = cluster_size
@@ -1374,7 +1340,7 @@ class Qcow2Writer:
             piece = mv[pos * C:stop * C]
             if len(piece) % C:
                 piece = bytes(piece) + bytes(C - len(piece) % C)
-            pwrite_all(self.fd, piece, host)
+            self.out.pwrite(piece, host)
             count = stop - pos
             first = gc & (g.l2_entries - 1)
             self._l2[first:first + count] = (np.arange(count, dtype=np.uint64) * np.uint64(C)
@@ -1388,7 +1354,7 @@ class Qcow2Writer:
         if self._l2 is None:
             return
         host = self.next_cluster * self.cluster_size
-        pwrite_all(self.fd, self._l2.astype(">u8").tobytes(), host)
+        self.out.pwrite(self._l2.astype(">u8").tobytes(), host)
         self.l1[self._l2_index] = np.uint64(host) | np.uint64(QCOW_OFLAG_COPIED)
         self.next_cluster += 1
         self._l2 = None
@@ -1416,7 +1382,7 @@ class Qcow2Writer:
         rb_first = m + rt_clusters
         reftable = np.zeros(rt_clusters * C // 8, dtype=">u8")
         reftable[:blocks] = (np.arange(blocks, dtype=np.uint64) + np.uint64(rb_first)) * np.uint64(C)
-        pwrite_all(self.fd, reftable.tobytes(), rt_offset)
+        self.out.pwrite(reftable.tobytes(), rt_offset)
         full = np.ones(entries, dtype=">u2").tobytes()
         for b in range(blocks):
             covered = min(entries, total - b * entries)
@@ -1426,14 +1392,14 @@ class Qcow2Writer:
                 partial = np.zeros(entries, dtype=">u2")
                 partial[:covered] = 1
                 block = partial.tobytes()
-            pwrite_all(self.fd, block, (rb_first + b) * C)
+            self.out.pwrite(block, (rb_first + b) * C)
         if self.l1_clusters:
             l1_bytes = self.l1.astype(">u8").tobytes()
-            pwrite_all(self.fd, l1_bytes.ljust(self.l1_clusters * C, b"\0"), self.l1_offset)
+            self.out.pwrite(l1_bytes.ljust(self.l1_clusters * C, b"\0"), self.l1_offset)
         h = Qcow2Header(version=3, cluster_bits=self.geometry.cluster_bits, size=self.size, l1_size=self.l1_size,
                         l1_table_offset=self.l1_offset, refcount_table_offset=rt_offset,
                         refcount_table_clusters=rt_clusters, refcount_order=self.REFCOUNT_ORDER,
                         header_length=V3_HEADER_LENGTH, compression_type=COMPRESSION_ZLIB)
-        pwrite_all(self.fd, h.pack().ljust(C, b"\0"), 0)
-        os.ftruncate(self.fd, total * C)
+        self.out.pwrite(h.pack().ljust(C, b"\0"), 0)
+        self.out.truncate(total * C)
         return total * C

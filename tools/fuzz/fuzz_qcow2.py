@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 import vdisk  # noqa: E402
 from vdisk import qcow2 as Q  # noqa: E402
+from vdisk.fileio import FileIO  # noqa: E402
 from vdisk.convert import open_backing  # noqa: E402  (how vdisk.convert opens backing files)
 
 from common import INTERESTING, KiB, MiB, guard, havoc, put_int, remove, scratch_path, write_sparse  # noqa: E402
@@ -69,15 +70,15 @@ def _backing_files() -> None:
 def _minimal_qcow2(size: int) -> bytes:
     """An empty version 3 image of 512-byte clusters, written by vdisk's own writer."""
     path = scratch_path("minimal.tmp")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    out = FileIO(path, writable=True, create=True, overwrite=True)
     try:
-        w = Q.Qcow2Writer(fd, size, cluster_size=512)
+        w = Q.Qcow2Writer(out, size, cluster_size=512)
         w.write(memoryview(b"\x5a" * 512), 0)
         w.finish()
         with open(path, "rb") as f:
             return f.read()
     finally:
-        os.close(fd)
+        out.close()
         remove(path)
 
 
