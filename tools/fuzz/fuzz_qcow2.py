@@ -1,4 +1,4 @@
-"""Fuzz target (b): the qcow2 reader (vdisk/qcow2.py) on hostile images.
+"""Fuzz target (b): the qcow2 reader (vdisk/qcow2/reader.py) on hostile images.
 
 One input is one qcow2 file.  It is opened with :class:`vdisk.qcow2.Qcow2Image`,
 its extents listed, a few windows read (``readinto`` and ``readv``, which
