@@ -3,6 +3,7 @@ qemu-img and qemu-io (a feature matrix), and the raw and vdisk paths."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import importlib
 import os
@@ -715,3 +716,32 @@ def test_the_sinks_follow_the_protocol(tmp_path):
                 assert isinstance(sink, ImageSink)
     finally:
         out.close()
+
+
+# ---------------------------------------------------------------------------- output I/O errors
+@pytest.mark.parametrize("dst_format", ["raw", "qcow2"])
+@pytest.mark.parametrize("kind,err", [("pwrite", errno.EIO), ("pwrite", errno.ENOSPC), ("fsync", errno.EIO)])
+def test_output_io_errors_go_through_fileio_and_name_the_users_path(tmp_path, monkeypatch, dst_format, kind, err):
+    """Every write and sync of a raw or qcow2 output goes through FileIO (the
+    fault-injecting vdisk.testing.FaultyIO sees and fails it): the error is a
+    VdiskIOError with the injected errno, worded with the user's path (not
+    the temporary file), nothing reaches the file after a failed fsync, and
+    no file is left behind."""
+    from vdisk.testing import FaultPlan, FaultyIO
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(pattern(5, MiB) + bytes(MiB) + pattern(6, MiB))
+    plan = FaultPlan(kind, 0, err)
+    monkeypatch.setattr(C, "FileIO", FaultyIO.factory(plan))
+    dst = tmp_path / f"out.{dst_format}"
+    with pytest.raises(vdisk.VdiskIOError) as info:
+        vdisk.convert(raw, dst, src_format="raw", dst_format=dst_format)
+    assert plan.fired == (kind, 0, err)
+    assert info.value.errno == err
+    message = str(info.value)
+    assert f"{dst}: writing the converted image failed: " in message and ".converting" not in message
+    if kind == "fsync":
+        assert plan.landed_after == 0
+    assert sorted(os.listdir(tmp_path)) == ["src.raw"]
+    monkeypatch.undo()
+    vdisk.convert(raw, dst, src_format="raw", dst_format=dst_format)      # and without the fault: fine
+    assert C.compare(raw, dst, a_format="raw") is None

@@ -586,22 +586,13 @@ def _read_sidecar(target: str) -> dict | None:
 
 
 def _write_sidecar(target: str, data: dict) -> None:
-    """Atomically: a temporary file, fsync, rename over the sidecar, fsync the directory."""
-    path = sidecar_path(target)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{_uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
+    """Atomically (fileio.atomic_output): a temporary file, fsync, rename over the sidecar, fsync the directory."""
+    with atomic_output(sidecar_path(target), overwrite=True, what="tmp") as tmp:
+        with open(tmp, "x", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
 
 
 def _sidecar(state: str, fmt: str, last: DeltaFile, target_info: dict, applied: list[str]) -> dict:
