@@ -132,10 +132,11 @@ def test_every_parameter_an_error_names_has_a_flag():
     from vdisk.cli import flag_of
     from vdisk.errors import Param
     names = set()
-    for name in os.listdir(os.path.join(ROOT, "vdisk")):
-        if name.endswith(".py"):
-            with open(os.path.join(ROOT, "vdisk", name)) as f:
-                names |= set(re.findall(r'Param\("(\w+)"', f.read()))
+    for root, _dirs, files in os.walk(os.path.join(ROOT, "vdisk")):      # the subpackages too (vdisk/qcow2/)
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(root, name)) as f:
+                    names |= set(re.findall(r'Param\("(\w+)"', f.read()))
     assert {"overwrite", "allow_backing", "block_size", "snapshot", "since", "consumer"} <= names
     for n in names:
         for p in (Param(n), Param(n, True), Param(n, "x"), Param(n, placeholder="a path")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import json
 import importlib
 import os
 import re
@@ -745,3 +746,56 @@ def test_output_io_errors_go_through_fileio_and_name_the_users_path(tmp_path, mo
     monkeypatch.undo()
     vdisk.convert(raw, dst, src_format="raw", dst_format=dst_format)      # and without the fault: fine
     assert C.compare(raw, dst, a_format="raw") is None
+
+
+# ---------------------------------------------------------------------------- info, map, compare on raw and qcow2
+def _runs(entries):
+    """(start, length, data) runs of a map --output json list, adjacent runs of a kind merged."""
+    out: list[list] = []
+    for e in entries:
+        if out and out[-1][2] == e["data"] and out[-1][0] + out[-1][1] == e["start"]:
+            out[-1][1] += e["length"]
+        else:
+            out.append([e["start"], e["length"], e["data"]])
+    return [tuple(r) for r in out]
+
+
+@needs_qemu
+def test_cli_info_map_compare_on_raw_and_qcow2_agree_with_qemu_img(tmp_path):
+    """vdisk info, map and compare read raw and qcow2 images (through the reader
+    protocol) and agree with qemu-img info, map and compare on the same files:
+    qemu-img's JSON key names and values, internal snapshots included."""
+    raw = tmp_path / "a.raw"
+    with open(raw, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(MiB)
+        f.write(pattern(1, 192 * KiB))
+        f.seek(6 * MiB)
+        f.write(pattern(2, 64 * KiB))
+    qc = make_qcow2(tmp_path / "a.qcow2", 8 * MiB, "", ["write -P 0x61 0 128k", "write -P 0x62 3M 64k"])
+    qemu_img("snapshot", "-c", "before", qc)
+    qemu_io(qc, "write -P 0x63 5M 64k")
+    for path, fmt in ((str(raw), "raw"), (qc, "qcow2")):
+        q = json.loads(qemu_img("info", "-f", fmt, "--output=json", path).stdout)
+        r = run_cli("info", "--output", "json", path)
+        assert r.exit_code == 0, r.output
+        ours = json.loads(r.stdout)
+        for key in ("format", "virtual-size", "actual-size", "cluster-size", "dirty-flag"):
+            assert ours.get(key) == q.get(key), key
+        assert [{k: s[k] for k in ("id", "name", "vm-state-size", "date-sec", "date-nsec", "vm-clock-sec",
+                                    "vm-clock-nsec", "icount")} for s in ours.get("snapshots", [])] == \
+            q.get("snapshots", [])
+        r = run_cli("info", path)
+        assert r.exit_code == 0 and "file format" in r.stdout and fmt in r.stdout
+        r = run_cli("map", "--output", "json", path)
+        assert r.exit_code == 0, r.output
+        qmap = json.loads(qemu_img("map", "-f", fmt, "--output=json", path).stdout)
+        assert _runs(json.loads(r.stdout)) == _runs(qmap)
+        if fmt == "raw":
+            assert json.loads(r.stdout) == qmap
+    assert len(json.loads(run_cli("info", "--output", "json", qc).stdout)["snapshots"]) == 1
+    # compare: identical and different, as qemu-img compare says
+    same = tmp_path / "same.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(same))
+    assert run_cli("compare", "-f", "raw", raw, same).exit_code == qemu_compare(str(raw), str(same), "raw").returncode == 0
+    assert run_cli("compare", "-f", "raw", raw, qc).exit_code == qemu_compare(str(raw), qc, "raw").returncode == 1

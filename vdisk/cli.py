@@ -338,11 +338,79 @@ def info_json(path: str, data: dict[str, Any], snapshots: list[Any]) -> dict[str
     return out
 
 
+def _other_format(file: str) -> str | None:
+    """The format of FILE when it is not a vdisk image ("raw", "qcow2"; a
+    format vdisk does not read is refused, naming it), else None."""
+    from vdisk.sources import probe_format
+    fmt, what = probe_format(file)
+    if fmt == "vdisk":
+        return None
+    if fmt not in ("raw", "qcow2"):
+        raise vdisk.UnsupportedFeatureError(f"{file}: {what} (format {fmt}), which vdisk does not read")
+    return fmt
+
+
+def image_info_json(file: str, image: Any) -> dict[str, Any]:
+    """``vdisk info --output json`` of a raw or qcow2 image: qemu-img info's keys, vdisk's beside."""
+    st = os.stat(file)
+    out: dict[str, Any] = {"filename": file, "format": image.format, "virtual-size": image.size,
+                           "actual-size": st.st_blocks * 512, "dirty-flag": bool(getattr(image, "dirty", False))}
+    if image.format == "qcow2":
+        out["cluster-size"] = image.cluster_size
+        if image.snapshots:                         # qemu-img leaves the key out when there are none
+            out["snapshots"] = [{"id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
+                                 "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+                                 "vm-clock-sec": s.vm_clock_nsec // 10**9, "vm-clock-nsec": s.vm_clock_nsec % 10**9,
+                                 "icount": s.icount if s.icount is not None else 0} for s in image.snapshots]
+        if image.backing_file is not None:
+            out["backing-filename"] = image.backing_file
+    out["data-bytes"] = sum(n for _o, n, data in image.extents(0, image.size) if data)
+    return out
+
+
+def _info_other(file: str, fmt: str, output: str) -> None:
+    """info of a raw or qcow2 image, through its reader (vdisk.protocols.ImageReader)."""
+    from vdisk.sources import open_image
+    image = open_image(file, fmt, warn_raw=False)
+    try:
+        data = image_info_json(file, image)
+    finally:
+        image.close()
+    if output == "json":
+        _emit_json(data)
+        return
+    rows: list[tuple[str, object]] = [
+        ("image", file), ("file format", fmt),
+        ("virtual size", f"{_fmt_size(data['virtual-size'])} ({data['virtual-size']} bytes)"),
+        ("disk size", _fmt_size(data["actual-size"])),
+    ]
+    if fmt == "qcow2":
+        rows.append(("cluster_size", data["cluster-size"]))
+        if "backing-filename" in data:
+            rows.append(("backing file", data["backing-filename"]))
+        rows.append(("snapshots", len(data.get("snapshots", []))))
+        for snap in data.get("snapshots", []):
+            rows.append((f"snapshot {snap['id']}", snap["name"]))
+    _table(rows)
+
+
+def _given_or_probed(file: str, fmt: str | None) -> str | None:
+    """-f FMT, else the probed format; None for a vdisk image (or a path that is no file: the vdisk path words it)."""
+    if fmt is not None:
+        return None if fmt == "vdisk" else fmt
+    return _other_format(file) if os.path.isfile(file) else None
+
+
 @main.command()
 @file_argument
+@click.option("-f", "fmt", type=click.Choice(("raw", "qcow2", "vdisk")), help="Format of FILE (default: detected; else raw).")
 @output_option
-def info(file: str, output: str) -> None:
-    """Show the image's geometry, allocation and tracking state."""
+def info(file: str, fmt: str | None, output: str) -> None:
+    """Show the image's geometry, allocation and tracking state (raw and qcow2 images: as qemu-img info)."""
+    fmt = _given_or_probed(file, fmt)
+    if fmt is not None:
+        _info_other(file, fmt, output)
+        return
     with _open_or_connect(file) as d:
         data = d.info()
         snapshots = d.snapshots if data["snapshots"] else []
@@ -475,9 +543,27 @@ def map_json(size: int, runs: list[tuple[int, int, int]]) -> list[dict[str, Any]
 
 @main.command(name="map")
 @file_argument
+@click.option("-f", "fmt", type=click.Choice(("raw", "qcow2", "vdisk")), help="Format of FILE (default: detected; else raw).")
 @output_option
-def map_(file: str, output: str) -> None:
-    """List the allocated (data) extents of the image (JSON: every range, as qemu-img map)."""
+def map_(file: str, fmt: str | None, output: str) -> None:
+    """List the allocated (data) extents of the image (JSON: every range, as qemu-img map).
+
+    Raw and qcow2 images too: their data runs (SEEK_DATA holes and zero or unallocated clusters read as zeros)."""
+    fmt = _given_or_probed(file, fmt)
+    if fmt is not None:
+        from vdisk.convert import image_map
+        runs = image_map(file, fmt)
+        if output == "json":
+            if fmt == "raw":            # as qemu-img: every range is present, at its own offset
+                _emit_json([dict(r, depth=0, present=True, offset=r["start"]) for r in runs])
+            else:
+                _emit_json([dict(r, depth=0, present=r["data"]) for r in runs])
+            return
+        extents = [(r["start"], r["length"]) for r in runs if r["data"]]
+        click.echo(f"{'Offset':<16}Length")
+        for o, n in extents:
+            click.echo(f"{o:<#16x}{n:<#16x}".rstrip())
+        return
     with _open_or_connect(file) as d:
         if output == "json":
             _emit_json(map_json(d.size, d.host_map()))

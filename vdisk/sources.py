@@ -258,7 +258,9 @@ def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: s
     fmt None detects qcow2 and vdisk by their magic and refuses the formats
     qemu-img reads and vdisk does not (UnsupportedFeatureError naming the
     format); anything else is raw, with a :class:`RawProbeWarning` unless
-    warn_raw is False.  probed_vdisk_ok False (a backing file an overlay
+    warn_raw is False.  snapshot: a vdisk snapshot, or a qcow2 internal
+    snapshot (its name, else its id), read in place of the current
+    content.  probed_vdisk_ok False (a backing file an overlay
     names without a format) refuses a vdisk image found by probing.
     """
     path = os.fspath(path)
@@ -273,7 +275,7 @@ def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: s
                     f"{path}: this backing file is a vdisk image, but the overlay records no backing format, so "
                     f"qemu would read it as raw; record one (qemu-img rebase -u -F raw) or pass the backing "
                     f"file's path explicitly (--backing) to read it as vdisk")
-        if snapshot is not None and fmt != "vdisk":
+        if snapshot is not None and fmt == "raw":
             raise InvalidArgumentError.naming(f"{path}: ", Param("snapshot", snapshot),
                                               f" picks a vdisk snapshot, but the image is {fmt}")
     except BaseException:
@@ -283,7 +285,8 @@ def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: s
     if fmt == "vdisk":
         return VdiskImage(path, snapshot, fd=fd)
     if fmt == "qcow2":
-        return Q.Qcow2Image(path, fd=fd, allow_backing=allow_backing, open_backing=open_backing, chain=chain)
+        return Q.Qcow2Image(path, fd=fd, allow_backing=allow_backing, open_backing=open_backing, chain=chain,
+                            snapshot=snapshot)
     return RawImage(path, fd=fd)
 
 

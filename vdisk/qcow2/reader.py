@@ -3,6 +3,7 @@
 the docstring of the vdisk.qcow2 package)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from collections import OrderedDict
@@ -10,7 +11,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import CorruptImageError, FormatError, OutOfRangeError, UnsupportedFeatureError
+from ..errors import CorruptImageError, FormatError, OutOfRangeError, SnapshotNotFoundError, UnsupportedFeatureError
 from ..fileio import FileIO, HostMap, open_input
 from .backing import resolve_backing
 from .compressed import _map_decompress, _zstd_decompressor
@@ -23,7 +24,7 @@ from .structures import (BACKING, COMPRESSED, COMPRESSED_SECTOR_SIZE, COMPRESSIO
                          MAX_BACKING_DEPTH, MAX_BACKING_FILE_NAME, MAX_BACKING_FORMAT_NAME, MAX_CLUSTER_BITS,
                          MAX_CLUSTER_OFFSET, MAX_L1_SIZE, MAX_REFCOUNT_ORDER, MAX_REFTABLE_SIZE,
                          MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE, MAX_SNAPSHOT_EXTRA_DATA, MIN_CLUSTER_BITS, MiB,
-                         QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, Qcow2Header,
+                         QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, Qcow2Header, Qcow2Snapshot,
                          REFTABLE_WINDOW, REFT_OFFSET_MASK, REFT_RESERVED_MASK, SECTOR_SIZE, SNAPSHOT_ENTRY,
                          SUBCLUSTERS_PER_CLUSTER, V2_HEADER_LENGTH, V3_MIN_HEADER_LENGTH, ZERO, _round_up,
                          offset_to_l1_index, parse_compressed_l2_entry, probe, size_to_l1)
@@ -51,8 +52,10 @@ class Qcow2Image:
     format = "qcow2"
 
     def __init__(self, path, *, fd: int | None = None, allow_backing=False, open_backing: Callable | None = None,
-                 chain: tuple[str, ...] = ()):
+                 chain: tuple[str, ...] = (), snapshot: str | None = None):
         self.path = os.fspath(path)
+        self.snapshots: list[Qcow2Snapshot] = []      # the internal snapshots, in table order
+        self.snapshot: Qcow2Snapshot | None = None   # the one read in place of the active layer
         self.backing = None
         self.backing_file: str | None = None
         self.backing_format: str | None = None
@@ -62,6 +65,8 @@ class Qcow2Image:
         try:
             self.file_size = os.lseek(self._io.fd, 0, os.SEEK_END)     # st_size is 0 for a block device
             self._open()
+            if snapshot is not None:
+                self._select_snapshot(snapshot)
             self._host = HostMap(self._io.fd, self.file_size)
             self._l1_cache: tuple[int, np.ndarray] | None = None
             self._l2_cache: OrderedDict[int, tuple] = OrderedDict()
@@ -296,7 +301,7 @@ class Qcow2Image:
 
         for i in range(h.nb_snapshots):
             what = f"snapshot table entry {i}"
-            (l1_off, l1_size, id_len, name_len, _s, _ns, _clock, _vm, extra) = SNAPSHOT_ENTRY.unpack(
+            (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, clock, vm_state, extra) = SNAPSHOT_ENTRY.unpack(
                 read(SNAPSHOT_ENTRY.size, pos, what))
             if extra > MAX_SNAPSHOT_EXTRA_DATA:
                 raise self._corrupt(f"{what} (offset {pos:#x}) has {extra} bytes of extra data; at most "
@@ -312,8 +317,40 @@ class Qcow2Image:
                                     f"{MAX_L1_SIZE // 8}")
             if l1_size:
                 self._check_table(l1_off, l1_size * 8, f"{what}'s L1 table")
+            body = read(length - SNAPSHOT_ENTRY.size, pos + SNAPSHOT_ENTRY.size, what) if length > SNAPSHOT_ENTRY.size \
+                else b""
+            ext = body[:extra]
+            vm_large = int.from_bytes(ext[0:8], "big") if extra >= 8 else vm_state
+            disk_size = int.from_bytes(ext[8:16], "big") if extra >= 16 else None
+            icount = int.from_bytes(ext[16:24], "big") if extra >= 24 else None
+            ident = body[extra:extra + id_len].decode("utf-8", "replace")
+            name = body[extra + id_len:extra + id_len + name_len].decode("utf-8", "replace")
+            self.snapshots.append(Qcow2Snapshot(ident, name, l1_off, l1_size, date_sec, date_nsec, clock, vm_large,
+                                                disk_size, icount))
             pos += length
         return pos - start
+
+    def _select_snapshot(self, which: str) -> None:
+        """Read internal snapshot `which` (its name, else its id) in place of
+        the active layer: its L1 table and its virtual size (reference:
+        qcow2_snapshot_load_tmp, which qemu-img convert -l uses)."""
+        rec = next((s for s in self.snapshots if s.name == which), None) or \
+            next((s for s in self.snapshots if s.id == which), None)
+        if rec is None:
+            names = ", ".join(s.name for s in self.snapshots) or "none"
+            raise SnapshotNotFoundError(f"{self.path}: no internal snapshot {which!r} (snapshots: {names})")
+        h = self.header
+        size = h.size if rec.disk_size is None else rec.disk_size
+        need = size_to_l1(self.geometry, size)
+        if size > (1 << 63) - 1 or need > MAX_L1_SIZE // 8:
+            raise self._corrupt(f"snapshot {rec.name!r}: virtual size {size} is too big for its clusters")
+        if rec.l1_size < need:
+            raise self._corrupt(f"snapshot {rec.name!r}: its L1 table has {rec.l1_size} entries for a virtual "
+                                f"size of {size} bytes, which needs {need}")
+        self.header = dataclasses.replace(h, l1_table_offset=rec.l1_table_offset, l1_size=rec.l1_size)
+        self.size = size - size % SECTOR_SIZE
+        self._l1_needed = need
+        self.snapshot = rec
 
     def _extensions(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
         """(type, data) of each header extension in [start, end) (reference: qcow2_read_extensions)."""

@@ -147,6 +147,23 @@ class Qcow2Header:
 
 # ---------------------------------------------------------------------------- geometry helpers (qcow2.h)
 @dataclasses.dataclass(frozen=True)
+class Qcow2Snapshot:
+    """One internal snapshot, as its snapshot table entry records it
+    (reference: QCowSnapshotHeader and QCowSnapshotExtraData)."""
+
+    id: str
+    name: str
+    l1_table_offset: int
+    l1_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    disk_size: int | None        # the extra data's virtual size (None: older entries; the image's size)
+    icount: int | None
+
+
+@dataclasses.dataclass(frozen=True)
 class Geometry:
     cluster_bits: int
     extended_l2: bool
