@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -799,3 +800,108 @@ def test_cli_info_map_compare_on_raw_and_qcow2_agree_with_qemu_img(tmp_path):
     qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(same))
     assert run_cli("compare", "-f", "raw", raw, same).exit_code == qemu_compare(str(raw), str(same), "raw").returncode == 0
     assert run_cli("compare", "-f", "raw", raw, qc).exit_code == qemu_compare(str(raw), qc, "raw").returncode == 1
+
+
+# ---------------------------------------------------------------------------- convert -n, -l, snapshots carried
+def _blocks_changed(old: bytes, new: bytes, bs: int) -> set[int]:
+    return {i // bs for i in range(0, len(old), bs) if old[i:i + bs] != new[i:i + bs]}
+
+
+def test_convert_n_writes_into_an_existing_vdisk_and_raw_image(tmp_path):
+    """convert -n (qemu-img's -n): the source's content lands in the existing
+    target (what the source reads as zeros too), the rest of the target stays,
+    a vdisk target keeps its identity and its tracking reports every block
+    that changed; a missing, smaller or qcow2 target is refused."""
+    src = tmp_path / "src.raw"
+    src_bytes = pattern(1, 256 * KiB) + bytes(512 * KiB) + pattern(2, 256 * KiB)        # 1 MiB
+    src.write_bytes(src_bytes)
+    old = pattern(9, 2 * MiB)
+    with vdisk.create(tmp_path / "t.vdk", 2 * MiB) as d:
+        d.pwrite(old, 0)
+        uuid = d.uuid
+        cid = d.checkpoint()
+    r = run_cli("convert", "-n", "-f", "raw", src, tmp_path / "t.vdk")
+    assert r.exit_code == 0, r.output
+    new = src_bytes + old[MiB:]
+    with vdisk.open(tmp_path / "t.vdk") as d:
+        assert d.pread(d.size, 0) == new and d.uuid == uuid
+        changed = d.changes_since(cid)
+        reported = {b for off, n in changed for b in range(off // BS, -(-(off + n) // BS))}
+        assert _blocks_changed(old, new, BS) <= reported and len(reported) <= MiB // BS
+    (tmp_path / "t.raw").write_bytes(old)
+    r = run_cli("convert", "-n", "-f", "raw", "-O", "raw", src, tmp_path / "t.raw")
+    assert r.exit_code == 0, r.output
+    assert file_bytes(tmp_path / "t.raw") == new
+    # refusals, one line each, the target untouched
+    (tmp_path / "small.raw").write_bytes(bytes(512 * KiB))
+    r = run_cli("convert", "-n", "-f", "raw", "-O", "raw", src, tmp_path / "small.raw")
+    assert r.exit_code == 1 and "smaller than the source" in r.stderr and str(tmp_path / "small.raw") in r.stderr
+    assert file_bytes(tmp_path / "small.raw") == bytes(512 * KiB)
+    r = run_cli("convert", "-n", "-f", "raw", "-O", "raw", src, tmp_path / "missing.raw")
+    assert r.exit_code == 1 and "missing.raw" in r.stderr and not (tmp_path / "missing.raw").exists()
+    vdisk.convert(src, tmp_path / "t.qcow2", src_format="raw", dst_format="qcow2")
+    r = run_cli("convert", "-n", "-f", "raw", src, tmp_path / "t.qcow2")
+    assert r.exit_code == 1 and "existing qcow2 image" in r.stderr
+    r = run_cli("convert", "-n", "--overwrite", "-f", "raw", src, tmp_path / "t.vdk")
+    assert r.exit_code == 1
+
+
+def _qcow2_with_snapshots(tmp_path):
+    img = make_qcow2(tmp_path / "s.qcow2", 4 * MiB, "", ["write -P 0x11 0 192k", "write -P 0x12 2M 64k"])
+    qemu_img("snapshot", "-c", "first", img)
+    qemu_io(img, "write -P 0x21 64k 64k", "write -z 2M 64k")
+    qemu_img("snapshot", "-c", "second", img)
+    qemu_io(img, "write -P 0x31 1M 64k", "discard 0 64k")
+    return img
+
+
+def _qemu_layer(img, tmp_path, snapshot=None) -> bytes:
+    out = tmp_path / f"layer-{snapshot}.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", *(["-l", f"snapshot.name={snapshot}"] if snapshot else []),
+             img, out)
+    return file_bytes(out)
+
+
+@needs_qemu
+def test_qcow2_internal_snapshots_become_vdisk_snapshots(tmp_path):
+    """qcow2 -> vdk carries every internal snapshot over as a vdisk snapshot of
+    the same name whose content is qemu-img convert -l's; `vdisk snapshot list`
+    shows them; no warning then."""
+    img = _qcow2_with_snapshots(tmp_path)
+    r = run_cli("convert", img, tmp_path / "o.vdk")
+    assert r.exit_code == 0, r.output
+    assert "not carried" not in r.stderr
+    listed = run_cli("snapshot", "list", tmp_path / "o.vdk").stdout
+    assert "first" in listed and "second" in listed
+    with vdisk.open(tmp_path / "o.vdk") as d:
+        assert [s.name for s in d.snapshots] == ["first", "second"]
+        for name in ("first", "second"):
+            with d.open_snapshot(name) as snap:
+                assert snap.pread(snap.size, 0) == _qemu_layer(img, tmp_path, name), name
+        assert d.pread(d.size, 0) == _qemu_layer(img, tmp_path)
+    assert vdisk.check(tmp_path / "o.vdk").ok
+
+
+@needs_qemu
+def test_convert_l_reads_a_qcow2_internal_snapshot_and_warns_what_is_left(tmp_path):
+    """convert -l SNAPSHOT converts that internal snapshot (as qemu-img
+    convert -l); whenever snapshots are not carried over (-l, a raw or qcow2
+    output, a vdisk source with snapshots and consumers) a warning says so."""
+    img = _qcow2_with_snapshots(tmp_path)
+    warnings.simplefilter("always")            # each run here is a new process of the command line
+    for spec in ("first", "snapshot.name=first", "snapshot.id=1"):
+        out = tmp_path / "l.raw"
+        r = run_cli("convert", "-l", spec, "-O", "raw", img, out)
+        assert r.exit_code == 0, r.output
+        assert file_bytes(out) == _qemu_layer(img, tmp_path, "first")
+        assert "not carried over" in r.stderr and "first, second" in r.stderr
+        out.unlink()
+    r = run_cli("convert", "-l", "nope", "-O", "raw", img, tmp_path / "x.raw")
+    assert r.exit_code == 1 and "no internal snapshot 'nope'" in r.stderr
+    r = run_cli("convert", "-O", "qcow2", img, tmp_path / "x.qcow2")
+    assert r.exit_code == 0 and "2 internal snapshot(s)" in r.stderr
+    with vdisk.create(tmp_path / "v.vdk", MiB) as d:
+        d.snapshot("keep")
+        d.consumers.register("nightly")
+    r = run_cli("convert", "-O", "raw", tmp_path / "v.vdk", tmp_path / "v.raw")
+    assert r.exit_code == 0 and "1 snapshot(s) (keep) and 1 consumer(s) are not carried over" in r.stderr

@@ -804,24 +804,46 @@ def output_format(dst: str, given: str | None) -> str:
 @click.option("--backing", "backing_path", type=click.Path(), metavar="FILE",
               help="Use FILE as the backing file of SRC (implies --allow-backing).")
 @click.option("--block-size", metavar="SIZE", help="vdisk block size or qcow2 cluster size (default 64KiB).")
-@click.option("--snapshot", metavar="NAME", help="Convert this snapshot of a vdisk SRC.")
+@click.option("--snapshot", metavar="NAME", help="Convert this snapshot of SRC (vdisk, or a qcow2 internal one).")
+@click.option("-l", "qcow2_snapshot", metavar="SNAPSHOT",
+              help="Convert this internal snapshot of a qcow2 SRC (NAME, snapshot.name=NAME or snapshot.id=ID).")
+@click.option("-n", "existing", is_flag=True,
+              help="Write into the existing raw or vdisk image DST (at least as large as SRC), as qemu-img -n.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
 @output_option
 def convert_(src: str, dst: str, src_format: str | None, dst_format: str | None, show_progress: bool,
              allow_backing: bool, backing_path: str | None, block_size: str | None, snapshot: str | None,
-             overwrite: bool, output: str) -> None:
+             qcow2_snapshot: str | None, existing: bool, overwrite: bool, output: str) -> None:
     """Convert image SRC (raw, qcow2 or vdisk) into a new image DST.
 
     A vdisk DST is always a new image with a new identity (uuid and tracking epoch): no change id
-    of SRC is valid on it, and it has no snapshots or consumers. 'vdisk clone' does the same for a
-    vdisk SRC keeping its block size, and with --snapshots its snapshots."""
+    of SRC is valid on it, and it has no consumers; a qcow2 SRC's internal snapshots become its
+    snapshots (a warning names snapshots left behind). 'vdisk clone' does the same for a vdisk SRC
+    keeping its block size, and with --snapshots its snapshots. With -n, DST is an existing raw or
+    vdisk image written in place."""
     from vdisk.convert import convert as convert_image, open_image
-    fmt = output_format(dst, dst_format)
+    if existing and overwrite:
+        _usage("-n writes into the existing DST, --overwrite replaces it: give one")
+    if existing and block_size is not None:
+        _usage("-n writes into the existing DST, whose block size is its own: drop --block-size")
+    if qcow2_snapshot is not None:
+        if snapshot is not None:
+            _usage("give -l or --snapshot, not both")
+        snapshot = qcow2_snapshot
+        for prefix in ("snapshot.name=", "snapshot.id="):
+            if snapshot.startswith(prefix):
+                snapshot = snapshot[len(prefix):]
+    if existing and dst_format is None and os.path.splitext(dst)[1].lower() not in EXTENSION_FORMATS \
+            and os.path.isfile(dst):
+        from vdisk.sources import probe_format
+        fmt = probe_format(dst)[0]            # -n without -O: the target's own format
+    else:
+        fmt = output_format(dst, dst_format)
     bs = None if block_size is None else _size(block_size, "block size")
     with _not_live("convert", src, backing_path), _progress(show_progress, "convert") as bar:
         convert_image(src, dst, src_format=src_format, dst_format=fmt, block_size=bs, snapshot=snapshot,
                       allow_backing=backing_path if backing_path is not None else allow_backing,
-                      progress=bar, overwrite=overwrite)
+                      progress=bar, overwrite=overwrite, existing=existing)
     if output == "json":
         image = open_image(dst, fmt)
         try:

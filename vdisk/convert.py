@@ -27,6 +27,7 @@ import heapq
 import os
 import queue
 import threading
+import warnings
 from typing import Callable, Iterator
 
 import numpy as np
@@ -34,11 +35,13 @@ import numpy as np
 from . import _fast
 from . import layout as L
 from .disk import create as _create
-from .errors import InvalidArgumentError
+from .disk import open as _open
+from .errors import InvalidArgumentError, UnsupportedFeatureError, VdiskWarning
 from .errors import TO_REPLACE, NoSuchFileError, Param, VdiskIOError
 from ._types import PathArg, SizeArg
 from .fileio import FileIO, atomic_output, open_regular
 from .protocols import ImageReader, ImageSink
+from .snapshots import is_backup_snapshot
 from .sinks import RAW_GRANULE as RAW_GRANULE, Qcow2Sink, RawSink, VdiskSink, Writeback
 # convert's names since before sources.py (kept: the API is a contract)
 from .sources import FOREIGN_FORMATS as FOREIGN_FORMATS, FOREIGN_TRAILERS as FOREIGN_TRAILERS
@@ -151,12 +154,24 @@ class _NamedOutput:
 def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_format: str = "vdisk",
             block_size: SizeArg | None = None, snapshot: str | None = None,
             allow_backing: bool | PathArg = False, progress: Progress | None = None,
-            overwrite: bool = False) -> None:
+            overwrite: bool = False, existing: bool = False) -> None:
     """Copy the content of image src into a new image dst.
 
     A vdisk dst is a new image with its own identity (image uuid, tracking
-    epoch): no change id of src is valid on it, and it holds no snapshots or
-    consumers (vdisk.clone copies a vdisk image with its snapshots).
+    epoch): no change id of src is valid on it, and it holds no consumers
+    (vdisk.clone copies a vdisk image with its snapshots).  A qcow2 src's
+    internal snapshots become vdisk snapshots of the same names, each with
+    the snapshot's content, oldest first, when dst is a new vdisk image and
+    no snapshot is picked; otherwise, and for a vdisk src's snapshots and
+    consumers, a :class:`NotCarriedWarning` says what is left behind.
+
+    existing=True (``convert -n``, as qemu-img's -n): dst is an existing
+    raw or vdisk image (dst_format says which), at least as large as src,
+    written in place: every range of src is written into it (what src reads
+    as zeros is discarded or zeroed), the rest of dst is left as it is.  A
+    vdisk dst keeps its identity and its change tracking marks every block
+    written.  No temporary file: an interrupted conversion leaves dst part
+    written.
 
     src_format: "raw", "qcow2" or "vdisk"; None detects qcow2 and vdisk by
     their magic, refuses the formats qemu-img reads and vdisk does not
@@ -208,7 +223,7 @@ def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_fo
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * MiB:
             raise InvalidArgumentError(f"qcow2 cluster size {cluster_size}: must be a power of two from 512 "
                                        f"bytes to 2 MiB")
-    if os.path.lexists(dst):
+    if os.path.lexists(dst) and not existing:
         if not overwrite:
             raise InvalidArgumentError.naming(f"{dst} exists (", *TO_REPLACE, ")")
         if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
@@ -216,17 +231,85 @@ def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_fo
     _check_output_path(dst)
     image = open_image(src, src_format, allow_backing=allow_backing, snapshot=snapshot)
     try:
-        size = image.size if dst_format == "raw" else L.round_up(image.size, L.SECTOR)
-        with atomic_output(dst, overwrite=overwrite, what="converting",
-                           placing_error=lambda exc: _output_error(dst, exc)) as tmp:
-            _convert_into(image, tmp, dst, dst_format, size, block_size, cluster_size, progress)
+        carry = dst_format == "vdisk" and not existing and image.format == "qcow2" and snapshot is None
+        if existing:
+            _convert_onto(image, dst, dst_format, progress)
+        else:
+            size = image.size if dst_format == "raw" else L.round_up(image.size, L.SECTOR)
+            with atomic_output(dst, overwrite=overwrite, what="converting",
+                               placing_error=lambda exc: _output_error(dst, exc)) as tmp:
+                _convert_into(image, tmp, dst, dst_format, size, block_size, cluster_size, progress, carry)
+        _warn_not_carried(image, carry)      # once the conversion is done (a failure says only what failed)
     finally:
         image.close()
 
 
+class NotCarriedWarning(VdiskWarning):
+    """A conversion leaves snapshots (or consumers) of its source behind."""
+
+
+def _warn_not_carried(image: ImageReader, carry: bool) -> None:
+    if image.format == "qcow2" and image.snapshots and not carry:
+        names = ", ".join(s.name for s in image.snapshots)
+        warnings.warn(f"{image.path}: its {len(image.snapshots)} internal snapshot(s) ({names}) are not carried "
+                      f"over (only a conversion of the whole image into a new vdisk image carries them)",
+                      NotCarriedWarning, stacklevel=3)
+    if image.format == "vdisk":
+        disk = image.disk
+        snaps = [s.name for s in disk.snapshots if not is_backup_snapshot(s.name)]
+        consumers = list(disk.consumers) if disk.track_changes else []
+        if snaps or consumers:
+            what = " and ".join(x for x in (f"{len(snaps)} snapshot(s) ({', '.join(snaps)})" if snaps else "",
+                                            f"{len(consumers)} consumer(s)" if consumers else "") if x)
+            warnings.warn(f"{image.path}: its {what} are not carried over ('vdisk clone --snapshots' keeps the "
+                          f"snapshots)", NotCarriedWarning, stacklevel=3)
+
+
+def _convert_onto(image: ImageReader, dst: str, dst_format: str, progress) -> None:
+    """convert -n: write image into the existing raw or vdisk image dst."""
+    if dst_format == "qcow2":
+        raise UnsupportedFeatureError(f"{dst}: writing into an existing qcow2 image; the target must be a raw or "
+                                      f"vdisk image")
+    if not os.path.lexists(dst):
+        raise NoSuchFileError(dst, "no such file (writing into an existing image needs one)")
+    if dst_format == "vdisk":
+        disk = _open(dst, "r+")
+        try:
+            _check_large_enough(dst, disk.size, image)
+            sink: ImageSink = VdiskSink(disk, fresh=False)
+            _copy_named(image, sink, dst, progress)
+        finally:
+            disk.close()
+        return
+    out = FileIO(dst, writable=True)
+    try:
+        out.lock(exclusive=True)
+        _check_large_enough(dst, out.size(), image)
+        _copy_named(image, RawSink(out, fresh=False, granule=RAW_GRANULE), dst, progress)
+    finally:
+        out.close()
+
+
+def _check_large_enough(dst: str, size: int, image: ImageReader) -> None:
+    if size < image.size:
+        raise InvalidArgumentError(f"{dst}: {size} bytes, smaller than the source {image.path} ({image.size} bytes); "
+                                   f"the target must be at least as large")
+
+
+def _copy_named(image: ImageReader, sink: ImageSink, dst: str, progress) -> None:
+    named = _NamedOutput(sink, dst)
+    try:
+        _copy(image, named, _Ticker(progress, image.size), fresh=False)
+        named.finish()
+    except BaseException:
+        named.abort()
+        raise
+
+
 def _convert_into(image: ImageReader, tmp: str, dst: str, dst_format: str, size: int, block_size, cluster_size,
-                  progress) -> None:
-    """Copy image into a new file tmp of dst_format (synced at the end); errors name dst."""
+                  progress, carry: bool = False) -> None:
+    """Copy image into a new file tmp of dst_format (synced at the end); errors name dst.
+    carry: the qcow2 image's internal snapshots first, each a vdisk snapshot."""
     out: FileIO | None = None
     disk = None
     watch = -1                   # a descriptor of a vdisk output, for its writeback
@@ -245,7 +328,9 @@ def _convert_into(image: ImageReader, tmp: str, dst: str, dst_format: str, size:
                     sink = Qcow2Sink(out, size, cluster_size, writeback=Writeback(out.fd, appending=True))
         named = _NamedOutput(sink, dst)
         try:
-            _copy(image, named, _Ticker(progress, image.size))
+            if carry and image.snapshots:
+                _carry_snapshots(image, disk, named, dst)
+            _copy(image, named, _Ticker(progress, image.size), fresh=not (carry and image.snapshots))
             named.finish()
         except BaseException:
             named.abort()
@@ -262,6 +347,28 @@ def _convert_into(image: ImageReader, tmp: str, dst: str, dst_format: str, size:
             out.close()
         if watch >= 0:
             os.close(watch)
+
+
+def _carry_snapshots(image, disk, sink: ImageSink, dst: str) -> None:
+    """Each internal snapshot of the qcow2 image, oldest first, copied into
+    disk and taken as a vdisk snapshot of its name; then the active layer
+    is selected again (the caller copies it over, not fresh)."""
+    active = L.round_up(image.size, L.SECTOR)
+    for i, rec in enumerate(list(image.snapshots)):
+        image.select(rec.id)
+        with _output_errors(dst):
+            size = L.round_up(image.size, L.SECTOR)
+            if size != disk.size:
+                disk.resize(size)
+        sink.sink.fresh = i == 0         # the first layer goes into the empty image
+        _copy(image, sink, _Ticker(None, image.size), fresh=i == 0)
+        with _output_errors(dst):
+            disk.snapshot(rec.name)
+    image.select(None)
+    sink.sink.fresh = False
+    with _output_errors(dst):
+        if disk.size != active:
+            disk.resize(active)
 
 
 def _copy(image: ImageReader, sink: ImageSink, tick: _Ticker, fresh: bool = True) -> None:

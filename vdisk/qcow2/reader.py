@@ -65,6 +65,7 @@ class Qcow2Image:
         try:
             self.file_size = os.lseek(self._io.fd, 0, os.SEEK_END)     # st_size is 0 for a block device
             self._open()
+            self._active = (self.header, self.size, self._l1_needed)
             if snapshot is not None:
                 self._select_snapshot(snapshot)
             self._host = HostMap(self._io.fd, self.file_size)
@@ -339,18 +340,30 @@ class Qcow2Image:
         if rec is None:
             names = ", ".join(s.name for s in self.snapshots) or "none"
             raise SnapshotNotFoundError(f"{self.path}: no internal snapshot {which!r} (snapshots: {names})")
-        h = self.header
-        size = h.size if rec.disk_size is None else rec.disk_size
+        size = self._active[0].size if rec.disk_size is None else rec.disk_size
         need = size_to_l1(self.geometry, size)
         if size > (1 << 63) - 1 or need > MAX_L1_SIZE // 8:
             raise self._corrupt(f"snapshot {rec.name!r}: virtual size {size} is too big for its clusters")
         if rec.l1_size < need:
             raise self._corrupt(f"snapshot {rec.name!r}: its L1 table has {rec.l1_size} entries for a virtual "
                                 f"size of {size} bytes, which needs {need}")
+        h = self._active[0]
         self.header = dataclasses.replace(h, l1_table_offset=rec.l1_table_offset, l1_size=rec.l1_size)
         self.size = size - size % SECTOR_SIZE
         self._l1_needed = need
         self.snapshot = rec
+
+    def select(self, which: str | None) -> None:
+        """Read internal snapshot `which` (name, else id) from now on, or the
+        active layer again (None); ``size`` follows."""
+        if which is None:
+            self.header, self.size, self._l1_needed = self._active
+            self.snapshot = None
+        else:
+            self._select_snapshot(which)
+        self._l1_cache = None
+        self._l2_cache.clear()
+        self._last_compressed = None
 
     def _extensions(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
         """(type, data) of each header extension in [start, end) (reference: qcow2_read_extensions)."""
