@@ -257,7 +257,8 @@ def test_check_cannot_check_exits_1(tmp_path, image):
     (("checkpoint", "{tmp}/missing.vdk"), 1),
     (("create", "{tmp}/a.vdk", "12XB"), 1),
     (("create", "{tmp}/a.vdk", "1MiB", "--block-size", "3KiB"), 1),
-    (("info", "{tmp}/junk.bin"), 1),
+    (("info", "{tmp}/junk.bin", "-f", "vdisk"), 1),      # without -f it is a raw image, as qemu-img says
+    (("map", "{tmp}/junk.bin", "-f", "qcow2"), 1),
     (("resize", "{tmp}/junk.bin", "+1M"), 1),
     (("info", "{tmp}"), 1),
     (("frobnicate",), 1),

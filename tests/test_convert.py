@@ -2,12 +2,16 @@
 qemu-img and qemu-io (a feature matrix), and the raw and vdisk paths."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
+import json
 import importlib
 import os
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -666,3 +670,239 @@ def test_source_read_error_is_vdisk_io_error(tmp_path, monkeypatch, src_format, 
     assert failed
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in {raw, src})
+
+
+# ---------------------------------------------------------------------------- the reader and sink protocols
+@needs_qemu
+@pytest.mark.parametrize("src_format", ["raw", "qcow2", "vdisk"])
+def test_an_input_is_opened_once_and_readers_follow_the_protocol(tmp_path, monkeypatch, src_format):
+    """convert opens its source once (one os.open of the path: probe, format
+    check and read all use that descriptor), and every reader is an
+    ImageReader (vdisk.protocols)."""
+    from vdisk.protocols import ImageReader
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(pattern(3, 256 * KiB) + bytes(256 * KiB))
+    src = {"raw": raw, "qcow2": tmp_path / "src.qcow2", "vdisk": tmp_path / "src.vdk"}[src_format]
+    if src_format != "raw":
+        vdisk.convert(raw, src, src_format="raw", dst_format=src_format)
+    real = os.open
+    opened = []
+
+    def spy(path, *args, **kwargs):
+        if os.fspath(path) == str(src):
+            opened.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    fmt = None if src_format != "raw" else "raw"
+    vdisk.convert(src, tmp_path / "out.raw", src_format=fmt, dst_format="raw")
+    assert len(opened) == 1, opened
+    opened.clear()
+    with pytest.warns(C.RawProbeWarning) if fmt is None and src_format == "raw" else contextlib.nullcontext():
+        image = C.open_image(src, fmt)
+    try:
+        assert len(opened) == 1 and isinstance(image, ImageReader) and image.format == src_format
+    finally:
+        image.close()
+    monkeypatch.undo()
+    assert file_bytes(tmp_path / "out.raw") == file_bytes(raw)
+
+
+def test_the_sinks_follow_the_protocol(tmp_path):
+    from vdisk.fileio import FileIO
+    from vdisk.protocols import ImageSink
+    from vdisk.sinks import Qcow2Sink, RawSink, VdiskSink
+    out = FileIO(str(tmp_path / "o"), writable=True, create=True)
+    try:
+        with vdisk.create(tmp_path / "d.vdk", MiB) as d:
+            for sink in (RawSink(out, fresh=True), Qcow2Sink(out, MiB, 64 * KiB), VdiskSink(d, fresh=True)):
+                assert isinstance(sink, ImageSink)
+    finally:
+        out.close()
+
+
+# ---------------------------------------------------------------------------- output I/O errors
+@pytest.mark.parametrize("dst_format", ["raw", "qcow2"])
+@pytest.mark.parametrize("kind,err", [("pwrite", errno.EIO), ("pwrite", errno.ENOSPC), ("fsync", errno.EIO)])
+def test_output_io_errors_go_through_fileio_and_name_the_users_path(tmp_path, monkeypatch, dst_format, kind, err):
+    """Every write and sync of a raw or qcow2 output goes through FileIO (the
+    fault-injecting vdisk.testing.FaultyIO sees and fails it): the error is a
+    VdiskIOError with the injected errno, worded with the user's path (not
+    the temporary file), nothing reaches the file after a failed fsync, and
+    no file is left behind."""
+    from vdisk.testing import FaultPlan, FaultyIO
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(pattern(5, MiB) + bytes(MiB) + pattern(6, MiB))
+    plan = FaultPlan(kind, 0, err)
+    monkeypatch.setattr(C, "FileIO", FaultyIO.factory(plan))
+    dst = tmp_path / f"out.{dst_format}"
+    with pytest.raises(vdisk.VdiskIOError) as info:
+        vdisk.convert(raw, dst, src_format="raw", dst_format=dst_format)
+    assert plan.fired == (kind, 0, err)
+    assert info.value.errno == err
+    message = str(info.value)
+    assert f"{dst}: writing the converted image failed: " in message and ".converting" not in message
+    if kind == "fsync":
+        assert plan.landed_after == 0
+    assert sorted(os.listdir(tmp_path)) == ["src.raw"]
+    monkeypatch.undo()
+    vdisk.convert(raw, dst, src_format="raw", dst_format=dst_format)      # and without the fault: fine
+    assert C.compare(raw, dst, a_format="raw") is None
+
+
+# ---------------------------------------------------------------------------- info, map, compare on raw and qcow2
+def _runs(entries):
+    """(start, length, data) runs of a map --output json list, adjacent runs of a kind merged."""
+    out: list[list] = []
+    for e in entries:
+        if out and out[-1][2] == e["data"] and out[-1][0] + out[-1][1] == e["start"]:
+            out[-1][1] += e["length"]
+        else:
+            out.append([e["start"], e["length"], e["data"]])
+    return [tuple(r) for r in out]
+
+
+@needs_qemu
+def test_cli_info_map_compare_on_raw_and_qcow2_agree_with_qemu_img(tmp_path):
+    """vdisk info, map and compare read raw and qcow2 images (through the reader
+    protocol) and agree with qemu-img info, map and compare on the same files:
+    qemu-img's JSON key names and values, internal snapshots included."""
+    raw = tmp_path / "a.raw"
+    with open(raw, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(MiB)
+        f.write(pattern(1, 192 * KiB))
+        f.seek(6 * MiB)
+        f.write(pattern(2, 64 * KiB))
+    qc = make_qcow2(tmp_path / "a.qcow2", 8 * MiB, "", ["write -P 0x61 0 128k", "write -P 0x62 3M 64k"])
+    qemu_img("snapshot", "-c", "before", qc)
+    qemu_io(qc, "write -P 0x63 5M 64k")
+    for path, fmt in ((str(raw), "raw"), (qc, "qcow2")):
+        q = json.loads(qemu_img("info", "-f", fmt, "--output=json", path).stdout)
+        r = run_cli("info", "--output", "json", path)
+        assert r.exit_code == 0, r.output
+        ours = json.loads(r.stdout)
+        for key in ("format", "virtual-size", "actual-size", "cluster-size", "dirty-flag"):
+            assert ours.get(key) == q.get(key), key
+        assert [{k: s[k] for k in ("id", "name", "vm-state-size", "date-sec", "date-nsec", "vm-clock-sec",
+                                    "vm-clock-nsec", "icount")} for s in ours.get("snapshots", [])] == \
+            q.get("snapshots", [])
+        r = run_cli("info", path)
+        assert r.exit_code == 0 and "file format" in r.stdout and fmt in r.stdout
+        r = run_cli("map", "--output", "json", path)
+        assert r.exit_code == 0, r.output
+        qmap = json.loads(qemu_img("map", "-f", fmt, "--output=json", path).stdout)
+        assert _runs(json.loads(r.stdout)) == _runs(qmap)
+        if fmt == "raw":
+            assert json.loads(r.stdout) == qmap
+    assert len(json.loads(run_cli("info", "--output", "json", qc).stdout)["snapshots"]) == 1
+    # compare: identical and different, as qemu-img compare says
+    same = tmp_path / "same.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(same))
+    assert run_cli("compare", "-f", "raw", raw, same).exit_code == qemu_compare(str(raw), str(same), "raw").returncode == 0
+    assert run_cli("compare", "-f", "raw", raw, qc).exit_code == qemu_compare(str(raw), qc, "raw").returncode == 1
+
+
+# ---------------------------------------------------------------------------- convert -n, -l, snapshots carried
+def _blocks_changed(old: bytes, new: bytes, bs: int) -> set[int]:
+    return {i // bs for i in range(0, len(old), bs) if old[i:i + bs] != new[i:i + bs]}
+
+
+def test_convert_n_writes_into_an_existing_vdisk_and_raw_image(tmp_path):
+    """convert -n (qemu-img's -n): the source's content lands in the existing
+    target (what the source reads as zeros too), the rest of the target stays,
+    a vdisk target keeps its identity and its tracking reports every block
+    that changed; a missing, smaller or qcow2 target is refused."""
+    src = tmp_path / "src.raw"
+    src_bytes = pattern(1, 256 * KiB) + bytes(512 * KiB) + pattern(2, 256 * KiB)        # 1 MiB
+    src.write_bytes(src_bytes)
+    old = pattern(9, 2 * MiB)
+    with vdisk.create(tmp_path / "t.vdk", 2 * MiB) as d:
+        d.pwrite(old, 0)
+        uuid = d.uuid
+        cid = d.checkpoint()
+    r = run_cli("convert", "-n", "-f", "raw", src, tmp_path / "t.vdk")
+    assert r.exit_code == 0, r.output
+    new = src_bytes + old[MiB:]
+    with vdisk.open(tmp_path / "t.vdk") as d:
+        assert d.pread(d.size, 0) == new and d.uuid == uuid
+        changed = d.changes_since(cid)
+        reported = {b for off, n in changed for b in range(off // BS, -(-(off + n) // BS))}
+        assert _blocks_changed(old, new, BS) <= reported and len(reported) <= MiB // BS
+    (tmp_path / "t.raw").write_bytes(old)
+    r = run_cli("convert", "-n", "-f", "raw", "-O", "raw", src, tmp_path / "t.raw")
+    assert r.exit_code == 0, r.output
+    assert file_bytes(tmp_path / "t.raw") == new
+    # refusals, one line each, the target untouched
+    (tmp_path / "small.raw").write_bytes(bytes(512 * KiB))
+    r = run_cli("convert", "-n", "-f", "raw", "-O", "raw", src, tmp_path / "small.raw")
+    assert r.exit_code == 1 and "smaller than the source" in r.stderr and str(tmp_path / "small.raw") in r.stderr
+    assert file_bytes(tmp_path / "small.raw") == bytes(512 * KiB)
+    r = run_cli("convert", "-n", "-f", "raw", "-O", "raw", src, tmp_path / "missing.raw")
+    assert r.exit_code == 1 and "missing.raw" in r.stderr and not (tmp_path / "missing.raw").exists()
+    vdisk.convert(src, tmp_path / "t.qcow2", src_format="raw", dst_format="qcow2")
+    r = run_cli("convert", "-n", "-f", "raw", src, tmp_path / "t.qcow2")
+    assert r.exit_code == 1 and "existing qcow2 image" in r.stderr
+    r = run_cli("convert", "-n", "--overwrite", "-f", "raw", src, tmp_path / "t.vdk")
+    assert r.exit_code == 1
+
+
+def _qcow2_with_snapshots(tmp_path):
+    img = make_qcow2(tmp_path / "s.qcow2", 4 * MiB, "", ["write -P 0x11 0 192k", "write -P 0x12 2M 64k"])
+    qemu_img("snapshot", "-c", "first", img)
+    qemu_io(img, "write -P 0x21 64k 64k", "write -z 2M 64k")
+    qemu_img("snapshot", "-c", "second", img)
+    qemu_io(img, "write -P 0x31 1M 64k", "discard 0 64k")
+    return img
+
+
+def _qemu_layer(img, tmp_path, snapshot=None) -> bytes:
+    out = tmp_path / f"layer-{snapshot}.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", *(["-l", f"snapshot.name={snapshot}"] if snapshot else []),
+             img, out)
+    return file_bytes(out)
+
+
+@needs_qemu
+def test_qcow2_internal_snapshots_become_vdisk_snapshots(tmp_path):
+    """qcow2 -> vdk carries every internal snapshot over as a vdisk snapshot of
+    the same name whose content is qemu-img convert -l's; `vdisk snapshot list`
+    shows them; no warning then."""
+    img = _qcow2_with_snapshots(tmp_path)
+    r = run_cli("convert", img, tmp_path / "o.vdk")
+    assert r.exit_code == 0, r.output
+    assert "not carried" not in r.stderr
+    listed = run_cli("snapshot", "list", tmp_path / "o.vdk").stdout
+    assert "first" in listed and "second" in listed
+    with vdisk.open(tmp_path / "o.vdk") as d:
+        assert [s.name for s in d.snapshots] == ["first", "second"]
+        for name in ("first", "second"):
+            with d.open_snapshot(name) as snap:
+                assert snap.pread(snap.size, 0) == _qemu_layer(img, tmp_path, name), name
+        assert d.pread(d.size, 0) == _qemu_layer(img, tmp_path)
+    assert vdisk.check(tmp_path / "o.vdk").ok
+
+
+@needs_qemu
+def test_convert_l_reads_a_qcow2_internal_snapshot_and_warns_what_is_left(tmp_path):
+    """convert -l SNAPSHOT converts that internal snapshot (as qemu-img
+    convert -l); whenever snapshots are not carried over (-l, a raw or qcow2
+    output, a vdisk source with snapshots and consumers) a warning says so."""
+    img = _qcow2_with_snapshots(tmp_path)
+    warnings.simplefilter("always")            # each run here is a new process of the command line
+    for spec in ("first", "snapshot.name=first", "snapshot.id=1"):
+        out = tmp_path / "l.raw"
+        r = run_cli("convert", "-l", spec, "-O", "raw", img, out)
+        assert r.exit_code == 0, r.output
+        assert file_bytes(out) == _qemu_layer(img, tmp_path, "first")
+        assert "not carried over" in r.stderr and "first, second" in r.stderr
+        out.unlink()
+    r = run_cli("convert", "-l", "nope", "-O", "raw", img, tmp_path / "x.raw")
+    assert r.exit_code == 1 and "no internal snapshot 'nope'" in r.stderr
+    r = run_cli("convert", "-O", "qcow2", img, tmp_path / "x.qcow2")
+    assert r.exit_code == 0 and "2 internal snapshot(s)" in r.stderr
+    with vdisk.create(tmp_path / "v.vdk", MiB) as d:
+        d.snapshot("keep")
+        d.consumers.register("nightly")
+    r = run_cli("convert", "-O", "raw", tmp_path / "v.vdk", tmp_path / "v.raw")
+    assert r.exit_code == 0 and "1 snapshot(s) (keep) and 1 consumer(s) are not carried over" in r.stderr

@@ -100,3 +100,129 @@ def test_the_cython_layer_never_names_the_disks_private_state():
             for rx, text in ((access, bare), (disk_names, bare), (by_string, code)):
                 found += [f"{os.path.basename(path)}:{i}: {m}" for m in rx.findall(text)]
     assert _cython_sources() and not found, found
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """vdisk module -> the vdisk modules it imports (at any depth, TYPE_CHECKING
+    blocks left out), by dotted name; a package stands for its __init__."""
+    modules = {}
+    for root, _dirs, files in os.walk(PKG):
+        for name in files:
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(root, name), os.path.dirname(PKG))[:-3].replace(os.sep, ".")
+                modules[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(root, name)
+
+    def known(name: str) -> str:          # 'vdisk.errors.VdiskError' -> 'vdisk.errors'
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph: dict[str, set[str]] = {}
+    for mod, path in modules.items():
+        package = mod if path.endswith("__init__.py") else mod.rpartition(".")[0]
+        tree = ast.parse(open(path).read())
+        skip = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+                skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+        deps = set()
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                deps.update(known(a.name) for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                else:
+                    base = node.module or ""
+                # 'from . import x': module x if there is one, else a name of the package
+                deps.update(known(f"{base}.{a.name}") if f"{base}.{a.name}" in modules else known(base)
+                            for a in node.names)
+        graph[mod] = {d for d in deps if d.startswith("vdisk") and d != mod}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected set of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles_among_vdisk_modules():
+    """No two vdisk modules import each other, directly or round a loop, with
+    imports at any depth counted: a function-level import that only hides a
+    circle is a circle.  (The package's lazy names go through importlib and
+    are no import; ``from . import __version__`` imports the package.)"""
+    graph = _module_graph()
+    assert "vdisk.disk" in graph["vdisk.convert"] and "vdisk.errors" in graph["vdisk.disk"]
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_check_sees_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_qcow2_is_split_by_concern():
+    """vdisk.qcow2 as dissect.hypervisor splits it: the structures (no I/O)
+    apart from the reader, the compressed-cluster code and the writer; the
+    writer and the compressed-cluster code know nothing of the reader."""
+    graph = _module_graph()
+    q = {m for m in graph if m.startswith("vdisk.qcow2.")}
+    assert q == {"vdisk.qcow2.structures", "vdisk.qcow2.backing", "vdisk.qcow2.compressed", "vdisk.qcow2.reader",
+                 "vdisk.qcow2.writer"}
+    assert graph["vdisk.qcow2.structures"] <= {"vdisk.errors"}
+    assert "vdisk.qcow2.reader" not in graph["vdisk.qcow2.writer"] | graph["vdisk.qcow2.compressed"]
+    assert "vdisk.fileio" not in graph["vdisk.qcow2.structures"]
+
+
+def test_files_are_put_in_place_by_fileio_only():
+    """Every temp-then-place copy is fileio.atomic_output: no other module
+    renames, links or places files.  Two exceptions, each with its reason:
+    the delta writer (delta.py) holds an flock on its partial file from
+    creation to placing, so a later backup can tell an abandoned partial
+    from a live one, and the control server renames a socket."""
+    allowed = {("delta.py", "place_synced("), ("nbd/control.py", "os.rename(")}
+    found = []
+    for root, _dirs, files in os.walk(PKG):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, PKG)
+            if not name.endswith(".py") or rel == "fileio.py":
+                continue
+            for i, line in enumerate(open(path), 1):
+                code = line.split("#", 1)[0]
+                for call in ("os.replace(", "os.rename(", "os.link(", "place_synced(", " place(", "os.renames("):
+                    if call in code and (rel, call) not in allowed:
+                        found.append(f"{rel}:{i}: {code.strip()}")
+    assert not found, found

@@ -50,7 +50,6 @@ restored with h5py and numpy alone.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
 import os
@@ -59,16 +58,17 @@ from typing import TYPE_CHECKING, Any, Iterable, Union
 
 import numpy as np
 
-from . import _fast
-from .delta import (BATCH_BYTES, FLAG_ZERO, FORMAT_NAME, FORMAT_VERSION, UUID_RE, DeltaFile, DeltaWriter,
+from .delta import (FLAG_ZERO, FORMAT_NAME, FORMAT_VERSION, UUID_RE, DeltaFile, DeltaWriter,
                     abandoned_partials, batch_rows_for, check_dest, fsync_dir, now_iso, parse_compression,
-                    remove_abandoned_partials, start_writeback)
+                    remove_abandoned_partials)
 from .errors import (BackupChainError, CorruptImageError, ImageLockedError, InvalidArgumentError, ReadOnlyError,
                      StaleChangeIdError, UnsupportedFeatureError, VdiskIOError)
 from .errors import FROM_SCRATCH, TO_REPLACE, Param
 from ._types import PathArg, Progress
 from .extents import Extents
 from .fileio import FileIO, atomic_output, open_regular, refuse_if_in_use
+from .results import BackupResult as BackupResult
+from .sinks import RangeWriteback, RawSink, VdiskSink
 from .snapshots import BACKUP_SNAPSHOT_PREFIX
 from .changeid import ANY, ChangeId, Since, parse_since
 
@@ -88,34 +88,6 @@ CHAIN_VERSION = 1
 def sidecar_path(target) -> str:
     """The chain sidecar of a restored target: ``<target>.vdisk-chain``."""
     return os.fspath(target) + CHAIN_SUFFIX
-
-
-# ---------------------------------------------------------------------------- results
-@dataclasses.dataclass(frozen=True)
-class BackupResult:
-    """What :func:`backup` (and :func:`merge`) wrote.
-
-    ``change_id`` is what the consumer keeps for its next incremental;
-    ``extents`` are the source extents the delta covers (data and zeros);
-    ``bytes_copied`` the bytes of block data stored (zero extents store none).
-    """
-    change_id: str
-    since: str
-    extents: Extents
-    bytes_copied: int
-    zero_bytes: int
-    dest: str
-    image_uuid: str
-    tracking_id: str
-    virtual_size: int
-    block_size: int
-    file_bytes: int
-
-    def to_dict(self) -> dict:
-        return {"change_id": self.change_id, "since": self.since, "extents": len(self.extents),
-                "bytes_copied": self.bytes_copied, "zero_bytes": self.zero_bytes, "dest": self.dest,
-                "image_uuid": self.image_uuid, "tracking_id": self.tracking_id,
-                "virtual_size": self.virtual_size, "block_size": self.block_size, "file_bytes": self.file_bytes}
 
 
 # ---------------------------------------------------------------------------- extent arithmetic
@@ -629,50 +601,18 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------- restore targets
-class _VdiskSink:
-    def __init__(self, disk, fresh: bool):
-        self.d, self.fresh = disk, fresh
+class _ToSink:
+    """The plan's runs (whole rows of blocks) handed to an image sink
+    (vdisk.protocols.ImageSink) as bytes."""
+
+    def __init__(self, sink):
+        self.sink = sink
 
     def data(self, offset: int, rows: np.ndarray, length: int) -> None:
-        self.d.pwrite(rows.reshape(-1)[:length], offset)      # whole zero blocks allocate nothing
+        self.sink.write(rows.reshape(-1)[:length], offset)
 
     def zero(self, offset: int, length: int) -> None:
-        if not self.fresh and length > 0:
-            self.d.discard(offset, length)
-
-
-class _RawSink:
-    def __init__(self, fio: FileIO, fresh: bool, block_size: int):
-        self.fio, self.fresh, self.bs = fio, fresh, block_size
-
-    def data(self, offset: int, rows: np.ndarray, length: int) -> None:
-        flat = rows.reshape(-1)[:length]
-        if self.fresh:
-            self._write_nonzero(flat, offset, length)
-        else:
-            self.fio.pwrite(flat, offset)
-        start_writeback(self.fio.fd, offset, length)
-
-    def _write_nonzero(self, flat, offset: int, length: int) -> None:
-        """A fresh file is all holes: skip all-zero blocks, keep it sparse."""
-        zb = _fast.zero_blocks(flat, self.bs) if length else np.zeros(0, np.uint8)
-        nz = np.flatnonzero(zb == 0)
-        if len(nz) == 0:
-            return
-        if len(nz) == len(zb):
-            self.fio.pwrite(flat, offset)
-            return
-        for group in np.split(nz, np.flatnonzero(np.diff(nz) != 1) + 1):
-            lo, hi = int(group[0]) * self.bs, min((int(group[-1]) + 1) * self.bs, length)
-            self.fio.pwrite(flat[lo:hi], offset + lo)
-
-    def zero(self, offset: int, length: int) -> None:
-        if self.fresh or length <= 0:
-            return
-        if not self.fio.punch_hole(offset, length):
-            chunk = np.zeros(min(length, BATCH_BYTES), np.uint8)
-            for pos in range(offset, offset + length, len(chunk)):
-                self.fio.pwrite(chunk[:min(len(chunk), offset + length - pos)], pos)
+        self.sink.zero(offset, length)
 
 
 def _read_sidecar(target: str) -> dict | None:
@@ -709,22 +649,13 @@ def _read_sidecar(target: str) -> dict | None:
 
 
 def _write_sidecar(target: str, data: dict) -> None:
-    """Atomically: a temporary file, fsync, rename over the sidecar, fsync the directory."""
-    path = sidecar_path(target)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{_uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
+    """Atomically (fileio.atomic_output): a temporary file, fsync, rename over the sidecar, fsync the directory."""
+    with atomic_output(sidecar_path(target), overwrite=True, what="tmp") as tmp:
+        with open(tmp, "x", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
 
 
 def _sidecar(state: str, fmt: str, last: DeltaFile, target_info: dict, applied: list[str]) -> dict:
@@ -792,15 +723,17 @@ def _restore_fresh(files, target: str, fmt: str, progress, replace: bool) -> dic
     with atomic_output(target, overwrite=replace, what="restoring") as tmp:
         if fmt == "vdisk":
             with create_disk(tmp, plan.size, block_size=bs) as d:
-                plan.copy(_VdiskSink(d, fresh=True), prog.tick)
-                d.flush()
+                sink = VdiskSink(d, fresh=True)
+                plan.copy(_ToSink(sink), prog.tick)
+                sink.finish()
                 info = {"uuid": str(d.uuid), "change_id": d.checkpoint()}
         else:
             fio = FileIO(tmp, writable=True, create=True)
             try:
                 fio.truncate(plan.size)
-                plan.copy(_RawSink(fio, fresh=True, block_size=bs), prog.tick)
-                fio.fsync()
+                sink = RawSink(fio, fresh=True, granule=bs, writeback=RangeWriteback(fio.fd))
+                plan.copy(_ToSink(sink), prog.tick)
+                sink.finish()
             finally:
                 fio.close()
             info = None
@@ -894,8 +827,9 @@ def _restore_onto(files, target: str, fmt: str | None, progress) -> dict:
                 disk.resize(base)
             if plan.size != disk.size:
                 disk.resize(plan.size)
-            plan.copy(_VdiskSink(disk, fresh=False), prog.tick)
-            disk.flush()
+            sink = VdiskSink(disk, fresh=False)
+            plan.copy(_ToSink(sink), prog.tick)
+            sink.finish()
             info = {"uuid": str(disk.uuid), "change_id": disk.checkpoint()}
             disk.close()
             disk = None
@@ -903,8 +837,9 @@ def _restore_onto(files, target: str, fmt: str | None, progress) -> dict:
             if base < fio.size():
                 fio.truncate(base)
             fio.truncate(plan.size)
-            plan.copy(_RawSink(fio, fresh=False, block_size=bs), prog.tick)
-            fio.fsync()
+            sink = RawSink(fio, fresh=False, granule=bs, writeback=RangeWriteback(fio.fd))
+            plan.copy(_ToSink(sink), prog.tick)
+            sink.finish()
             fio.close()
             fio = None
             info = _raw_identity(target)

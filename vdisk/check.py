@@ -47,27 +47,9 @@ from .snapshots import parse_table
 from .tracking import CheckpointLog, counters_kept
 from .errors import CorruptImageError, FormatError, ImageLockedError
 from .fileio import FileIO
+from .results import CheckResult as CheckResult
 
 MAX_LISTED = 20   # corruptions listed one by one; the rest are counted
-
-
-@dataclasses.dataclass
-class CheckResult:
-    """What check found.  ``corruptions`` lists the first MAX_LISTED
-    findings of each kind, worded; ``corruption_count`` counts all of them
-    (the number to report: the list is shortened)."""
-    ok: bool = True
-    corruptions: list = dataclasses.field(default_factory=list)
-    leaked_blocks: int = 0
-    unreferenced_data_blocks: int = 0
-    corruption_count: int = 0
-    repaired: bool = False
-    allocated_blocks: int = 0
-    total_blocks: int = 0
-    image_end_offset: int = 0
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class _Report:

@@ -347,11 +347,79 @@ def info_json(path: str, data: dict[str, Any], snapshots: list[Any]) -> dict[str
     return out
 
 
+def _other_format(file: str) -> str | None:
+    """The format of FILE when it is not a vdisk image ("raw", "qcow2"; a
+    format vdisk does not read is refused, naming it), else None."""
+    from vdisk.sources import probe_format
+    fmt, what = probe_format(file)
+    if fmt == "vdisk":
+        return None
+    if fmt not in ("raw", "qcow2"):
+        raise vdisk.UnsupportedFeatureError(f"{file}: {what} (format {fmt}), which vdisk does not read")
+    return fmt
+
+
+def image_info_json(file: str, image: Any) -> dict[str, Any]:
+    """``vdisk info --output json`` of a raw or qcow2 image: qemu-img info's keys, vdisk's beside."""
+    st = os.stat(file)
+    out: dict[str, Any] = {"filename": file, "format": image.format, "virtual-size": image.size,
+                           "actual-size": st.st_blocks * 512, "dirty-flag": bool(getattr(image, "dirty", False))}
+    if image.format == "qcow2":
+        out["cluster-size"] = image.cluster_size
+        if image.snapshots:                         # qemu-img leaves the key out when there are none
+            out["snapshots"] = [{"id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
+                                 "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+                                 "vm-clock-sec": s.vm_clock_nsec // 10**9, "vm-clock-nsec": s.vm_clock_nsec % 10**9,
+                                 "icount": s.icount if s.icount is not None else 0} for s in image.snapshots]
+        if image.backing_file is not None:
+            out["backing-filename"] = image.backing_file
+    out["data-bytes"] = sum(n for _o, n, data in image.extents(0, image.size) if data)
+    return out
+
+
+def _info_other(file: str, fmt: str, output: str) -> None:
+    """info of a raw or qcow2 image, through its reader (vdisk.protocols.ImageReader)."""
+    from vdisk.sources import open_image
+    image = open_image(file, fmt, warn_raw=False)
+    try:
+        data = image_info_json(file, image)
+    finally:
+        image.close()
+    if output == "json":
+        _emit_json(data)
+        return
+    rows: list[tuple[str, object]] = [
+        ("image", file), ("file format", fmt),
+        ("virtual size", f"{_fmt_size(data['virtual-size'])} ({data['virtual-size']} bytes)"),
+        ("disk size", _fmt_size(data["actual-size"])),
+    ]
+    if fmt == "qcow2":
+        rows.append(("cluster_size", data["cluster-size"]))
+        if "backing-filename" in data:
+            rows.append(("backing file", data["backing-filename"]))
+        rows.append(("snapshots", len(data.get("snapshots", []))))
+        for snap in data.get("snapshots", []):
+            rows.append((f"snapshot {snap['id']}", snap["name"]))
+    _table(rows)
+
+
+def _given_or_probed(file: str, fmt: str | None) -> str | None:
+    """-f FMT, else the probed format; None for a vdisk image (or a path that is no file: the vdisk path words it)."""
+    if fmt is not None:
+        return None if fmt == "vdisk" else fmt
+    return _other_format(file) if os.path.isfile(file) else None
+
+
 @main.command()
 @file_argument
+@click.option("-f", "fmt", type=click.Choice(("raw", "qcow2", "vdisk")), help="Format of FILE (default: detected; else raw).")
 @output_option
-def info(file: str, output: str) -> None:
-    """Show the image's geometry, allocation and tracking state."""
+def info(file: str, fmt: str | None, output: str) -> None:
+    """Show the image's geometry, allocation and tracking state (raw and qcow2 images: as qemu-img info)."""
+    fmt = _given_or_probed(file, fmt)
+    if fmt is not None:
+        _info_other(file, fmt, output)
+        return
     data, snapshots = _info_of(file)
     if output == "json":
         _emit_json(info_json(file, data, snapshots))
@@ -482,9 +550,27 @@ def map_json(size: int, runs: list[tuple[int, int, int]]) -> list[dict[str, Any]
 
 @main.command(name="map")
 @file_argument
+@click.option("-f", "fmt", type=click.Choice(("raw", "qcow2", "vdisk")), help="Format of FILE (default: detected; else raw).")
 @output_option
-def map_(file: str, output: str) -> None:
-    """List the allocated (data) extents of the image (JSON: every range, as qemu-img map)."""
+def map_(file: str, fmt: str | None, output: str) -> None:
+    """List the allocated (data) extents of the image (JSON: every range, as qemu-img map).
+
+    Raw and qcow2 images too: their data runs (SEEK_DATA holes and zero or unallocated clusters read as zeros)."""
+    fmt = _given_or_probed(file, fmt)
+    if fmt is not None:
+        from vdisk.convert import image_map
+        runs = image_map(file, fmt)
+        if output == "json":
+            if fmt == "raw":            # as qemu-img: every range is present, at its own offset
+                _emit_json([dict(r, depth=0, present=True, offset=r["start"]) for r in runs])
+            else:
+                _emit_json([dict(r, depth=0, present=r["data"]) for r in runs])
+            return
+        extents = [(r["start"], r["length"]) for r in runs if r["data"]]
+        click.echo(f"{'Offset':<16}Length")
+        for o, n in extents:
+            click.echo(f"{o:<#16x}{n:<#16x}".rstrip())
+        return
     with _open_or_connect(file) as d:
         if output == "json":
             _emit_json(map_json(d.size, d.host_map()))
@@ -726,24 +812,46 @@ def output_format(dst: str, given: str | None) -> str:
 @click.option("--backing", "backing_path", type=click.Path(), metavar="FILE",
               help="Use FILE as the backing file of SRC (implies --allow-backing).")
 @click.option("--block-size", metavar="SIZE", help="vdisk block size or qcow2 cluster size (default 64KiB).")
-@click.option("--snapshot", metavar="NAME", help="Convert this snapshot of a vdisk SRC.")
+@click.option("--snapshot", metavar="NAME", help="Convert this snapshot of SRC (vdisk, or a qcow2 internal one).")
+@click.option("-l", "qcow2_snapshot", metavar="SNAPSHOT",
+              help="Convert this internal snapshot of a qcow2 SRC (NAME, snapshot.name=NAME or snapshot.id=ID).")
+@click.option("-n", "existing", is_flag=True,
+              help="Write into the existing raw or vdisk image DST (at least as large as SRC), as qemu-img -n.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
 @output_option
 def convert_(src: str, dst: str, src_format: str | None, dst_format: str | None, show_progress: bool,
              allow_backing: bool, backing_path: str | None, block_size: str | None, snapshot: str | None,
-             overwrite: bool, output: str) -> None:
+             qcow2_snapshot: str | None, existing: bool, overwrite: bool, output: str) -> None:
     """Convert image SRC (raw, qcow2 or vdisk) into a new image DST.
 
     A vdisk DST is always a new image with a new identity (uuid and tracking epoch): no change id
-    of SRC is valid on it, and it has no snapshots or consumers. 'vdisk clone' does the same for a
-    vdisk SRC keeping its block size, and with --snapshots its snapshots."""
+    of SRC is valid on it, and it has no consumers; a qcow2 SRC's internal snapshots become its
+    snapshots (a warning names snapshots left behind). 'vdisk clone' does the same for a vdisk SRC
+    keeping its block size, and with --snapshots its snapshots. With -n, DST is an existing raw or
+    vdisk image written in place."""
     from vdisk.convert import convert as convert_image, open_image
-    fmt = output_format(dst, dst_format)
+    if existing and overwrite:
+        _usage("-n writes into the existing DST, --overwrite replaces it: give one")
+    if existing and block_size is not None:
+        _usage("-n writes into the existing DST, whose block size is its own: drop --block-size")
+    if qcow2_snapshot is not None:
+        if snapshot is not None:
+            _usage("give -l or --snapshot, not both")
+        snapshot = qcow2_snapshot
+        for prefix in ("snapshot.name=", "snapshot.id="):
+            if snapshot.startswith(prefix):
+                snapshot = snapshot[len(prefix):]
+    if existing and dst_format is None and os.path.splitext(dst)[1].lower() not in EXTENSION_FORMATS \
+            and os.path.isfile(dst):
+        from vdisk.sources import probe_format
+        fmt = probe_format(dst)[0]            # -n without -O: the target's own format
+    else:
+        fmt = output_format(dst, dst_format)
     bs = None if block_size is None else _size(block_size, "block size")
     with _not_live("convert", src, backing_path), _progress(show_progress, "convert") as bar:
         convert_image(src, dst, src_format=src_format, dst_format=fmt, block_size=bs, snapshot=snapshot,
                       allow_backing=backing_path if backing_path is not None else allow_backing,
-                      progress=bar, overwrite=overwrite)
+                      progress=bar, overwrite=overwrite, existing=existing)
     if output == "json":
         image = open_image(dst, fmt)
         try:

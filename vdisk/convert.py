@@ -26,7 +26,6 @@ import contextlib
 import heapq
 import os
 import queue
-import stat
 import threading
 import warnings
 from typing import Callable, Iterator
@@ -35,283 +34,28 @@ import numpy as np
 
 from . import _fast
 from . import layout as L
-from . import qcow2 as Q
-from .disk import Disk
 from .disk import create as _create
 from .disk import open as _open
-from .snapshot_table import is_backup_snapshot
 from .errors import InvalidArgumentError, UnsupportedFeatureError, VdiskWarning
-from .errors import TO_REPLACE, NoSuchFileError, Param, Part, VdiskIOError
+from .errors import TO_REPLACE, NoSuchFileError, Param, VdiskIOError
 from ._types import PathArg, SizeArg
-from .fileio import atomic_output, pread_fd, preadinto_fd, pwrite_all
+from .fileio import FileIO, atomic_output, open_regular
+from .protocols import ImageReader, ImageSink
+from .snapshots import is_backup_snapshot
+from .sinks import RAW_GRANULE as RAW_GRANULE, Qcow2Sink, RawSink, VdiskSink, Writeback
+# convert's names since before sources.py (kept: the API is a contract)
+from .sources import FOREIGN_FORMATS as FOREIGN_FORMATS, FOREIGN_TRAILERS as FOREIGN_TRAILERS
+from .sources import PROBE_SIZE as PROBE_SIZE, SOURCE_FORMATS as SOURCE_FORMATS
+from .sources import RawImage as RawImage, RawProbeWarning as RawProbeWarning, VdiskImage as VdiskImage
+from .sources import detect_format as detect_format, open_backing as open_backing, open_image as open_image
+from .sources import probe_format as probe_format
 
 KiB, MiB = 1 << 10, 1 << 20
 BATCH = 8 * MiB                  # bytes read and written per step
-RAW_GRANULE = 4 * KiB            # zero blocks of this size become holes in a raw output
-SOURCE_FORMATS = ("raw", "qcow2", "vdisk")
 TARGET_FORMATS = ("vdisk", "raw", "qcow2")
 DEFAULT_QCOW2_CLUSTER = 64 * KiB
 
 Progress = Callable[[int, int], None]
-
-
-# ---------------------------------------------------------------------------- format detection
-PROBE_SIZE = 512                 # BLOCK_PROBE_BUF_SIZE: how much of a file qemu's probes see
-
-
-class RawProbeWarning(VdiskWarning):
-    """A source of unspecified format read as raw because nothing else matched (as qemu-img warns)."""
-
-
-class NotCarriedOverWarning(VdiskWarning):
-    """convert copied a vdisk image's content but not its snapshots or consumers (vdisk.clone keeps snapshots)."""
-
-
-def _vmdk_descriptor(head: bytes) -> bool:
-    """A VMDK text descriptor (reference: vmdk_probe): blank lines and '#'
-    comments, then a line 'version=1', '2' or '3'."""
-    p, end = 0, len(head)
-    while p < end:
-        c = head[p:p + 1]
-        if c == b"#":
-            nl = head.find(b"\n", p)
-            p = end if nl < 0 else nl + 1
-            continue
-        if c == b" ":
-            while p < end and head[p:p + 1] == b" ":
-                p += 1
-            if head[p:p + 1] == b"\r":
-                p += 1
-            if p == end or head[p:p + 1] != b"\n":
-                return False
-            p += 1
-            continue
-        return any(head.startswith(b"version=%d%s" % (v, eol), p) for v in (1, 2, 3) for eol in (b"\n", b"\r\n"))
-    return False
-
-
-_CLOOP_V2 = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
-_BOCHS_MAGIC = b"Bochs Virtual HD Image"
-
-# formats qemu-img reads and vdisk does not, known by their first PROBE_SIZE bytes: (name, what it is, test)
-# (references: the *_probe functions of qemu's block/*.c drivers)
-FOREIGN_FORMATS = (
-    ("vmdk", "a VMDK sparse extent", lambda h: h[:4] in (b"KDMV", b"COWD")),
-    ("vmdk", "a VMDK descriptor file", _vmdk_descriptor),
-    ("vpc", "a VHD (vpc) image", lambda h: h[:8] == b"conectix"),
-    ("vhdx", "a VHDX image", lambda h: h[:8] == b"vhdxfile"),
-    ("vdi", "a VirtualBox VDI image", lambda h: h[64:68] == b"\x7f\x10\xda\xbe"),
-    ("qed", "a QED image", lambda h: h[:4] == b"QED\0"),
-    ("luks", "a LUKS encrypted volume", lambda h: h[:6] == b"LUKS\xba\xbe"),
-    ("parallels", "a Parallels image", lambda h: h[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt")
-     and h[16:20] == b"\2\0\0\0"),
-    ("bochs", "a Bochs image", lambda h: h[:len(_BOCHS_MAGIC) + 1] == _BOCHS_MAGIC + b"\0"
-     and h[32:40] == b"Redolog\0"),
-    ("cloop", "a cloop compressed image", lambda h: len(h) > 0 and h[:len(_CLOOP_V2)] == _CLOOP_V2[:len(h)]),
-)
-# ... and by their last 512 bytes (qemu probes neither: it reads a fixed VHD as raw, and a dmg by its name)
-FOREIGN_TRAILERS = (
-    ("vpc", "a fixed VHD (vpc) image (its footer ends the file)",
-     lambda t: t[:8] == b"conectix" or t[1:9] == b"conectix"),
-    ("dmg", "an Apple disk image (dmg: its koly trailer ends the file)", lambda t: t[:4] == b"koly"),
-)
-
-
-def probe_format(path) -> tuple[str, str]:
-    """(format name, what it is) of the file at path, by its magic: "qcow2",
-    "vdisk" (its magic in either header slot), one of the formats of
-    :data:`FOREIGN_FORMATS` that qemu-img reads and vdisk does not, or
-    "raw" when nothing matches."""
-    path = os.fspath(path)
-    fd = _open_source_fd(path)
-    try:
-        head = pread_fd(fd, max(PROBE_SIZE, L.SLOT_OFFSETS[1] + len(L.MAGIC)), 0, path)
-        size = os.lseek(fd, 0, os.SEEK_END)
-        tail = pread_fd(fd, 512, size - 512, path) if size >= 1024 else b""
-    finally:
-        os.close(fd)
-    # qcow2 and vdisk first: vdi's signature (at 64) could sit in the body of their headers by chance
-    if Q.probe(head):
-        return "qcow2", "a qcow2 image"
-    if any(head[o:o + len(L.MAGIC)] == L.MAGIC for o in L.SLOT_OFFSETS):
-        return "vdisk", "a vdisk image"
-    for name, what, test in FOREIGN_FORMATS:
-        if test(head[:PROBE_SIZE]):
-            return name, what
-    # formats known by their last sector, tried after every magic at the start
-    for name, what, test in FOREIGN_TRAILERS:
-        if test(tail):
-            return name, what
-    return "raw", "a raw disk image"
-
-
-def detect_format(path) -> str:
-    """"qcow2", "vdisk", "raw", or the name of a foreign format (see :func:`probe_format`)."""
-    return probe_format(path)[0]
-
-
-def _detect_source(path: str, *, warn: bool = True, format_param: str | None = "src_format") -> str:
-    """The format of a source whose format was not given: qcow2, vdisk or
-    raw (then a RawProbeWarning when warn, as qemu-img warns); a foreign
-    format is refused with UnsupportedFeatureError naming it and the ways out
-    (format_param: the caller's parameter that insists on raw, named as a
-    Param so that the command line says its flag; None for a backing file,
-    whose format the overlay records)."""
-    name, what = probe_format(path)
-    if name not in SOURCE_FORMATS:
-        insist: tuple[Part, ...] = (
-            (", or record the backing format in the overlay (qemu-img rebase -u -F raw) to read the file's "
-             "bytes as a raw disk",) if format_param is None else
-            (", or pass ", Param(format_param, "raw"), " to read the file's bytes as a raw disk"))
-        raise UnsupportedFeatureError.naming(
-            f"{path}: {what} (format {name}), which vdisk does not read; convert it first with "
-            f"'qemu-img convert -f {name} -O qcow2 {path} OUT.qcow2'", *insist)
-    if name == "raw" and warn:
-        warnings.warn(f"Image format was not specified for '{path}' and probing guessed raw.", RawProbeWarning,
-                      stacklevel=4)
-    return name
-
-
-def _open_source_fd(path: str) -> int:
-    """Open an input read-only: a regular file or a block device (never a
-    FIFO or socket, whose open or read could block forever)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise NoSuchFileError(path) from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise InvalidArgumentError(f"{path}: not a regular file or block device")
-    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-
-
-# ---------------------------------------------------------------------------- sources
-class RawImage:
-    """A raw image (regular file or block device), read-only.
-
-    ``extents`` reports SEEK_HOLE holes as zeros, so they are never read.
-    """
-
-    format = "raw"
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        self._fd = _open_source_fd(self.path)
-        self.size = os.lseek(self._fd, 0, os.SEEK_END)     # st_size is 0 for a block device
-        self._host = Q._HostMap(self._fd, self.size)
-
-    def extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, bool]]:
-        end = self.size if end is None else min(end, self.size)
-        pos = start
-        while pos < end:
-            is_data, until = self._host.segment(pos)
-            n = min(end, until) - pos
-            yield pos, n, is_data
-            pos += n
-
-    def readinto(self, buf, offset: int) -> int:
-        return preadinto_fd(self._fd, buf, offset, self.path)     # the file shrank under us: zeros
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-class VdiskImage:
-    """A vdisk image, or one of its snapshots, read-only."""
-
-    format = "vdisk"
-
-    def __init__(self, path, snapshot: str | None = None):
-        self.path = os.fspath(path)
-        if snapshot is not None and not hasattr(Disk, "open_snapshot"):
-            raise UnsupportedFeatureError(f"snapshots: this build of vdisk cannot read snapshots "
-                                          f"(asked for snapshot {snapshot!r} of {self.path})")
-        self._disk = _open(self.path, "r")
-        self._snap = None
-        try:
-            if snapshot is not None:
-                self._snap = self._disk.open_snapshot(snapshot)
-        except BaseException:
-            self._disk.close()
-            raise
-        view = self._snap if self._snap is not None else self._disk
-        self._view = view
-        #: what a copy of the content leaves behind: the image's snapshots (not backup's temporary ones)
-        #: and consumers; nothing when the source is one snapshot
-        self.not_carried = (0, 0) if self._snap is not None else (
-            sum(not is_backup_snapshot(i.name) for i in self._disk.snapshots), len(self._disk.consumers))
-        self.size = view.size
-        self.block_size = view.block_size
-
-    def extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, bool]]:
-        end = self.size if end is None else min(end, self.size)
-        pos = start
-        for off, length in self._view.map():
-            lo, hi = max(off, start), min(off + length, end)
-            if hi <= lo:
-                if off >= end:
-                    break
-                continue
-            if lo > pos:
-                yield pos, lo - pos, False
-            yield lo, hi - lo, True
-            pos = hi
-        if pos < end:
-            yield pos, end - pos, False
-
-    def readinto(self, buf, offset: int) -> int:
-        return self._view.preadinto(buf, offset)
-
-    def close(self) -> None:
-        if self._snap is not None and hasattr(self._snap, "close"):
-            self._snap.close()
-        self._snap = None
-        self._disk.close()
-
-
-def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: str | None = None,
-               chain: tuple[str, ...] = (), warn_raw: bool = True, format_param: str | None = "src_format"):
-    """An image opened for reading: RawImage, VdiskImage or qcow2.Qcow2Image.
-
-    fmt None detects qcow2 and vdisk by their magic and refuses the formats
-    qemu-img reads and vdisk does not (UnsupportedFeatureError naming the
-    format); anything else is raw, with a :class:`RawProbeWarning` unless
-    warn_raw is False.
-    """
-    path = os.fspath(path)
-    if fmt is not None and fmt not in SOURCE_FORMATS:
-        raise InvalidArgumentError(f"unknown source format {fmt!r} (one of {', '.join(SOURCE_FORMATS)})")
-    os.close(_open_source_fd(path))         # exists, and is not a FIFO or socket whose open would block
-    fmt = fmt or _detect_source(path, warn=warn_raw, format_param=format_param)
-    if snapshot is not None and fmt != "vdisk":
-        raise InvalidArgumentError.naming(f"{path}: ", Param("snapshot", snapshot),
-                                          f" picks a vdisk snapshot, but the image is {fmt}")
-    if fmt == "vdisk":
-        return VdiskImage(path, snapshot)
-    if fmt == "qcow2":
-        return Q.Qcow2Image(path, allow_backing=allow_backing, open_backing=open_backing, chain=chain)
-    return RawImage(path)
-
-
-def open_backing(path: str, fmt: str | None, chain: tuple[str, ...], named_by_image: bool):
-    """A backing file in a chain (qcow2.Qcow2Image's open_backing): its own
-    backing files follow the relative-name rule.
-
-    fmt is the format the overlay records ("raw" or "qcow2"), or None.
-    Without one, the file is probed as qemu probes it, except that a vdisk
-    image the overlay names is refused: qemu, which does not know vdisk,
-    would read its bytes as raw.  A backing file the caller chose
-    (named_by_image False) is detected, vdisk included.
-    """
-    if fmt is None:
-        fmt = _detect_source(path, warn=False, format_param=None)
-        if fmt == "vdisk" and named_by_image:
-            raise UnsupportedFeatureError(
-                f"{path}: this backing file is a vdisk image, but the overlay records no backing format, so "
-                f"qemu would read it as raw; record one (qemu-img rebase -u -F raw) or pass the backing file's "
-                f"path explicitly (--backing) to read it as vdisk")
-    return open_image(path, fmt, allow_backing=True, chain=chain)
 
 
 # ---------------------------------------------------------------------------- runs
@@ -336,16 +80,6 @@ def _merge_runs(runs) -> Iterator[tuple[int, int]]:
         yield cur_lo, cur_hi
 
 
-def _nonzero_runs(view: np.ndarray, granule: int) -> list[tuple[int, int]]:
-    """Byte ranges [a, b) of view made of granules that are not all zeros."""
-    zero = _fast.zero_blocks(view, granule)
-    if not len(zero):
-        return []
-    edges = np.flatnonzero(np.diff(np.concatenate(([1], zero, [1])).astype(np.int8)))
-    n = len(view)
-    return [(int(a) * granule, min(int(b) * granule, n)) for a, b in zip(edges[0::2], edges[1::2])]
-
-
 class _Ticker:
     """Calls progress(done, total) as done grows; the last call is (total, total)."""
 
@@ -362,144 +96,6 @@ class _Ticker:
     def finish(self) -> None:
         if self.progress is not None:
             self.progress(self.total, self.total)
-
-
-# ---------------------------------------------------------------------------- sinks
-class _Writeback:
-    """Start writeback of an output while it is being written.
-
-    Every STEP bytes, POSIX_FADV_DONTNEED on the part written since the
-    previous call (and the step before it, now written back) starts
-    asynchronous writeback of its dirty pages and drops those already
-    clean: the device works while the copy goes on, the final fsync has
-    little left to do, and a large conversion does not flood the page
-    cache.  It changes no ordering: the sink's own fsyncs still decide what
-    is durable when.
-
-    ``appending``: the output grows at its end (vdisk, qcow2), so the file
-    size tells how far it was written; else (raw) the guest offsets do.
-    """
-
-    STEP = 32 * MiB
-
-    def __init__(self, path: str, appending: bool):
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self.appending = appending
-        self.pending = 0
-        self.high = 0            # how far the output is written
-        self.done_to = 0         # DONTNEED was asked for up to here
-        # the call itself submits the I/O (milliseconds): a thread makes it, off the copy's path
-        self._ranges: queue.Queue = queue.Queue()
-        self._thread = None
-        if hasattr(os, "posix_fadvise"):
-            self._thread = threading.Thread(target=self._run, name="vdisk-convert-writeback", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self._ranges.get()
-            if item is None:
-                return
-            try:
-                os.posix_fadvise(self.fd, item[0], item[1], os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
-
-    def wrote(self, offset: int, nbytes: int) -> None:
-        self.pending += nbytes
-        if not self.appending:
-            self.high = max(self.high, offset + nbytes)
-        if self.pending >= self.STEP and self._thread is not None:
-            self.pending = 0
-            end = os.fstat(self.fd).st_size if self.appending else self.high
-            start = max(0, self.done_to - self.STEP)
-            if end > start:
-                self._ranges.put((start, end - start))
-            self.done_to = end
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._ranges.put(None)
-            self._thread.join()
-            self._thread = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class _VdiskSink:
-    def __init__(self, path: str, size: int, block_size):
-        self.disk = _create(path, size, block_size=block_size, overwrite=True)
-        self.granule = self.disk.block_size
-        self.writeback = _Writeback(path, appending=True)
-
-    def write(self, view, offset: int) -> None:
-        self.disk.pwrite(view, offset)
-        self.writeback.wrote(offset, len(view))
-
-    def finish(self) -> None:
-        self.disk.close()             # flushes and syncs
-        self.writeback.close()
-
-    def abort(self) -> None:
-        self.writeback.close()
-        try:
-            self.disk.close()
-        except Exception:
-            pass
-
-
-class _FdSink:
-    """A sink writing a new host file by descriptor, synced and closed at finish."""
-
-    def __init__(self, path: str, appending: bool):
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-        self.writeback = _Writeback(path, appending=appending)
-
-    def _complete(self) -> None:
-        """Whatever the format writes last, before the sync."""
-
-    def finish(self) -> None:
-        self._complete()
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        self.writeback.close()
-
-    def abort(self) -> None:
-        self.writeback.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class _RawSink(_FdSink):
-    def __init__(self, path: str, size: int):
-        super().__init__(path, appending=False)
-        os.ftruncate(self.fd, size)
-        self.granule = RAW_GRANULE
-
-    def write(self, view, offset: int) -> None:
-        pwrite_all(self.fd, view, offset)
-        self.writeback.wrote(offset, len(view))
-
-
-class _Qcow2Sink(_FdSink):
-    def __init__(self, path: str, size: int, cluster_size: int):
-        super().__init__(path, appending=True)
-        try:
-            self.writer = Q.Qcow2Writer(self.fd, size, cluster_size)
-        except BaseException:
-            self.abort()
-            raise
-        self.granule = cluster_size
-
-    def write(self, view, offset: int) -> None:
-        self.writer.write(view, offset)
-        self.writeback.wrote(offset, len(view))
-
-    def _complete(self) -> None:
-        self.writer.finish()
 
 
 # ---------------------------------------------------------------------------- output errors
@@ -521,28 +117,33 @@ def _output_error(dst: str, exc: OSError) -> VdiskIOError:
     return VdiskIOError(exc.errno, f"{dst}: writing the converted image failed: {cause.strerror or cause}")
 
 
+@contextlib.contextmanager
+def _output_errors(dst: str):
+    """OSErrors (VdiskIOError included) of the output, said of dst."""
+    try:
+        yield
+    except OSError as exc:
+        raise _output_error(dst, exc) from exc
+
+
 class _NamedOutput:
-    """A sink whose I/O errors name dst (see _output_error)."""
+    """A sink whose I/O errors name dst (see _output_error); the source's
+    errors, raised by the reader, keep naming the source."""
 
-    def __init__(self, make, dst: str):
-        self.dst = dst
-        with self._naming():
-            self.sink = make()
-        self.granule = self.sink.granule
-
-    @contextlib.contextmanager
-    def _naming(self):
-        try:
-            yield
-        except OSError as exc:
-            raise _output_error(self.dst, exc) from exc
+    def __init__(self, sink: ImageSink, dst: str):
+        self.sink, self.dst = sink, dst
+        self.granule = sink.granule
 
     def write(self, view, offset: int) -> None:
-        with self._naming():
+        with _output_errors(self.dst):
             self.sink.write(view, offset)
 
+    def zero(self, offset: int, length: int) -> None:
+        with _output_errors(self.dst):
+            self.sink.zero(offset, length)
+
     def finish(self) -> None:
-        with self._naming():
+        with _output_errors(self.dst):
             self.sink.finish()
 
     def abort(self) -> None:
@@ -553,12 +154,24 @@ class _NamedOutput:
 def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_format: str = "vdisk",
             block_size: SizeArg | None = None, snapshot: str | None = None,
             allow_backing: bool | PathArg = False, progress: Progress | None = None,
-            overwrite: bool = False) -> None:
+            overwrite: bool = False, existing: bool = False) -> None:
     """Copy the content of image src into a new image dst.
 
     A vdisk dst is a new image with its own identity (image uuid, tracking
-    epoch): no change id of src is valid on it, and it holds no snapshots or
-    consumers (vdisk.clone copies a vdisk image with its snapshots).
+    epoch): no change id of src is valid on it, and it holds no consumers
+    (vdisk.clone copies a vdisk image with its snapshots).  A qcow2 src's
+    internal snapshots become vdisk snapshots of the same names, each with
+    the snapshot's content, oldest first, when dst is a new vdisk image and
+    no snapshot is picked; otherwise, and for a vdisk src's snapshots and
+    consumers, a :class:`NotCarriedWarning` says what is left behind.
+
+    existing=True (``convert -n``, as qemu-img's -n): dst is an existing
+    raw or vdisk image (dst_format says which), at least as large as src,
+    written in place: every range of src is written into it (what src reads
+    as zeros is discarded or zeroed), the rest of dst is left as it is.  A
+    vdisk dst keeps its identity and its change tracking marks every block
+    written.  No temporary file: an interrupted conversion leaves dst part
+    written.
 
     src_format: "raw", "qcow2" or "vdisk"; None detects qcow2 and vdisk by
     their magic, refuses the formats qemu-img reads and vdisk does not
@@ -610,62 +223,171 @@ def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_fo
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * MiB:
             raise InvalidArgumentError(f"qcow2 cluster size {cluster_size}: must be a power of two from 512 "
                                        f"bytes to 2 MiB")
-    if os.path.lexists(dst):
+    if os.path.lexists(dst) and not existing:
         if not overwrite:
             raise InvalidArgumentError.naming(f"{dst} exists (", *TO_REPLACE, ")")
         if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
             raise InvalidArgumentError(f"{dst} is the source image itself")
     _check_output_path(dst)
-    from .live import refused_if_served
-    with refused_if_served("convert", src, allow_backing):
-        image = open_image(src, src_format, allow_backing=allow_backing, snapshot=snapshot)
+    image = open_image(src, src_format, allow_backing=allow_backing, snapshot=snapshot)
     try:
-        size = image.size if dst_format == "raw" else L.round_up(image.size, L.SECTOR)
-        with atomic_output(dst, overwrite=overwrite, what="converting",
-                           placing_error=lambda exc: _output_error(dst, exc)) as tmp:
-            _convert_into(image, tmp, dst, dst_format, size, block_size, cluster_size, progress)
-        _warn_not_carried(image, src, dst_format)
+        carry = dst_format == "vdisk" and not existing and image.format == "qcow2" and snapshot is None
+        if existing:
+            _convert_onto(image, dst, dst_format, progress)
+        else:
+            size = image.size if dst_format == "raw" else L.round_up(image.size, L.SECTOR)
+            with atomic_output(dst, overwrite=overwrite, what="converting",
+                               placing_error=lambda exc: _output_error(dst, exc)) as tmp:
+                _convert_into(image, tmp, dst, dst_format, size, block_size, cluster_size, progress, carry)
+        _warn_not_carried(image, carry)      # once the conversion is done (a failure says only what failed)
     finally:
         image.close()
 
 
-def _warn_not_carried(image, src: str, dst_format: str) -> None:
-    """A NotCarriedOverWarning when a vdisk source had snapshots or consumers the output lacks."""
-    nsnap, ncons = getattr(image, "not_carried", (0, 0))
-    if not nsnap and not ncons:
-        return
-    what = " and ".join(f"{n} {word}{'' if n == 1 else 's'}"
-                        for n, word in ((nsnap, "snapshot"), (ncons, "consumer")) if n)
-    keep = " (clone copies a vdisk image with its snapshots)" if nsnap and dst_format == "vdisk" else ""
-    warnings.warn(f"{src} has {what}, which convert does not carry over: the output holds the current "
-                  f"content only{keep}", NotCarriedOverWarning, stacklevel=3)
+class NotCarriedWarning(VdiskWarning):
+    """A conversion leaves snapshots (or consumers) of its source behind."""
 
 
-def _convert_into(image, tmp: str, dst: str, dst_format: str, size: int, block_size, cluster_size, progress) -> None:
-    """Copy image into a new file tmp of dst_format (synced at the end); errors name dst."""
+NotCarriedOverWarning = NotCarriedWarning       # the name it had first
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _warn_not_carried(image: ImageReader, carry: bool) -> None:
+    if image.format == "qcow2" and image.snapshots and not carry:
+        names = ", ".join(s.name for s in image.snapshots)
+        warnings.warn(f"{image.path}: its {_count(len(image.snapshots), 'internal snapshot')} ({names}) "
+                      f"{'is' if len(image.snapshots) == 1 else 'are'} not carried over (only a conversion of "
+                      f"the whole image into a new vdisk image carries them)", NotCarriedWarning, stacklevel=3)
+    if image.format == "vdisk":
+        disk = image.disk
+        snaps = [s.name for s in disk.snapshots if not is_backup_snapshot(s.name)]
+        consumers = list(disk.consumers) if disk.track_changes else []
+        if snaps or consumers:
+            what = " and ".join(x for x in (f"{_count(len(snaps), 'snapshot')} ({', '.join(snaps)})" if snaps
+                                            else "", _count(len(consumers), "consumer") if consumers else "") if x)
+            warnings.warn(f"{image.path}: its {what} {'is' if len(snaps) + len(consumers) == 1 else 'are'} not "
+                          f"carried over ('vdisk clone --snapshots' keeps the snapshots)", NotCarriedWarning,
+                          stacklevel=3)
+
+
+def _convert_onto(image: ImageReader, dst: str, dst_format: str, progress) -> None:
+    """convert -n: write image into the existing raw or vdisk image dst."""
+    if dst_format == "qcow2":
+        raise UnsupportedFeatureError(f"{dst}: writing into an existing qcow2 image; the target must be a raw or "
+                                      f"vdisk image")
+    if not os.path.lexists(dst):
+        raise NoSuchFileError(dst, "no such file (writing into an existing image needs one)")
     if dst_format == "vdisk":
-        sink = _NamedOutput(lambda: _VdiskSink(tmp, size, "64KiB" if block_size is None else block_size),
-                            dst)
-    elif dst_format == "raw":
-        sink = _NamedOutput(lambda: _RawSink(tmp, size), dst)
-    else:
-        sink = _NamedOutput(lambda: _Qcow2Sink(tmp, size, cluster_size), dst)
+        disk = _open(dst, "r+")
+        try:
+            _check_large_enough(dst, disk.size, image)
+            sink: ImageSink = VdiskSink(disk, fresh=False)
+            _copy_named(image, sink, dst, progress)
+        finally:
+            disk.close()
+        return
+    out = FileIO(dst, writable=True)
     try:
-        _copy(image, sink, _Ticker(progress, image.size))
-        sink.finish()
+        out.lock(exclusive=True)
+        _check_large_enough(dst, out.size(), image)
+        _copy_named(image, RawSink(out, fresh=False, granule=RAW_GRANULE), dst, progress)
+    finally:
+        out.close()
+
+
+def _check_large_enough(dst: str, size: int, image: ImageReader) -> None:
+    if size < image.size:
+        raise InvalidArgumentError(f"{dst}: {size} bytes, smaller than the source {image.path} ({image.size} bytes); "
+                                   f"the target must be at least as large")
+
+
+def _copy_named(image: ImageReader, sink: ImageSink, dst: str, progress) -> None:
+    named = _NamedOutput(sink, dst)
+    try:
+        _copy(image, named, _Ticker(progress, image.size), fresh=False)
+        named.finish()
     except BaseException:
-        sink.abort()
+        named.abort()
         raise
 
 
-def _copy(image, sink, tick: _Ticker) -> None:
-    """Stream the data of image into sink.
+def _convert_into(image: ImageReader, tmp: str, dst: str, dst_format: str, size: int, block_size, cluster_size,
+                  progress, carry: bool = False) -> None:
+    """Copy image into a new file tmp of dst_format (synced at the end); errors name dst.
+    carry: the qcow2 image's internal snapshots first, each a vdisk snapshot."""
+    out: FileIO | None = None
+    disk = None
+    watch = -1                   # a descriptor of a vdisk output, for its writeback
+    try:
+        with _output_errors(dst):
+            if dst_format == "vdisk":
+                disk = _create(tmp, size, block_size="64KiB" if block_size is None else block_size, overwrite=True)
+                watch = open_regular(tmp, os.O_RDONLY)
+                sink: ImageSink = VdiskSink(disk, fresh=True, writeback=Writeback(watch, appending=True))
+            else:
+                out = FileIO(tmp, writable=True, create=True)
+                if dst_format == "raw":
+                    out.truncate(size)
+                    sink = RawSink(out, fresh=True, granule=RAW_GRANULE, writeback=Writeback(out.fd, appending=False))
+                else:
+                    sink = Qcow2Sink(out, size, cluster_size, writeback=Writeback(out.fd, appending=True))
+        named = _NamedOutput(sink, dst)
+        try:
+            if carry and image.snapshots:
+                _carry_snapshots(image, disk, named, dst)
+            _copy(image, named, _Ticker(progress, image.size), fresh=not (carry and image.snapshots))
+            named.finish()
+        except BaseException:
+            named.abort()
+            raise
+        with _output_errors(dst):
+            if disk is not None:
+                d, disk = disk, None
+                d.close()
+    finally:
+        with contextlib.suppress(Exception):
+            if disk is not None:
+                disk.close()
+        if out is not None:
+            out.close()
+        if watch >= 0:
+            os.close(watch)
+
+
+def _carry_snapshots(image, disk, sink: ImageSink, dst: str) -> None:
+    """Each internal snapshot of the qcow2 image, oldest first, copied into
+    disk and taken as a vdisk snapshot of its name; then the active layer
+    is selected again (the caller copies it over, not fresh)."""
+    active = L.round_up(image.size, L.SECTOR)
+    for i, rec in enumerate(list(image.snapshots)):
+        image.select(rec.id)
+        with _output_errors(dst):
+            size = L.round_up(image.size, L.SECTOR)
+            if size != disk.size:
+                disk.resize(size)
+        sink.sink.fresh = i == 0         # the first layer goes into the empty image
+        _copy(image, sink, _Ticker(None, image.size), fresh=i == 0)
+        with _output_errors(dst):
+            disk.snapshot(rec.name)
+    image.select(None)
+    sink.sink.fresh = False
+    with _output_errors(dst):
+        if disk.size != active:
+            disk.resize(active)
+
+
+def _copy(image: ImageReader, sink: ImageSink, tick: _Ticker, fresh: bool = True) -> None:
+    """Stream the data of image into sink; a sink that is not fresh also
+    gets the ranges that read as zeros (sink.zero).
 
     A reader thread fills one of three batch buffers while this thread
-    zero-checks and writes the previous one (reads and writes overlap;
-    os.pread/os.pwrite release the GIL).  The queue holds one batch: when
-    the reader fills buffer k, this thread has taken batch k-1, so it is
-    done with batch k-3, which used the same buffer.
+    writes the previous one (reads and writes overlap; os.pread/os.pwrite
+    release the GIL; the sink skips zero granules).  The queue holds one
+    batch: when the reader fills buffer k, this thread has taken batch
+    k-1, so it is done with batch k-3, which used the same buffer.
     """
     g = sink.granule
     batch = max(BATCH - BATCH % g, g)
@@ -677,28 +399,30 @@ def _copy(image, sink, tick: _Ticker) -> None:
         try:
             bufs = [np.empty(batch, dtype=np.uint8) for _ in range(3)]
             k, fill, segs = 0, 0, []
-            readv = getattr(image, "readv", None)
+            done = 0                     # the copy has covered [0, done)
 
             def send():
-                if readv is not None:            # one call for the batch: parallel decompression
-                    buf = bufs[k % 3]
-                    readv([(buf[at:at + n], pos) for pos, at, n in segs])
-                q.put((bufs[k % 3], segs))
+                buf = bufs[k % 3]       # one call for the batch: parallel decompression
+                image.readv([(buf[at:at + n], pos) for pos, at, n in segs if at >= 0])
+                q.put((buf, segs))
 
             for lo, hi in _data_windows(image.extents(0, total), g, total):
+                if not fresh and lo > done:
+                    segs.append((done, -1, lo - done))       # reads as zeros
                 pos = lo
                 while pos < hi:
                     if stop.is_set():
                         return
                     n = min(batch - fill, hi - pos)
-                    if readv is None:
-                        image.readinto(bufs[k % 3][fill:fill + n], pos)
                     segs.append((pos, fill, n))
                     fill += n
                     pos += n
                     if fill == batch or len(segs) >= 256:
                         send()
                         k, fill, segs = k + 1, 0, []
+                done = hi
+            if not fresh and total > done:
+                segs.append((done, -1, total - done))
             if segs:
                 send()
             q.put(None)
@@ -716,9 +440,10 @@ def _copy(image, sink, tick: _Ticker) -> None:
                 raise item
             buf, segs = item
             for pos, at, n in segs:
-                view = buf[at:at + n]
-                for a, b in _nonzero_runs(view, g):
-                    sink.write(view[a:b], pos + a)
+                if at < 0:
+                    sink.zero(pos, n)
+                else:
+                    sink.write(buf[at:at + n], pos)
                 tick(pos + n)
     finally:
         stop.set()
@@ -742,10 +467,8 @@ def compare(a: PathArg, b: PathArg, *, a_format: str | None = None, b_format: st
     runs of either image are read.  (``vdisk compare`` prints this offset
     rounded down to 512 bytes, as qemu-img compare does.)
     """
-    from .live import refused_if_served
-    with refused_if_served("compare", a, b):
-        return compare_images(a, b, a_format=a_format, b_format=b_format, allow_backing=allow_backing,
-                              progress=progress)[0]
+    return compare_images(a, b, a_format=a_format, b_format=b_format, allow_backing=allow_backing,
+                          progress=progress)[0]
 
 
 def compare_images(a, b, *, a_format=None, b_format=None, allow_backing=False,

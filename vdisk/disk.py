@@ -89,7 +89,7 @@ from .arrays import as_bytes_view as _as_bytes_view, lazy_zeros, load_array as _
 from .blocktable import BlockTable, plan_read, validate as _validate_table
 from .header import older_slot_regions, read_header as _read_header, read_image_header  # noqa: F401
 from .extents import Extents
-from .fileio import FileIO, _io_error, fsync_dir, place_synced, refuse_if_in_use
+from .fileio import FileIO, atomic_output, refuse_if_in_use
 from .layout import SUMMARY_SHIFT
 from .snapshot_ops import SnapshotHost, SnapshotOps
 from .snapshots import Snapshot, SnapshotInfo, ViewHost, SnapshotRecord, is_backup_snapshot, parse_table
@@ -1534,28 +1534,23 @@ def create(path: PathArg, size: SizeArg, block_size: SizeArg = "64KiB", *, overw
         flags=L.FLAG_TRACKING if track_changes else 0, created_ns=time.time_ns(), sequence=1)
     hdr.validate(end_blocks * bs)
 
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{_uuid.uuid4().hex[:8]}.creating")
-    fio = io_factory(tmp, writable=True, create=True)
+    fio = None
     try:
-        fio.lock(exclusive=True)
-        fio.truncate(end_blocks * bs)
-        refs = np.zeros(rcap, dtype=np.uint16)
-        refs[:end_blocks] = 1
-        raw = refs.view(np.uint8)[:L.round_up(end_blocks * 2, PAGE)]
-        fio.pwrite(raw, hdr.refcount_offset)
-        fio.pwrite(hdr.pack(), L.SLOT_OFFSETS[1])
-        fio.fsync()
-        if overwrite:
-            os.replace(tmp, path)
-            fsync_dir(directory)
-        else:
-            place_synced(tmp, path, TO_REPLACE)   # a failed fsync takes it away
+        # built under a temporary name, synced, then put in place (a failed directory fsync takes it away)
+        with atomic_output(path, overwrite=overwrite, what="creating", why=TO_REPLACE) as tmp:
+            fio = io_factory(tmp, writable=True, create=True)
+            fio.lock(exclusive=True)
+            fio.truncate(end_blocks * bs)
+            refs = np.zeros(rcap, dtype=np.uint16)
+            refs[:end_blocks] = 1
+            raw = refs.view(np.uint8)[:L.round_up(end_blocks * 2, PAGE)]
+            fio.pwrite(raw, hdr.refcount_offset)
+            fio.pwrite(hdr.pack(), L.SLOT_OFFSETS[1])
+            fio.fsync()
         fio.path = path
     except BaseException:
-        fio.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if fio is not None:
+            fio.close()
         raise
     return Disk(fio, hdr, 1, writable=True)
 

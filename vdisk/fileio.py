@@ -107,6 +107,17 @@ class FileIO:
         self.poisoned: VdiskIOError | None = None
         self.on_poison = None    # called with the error when an fsync fails (the Disk's _poison)
 
+    @classmethod
+    def adopt(cls, fd: int, path: str, writable: bool = False) -> "FileIO":
+        """A FileIO over a descriptor already opened and checked (open_input,
+        open_regular); it owns fd from now on (close() closes it).  Errors
+        name path."""
+        self = cls.__new__(cls)
+        self.path, self.writable, self.fd = os.fspath(path), writable, fd
+        self.poisoned = None
+        self.on_poison = None
+        return self
+
     # --- locking ------------------------------------------------------------
     def lock(self, exclusive: bool) -> None:
         """flock the file: exclusive for a writer, shared for readers; never waits."""
@@ -262,6 +273,51 @@ class FileIO:
                 self.fd = -1
 
 
+def open_input(path: str) -> int:
+    """The descriptor of an image to read: opened once, read-only, and
+    checked with fstat on that descriptor to be a regular file or a block
+    device (open_regular: a FIFO or socket never blocks the open).  A
+    missing file raises NoSuchFileError, any other OSError VdiskIOError,
+    both naming path."""
+    try:
+        return open_regular(path, os.O_RDONLY, block_device=True)
+    except FileNotFoundError:
+        raise NoSuchFileError(path) from None
+    except OSError as exc:
+        raise _io_error("open", path, exc) from exc
+
+
+class HostMap:
+    """Which parts of a host file are data and which are holes (SEEK_DATA),
+    remembering the last answer so a sequential walk makes few syscalls.
+    Where the file system cannot tell (no SEEK_DATA), everything is data."""
+
+    def __init__(self, fd: int, file_size: int):
+        self.fd, self.file_size = fd, file_size
+        self.lo = self.hi = 0
+        self.data = True
+
+    def segment(self, off: int) -> tuple[bool, int]:
+        """(is data, end of that state) for host offset off."""
+        if not (self.lo <= off < self.hi):
+            if off >= self.file_size:
+                return False, 1 << 63
+            try:
+                d = os.lseek(self.fd, off, os.SEEK_DATA)
+            except OSError as exc:
+                # ENXIO: nothing but a hole up to EOF; anything else (EINVAL: no SEEK_DATA): all data
+                d = self.file_size if exc.errno == errno.ENXIO else off
+            if d > off:
+                self.lo, self.hi, self.data = off, d, False
+            else:
+                try:
+                    h = os.lseek(self.fd, off, os.SEEK_HOLE)
+                except OSError:
+                    h = self.file_size
+                self.lo, self.hi, self.data = off, max(h, off + 1), True
+        return self.data, self.hi
+
+
 # ---------------------------------------------------------------------------- files into place
 def fsync_dir(directory: str) -> None:
     try:
@@ -371,32 +427,6 @@ _sync_file_range = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes
 def start_writeback(fd: int, offset: int, length: int) -> None:
     if _sync_file_range is not None and length > 0:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-def pread_fd(fd: int, length: int, offset: int, path: str) -> bytes:
-    """os.pread for a source read by descriptor outside FileIO (the raw and
-    qcow2 readers): an OSError becomes VdiskIOError naming path."""
-    try:
-        return os.pread(fd, length, offset)
-    except OSError as exc:
-        raise _io_error("pread", path, exc) from exc
-
-
-def preadinto_fd(fd: int, buf, offset: int, path: str) -> int:
-    """Fill buf from offset (bytes past EOF read as zeros), as FileIO.preadinto."""
-    mv = memoryview(buf).cast("B")
-    done = 0
-    total = len(mv)
-    try:
-        while done < total:
-            n = os.preadv(fd, [mv[done:]], offset + done)
-            if n == 0:                 # past EOF (a file shrinking under us): zeros
-                mv[done:] = bytes(total - done)
-                break
-            done += n
-    except OSError as exc:
-        raise _io_error("pread", path, exc) from exc
-    return total
 
 
 def pwrite_all(fd: int, data, offset: int) -> None:

@@ -56,6 +56,7 @@ from typing import Iterator
 from . import errors
 from .consumers import ConsumerInfo
 from .extents import Extents
+from .results import BackupResult, CheckResult
 from .snapshots import SnapshotInfo
 from ._types import PathArg
 
@@ -404,7 +405,6 @@ class LiveDisk:
 
     def backup(self, dest, *, since=None, consumer=None, compression="gzip", progress=None):
         """vdisk.backup inside the server (DEST is written by the server process)."""
-        from .backup import BackupResult
         r = self._call("backup", dest=os.path.abspath(os.fspath(dest)), since=since, consumer=consumer,
                        compression=compression)
         fields = {k: v for k, v in r.items() if k not in ("extents", "extent_runs")}
@@ -422,7 +422,6 @@ class LiveDisk:
 
     def check(self):
         """A read-only check of the served image's flushed state."""
-        from .check import CheckResult
         return CheckResult(**self._call("check"))
 
 

@@ -1,4 +1,4 @@
-"""Fuzz target (b): the qcow2 reader (vdisk/qcow2.py) on hostile images.
+"""Fuzz target (b): the qcow2 reader (vdisk/qcow2/reader.py) on hostile images.
 
 One input is one qcow2 file.  It is opened with :class:`vdisk.qcow2.Qcow2Image`,
 its extents listed, a few windows read (``readinto`` and ``readv``, which
@@ -28,6 +28,7 @@ import numpy as np
 
 import vdisk
 from vdisk import qcow2 as Q
+from vdisk.fileio import FileIO
 from vdisk.convert import open_backing  # how vdisk.convert opens backing files
 
 from vdisk_testkit.fuzz.common import INTERESTING, KiB, MiB, guard, havoc, put_int, remove, scratch_path, write_sparse
@@ -66,15 +67,15 @@ def _backing_files() -> None:
 def _minimal_qcow2(size: int) -> bytes:
     """An empty version 3 image of 512-byte clusters, written by vdisk's own writer."""
     path = scratch_path("minimal.tmp")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    out = FileIO(path, writable=True, create=True, overwrite=True)
     try:
-        w = Q.Qcow2Writer(fd, size, cluster_size=512)
+        w = Q.Qcow2Writer(out, size, cluster_size=512)
         w.write(memoryview(b"\x5a" * 512), 0)
         w.finish()
         with open(path, "rb") as f:
             return f.read()
     finally:
-        os.close(fd)
+        out.close()
         remove(path)
 
 

@@ -1,512 +1,35 @@
-"""qcow2: the on-disk structures, a reader that treats every image as hostile, and a writer.
-
-The layout follows qemu's docs/interop/qcow2.txt; helper names follow
-qemu's block/qcow2*.c (``offset_to_l1_index``, ``get_cluster_type``, ...)
-so code and spec can be read side by side.
-
-Reader contract
----------------
-:class:`Qcow2Image` reads the *active layer* of a version 2 or 3 image:
-cluster sizes 512 B to 2 MiB; any refcount width (refcounts are never read:
-a reader does not need them, and they are not trusted, dirty bit or not);
-standard, zero (with or without an allocation), unallocated and compressed
-clusters, deflate (raw zlib, window bits -12, as qemu) or zstd (with the
-``zstandard`` package); extended L2 entries (32 subclusters per cluster);
-preallocated images (host holes are found with SEEK_DATA and never read);
-internal snapshots (the table is bounds-checked, then ignored); backing
-files on request (see :func:`resolve_backing`).
-
-Refused, each with an error naming the problem (table, index, offset):
-
-* :class:`~vdisk.FormatError`: not qcow2 (no magic).
-* :class:`~vdisk.UnsupportedFeatureError`: version other than 2 and 3,
-  clusters over 2 MiB (``cluster_bits`` > 21), encryption (``crypt_method``
-  != 0), an external data file (incompatible bit 2), unknown incompatible
-  bits, a compression type other than zlib and zstd, zstd without the
-  ``zstandard`` package, a backing file unless asked for, a backing chain
-  deeper than :data:`MAX_BACKING_DEPTH`.
-* :class:`~vdisk.CorruptImageError`: the corrupt bit (incompatible bit 1:
-  qemu itself only opens such an image read-only for repair; this reader
-  refuses it, there is no override), ``cluster_bits`` < 9, a header field
-  out of range, a table larger than qemu's caps, a table or cluster that
-  is unaligned, runs past the end of the file or overlaps the header, the
-  L1 table, the refcount table or the snapshot table (those four are also
-  checked pairwise), reserved bits set in an L1 or L2 entry, an invalid
-  extended L2 bitmap, a compressed cluster that runs past the end of the
-  file or decompresses to less than one cluster, a zstd cluster whose frame
-  does not end where the cluster ends (more than one cluster of output, or
-  cut short; qemu refuses both).
-
-Caps (qemu's, block/qcow2.h): L1 table at most 32 MiB (``QCOW_MAX_L1_SIZE``,
-4 Mi entries), refcount table at most 8 MiB (``QCOW_MAX_REFTABLE_SIZE``),
-at most 65536 snapshots (``QCOW_MAX_SNAPSHOTS``) in a snapshot table of at
-most 64 MiB (``QCOW_MAX_SNAPSHOTS_SIZE``) with at most 1024 bytes of extra
-data per entry, a backing file name of at most 1023 bytes, host offsets
-below 2**56.  A compressed cluster is read as at most two clusters of input
-(the descriptor cannot say more) and decompressed to at most one cluster.
-
-Memory stays bounded whatever the header says: the L1 table is read in
-windows of :data:`L1_WINDOW` entries, at most :data:`L2_CACHE` L2 tables
-are held at a time, and reads go through the caller's buffer.  The L1
-table is walked once, front to back, so shared or cyclic L2 pointers cost
-no more than distinct ones.  Not checked: that L2 tables and data clusters
-do not alias each other (a hostile image can make them; the result is
-data that looks wrong, never an out-of-bounds read or a hang).
-
-Writer contract
----------------
-:class:`Qcow2Writer` streams a version 3 image (refcount width 16, no
-extensions) into an open file: cluster 0 the header, then the L1 table,
-then data clusters in guest order with each L2 table appended after the
-data it maps, and at the end the refcount table and refcount blocks.
-Every cluster of the file is used exactly once, so every refcount is 1:
-``qemu-img check`` finds no leak and no error.  Only the clusters the
-caller hands over are allocated (the caller skips zero clusters).
-"""
+"""The qcow2 reader, :class:`Qcow2Image`: the active layer of a version 2 or
+3 image, every table and pointer bounded and checked first (the contract is
+the docstring of the vdisk.qcow2 package)."""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
-import re
-import stat
 import struct
-import zlib
 from collections import OrderedDict
 from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError, UnsupportedFeatureError
-from .errors import NoSuchFileError, Param
-from .fileio import pread_fd, preadinto_fd, pwrite_all
+from ..errors import CorruptImageError, FormatError, OutOfRangeError, SnapshotNotFoundError, UnsupportedFeatureError
+from ..fileio import FileIO, HostMap, open_input
+from .backing import resolve_backing
+from .compressed import _map_decompress, _zstd_decompressor
+from .structures import (BACKING, COMPRESSED, COMPRESSED_SECTOR_SIZE, COMPRESSION_NAMES, COMPRESSION_ZLIB,
+                         COMPRESSION_ZSTD, CRYPT_AES, CRYPT_LUKS, CRYPT_NONE, DATA, EXTENSION,
+                         EXTL2_MIN_CLUSTER_BITS, EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_END, EXT_FEATURE_TABLE,
+                         FEATURE_ENTRY, Geometry, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
+                         INCOMPAT_DIRTY, INCOMPAT_EXTL2, INCOMPAT_KNOWN, INT_MAX, KiB, L1E_OFFSET_MASK,
+                         L1E_RESERVED_MASK, L1_WINDOW, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, L2_CACHE,
+                         MAX_BACKING_DEPTH, MAX_BACKING_FILE_NAME, MAX_BACKING_FORMAT_NAME, MAX_CLUSTER_BITS,
+                         MAX_CLUSTER_OFFSET, MAX_L1_SIZE, MAX_REFCOUNT_ORDER, MAX_REFTABLE_SIZE,
+                         MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE, MAX_SNAPSHOT_EXTRA_DATA, MIN_CLUSTER_BITS, MiB,
+                         QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, Qcow2Header, Qcow2Snapshot,
+                         REFTABLE_WINDOW, REFT_OFFSET_MASK, REFT_RESERVED_MASK, SECTOR_SIZE, SNAPSHOT_ENTRY,
+                         SUBCLUSTERS_PER_CLUSTER, V2_HEADER_LENGTH, V3_MIN_HEADER_LENGTH, ZERO, _round_up,
+                         offset_to_l1_index, parse_compressed_l2_entry, probe, size_to_l1)
 
-KiB, MiB = 1 << 10, 1 << 20
 
-# ---------------------------------------------------------------------------- constants (block/qcow2.h)
-MAGIC = b"QFI\xfb"
-V2_HEADER_LENGTH = 72
-V3_MIN_HEADER_LENGTH = 104
-V3_HEADER_LENGTH = 112                 # what the writer emits: up to compression_type, padded to 8
-MIN_CLUSTER_BITS = 9
-MAX_CLUSTER_BITS = 21
-EXTL2_MIN_CLUSTER_BITS = 14
-SUBCLUSTERS_PER_CLUSTER = 32
-MAX_REFCOUNT_ORDER = 6
-
-MAX_L1_SIZE = 32 * MiB                 # QCOW_MAX_L1_SIZE, bytes
-MAX_REFTABLE_SIZE = 8 * MiB            # QCOW_MAX_REFTABLE_SIZE, bytes
-MAX_SNAPSHOTS = 65536                  # QCOW_MAX_SNAPSHOTS
-MAX_SNAPSHOTS_SIZE = 1024 * MAX_SNAPSHOTS   # QCOW_MAX_SNAPSHOTS_SIZE, bytes
-MAX_SNAPSHOT_EXTRA_DATA = 1024         # QCOW_MAX_SNAPSHOT_EXTRA_DATA
-MAX_BACKING_FILE_NAME = 1023
-MAX_BACKING_FORMAT_NAME = 15           # sizeof(bs->backing_format) - 1
-MAX_CLUSTER_OFFSET = (1 << 56) - 1     # QCOW_MAX_CLUSTER_OFFSET
-INT_MAX = (1 << 31) - 1
-COMPRESSED_SECTOR_SIZE = 512           # QCOW2_COMPRESSED_SECTOR_SIZE
-SECTOR_SIZE = 512                      # BDRV_SECTOR_SIZE: the virtual size is rounded down to it
-
-MAX_BACKING_DEPTH = 16                 # backing files under one image (ours: qemu has no fixed cap)
-L1_WINDOW = 8192                       # L1 entries read at a time (64 KiB)
-L2_CACHE = 2                           # L2 tables held at a time (keyed by offset: shared tables hit)
-REFTABLE_WINDOW = 8192                 # refcount table entries checked at a time
-
-# header fields
-CRYPT_NONE, CRYPT_AES, CRYPT_LUKS = 0, 1, 2
-INCOMPAT_DIRTY = 1 << 0
-INCOMPAT_CORRUPT = 1 << 1
-INCOMPAT_DATA_FILE = 1 << 2
-INCOMPAT_COMPRESSION = 1 << 3
-INCOMPAT_EXTL2 = 1 << 4
-INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
-INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file", 3: "compression type",
-                  4: "extended L2 entries"}
-COMPRESSION_ZLIB, COMPRESSION_ZSTD = 0, 1
-COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
-
-# header extensions
-EXT_END = 0x00000000
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_FEATURE_TABLE = 0x6803F857
-EXT_BITMAPS = 0x23852875
-EXT_CRYPTO = 0x0537BE77
-EXT_DATA_FILE = 0x44415441
-
-# table entries
-QCOW_OFLAG_COPIED = 1 << 63
-QCOW_OFLAG_COMPRESSED = 1 << 62
-QCOW_OFLAG_ZERO = 1 << 0
-L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-L1E_RESERVED_MASK = 0x7F000000000001FF
-L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-L2E_STD_RESERVED_MASK = 0x3F000000000001FE
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
-REFT_RESERVED_MASK = 0x1FF
-
-# on-disk records, big-endian
-HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")         # 72 bytes
-HEADER_V3 = struct.Struct(">QQQII")                   # bytes 72..103
-EXTENSION = struct.Struct(">II")                      # type, length
-SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")          # 40 bytes, then extra data, id, name, padding
-FEATURE_ENTRY = struct.Struct(">BB46s")
-
-# what a guest range reads from (the reader's run kinds)
-ZERO, DATA, COMPRESSED, BACKING = 0, 1, 2, 3
-
-
-def probe(head: bytes) -> bool:
-    """True when the first bytes of a file look like qcow2 (the magic)."""
-    return head[:4] == MAGIC
-
-
-def _round_up(n: int, align: int) -> int:
-    return -(-n // align) * align
-
-
-# ---------------------------------------------------------------------------- the header
-@dataclasses.dataclass
-class Qcow2Header:
-    """The header fields (version 2 fields, then the version 3 ones)."""
-
-    version: int = 3
-    backing_file_offset: int = 0
-    backing_file_size: int = 0
-    cluster_bits: int = 16
-    size: int = 0
-    crypt_method: int = 0
-    l1_size: int = 0
-    l1_table_offset: int = 0
-    refcount_table_offset: int = 0
-    refcount_table_clusters: int = 0
-    nb_snapshots: int = 0
-    snapshots_offset: int = 0
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = V3_HEADER_LENGTH
-    compression_type: int = COMPRESSION_ZLIB
-
-    @classmethod
-    def unpack(cls, raw: bytes) -> "Qcow2Header":
-        """Fields from the first bytes of the file (at least 72; 104 for v3).
-        Only unpacks: :meth:`Qcow2Image` validates."""
-        (magic, version, bfo, bfs, cbits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
-         nb_snap, snap_off) = HEADER_V2.unpack_from(raw, 0)
-        h = cls(version=version, backing_file_offset=bfo, backing_file_size=bfs, cluster_bits=cbits, size=size,
-                crypt_method=crypt, l1_size=l1_size, l1_table_offset=l1_off, refcount_table_offset=rt_off,
-                refcount_table_clusters=rt_clusters, nb_snapshots=nb_snap, snapshots_offset=snap_off)
-        if version >= 3 and len(raw) >= V3_MIN_HEADER_LENGTH:
-            (h.incompatible_features, h.compatible_features, h.autoclear_features, h.refcount_order,
-             h.header_length) = HEADER_V3.unpack_from(raw, V2_HEADER_LENGTH)
-            h.compression_type = raw[V3_MIN_HEADER_LENGTH] if h.header_length > V3_MIN_HEADER_LENGTH and \
-                len(raw) > V3_MIN_HEADER_LENGTH else COMPRESSION_ZLIB
-        else:
-            h.refcount_order, h.header_length = 4, V2_HEADER_LENGTH
-        return h
-
-    def pack(self) -> bytes:
-        """A version 3 header of header_length bytes (the writer's)."""
-        raw = HEADER_V2.pack(MAGIC, self.version, self.backing_file_offset, self.backing_file_size,
-                             self.cluster_bits, self.size, self.crypt_method, self.l1_size, self.l1_table_offset,
-                             self.refcount_table_offset, self.refcount_table_clusters, self.nb_snapshots,
-                             self.snapshots_offset)
-        raw += HEADER_V3.pack(self.incompatible_features, self.compatible_features, self.autoclear_features,
-                              self.refcount_order, self.header_length)
-        raw += bytes([self.compression_type])
-        return raw.ljust(self.header_length, b"\0")
-
-
-# ---------------------------------------------------------------------------- geometry helpers (qcow2.h)
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-    cluster_bits: int
-    extended_l2: bool
-
-    @property
-    def cluster_size(self) -> int:
-        return 1 << self.cluster_bits
-
-    @property
-    def l2_bits(self) -> int:
-        return self.cluster_bits - (4 if self.extended_l2 else 3)
-
-    @property
-    def l2_entries(self) -> int:
-        return 1 << self.l2_bits
-
-    @property
-    def l2_entry_size(self) -> int:
-        return 16 if self.extended_l2 else 8
-
-    @property
-    def unit_bits(self) -> int:
-        """Bits of the read unit: the subcluster with extended L2 entries, else the cluster."""
-        return self.cluster_bits - 5 if self.extended_l2 else self.cluster_bits
-
-    @property
-    def csize_shift(self) -> int:
-        return 62 - (self.cluster_bits - 8)
-
-    @property
-    def csize_mask(self) -> int:
-        return (1 << (self.cluster_bits - 8)) - 1
-
-    @property
-    def cluster_offset_mask(self) -> int:
-        return (1 << self.csize_shift) - 1
-
-
-def size_to_l1(g: Geometry, size: int) -> int:
-    shift = g.cluster_bits + g.l2_bits
-    return (size + (1 << shift) - 1) >> shift
-
-
-def offset_to_l1_index(g: Geometry, offset: int) -> int:
-    return offset >> (g.l2_bits + g.cluster_bits)
-
-
-def offset_to_l2_index(g: Geometry, offset: int) -> int:
-    return (offset >> g.cluster_bits) & (g.l2_entries - 1)
-
-
-def parse_compressed_l2_entry(g: Geometry, entry):
-    """(host offset, bytes to read) of a compressed cluster descriptor
-    (reference: qcow2_parse_compressed_l2_entry); works on numpy arrays too."""
-    if isinstance(entry, np.ndarray):
-        u64 = np.uint64
-        coffset = entry & u64(g.cluster_offset_mask)
-        nb_csectors = ((entry >> u64(g.csize_shift)) & u64(g.csize_mask)) + u64(1)
-        csize = nb_csectors * u64(COMPRESSED_SECTOR_SIZE) - (coffset & u64(COMPRESSED_SECTOR_SIZE - 1))
-        return coffset, csize
-    coffset = entry & g.cluster_offset_mask
-    nb_csectors = ((entry >> g.csize_shift) & g.csize_mask) + 1
-    csize = nb_csectors * COMPRESSED_SECTOR_SIZE - (coffset & (COMPRESSED_SECTOR_SIZE - 1))
-    return coffset, csize
-
-
-# ---------------------------------------------------------------------------- backing files
-def has_protocol(name: str) -> bool:
-    """qemu's path_has_protocol: a ':' before any '/' (so 'nbd://x',
-    'json:{...}', but also 'a_b:c' and '1:x') makes the part before it a
-    protocol name; qemu opens no such name as a file."""
-    colon, slash = name.find(":"), name.find("/")
-    return colon >= 0 and (slash < 0 or colon < slash)
-
-
-def resolve_backing(image_path: str, name: str, allow_backing) -> str:
-    """The host path of the backing file ``name`` of the image at image_path.
-
-    * ``allow_backing`` false: refused (UnsupportedFeatureError naming the
-      backing file).
-    * a path (str or PathLike): that file, whatever the image names.
-    * True: ``name`` must be relative, free of ``..``, not a qemu protocol
-      or ``json:`` name (no ':' before the first '/', as qemu's
-      path_has_protocol), not end with '/', name a regular file as the
-      kernel resolves it, and resolve (symlinks followed, with
-      os.path.realpath) to a regular file inside the folder that really
-      holds the image.
-    """
-    if not allow_backing:
-        raise UnsupportedFeatureError.naming(
-            f"{image_path}: the image has a backing file ({name!r}); backing files are read only when asked "
-            f"(pass ", Param("allow_backing", True), ", or ", Param("allow_backing", placeholder="the backing file's path"),
-            ")")
-    if allow_backing is not True:
-        path = os.fspath(allow_backing)
-        _check_regular(path, f"{image_path}: backing file {path!r}")
-        return path
-    if not name or "\0" in name:
-        raise CorruptImageError(f"{image_path}: the backing file name {name!r} is empty or holds a NUL byte")
-    if os.path.isabs(name):
-        raise UnsupportedFeatureError(
-            f"{image_path}: backing file {name!r} is an absolute path; only a name relative to the image's "
-            f"folder is followed (pass the backing path explicitly to use it)")
-    if ".." in re.split(r"[/\\]", name):
-        raise UnsupportedFeatureError(
-            f"{image_path}: backing file {name!r} leaves the image's folder ('..'); pass the backing path "
-            f"explicitly to use it")
-    if has_protocol(name):
-        raise UnsupportedFeatureError(
-            f"{image_path}: backing file {name!r} names a protocol or json: description, not a file (a ':' "
-            f"before any '/'; qemu reads the part before it as a protocol name)")
-    if name.endswith("/"):
-        raise UnsupportedFeatureError(
-            f"{image_path}: backing file {name!r} ends with '/': it names a directory, which qemu cannot open "
-            f"as an image (ENOTDIR)")
-    folder = os.path.dirname(os.path.realpath(image_path))
-    # the name as the kernel resolves it (as qemu opens it): 'file/.' is not 'file'
-    _check_regular(os.path.join(folder, name), f"{image_path}: backing file {name!r}")
-    real = os.path.realpath(os.path.join(folder, name))
-    if os.path.commonpath([folder, real]) != folder or real == folder:
-        raise UnsupportedFeatureError(
-            f"{image_path}: backing file {name!r} resolves to {real!r}, outside the image's folder {folder!r} "
-            f"(a symlink escaping it); pass the backing path explicitly to use it")
-    _check_regular(real, f"{image_path}: backing file {name!r}")
-    return real
-
-
-def _check_regular(path: str, what: str) -> None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise NoSuchFileError(what) from None
-    except OSError as exc:
-        raise InvalidArgumentError(f"{what}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise UnsupportedFeatureError(f"{what} is not a regular file")
-
-
-# ---------------------------------------------------------------------------- decompression
-ZSTD_MAX_WINDOW = 4 * MiB              # a cluster is at most 2 MiB: no honest frame needs a larger window
-ZSTD_MAGIC = 0xFD2FB528
-ZSTD_SKIPPABLE_MAGIC, ZSTD_SKIPPABLE_MASK = 0x184D2A50, 0xFFFFFFF0
-
-
-class BadCompressedCluster(ValueError):
-    """A compressed cluster that is not exactly one cluster of output (the message says how)."""
-
-
-def _zstd_decompressor():
-    """A zstandard decompression context (one per thread: they are not thread-safe)."""
-    try:
-        import zstandard
-    except ImportError:
-        raise UnsupportedFeatureError("qcow2 zstd compression (install zstandard)") from None
-    return zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-
-
-def zstd_piece_budget(cluster_size: int) -> int:
-    """How many zstd frames and blocks one cluster may be made of, together
-    (ours: qemu has no cap).  qemu writes one frame of blocks of up to
-    128 KiB; this allows one per 512 bytes of the cluster, plus 16, so a
-    hostile stream of empty blocks costs microseconds, not half a second."""
-    return cluster_size // 512 + 16
-
-
-def _zstd_frame_end(mv: memoryview, pos: int, budget: int) -> tuple[int, int]:
-    """(the offset just past the zstd frame that starts at pos, the budget
-    left after its blocks) (reference: ZSTD_findFrameCompressedSize; the
-    frame format is RFC 8878 section 3.1).
-
-    Only the frame header and the 3-byte block headers are read, each
-    block spending one unit of budget.  BadCompressedCluster when there is
-    no frame at pos, it runs past the end of the data, or the budget runs out."""
-    n = len(mv)
-    budget -= 1
-    if budget < 0:
-        raise BadCompressedCluster("its zstd data has too many frames (more than one per 512 bytes of the cluster)")
-    if pos + 5 > n:
-        raise BadCompressedCluster("its zstd data ends before a complete frame header")
-    magic = int.from_bytes(mv[pos:pos + 4], "little")
-    if magic & ZSTD_SKIPPABLE_MASK == ZSTD_SKIPPABLE_MAGIC:
-        end = pos + 8 + int.from_bytes(mv[pos + 4:pos + 8], "little") if pos + 8 <= n else n + 1
-        if end > n:
-            raise BadCompressedCluster("a skippable zstd frame runs past the end of the compressed data")
-        return end, budget
-    if magic != ZSTD_MAGIC:
-        raise BadCompressedCluster(f"no zstd frame at byte {pos} of the compressed data")
-    fhd = mv[pos + 4]
-    single_segment = fhd >> 5 & 1
-    p = pos + 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[fhd & 3] + ((single_segment, 2, 4, 8)[fhd >> 6])
-    while True:
-        budget -= 1
-        if budget < 0:
-            raise BadCompressedCluster("its zstd data has too many blocks (more than one per 512 bytes of the "
-                                       "cluster)")
-        if p + 3 > n:
-            raise BadCompressedCluster("its zstd frame is cut short (the data ends inside the frame)")
-        b = mv[p] | mv[p + 1] << 8 | mv[p + 2] << 16
-        block_type = b >> 1 & 3
-        if block_type == 3:
-            raise BadCompressedCluster(f"its zstd frame has a block of the reserved type 3 at byte {p}")
-        p += 3 + (1 if block_type == 1 else b >> 3)
-        if b & 1:
-            break
-    p += 4 if fhd & 0x04 else 0               # the content checksum
-    if p > n:
-        raise BadCompressedCluster("its zstd frame is cut short (the data ends inside the frame)")
-    return p, budget
-
-
-def _zstd_decompress(ctx, data, cluster_size: int) -> bytes:
-    """One cluster from a zstd stream (reference: qcow2_zstd_decompress).
-
-    As qemu: frames are decoded one after the other until the output holds
-    one cluster; the frame that fills it must end there (qemu: EIO when
-    ZSTD_decompressStream still has output to flush, i.e. the cluster
-    decompresses to more than one cluster), and what follows that frame
-    (the rest of its last 512-byte sector, often the next cluster's frame)
-    is never parsed.  Output is capped at one cluster and the window at
-    4 MiB, so a zstd bomb costs one cluster of memory.
-    """
-    mv = memoryview(data)
-    parts, got, pos = [], 0, 0
-    budget = zstd_piece_budget(cluster_size)
-    while got < cluster_size:
-        if pos >= len(mv):
-            raise BadCompressedCluster(f"it decompresses to {got} bytes, not the cluster size {cluster_size}")
-        end, budget = _zstd_frame_end(mv, pos, budget)
-        reader = ctx.stream_reader(mv[pos:end], read_across_frames=False)
-        while got < cluster_size:
-            piece = reader.read(cluster_size - got)
-            if not piece:
-                break
-            parts.append(piece)
-            got += len(piece)
-        if got == cluster_size and reader.read(1):
-            raise BadCompressedCluster(f"its zstd frame decompresses to more than one cluster ({cluster_size} "
-                                       f"bytes)")
-        pos = end
-    return b"".join(parts)
-
-
-def _decompress(data, cluster_size: int, compression_type: int, zstd_ctx=None) -> bytes:
-    """One cluster from its compressed bytes, the output capped to cluster_size.
-
-    Raises zlib.error / ZstdError / BadCompressedCluster on bad input; the
-    caller turns them into CorruptImageError with the location.
-    """
-    if compression_type == COMPRESSION_ZLIB:
-        # reference: qcow2_zlib_decompress (raw deflate, 4 KiB window; as qemu, a full
-        # cluster of output is enough: the input is only known to the sector)
-        d = zlib.decompressobj(-12)
-        return d.decompress(data, cluster_size)
-    return _zstd_decompress(zstd_ctx, data, cluster_size)
-
-
-# ---------------------------------------------------------------------------- host holes
-class _HostMap:
-    """Which parts of the host file are data and which are holes (SEEK_DATA),
-    remembering the last answer so a sequential walk makes few syscalls."""
-
-    def __init__(self, fd: int, file_size: int):
-        self.fd, self.file_size = fd, file_size
-        self.lo = self.hi = 0
-        self.data = True
-
-    def segment(self, off: int) -> tuple[bool, int]:
-        """(is data, end of that state) for host offset off."""
-        if not (self.lo <= off < self.hi):
-            if off >= self.file_size:
-                return False, 1 << 63
-            try:
-                d = os.lseek(self.fd, off, os.SEEK_DATA)
-            except OSError as exc:
-                # ENXIO: nothing but a hole up to EOF; anything else (EINVAL: no SEEK_DATA): all data
-                d = self.file_size if exc.errno == errno.ENXIO else off
-            if d > off:
-                self.lo, self.hi, self.data = off, d, False
-            else:
-                try:
-                    h = os.lseek(self.fd, off, os.SEEK_HOLE)
-                except OSError:
-                    h = self.file_size
-                self.lo, self.hi, self.data = off, max(h, off + 1), True
-        return self.data, self.hi
-
-
-# ---------------------------------------------------------------------------- the reader
 class Qcow2Image:
     """The active layer of a qcow2 image, read-only; see the module docstring.
 
@@ -528,21 +51,24 @@ class Qcow2Image:
 
     format = "qcow2"
 
-    def __init__(self, path, *, allow_backing=False, open_backing: Callable | None = None,
-                 chain: tuple[str, ...] = ()):
+    def __init__(self, path, *, fd: int | None = None, allow_backing=False, open_backing: Callable | None = None,
+                 chain: tuple[str, ...] = (), snapshot: str | None = None):
         self.path = os.fspath(path)
+        self.snapshots: list[Qcow2Snapshot] = []      # the internal snapshots, in table order
+        self.snapshot: Qcow2Snapshot | None = None   # the one read in place of the active layer
         self.backing = None
         self.backing_file: str | None = None
         self.backing_format: str | None = None
-        self._fd = -1
+        self._io: FileIO | None = None
+        # fd: the image opened by the caller (fileio.open_input), owned from here on
+        self._io = FileIO.adopt(open_input(self.path) if fd is None else fd, self.path)
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise NoSuchFileError(self.path) from None
-        try:
-            self.file_size = os.fstat(self._fd).st_size
+            self.file_size = os.lseek(self._io.fd, 0, os.SEEK_END)     # st_size is 0 for a block device
             self._open()
-            self._host = _HostMap(self._fd, self.file_size)
+            self._active = (self.header, self.size, self._l1_needed)
+            if snapshot is not None:
+                self._select_snapshot(snapshot)
+            self._host = HostMap(self._io.fd, self.file_size)
             self._l1_cache: tuple[int, np.ndarray] | None = None
             self._l2_cache: OrderedDict[int, tuple] = OrderedDict()
             self._last_compressed: tuple[int, bytes] | None = None
@@ -561,7 +87,7 @@ class Qcow2Image:
         if off < 0 or off + n > self.file_size:
             raise self._corrupt(f"{what} at offset {off:#x} ({n} bytes) runs past the end of the file "
                                 f"({self.file_size} bytes)")
-        data = pread_fd(self._fd, n, off, self.path)
+        data = self._io.pread(n, off)
         if len(data) != n:
             raise self._corrupt(f"{what} at offset {off:#x}: short read ({len(data)} of {n} bytes; "
                                 f"the file shrank?)")
@@ -569,7 +95,7 @@ class Qcow2Image:
 
     def _open(self) -> None:
         fs = self.file_size
-        head = pread_fd(self._fd, 4096, 0, self.path)
+        head = self._io.pread(4096, 0)
         if not probe(head):
             raise FormatError(f"{self.path}: not a qcow2 image (no QFI\\xfb magic)")
         if fs < V2_HEADER_LENGTH:
@@ -596,7 +122,7 @@ class Qcow2Image:
             if fs < h.header_length:
                 raise self._corrupt(f"truncated to {fs} bytes, shorter than its {h.header_length}-byte header")
             if h.header_length > V3_MIN_HEADER_LENGTH:
-                h.compression_type = pread_fd(self._fd, 1, V3_MIN_HEADER_LENGTH, self.path)[0]
+                h.compression_type = self._io.pread(1, V3_MIN_HEADER_LENGTH)[0]
         # features
         incompat = h.incompatible_features
         if incompat & ~INCOMPAT_KNOWN:
@@ -769,14 +295,14 @@ class Qcow2Image:
                     raise self._corrupt(f"{what} at offset {at:#x} runs past the end of the file "
                                         f"({self.file_size} bytes)")
                 wstart = at
-                window = pread_fd(self._fd, max(n, min(1 * MiB, self.file_size - at)), at, self.path)
+                window = self._io.pread(max(n, min(1 * MiB, self.file_size - at)), at)
                 if len(window) < n:
                     raise self._corrupt(f"{what} at offset {at:#x}: short read")
             return window[at - wstart:at - wstart + n]
 
         for i in range(h.nb_snapshots):
             what = f"snapshot table entry {i}"
-            (l1_off, l1_size, id_len, name_len, _s, _ns, _clock, _vm, extra) = SNAPSHOT_ENTRY.unpack(
+            (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, clock, vm_state, extra) = SNAPSHOT_ENTRY.unpack(
                 read(SNAPSHOT_ENTRY.size, pos, what))
             if extra > MAX_SNAPSHOT_EXTRA_DATA:
                 raise self._corrupt(f"{what} (offset {pos:#x}) has {extra} bytes of extra data; at most "
@@ -792,15 +318,59 @@ class Qcow2Image:
                                     f"{MAX_L1_SIZE // 8}")
             if l1_size:
                 self._check_table(l1_off, l1_size * 8, f"{what}'s L1 table")
+            body = read(length - SNAPSHOT_ENTRY.size, pos + SNAPSHOT_ENTRY.size, what) if length > SNAPSHOT_ENTRY.size \
+                else b""
+            ext = body[:extra]
+            vm_large = int.from_bytes(ext[0:8], "big") if extra >= 8 else vm_state
+            disk_size = int.from_bytes(ext[8:16], "big") if extra >= 16 else None
+            icount = int.from_bytes(ext[16:24], "big") if extra >= 24 else None
+            ident = body[extra:extra + id_len].decode("utf-8", "replace")
+            name = body[extra + id_len:extra + id_len + name_len].decode("utf-8", "replace")
+            self.snapshots.append(Qcow2Snapshot(ident, name, l1_off, l1_size, date_sec, date_nsec, clock, vm_large,
+                                                disk_size, icount))
             pos += length
         return pos - start
+
+    def _select_snapshot(self, which: str) -> None:
+        """Read internal snapshot `which` (its name, else its id) in place of
+        the active layer: its L1 table and its virtual size (reference:
+        qcow2_snapshot_load_tmp, which qemu-img convert -l uses)."""
+        rec = next((s for s in self.snapshots if s.name == which), None) or \
+            next((s for s in self.snapshots if s.id == which), None)
+        if rec is None:
+            names = ", ".join(s.name for s in self.snapshots) or "none"
+            raise SnapshotNotFoundError(f"{self.path}: no internal snapshot {which!r} (snapshots: {names})")
+        size = self._active[0].size if rec.disk_size is None else rec.disk_size
+        need = size_to_l1(self.geometry, size)
+        if size > (1 << 63) - 1 or need > MAX_L1_SIZE // 8:
+            raise self._corrupt(f"snapshot {rec.name!r}: virtual size {size} is too big for its clusters")
+        if rec.l1_size < need:
+            raise self._corrupt(f"snapshot {rec.name!r}: its L1 table has {rec.l1_size} entries for a virtual "
+                                f"size of {size} bytes, which needs {need}")
+        h = self._active[0]
+        self.header = dataclasses.replace(h, l1_table_offset=rec.l1_table_offset, l1_size=rec.l1_size)
+        self.size = size - size % SECTOR_SIZE
+        self._l1_needed = need
+        self.snapshot = rec
+
+    def select(self, which: str | None) -> None:
+        """Read internal snapshot `which` (name, else id) from now on, or the
+        active layer again (None); ``size`` follows."""
+        if which is None:
+            self.header, self.size, self._l1_needed = self._active
+            self.snapshot = None
+        else:
+            self._select_snapshot(which)
+        self._l1_cache = None
+        self._l2_cache.clear()
+        self._last_compressed = None
 
     def _extensions(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
         """(type, data) of each header extension in [start, end) (reference: qcow2_read_extensions)."""
         end = min(end, self.file_size)
         if end <= start:
             return
-        raw = pread_fd(self._fd, end - start, start, self.path)
+        raw = self._io.pread(end - start, start)
         pos = 0
         while pos + EXTENSION.size <= len(raw):
             typ, length = EXTENSION.unpack_from(raw, pos)
@@ -1189,7 +759,7 @@ class Qcow2Image:
         return bytes(buf)
 
     def _pread_into(self, mv: memoryview, host: int) -> None:
-        preadinto_fd(self._fd, mv, host, self.path)     # past EOF (a shrinking file): zeros
+        self._io.preadinto(mv, host)     # past EOF (a shrinking file): zeros
 
     def _read_compressed(self, runs: list[tuple[memoryview, int, int]]) -> None:
         """Fill the targets of runs (target, offset in cluster, guest cluster)
@@ -1220,7 +790,7 @@ class Qcow2Image:
                     break
                 hi = max(hi, co + cs)
                 j += 1
-            span = pread_fd(self._fd, hi - lo, lo, self.path)
+            span = self._io.pread(hi - lo, lo)
             for cl, (co, cs) in order[i:j + 1]:
                 jobs.append((cl, co, memoryview(span)[co - lo:co - lo + cs]))
             i = j + 1
@@ -1252,9 +822,9 @@ class Qcow2Image:
         if self.backing is not None:
             self.backing.close()
             self.backing = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._io is not None:
+            self._io.close()
+            self._io = None
 
     def __enter__(self) -> "Qcow2Image":
         return self
@@ -1267,173 +837,3 @@ class Qcow2Image:
             self.close()
         except Exception:
             pass
-
-
-# ---------------------------------------------------------------------------- parallel decompression
-_POOL = None
-_POOL_WORKERS = 1
-
-
-def _pool():
-    """The decompression threads: one per usable core, at most 8."""
-    global _POOL, _POOL_WORKERS
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        _POOL_WORKERS = max(1, min(8, cores))
-        _POOL = ThreadPoolExecutor(max_workers=_POOL_WORKERS, thread_name_prefix="vdisk-qcow2")
-    return _POOL
-
-
-def _decompress_one(job, cluster_size, compression_type, ctx):
-    try:
-        return _decompress(job[2], cluster_size, compression_type, ctx), None
-    except BadCompressedCluster as exc:
-        return b"", str(exc)
-    except Exception as exc:         # zlib.error, ZstdError, ...: reported with the location
-        return b"", f"it does not decompress ({type(exc).__name__}: {exc})"
-
-
-def _map_decompress(jobs, cluster_size: int, compression_type: int, ctx_factory):
-    """Decompress jobs (cluster, host offset, data), in threads when there
-    are enough to pay for them (zlib and zstd release the GIL)."""
-    if len(jobs) < 4:
-        ctx = ctx_factory() if compression_type == COMPRESSION_ZSTD else None
-        return [_decompress_one(j, cluster_size, compression_type, ctx) for j in jobs]
-    pool = _pool()
-    workers = _POOL_WORKERS
-    chunks = [jobs[i::workers] for i in range(workers)]
-
-    def work(chunk):
-        ctx = ctx_factory() if compression_type == COMPRESSION_ZSTD else None
-        return [_decompress_one(j, cluster_size, compression_type, ctx) for j in chunk]
-
-    parts = list(pool.map(work, chunks))
-    out = [None] * len(jobs)
-    for w, part in enumerate(parts):
-        out[w::workers] = part
-    return out
-
-
-# ---------------------------------------------------------------------------- the writer
-class Qcow2Writer:
-    """Stream a version 3 qcow2 image into an open, empty file (see the module docstring).
-
-    Call :meth:`write` with cluster-aligned pieces in increasing guest
-    order, holding only clusters to allocate (the caller drops zero
-    clusters), then :meth:`finish`.  The caller syncs and renames the file.
-    """
-
-    REFCOUNT_ORDER = 4
-
-    def __init__(self, fd: int, size: int, cluster_size: int = 64 * KiB):
-        if cluster_size & (cluster_size - 1) or not (1 << MIN_CLUSTER_BITS) <= cluster_size <= (1 << MAX_CLUSTER_BITS):
-            raise InvalidArgumentError(f"qcow2 cluster size {cluster_size}: must be a power of two from 512 bytes "
-                                       f"to 2 MiB")
-        if size % 512:
-            raise InvalidArgumentError(f"qcow2 virtual size {size} is not a multiple of 512")
-        self.fd = fd
-        self.size = size
-        self.geometry = g = Geometry(cluster_size.bit_length() - 1, False)
-        self.cluster_size = C = cluster_size
-        self.l1_size = size_to_l1(g, size)
-        if self.l1_size * 8 > MAX_L1_SIZE:
-            raise OutOfRangeError(f"a qcow2 image of {size} bytes with {C}-byte clusters needs an L1 table of "
-                                  f"{self.l1_size * 8} bytes, over qemu's limit of {MAX_L1_SIZE}; use larger clusters")
-        self.l1 = np.zeros(self.l1_size, dtype=np.uint64)
-        self.l1_offset = C
-        self.l1_clusters = -(-self.l1_size * 8 // C)        # none for an empty disk: nothing to refcount
-        self.next_cluster = 1 + self.l1_clusters
-        self._l2_index = -1
-        self._l2: np.ndarray | None = None
-        self._last_guest = -1
-        self.data_clusters = 0
-
-    def write(self, view, guest_offset: int) -> None:
-        """Allocate and write the clusters of view (cluster-aligned, whole
-        clusters except the last one of the disk, which is zero-padded)."""
-        mv = memoryview(view).cast("B")
-        C = self.cluster_size
-        g = self.geometry
-        if guest_offset % C or guest_offset <= self._last_guest and len(mv):
-            raise InvalidArgumentError(f"qcow2 writer: piece at {guest_offset} is unaligned or out of order")
-        if guest_offset + len(mv) > self.size:
-            raise OutOfRangeError(f"qcow2 writer: piece at {guest_offset} of {len(mv)} bytes past the size {self.size}")
-        n = -(-len(mv) // C)
-        pos = 0
-        while pos < n:
-            gc = (guest_offset >> g.cluster_bits) + pos
-            l1i = gc >> g.l2_bits
-            if l1i != self._l2_index:
-                self._flush_l2()
-                self._l2_index = l1i
-                self._l2 = np.zeros(g.l2_entries, dtype=np.uint64)
-            # clusters up to the end of this L2 table are contiguous in the file
-            stop = min(n, pos + (((l1i + 1) << g.l2_bits) - gc))
-            host = self.next_cluster * C
-            piece = mv[pos * C:stop * C]
-            if len(piece) % C:
-                piece = bytes(piece) + bytes(C - len(piece) % C)
-            pwrite_all(self.fd, piece, host)
-            count = stop - pos
-            first = gc & (g.l2_entries - 1)
-            self._l2[first:first + count] = (np.arange(count, dtype=np.uint64) * np.uint64(C)
-                                             + np.uint64(host)) | np.uint64(QCOW_OFLAG_COPIED)
-            self.next_cluster += count
-            self.data_clusters += count
-            pos = stop
-        self._last_guest = guest_offset + (n - 1) * C
-
-    def _flush_l2(self) -> None:
-        if self._l2 is None:
-            return
-        host = self.next_cluster * self.cluster_size
-        pwrite_all(self.fd, self._l2.astype(">u8").tobytes(), host)
-        self.l1[self._l2_index] = np.uint64(host) | np.uint64(QCOW_OFLAG_COPIED)
-        self.next_cluster += 1
-        self._l2 = None
-        self._l2_index = -1
-
-    def finish(self) -> int:
-        """Write the L1 table, the refcounts and the header; returns the file size."""
-        self._flush_l2()
-        C = self.cluster_size
-        entries = C * 8 // (1 << self.REFCOUNT_ORDER)       # refcounts per refcount block
-        m = self.next_cluster
-        blocks, rt_clusters = 0, 0
-        while True:                                          # refcount metadata covers itself
-            total = m + rt_clusters + blocks
-            need_blocks = -(-total // entries)
-            need_rt = max(1, -(-need_blocks * 8 // C))
-            if (need_blocks, need_rt) == (blocks, rt_clusters):
-                break
-            blocks, rt_clusters = need_blocks, need_rt
-        if rt_clusters * C > MAX_REFTABLE_SIZE:
-            raise OutOfRangeError(f"the qcow2 refcount table would need {rt_clusters * C} bytes, over qemu's "
-                                  f"limit of {MAX_REFTABLE_SIZE}; use larger clusters")
-        total = m + rt_clusters + blocks
-        rt_offset = m * C
-        rb_first = m + rt_clusters
-        reftable = np.zeros(rt_clusters * C // 8, dtype=">u8")
-        reftable[:blocks] = (np.arange(blocks, dtype=np.uint64) + np.uint64(rb_first)) * np.uint64(C)
-        pwrite_all(self.fd, reftable.tobytes(), rt_offset)
-        full = np.ones(entries, dtype=">u2").tobytes()
-        for b in range(blocks):
-            covered = min(entries, total - b * entries)
-            if covered == entries:
-                block = full
-            else:
-                partial = np.zeros(entries, dtype=">u2")
-                partial[:covered] = 1
-                block = partial.tobytes()
-            pwrite_all(self.fd, block, (rb_first + b) * C)
-        if self.l1_clusters:
-            l1_bytes = self.l1.astype(">u8").tobytes()
-            pwrite_all(self.fd, l1_bytes.ljust(self.l1_clusters * C, b"\0"), self.l1_offset)
-        h = Qcow2Header(version=3, cluster_bits=self.geometry.cluster_bits, size=self.size, l1_size=self.l1_size,
-                        l1_table_offset=self.l1_offset, refcount_table_offset=rt_offset,
-                        refcount_table_clusters=rt_clusters, refcount_order=self.REFCOUNT_ORDER,
-                        header_length=V3_HEADER_LENGTH, compression_type=COMPRESSION_ZLIB)
-        pwrite_all(self.fd, h.pack().ljust(C, b"\0"), 0)
-        os.ftruncate(self.fd, total * C)
-        return total * C

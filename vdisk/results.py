@@ -1,0 +1,60 @@
+"""The results of whole-image operations, as plain values.
+
+:class:`BackupResult` is what :func:`vdisk.backup` and :func:`vdisk.merge`
+return, :class:`CheckResult` what :func:`vdisk.check` returns.  They live
+here, under backup.py, check.py and live.py, because each of those makes
+them: a backup or check run inside a ``vdisk serve`` process comes back
+through live.py's client as the same type, so no operation module and the
+client need each other.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .extents import Extents
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupResult:
+    """What :func:`backup` (and :func:`merge`) wrote.
+
+    ``change_id`` is what the consumer keeps for its next incremental;
+    ``extents`` are the source extents the delta covers (data and zeros);
+    ``bytes_copied`` the bytes of block data stored (zero extents store none).
+    """
+    change_id: str
+    since: str
+    extents: Extents
+    bytes_copied: int
+    zero_bytes: int
+    dest: str
+    image_uuid: str
+    tracking_id: str
+    virtual_size: int
+    block_size: int
+    file_bytes: int
+
+    def to_dict(self) -> dict:
+        return {"change_id": self.change_id, "since": self.since, "extents": len(self.extents),
+                "bytes_copied": self.bytes_copied, "zero_bytes": self.zero_bytes, "dest": self.dest,
+                "image_uuid": self.image_uuid, "tracking_id": self.tracking_id,
+                "virtual_size": self.virtual_size, "block_size": self.block_size, "file_bytes": self.file_bytes}
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """What check found.  ``corruptions`` lists the first MAX_LISTED
+    findings of each kind, worded; ``corruption_count`` counts all of them
+    (the number to report: the list is shortened)."""
+    ok: bool = True
+    corruptions: list = dataclasses.field(default_factory=list)
+    leaked_blocks: int = 0
+    unreferenced_data_blocks: int = 0
+    corruption_count: int = 0
+    repaired: bool = False
+    allocated_blocks: int = 0
+    total_blocks: int = 0
+    image_end_offset: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
