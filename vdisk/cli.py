@@ -347,9 +347,24 @@ def info_json(path: str, data: dict[str, Any], snapshots: list[Any]) -> dict[str
     return out
 
 
+def _has_vdisk_magic(file: str) -> bool:
+    """Whether FILE is a vdisk image by sources.probe_format's rule (not
+    qcow2's magic, vdisk's in either header slot), read without numpy."""
+    from vdisk import layout as L
+    from vdisk.fileio import FileIO, open_input
+    fio = FileIO.adopt(open_input(file), file)
+    try:
+        head = fio.pread(L.SLOT_OFFSETS[1] + len(L.MAGIC), 0)
+    finally:
+        fio.close()
+    return head[:4] != b"QFI\xfb" and any(head[o:o + len(L.MAGIC)] == L.MAGIC for o in L.SLOT_OFFSETS)
+
+
 def _other_format(file: str) -> str | None:
     """The format of FILE when it is not a vdisk image ("raw", "qcow2"; a
     format vdisk does not read is refused, naming it), else None."""
+    if _has_vdisk_magic(file):          # before sources, which loads numpy: info starts without it
+        return None
     from vdisk.sources import probe_format
     fmt, what = probe_format(file)
     if fmt == "vdisk":
