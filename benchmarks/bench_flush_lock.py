@@ -34,11 +34,8 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-
-import vdisk  # noqa: E402
-from vdisk import disk as disk_module  # noqa: E402
+import vdisk
+from vdisk import disk as disk_module
 
 MiB = 1 << 20
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import vdisk
-from nbd_client import Client
+from vdisk_testkit.nbd_client import Client
 from vdisk.nbd import Server, protocol as P
 from vdisk.nbd.exports import WINDOW_FACTOR, Window, describe
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 import vdisk
-from nbd_client import Client
+from vdisk_testkit.nbd_client import Client
 from vdisk.nbd import Server, protocol as P
 from vdisk.nbd.server import Wire
 
