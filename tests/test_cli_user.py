@@ -13,6 +13,8 @@ import subprocess
 import sys
 import zipfile
 
+import warnings
+
 import pytest
 from click.testing import CliRunner
 
@@ -690,6 +692,7 @@ def test_a_foreign_format_refusal_names_the_flag(tmp_path):
 
 def test_convert_warns_of_what_it_does_not_carry_over(tmp_path, image):
     """A vdisk source's snapshots and consumers are not in convert's output: one warning line says so."""
+    warnings.simplefilter("always")         # one process runs every command: each warns anew
     r = run("convert", image, tmp_path / "plain.vdk")
     assert r.exit_code == 0 and r.stderr == ""                  # nothing left behind: no warning
     with vdisk.open(image, "r+") as d:
@@ -698,12 +701,11 @@ def test_convert_warns_of_what_it_does_not_carry_over(tmp_path, image):
         d.consumers.register("nightly")
     r = run("convert", image, tmp_path / "o.vdk")
     assert r.exit_code == 0, r.stderr
-    assert r.stderr.splitlines() == [f"vdisk: warning: {image} has 2 snapshots and 1 consumer, which convert does "
-                                     f"not carry over: the output holds the current content only (clone copies a "
-                                     f"vdisk image with its snapshots)"]
+    assert r.stderr.splitlines() == [f"vdisk: warning: {image}: its 2 snapshots (s1, s2) and 1 consumer are not "
+                                     f"carried over ('vdisk clone --snapshots' keeps the snapshots)"]
     r = run("convert", "-O", "raw", image, tmp_path / "o.raw")
-    assert r.stderr.splitlines() == [f"vdisk: warning: {image} has 2 snapshots and 1 consumer, which convert does "
-                                     f"not carry over: the output holds the current content only"]
+    assert r.stderr.splitlines() == [f"vdisk: warning: {image}: its 2 snapshots (s1, s2) and 1 consumer are not "
+                                     f"carried over ('vdisk clone --snapshots' keeps the snapshots)"]
     assert run("convert", "--snapshot", "s1", image, tmp_path / "s1.vdk").stderr == ""    # one snapshot, chosen
     from vdisk.convert import NotCarriedOverWarning
     with pytest.warns(NotCarriedOverWarning, match=r"2 snapshots \(.*\) and 1 consumer are not"):

@@ -900,9 +900,9 @@ def test_convert_l_reads_a_qcow2_internal_snapshot_and_warns_what_is_left(tmp_pa
     r = run_cli("convert", "-l", "nope", "-O", "raw", img, tmp_path / "x.raw")
     assert r.exit_code == 1 and "no internal snapshot 'nope'" in r.stderr
     r = run_cli("convert", "-O", "qcow2", img, tmp_path / "x.qcow2")
-    assert r.exit_code == 0 and "2 internal snapshot(s)" in r.stderr
+    assert r.exit_code == 0 and "2 internal snapshots" in r.stderr
     with vdisk.create(tmp_path / "v.vdk", MiB) as d:
         d.snapshot("keep")
         d.consumers.register("nightly")
     r = run_cli("convert", "-O", "raw", tmp_path / "v.vdk", tmp_path / "v.raw")
-    assert r.exit_code == 0 and "1 snapshot(s) (keep) and 1 consumer(s) are not carried over" in r.stderr
+    assert r.exit_code == 0 and "1 snapshot (keep) and 1 consumer are not carried over" in r.stderr

@@ -9,6 +9,7 @@ Exit status 1 with one line per problem otherwise (.ci/run calls this).
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import sys
@@ -31,10 +32,11 @@ def problems(wheel: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: check_wheel.py WHEEL", file=sys.stderr)
-        return 2
-    found = problems(argv[0])
+    ap = argparse.ArgumentParser(description="Check that a built wheel ships the .pyx and .pyi of every "
+                                             "extension module and a compiled module, and no generated C.")
+    ap.add_argument("wheel", help="the .whl file (pip wheel . -w DIR --no-deps)")
+    wheel = ap.parse_args(argv).wheel
+    found = problems(wheel)
     for line in found:
         print(line, file=sys.stderr)
     return 1 if found else 0

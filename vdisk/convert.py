@@ -229,7 +229,9 @@ def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_fo
         if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
             raise InvalidArgumentError(f"{dst} is the source image itself")
     _check_output_path(dst)
-    image = open_image(src, src_format, allow_backing=allow_backing, snapshot=snapshot)
+    from .live import refused_if_served
+    with refused_if_served("convert", src):
+        image = open_image(src, src_format, allow_backing=allow_backing, snapshot=snapshot)
     try:
         carry = dst_format == "vdisk" and not existing and image.format == "qcow2" and snapshot is None
         if existing:
@@ -239,7 +241,7 @@ def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_fo
             with atomic_output(dst, overwrite=overwrite, what="converting",
                                placing_error=lambda exc: _output_error(dst, exc)) as tmp:
                 _convert_into(image, tmp, dst, dst_format, size, block_size, cluster_size, progress, carry)
-        _warn_not_carried(image, carry)      # once the conversion is done (a failure says only what failed)
+        _warn_not_carried(image, carry, one_snapshot=snapshot is not None)      # once the conversion is done (a failure says only what failed)
     finally:
         image.close()
 
@@ -255,13 +257,15 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _warn_not_carried(image: ImageReader, carry: bool) -> None:
+def _warn_not_carried(image: ImageReader, carry: bool, one_snapshot: bool) -> None:
+    """What the output leaves behind, one warning line each (none for a vdisk source read at one
+    chosen snapshot: the output is that snapshot)."""
     if image.format == "qcow2" and image.snapshots and not carry:
         names = ", ".join(s.name for s in image.snapshots)
         warnings.warn(f"{image.path}: its {_count(len(image.snapshots), 'internal snapshot')} ({names}) "
                       f"{'is' if len(image.snapshots) == 1 else 'are'} not carried over (only a conversion of "
                       f"the whole image into a new vdisk image carries them)", NotCarriedWarning, stacklevel=3)
-    if image.format == "vdisk":
+    if image.format == "vdisk" and not one_snapshot:
         disk = image.disk
         snaps = [s.name for s in disk.snapshots if not is_backup_snapshot(s.name)]
         consumers = list(disk.consumers) if disk.track_changes else []
@@ -467,8 +471,10 @@ def compare(a: PathArg, b: PathArg, *, a_format: str | None = None, b_format: st
     runs of either image are read.  (``vdisk compare`` prints this offset
     rounded down to 512 bytes, as qemu-img compare does.)
     """
-    return compare_images(a, b, a_format=a_format, b_format=b_format, allow_backing=allow_backing,
-                          progress=progress)[0]
+    from .live import refused_if_served
+    with refused_if_served("compare", a, b):
+        return compare_images(a, b, a_format=a_format, b_format=b_format, allow_backing=allow_backing,
+                              progress=progress)[0]
 
 
 def compare_images(a, b, *, a_format=None, b_format=None, allow_backing=False,
