@@ -63,7 +63,7 @@ from .delta import (FLAG_ZERO, FORMAT_NAME, FORMAT_VERSION, UUID_RE, DeltaFile, 
                     remove_abandoned_partials)
 from .errors import (BackupChainError, CorruptImageError, ImageLockedError, InvalidArgumentError, ReadOnlyError,
                      StaleChangeIdError, UnsupportedFeatureError, VdiskIOError)
-from .errors import FROM_SCRATCH, TO_REPLACE, Param
+from .errors import FROM_SCRATCH, Param
 from ._types import PathArg, Progress
 from .extents import Extents
 from .fileio import FileIO, atomic_output, open_regular, refuse_if_in_use

@@ -965,7 +965,7 @@ class _H5Target:
     libhdf5 does not survive its own write errors: after a failed write its
     close fails half-way, leaves objects it then frees twice, and the process
     crashes (a segmentation fault in H5D_close; found by injecting EIO and
-    ENOSPC under libhdf5, tests/opfaultsim.py).  So libhdf5 never sees one:
+    ENOSPC under libhdf5, vdisk_testkit/opfaultsim.py).  So libhdf5 never sees one:
     the first failed write (or truncate) is kept in ``error`` for the writer
     to raise, and from then on, or once ``discard()`` is called, nothing
     reaches the file: writes land in memory, where reads find them, so that

@@ -298,11 +298,10 @@ class ChangeTracker:
             self._arm(r)
 
     def _rebind(self) -> None:
-        """Refresh the views the Disk's hot write path uses (after arrays change)."""
+        """Refresh the views mark and the arming check write through (after arrays change)."""
         self._dirty_mv = memoryview(self.dirty)
         self._groups_mv = memoryview(self.dirty_groups)
         self._coarse_mv = memoryview(self._coarse)
-        self.hot = (self._dirty_mv, self._groups_mv, self._coarse_mv, self.rel_shift)
 
     def _arm(self, r: int) -> None:
         """Make region r's bit durable; past the interval's arming budget, arm
