@@ -70,22 +70,45 @@ class StampWriter:
     """Writes stamps through one NBD connection until stop(); .done is the count acknowledged."""
 
     def __init__(self, sock: str, units: int, export: str = "", flush_every: int = 64, rate: float = 0,
-                 start: int = 0):
-        """start: the first write's j (a writer taking over from one whose server was killed
-        after it had `start` writes acknowledged: the content is state(start) or state(start + 1))."""
+                 start: int = 0, replay_from: int | None = None):
+        """start: the first write's j, for a writer taking over from one whose server was
+        SIGKILLed after it had `start` writes acknowledged.  A kill keeps every write flushed
+        before it, but not the unflushed writes into blocks allocated since the last flush
+        (their table commit never happened: FORMAT.md, "Refcounts"), so the content is then
+        state(flushed) with only some of the later writes.  replay_from (the killed writer's
+        .flushed) first writes j = replay_from .. start - 1 again and flushes, which makes the
+        content state(start) or state(start + 1) again; .replayed is set after that flush, and
+        only from then on is the content a state(k) at every moment."""
         self.units, self.flush_every, self.start = units, flush_every, start
         self.rate = rate                    # writes per second (0: as fast as the server answers)
         self.client = Client(sock).connect(export)
         self.done = start
+        self.flushed = start if replay_from is None else replay_from   # j's below it are durable
+        self.replay_from = start if replay_from is None else replay_from
+        self.replayed = threading.Event()
         self.errors: list[str] = []
         self.stop_event = threading.Event()
         self.latencies: list[float] = []
         self.thread = threading.Thread(target=self._body, daemon=True)
         self.thread.start()
 
+    def _replay(self) -> bool:
+        for j in range(self.replay_from, self.start):
+            if self.client.call(P.NBD_CMD_WRITE, (j % self.units) * UNIT, UNIT, payload=stamp(j)).error:
+                self.errors.append(f"replay of write {j}")
+                return False
+        if self.client.call(P.NBD_CMD_FLUSH).error:
+            self.errors.append("flush after the replay")
+            return False
+        self.flushed = self.start
+        self.replayed.set()
+        return True
+
     def _body(self) -> None:
         import time
         try:
+            if not self._replay():
+                return
             j = self.start
             start = time.perf_counter() - j / self.rate if self.rate else 0
             while not self.stop_event.is_set():
@@ -105,6 +128,7 @@ class StampWriter:
                     if self.client.call(P.NBD_CMD_FLUSH).error:
                         self.errors.append(f"flush after {j}")
                         return
+                    self.flushed = j
         except Exception as exc:                        # noqa: BLE001 - reported by stop()
             self.errors.append(f"{type(exc).__name__}: {exc}")
 

@@ -293,10 +293,16 @@ class Served:
         return self.srv.proc.poll() is not None
 
     def restart(self) -> None:
+        """Serve the image again after its server was killed; the new writer first writes again
+        what the kill may have taken (acknowledged but unflushed writes into fresh blocks),
+        so that every backup from here on sees a state(k) of the writer."""
         done = self.w.stop(check=False)
+        flushed = self.w.flushed
         self.srv.kill()
         self.srv = StopServe(self.img, self.sock, self.spec, self.stop_file)
-        self.w = StampWriter(self.sock, UNITS, start=done)
+        self.w = StampWriter(self.sock, UNITS, start=done, replay_from=flushed)
+        if not self.w.replayed.wait(120):
+            raise AssertionError(f"the taking-over writer did not replay writes {flushed}..{done}: {self.w.errors}")
 
     def cli(self, *args) -> str:
         """vdisk ARGS from a CLI process; if the server holds at the armed stop meanwhile, the
