@@ -40,10 +40,12 @@ def big(workdir):
     d = vdisk.create(path, BIG, block_size="64KiB", overwrite=True)
     t = d._tracker
     nb = d._hdr.nblocks
+    ids = [d.checkpoint() for _ in range(GENERATION - 1)]   # real ids: ids[g - 1] names generation g
+    assert d._hdr.generation == GENERATION
     idx = scattered(nb, SEED + 10)
-    t.counters[idx] = CHANGED_GEN
+    t.counters[idx] = CHANGED_GEN           # in memory only: nothing is dirty, so nothing folds them
     fast.build_summary(t.counters, t.summary, t.sole, SUMMARY_SHIFT, nb)
-    d._hdr.generation = GENERATION          # in memory only: no header commit happens below
+    d.bench_old_id = ids[OLD - 1]
     try:
         yield d, nb, idx
     finally:
@@ -76,7 +78,7 @@ def test_changed_blocks_kernel(benchmark, big):
 
 def test_changes_since(benchmark, big):
     d, nb, idx = big
-    cid = f"{d.tracking_id}/{OLD}"
+    cid = d.bench_old_id                    # the id of generation OLD (with its checkpoint token)
     tag(benchmark, "changed_blocks_1TiB", "vdisk-changes_since", nblocks=nb, changed=len(idx), image=BIG)
     ext = benchmark(d.changes_since, cid)
     assert ext.nbytes == len(idx) * d.block_size
