@@ -9,7 +9,7 @@ Every index is checked against the bound arrays' lengths before use.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int64_t
 from libc.string cimport memcmp
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.string cimport memset
 from libc.errno cimport errno, EINTR
@@ -54,6 +54,41 @@ cdef int write_full(int fd, const char *buf, Py_ssize_t n, int64_t off) noexcept
             return errno
         done += put
     return 0
+
+
+cdef int read_table_runs(int fd, const uint32_t *table, int shift, char *buf, int64_t off,
+                         int64_t n) noexcept nogil:
+    """Read n bytes at virtual offset off into buf through table (blocks
+    off >> shift .. (off + n - 1) >> shift, all within it): physically
+    contiguous blocks in one pread, unmapped ones as zeros.  0 or an errno."""
+    cdef int64_t mask = (1 << shift) - 1
+    cdef int64_t pos = off, end = off + n, piece, p, phys
+    cdef int64_t run_phys = -1, run_at = 0, run_len = 0
+    cdef int err
+    while pos < end:
+        piece = (mask + 1) - (pos & mask)
+        if piece > end - pos:
+            piece = end - pos
+        p = table[pos >> shift]
+        phys = (p << shift) | (pos & mask) if p else -1
+        if run_len and ((phys < 0 and run_phys < 0) or (phys >= 0 and run_phys >= 0
+                                                       and run_phys + run_len == phys)):
+            run_len += piece
+        else:
+            if run_len:
+                err = read_run(fd, buf + run_at, run_len, run_phys)
+                if err:
+                    return err
+            run_phys, run_at, run_len = phys, pos - off, piece
+        pos += piece
+    return read_run(fd, buf + run_at, run_len, run_phys) if run_len else 0
+
+
+cdef inline int read_run(int fd, char *buf, int64_t n, int64_t phys) noexcept nogil:
+    if phys < 0:
+        memset(buf, 0, n)
+        return 0
+    return read_full(fd, buf, n, phys)
 
 
 cdef extern from "pythread.h":
@@ -317,37 +352,51 @@ cdef class HotPath:
         return self.write(data, offset)
 
     cdef int read_runs(self, char *buf, int64_t off, int64_t n) noexcept nogil:
-        """Read n bytes at virtual offset off into buf through the table
-        (blocks off >> shift .. (off + n - 1) >> shift, all < nentries):
-        physically contiguous blocks in one pread, unmapped ones as zeros.
-        0 or an errno."""
-        cdef int64_t mask = (1 << self.shift) - 1
-        cdef int64_t pos = off, end = off + n, piece, p, phys
-        cdef int64_t run_phys = -1, run_at = 0, run_len = 0
-        cdef int err
-        while pos < end:
-            piece = (mask + 1) - (pos & mask)
-            if piece > end - pos:
-                piece = end - pos
-            p = self.table[pos >> self.shift]
-            phys = (p << self.shift) | (pos & mask) if p else -1
-            if run_len and ((phys < 0 and run_phys < 0) or (phys >= 0 and run_phys >= 0
-                                                           and run_phys + run_len == phys)):
-                run_len += piece
-            else:
-                if run_len:
-                    err = self.read_run(buf + run_at, run_len, run_phys)
-                    if err:
-                        return err
-                run_phys, run_at, run_len = phys, pos - off, piece
-            pos += piece
-        return self.read_run(buf + run_at, run_len, run_phys) if run_len else 0
+        """Read n bytes at virtual offset off into buf through the live table
+        (blocks off >> shift .. (off + n - 1) >> shift, all < nentries)."""
+        return read_table_runs(self.fd, &self.table[0], self.shift, buf, off, n)
 
-    cdef int read_run(self, char *buf, int64_t n, int64_t phys) noexcept nogil:
-        if phys < 0:
-            memset(buf, 0, n)
+    cdef int read_table(self, const uint32_t[::1] table, char *buf, int64_t offset, int64_t n) except -1:
+        """read_table_runs through another table, under the lock, the GIL
+        released: 0 done; 1 the caller must take its Python path (not bound
+        for reads, a range past the table, a system call error)."""
+        cdef int err = 0
+        if n == 0:
             return 0
-        return read_full(self.fd, buf, n, phys)
+        if not self.can_read or offset < 0 or table.shape[0] == 0 or (offset + n - 1) >> self.shift >= table.shape[0]:
+            return 1
+        self.lock.enter()
+        try:
+            if not self.can_read:
+                return 1
+            with nogil:
+                err = read_table_runs(self.fd, &table[0], self.shift, buf, offset, n)
+        finally:
+            self.lock.leave()
+        return 1 if err else 0
+
+    def read_through(self, const uint32_t[::1] table not None, buffer, int64_t offset):
+        """Fill buffer (writable, contiguous) from virtual offset through another
+        block table of the same file (a snapshot's frozen table), physically
+        contiguous blocks in one pread, the GIL released.  True when done;
+        False when the caller must take its Python path: not bound for reads,
+        a range past the table, or a system call error (the Python path
+        repeats the call and raises the VdiskIOError).  The caller holds the
+        owner's lock and has checked the range against the view's size."""
+        cdef Py_buffer view
+        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
+        try:
+            return self.read_table(table, <char *> view.buf, offset, view.len) == 0
+        finally:
+            PyBuffer_Release(&view)
+
+    def pread_through(self, const uint32_t[::1] table not None, int64_t length, int64_t offset):
+        """read_through into a new bytes object of length bytes (no copy):
+        the bytes, or None when the caller must take its Python path."""
+        if length < 0:
+            return None
+        out = PyBytes_FromStringAndSize(NULL, length)
+        return out if self.read_table(table, PyBytes_AS_STRING(out), offset, length) == 0 else None
 
     cdef int write_runs(self, const char *buf, int64_t off, int64_t n) noexcept nogil:
         """Write n bytes at virtual offset off in place (every block mapped and

@@ -570,7 +570,8 @@ class Disk(io.RawIOBase):
 
     def _view_host(self) -> ViewHost:
         """What a snapshot view calls back (snapshots.py, ViewHost)."""
-        return ViewHost(self._read_through, self._resolve_for_snapshot, self._load_frozen_checked)
+        return ViewHost(self._read_through, self._pread_through, self._resolve_for_snapshot,
+                        self._load_frozen_checked)
 
     def _load_frozen_checked(self, offset: int, size: int, check) -> np.ndarray:
         with self._lock:
@@ -578,12 +579,25 @@ class Disk(io.RawIOBase):
             check()
             return self._load_frozen(offset, size)
 
+    def _pread_through(self, table_mv, length: int, offset: int, check) -> bytes:
+        """_read_through into new bytes (the hot path fills them without a copy)."""
+        with self._lock:
+            self._check_open()
+            check()
+            data = self._hot.pread_through(table_mv, length, offset)
+            if data is None:
+                buf = bytearray(length)
+                self._read_plan(memoryview(buf), self._plan_read(offset, length, table_mv))
+                data = bytes(buf)
+            return data
+
     def _read_through(self, table_mv, mv: memoryview, offset: int, check) -> None:
         """Read through another block table (a snapshot's) under the Disk's lock."""
         with self._lock:
             self._check_open()
             check()
-            self._read_plan(mv, self._plan_read(offset, len(mv), table_mv))
+            if not self._hot.read_through(table_mv, mv, offset):     # Cython; else the Python path
+                self._read_plan(mv, self._plan_read(offset, len(mv), table_mv))
 
     def _plan_read(self, offset: int, length: int, table=None) -> list[tuple[int, int, int]]:
         """Runs (buffer offset, physical offset or -1 for zeros, length) for a

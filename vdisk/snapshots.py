@@ -56,11 +56,13 @@ class ViewHost(typing.NamedTuple):
 
     read_through(table_mv, mv, offset, check): fill mv from offset through
         another block table, under the Disk's lock, check() first;
+    pread_through(table_mv, length, offset, check): the same into new bytes;
     resolve(change_id, record): the generation the id names on this view
         (StaleChangeIdError if the image did not issue it);
     load_frozen(offset, size, check): a frozen array of the file (the
         snapshot's counters), under the Disk's lock, check() first."""
     read_through: typing.Callable
+    pread_through: typing.Callable
     resolve: typing.Callable
     load_frozen: typing.Callable
 
@@ -130,9 +132,10 @@ class Snapshot(io.RawIOBase):
 
     # --- reads --------------------------------------------------------------------
     def pread(self, length: int, offset: int) -> bytes:
-        buf = np.empty(max(length, 0), dtype=np.uint8)
-        self.preadinto(buf, offset)
-        return buf.tobytes()
+        n = max(length, 0)
+        if offset < 0 or offset + n > self.size:
+            raise OutOfRangeError(f"read of {n} bytes at offset {offset} past the snapshot's size {self.size}")
+        return self._host.pread_through(self._table_mv, n, offset, self._check_open)
 
     def preadinto(self, buffer: WriteableBuffer, offset: int) -> int:
         if isinstance(buffer, np.ndarray) and not buffer.flags.c_contiguous:
