@@ -1197,3 +1197,30 @@ def test_write_zeros_keeps_blocks_allocated_and_spares_snapshots(tmp_path):
     with vdisk.open(path) as d:
         assert d.pread(5 * bs, 0) == b"\x07" * (bs // 2) + bytes(5 * bs - bs // 2)
     assert not vdisk.check(path).corruptions
+
+
+def test_preadinto_runs_in_cython_and_reads_what_was_written(tmp_path, monkeypatch):
+    """Disk.preadinto reads the live table with the hot path's read_through (the Python plan only
+    when it hands the read back): every range across holes and discontiguous runs is right,
+    and the Python plan is not asked."""
+    rng = np.random.default_rng(7)
+    bs = 4096
+    size = 64 * bs
+    with vdisk.create(str(tmp_path / "pi.vdk"), size, block_size=bs) as d:
+        model = bytearray(size)
+        for _ in range(40):
+            off, n = int(rng.integers(0, size - 3 * bs)), int(rng.integers(1, 3 * bs))
+            data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+            d.pwrite(data, off)
+            model[off:off + n] = data
+        d.discard(8 * bs, 4 * bs)
+        model[8 * bs:12 * bs] = bytes(4 * bs)
+
+        def no_plan(*a):
+            raise AssertionError("the Python read plan was asked")
+        monkeypatch.setattr(d, "_read_plan", no_plan)
+        for _ in range(200):
+            off = int(rng.integers(0, size))
+            n = int(rng.integers(0, size - off + 1))
+            buf = np.empty(n, np.uint8)
+            assert d.preadinto(buf, off) == n and buf.tobytes() == model[off:off + n]

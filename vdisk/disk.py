@@ -560,7 +560,8 @@ class Disk(io.RawIOBase):
         self._check_range(offset, n, "read")
         with self._lock:
             self._check_open()
-            self._read_plan(mv, self._plan_read(offset, n))
+            if not self._hot.read_through(self._bt.mv, mv, offset):    # Cython; else the Python path
+                self._read_plan(mv, self._plan_read(offset, n))
         return n
 
 
