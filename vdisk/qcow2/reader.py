@@ -307,18 +307,19 @@ class Qcow2Image:
             if extra > MAX_SNAPSHOT_EXTRA_DATA:
                 raise self._corrupt(f"{what} (offset {pos:#x}) has {extra} bytes of extra data; at most "
                                     f"{MAX_SNAPSHOT_EXTRA_DATA}")
-            length = _round_up(SNAPSHOT_ENTRY.size + extra + id_len + name_len, 8)
+            used = SNAPSHOT_ENTRY.size + extra + id_len + name_len
+            length = _round_up(used, 8)     # entries are 8-aligned; qemu leaves the last one unpadded in the file
             if pos + length - start > MAX_SNAPSHOTS_SIZE:
                 raise self._corrupt(f"the snapshot table is larger than qemu's limit of "
                                     f"{MAX_SNAPSHOTS_SIZE // MiB} MiB (at entry {i})")
-            if pos + length > self.file_size:
-                raise self._corrupt(f"{what} at offset {pos:#x} ({length} bytes) runs past the end of the file")
+            if pos + used > self.file_size:
+                raise self._corrupt(f"{what} at offset {pos:#x} ({used} bytes) runs past the end of the file")
             if l1_size > MAX_L1_SIZE // 8:
                 raise self._corrupt(f"{what}: its L1 table has {l1_size} entries, over qemu's limit of "
                                     f"{MAX_L1_SIZE // 8}")
             if l1_size:
                 self._check_table(l1_off, l1_size * 8, f"{what}'s L1 table")
-            body = read(length - SNAPSHOT_ENTRY.size, pos + SNAPSHOT_ENTRY.size, what) if length > SNAPSHOT_ENTRY.size \
+            body = read(used - SNAPSHOT_ENTRY.size, pos + SNAPSHOT_ENTRY.size, what) if used > SNAPSHOT_ENTRY.size \
                 else b""
             ext = body[:extra]
             vm_large = int.from_bytes(ext[0:8], "big") if extra >= 8 else vm_state
