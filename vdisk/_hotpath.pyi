@@ -4,6 +4,7 @@ from typing import Any, Callable
 import numpy as np
 import numpy.typing as npt
 
+WRITE_PIECE_BYTES: int      # no pwrite crosses a multiple of it in the file (= vdisk.fileio.WRITE_PIECE)
 
 class DiskLock:
     """A reentrant lock in C (threading.RLock's interface): the Disk's lock, shared with its HotPath."""

@@ -43,11 +43,20 @@ cdef int read_full(int fd, char *buf, Py_ssize_t n, int64_t off) noexcept nogil:
     return 0
 
 
+# No pwrite crosses a WRITE_PIECE boundary of the file (vdisk/fileio.py says why: page-cache folios).
+cdef enum:
+    WRITE_PIECE = 256 << 10
+WRITE_PIECE_BYTES = WRITE_PIECE     # for the test that both layers agree
+
+
 cdef int write_full(int fd, const char *buf, Py_ssize_t n, int64_t off) noexcept nogil:
-    """pwrite all n bytes; 0 or an errno."""
-    cdef Py_ssize_t done = 0, put
+    """pwrite all n bytes, one call per WRITE_PIECE of the file; 0 or an errno."""
+    cdef Py_ssize_t done = 0, put, piece
     while done < n:
-        put = c_pwrite(fd, buf + done, n - done, off + done)
+        piece = WRITE_PIECE - ((off + done) & (WRITE_PIECE - 1))
+        if piece > n - done:
+            piece = n - done
+        put = c_pwrite(fd, buf + done, piece, off + done)
         if put < 0:
             if errno == EINTR:
                 continue
