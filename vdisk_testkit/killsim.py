@@ -126,8 +126,11 @@ class KillCampaign:
         self.stats.in_flight[kind] = self.stats.in_flight.get(kind, 0) + 1
         where = f"seed {self.seed} kill {self.round} (in {kind}, after {len(ops)} ops)"
         restore = os.path.join(self.deltas, f"after-kill-{self.round}.h5") if self.restore and m.chain else None
-        state, infos, epoch, leaked, cid, consumer = check_image(self.path, m, where, recovery=True,
-                                                                 restore=restore)
+        try:
+            state, infos, epoch, leaked, cid, consumer = check_image(self.path, m, where, recovery=True,
+                                                                     restore=restore)
+        except vdisk.ImageLockedError as exc:      # the open finding of RELIABILITY.md "Kill": who holds it?
+            raise AssertionError(f"{where}: {exc}; the image's locks now: {lock_holders(self.path)}") from exc
         self.stats.leaky += leaked > 0
         if self.watch:
             self.watch.maybe_take(self.path)
@@ -139,6 +142,30 @@ class KillCampaign:
             self.stats.restores += 1
             m.points.append((cid, state.copy()))
             m.chain, m.chain_id, m.chain_content = m.chain + [restore], cid, state.copy()
+
+
+def lock_holders(path: str) -> list[str]:
+    """The /proc/locks entries on path's inode, each with its holder's command line (Linux)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        return [f"(not readable: {exc})"]
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    out = []
+    for line in lines:
+        fields = line.split()
+        if ident not in fields:
+            continue
+        pid = fields[4] if fields[1] != "->" else fields[5]
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+        except OSError:
+            cmd = "(gone)"
+        out.append(f"{line.strip()} [pid {pid}: {cmd}]")
+    return out or ["none"]
 
 
 def read_log(path: str) -> list[tuple[dict, bool, object]]:
