@@ -198,3 +198,58 @@ def test_a_disk_the_program_owns_is_asked_on_every_request(image, tmp_path):
             a.close()
         finally:
             srv.stop_in_thread()
+
+
+def test_a_walk_of_a_large_sparse_disk_grows_its_windows(tmp_path, monkeypatch):
+    """A client walking a 1 TiB disk with few changes in 4 GiB requests (as
+    nbdinfo --map does): each window starting where the last one ended covers
+    WINDOW_GROWTH times its span, so the Disk is asked 3 times per context
+    (64 GiB, 256 GiB, the rest), not 16; the answers equal the Disk's."""
+    from vdisk.nbd.exports import WINDOW_GROWTH
+    path = str(tmp_path / "big.vdk")
+    with vdisk.create(path, 1 << 40, block_size=BS) as d:
+        d.consumers.register("c", d.checkpoint())
+        for k in range(64):
+            d.pwrite(b"\x07" * 4096, (k * 16 * GiB) + k * BS)
+    calls = {"changes_in": 0, "map_range": 0}
+    for name in calls:
+        real = getattr(vdisk.disk.Disk, name)
+
+        def counting(self, *args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(self, *args)
+        monkeypatch.setattr(vdisk.disk.Disk, name, counting)
+    srv = Server(path, socket=str(tmp_path / "b.sock"))
+    srv.start_in_thread()
+    try:
+        a = Client(srv.socket_path).connect("", contexts=[ALLOC, DIRTY])
+        for k in calls:
+            calls[k] = 0
+        step = 4 * GiB - BS
+        got = {k: merged(v) for k, v in walk(a, 0, 1 << 40, step).items()}
+        a.close()
+        asked = dict(calls)
+        assert got == {k: merged(v) for k, v in truth(srv.disk, 0, 1 << 40).items()}
+    finally:
+        srv.stop_in_thread()
+    spans, covered = [], 0
+    while covered < 1 << 40:
+        span = max(WINDOW_FACTOR * step, 1 << 30) if not spans else max(WINDOW_FACTOR * step,
+                                                                        WINDOW_GROWTH * spans[-1])
+        spans.append(min(span, (1 << 40) - covered))
+        covered += spans[-1]
+    assert len(spans) == 3
+    assert asked == {"changes_in": len(spans), "map_range": len(spans)}, asked
+
+
+def test_segments_and_wire_refuse_what_they_cannot_answer():
+    from vdisk import _fast
+    b, f = _fast.segments(np.array([10], np.uint64), np.array([20], np.uint64), 0, 30, 1, 0)
+    assert b.tolist() == [0, 10, 20, 30] and f.tolist() == [0, 1, 0]
+    with pytest.raises(ValueError):
+        _fast.segments(np.array([], np.uint64), np.array([], np.uint64), 5, 5, 1, 0)
+    with pytest.raises(ValueError):
+        _fast.block_status_wire(b, f, 25, 31, 10)          # past the window
+    with pytest.raises(ValueError):
+        _fast.block_status_wire(b, f, 0, 10, 0)            # no descriptor allowed
+    assert _fast.block_status_wire(b, f, 5, 25, 2) == bytes.fromhex("00000005 00000000 0000000a 00000001")

@@ -11,6 +11,7 @@ cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int64_t, uint64_t
 from libc.string cimport memcmp
 from libc.stdlib cimport calloc, malloc, realloc, free
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 
 cnp.import_array()
 
@@ -485,3 +486,98 @@ def first_difference(const uint8_t[::1] a, const uint8_t[::1] b) -> int:
                 break
             lo += step
     return result
+
+
+# ---------------------------------------------------------------------------
+# NBD block status (vdisk/nbd/exports.py, Window)
+def segments(const uint64_t[::1] offsets, const uint64_t[::1] ends, uint64_t start, uint64_t stop,
+             uint32_t inside, uint32_t outside):
+    """The block status of [start, stop) as segments, from runs [offsets[i],
+    ends[i]) (sorted, disjoint) with flags inside and the gaps between them
+    with flags outside: (bounds, flags), bounds uint64[n + 1] strictly
+    increasing from start to stop, flags uint32[n], neighbours never equal
+    (touching runs merged, empty segments dropped).  start < stop."""
+    cdef Py_ssize_t n = offsets.shape[0], i, k = 0
+    cdef uint64_t pos = start, o, e
+    cdef cnp.ndarray[uint64_t, ndim=1] bounds
+    cdef cnp.ndarray[uint32_t, ndim=1] flags
+    cdef uint64_t *b
+    cdef uint32_t *f
+    if ends.shape[0] != n:
+        raise ValueError("segments: offsets and ends differ in length")
+    if not start < stop:
+        raise ValueError(f"segments: empty range [{start}, {stop})")
+    bounds = np.empty(2 * n + 2, dtype=np.uint64)
+    flags = np.empty(2 * n + 1, dtype=np.uint32)
+    b = <uint64_t *> bounds.data
+    f = <uint32_t *> flags.data
+    with nogil:
+        for i in range(n):
+            o = offsets[i] if offsets[i] > pos else pos
+            e = ends[i] if ends[i] < stop else stop
+            if e <= o:
+                continue
+            if o > pos and not (k and f[k - 1] == outside):
+                b[k] = pos
+                f[k] = outside
+                k += 1
+            if not (k and f[k - 1] == inside):
+                b[k] = o
+                f[k] = inside
+                k += 1
+            pos = e
+        if pos < stop and not (k and f[k - 1] == outside):
+            b[k] = pos
+            f[k] = outside
+            k += 1
+        b[k] = stop
+    return bounds[:k + 1].copy(), flags[:k].copy()
+
+
+cdef inline void put_be32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = v >> 24
+    p[1] = (v >> 16) & 0xFF
+    p[2] = (v >> 8) & 0xFF
+    p[3] = v & 0xFF
+
+
+def block_status_wire(const uint64_t[::1] bounds, const uint32_t[::1] flags, uint64_t start, uint64_t stop,
+                      Py_ssize_t limit) -> bytes:
+    """NBD block status descriptors (big-endian u32 length, u32 flags) of
+    [start, stop) from segments(): the segments it meets, the first and last
+    clipped to it, at most limit of them (the last one then whole, as far as
+    stop).  bounds[0] <= start < stop <= bounds[-1], stop - start < 2**32."""
+    cdef Py_ssize_t n = flags.shape[0], lo, hi, mid, i, j, cnt, s
+    cdef uint64_t a, z
+    cdef uint8_t *p
+    if bounds.shape[0] != n + 1 or n == 0 or limit < 1:
+        raise ValueError("block_status_wire: bounds must be one longer than flags, limit >= 1")
+    if not (bounds[0] <= start < stop <= bounds[n]) or stop - start > 0xFFFFFFFF:
+        raise ValueError(f"block_status_wire: [{start}, {stop}) outside [{bounds[0]}, {bounds[n]}) or too long")
+    with nogil:
+        lo, hi = 0, n                   # i: the segment holding start (last bound <= start)
+        while hi - lo > 1:
+            mid = (lo + hi) >> 1
+            if bounds[mid] <= start:
+                lo = mid
+            else:
+                hi = mid
+        i = lo
+        lo, hi = i, n                   # j: the first bound >= stop (segments i .. j - 1 meet the range)
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if bounds[mid] < stop:
+                lo = mid + 1
+            else:
+                hi = mid
+        j = lo
+        cnt = j - i if j - i < limit else limit
+    out = PyBytes_FromStringAndSize(NULL, cnt * 8)
+    p = <uint8_t *> PyBytes_AS_STRING(out)
+    with nogil:
+        for s in range(cnt):
+            a = bounds[i + s] if bounds[i + s] > start else start
+            z = bounds[i + s + 1] if bounds[i + s + 1] < stop else stop
+            put_be32(p + 8 * s, <uint32_t> (z - a))
+            put_be32(p + 8 * s + 4, flags[i + s])
+    return out

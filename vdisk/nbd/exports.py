@@ -34,11 +34,9 @@ reused (each request is queried, as before).
 """
 from __future__ import annotations
 
-import bisect
-
 import numpy as np
 
-from .. import errors
+from .. import _fast, errors
 from ..changeid import ANY
 from . import protocol as P
 
@@ -81,62 +79,40 @@ class Context:
             return Window(offsets, ends, 0, export.size, self.set_flags, self.clear_flags, version)
         stop = offset + length
         if export.reusable:
-            stop = min(export.size, offset + max(WINDOW_FACTOR * length, WINDOW_MIN))
+            span = max(WINDOW_FACTOR * length, WINDOW_MIN)
+            w = self._window
+            if w is not None and w.stop == offset and len(w.flags) <= WINDOW_GROW_SEGMENTS:
+                span = max(span, WINDOW_GROWTH * (w.stop - w.start))    # a walk: fewer, larger windows
+            stop = min(export.size, offset + span)
         offsets, ends = self._query(offset, stop - offset)
         return Window(offsets, ends, offset, stop, self.set_flags, self.clear_flags,
                       version if export.reusable else None)
 
 
 WINDOW_FACTOR = 16          # a live context's query covers this many times the request's range ...
-WINDOW_MIN = 1 << 30        # ... and at least this much (both clipped to the export's size)
+WINDOW_MIN = 1 << 30        # ... and at least this much (both clipped to the export's size);
+WINDOW_GROWTH = 4           # a query starting where the last window ended covers 4 times its span,
+WINDOW_GROW_SEGMENTS = 1 << 14      # if that window had at most this many segments (its memory: 12 bytes each)
 
 
 class Window:
     """The block status of one context over [start, stop), as segments:
     boundaries ``bounds`` (strictly increasing, from start to stop) and the
-    flags of each segment between two of them, touching runs merged.  A
-    request inside the window is answered by two binary searches and one
-    copy of its segments' wire bytes, so a client walking a disk costs one
-    query per window, not one per request."""
+    flags of each segment between two of them, touching runs merged (built
+    and read by the kernels _fast.segments and _fast.block_status_wire).  A
+    request inside the window is answered by two binary searches and its
+    descriptors written straight into the reply's bytes, so a client walking
+    a disk costs one query per window, not one per request."""
 
-    __slots__ = ("start", "stop", "version", "bounds", "flags", "wire")
+    __slots__ = ("start", "stop", "version", "bounds", "flags")
 
     def __init__(self, offsets: np.ndarray, ends: np.ndarray, start: int, stop: int, inside: int, outside: int,
                  version: int | None):
         self.start, self.stop = start, stop
         self.version = version              # the image's version it was computed at (None: never reused)
-        lo = np.uint64(start)
-        hi = np.uint64(stop)
-        o = np.maximum(np.asarray(offsets, dtype=np.uint64), lo)
-        e = np.minimum(np.asarray(ends, dtype=np.uint64), hi)
-        keep = e > o
-        o, e = o[keep], e[keep]
-        k = len(o)
-        bounds = np.empty(2 * k + 2, dtype=np.uint64)
-        bounds[0] = lo
-        bounds[1:2 * k + 1:2] = o
-        bounds[2:2 * k + 2:2] = e
-        bounds[-1] = hi
-        flags = np.empty(2 * k + 1, dtype=np.uint32)
-        flags[0::2] = outside
-        flags[1::2] = inside
-        nz = bounds[1:] > bounds[:-1]           # empty segments: a run at start or stop, touching runs
-        flags = flags[nz]
-        bounds = np.append(bounds[:-1][nz], hi)
-        if len(flags) > 1:                      # merge neighbours of equal flags (touching runs)
-            new = np.empty(len(flags), dtype=bool)
-            new[0] = True
-            new[1:] = flags[1:] != flags[:-1]
-            bounds = np.append(bounds[:-1][new], hi)
-            flags = flags[new]
-        self.bounds = bounds.tolist()           # Python ints: bisect is faster than searchsorted here
-        self.flags = flags
-        wire = np.empty((len(flags), 2), dtype=">u4")
-        # a whole segment inside a request is shorter than the request (< 4 GiB): the clip is for the
-        # first and last segment of a request only, whose lengths payload() sets
-        wire[:, 0] = np.minimum(bounds[1:] - bounds[:-1], np.uint64(0xFFFFFFFF))
-        wire[:, 1] = flags
-        self.wire = wire
+        self.bounds, self.flags = _fast.segments(np.ascontiguousarray(offsets, dtype=np.uint64),
+                                                 np.ascontiguousarray(ends, dtype=np.uint64),
+                                                 start, stop, inside, outside)
 
     def answers(self, start: int, stop: int, version: int) -> bool:
         return self.version == version and self.start <= start and stop <= self.stop
@@ -144,19 +120,7 @@ class Window:
     def payload(self, start: int, stop: int, limit: int) -> bytes:
         """Descriptors of [start, stop) (inside the window, start < stop): the
         segments it meets, the first and last clipped to it, at most limit."""
-        b = self.bounds
-        i = bisect.bisect_right(b, start) - 1
-        j = bisect.bisect_left(b, stop)
-        if j - i > limit:                       # the first limit segments, the last one whole
-            j = i + limit
-            stop = b[j]
-        out = self.wire[i:j].copy()
-        if j - i == 1:
-            out[0, 0] = stop - start
-        else:
-            out[0, 0] = b[i + 1] - start
-            out[-1, 0] = stop - b[j - 1]
-        return out.tobytes()
+        return _fast.block_status_wire(self.bounds, self.flags, start, stop, limit)
 
 
 def describe(offsets: np.ndarray, ends: np.ndarray, start: int, stop: int, inside: int, outside: int,
