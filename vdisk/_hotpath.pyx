@@ -100,6 +100,29 @@ cdef inline int read_run(int fd, char *buf, int64_t n, int64_t phys) noexcept no
     return read_full(fd, buf, n, phys)
 
 
+cdef extern from "<sys/uio.h>" nogil:
+    cdef struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t preadv2(int fd, const iovec *iov, int iovcnt, int64_t offset, int flags)
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #ifndef RWF_NOWAIT
+    #define RWF_NOWAIT 0x00000008
+    #endif
+    """
+    int RWF_NOWAIT
+    int EOPNOTSUPP, EINVAL, EAGAIN
+
+# Reads of at most this many bytes first try the page cache with the GIL held
+# (preadv2 with RWF_NOWAIT: it fails with EAGAIN rather than wait for the
+# disk) and release the GIL only for the read that must wait; releasing and
+# taking the GIL back cost about as much as the copy of a cached 4 KiB page.
+DEF NOWAIT_MAX = 64 * 1024
+
+
 cdef extern from "pythread.h":
     PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock, long long microseconds, int intr_flag) nogil
 
@@ -247,6 +270,7 @@ cdef class HotPath:
     cdef int64_t vsize
     cdef int summary_shift      # vdisk.layout.SUMMARY_SHIFT, given by bind()
     cdef bint can_read, can_write, tracking, direct
+    cdef bint nowait            # preadv2(RWF_NOWAIT) works on this file (until it says otherwise)
     cdef DiskLock lock
     cdef object io, io_pwrite
     cdef object read_slow, write_slow, fold_due
@@ -261,6 +285,7 @@ cdef class HotPath:
         self.fold_interval = fold_interval
         self.writes = 0
         self.can_read = self.can_write = False
+        self.nowait = True
 
     def bind(self, io, bint direct, int fd, table, refs, int shift, int64_t vsize, bint readable,
              bint writable, dirty=None, groups=None, coarse=None, fresh=None, int rel=0, int summary_shift=-1):
@@ -456,6 +481,8 @@ cdef class HotPath:
             if b == b1 and self.table[b] == 0:
                 memset(buf, 0, n)
                 return out
+            if b == b1 and n <= NOWAIT_MAX and self.nowait and self.cached_read(buf, off, n):
+                return out
             with nogil:
                 err = self.read_runs(buf, off, n)
             if err:
@@ -463,6 +490,21 @@ cdef class HotPath:
             return out
         finally:
             self.lock.leave()
+
+    cdef bint cached_read(self, char *buf, int64_t off, int64_t n) noexcept:
+        """Read n bytes at virtual offset off (one mapped block) from the page
+        cache without releasing the GIL: True when all of it was there."""
+        cdef iovec iov
+        cdef ssize_t got
+        iov.iov_base = buf
+        iov.iov_len = n
+        got = preadv2(self.fd, &iov, 1, (<int64_t> self.table[off >> self.shift] << self.shift)
+                      | (off & ((1 << self.shift) - 1)), RWF_NOWAIT)
+        if got == n:
+            return True
+        if got < 0 and (errno == EOPNOTSUPP or errno == EINVAL or errno == 38):     # 38: ENOSYS
+            self.nowait = False     # not on this kernel or file system: the plain read from now on
+        return False
 
     cdef object write(self, data, offset):
         cdef Py_buffer view
