@@ -476,6 +476,26 @@ def test_short_operations_are_answered_while_a_backup_runs(tmp_path, monkeypatch
         assert set(results) == {"a", "b"} and calls == ["a", "b"]
 
 
+def test_a_server_that_killed_itself_counts_as_dead_before_it_is_reaped():
+    """The live-kill sweep's oracle (vdisk_testkit/livekill.py, Served.dead): the CLI
+    client of a server that SIGKILLs itself after an operation fails as soon as the
+    server's sockets close, which is before its parent can reap it; on a loaded
+    machine the sweep asked too early and reported a violation ('pull-server stopped
+    at op:snapshot_delete: ... exited 1').  A process that ends 0.5 s later is dead."""
+    from vdisk_testkit.livekill import Served
+    served = Served.__new__(Served)             # only its server process matters here
+    served.srv = type("Srv", (), {})()
+    served.srv.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    assert served.srv.proc.poll() is None       # what the old check saw: alive
+    assert served.dead()
+    served.srv.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert not served.dead(within=0.3)
+    finally:
+        served.srv.proc.kill()
+        served.srv.proc.wait()
+
+
 def test_a_taking_over_writer_replays_what_a_kill_took(tmp_path):
     """The stamp writer's oracle after a server SIGKILL (vdisk_testkit/livekill.py, Served.restart):
     acknowledged writes into blocks allocated since the last flush are lost with the killed

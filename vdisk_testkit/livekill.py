@@ -289,8 +289,15 @@ class Served:
         while self.w.done < 64 and time.monotonic() < deadline:     # data for the first backup to copy
             time.sleep(0.01)
 
-    def dead(self) -> bool:
-        return self.srv.proc.poll() is not None
+    def dead(self, within: float = 30) -> bool:
+        """Whether the server process ended, waiting up to `within` seconds: a server that
+        SIGKILLs itself closes its sockets (the CLI client sees it and exits) before its
+        parent can reap it, and on a loaded machine the CLI can be faster than that."""
+        try:
+            self.srv.proc.wait(timeout=within)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def restart(self) -> None:
         """Serve the image again after its server was killed; the new writer first writes again
