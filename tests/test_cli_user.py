@@ -611,11 +611,26 @@ def test_mypy_sees_the_typed_public_api(tmp_path):
         "(pip install -e . --config-settings editable_mode=compat)\n" + r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
     strict = ["vdisk", "vdisk.errors", "vdisk.cli", "vdisk._types", "vdisk.summary", "vdisk.changeid",
-              "vdisk.snapshot_table", "vdisk.consumers", "vdisk.extents", "vdisk.header", "vdisk.clone"]
+              "vdisk.snapshot_table", "vdisk.consumers", "vdisk.extents", "vdisk.header", "vdisk.clone",
+              "vdisk.snapshots", "vdisk.results"]
     r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--follow-imports=silent",
                         *(a for m in strict for a in ("-m", m))],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_result_dicts_hold_every_field():
+    """to_dict (the JSON of backup and check) names each field of the result, as its TypedDict does."""
+    import dataclasses
+    import typing
+    from vdisk.results import BackupResult, BackupResultDict, CheckResult, CheckResultDict
+    check = CheckResult(ok=False, corruptions=["x"], leaked_blocks=1, corruption_count=1)
+    assert check.to_dict() == dataclasses.asdict(check)
+    assert set(typing.get_type_hints(CheckResultDict)) == {f.name for f in dataclasses.fields(CheckResult)}
+    backup = BackupResult("a", "*", vdisk.Extents([0], [4096]), 4096, 0, "d", "u", "t", 8192, 4096, 100)
+    assert backup.to_dict()["extents"] == 1
+    assert set(typing.get_type_hints(BackupResultDict)) == set(backup.to_dict()) == {
+        f.name for f in dataclasses.fields(BackupResult)}
 
 
 @pytest.mark.slow
