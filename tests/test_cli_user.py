@@ -595,10 +595,14 @@ def test_mypy_sees_the_typed_public_api(tmp_path):
     public modules pass mypy --strict."""
     user = tmp_path / "user.py"
     user.write_text(
+        "import numpy as np\n"
         "import vdisk\n"
         "def f(path: str) -> int:\n"
         "    with vdisk.open(path) as d:\n"
         "        n: int = d.size\n"
+        "        d.preadinto(np.zeros(4096, np.uint8), 0)\n"
+        "        info: vdisk.Disk = d\n"
+        "        n += info.info()['virtual_size']\n"
         "    r = vdisk.backup(path, path + '.h5', since=None)\n"
         "    vdisk.restore([path + '.h5'], path + '.raw', format='raw')\n"
         "    vdisk.convert(path, path + '.qcow2', dst_format='qcow2')\n"
@@ -612,7 +616,7 @@ def test_mypy_sees_the_typed_public_api(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     strict = ["vdisk", "vdisk.errors", "vdisk.cli", "vdisk._types", "vdisk.summary", "vdisk.changeid",
               "vdisk.snapshot_table", "vdisk.consumers", "vdisk.extents", "vdisk.header", "vdisk.clone",
-              "vdisk.snapshots", "vdisk.results", "vdisk.layout"]
+              "vdisk.snapshots", "vdisk.results", "vdisk.layout", "vdisk.disk"]
     r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--follow-imports=silent",
                         *(a for m in strict for a in ("-m", m))],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)

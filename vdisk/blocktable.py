@@ -15,7 +15,10 @@ by the Disk's flush (step 3 of the write order), from the pages
 """
 from __future__ import annotations
 
+import typing
+
 import numpy as np
+import numpy.typing as npt
 
 from . import _fast
 from . import layout as L
@@ -23,6 +26,8 @@ from .arrays import PAGE, lazy_zeros, page_runs
 from .errors import CorruptImageError
 
 TABLE_PER_PAGE = 4096 // L.TABLE_ENTRY_BYTES
+#: (file offset, content) of table pages to write: a copy, or a view of the live table
+TablePage = typing.Tuple[int, typing.Union[bytes, npt.NDArray[np.uint8]]]
 
 
 class BlockTable:
@@ -101,7 +106,7 @@ class BlockTable:
     def is_fresh(self, b: int) -> bool:
         return bool(self.fresh[b])
 
-    def take_dirty(self, base: int, copy: bool) -> list[tuple[int, object]]:
+    def take_dirty(self, base: int, copy: bool) -> list[TablePage]:
         """The table pages changed so far, as (file offset, buffer) writes for
         the table at base: copies of their content now (copy), or views of the
         live table (for a caller that writes them before releasing the lock).
@@ -112,7 +117,7 @@ class BlockTable:
         pages, self.dirty_pages = sorted(self.dirty_pages), set()
         self.settle()       # in place: the hot path holds the fresh array
         raw = self.table.view(np.uint8)
-        out = []
+        out: list[TablePage] = []
         for start, stop in page_runs(pages):
             view = raw[start * PAGE:stop * PAGE]
             out.append((base + start * PAGE, view.tobytes() if copy else view))

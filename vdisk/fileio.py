@@ -21,6 +21,7 @@ import fcntl
 import os
 import stat
 import uuid as _uuid
+from typing import Callable
 
 from .errors import ImageLockedError, InvalidArgumentError, VdiskIOError
 from .errors import TO_REPLACE, NoSuchFileError, Part
@@ -105,7 +106,7 @@ class FileIO:
         except OSError as exc:
             raise _io_error("open", self.path, exc) from exc
         self.poisoned: VdiskIOError | None = None
-        self.on_poison = None    # called with the error when an fsync fails (the Disk's _poison)
+        self.on_poison: Callable[[VdiskIOError], None] | None = None    # called with the error when an fsync fails (the Disk's _poison)
 
     @classmethod
     def adopt(cls, fd: int, path: str, writable: bool = False) -> "FileIO":

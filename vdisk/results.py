@@ -10,9 +10,45 @@ client need each other.
 from __future__ import annotations
 
 import dataclasses
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from .extents import Extents
+
+
+class ConsumerBrief(TypedDict):
+    """One consumer as :meth:`vdisk.Disk.info` lists it."""
+    name: str
+    change_id: str | None
+
+
+class _ImageInfoBase(TypedDict):
+    path: str
+    format: str
+    version: int
+    virtual_size: int
+    block_size: int
+    uuid: str
+    allocated_blocks: int
+    allocated_bytes: int
+    file_size: int
+    coarse_region_size: int
+    track_changes: bool
+    snapshots: int
+    consumers: list[ConsumerBrief]
+    created: str
+
+
+class ImageInfo(_ImageInfoBase, total=False):
+    """What :meth:`vdisk.Disk.info` returns (``vdisk info``): the keys of the
+    base always; ``damaged_snapshot_records`` when a read-only open left
+    damaged records out; the tracking keys when the image tracks changes;
+    ``served_by`` (pid, address) when a ``vdisk serve`` answered."""
+    damaged_snapshot_records: int
+    generation: int
+    tracking_id: str
+    change_id: str | None
+    dirty_coarse_regions: int
+    served_by: dict[str, Any]
 
 
 class BackupResultDict(TypedDict):

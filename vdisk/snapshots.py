@@ -37,6 +37,7 @@ import numpy.typing as npt
 
 from . import _fast
 from . import layout as L
+from ._types import BytesOut
 from .arrays import as_bytes_view as _as_bytes_view
 from .blocktable import plan_read
 from .errors import ClosedError, InvalidArgumentError, OutOfRangeError, ReadOnlyError
@@ -144,7 +145,7 @@ class Snapshot(io.RawIOBase):
             raise OutOfRangeError(f"read of {n} bytes at offset {offset} past the snapshot's size {self.size}")
         return self._host.pread_through(self._table_mv, n, offset, self._check_open)
 
-    def preadinto(self, buffer: WriteableBuffer, offset: int) -> int:
+    def preadinto(self, buffer: BytesOut, offset: int) -> int:
         if isinstance(buffer, np.ndarray) and not buffer.flags.c_contiguous:
             staging = np.empty(buffer.shape, dtype=buffer.dtype)
             n = self.preadinto(staging.data, offset)

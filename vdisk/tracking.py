@@ -43,6 +43,7 @@ parsed once where it entered, or a string it parses.
 from __future__ import annotations
 
 import secrets
+import typing
 
 import numpy as np
 
@@ -144,6 +145,24 @@ class CheckpointLog:
     def change_id(self, hdr, generation: int) -> str | None:
         """The id of closed generation `generation` as this image issues it."""
         return issued_id(hdr, generation, self.token(generation))
+
+
+class Epoch(typing.Protocol):
+    """What resolve reads of a header: the epoch, the open generation, the
+    first generation that was closed with a token (an L.Header, or an EpochOf)."""
+    @property
+    def tracking_uuid(self) -> bytes: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def legacy_generation(self) -> int: ...
+
+
+class EpochOf(typing.NamedTuple):
+    """An Epoch that is no header's (a snapshot's of an earlier epoch)."""
+    tracking_uuid: bytes
+    generation: int
+    legacy_generation: int
 
 
 def counters_kept(hdr) -> int:
