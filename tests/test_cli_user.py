@@ -616,7 +616,9 @@ def test_mypy_sees_the_typed_public_api(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     strict = ["vdisk", "vdisk.errors", "vdisk.cli", "vdisk._types", "vdisk.summary", "vdisk.changeid",
               "vdisk.snapshot_table", "vdisk.consumers", "vdisk.extents", "vdisk.header", "vdisk.clone",
-              "vdisk.snapshots", "vdisk.results", "vdisk.layout", "vdisk.disk"]
+              "vdisk.snapshots", "vdisk.results", "vdisk.layout", "vdisk.disk",
+              "vdisk.check", "vdisk.live", "vdisk.arrays", "vdisk.backup",
+              "vdisk.protocols"]
     r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--follow-imports=silent",
                         *(a for m in strict for a in ("-m", m))],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)

@@ -947,7 +947,7 @@ def abandoned_partials(directory: str, remove: bool = False) -> list[str]:
     return found
 
 
-def parse_compression(compression):
+def parse_compression(compression: object) -> str | None:
     if isinstance(compression, str):
         compression = compression.lower()
     if compression not in COMPRESSIONS:

@@ -1026,7 +1026,7 @@ class Disk(io.RawIOBase):
             return _tracking.resolve(change_id, h, self._log, limit=rec.generation + 1,
                                      own=(rec.generation, rec.token))
 
-    def changes_since(self, change_id: str | None) -> Extents:
+    def changes_since(self, change_id: str | ChangeId | None) -> Extents:
         """Extents of every block changed after the point named by change_id.
 
         ``"*"`` means every allocated extent (a first, full backup).  An id
@@ -1040,7 +1040,7 @@ class Disk(io.RawIOBase):
                 return self._map_locked()
             return tracker.changes_since(self._resolve(change_id))
 
-    def changes_in(self, change_id: str | None, offset: int, length: int) -> Extents:
+    def changes_in(self, change_id: str | ChangeId | None, offset: int, length: int) -> Extents:
         """The extents of changes_since(change_id) that meet [offset, offset + length),
         clipped to it; the cost is that of the range's blocks (one summary check per
         32 blocks), not the disk's (the NBD server answers block status with it)."""

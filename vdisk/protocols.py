@@ -58,6 +58,8 @@ from typing import TYPE_CHECKING, Iterator, Protocol, Sequence, runtime_checkabl
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
+    from ._types import BytesIn
+
 Extent = tuple[int, int, bool]          # (offset, length, data)
 
 
@@ -92,7 +94,7 @@ class ImageSink(Protocol):
 
     granule: int       #: the allocation unit in bytes
 
-    def write(self, data: WriteableBuffer, offset: int) -> None:
+    def write(self, data: BytesIn, offset: int) -> None:
         """The range reads as data (zero granules of a fresh sink stay unallocated)."""
         ...
 

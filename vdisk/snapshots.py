@@ -232,7 +232,7 @@ class Snapshot(io.RawIOBase):
         return [(o + at, n, phys) for o, length in self.map()
                 for at, phys, n in plan_read(self._table_mv, self._shift, o, length)]
 
-    def changes_since(self, change_id: str | None) -> Extents:
+    def changes_since(self, change_id: str | ChangeId | None) -> Extents:
         """Blocks changed between the id's point and this snapshot (exact)."""
         self._check_open()
         if change_id == ANY:
