@@ -617,7 +617,7 @@ def test_mypy_sees_the_typed_public_api(tmp_path):
     strict = ["vdisk", "vdisk.errors", "vdisk.cli", "vdisk._types", "vdisk.summary", "vdisk.changeid",
               "vdisk.snapshot_table", "vdisk.consumers", "vdisk.extents", "vdisk.header", "vdisk.clone",
               "vdisk.snapshots", "vdisk.results", "vdisk.layout", "vdisk.disk",
-              "vdisk.check", "vdisk.live", "vdisk.arrays", "vdisk.backup",
+              "vdisk.check", "vdisk.live", "vdisk.arrays", "vdisk.backup", "vdisk.convert",
               "vdisk.protocols"]
     r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--follow-imports=silent",
                         *(a for m in strict for a in ("-m", m))],
