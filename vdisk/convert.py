@@ -59,7 +59,7 @@ DEFAULT_QCOW2_CLUSTER = 64 * KiB
 Progress = Callable[[int, int], None]
 
 if TYPE_CHECKING:
-    from ._types import BytesIn
+    from ._types import ByteBuffer
     from .disk import Disk
     from .protocols import Extent
 
@@ -145,7 +145,7 @@ class _NamedOutput:
         self.sink, self.dst = sink, dst
         self.granule = sink.granule
 
-    def write(self, view: BytesIn, offset: int) -> None:
+    def write(self, view: ByteBuffer, offset: int) -> None:
         with _output_errors(self.dst):
             self.sink.write(view, offset)
 
@@ -561,7 +561,7 @@ def image_info(path: PathArg, fmt: str | None = None, *, allow_backing: bool | P
         out: dict[str, Any] = {"filename": path, "format": image.format, "virtual_size": image.size,
                "actual_size": st.st_blocks * 512, "cluster_size": cluster,
                "data_bytes": sum(n for _o, n, data in image.extents(0, image.size) if data)}
-        if image.format == "qcow2":
+        if isinstance(image, Qcow2Image):          # (format "qcow2")
             q = image.info()
             out["qcow2"] = {k: q[k] for k in ("version", "compression_type", "refcount_bits", "dirty", "snapshots",
                                                "extended_l2", "backing_file")}

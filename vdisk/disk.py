@@ -256,14 +256,17 @@ class Disk(io.RawIOBase):
         """Point the Cython hot path at the current arrays and size.  Every
         method that replaces one of them is decorated with @_rebinds."""
         t = self._tracker
-        track = {} if t is None else dict(dirty=t.dirty, groups=t.dirty_groups, coarse=t.coarse, fresh=self._bt.fresh,
-                                          rel=t.rel_shift)
         if self._shut:
             self._hot.shut()
             return
-        self._hot.bind(self._io, type(self._io) is FileIO, self._io.fd, self._bt.table, self._alloc.refcounts,
-                       self._shift,
-                       self._hdr.virtual_size, True, self._writable, summary_shift=SUMMARY_SHIFT, **track)
+        if t is None:
+            self._hot.bind(self._io, type(self._io) is FileIO, self._io.fd, self._bt.table, self._alloc.refcounts,
+                           self._shift, self._hdr.virtual_size, True, self._writable, summary_shift=SUMMARY_SHIFT)
+        else:
+            self._hot.bind(self._io, type(self._io) is FileIO, self._io.fd, self._bt.table, self._alloc.refcounts,
+                           self._shift, self._hdr.virtual_size, True, self._writable, summary_shift=SUMMARY_SHIFT,
+                           dirty=t.dirty, groups=t.dirty_groups, coarse=t.coarse, fresh=self._bt.fresh,
+                           rel=t.rel_shift)
 
     # white-box views of the parts' state (the tests and tools read them)
     @property
@@ -715,7 +718,7 @@ class Disk(io.RawIOBase):
         end = offset + len(mv)
         pos = offset
         run_phys = None              # pending contiguous physical writes: one pwritev
-        run_bufs: list[ReadableBuffer] = []
+        run_bufs: list[memoryview | bytearray] = []
         run_len = 0
         while pos < end:
             b = pos >> shift
@@ -730,7 +733,7 @@ class Disk(io.RawIOBase):
                 self._unmap(b)
                 pos += piece
                 continue
-            buf: ReadableBuffer
+            buf: memoryview | bytearray
             if p and refs[p] == 1:
                 if tracker:
                     self._write_ahead(tracker, b)

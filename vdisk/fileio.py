@@ -21,7 +21,12 @@ import fcntl
 import os
 import stat
 import uuid as _uuid
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
+    from ._types import ByteBuffer, BytesOut
 
 from .errors import ImageLockedError, InvalidArgumentError, VdiskIOError
 from .errors import TO_REPLACE, NoSuchFileError, Part
@@ -29,10 +34,10 @@ from .errors import TO_REPLACE, NoSuchFileError, Part
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
-def _libc(name: str, *argtypes):
+def _libc(name: str, *argtypes: type[Any]) -> ctypes._NamedFuncPointer | None:
     """A libc function through ctypes (int result, errno kept), or None where it is missing."""
     try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+        fn: ctypes._NamedFuncPointer = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         return None
     fn.argtypes = list(argtypes)
@@ -86,6 +91,18 @@ def open_regular(path: str, flags: int, mode: int = 0o644, *, block_device: bool
         os.close(fd)
         raise
     return fd
+
+
+def readable_buffer(data: ByteBuffer) -> ReadableBuffer:
+    """data as the os functions are typed to take it.  Nothing to convert: a numpy
+    array is a buffer; numpy's stubs declare it one only from Python 3.12 (where
+    collections.abc.Buffer exists), so the type is said here."""
+    return cast("ReadableBuffer", data)
+
+
+def writable_buffer(buf: BytesOut) -> WriteableBuffer:
+    """buf as a writable buffer (see readable_buffer)."""
+    return cast("WriteableBuffer", buf)
 
 
 class FileIO:
@@ -142,9 +159,9 @@ class FileIO:
         except OSError as exc:
             raise _io_error("pread", self.path, exc) from exc
 
-    def preadinto(self, buf, offset: int) -> int:
+    def preadinto(self, buf: BytesOut, offset: int) -> int:
         """Fill buf (a writable buffer) from offset; bytes past EOF read as zeros."""
-        mv = memoryview(buf).cast("B")
+        mv = memoryview(writable_buffer(buf)).cast("B")
         done = 0
         total = len(mv)
         try:
@@ -158,15 +175,15 @@ class FileIO:
             raise _io_error("pread", self.path, exc) from exc
         return total
 
-    def pwrite(self, data, offset: int) -> None:
+    def pwrite(self, data: ByteBuffer, offset: int) -> None:
         """Write all of data (a buffer of bytes: len() counts bytes) at offset."""
         if self.poisoned is not None:
             self._check_poison()
         try:
-            n = os.pwrite(self.fd, data, offset)
+            n = os.pwrite(self.fd, readable_buffer(data), offset)
             if n == len(data):
                 return
-            mv = memoryview(data).cast("B")[n:]
+            mv = memoryview(readable_buffer(data)).cast("B")[n:]
             offset += n
             while len(mv):
                 n = os.pwrite(self.fd, mv, offset)
@@ -175,7 +192,7 @@ class FileIO:
         except OSError as exc:
             raise _io_error("pwrite", self.path, exc) from exc
 
-    def pwritev(self, buffers, offset: int) -> None:
+    def pwritev(self, buffers: Sequence[ByteBuffer], offset: int) -> None:
         """Write a list of buffers back to back at offset (one syscall when it can)."""
         if len(buffers) == 1:
             return self.pwrite(buffers[0], offset)
@@ -184,11 +201,11 @@ class FileIO:
             batch = buffers[i:i + IOV_MAX]
             total = sum(len(b) for b in batch)
             try:
-                n = os.pwritev(self.fd, batch, offset)
+                n = os.pwritev(self.fd, cast("Sequence[ReadableBuffer]", batch), offset)     # (see readable_buffer)
             except OSError as exc:
                 raise _io_error("pwrite", self.path, exc) from exc
             if n != total:  # short write: finish the rest plainly
-                self.pwrite(b"".join(bytes(b) for b in batch)[n:], offset + n)
+                self.pwrite(b"".join(bytes(readable_buffer(b)) for b in batch)[n:], offset + n)
             offset += total
 
     def fsync(self) -> None:
@@ -237,7 +254,7 @@ class FileIO:
         except OSError as exc:
             raise _io_error("fstat", self.path, exc) from exc
 
-    def data_extents(self, start: int, end: int):
+    def data_extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         """Yield (offset, length) of the data (non-hole) ranges in [start, end)."""
         pos = start
         while pos < end:
@@ -385,7 +402,8 @@ def place_synced(tmp: str, dest: str, why: str | tuple[Part, ...]) -> None:
 
 @contextlib.contextmanager
 def atomic_output(dest: str, *, overwrite: bool = False, what: str = "partial",
-                  why: str | tuple[Part, ...] = TO_REPLACE, placing_error=None):
+                  why: str | tuple[Part, ...] = TO_REPLACE,
+                  placing_error: Callable[[OSError], BaseException] | None = None) -> Iterator[str]:
     """Build a new file for dest under a temporary name beside it, then put it in place.
 
     Yields the temporary path (``.NAME.<8 hex digits>.<what>`` in dest's directory).
@@ -430,9 +448,9 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
-def pwrite_all(fd: int, data, offset: int) -> None:
+def pwrite_all(fd: int, data: ByteBuffer, offset: int) -> None:
     """os.pwrite until all of data is written (for files written outside FileIO)."""
-    mv = memoryview(data).cast("B")
+    mv = memoryview(readable_buffer(data)).cast("B")
     while len(mv):
         n = os.pwrite(fd, mv, offset)
         mv = mv[n:]

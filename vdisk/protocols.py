@@ -56,7 +56,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
-    from ._types import BytesIn, BytesOut
+    from ._types import ByteBuffer, BytesOut
 
 Extent = tuple[int, int, bool]          # (offset, length, data)
 
@@ -92,7 +92,7 @@ class ImageSink(Protocol):
 
     granule: int       #: the allocation unit in bytes
 
-    def write(self, data: BytesIn, offset: int) -> None:
+    def write(self, data: ByteBuffer, offset: int) -> None:
         """The range reads as data (zero granules of a fresh sink stay unallocated)."""
         ...
 
