@@ -619,7 +619,7 @@ def test_mypy_sees_the_typed_public_api(tmp_path):
               "vdisk.snapshots", "vdisk.results", "vdisk.layout", "vdisk.disk",
               "vdisk.check", "vdisk.live", "vdisk.arrays", "vdisk.backup", "vdisk.convert",
               "vdisk.protocols", "vdisk.fileio", "vdisk.blocktable", "vdisk.allocator", "vdisk.snapshot_ops",
-              "vdisk.tracking", "vdisk.sources", "vdisk.sinks"]
+              "vdisk.tracking", "vdisk.sources", "vdisk.sinks", "vdisk.delta"]
     r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--follow-imports=silent",
                         *(a for m in strict for a in ("-m", m))],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
