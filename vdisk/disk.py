@@ -66,7 +66,6 @@ import io
 import os
 import threading
 import time
-import types
 import uuid as _uuid
 import weakref
 from typing import TYPE_CHECKING, Callable, Concatenate, Iterator, ParamSpec, Sequence, TypeVar
