@@ -595,10 +595,14 @@ def test_mypy_sees_the_typed_public_api(tmp_path):
     public modules pass mypy --strict."""
     user = tmp_path / "user.py"
     user.write_text(
+        "import numpy as np\n"
         "import vdisk\n"
         "def f(path: str) -> int:\n"
         "    with vdisk.open(path) as d:\n"
         "        n: int = d.size\n"
+        "        d.preadinto(np.zeros(4096, np.uint8), 0)\n"
+        "        info: vdisk.Disk = d\n"
+        "        n += info.info()['virtual_size']\n"
         "    r = vdisk.backup(path, path + '.h5', since=None)\n"
         "    vdisk.restore([path + '.h5'], path + '.raw', format='raw')\n"
         "    vdisk.convert(path, path + '.qcow2', dst_format='qcow2')\n"
@@ -611,11 +615,33 @@ def test_mypy_sees_the_typed_public_api(tmp_path):
         "(pip install -e . --config-settings editable_mode=compat)\n" + r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
     strict = ["vdisk", "vdisk.errors", "vdisk.cli", "vdisk._types", "vdisk.summary", "vdisk.changeid",
-              "vdisk.snapshot_table", "vdisk.consumers", "vdisk.extents", "vdisk.header", "vdisk.clone"]
+              "vdisk.snapshot_table", "vdisk.consumers", "vdisk.extents", "vdisk.header", "vdisk.clone",
+              "vdisk.snapshots", "vdisk.results", "vdisk.layout", "vdisk.disk",
+              "vdisk.check", "vdisk.live", "vdisk.arrays", "vdisk.backup", "vdisk.convert",
+              "vdisk.protocols", "vdisk.fileio", "vdisk.blocktable", "vdisk.allocator", "vdisk.snapshot_ops",
+              "vdisk.tracking", "vdisk.sources", "vdisk.sinks", "vdisk.delta", "vdisk.testing", "vdisk.demo",
+              "vdisk.__main__"]
+    # every module of the package is strict (the qcow2 and nbd subpackages not yet): a new one joins the list
+    modules = {"vdisk." + f[:-3] for f in os.listdir(os.path.join(ROOT, "vdisk")) if f.endswith(".py")} - {"vdisk.__init__"}
+    assert modules <= set(strict), sorted(modules - set(strict))
     r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--follow-imports=silent",
                         *(a for m in strict for a in ("-m", m))],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_result_dicts_hold_every_field():
+    """to_dict (the JSON of backup and check) names each field of the result, as its TypedDict does."""
+    import dataclasses
+    import typing
+    from vdisk.results import BackupResult, BackupResultDict, CheckResult, CheckResultDict
+    check = CheckResult(ok=False, corruptions=["x"], leaked_blocks=1, corruption_count=1)
+    assert check.to_dict() == dataclasses.asdict(check)
+    assert set(typing.get_type_hints(CheckResultDict)) == {f.name for f in dataclasses.fields(CheckResult)}
+    backup = BackupResult("a", "*", vdisk.Extents([0], [4096]), 4096, 0, "d", "u", "t", 8192, 4096, 100)
+    assert backup.to_dict()["extents"] == 1
+    assert set(typing.get_type_hints(BackupResultDict)) == set(backup.to_dict()) == {
+        f.name for f in dataclasses.fields(BackupResult)}
 
 
 @pytest.mark.slow

@@ -1224,3 +1224,22 @@ def test_preadinto_runs_in_cython_and_reads_what_was_written(tmp_path, monkeypat
             n = int(rng.integers(0, size - off + 1))
             buf = np.empty(n, np.uint8)
             assert d.preadinto(buf, off) == n and buf.tobytes() == model[off:off + n]
+
+
+def test_a_callback_into_a_dropped_disk_raises_closed_error():
+    """A part's weak callback (_weakly) into a Disk that is gone says so (ClosedError),
+    not "'NoneType' object is not callable"."""
+    import gc
+    from vdisk.disk import _weakly
+
+    class Owner:
+        def method(self, x: int) -> int:
+            return x + 1
+
+    owner = Owner()
+    call = _weakly(owner.method)
+    assert call(1) == 2
+    del owner
+    gc.collect()
+    with pytest.raises(vdisk.ClosedError, match="method of a disk that is gone"):
+        call(1)

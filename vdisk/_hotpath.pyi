@@ -1,6 +1,8 @@
 """Type stubs for the Disk's hot path and lock in vdisk/_hotpath.pyx."""
 from typing import Any, Callable
 
+from _typeshed import ReadableBuffer
+
 import numpy as np
 import numpy.typing as npt
 
@@ -21,7 +23,7 @@ class HotPath:
     goes to the fallbacks it was given (see vdisk/_hotpath.pyx)."""
     writes: int
     fold_interval: int
-    def __init__(self, lock: DiskLock, read_slow: Callable[[int, int], bytes], write_slow: Callable[[object, int], int],
+    def __init__(self, lock: DiskLock, read_slow: Callable[[int, int], bytes], write_slow: Callable[[ReadableBuffer, int], int],
                  fold_due: Callable[[], None], fold_interval: int) -> None: ...
     def bind(self, io: object, direct: bool, fd: int, table: npt.NDArray[np.uint32], refs: npt.NDArray[np.uint16],
              shift: int, vsize: int, readable: bool, writable: bool, dirty: npt.NDArray[np.uint8] | None = ...,

@@ -14,9 +14,10 @@ Disk's (``grow``, a callable it passes in), since that relocation commits.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _fast
 from . import layout as L
@@ -24,16 +25,21 @@ from .arrays import lazy_zeros, write_pages
 from .errors import CorruptImageError, OutOfRangeError
 
 REFS_PER_PAGE = 4096 // L.REFCOUNT_BYTES
+Refcounts = npt.NDArray[np.uint16]
+
+if TYPE_CHECKING:
+    from .fileio import FileIO
+    from .snapshot_table import SnapshotRecord
 
 
 class Allocator:
-    def __init__(self, fio, hdr: L.Header, refcounts: np.ndarray, end_block: int,
+    def __init__(self, fio: FileIO, hdr: L.Header, refcounts: Refcounts, end_block: int,
                  grow: Callable[[int], None]):
         self._io = fio
         self._hdr = hdr
         self._grow = grow                   # grow(need): relocate the refcounts (the Disk commits it)
         self.refcounts = refcounts
-        self.refs_mv = memoryview(refcounts)
+        self.refs_mv = refcounts.data        # memoryview(refcounts)
         self.end_block = end_block          # the first block past the end of the file
         self.meta_end_block = L.round_up(L.HEADER_AREA, hdr.block_size) // hdr.block_size
         self.meta_ranges: list[tuple[int, int]] = []
@@ -49,10 +55,10 @@ class Allocator:
         """The block ranges [lo, hi) of every metadata region (never allocated as data)."""
         self.meta_ranges = ranges
 
-    def replace(self, refcounts: np.ndarray) -> None:
+    def replace(self, refcounts: Refcounts) -> None:
         """A relocated refcount table (the Disk's refcount growth)."""
         self.refcounts = refcounts
-        self.refs_mv = memoryview(refcounts)
+        self.refs_mv = refcounts.data
 
     # --- allocation ---------------------------------------------------------------
     def appends_only(self) -> bool:
@@ -160,7 +166,7 @@ class Allocator:
         """Drop a reference once the table that no longer holds it is durable."""
         self.pending.append(p)
 
-    def release_blocks(self, blocks) -> None:
+    def release_blocks(self, blocks: Iterable[int]) -> None:
         """decref_later for each block of an iterable."""
         self.pending.extend(blocks)
 
@@ -199,10 +205,10 @@ class Allocator:
             self.dirty_pages.clear()
 
     # --- compaction ---------------------------------------------------------------
-    def used_mask(self) -> np.ndarray:
+    def used_mask(self) -> npt.NDArray[np.bool_]:
         """One bool per block below the end of the file: in use (referenced, or metadata)."""
         end = min(self.end_block, self._hdr.refcount_capacity)
-        used = self.refcounts[:end] != 0
+        used: npt.NDArray[np.bool_] = self.refcounts[:end] != 0
         for lo, hi in self.meta_ranges:
             used[lo:min(hi, end)] = True
         used[:self.meta_end_block] = True
@@ -249,7 +255,8 @@ class Allocator:
                     f"{self._io.path}: metadata block {lo + int(zero[0])} has refcount 0, expected 1 "
                     f"(run 'vdisk check --repair')")
 
-    def validate_shared(self, live_parts, snapshots) -> None:
+    def validate_shared(self, live_parts: Sequence[tuple[npt.NDArray[np.uint32], int]],
+                        snapshots: Sequence[SnapshotRecord]) -> None:
         """Every data block's refcount is at least the number of tables that
         map it: the live table and every snapshot's frozen table
         (docs/FORMAT.md, "Refcounts").  A lower refcount would send a write

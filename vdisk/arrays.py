@@ -8,13 +8,20 @@ data, so memory follows what an image uses, not what it claims.
 from __future__ import annotations
 
 import mmap
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from .errors import InvalidArgumentError
 
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
-def lazy_zeros(count: int, dtype) -> np.ndarray:
+    from .fileio import FileIO
+
+
+def lazy_zeros(count: int, dtype: npt.DTypeLike) -> npt.NDArray[Any]:
     """A zeroed array whose pages cost memory only once written.
 
     A private anonymous mmap in 4 KiB pages: numpy's own large allocations
@@ -30,8 +37,8 @@ def lazy_zeros(count: int, dtype) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=dtype)
 
 
-def load_array(fio, offset: int, count: int, dtype, file_size: int, keep: int | None = None,
-               ranges: list | None = None) -> np.ndarray:
+def load_array(fio: FileIO, offset: int, count: int, dtype: npt.DTypeLike, file_size: int, keep: int | None = None,
+               ranges: list[tuple[int, int]] | None = None) -> npt.NDArray[Any]:
     """An array of count entries, filled from the file at offset.
 
     Only the data (non-hole) parts of the file are read, and only the first
@@ -53,12 +60,14 @@ def load_array(fio, offset: int, count: int, dtype, file_size: int, keep: int | 
     return arr
 
 
-def nonzero_entries(fio, offset: int, start: int, stop: int, dtype, file_size: int, most: int = 20):
+def nonzero_entries(fio: FileIO, offset: int, start: int, stop: int, dtype: npt.DTypeLike, file_size: int,
+                    most: int = 20) -> tuple[int, list[int]]:
     """(count, first indices) of nonzero entries [start, stop) of an on-disk
     array, read in bounded chunks."""
     itemsize = np.dtype(dtype).itemsize
     lo, hi = offset + start * itemsize, min(offset + stop * itemsize, file_size)
-    count, first = 0, []
+    count = 0
+    first: list[int] = []
     chunk = 1 << 20
     for off, length in fio.data_extents(lo, hi):
         off -= (off - offset) % itemsize
@@ -74,7 +83,7 @@ def nonzero_entries(fio, offset: int, start: int, stop: int, dtype, file_size: i
 PAGE = 4096
 
 
-def page_runs(pages):
+def page_runs(pages: npt.ArrayLike) -> list[tuple[int, int]]:
     """Contiguous runs [start, stop) of a sorted array of page numbers."""
     pages = np.asarray(pages, dtype=np.int64)
     if len(pages) == 0:
@@ -85,14 +94,14 @@ def page_runs(pages):
     return list(zip(starts.tolist(), stops.tolist()))
 
 
-def write_pages(fio, arr: np.ndarray, pages, base: int) -> None:
+def write_pages(fio: FileIO, arr: npt.NDArray[Any], pages: npt.ArrayLike, base: int) -> None:
     """Write the 4 KiB pages (sorted page numbers) of arr to the file at base."""
     raw = arr.view(np.uint8)
     for start, stop in page_runs(pages):
         fio.pwrite(raw[start * PAGE:stop * PAGE], base + start * PAGE)
 
 
-def write_nonzero_pages(fio, arr: np.ndarray, base: int) -> None:
+def write_nonzero_pages(fio: FileIO, arr: npt.NDArray[Any], base: int) -> None:
     """Write the 4 KiB pages of arr that hold a nonzero byte, 1 MiB of arr at a time."""
     raw = arr.view(np.uint8)
     step = 256 * PAGE
@@ -107,12 +116,12 @@ def write_nonzero_pages(fio, arr: np.ndarray, base: int) -> None:
         fio.pwrite(raw[start * PAGE:stop * PAGE], base + start * PAGE)
 
 
-def as_bytes_view(data) -> memoryview:
+def as_bytes_view(data: object) -> memoryview:
     """data as a flat, contiguous memoryview of bytes (a copy only when not contiguous)."""
     if isinstance(data, np.ndarray) and not data.flags.c_contiguous:
         data = np.ascontiguousarray(data)
     try:
-        mv = memoryview(data)
+        mv = memoryview(cast("ReadableBuffer", data))     # the check itself: a non-buffer raises TypeError
     except TypeError:
         raise InvalidArgumentError(f"expected a bytes-like object, got {type(data).__name__}") from None
     if not mv.c_contiguous:

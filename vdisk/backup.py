@@ -54,29 +54,35 @@ import errno
 import json
 import os
 import uuid as _uuid
-from typing import TYPE_CHECKING, Any, Iterable, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from .delta import (FLAG_ZERO, FORMAT_NAME, FORMAT_VERSION, UUID_RE, DeltaFile, DeltaWriter,
-                    abandoned_partials, batch_rows_for, check_dest, fsync_dir, now_iso, parse_compression,
+                    abandoned_partials, batch_rows_for, check_dest, now_iso, parse_compression,
                     remove_abandoned_partials)
 from .errors import (BackupChainError, CorruptImageError, ImageLockedError, InvalidArgumentError, ReadOnlyError,
                      StaleChangeIdError, UnsupportedFeatureError, VdiskIOError)
 from .errors import FROM_SCRATCH, Param
 from ._types import PathArg, Progress
 from .extents import Extents
-from .fileio import FileIO, atomic_output, open_regular, refuse_if_in_use
+from .fileio import FileIO, atomic_output, fsync_dir, open_regular, refuse_if_in_use
 from .results import BackupResult as BackupResult
 from .sinks import RangeWriteback, RawSink, VdiskSink
-from .snapshots import BACKUP_SNAPSHOT_PREFIX
+from .protocols import ImageSink
+from .snapshots import BACKUP_SNAPSHOT_PREFIX, Snapshot
 from .changeid import ANY, ChangeId, Since, parse_since
 
 if TYPE_CHECKING:
     from .disk import Disk
-    from .snapshots import Snapshot
 
 Deltas = Union[PathArg, Iterable[PathArg]]       # one delta file, or a chain in order
+#: a frozen view a delta is written from: a Snapshot, or a Disk nobody can write
+View = Union["Disk", Snapshot]
+#: before_place(): called once the delta is complete and synced, before it is put in place
+BeforePlace = Callable[[], None]
+Int64s = npt.NDArray[np.int64]
 
 
 # ---------------------------------------------------------------------------- the chain sidecar
@@ -85,13 +91,13 @@ CHAIN_FORMAT = "vdisk-chain"
 CHAIN_VERSION = 1
 
 
-def sidecar_path(target) -> str:
+def sidecar_path(target: PathArg) -> str:
     """The chain sidecar of a restored target: ``<target>.vdisk-chain``."""
     return os.fspath(target) + CHAIN_SUFFIX
 
 
 # ---------------------------------------------------------------------------- extent arithmetic
-def _runs_cover(starts: np.ndarray, ends: np.ndarray, points: np.ndarray):
+def _runs_cover(starts: Int64s, ends: Int64s, points: Int64s) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
     """For each point: the index of the run [start, end) holding it, and whether one does."""
     idx = np.searchsorted(starts, points, side="right") - 1
     safe = np.maximum(idx, 0)
@@ -99,7 +105,8 @@ def _runs_cover(starts: np.ndarray, ends: np.ndarray, points: np.ndarray):
     return safe, inside
 
 
-def _merge_runs(b0, b1, same=(), extra=None):
+def _merge_runs(b0: Int64s, b1: Int64s, same: Iterable[npt.NDArray[Any]] = (),
+                extra: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.bool_]:
     """True where a merged run starts: runs merge with the previous one when
     they touch it in blocks, every array in `same` is equal across the two,
     and `extra` (a mask, True = may join) allows it."""
@@ -114,7 +121,8 @@ def _merge_runs(b0, b1, same=(), extra=None):
     return starts
 
 
-def _split_by_allocation(changed: Extents, allocated: Extents, bs: int, size: int):
+def _split_by_allocation(changed: Extents, allocated: Extents, bs: int, size: int
+                         ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.uint8]]:
     """Changed extents cut into data (allocated) and zero (unallocated) extents: offsets, lengths, flags."""
     if not changed:
         return np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.uint8)
@@ -138,21 +146,21 @@ def _split_by_allocation(changed: Extents, allocated: Extents, bs: int, size: in
 
 
 # ---------------------------------------------------------------------------- backup
-def _resolve_source(source):
-    """(disk or None, snapshot or None, owned disk?) for a path, a Disk or a Snapshot."""
+def _resolve_source(source: object) -> tuple[View, bool]:
+    """(the Disk or the Snapshot, owned disk?) for a path, a Disk or a Snapshot."""
     from .disk import Disk, open as open_disk
-    from .snapshots import Snapshot
     if isinstance(source, Snapshot):
-        return None, source, False
+        return source, False
     if isinstance(source, Disk):
-        return source, None, False
+        return source, False
     if isinstance(source, (str, bytes, os.PathLike)):
+        path = os.fsdecode(source) if isinstance(source, bytes) else source     # the same file, named as a str
         try:
-            return open_disk(source, "r+"), None, True
+            return open_disk(path, "r+"), True
         except VdiskIOError as exc:     # the user may only read it: nobody writes while we hold it "r"
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
-        return open_disk(source, "r"), None, True
+        return open_disk(path, "r"), True
     raise InvalidArgumentError(f"backup source must be a path, a vdisk.Disk or a vdisk.Snapshot, "
                                f"not {type(source).__name__}")
 
@@ -178,19 +186,23 @@ def backup(source: PathArg | Disk | Snapshot, dest: PathArg, *, since: str | Non
                                           ", not both: a consumer's backup starts from its own id")
     since = ANY if since is None else since
     try:
-        disk, snap, owned = _resolve_source(source)
+        view, owned = _resolve_source(source)
     except ImageLockedError:                 # served by `vdisk serve`: the backup runs in the server
+        path = os.fsdecode(source) if isinstance(source, bytes) else source
+        if not isinstance(path, (str, os.PathLike)):      # only opening a path takes a lock
+            raise
         from . import live
-        served = live.find_server(source)
+        served = live.find_server(path)
         if served is None:
             raise
-        with live.LiveDisk(os.fspath(source), served) as remote:
+        with live.LiveDisk(os.fspath(path), served) as remote:
             return remote.backup(dest, since=None if since == ANY else since, consumer=consumer,
                                  compression=compression, progress=progress)
     try:
         if consumer is not None:
-            if snap is not None:
+            if isinstance(view, Snapshot):
                 raise InvalidArgumentError.naming(Param("consumer"), " needs the image (a path or a Disk), not a snapshot")
+            disk = view
             if disk.tracking_id is None:
                 raise UnsupportedFeatureError(f"{disk.path}: change tracking is off for this image: it has no "
                                               f"consumers")
@@ -203,17 +215,17 @@ def backup(source: PathArg | Disk | Snapshot, dest: PathArg, *, since: str | Non
             result = _backup_disk(disk, dest, since, comp, progress)
             _record(disk, consumer, result)
             return result
-        if snap is not None:
-            return _backup_snapshot(snap, dest, since, comp, progress)
-        if not disk.writable():
-            return _backup_unwritable(disk, dest, since, comp, progress, close_before_place=owned)
-        return _backup_disk(disk, dest, since, comp, progress, close_before_place=owned)
+        if isinstance(view, Snapshot):
+            return _backup_snapshot(view, dest, since, comp, progress)
+        if not view.writable():
+            return _backup_unwritable(view, dest, since, comp, progress, close_before_place=owned)
+        return _backup_disk(view, dest, since, comp, progress, close_before_place=owned)
     finally:
         if owned:
-            disk.close()
+            view.close()
 
 
-def _record(disk, consumer: str, result: BackupResult) -> None:
+def _record(disk: Disk, consumer: str, result: BackupResult) -> None:
     """The delta is in place: the consumer's next backup starts from its id.
 
     If recording fails, the delta stays: the failed commit may still have
@@ -230,7 +242,8 @@ def _record(disk, consumer: str, result: BackupResult) -> None:
         raise
 
 
-def _backup_disk(disk, dest: str, since: Since, comp, progress, close_before_place: bool = False) -> BackupResult:
+def _backup_disk(disk: Disk, dest: str, since: str | ChangeId, comp: str | None, progress: Progress | None,
+                 close_before_place: bool = False) -> BackupResult:
     """Back up the live disk through a temporary snapshot, deleted before the delta is placed.
     close_before_place: the caller owns the disk and needs nothing more of it: close it
     before the delta is in place too (its last flush and fsync may fail)."""
@@ -243,9 +256,9 @@ def _backup_disk(disk, dest: str, since: Since, comp, progress, close_before_pla
     disk.drop_orphan_backup_snapshots()     # of backups a crash or an error interrupted
     name = f"{BACKUP_SNAPSHOT_PREFIX}{_uuid.uuid4().hex}"
     snap = disk.snapshot(name)
-    dropped = []
+    dropped: list[str] = []
 
-    def drop_snapshot():     # the delta is complete and synced, not yet in place: a failure here leaves none
+    def drop_snapshot() -> None:     # the delta is complete and synced, not yet in place: a failure here leaves none
         dropped.append(name)
         disk.delete_snapshot(name)
         if close_before_place:
@@ -262,8 +275,8 @@ def _backup_disk(disk, dest: str, since: Since, comp, progress, close_before_pla
         raise
 
 
-def _backup_unwritable(disk, dest: str, since: Since, comp, progress, close_before_place: bool = False
-                       ) -> BackupResult:
+def _backup_unwritable(disk: Disk, dest: str, since: str | ChangeId, comp: str | None, progress: Progress | None,
+                       close_before_place: bool = False) -> BackupResult:
     """Back up a Disk opened "r": its shared lock keeps every writer out, so the
     image itself is the frozen view (no temporary snapshot, which would write).
 
@@ -287,13 +300,14 @@ def _backup_unwritable(disk, dest: str, since: Since, comp, progress, close_befo
         raise ReadOnlyError(f"{disk.path}: since {since.given} is the image's last change id: a delta after it ends at a "
                             f"new point, and {how}")
 
-    def close():
+    def close() -> None:
         if close_before_place:
             disk.close()
     return _write_delta(disk, point, dest, since, comp, progress, before_place=close)
 
 
-def _backup_snapshot(snap, dest: str, since: Since, compression, progress, before_place=None) -> BackupResult:
+def _backup_snapshot(snap: Snapshot, dest: str, since: str | ChangeId, compression: str | None,
+                     progress: Progress | None, before_place: BeforePlace | None = None) -> BackupResult:
     if not snap._disk.track_changes:             # frozen counters of an untracked image say nothing
         raise UnsupportedFeatureError.naming(f"{snap._disk.path}: change tracking is off for this image: a "
                                              f"backup needs change ids (create the image with ",
@@ -301,8 +315,8 @@ def _backup_snapshot(snap, dest: str, since: Since, compression, progress, befor
     return _write_delta(snap, snap.change_id, dest, parse_since(since), compression, progress, before_place)
 
 
-def _write_delta(snap, change_id: str, dest: str, since: Since, compression, progress,
-                 before_place=None) -> BackupResult:
+def _write_delta(snap: View, change_id: str, dest: str, since: Since, compression: str | None,
+                 progress: Progress | None, before_place: BeforePlace | None = None) -> BackupResult:
     """The delta of view snap (a Snapshot, or a Disk nobody can write) since `since`, named change_id."""
     from . import __version__
     changed = snap.changes_since(since)          # validates since: StaleChangeIdError before any file
@@ -313,7 +327,7 @@ def _write_delta(snap, change_id: str, dest: str, since: Since, compression, pro
     rows = int(nblocks[data].sum())
     data_bytes = int(lengths[data].sum())
     zero_bytes = int(lengths[~data].sum())
-    attrs = {
+    attrs: dict[str, Any] = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "image_uuid": str(snap.uuid),
         "tracking_id": snap.tracking_id, "since": ANY if since == ANY else str(since),     # as the image issues it: the chain links by string
         "change_id": change_id, "block_size": bs, "virtual_size": size, "data_blocks": rows,
@@ -452,9 +466,10 @@ def check_chain(files: list[DeltaFile], base: str | None = None, base_what: str 
             else:
                 kind = (f"{cur.path} starts at {cur.since}, before {prev.path} ends at {prev.change_id}: it "
                         f"belongs to another consumer's chain")
-            if _chain_order(files) is not None and not kind.startswith("duplicate"):
+            order = _chain_order(files)
+            if order is not None and not kind.startswith("duplicate"):
                 kind = ("out of order: the chain's order is "
-                        + ", ".join(f.path for f in _chain_order(files)) + f" ({kind})")
+                        + ", ".join(f.path for f in order) + f" ({kind})")
             raise BackupChainError(f"{link}: {kind}")
 
 
@@ -465,6 +480,12 @@ def _chain_order(files: list[DeltaFile]) -> list[DeltaFile] | None:
         not b.full and b.since == a.change_id and b.image_uuid == a.image_uuid and b.tracking_id == a.tracking_id
         for a, b in zip(ordered, ordered[1:]))
     return ordered if ok and ordered != files else None
+
+
+class _RunSink(Protocol):
+    """Where _Plan.copy sends its runs: whole rows of blocks (length bytes of them count), and zeros."""
+    def data(self, offset: int, rows: npt.NDArray[np.uint8], length: int) -> None: ...
+    def zero(self, offset: int, length: int) -> None: ...
 
 
 class _Plan:
@@ -483,7 +504,7 @@ class _Plan:
         self.bs = bs = files[-1].block_size
         sizes = np.array([f.virtual_size for f in files], dtype=np.int64)
         self.limits = np.minimum.accumulate(sizes[::-1])[::-1]   # suffix minimum of the virtual sizes
-        clipped = []
+        clipped: list[tuple[Int64s, Int64s, npt.NDArray[np.bool_], Int64s, Int64s]] = []
         for f, lim in zip(files, self.limits.tolist()):
             lb = -(-lim // bs)
             keep = f.block_starts < lb
@@ -523,7 +544,8 @@ class _Plan:
         """Row ranges of delta i the plan never reads (superseded or cut off)."""
         sel = (self.owner == i) & ~self.zero
         used = sorted(zip(self.row0[sel].tolist(), (self.row0[sel] + self.b1[sel] - self.b0[sel]).tolist()))
-        out, pos = [], 0
+        out: list[tuple[int, int]] = []
+        pos = 0
         for a, b in used:
             if a > pos:
                 out.append((pos, a))
@@ -532,12 +554,12 @@ class _Plan:
             out.append((pos, self.files[i].rows))
         return out
 
-    def runs(self):
+    def runs(self) -> Iterator[tuple[int, bool, int, int, int, int]]:
         """(owner, zero, b0, b1, row0, cap) per run, in block order."""
         return zip(self.owner.tolist(), self.zero.tolist(), self.b0.tolist(), self.b1.tolist(),
                    self.row0.tolist(), self.cap.tolist())
 
-    def copy(self, sink, tick=None) -> None:
+    def copy(self, sink: _RunSink, tick: Callable[[int], None] | None = None) -> None:
         """Send every run to sink.data(offset, bytes) / sink.zero(offset, length), in block order."""
         bs, size = self.bs, self.size
         batch = batch_rows_for(bs)
@@ -559,7 +581,7 @@ class _Plan:
                     tick(n * bs)
 
 
-def _delta_paths(deltas) -> list[str]:
+def _delta_paths(deltas: Deltas) -> list[str]:
     if isinstance(deltas, (str, bytes, os.PathLike)):
         deltas = [deltas]
     paths = [os.fspath(p) for p in deltas]
@@ -568,8 +590,8 @@ def _delta_paths(deltas) -> list[str]:
     return paths
 
 
-def _open_all(paths) -> list[DeltaFile]:
-    files = []
+def _open_all(paths: Iterable[str]) -> list[DeltaFile]:
+    files: list[DeltaFile] = []
     try:
         for p in paths:
             files.append(DeltaFile.open(p))
@@ -583,7 +605,7 @@ def _open_all(paths) -> list[DeltaFile]:
 class _Progress:
     """progress(done, total) with done increasing, finally done == total."""
 
-    def __init__(self, callback, total: int):
+    def __init__(self, callback: Progress | None, total: int):
         self.callback, self.total, self.done, self.reported = callback, total, 0, -1
 
     def tick(self, n: int) -> None:
@@ -605,17 +627,17 @@ class _ToSink:
     """The plan's runs (whole rows of blocks) handed to an image sink
     (vdisk.protocols.ImageSink) as bytes."""
 
-    def __init__(self, sink):
+    def __init__(self, sink: ImageSink):
         self.sink = sink
 
-    def data(self, offset: int, rows: np.ndarray, length: int) -> None:
+    def data(self, offset: int, rows: npt.NDArray[np.uint8], length: int) -> None:
         self.sink.write(rows.reshape(-1)[:length], offset)
 
     def zero(self, offset: int, length: int) -> None:
         self.sink.zero(offset, length)
 
 
-def _read_sidecar(target: str) -> dict | None:
+def _read_sidecar(target: str) -> dict[str, Any] | None:
     path = sidecar_path(target)
     try:
         fd = open_regular(path, os.O_RDONLY)    # a FIFO or device: InvalidArgumentError, never a wait
@@ -648,7 +670,7 @@ def _read_sidecar(target: str) -> dict | None:
     return data
 
 
-def _write_sidecar(target: str, data: dict) -> None:
+def _write_sidecar(target: str, data: dict[str, Any]) -> None:
     """Atomically (fileio.atomic_output): a temporary file, fsync, rename over the sidecar, fsync the directory."""
     with atomic_output(sidecar_path(target), overwrite=True, what="tmp") as tmp:
         with open(tmp, "x", encoding="utf-8") as f:
@@ -658,14 +680,14 @@ def _write_sidecar(target: str, data: dict) -> None:
             os.fsync(f.fileno())
 
 
-def _sidecar(state: str, fmt: str, last: DeltaFile, target_info: dict, applied: list[str]) -> dict:
+def _sidecar(state: str, fmt: str, last: DeltaFile, target_info: dict[str, Any], applied: list[str]) -> dict[str, Any]:
     return {"format": CHAIN_FORMAT, "version": CHAIN_VERSION, "state": state, "target_format": fmt,
             "image_uuid": last.image_uuid, "tracking_id": last.tracking_id, "change_id": last.change_id,
             "virtual_size": last.virtual_size, "block_size": last.block_size, "target": target_info,
             "deltas": [os.path.basename(p) for p in applied], "updated": now_iso()}
 
 
-def _raw_identity(path: str) -> dict:
+def _raw_identity(path: str) -> dict[str, Any]:
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
@@ -706,7 +728,8 @@ def restore(deltas: Deltas, target: PathArg, *, format: str | None = None,  # no
             f.close()
 
 
-def _restore_fresh(files, target: str, fmt: str, progress, replace: bool) -> dict:
+def _restore_fresh(files: list[DeltaFile], target: str, fmt: str, progress: Progress | None,
+                   replace: bool) -> dict[str, Any]:
     from .disk import create as create_disk
     plan = _Plan(files)
     unused = [plan.unused_rows(i) for i in range(len(files))]
@@ -720,6 +743,8 @@ def _restore_fresh(files, target: str, fmt: str, progress, replace: bool) -> dic
         refuse_if_in_use(target)
     # 2. build under a temporary name; the copy checks the rest of the checksums
     directory = os.path.dirname(os.path.abspath(target))
+    sink: ImageSink
+    info: dict[str, Any] | None
     with atomic_output(target, overwrite=replace, what="restoring") as tmp:
         if fmt == "vdisk":
             with create_disk(tmp, plan.size, block_size=bs) as d:
@@ -760,7 +785,7 @@ def _restore_fresh(files, target: str, fmt: str, progress, replace: bool) -> dic
             "deltas": len(files), "incremental": False, "bytes_written": plan.data_rows() * bs}
 
 
-def _restore_onto(files, target: str, fmt: str | None, progress) -> dict:
+def _restore_onto(files: list[DeltaFile], target: str, fmt: str | None, progress: Progress | None) -> dict[str, Any]:
     """Advance an earlier restore by the given incrementals."""
     from .disk import open as open_disk
     side = _read_sidecar(target)
@@ -794,7 +819,9 @@ def _restore_onto(files, target: str, fmt: str | None, progress) -> dict:
     bs = plan.bs
     total_rows = sum(f.rows for f in files)
     prog = _Progress(progress, (total_rows + plan.data_rows()) * bs)
-    disk = fio = None
+    disk: Disk | None = None
+    fio: FileIO | None = None
+    sink: ImageSink
     try:
         if fmt == "vdisk":
             disk = open_disk(target, "r+")
@@ -822,7 +849,7 @@ def _restore_onto(files, target: str, fmt: str | None, progress) -> dict:
         # 2. the sidecar says "restoring" while the target is between two points
         _write_sidecar(target, dict(side, state="restoring", change_id_to=files[-1].change_id, updated=now_iso()))
         base = min(side["virtual_size"], int(plan.limits[0]))
-        if fmt == "vdisk":
+        if disk is not None:            # fmt "vdisk" (the other format opened fio, above)
             if base < disk.size:
                 disk.resize(base)
             if plan.size != disk.size:
@@ -833,7 +860,7 @@ def _restore_onto(files, target: str, fmt: str | None, progress) -> dict:
             info = {"uuid": str(disk.uuid), "change_id": disk.checkpoint()}
             disk.close()
             disk = None
-        else:
+        elif fio is not None:           # fmt "raw"
             if base < fio.size():
                 fio.truncate(base)
             fio.truncate(plan.size)
@@ -864,7 +891,7 @@ class _DeltaSink:
         self.w, self.row, self.fill = writer, 0, 0
         self.buf = np.empty((batch_rows_for(block_size), block_size), dtype=np.uint8)
 
-    def data(self, offset: int, rows: np.ndarray, length: int) -> None:
+    def data(self, offset: int, rows: npt.NDArray[np.uint8], length: int) -> None:
         i = 0
         while i < len(rows):
             k = min(len(rows) - i, len(self.buf) - self.fill)
@@ -913,7 +940,7 @@ def merge(deltas: Deltas, dest: PathArg, *, progress: Progress | None = None) ->
         flags = np.zeros(len(offsets), np.uint8)
         rows = int((b1 - b0).sum())
         data_bytes = int(lengths.sum())
-        attrs = {
+        attrs: dict[str, Any] = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "image_uuid": last.image_uuid,
             "tracking_id": last.tracking_id, "since": ANY, "change_id": last.change_id, "block_size": bs,
             "virtual_size": size, "data_blocks": rows, "data_bytes": data_bytes, "zero_bytes": 0,

@@ -15,7 +15,10 @@ by the Disk's flush (step 3 of the write order), from the pages
 """
 from __future__ import annotations
 
+import typing
+
 import numpy as np
+import numpy.typing as npt
 
 from . import _fast
 from . import layout as L
@@ -23,13 +26,20 @@ from .arrays import PAGE, lazy_zeros, page_runs
 from .errors import CorruptImageError
 
 TABLE_PER_PAGE = 4096 // L.TABLE_ENTRY_BYTES
+#: (file offset, content) of table pages to write: a copy, or a view of the live table
+TablePage = typing.Tuple[int, typing.Union[bytes, npt.NDArray[np.uint8]]]
+Table = npt.NDArray[np.uint32]
+
+if typing.TYPE_CHECKING:
+    from .allocator import Allocator
+    from .fileio import FileIO
 
 
 class BlockTable:
-    def __init__(self, table: np.ndarray, capacity: int, loaded):
+    def __init__(self, table: Table, capacity: int, loaded: typing.Iterable[tuple[int, int]]):
         """loaded: the entry ranges [lo, hi) read from the file."""
         self.table = table
-        self.mv = memoryview(table)
+        self.mv = table.data        # memoryview(table)
         # table pages that may hold entries: read from the file, or written since (scans skip the rest)
         self.pages = np.zeros(capacity // TABLE_PER_PAGE + 1, dtype=bool)
         for lo, hi in loaded:
@@ -44,7 +54,7 @@ class BlockTable:
         pages = np.flatnonzero(self.pages[:-(-n // TABLE_PER_PAGE)])
         return [(a * TABLE_PER_PAGE, min(b * TABLE_PER_PAGE, n)) for a, b in page_runs(pages)]
 
-    def parts(self, n: int):
+    def parts(self, n: int) -> list[tuple[Table, int]]:
         """(entries, first entry) of each run below n (the refcount validator's input)."""
         return [(self.table[lo:hi], lo) for lo, hi in self.runs(n)]
 
@@ -52,16 +62,16 @@ class BlockTable:
         """Mapped entries below n."""
         return sum(int(np.count_nonzero(self.table[lo:hi])) for lo, hi in self.runs(n))
 
-    def used(self, n: int) -> np.ndarray:
+    def used(self, n: int) -> Table:
         """The physical blocks the first n entries map."""
         return _fast.nonzero_values(self.table, n)
 
-    def copy_into(self, out: np.ndarray, n: int) -> None:
+    def copy_into(self, out: Table, n: int) -> None:
         """out[:n] = the first n entries (only the pages that may hold entries are read)."""
         for lo, hi in self.runs(n):
             out[lo:hi] = self.table[lo:hi]
 
-    def map_runs(self, n: int):
+    def map_runs(self, n: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """(starts, lengths) of the mapped block runs below n."""
         runs = [_fast.nonzero_runs(self.table, lo, hi) for lo, hi in self.runs(n)]
         starts = np.concatenate([r[0] for r in runs]) if runs else np.empty(0, np.int64)
@@ -101,7 +111,7 @@ class BlockTable:
     def is_fresh(self, b: int) -> bool:
         return bool(self.fresh[b])
 
-    def take_dirty(self, base: int, copy: bool) -> list[tuple[int, object]]:
+    def take_dirty(self, base: int, copy: bool) -> list[TablePage]:
         """The table pages changed so far, as (file offset, buffer) writes for
         the table at base: copies of their content now (copy), or views of the
         live table (for a caller that writes them before releasing the lock).
@@ -112,7 +122,7 @@ class BlockTable:
         pages, self.dirty_pages = sorted(self.dirty_pages), set()
         self.settle()       # in place: the hot path holds the fresh array
         raw = self.table.view(np.uint8)
-        out = []
+        out: list[TablePage] = []
         for start, stop in page_runs(pages):
             view = raw[start * PAGE:stop * PAGE]
             out.append((base + start * PAGE, view.tobytes() if copy else view))
@@ -128,20 +138,20 @@ class BlockTable:
         """Bytes of table pages changed since the last take_dirty."""
         return len(self.dirty_pages) * PAGE
 
-    def grow(self, table: np.ndarray, capacity: int) -> None:
+    def grow(self, table: Table, capacity: int) -> None:
         """A relocated, larger table holding the same entries."""
         self.table = table
-        self.mv = memoryview(table)
+        self.mv = table.data
         self.pages = np.concatenate(
             [self.pages, np.zeros(capacity // TABLE_PER_PAGE + 1 - len(self.pages), dtype=bool)])
         fresh = lazy_zeros(capacity, np.uint8)
         fresh[:len(self.fresh)] = self.fresh
         self.fresh = fresh
 
-    def replace(self, table: np.ndarray, capacity: int, n: int) -> None:
+    def replace(self, table: Table, capacity: int, n: int) -> None:
         """A new, durable table (revert): its first n entries may be nonzero."""
         self.table = table
-        self.mv = memoryview(table)
+        self.mv = table.data
         self.pages = np.zeros(capacity // TABLE_PER_PAGE + 1, dtype=bool)
         self.pages[np.flatnonzero(table[:n]) // TABLE_PER_PAGE] = True
         self.settle()
@@ -149,7 +159,7 @@ class BlockTable:
             self.fresh = lazy_zeros(capacity, np.uint8)
 
 
-def plan_read(table, shift: int, offset: int, length: int) -> list[tuple[int, int, int]]:
+def plan_read(table: memoryview | Table, shift: int, offset: int, length: int) -> list[tuple[int, int, int]]:
     """Runs (buffer offset, physical offset or -1 for zeros, length) for a
     read through table, merging blocks that are contiguous in the file."""
     bs = 1 << shift
@@ -170,11 +180,11 @@ def plan_read(table, shift: int, offset: int, length: int) -> list[tuple[int, in
                 continue
         plan.append([pos - offset, phys, piece])
         pos += piece
-    return [tuple(run) for run in plan]
+    return [(run[0], run[1], run[2]) for run in plan]
 
 
-def validate(table, n: int, what: str, fio, hdr: L.Header, alloc, allow_shared: bool = False,
-             runs=None) -> None:
+def validate(table: Table, n: int, what: str, fio: FileIO, hdr: L.Header, alloc: Allocator,
+             allow_shared: bool = False, runs: list[tuple[int, int]] | None = None) -> None:
     """Every pointer inside the file and the refcount table, outside the
     metadata regions, held by a nonzero refcount, and (for the live table)
     mapped once.  runs: the entry ranges that may be nonzero."""

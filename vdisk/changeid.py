@@ -43,8 +43,8 @@ class ChangeId:
     text: str = dataclasses.field(default="", compare=False, repr=False)
 
     @classmethod
-    def parse(cls, change_id: "str | ChangeId") -> "ChangeId":
-        """Syntax only (StaleChangeIdError for anything that is not an id); a ChangeId as it is."""
+    def parse(cls, change_id: object) -> "ChangeId":
+        """Syntax only (StaleChangeIdError for anything that is not an id, None included); a ChangeId as it is."""
         if isinstance(change_id, ChangeId):
             return change_id
         if not isinstance(change_id, str):

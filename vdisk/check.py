@@ -34,16 +34,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _fast
 from . import consumers as consumer_table
 from . import layout as L
-from .arrays import lazy_zeros, load_array as _load_array, nonzero_entries as _nonzero_entries
+from ._types import Progress
+from .arrays import lazy_zeros, load_array as _load_array, nonzero_entries as _nonzero_entries, page_runs
 from .header import older_slot_regions, read_header as _read_header, write_slot
-from .snapshots import parse_table
+from .snapshots import SnapshotRecord, parse_table
 from .tracking import CheckpointLog, counters_kept
 from .errors import CorruptImageError, FormatError, ImageLockedError
 from .fileio import FileIO
@@ -51,9 +53,14 @@ from .results import CheckResult as CheckResult
 
 MAX_LISTED = 20   # corruptions listed one by one; the rest are counted
 
+#: entry indices (np.flatnonzero's and the like)
+Indices = npt.NDArray[np.integer[Any]]
+#: [start, stop) entry ranges of an array that were loaded (outside them it is zero)
+Runs = list[tuple[int, int]]
+
 
 class _Report:
-    def __init__(self):
+    def __init__(self) -> None:
         self.items: list[str] = []
         self.extra = 0
 
@@ -63,7 +70,7 @@ class _Report:
         else:
             self.extra += 1
 
-    def add_each(self, indices, message) -> None:
+    def add_each(self, indices: Indices, message: Callable[[int], str]) -> None:
         """message(i) for the first MAX_LISTED of indices; the rest are counted."""
         for i in indices[:MAX_LISTED].tolist():
             self.add(message(i))
@@ -76,11 +83,11 @@ class _Report:
 
 
 def check(path: str | os.PathLike[str], repair: bool = False, *, io_factory: Callable[..., Any] = FileIO,
-          progress: Callable[[int, int], None] | None = None) -> CheckResult:
+          progress: Progress | None = None) -> CheckResult:
     """Check (and with repair=True, repair) the image at path.
     progress(done_passes, total_passes): called after each whole pass over the
     image (the check; with repair of a damaged image, the repair and the check after it)."""
-    fio = io_factory(path, writable=repair)
+    fio: FileIO = io_factory(path, writable=repair)
     tick = progress or (lambda done, total: None)
     try:
         try:
@@ -112,12 +119,13 @@ def check(path: str | os.PathLike[str], repair: bool = False, *, io_factory: Cal
         fio.close()
 
 
-def _check(fio, repair: bool) -> CheckResult:
+def _check(fio: FileIO, repair: bool) -> CheckResult:
     if fio.size() < 2 * L.SLOT_SIZE and fio.pread(8, 0) != L.MAGIC:
         raise FormatError(f"{fio.path}: not a vdisk image")
     hdr, _slot = _read_header(fio)
     file_size = fio.size()
-    snapshots, snap_damage = [], []
+    snapshots: list[SnapshotRecord] = []
+    snap_damage: list[str] = []
     if hdr.snapshot_count:     # a damaged record is left out (and reported below); the others are checked
         raw = fio.pread(hdr.snapshot_count * L.SNAPSHOT_ENTRY_SIZE, hdr.snapshot_offset)
         if len(raw) < hdr.snapshot_count * L.SNAPSHOT_ENTRY_SIZE:
@@ -142,10 +150,10 @@ def _check(fio, repair: bool) -> CheckResult:
         if repair:
             hdr.consumer_offset = hdr.consumer_count = hdr.consumer_capacity = 0
             _commit(fio, hdr)
-    t_ranges: list = []
+    t_ranges: Runs = []
     table = _load_array(fio, hdr.table_offset, hdr.table_capacity, np.uint32, file_size, keep=nb, ranges=t_ranges)
     t_runs = _clip(t_ranges, nb)        # entries outside these are zero: never scanned, never paged in
-    r_ranges: list = []
+    r_ranges: Runs = []
     refcounts = _load_array(fio, hdr.refcount_offset, hdr.refcount_capacity, np.uint16, file_size,
                             keep=end_block, ranges=r_ranges)
     table_dirty = False
@@ -171,7 +179,7 @@ def _check(fio, repair: bool) -> CheckResult:
     frozen_tables = []
     for rec in snapshots:
         n_s = L.blocks_for(rec.virtual_size, hdr.block_shift)
-        f_ranges: list = []
+        f_ranges: Runs = []
         frozen = _load_array(fio, rec.table_offset, max(n_s, 1), np.uint32, file_size, ranges=f_ranges)
         f_runs = _clip(f_ranges, n_s)
         bad_s = _out_of_area(frozen, f_runs, meta_end, hi)
@@ -222,7 +230,7 @@ def _check(fio, repair: bool) -> CheckResult:
     report.add_each(into_meta, lambda p: f"physical block {p} belongs to a metadata region but is mapped as data")
     if repair and (len(dup) or len(into_meta)):
         # keep the first mapping of a shared block, drop the others and any into metadata
-        seen = set()
+        seen: set[int] = set()
         for i in _concat([np.flatnonzero(valid[a:b]) + a for a, b in t_runs]).tolist():
             p = int(valid[i])
             if meta[p] or p in seen:
@@ -241,8 +249,9 @@ def _check(fio, repair: bool) -> CheckResult:
                 _write_all(fio, frozen, rec.table_offset)
                 _mark_frozen_changed(fio, hdr, rec, _n, into, file_size)
             _count_refs(frozen, f_runs, snap_refs)
-    def refs(a: int, b: int) -> np.ndarray:      # expected references of blocks [a, b)
-        return live_refs[a:b] + snap_refs[a:b] + meta[a:b]
+    def refs(a: int, b: int) -> npt.NDArray[np.uint32]:      # expected references of blocks [a, b)
+        expected: npt.NDArray[np.uint32] = live_refs[a:b] + snap_refs[a:b] + meta[a:b]
+        return expected
 
     under = _chunked(size, chunks, lambda a, b: np.flatnonzero(refs(a, b) > refcounts[a:b]))
     for p in under[:MAX_LISTED].tolist():
@@ -271,7 +280,7 @@ def _check(fio, repair: bool) -> CheckResult:
     kept_end = max([size, meta_end] + [-(-(off + length) // bs) for _n, off, length in regions])
     ref_end = max([kept_end] + [int(np.flatnonzero(refcounts[lo:hi_r])[-1]) + lo + 1
                      for lo, hi_r in _clip(r_ranges, end_block) if refcounts[lo:hi_r].any()])
-    tail = set()
+    tail: set[int] = set()
     for off, length in fio.data_extents(ref_end * bs, file_size):
         tail.update(range(off // bs, -(-(off + length) // bs)))
     unreferenced = len(tail)
@@ -288,7 +297,7 @@ def _check(fio, repair: bool) -> CheckResult:
 
     # tracking counters
     if hdr.tracking:
-        c_ranges: list = []
+        c_ranges: Runs = []
         counters = _load_array(fio, hdr.counter_offset, hdr.table_capacity, np.uint32, file_size,
                                keep=counters_kept(hdr),
                                ranges=c_ranges)
@@ -348,7 +357,8 @@ def _check(fio, repair: bool) -> CheckResult:
         image_end_offset=file_size)
 
 
-def _past_lost_commits(fio, hdr: L.Header, log, counters, c_ranges, newest: int) -> None:
+def _past_lost_commits(fio: FileIO, hdr: L.Header, log: CheckpointLog | None, counters: npt.NDArray[np.uint32],
+                       c_ranges: Runs, newest: int) -> None:
     """Counters newer than the header are changes made after commits the
     header lost.  Never lower them (an under-report): move the generation
     past the newest, and make every id of the lost commits stale (drop the
@@ -364,7 +374,7 @@ def _past_lost_commits(fio, hdr: L.Header, log, counters, c_ranges, newest: int)
     _new_epoch(fio, hdr, len(counters))
 
 
-def _new_epoch(fio, hdr: L.Header, n: int) -> None:
+def _new_epoch(fio: FileIO, hdr: L.Header, n: int) -> None:
     """A new tracking epoch (every id stale, consumers dropped) with n zeroed counters."""
     # the new epoch first (every old id dead), then its counters cleared: a crash
     # in between leaves an epoch that has issued no id yet
@@ -378,7 +388,7 @@ def _new_epoch(fio, hdr: L.Header, n: int) -> None:
     fio.fsync()
 
 
-def _commit(fio, hdr: L.Header) -> None:
+def _commit(fio: FileIO, hdr: L.Header) -> None:
     """Commit hdr: the next sequence into its slot, synced."""
     hdr.sequence += 1
     write_slot(fio, hdr.pack(), hdr.sequence)
@@ -387,7 +397,7 @@ def _commit(fio, hdr: L.Header) -> None:
 _CHUNK_SHIFT = 20          # passes over [0, size) go 1 Mi blocks at a time
 
 
-def _mapped_twice(table: np.ndarray, runs) -> np.ndarray:
+def _mapped_twice(table: npt.NDArray[np.uint32], runs: Runs) -> npt.NDArray[np.int64]:
     """Indices of the nonzero entries whose value an earlier entry holds."""
     idx = _concat([np.flatnonzero(table[a:b]) + a for a, b in runs])
     if len(idx) < 2:
@@ -398,7 +408,8 @@ def _mapped_twice(table: np.ndarray, runs) -> np.ndarray:
     return np.sort(idx[order[1:][same]])
 
 
-def _mark_frozen_changed(fio, hdr: L.Header, rec, n: int, entries, file_size: int) -> None:
+def _mark_frozen_changed(fio: FileIO, hdr: L.Header, rec: SnapshotRecord, n: int, entries: Indices,
+                         file_size: int) -> None:
     """Repair cleared entries of a snapshot: its content changed there (now
     zeros), so its frozen counters say so."""
     if hdr.tracking and len(entries):
@@ -407,7 +418,7 @@ def _mark_frozen_changed(fio, hdr: L.Header, rec, n: int, entries, file_size: in
         _write_all(fio, f_counters, rec.counter_offset)
 
 
-def _renumber_sequence(fio, hdr: L.Header, slot: int) -> None:
+def _renumber_sequence(fio: FileIO, hdr: L.Header, slot: int) -> None:
     """Start the header's sequence again low, atomically: the same header
     with a small sequence into the other slot first, then (once that is
     durable) with the next one into its own slot.  A crash in between
@@ -422,7 +433,7 @@ def _renumber_sequence(fio, hdr: L.Header, slot: int) -> None:
     fio.fsync()
 
 
-def _drop_snapshot_records(fio, hdr: L.Header, kept) -> None:
+def _drop_snapshot_records(fio: FileIO, hdr: L.Header, kept: Sequence[SnapshotRecord]) -> None:
     """Leave only the intact records (kept, in table order) in the snapshot
     table, then commit the header with their count.  In place, one record
     at a time, each synced: position j takes the j-th kept record, which
@@ -444,7 +455,7 @@ def _drop_snapshot_records(fio, hdr: L.Header, kept) -> None:
     _commit(fio, hdr)
 
 
-def _consumer_damage(fio, hdr: L.Header) -> str | None:
+def _consumer_damage(fio: FileIO, hdr: L.Header) -> str | None:
     """What is wrong with the consumer table, or None."""
     if not hdr.consumer_count:
         return None
@@ -458,7 +469,8 @@ def _consumer_damage(fio, hdr: L.Header) -> str | None:
     return None
 
 
-def _chunks_holding(n: int, tables, table_runs, block_ranges) -> list[int]:
+def _chunks_holding(n: int, tables: Sequence[npt.NDArray[np.uint32]], table_runs: Sequence[Runs],
+                    block_ranges: Iterable[tuple[int, int]]) -> list[int]:
     """The chunks of [0, n) (numbers, sorted) that hold a block some table
     entry points to, or a block of block_ranges ((lo, hi) pairs)."""
     found: set[int] = set()
@@ -473,47 +485,46 @@ def _chunks_holding(n: int, tables, table_runs, block_ranges) -> list[int]:
     return sorted(c for c in found if c << _CHUNK_SHIFT < n)
 
 
-def _spans(n: int, chunks) -> list[tuple[int, int]]:
+def _spans(n: int, chunks: Iterable[int]) -> list[tuple[int, int]]:
     return [(c << _CHUNK_SHIFT, min(n, (c + 1) << _CHUNK_SHIFT)) for c in chunks]
 
 
-def _chunked(n: int, chunks, find) -> np.ndarray:
+def _chunked(n: int, chunks: Iterable[int], find: Callable[[int, int], Indices]) -> npt.NDArray[np.int64]:
     """find(a, b) -> indices relative to a, over the given chunks of [0, n); absolute indices."""
     return _concat([find(a, b) + a for a, b in _spans(n, chunks)])
 
 
-def _clip(ranges, n: int) -> list[tuple[int, int]]:
+def _clip(ranges: Iterable[tuple[int, int]], n: int) -> Runs:
     """The loaded entry ranges of an array, cut at n entries."""
     return [(lo, min(hi, n)) for lo, hi in ranges if lo < n]
 
 
-def _concat(parts) -> np.ndarray:
+def _concat(parts: Sequence[Indices]) -> npt.NDArray[np.int64]:
     return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
 
 
-def _out_of_area(table: np.ndarray, runs, lo: int, hi: int) -> np.ndarray:
+def _out_of_area(table: npt.NDArray[np.uint32], runs: Runs, lo: int, hi: int) -> npt.NDArray[np.int64]:
     """Indices of the nonzero entries outside [lo, hi), scanning only runs."""
-    out = []
+    out: list[Indices] = []
     for start, stop in runs:
         part = table[start:stop]
         out.append(np.flatnonzero((part != 0) & ((part < lo) | (part >= hi))) + start)
     return _concat(out)
 
 
-def _count_refs(table: np.ndarray, runs, refs: np.ndarray) -> None:
+def _count_refs(table: npt.NDArray[np.uint32], runs: Runs, refs: npt.NDArray[np.uint32]) -> None:
     """Add each nonzero entry of table's runs to refs[entry]."""
     for a, b in runs:
         _fast.count_refs(table[a:b], b - a, refs)
 
 
-def _max_of(table: np.ndarray, runs) -> int:
+def _max_of(table: npt.NDArray[np.uint32], runs: Runs) -> int:
     return max([int(table[a:b].max(initial=0)) for a, b in runs], default=0)
 
 
-def _write_all(fio, arr: np.ndarray, base: int) -> None:
+def _write_all(fio: FileIO, arr: npt.NDArray[Any], base: int) -> None:
     """Make the on-disk region equal arr: its nonzero pages, and zeros over
     any page the file holds data for where arr is zero."""
-    from .tracking import _page_runs
     raw = arr.view(np.uint8)
     page = 4096
     npages = -(-raw.nbytes // page)
@@ -523,7 +534,7 @@ def _write_all(fio, arr: np.ndarray, base: int) -> None:
         pages.add(len(full))
     for off, length in fio.data_extents(base, base + raw.nbytes):
         pages.update(range((off - base) // page, min(npages, -(-(off + length - base) // page))))
-    for start, stop in _page_runs(sorted(pages)):
+    for start, stop in page_runs(sorted(pages)):
         fio.pwrite(raw[start * page:stop * page], base + start * page)
 
 

@@ -28,7 +28,7 @@ import os
 import queue
 import threading
 import warnings
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Union
 
 import numpy as np
 
@@ -43,6 +43,7 @@ from .fileio import FileIO, atomic_output, open_regular
 from .protocols import ImageReader, ImageSink
 from .snapshots import is_backup_snapshot
 from .sinks import RAW_GRANULE as RAW_GRANULE, Qcow2Sink, RawSink, VdiskSink, Writeback
+from .qcow2 import Qcow2Image
 # convert's names since before sources.py (kept: the API is a contract)
 from .sources import FOREIGN_FORMATS as FOREIGN_FORMATS, FOREIGN_TRAILERS as FOREIGN_TRAILERS
 from .sources import PROBE_SIZE as PROBE_SIZE, SOURCE_FORMATS as SOURCE_FORMATS
@@ -57,16 +58,26 @@ DEFAULT_QCOW2_CLUSTER = 64 * KiB
 
 Progress = Callable[[int, int], None]
 
+if TYPE_CHECKING:
+    from ._types import ByteBuffer
+    from .disk import Disk
+    from .protocols import Extent
+
+#: what a batch of the copy holds: (guest offset, offset in the buffer or -1 for zeros, length)
+Segment = tuple[int, int, int]
+#: what the reader thread hands the writer: a filled batch, the end, or the reader's error
+_Item = Union["tuple[np.ndarray[Any, np.dtype[np.uint8]], list[Segment]]", None, BaseException]
+
 
 # ---------------------------------------------------------------------------- runs
-def _data_windows(extents, granule: int, size: int) -> Iterator[tuple[int, int]]:
+def _data_windows(extents: Iterable[Extent], granule: int, size: int) -> Iterator[tuple[int, int]]:
     """The data runs of extents, widened to granule boundaries (clipped to
     size) and merged: whole output blocks, in order."""
     return _merge_runs((off - off % granule, min(size, -(-(off + length) // granule) * granule))
                        for off, length, data in extents if data and length > 0)
 
 
-def _merge_runs(runs) -> Iterator[tuple[int, int]]:
+def _merge_runs(runs: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
     """Merge [lo, hi) runs sorted by lo: overlapping or touching runs become one."""
     cur_lo = cur_hi = -1
     for lo, hi in runs:
@@ -118,7 +129,7 @@ def _output_error(dst: str, exc: OSError) -> VdiskIOError:
 
 
 @contextlib.contextmanager
-def _output_errors(dst: str):
+def _output_errors(dst: str) -> Iterator[None]:
     """OSErrors (VdiskIOError included) of the output, said of dst."""
     try:
         yield
@@ -134,7 +145,7 @@ class _NamedOutput:
         self.sink, self.dst = sink, dst
         self.granule = sink.granule
 
-    def write(self, view, offset: int) -> None:
+    def write(self, view: ByteBuffer, offset: int) -> None:
         with _output_errors(self.dst):
             self.sink.write(view, offset)
 
@@ -260,12 +271,12 @@ def _count(n: int, word: str) -> str:
 def _warn_not_carried(image: ImageReader, carry: bool, one_snapshot: bool) -> None:
     """What the output leaves behind, one warning line each (none for a vdisk source read at one
     chosen snapshot: the output is that snapshot)."""
-    if image.format == "qcow2" and image.snapshots and not carry:
+    if isinstance(image, Qcow2Image) and image.snapshots and not carry:     # (format "qcow2")
         names = ", ".join(s.name for s in image.snapshots)
         warnings.warn(f"{image.path}: its {_count(len(image.snapshots), 'internal snapshot')} ({names}) "
                       f"{'is' if len(image.snapshots) == 1 else 'are'} not carried over (only a conversion of "
                       f"the whole image into a new vdisk image carries them)", NotCarriedWarning, stacklevel=3)
-    if image.format == "vdisk" and not one_snapshot:
+    if isinstance(image, VdiskImage) and not one_snapshot:                 # (format "vdisk")
         disk = image.disk
         snaps = [s.name for s in disk.snapshots if not is_backup_snapshot(s.name)]
         consumers = list(disk.consumers) if disk.track_changes else []
@@ -277,7 +288,7 @@ def _warn_not_carried(image: ImageReader, carry: bool, one_snapshot: bool) -> No
                           stacklevel=3)
 
 
-def _convert_onto(image: ImageReader, dst: str, dst_format: str, progress) -> None:
+def _convert_onto(image: ImageReader, dst: str, dst_format: str, progress: Progress | None) -> None:
     """convert -n: write image into the existing raw or vdisk image dst."""
     if dst_format == "qcow2":
         raise UnsupportedFeatureError(f"{dst}: writing into an existing qcow2 image; the target must be a raw or "
@@ -308,7 +319,7 @@ def _check_large_enough(dst: str, size: int, image: ImageReader) -> None:
                                    f"the target must be at least as large")
 
 
-def _copy_named(image: ImageReader, sink: ImageSink, dst: str, progress) -> None:
+def _copy_named(image: ImageReader, sink: ImageSink, dst: str, progress: Progress | None) -> None:
     named = _NamedOutput(sink, dst)
     try:
         _copy(image, named, _Ticker(progress, image.size), fresh=False)
@@ -318,31 +329,36 @@ def _copy_named(image: ImageReader, sink: ImageSink, dst: str, progress) -> None
         raise
 
 
-def _convert_into(image: ImageReader, tmp: str, dst: str, dst_format: str, size: int, block_size, cluster_size,
-                  progress, carry: bool = False) -> None:
+def _convert_into(image: ImageReader, tmp: str, dst: str, dst_format: str, size: int, block_size: SizeArg | None,
+                  cluster_size: int | None, progress: Progress | None, carry: bool = False) -> None:
     """Copy image into a new file tmp of dst_format (synced at the end); errors name dst.
     carry: the qcow2 image's internal snapshots first, each a vdisk snapshot."""
     out: FileIO | None = None
-    disk = None
+    disk: Disk | None = None
+    vsink: VdiskSink | None = None      # the sink of a vdisk output
     watch = -1                   # a descriptor of a vdisk output, for its writeback
     try:
         with _output_errors(dst):
             if dst_format == "vdisk":
                 disk = _create(tmp, size, block_size="64KiB" if block_size is None else block_size, overwrite=True)
                 watch = open_regular(tmp, os.O_RDONLY)
-                sink: ImageSink = VdiskSink(disk, fresh=True, writeback=Writeback(watch, appending=True))
+                vsink = VdiskSink(disk, fresh=True, writeback=Writeback(watch, appending=True))
+                sink: ImageSink = vsink
             else:
                 out = FileIO(tmp, writable=True, create=True)
                 if dst_format == "raw":
                     out.truncate(size)
                     sink = RawSink(out, fresh=True, granule=RAW_GRANULE, writeback=Writeback(out.fd, appending=False))
                 else:
-                    sink = Qcow2Sink(out, size, cluster_size, writeback=Writeback(out.fd, appending=True))
+                    sink = Qcow2Sink(out, size, DEFAULT_QCOW2_CLUSTER if cluster_size is None else cluster_size,  # (convert set it)
+                                     writeback=Writeback(out.fd, appending=True))
         named = _NamedOutput(sink, dst)
         try:
-            if carry and image.snapshots:
-                _carry_snapshots(image, disk, named, dst)
-            _copy(image, named, _Ticker(progress, image.size), fresh=not (carry and image.snapshots))
+            # carry: a qcow2 source (format "qcow2") into a vdisk output (disk and vsink)
+            carrying = carry and isinstance(image, Qcow2Image) and bool(image.snapshots)
+            if carrying and isinstance(image, Qcow2Image) and disk is not None and vsink is not None:
+                _carry_snapshots(image, disk, vsink, named, dst)
+            _copy(image, named, _Ticker(progress, image.size), fresh=not carrying)
             named.finish()
         except BaseException:
             named.abort()
@@ -361,7 +377,7 @@ def _convert_into(image: ImageReader, tmp: str, dst: str, dst_format: str, size:
             os.close(watch)
 
 
-def _carry_snapshots(image, disk, sink: ImageSink, dst: str) -> None:
+def _carry_snapshots(image: Qcow2Image, disk: Disk, vsink: VdiskSink, sink: _NamedOutput, dst: str) -> None:
     """Each internal snapshot of the qcow2 image, oldest first, copied into
     disk and taken as a vdisk snapshot of its name; then the active layer
     is selected again (the caller copies it over, not fresh)."""
@@ -372,18 +388,18 @@ def _carry_snapshots(image, disk, sink: ImageSink, dst: str) -> None:
             size = L.round_up(image.size, L.SECTOR)
             if size != disk.size:
                 disk.resize(size)
-        sink.sink.fresh = i == 0         # the first layer goes into the empty image
+        vsink.fresh = i == 0             # the first layer goes into the empty image (vsink is sink.sink)
         _copy(image, sink, _Ticker(None, image.size), fresh=i == 0)
         with _output_errors(dst):
             disk.snapshot(rec.name)
     image.select(None)
-    sink.sink.fresh = False
+    vsink.fresh = False
     with _output_errors(dst):
         if disk.size != active:
             disk.resize(active)
 
 
-def _copy(image: ImageReader, sink: ImageSink, tick: _Ticker, fresh: bool = True) -> None:
+def _copy(image: ImageReader, sink: ImageSink | _NamedOutput, tick: _Ticker, fresh: bool = True) -> None:
     """Stream the data of image into sink; a sink that is not fresh also
     gets the ranges that read as zeros (sink.zero).
 
@@ -396,16 +412,17 @@ def _copy(image: ImageReader, sink: ImageSink, tick: _Ticker, fresh: bool = True
     g = sink.granule
     batch = max(BATCH - BATCH % g, g)
     total = image.size
-    q: queue.Queue = queue.Queue(maxsize=1)
+    q: queue.Queue[_Item] = queue.Queue(maxsize=1)
     stop = threading.Event()
 
     def produce() -> None:
         try:
             bufs = [np.empty(batch, dtype=np.uint8) for _ in range(3)]
-            k, fill, segs = 0, 0, []
+            k, fill = 0, 0
+            segs: list[Segment] = []
             done = 0                     # the copy has covered [0, done)
 
-            def send():
+            def send() -> None:
                 buf = bufs[k % 3]       # one call for the batch: parallel decompression
                 image.readv([(buf[at:at + n], pos) for pos, at, n in segs if at >= 0])
                 q.put((buf, segs))
@@ -477,8 +494,8 @@ def compare(a: PathArg, b: PathArg, *, a_format: str | None = None, b_format: st
                               progress=progress)[0]
 
 
-def compare_images(a, b, *, a_format=None, b_format=None, allow_backing=False,
-                   progress=None) -> tuple[int | None, int, int]:
+def compare_images(a: PathArg, b: PathArg, *, a_format: str | None = None, b_format: str | None = None,
+                   allow_backing: bool = False, progress: Progress | None = None) -> tuple[int | None, int, int]:
     """(first differing offset or None, size of a, size of b)."""
     ia = open_image(a, a_format, allow_backing=allow_backing, format_param="a_format")
     try:
@@ -491,13 +508,13 @@ def compare_images(a, b, *, a_format=None, b_format=None, allow_backing=False,
         ia.close()
 
 
-def _merged_data_runs(*images) -> Iterator[tuple[int, int]]:
+def _merged_data_runs(*images: ImageReader) -> Iterator[tuple[int, int]]:
     """[lo, hi) runs where any of images may hold data, in order, merged."""
     streams = [((off, off + n) for off, n, data in img.extents(0, img.size) if data) for img in images]
     return _merge_runs(heapq.merge(*streams))
 
 
-def _compare(ia, ib, progress) -> int | None:
+def _compare(ia: ImageReader, ib: ImageReader, progress: Progress | None) -> int | None:
     total = max(ia.size, ib.size)
     tick = _Ticker(progress, total)
     bufa = np.empty(BATCH, dtype=np.uint8)
@@ -522,7 +539,7 @@ def _compare(ia, ib, progress) -> int | None:
 
 
 # ---------------------------------------------------------------------------- info and map
-def image_info(path, fmt=None, *, allow_backing=False) -> dict:
+def image_info(path: PathArg, fmt: str | None = None, *, allow_backing: bool | PathArg = False) -> dict[str, Any]:
     """What ``qemu-img info`` tells of a raw, qcow2 or vdisk image.
 
     Keys: ``filename``, ``format`` ("raw", "qcow2" or "vdisk"; detected
@@ -541,10 +558,10 @@ def image_info(path, fmt=None, *, allow_backing=False) -> dict:
     try:
         st = os.stat(path)
         cluster = getattr(image, "cluster_size", None) or getattr(image, "block_size", None)
-        out = {"filename": path, "format": image.format, "virtual_size": image.size,
+        out: dict[str, Any] = {"filename": path, "format": image.format, "virtual_size": image.size,
                "actual_size": st.st_blocks * 512, "cluster_size": cluster,
                "data_bytes": sum(n for _o, n, data in image.extents(0, image.size) if data)}
-        if image.format == "qcow2":
+        if isinstance(image, Qcow2Image):          # (format "qcow2")
             q = image.info()
             out["qcow2"] = {k: q[k] for k in ("version", "compression_type", "refcount_bits", "dirty", "snapshots",
                                                "extended_l2", "backing_file")}
@@ -553,7 +570,7 @@ def image_info(path, fmt=None, *, allow_backing=False) -> dict:
         image.close()
 
 
-def image_map(path, fmt=None, *, allow_backing=False) -> list[dict]:
+def image_map(path: PathArg, fmt: str | None = None, *, allow_backing: bool | PathArg = False) -> list[dict[str, Any]]:
     """The extents of an image, as ``qemu-img map --output=json`` lists
     them: ``{"start", "length", "data", "zero"}`` dicts covering the whole
     virtual size in order, adjacent extents of the same kind merged.
@@ -563,7 +580,7 @@ def image_map(path, fmt=None, *, allow_backing=False) -> list[dict]:
     (``zero`` True) and is never read by convert or compare."""
     image = open_image(path, fmt, allow_backing=allow_backing, warn_raw=False)
     try:
-        out: list[dict] = []
+        out: list[dict[str, Any]] = []
         for off, n, data in image.extents(0, image.size):
             if out and out[-1]["data"] == data and out[-1]["start"] + out[-1]["length"] == off:
                 out[-1]["length"] += n

@@ -27,14 +27,21 @@ import struct
 from stat import S_ISREG as stat_is_regular
 import threading
 import uuid as _uuid
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import crc32c as _crc32c
 import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 from . import layout as L
 from .errors import (ChecksumError, CorruptImageError, FormatError, InvalidArgumentError, StaleChangeIdError,
                      UnsupportedFeatureError, VdiskError, VdiskIOError)
 from .fileio import fsync_dir, open_regular, place, place_synced, pwrite_all, start_writeback  # noqa: F401 - backup imports some here
+from .fileio import readable_buffer, writable_buffer
+from ._types import PathArg
 from .changeid import ANY
 from .tracking import parse_change_id
 
@@ -47,7 +54,7 @@ KNOWN_FLAGS = FLAG_ZERO
 
 # datasets: name -> (dtype, ndim)
 DS_OFFSETS, DS_LENGTHS, DS_FLAGS, DS_DATA, DS_CRC = "offsets", "lengths", "flags", "data", "crc32c"
-DATASETS = {
+DATASETS: dict[str, tuple[np.dtype[Any], int]] = {
     DS_OFFSETS: (np.dtype("<u8"), 1),
     DS_LENGTHS: (np.dtype("<u8"), 1),
     DS_FLAGS: (np.dtype("u1"), 1),
@@ -56,7 +63,7 @@ DATASETS = {
 }
 
 # root attributes: name -> type ("str", or the numpy dtype of an integer)
-ATTRS = {
+ATTRS: dict[str, str | np.dtype[Any]] = {
     "format": "str",                   # FORMAT_NAME
     "format_version": np.dtype("<u4"),  # FORMAT_VERSION
     "image_uuid": "str",
@@ -73,7 +80,7 @@ ATTRS = {
     "checksum": np.dtype("<u4"),       # CRC32C of the canonical attributes + extents (see attrs_checksum)
 }
 
-COMPRESSIONS = {"gzip": "gzip", "lzf": "lzf", "none": None, None: None}
+COMPRESSIONS: dict[str | None, str | None] = {"gzip": "gzip", "lzf": "lzf", "none": None, None: None}
 GZIP_LEVEL = 4
 CHUNK_BYTES = 1 << 20                  # a chunk of `data` holds at most 16 rows and about 1 MiB
 MAX_CHUNK_ROWS = 16
@@ -97,7 +104,7 @@ PREAMBLE_SKIP = struct.Struct("<QQ")          # offset, length of a skipped rang
 MAX_SKIP_RANGES = (PREAMBLE_SIZE - 4 - PREAMBLE_HEAD.size) // PREAMBLE_SKIP.size
 
 
-def pack_preamble(file_size: int, meta_crc: int, skips) -> bytes:
+def pack_preamble(file_size: int, meta_crc: int, skips: Sequence[tuple[int, int]]) -> bytes:
     body = PREAMBLE_HEAD.pack(PREAMBLE_MAGIC, PREAMBLE_VERSION, len(skips), file_size, meta_crc, 0)
     body += b"".join(PREAMBLE_SKIP.pack(o, n) for o, n in skips)
     body = body.ljust(PREAMBLE_SIZE - 4, b"\0")
@@ -132,7 +139,7 @@ def unpack_preamble(raw: bytes, path: str) -> tuple[int, int, list[tuple[int, in
     return file_size, meta_crc, skips
 
 
-def metadata_crc(fd: int, file_size: int, skips, path: str) -> int:
+def metadata_crc(fd: int, file_size: int, skips: Iterable[tuple[int, int]], path: str) -> int:
     """CRC32C of the bytes [PREAMBLE_SIZE, file_size) outside the skipped ranges, in file order."""
     crc = 0
     buf = bytearray(1 << 20)
@@ -157,7 +164,7 @@ GCOL_MIN_SIZE = 4096                          # H5HG_MINSIZE
 GCOL_MAX_SIZE = 1 << 20                       # a delta's few short strings fill one 4 KiB collection
 
 
-def check_global_heaps(fd: int, file_size: int, skips, path: str) -> None:
+def check_global_heaps(fd: int, file_size: int, skips: Iterable[tuple[int, int]], path: str) -> None:
     """Walk every global heap collection in the bytes the preamble's CRC covers,
     as libhdf5 will; raise CorruptImageError where the walk would not end."""
     window = 1 << 20
@@ -188,7 +195,7 @@ def _check_global_heap(fd: int, off: int, file_size: int, path: str) -> None:
         pos += need
 
 
-def _complement(skips, lo: int, hi: int):
+def _complement(skips: Iterable[tuple[int, int]], lo: int, hi: int) -> Iterator[tuple[int, int]]:
     pos = lo
     for off, n in skips:
         if off > pos:
@@ -207,20 +214,20 @@ def batch_rows_for(block_size: int) -> int:
     return max(chunk, BATCH_BYTES // block_size // chunk * chunk)
 
 
-def attrs_checksum(attrs: dict, offsets: np.ndarray, lengths: np.ndarray, flags: np.ndarray) -> int:
+def attrs_checksum(attrs: dict[str, Any], offsets: npt.ArrayLike, lengths: npt.ArrayLike, flags: npt.ArrayLike) -> int:
     """CRC32C of the canonical form: the attributes but ``checksum`` as JSON
     (sorted keys, no spaces, ASCII), then the three extent arrays' bytes."""
     canon = {k: (v if isinstance(v, str) else int(v)) for k, v in attrs.items() if k != "checksum"}
     text = json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     crc = _crc32c.crc32c(text)
     for arr, dt in ((offsets, "<u8"), (lengths, "<u8"), (flags, "u1")):
-        crc = _crc32c.crc32c(np.ascontiguousarray(arr, dtype=dt), crc)
+        crc = _crc32c.crc32c(readable_buffer(np.ascontiguousarray(arr, dtype=dt)), crc)
     return crc
 
 
 # ---------------------------------------------------------------------------- h5py errors
 @contextlib.contextmanager
-def _h5(path: str, what: str):
+def _h5(path: str, what: str) -> Iterator[None]:
     """Turn h5py/HDF5 errors into CorruptImageError naming the file."""
     try:
         yield
@@ -232,7 +239,7 @@ def _h5(path: str, what: str):
 
 
 @contextlib.contextmanager
-def _writing(path: str):
+def _writing(path: str) -> Iterator[None]:
     """Turn OS and HDF5 errors while writing (ENOSPC, EIO, ...) into VdiskIOError naming the file."""
     try:
         yield
@@ -244,7 +251,7 @@ def _writing(path: str):
         raise VdiskIOError(code, f"writing {path} failed: {msg}") from exc
 
 
-def _chunk_ranges(ds) -> list[tuple[int, int]]:
+def _chunk_ranges(ds: Any) -> list[tuple[int, int]]:     # an h5py Dataset
     """(offset, length) of a chunked dataset's storage, sorted and coalesced."""
     info = [ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())]
     out: list[list[int]] = []
@@ -256,8 +263,9 @@ def _chunk_ranges(ds) -> list[tuple[int, int]]:
     return [(o, n) for o, n in out]
 
 
-def _import_h5py():
-    import h5py
+def _import_h5py() -> Any:
+    """h5py, imported on first use (it ships no type hints: its objects are Any here)."""
+    import h5py  # type: ignore[import-untyped]  # h5py ships neither stubs nor py.typed
     return h5py
 
 
@@ -286,7 +294,8 @@ class Storage:
 
     __slots__ = ("name", "dsid", "shape", "layout", "chunks", "filter", "offset", "ranges")
 
-    def __init__(self, name, dsid, shape, layout, chunks, filt, offset, ranges):
+    def __init__(self, name: str, dsid: Any, shape: tuple[int, ...], layout: str, chunks: tuple[int, ...] | None,
+                 filt: str | None, offset: int | None, ranges: list[tuple[int, int]]):
         self.name, self.dsid, self.shape, self.layout = name, dsid, shape, layout
         self.chunks, self.filter, self.offset, self.ranges = chunks, filt, offset, ranges
 
@@ -295,7 +304,7 @@ def _link_name(raw: bytes) -> str:
     return ascii(raw.decode("utf-8", "replace")[:64])
 
 
-def check_structure(f, path: str, file_size: int, skips) -> dict:
+def check_structure(f: Any, path: str, file_size: int, skips: Sequence[tuple[int, int]]) -> dict[str, Storage]:
     """Validate the HDF5 structure of an open delta before anything reads a
     dataset or an attribute value; return {dataset name: Storage}.
 
@@ -362,15 +371,15 @@ def check_structure(f, path: str, file_size: int, skips) -> dict:
                     raise CorruptImageError(f"{path}: attribute {aname} is a {tid.get_size()}-byte string, at "
                                             f"most {MAX_STR_ATTR_BYTES}")
             else:
-                kind = {h5t.REFERENCE: "a reference (to an object or a region, here or in another file)",
+                described = {h5t.REFERENCE: "a reference (to an object or a region, here or in another file)",
                         h5t.FLOAT: "a float", h5t.COMPOUND: "a compound", h5t.VLEN: "a variable-length sequence",
                         h5t.ARRAY: "an array", h5t.ENUM: "an enum", h5t.OPAQUE: "opaque"}.get(cls, f"class {cls}")
-                raise UnsupportedFeatureError(f"{path}: attribute {aname} is {kind}; a delta's attributes are "
+                raise UnsupportedFeatureError(f"{path}: attribute {aname} is {described}; a delta's attributes are "
                                               f"integers and strings")
     return out
 
 
-def _check_dataset(h5py, root, name: str, path: str, file_size: int, max_rows: int | None = None) -> Storage:
+def _check_dataset(h5py: Any, root: Any, name: str, path: str, file_size: int, max_rows: int | None = None) -> Storage:
     """One dataset of check_structure, opened by its (hard) link and checked
     before anything reads it."""
     h5d, h5o, h5s, h5t = h5py.h5d, h5py.h5o, h5py.h5s, h5py.h5t
@@ -422,7 +431,7 @@ def _check_dataset(h5py, root, name: str, path: str, file_size: int, max_rows: i
     # chunked 'data': whole rows per chunk, at most as many rows as 'crc32c' has entries, every chunk written
     chunks = tuple(int(n) for n in dcpl.get_chunk())
     rows, width = shape
-    if rows > max_rows or chunks[1] != width or not 1 <= chunks[0] <= MAX_CHUNK_ROWS:
+    if (max_rows is not None and rows > max_rows) or chunks[1] != width or not 1 <= chunks[0] <= MAX_CHUNK_ROWS:
         raise CorruptImageError(f"{where}: {list(shape)} in chunks of {list(chunks)}: expected chunks of at most "
                                 f"{MAX_CHUNK_ROWS} whole rows and no more rows than 'crc32c' has ({max_rows})")
     want = -(-rows // chunks[0])
@@ -462,10 +471,10 @@ def _check_dataset(h5py, root, name: str, path: str, file_size: int, max_rows: i
 _plugin_lock = threading.Lock()
 _plugin_depth = 0
 _plugin_saved: int | None = None
-_plugin_api: list = []                 # [(get, set)] once looked up, [None] where unavailable
+_plugin_api: list[tuple[Any, Any] | None] = []     # [(get, set)] ctypes functions once looked up, [None] where unavailable
 
 
-def _plugin_calls():
+def _plugin_calls() -> tuple[Any, Any] | None:
     if not _plugin_api:
         try:
             import ctypes
@@ -491,7 +500,7 @@ def plugin_loading_state() -> int | None:
 
 
 @contextlib.contextmanager
-def no_hdf5_plugins():
+def no_hdf5_plugins() -> Iterator[None]:
     """libhdf5 loads no plugin inside (process-wide: nested and concurrent
     uses share one switch; the mask before the first is put back after the
     last)."""
@@ -546,7 +555,7 @@ class _H5Source:
     def tell(self) -> int:
         return self.pos
 
-    def readinto(self, buf) -> int:
+    def readinto(self, buf: WriteableBuffer) -> int:
         mv = memoryview(buf).cast("B")
         done = 0
         while done < len(mv):
@@ -563,7 +572,7 @@ class _H5Source:
         buf = bytearray(size)
         return bytes(buf[:self.readinto(buf)])
 
-    def write(self, data) -> int:
+    def write(self, data: ReadableBuffer) -> int:
         raise OSError(errno.EBADF, "a delta is read-only")
 
     def flush(self) -> None:
@@ -579,13 +588,13 @@ class DeltaFile:
 
     def __init__(self, path: str):
         self.path = path
-        self._h5file = None
+        self._h5file: Any = None        # an h5py File
         self._fd = -1
-        self.attrs: dict = {}
+        self.attrs: dict[str, Any] = {}     # validated by _read_attrs: each of ATTRS of its type
 
     # --- opening -------------------------------------------------------------------
     @classmethod
-    def open(cls, path) -> "DeltaFile":
+    def open(cls, path: PathArg) -> "DeltaFile":
         """Open and validate the delta at path: every open of a delta comes here."""
         self = cls(os.fspath(path))
         try:
@@ -640,7 +649,7 @@ class DeltaFile:
             if fmt is None:
                 raise CorruptImageError(f"{path}: attribute 'format' missing (not a vdisk delta, or damaged)")
             raise FormatError(f"{path}: attribute 'format' is {fmt!r}, expected {FORMAT_NAME!r}")
-        attrs = {}
+        attrs: dict[str, Any] = {}
         for name, value in raw.items():
             if isinstance(value, str):
                 attrs[name] = value
@@ -652,10 +661,10 @@ class DeltaFile:
         for name, kind in ATTRS.items():
             if name not in attrs:
                 raise CorruptImageError(f"{path}: attribute {name!r} missing")
-            if (kind == "str") != isinstance(attrs[name], str):
+            if isinstance(kind, str) != isinstance(attrs[name], str):      # kind: "str" or a dtype
                 raise CorruptImageError(f"{path}: attribute {name!r} is {attrs[name]!r}, expected "
                                         f"{'a string' if kind == 'str' else 'an integer'}")
-            if kind != "str" and not 0 <= attrs[name] <= np.iinfo(kind).max:
+            if not isinstance(kind, str) and not 0 <= attrs[name] <= np.iinfo(kind).max:
                 raise CorruptImageError(f"{path}: attribute {name!r} = {attrs[name]} out of range for {kind}")
         if attrs["format_version"] != FORMAT_VERSION:
             raise UnsupportedFeatureError(f"{path}: delta format version {attrs['format_version']}; this vdisk "
@@ -705,23 +714,28 @@ class DeltaFile:
             raise CorruptImageError(f"{path}: attributes data_bytes {a['data_bytes']} and zero_bytes "
                                     f"{a['zero_bytes']} cannot fit {rows} rows of {bs} bytes and a disk of {vs}")
         data = st[DS_DATA]
-        if data.layout == CHUNKED and data.chunks[0] != min(chunk_rows_for(bs), rows):
+        if data.layout == CHUNKED and data.chunks is not None and data.chunks[0] != min(chunk_rows_for(bs), rows):
             raise CorruptImageError(f"{path}: dataset 'data' is stored in chunks of {data.chunks[0]} rows, "
                                     f"expected {min(chunk_rows_for(bs), rows)} for {bs}-byte blocks")
-        arrays = []
+        arrays: list[npt.NDArray[Any]] = []
         for name in (DS_OFFSETS, DS_LENGTHS, DS_FLAGS):
             arr = np.empty(n, dtype=DATASETS[name][0])
+            at = st[name].offset
             if n:
-                self._pread_exact(arr.view(np.uint8), st[name].offset, f"reading dataset {name!r}")
+                if at is None:          # (check_structure gives a dataset with bytes its offset)
+                    raise CorruptImageError(f"{path}: dataset {name!r} has no storage")
+                self._pread_exact(arr.view(np.uint8), at, f"reading dataset {name!r}")
             arrays.append(arr)
         self.offsets, self.lengths, self.flags = arrays
         self.rows = rows
         self.compression = data.filter
-        self._data = None if data.layout == CONTIGUOUS else _import_h5py().Dataset(data.dsid)
+        # an h5py Dataset of chunked rows (None: contiguous rows, read at _data_off)
+        self._data: Any = None if data.layout == CONTIGUOUS else _import_h5py().Dataset(data.dsid)
         self._data_off = data.offset if rows and data.layout == CONTIGUOUS else None
-        self._crc_off = st[DS_CRC].offset
-        if rows and (self._crc_off is None or (data.layout == CONTIGUOUS and self._data_off is None)):
+        crc_off = st[DS_CRC].offset
+        if rows and (crc_off is None or (data.layout == CONTIGUOUS and self._data_off is None)):
             raise CorruptImageError(f"{path}: datasets 'data' or 'crc32c' have no storage")
+        self._crc_off = 0 if crc_off is None else crc_off      # (no rows: never read)
 
     def _check_extents(self) -> None:
         path, bs, vs = self.path, self.block_size, self.virtual_size
@@ -772,27 +786,27 @@ class DeltaFile:
     # --- identity --------------------------------------------------------------------
     @property
     def block_size(self) -> int:
-        return self.attrs["block_size"]
+        return int(self.attrs["block_size"])
 
     @property
     def virtual_size(self) -> int:
-        return self.attrs["virtual_size"]
+        return int(self.attrs["virtual_size"])
 
     @property
     def since(self) -> str:
-        return self.attrs["since"]
+        return str(self.attrs["since"])
 
     @property
     def change_id(self) -> str:
-        return self.attrs["change_id"]
+        return str(self.attrs["change_id"])
 
     @property
     def image_uuid(self) -> str:
-        return self.attrs["image_uuid"]
+        return str(self.attrs["image_uuid"])
 
     @property
     def tracking_id(self) -> str:
-        return self.attrs["tracking_id"]
+        return str(self.attrs["tracking_id"])
 
     @property
     def full(self) -> bool:
@@ -802,7 +816,7 @@ class DeltaFile:
         i = int(np.searchsorted(self._data_rows, row, side="right")) - 1
         return int(self._data_blocks[i]) + row - int(self._data_rows[i])
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         a = self.attrs
         return {
             "path": self.path, "format_version": a["format_version"], "image_uuid": a["image_uuid"],
@@ -815,7 +829,7 @@ class DeltaFile:
         }
 
     # --- rows --------------------------------------------------------------------------
-    def read_rows(self, row: int, n: int, out: np.ndarray) -> None:
+    def read_rows(self, row: int, n: int, out: npt.NDArray[np.uint8]) -> None:
         """Rows [row, row+n) into out[:n] (C-contiguous uint8, n x block_size), each CRC-checked."""
         bs = self.block_size
         if row < 0 or n < 0 or row + n > self.rows:
@@ -832,7 +846,7 @@ class DeltaFile:
         self._pread_exact(crcs.view(np.uint8), self._crc_off + row * 4, f"checksums of rows [{row}, {row + n})")
         crc = _crc32c.crc32c
         for i in range(n):
-            got = crc(view[i])
+            got = crc(readable_buffer(view[i]))
             if got != crcs[i]:
                 r = row + i
                 b = self.block_of_row(r)
@@ -840,8 +854,8 @@ class DeltaFile:
                     f"{self.path}: block row {r} (virtual block {b}, offset {b * bs}): CRC32C mismatch (the row "
                     f"or its checksum in 'crc32c' is damaged)")        # neither value quoted: both failed
 
-    def _pread_exact(self, mv: np.ndarray, offset: int, what: str) -> None:
-        buf = memoryview(mv).cast("B")
+    def _pread_exact(self, mv: npt.NDArray[np.uint8], offset: int, what: str) -> None:
+        buf = memoryview(writable_buffer(mv)).cast("B")
         done = 0
         while done < len(buf):
             try:
@@ -852,7 +866,8 @@ class DeltaFile:
                 raise CorruptImageError(f"{self.path}: {what}: the file ends at {offset + done}: truncated")
             done += k
 
-    def verify_rows(self, ranges=None, tick=None) -> None:
+    def verify_rows(self, ranges: Iterable[tuple[int, int]] | None = None,
+                    tick: Callable[[int], None] | None = None) -> None:
         """Read and CRC-check rows (all, or the [start, stop) ranges given), in batches."""
         if ranges is None:
             ranges = [(0, self.rows)]
@@ -879,12 +894,12 @@ class DeltaFile:
     def __enter__(self) -> "DeltaFile":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
 # ---------------------------------------------------------------------------- writing a delta
-def check_dest(dest) -> str:
+def check_dest(dest: PathArg) -> str:
     dest = os.fspath(dest)
     if os.path.lexists(dest):
         raise InvalidArgumentError(f"{dest} exists: a delta is never overwritten (choose a new name)")
@@ -915,7 +930,7 @@ def abandoned_partials(directory: str, remove: bool = False) -> list[str]:
     file whose lock can be taken, and a report must not name a live
     writer's file.  A remover may take such a file: the writer then starts
     again under a new name."""
-    found = []
+    found: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:
@@ -947,7 +962,7 @@ def abandoned_partials(directory: str, remove: bool = False) -> list[str]:
     return found
 
 
-def parse_compression(compression):
+def parse_compression(compression: object) -> str | None:
     if isinstance(compression, str):
         compression = compression.lower()
     if compression not in COMPRESSIONS:
@@ -996,7 +1011,7 @@ class _H5Target:
     def tell(self) -> int:
         return self.pos
 
-    def readinto(self, buf) -> int:
+    def readinto(self, buf: WriteableBuffer) -> int:
         mv = memoryview(buf).cast("B")
         n = os.preadv(self.fd, [mv], self.pos)
         mv[n:] = bytes(len(mv) - n)           # past the end of the file: zeros
@@ -1012,7 +1027,7 @@ class _H5Target:
         self.readinto(buf)
         return bytes(buf)
 
-    def write(self, data) -> int:
+    def write(self, data: ReadableBuffer) -> int:
         mv = memoryview(data).cast("B")
         if self.error is None and not self._detached:
             try:
@@ -1049,7 +1064,8 @@ class DeltaWriter:
     never reaches libhdf5.
     """
 
-    def __init__(self, dest: str, attrs: dict, offsets, lengths, flags, compression):
+    def __init__(self, dest: str, attrs: dict[str, Any], offsets: npt.ArrayLike, lengths: npt.ArrayLike,
+                 flags: npt.ArrayLike, compression: str | None):
         h5py = _import_h5py()
         self.dest = dest
         directory = os.path.dirname(os.path.abspath(dest))
@@ -1057,10 +1073,10 @@ class DeltaWriter:
         self.tmp = ""
         self.bs = attrs["block_size"]
         self.rows = attrs["data_blocks"]
-        self._f = None
+        self._f: Any = None             # the h5py File being written
         self._fd = -1
         self._lock_fd = -1
-        self._target = None
+        self._target: _H5Target | None = None
         attrs = dict(attrs)
         attrs["checksum"] = attrs_checksum(attrs, offsets, lengths, flags)
         self.attrs = attrs
@@ -1071,7 +1087,7 @@ class DeltaWriter:
             raise
 
     @contextlib.contextmanager
-    def _h5_writing(self):
+    def _h5_writing(self) -> Iterator[None]:
         """libhdf5 at work: a write it could not make raises, as VdiskIOError naming the file."""
         with _writing(self.tmp):
             try:
@@ -1083,7 +1099,8 @@ class DeltaWriter:
             if self._target is not None and self._target.error is not None:
                 raise self._target.error
 
-    def _create(self, h5py, attrs, offsets, lengths, flags, compression) -> None:
+    def _create(self, h5py: Any, attrs: dict[str, Any], offsets: npt.ArrayLike, lengths: npt.ArrayLike,
+                flags: npt.ArrayLike, compression: str | None) -> None:
         bs, rows = self.bs, self.rows
         self._open_locked()
         self._target = _H5Target(self._fd)
@@ -1092,7 +1109,7 @@ class DeltaWriter:
             f.create_dataset(DS_OFFSETS, data=np.asarray(offsets, dtype="<u8"))
             f.create_dataset(DS_LENGTHS, data=np.asarray(lengths, dtype="<u8"))
             f.create_dataset(DS_FLAGS, data=np.asarray(flags, dtype="u1"))
-            def early():                  # contiguous storage allocated now: its offset exists before any write
+            def early() -> Any:           # contiguous storage allocated now: its offset exists before any write
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
                 dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
                 return dcpl
@@ -1107,7 +1124,7 @@ class DeltaWriter:
                                               **opts)
             for name, kind in ATTRS.items():
                 value = attrs[name]
-                f.attrs[name] = value if kind == "str" else np.array(value, dtype=kind)[()]
+                f.attrs[name] = value if isinstance(kind, str) else np.array(value, dtype=kind)[()]
             self._raw = self._data.chunks is None
             self._data_off = self._data.id.get_offset()
             self._crc_off = self._crc.id.get_offset()
@@ -1148,11 +1165,11 @@ class DeltaWriter:
         f, self._f = self._f, None
         f.close()
 
-    def write_rows(self, row: int, buf: np.ndarray) -> None:
+    def write_rows(self, row: int, buf: npt.NDArray[np.uint8]) -> None:
         """buf: n x block_size rows for [row, row + n); their CRCs are computed here."""
         n = len(buf)
         crc = _crc32c.crc32c
-        crcs = np.fromiter((crc(r) for r in buf), dtype="<u4", count=n)
+        crcs = np.fromiter((crc(readable_buffer(r)) for r in buf), dtype="<u4", count=n)
         if self._raw:
             with _writing(self.tmp):
                 pwrite_all(self._fd, buf.reshape(-1), self._data_off + row * self.bs)
@@ -1163,7 +1180,7 @@ class DeltaWriter:
                 self._data[row:row + n] = buf
                 self._crc[row:row + n] = crcs
 
-    def commit(self, before_place=None) -> int:
+    def commit(self, before_place: Callable[[], None] | None = None) -> int:
         """Close, fsync, link into place (never over an existing file), fsync the directory.
         before_place(): called once the file is complete and synced, before it is linked into
         place; if it raises, nothing appears under dest (abort() removes the file).  If the
@@ -1193,7 +1210,8 @@ class DeltaWriter:
 
     def abort(self) -> None:
         if self._f is not None:
-            self._target.discard()        # libhdf5 closes in memory: the file is being deleted
+            if self._target is not None:      # (always, once _f is)
+                self._target.discard()        # libhdf5 closes in memory: the file is being deleted
             self._data = self._crc = None
             f, self._f = self._f, None
             try:

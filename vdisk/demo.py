@@ -14,15 +14,17 @@ import json
 import os
 import sys
 import tempfile
+from typing import Iterable
 
 import vdisk
+from vdisk.results import BackupResult
 from vdisk.changeid import ANY
 from vdisk.fileio import FileIO
 
 
-def _blocks(chunks, block_size: int) -> dict[int, bytes]:
+def _blocks(chunks: Iterable[tuple[int, bytes]], block_size: int) -> dict[int, bytes]:
     """{block number: bytes} of the non-zero blocks in (offset, bytes) chunks."""
-    out = {}
+    out: dict[int, bytes] = {}
     for off, data in chunks:
         for pos in range(0, len(data), block_size):
             piece = data[pos:pos + block_size]
@@ -31,7 +33,7 @@ def _blocks(chunks, block_size: int) -> dict[int, bytes]:
     return out
 
 
-def disk_state(d) -> tuple[int, dict[int, bytes]]:
+def disk_state(d: vdisk.Disk) -> tuple[int, dict[int, bytes]]:
     """A disk's content, compactly: its size and its non-zero blocks (the rest reads as zeros)."""
     return d.size, _blocks(((off, d.pread(n, off)) for off, n in d.map()), d.block_size)
 
@@ -84,17 +86,17 @@ def basics(path: str) -> bool:
 def backups(path: str, directory: str) -> bool:
     """Two consumers with their own chains: A keeps its change id itself, B
     is a named consumer whose last id the image keeps."""
-    def delta(name):
+    def delta(name: str) -> str:
         return os.path.join(directory, name)
 
-    def said(res, who):
+    def said(res: BackupResult, who: str) -> None:
         kind = "full" if res.since == ANY else "incremental"
         n = len(res.extents)
         print(f"  {who}: {kind:<11} -> {os.path.basename(res.dest)}: {n} extent{'s' if n != 1 else ''}, "
               f"{res.bytes_copied} bytes of data, {res.zero_bytes} bytes zeroed; file {res.file_bytes} bytes; "
               f"keeps {res.change_id}")
 
-    points = {}
+    points: dict[str, tuple[int, dict[int, bytes]]] = {}
     print("backups (HDF5 deltas, gzip):")
     with vdisk.open(path, "r+") as d:
         a0 = vdisk.backup(d, delta("a0.h5"))                         # A: full backup
@@ -124,7 +126,7 @@ def backups(path: str, directory: str) -> bool:
     bs = a0.block_size
     ok = True
 
-    def compare(what, got, want):
+    def compare(what: str, got: tuple[int, dict[int, bytes]], want: tuple[int, dict[int, bytes]]) -> None:
         nonlocal ok
         same = got == want
         ok &= same
@@ -155,7 +157,7 @@ def backups(path: str, directory: str) -> bool:
     return ok
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with tempfile.TemporaryDirectory() as tmp:
         directory = argv[0] if argv else tmp

@@ -66,15 +66,15 @@ import io
 import os
 import threading
 import time
-import types
 import uuid as _uuid
 import weakref
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Concatenate, Iterator, ParamSpec, Sequence, TypeVar
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _fast, _hotpath
 from . import consumers as consumer_table
@@ -83,18 +83,19 @@ from .errors import (ClosedError, CorruptImageError, FormatError, InvalidArgumen
                      ReadOnlyError, SnapshotNotFoundError, UnsupportedFeatureError, VdiskIOError)
 from . import header as _header
 from .errors import TO_REPLACE, NoSuchFileError, Param
-from ._types import PathArg, SizeArg
+from ._types import BytesOut, PathArg, Progress, SizeArg
 from .allocator import Allocator
 from .arrays import as_bytes_view as _as_bytes_view, lazy_zeros, load_array as _load_array, write_nonzero_pages
-from .blocktable import BlockTable, plan_read, validate as _validate_table
+from .blocktable import BlockTable, TablePage, plan_read, validate as _validate_table
 from .header import older_slot_regions, read_header as _read_header, read_image_header  # noqa: F401
 from .extents import Extents
 from .fileio import FileIO, atomic_output, refuse_if_in_use
 from .layout import SUMMARY_SHIFT
 from .snapshot_ops import SnapshotHost, SnapshotOps
-from .snapshots import Snapshot, SnapshotInfo, ViewHost, SnapshotRecord, is_backup_snapshot, parse_table
+from .results import ImageInfo
+from .snapshots import Check, Snapshot, SnapshotInfo, TableView, ViewHost, SnapshotRecord, is_backup_snapshot, parse_table
 from . import tracking as _tracking
-from .changeid import ANY
+from .changeid import ANY, ChangeId
 from .tracking import ChangeTracker, CheckpointLog
 
 PAGE = 4096
@@ -103,11 +104,16 @@ DEFAULT_FOLD_INTERVAL = 1 << 16   # writes between automatic folds
 
 COPY_LIMIT = 16 << 20                # table bytes a flush copies to write them without the lock
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+#: (first block, past the last block) -> (starts, lengths) of block runs, as the kernels return them
+BlockRuns = Callable[[int, int], "tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]"]
+
 
 class _FlushJob:
     """One flush, between its step 1 (under the lock) and its step 5."""
 
-    def __init__(self, table: list, copied: bool, pending: list[int], folded: bool):
+    def __init__(self, table: list[TablePage], copied: bool, pending: list[int], folded: bool):
         self.table = table          # (file offset, buffer) of the table pages to write at step 3
         self.copied = copied        # table holds copies: steps 2-4 may run without the lock
         self.pending = pending      # references to release at step 5
@@ -118,7 +124,7 @@ class _FlushJob:
         self.runner: int | None = None      # the thread in steps 2-4
 
 
-def _parse_block_size(block_size) -> int:
+def _parse_block_size(block_size: SizeArg) -> int:
     bs = L.parse_size(block_size, "block_size")
     if bs & (bs - 1) or not (1 << L.MIN_BLOCK_SHIFT) <= bs <= (1 << L.MAX_BLOCK_SHIFT):
         raise InvalidArgumentError(f"block_size {bs}: must be a power of two from 4 KiB to 4 MiB")
@@ -131,19 +137,19 @@ def _check_size(size: int, block_shift: int) -> None:
     if L.blocks_for(size, block_shift) > L.MAX_BLOCKS:
         fits = next((s for s in range(block_shift + 1, L.MAX_BLOCK_SHIFT + 1)
                      if L.blocks_for(size, s) <= L.MAX_BLOCKS), None)
-        hint: tuple = (("; a block size of ", Param("block_size", L.format_size(1 << fits).replace(" ", "")),
+        hint: tuple[str | Param, ...] = (("; a block size of ", Param("block_size", L.format_size(1 << fits).replace(" ", "")),
                         " holds it") if fits is not None else ())
         raise OutOfRangeError.naming(
             f"size {size} needs {L.blocks_for(size, block_shift)} blocks of {1 << block_shift} bytes; "
             f"the limit is {L.MAX_BLOCKS} blocks ({L.format_size(L.MAX_BLOCKS << block_shift)})", *hint)
 
 
-def _rebinds(method):
+def _rebinds(method: Callable[Concatenate[Disk, _P], _R]) -> Callable[Concatenate[Disk, _P], _R]:
     """For Disk methods that may replace the table, refcount or tracker
     arrays, or the size: the Cython hot path is rebound before the lock is
     released, even when the method fails half-way."""
     @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
+    def wrapper(self: Disk, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         with self._lock:
             try:
                 return method(self, *args, **kwargs)
@@ -152,11 +158,11 @@ def _rebinds(method):
     return wrapper
 
 
-def _poisons(method):
+def _poisons(method: Callable[Concatenate[Disk, _P], _R]) -> Callable[Concatenate[Disk, _P], _R]:
     """For Disk methods that write metadata or sync: an I/O error inside
     poisons the Disk (see "I/O errors" in the module docstring)."""
     @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
+    def wrapper(self: Disk, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return method(self, *args, **kwargs)
         except VdiskIOError as exc:
@@ -166,7 +172,7 @@ def _poisons(method):
 
 
 @contextlib.contextmanager
-def _lock_released(lock) -> Iterator[bool]:
+def _lock_released(lock: _hotpath.DiskLock) -> Iterator[bool]:
     """Inside: whether this thread is free of the RLock lock.  Held once (the
     hot path's hold around _fold_due), it is released for the block and taken
     back after; held deeper (a caller holds it around the call), it stays held
@@ -185,17 +191,23 @@ def _lock_released(lock) -> Iterator[bool]:
         lock._acquire_restore(state)
 
 
-def _weakly(method):
+def _weakly(method: Callable[_P, _R]) -> Callable[_P, _R]:
     """A Disk method as a callable for one of its parts, through a weak
-    reference: no cycle, so a dropped Disk still closes at once."""
+    reference: no cycle, so a dropped Disk still closes at once.  Called
+    after the Disk is gone (a part kept alive without it), it raises
+    ClosedError."""
     ref = weakref.WeakMethod(method)
+    name = getattr(method, "__name__", "a method")      # not method itself: call must hold no reference to it
 
-    def call(*args, **kwargs):
-        return ref()(*args, **kwargs)
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        target = ref()
+        if target is None:
+            raise ClosedError(f"{name} of a disk that is gone (dropped and closed)")
+        return target(*args, **kwargs)
     return call
 
 
-def _poison_hook(ref, err) -> None:
+def _poison_hook(ref: weakref.ref[Disk], err: VdiskIOError) -> None:
     """FileIO's on_poison for a Disk held by weak reference (a failed fsync).
     A thread without the Disk's lock is a flush in its unlocked syncs: that
     flush poisons the Disk under the lock (_flush_end), never closing the
@@ -234,31 +246,34 @@ class Disk(io.RawIOBase):
         self._slots_differ = older is not None and older != header.regions()
         self._load()
         self._snap_ops = SnapshotOps(fio, header, self._alloc, self._bt, self._tracker, SnapshotHost(
-            *(_weakly(m) for m in (self._flush_locked, self._commit_header, self._grow_tables, self._issue_token,
-                                   self._commit_snapshot_table, self._alloc_run, self._validate_table,
-                                   self._refresh_meta_ranges))))
+            _weakly(self._flush_locked), _weakly(self._commit_header), _weakly(self._grow_tables),
+            _weakly(self._issue_token), _weakly(self._commit_snapshot_table), _weakly(self._alloc_run),
+            _weakly(self._validate_table), _weakly(self._refresh_meta_ranges)))
         self._rebind_hot()
 
     def _rebind_hot(self) -> None:
         """Point the Cython hot path at the current arrays and size.  Every
         method that replaces one of them is decorated with @_rebinds."""
         t = self._tracker
-        track = {} if t is None else dict(dirty=t.dirty, groups=t.dirty_groups, coarse=t.coarse, fresh=self._bt.fresh,
-                                          rel=t.rel_shift)
         if self._shut:
             self._hot.shut()
             return
-        self._hot.bind(self._io, type(self._io) is FileIO, self._io.fd, self._bt.table, self._alloc.refcounts,
-                       self._shift,
-                       self._hdr.virtual_size, True, self._writable, summary_shift=SUMMARY_SHIFT, **track)
+        if t is None:
+            self._hot.bind(self._io, type(self._io) is FileIO, self._io.fd, self._bt.table, self._alloc.refcounts,
+                           self._shift, self._hdr.virtual_size, True, self._writable, summary_shift=SUMMARY_SHIFT)
+        else:
+            self._hot.bind(self._io, type(self._io) is FileIO, self._io.fd, self._bt.table, self._alloc.refcounts,
+                           self._shift, self._hdr.virtual_size, True, self._writable, summary_shift=SUMMARY_SHIFT,
+                           dirty=t.dirty, groups=t.dirty_groups, coarse=t.coarse, fresh=self._bt.fresh,
+                           rel=t.rel_shift)
 
     # white-box views of the parts' state (the tests and tools read them)
     @property
-    def _table(self) -> np.ndarray:
+    def _table(self) -> npt.NDArray[np.uint32]:
         return self._bt.table
 
     @property
-    def _refcounts(self) -> np.ndarray:
+    def _refcounts(self) -> npt.NDArray[np.uint16]:
         return self._alloc.refcounts
 
     @property
@@ -345,7 +360,8 @@ class Disk(io.RawIOBase):
             bitmap = fio.pread(h.bitmap_length, h.bitmap_offset)
             self._tracker = ChangeTracker(fio, h, counters, bitmap, self._writable, loaded=loaded)
 
-    def _validate_table(self, table, n: int, what: str, allow_shared: bool = False, runs=None) -> None:
+    def _validate_table(self, table: npt.NDArray[np.uint32], n: int, what: str, allow_shared: bool = False,
+                        runs: list[tuple[int, int]] | None = None) -> None:
         _validate_table(table, n, what, self._io, self._hdr, self._alloc, allow_shared, runs)
 
     def _metadata_regions(self) -> list[tuple[str, int, int]]:
@@ -401,13 +417,13 @@ class Disk(io.RawIOBase):
     def track_changes(self) -> bool:
         return self._tracker is not None
 
-    def info(self) -> dict:
+    def info(self) -> ImageInfo:
         """A summary for ``vdisk info``."""
         with self._lock:
             self._check_open()
             h = self._hdr
             allocated = self._bt.allocated(h.nblocks)
-            out = {
+            out: ImageInfo = {
                 "path": self.path,
                 "format": "vdisk",
                 "version": h.version,
@@ -426,8 +442,8 @@ class Disk(io.RawIOBase):
             if self._damaged_snapshots:     # left out by a read-only open ('vdisk check --repair' drops them)
                 out["damaged_snapshot_records"] = len(self._damaged_snapshots)
             if self._tracker:
-                out.update(generation=h.generation, tracking_id=self.tracking_id, change_id=self.change_id,
-                           dirty_coarse_regions=self._tracker.dirty_regions)
+                out.update({"generation": h.generation, "tracking_id": str(_uuid.UUID(bytes=h.tracking_uuid)),
+                            "change_id": self.change_id, "dirty_coarse_regions": self._tracker.dirty_regions})
             return out
 
     # ------------------------------------------------------------------ io.RawIOBase
@@ -544,13 +560,13 @@ class Disk(io.RawIOBase):
                 _, phys, n = plan[0]
                 return self._pread_exact(n, phys) if phys >= 0 else bytes(n)
             buf = np.empty(length, dtype=np.uint8)
-            self._read_plan(memoryview(buf), plan)
+            self._read_plan(buf.data, plan)       # memoryview(buf)
         return buf.tobytes()
 
-    def preadinto(self, buffer: WriteableBuffer, offset: int) -> int:
+    def preadinto(self, buffer: BytesOut, offset: int) -> int:
         if isinstance(buffer, np.ndarray) and not buffer.flags.c_contiguous:
             staging = np.empty(buffer.shape, dtype=buffer.dtype)
-            n = self.preadinto(staging, offset)
+            n = self.preadinto(staging.data, offset)
             buffer[...] = staging               # a strided view: copy into it
             return n
         mv = _as_bytes_view(buffer)
@@ -574,13 +590,13 @@ class Disk(io.RawIOBase):
         return ViewHost(self._read_through, self._pread_through, self._resolve_for_snapshot,
                         self._load_frozen_checked)
 
-    def _load_frozen_checked(self, offset: int, size: int, check) -> np.ndarray:
+    def _load_frozen_checked(self, offset: int, size: int, check: Check) -> npt.NDArray[np.uint32]:
         with self._lock:
             self._check_open()
             check()
             return self._load_frozen(offset, size)
 
-    def _pread_through(self, table_mv, length: int, offset: int, check) -> bytes:
+    def _pread_through(self, table_mv: TableView, length: int, offset: int, check: Check) -> bytes:
         """_read_through into new bytes (the hot path fills them without a copy)."""
         with self._lock:
             self._check_open()
@@ -592,7 +608,7 @@ class Disk(io.RawIOBase):
                 data = bytes(buf)
             return data
 
-    def _read_through(self, table_mv, mv: memoryview, offset: int, check) -> None:
+    def _read_through(self, table_mv: TableView, mv: memoryview, offset: int, check: Check) -> None:
         """Read through another block table (a snapshot's) under the Disk's lock."""
         with self._lock:
             self._check_open()
@@ -600,12 +616,12 @@ class Disk(io.RawIOBase):
             if not self._hot.read_through(table_mv, mv, offset):     # Cython; else the Python path
                 self._read_plan(mv, self._plan_read(offset, len(mv), table_mv))
 
-    def _plan_read(self, offset: int, length: int, table=None) -> list[tuple[int, int, int]]:
+    def _plan_read(self, offset: int, length: int, table: TableView | None = None) -> list[tuple[int, int, int]]:
         """Runs (buffer offset, physical offset or -1 for zeros, length) for a
         read through the live table (or another), merging blocks that are contiguous in the file."""
         return plan_read(self._bt.mv if table is None else table, self._shift, offset, length)
 
-    def _read_plan(self, mv: memoryview, plan) -> None:
+    def _read_plan(self, mv: memoryview, plan: list[tuple[int, int, int]]) -> None:
         for at, phys, n in plan:
             if phys >= 0:
                 self._io.preadinto(mv[at:at + n], phys)
@@ -689,7 +705,8 @@ class Disk(io.RawIOBase):
             raise
         self._bt.map_run(b0, b1, p0)
 
-    def _write_blocks(self, mv: memoryview, offset: int, remaps: list, keep_zeros: bool = False) -> None:
+    def _write_blocks(self, mv: memoryview, offset: int, remaps: list[tuple[int, int, int]],
+                      keep_zeros: bool = False) -> None:
         """Issue the data writes of a request; remaps collects the table changes.
         keep_zeros: zeros are written like data (no block freed, none left unallocated)."""
         shift = self._hdr.block_shift
@@ -700,7 +717,7 @@ class Disk(io.RawIOBase):
         end = offset + len(mv)
         pos = offset
         run_phys = None              # pending contiguous physical writes: one pwritev
-        run_bufs: list = []
+        run_bufs: list[memoryview | bytearray] = []
         run_len = 0
         while pos < end:
             b = pos >> shift
@@ -715,9 +732,10 @@ class Disk(io.RawIOBase):
                 self._unmap(b)
                 pos += piece
                 continue
+            buf: memoryview | bytearray
             if p and refs[p] == 1:
                 if tracker:
-                    self._write_ahead(b)
+                    self._write_ahead(tracker, b)
                 phys, buf = (p << shift) + lo, src
             else:
                 if not p and not keep_zeros and _fast.is_zero(src):
@@ -745,14 +763,14 @@ class Disk(io.RawIOBase):
         if run_phys is not None:
             self._io.pwritev(run_bufs, run_phys)
 
-    def _write_ahead(self, b: int) -> None:
+    def _write_ahead(self, tracker: ChangeTracker, b: int) -> None:
         """Block b is about to be overwritten in place: the write-ahead rule,
         asked of the hot path (HotPath.write_ahead, the one place it is
         written); a region whose bit must be durable first is armed, and the
         rule asked again."""
         hot = self._hot
         if not hot.mark_write(b):
-            self._tracker.arm(b)
+            tracker.arm(b)
             if not hot.mark_write(b):
                 raise RuntimeError(f"block {b}: its region is armed, yet the hot path refuses the write")
 
@@ -993,24 +1011,24 @@ class Disk(io.RawIOBase):
         self._log.write(h.generation, token)
         return token
 
-    def _resolve(self, change_id) -> int:
+    def _resolve(self, change_id: str | ChangeId | None) -> int:
         """The generation a change id names, if this image issued it (else StaleChangeIdError)."""
         return _tracking.resolve(change_id, self._hdr, self._log)
 
-    def _resolve_for_snapshot(self, change_id, rec: SnapshotRecord) -> int:
+    def _resolve_for_snapshot(self, change_id: str | ChangeId | None, rec: SnapshotRecord) -> int:
         """The generation an id names on a snapshot's view: its own id, or an
         id of the image before it (same epoch, the log's token)."""
         with self._lock:
             self._check_open()
-            h = self._hdr
+            h: _tracking.Epoch = self._hdr
             if rec.tracking_uuid != h.tracking_uuid:
                 # a snapshot of an earlier epoch: its tokenless ids cannot be told apart any more
-                h = types.SimpleNamespace(tracking_uuid=rec.tracking_uuid, generation=rec.generation + 1,
-                                          legacy_generation=0)
+                h = _tracking.EpochOf(tracking_uuid=rec.tracking_uuid, generation=rec.generation + 1,
+                                      legacy_generation=0)
             return _tracking.resolve(change_id, h, self._log, limit=rec.generation + 1,
                                      own=(rec.generation, rec.token))
 
-    def changes_since(self, change_id: str | None) -> Extents:
+    def changes_since(self, change_id: str | ChangeId | None) -> Extents:
         """Extents of every block changed after the point named by change_id.
 
         ``"*"`` means every allocated extent (a first, full backup).  An id
@@ -1024,7 +1042,7 @@ class Disk(io.RawIOBase):
                 return self._map_locked()
             return tracker.changes_since(self._resolve(change_id))
 
-    def changes_in(self, change_id: str | None, offset: int, length: int) -> Extents:
+    def changes_in(self, change_id: str | ChangeId | None, offset: int, length: int) -> Extents:
         """The extents of changes_since(change_id) that meet [offset, offset + length),
         clipped to it; the cost is that of the range's blocks (one summary check per
         32 blocks), not the disk's (the NBD server answers block status with it)."""
@@ -1053,7 +1071,7 @@ class Disk(io.RawIOBase):
             # every consumer's id becomes stale: a table without them, named by the same commit
             old_offset = h.counter_offset
 
-            def new_epoch(h):
+            def new_epoch(h: L.Header) -> None:
                 h.counter_offset = first * h.block_size
                 h.tracking_uuid = L.new_uuid()
                 h.generation = 1
@@ -1081,16 +1099,17 @@ class Disk(io.RawIOBase):
             self._check_open()
             return [rec.info() for rec in self._snapshots]
 
-    def _find_snapshot(self, name) -> SnapshotRecord:
+    def _find_snapshot(self, name: str) -> SnapshotRecord:
         for rec in self._snapshots:
             if rec.name == name:
                 return rec
         raise SnapshotNotFoundError(f"{self.path}: no snapshot named {name!r}")
 
-    def _load_frozen(self, offset: int, size: int) -> np.ndarray:
+    def _load_frozen(self, offset: int, size: int) -> npt.NDArray[np.uint32]:
         return self._snap_ops.load_frozen(offset, size)
 
-    def _write_entry_table(self, records, entry_size: int, limit: int) -> tuple[int, int]:
+    def _write_entry_table(self, records: Sequence[SnapshotRecord] | Sequence[consumer_table.ConsumerRecord],
+                           entry_size: int, limit: int) -> tuple[int, int]:
         """A new copy of a snapshot or consumer table in fresh blocks: (offset, capacity)."""
         if not records:
             return 0, 0
@@ -1119,8 +1138,8 @@ class Disk(io.RawIOBase):
             self._views.add(view)
             return view
 
-    def _commit_snapshot_table(self, records, advance: bool = False) -> None:
-        def header_update(h):
+    def _commit_snapshot_table(self, records: list[SnapshotRecord], advance: bool = False) -> None:
+        def header_update(h: L.Header) -> None:
             if advance:
                 h.snapshot_next_id += 1
                 h.generation += 1
@@ -1128,7 +1147,9 @@ class Disk(io.RawIOBase):
         self._snapshots = records
         self._refresh_meta_ranges()
 
-    def _commit_entry_table(self, kind: str, records, entry_size: int, limit: int, header_update=None) -> None:
+    def _commit_entry_table(self, kind: str, records: Sequence[SnapshotRecord] | Sequence[consumer_table.ConsumerRecord],
+                            entry_size: int, limit: int,
+                            header_update: Callable[[L.Header], None] | None = None) -> None:
         """A new copy of the snapshot or consumer table (kind) in fresh blocks,
         durable before the header names it; the old copy is released after."""
         h = self._hdr
@@ -1156,12 +1177,12 @@ class Disk(io.RawIOBase):
             self._check_open()
             return list(self._consumers)
 
-    def _check_change_id(self, change_id) -> None:
+    def _check_change_id(self, change_id: str) -> None:
         with self._lock:
             self._resolve(change_id)
 
     @_poisons
-    def _change_consumers(self, op: str, name, change_id):
+    def _change_consumers(self, op: str, name: str, change_id: str | None) -> consumer_table.ConsumerInfo | None:
         with self._lock:
             self._check_writable()
             self._require_tracking()
@@ -1172,7 +1193,7 @@ class Disk(io.RawIOBase):
             self._flush_locked()            # the old copy's blocks are free again
             return rec.info() if rec is not None else None
 
-    def _commit_consumer_table(self, records) -> None:
+    def _commit_consumer_table(self, records: list[consumer_table.ConsumerRecord]) -> None:
         self._commit_entry_table("consumer", records, L.CONSUMER_ENTRY_SIZE, L.MAX_CONSUMERS)
         self._consumers = records
         self._refresh_meta_ranges()
@@ -1239,7 +1260,7 @@ class Disk(io.RawIOBase):
             self._pos = min(self._pos, self._hdr.virtual_size)
 
     @_poisons
-    def compact(self, *, progress: Callable[[int, int], None] | None = None) -> int:
+    def compact(self, *, progress: Progress | None = None) -> int:
         """Give unused space back to the file system: punch holes over free
         blocks and cut free blocks off the end of the file.  Returns the
         number of bytes released.  progress(done_blocks, total_blocks): called
@@ -1291,7 +1312,7 @@ class Disk(io.RawIOBase):
             self._check_open()
             return self._clipped_runs(offset, length, lambda b0, b1: _fast.nonzero_runs(self._bt.table, b0, b1))
 
-    def _clipped_runs(self, offset: int, length: int, block_runs) -> Extents:
+    def _clipped_runs(self, offset: int, length: int, block_runs: BlockRuns) -> Extents:
         """The runs block_runs(b0, b1) gives for the blocks [offset, offset + length)
         meets, as byte extents clipped to that range (map_range, changes_in)."""
         if not length:
@@ -1425,7 +1446,7 @@ class Disk(io.RawIOBase):
         alloc.release_run(old_off, L.round_up(old_cap * L.REFCOUNT_BYTES, bs))
 
     @contextlib.contextmanager
-    def quiesced(self) -> Iterator[None]:
+    def quiesced(self) -> Iterator[Disk]:
         """Hold the Disk still: its lock held (no call of another thread runs)
         after a flush (when writable), so the file holds every write and does
         not change inside the block (the NBD server checks a served image so)."""
@@ -1477,7 +1498,7 @@ class Disk(io.RawIOBase):
         state = "closed" if self._shut else self.mode
         return f"<vdisk.Disk {self.path!r} size={self.size} block_size={self.block_size} {state}>"
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             if not self._shut:
                 self.close()

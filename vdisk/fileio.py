@@ -21,6 +21,12 @@ import fcntl
 import os
 import stat
 import uuid as _uuid
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
+    from ._types import ByteBuffer, BytesOut
 
 from .errors import ImageLockedError, InvalidArgumentError, VdiskIOError
 from .errors import TO_REPLACE, NoSuchFileError, Part
@@ -39,10 +45,10 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 # vdisk/_hotpath.pyx splits its writes at the same boundaries.
 WRITE_PIECE = 256 << 10
 
-def _libc(name: str, *argtypes):
+def _libc(name: str, *argtypes: type[Any]) -> ctypes._NamedFuncPointer | None:
     """A libc function through ctypes (int result, errno kept), or None where it is missing."""
     try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+        fn: ctypes._NamedFuncPointer = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         return None
     fn.argtypes = list(argtypes)
@@ -98,6 +104,18 @@ def open_regular(path: str, flags: int, mode: int = 0o644, *, block_device: bool
     return fd
 
 
+def readable_buffer(data: ByteBuffer) -> ReadableBuffer:
+    """data as the os functions are typed to take it.  Nothing to convert: a numpy
+    array is a buffer; numpy's stubs declare it one only from Python 3.12 (where
+    collections.abc.Buffer exists), so the type is said here."""
+    return cast("ReadableBuffer", data)
+
+
+def writable_buffer(buf: BytesOut) -> WriteableBuffer:
+    """buf as a writable buffer (see readable_buffer)."""
+    return cast("WriteableBuffer", buf)
+
+
 class FileIO:
     """Positional I/O on one host file."""
 
@@ -116,7 +134,7 @@ class FileIO:
         except OSError as exc:
             raise _io_error("open", self.path, exc) from exc
         self.poisoned: VdiskIOError | None = None
-        self.on_poison = None    # called with the error when an fsync fails (the Disk's _poison)
+        self.on_poison: Callable[[VdiskIOError], None] | None = None    # called with the error when an fsync fails (the Disk's _poison)
 
     @classmethod
     def adopt(cls, fd: int, path: str, writable: bool = False) -> "FileIO":
@@ -152,9 +170,9 @@ class FileIO:
         except OSError as exc:
             raise _io_error("pread", self.path, exc) from exc
 
-    def preadinto(self, buf, offset: int) -> int:
+    def preadinto(self, buf: BytesOut, offset: int) -> int:
         """Fill buf (a writable buffer) from offset; bytes past EOF read as zeros."""
-        mv = memoryview(buf).cast("B")
+        mv = memoryview(writable_buffer(buf)).cast("B")
         done = 0
         total = len(mv)
         try:
@@ -168,32 +186,32 @@ class FileIO:
             raise _io_error("pread", self.path, exc) from exc
         return total
 
-    def pwrite(self, data, offset: int) -> None:
+    def pwrite(self, data: ByteBuffer, offset: int) -> None:
         """Write all of data (a buffer of bytes: len() counts bytes) at offset
         (one system call per WRITE_PIECE of the file it spans)."""
         if self.poisoned is not None:
             self._check_poison()
         try:
             if offset % WRITE_PIECE + len(data) <= WRITE_PIECE:
-                n = os.pwrite(self.fd, data, offset)
+                n = os.pwrite(self.fd, readable_buffer(data), offset)
                 if n == len(data):
                     return
             else:
                 n = 0
-            _pwrite_pieces(self.fd, memoryview(data).cast("B")[n:], offset + n)
+            _pwrite_pieces(self.fd, memoryview(readable_buffer(data)).cast("B")[n:], offset + n)
         except OSError as exc:
             raise _io_error("pwrite", self.path, exc) from exc
 
-    def pwritev(self, buffers, offset: int) -> None:
+    def pwritev(self, buffers: Sequence[ByteBuffer], offset: int) -> None:
         """Write a list of buffers back to back at offset (one system call per
         WRITE_PIECE of the file they span, when it can)."""
         if len(buffers) == 1:
             return self.pwrite(buffers[0], offset)
         self._check_poison()
-        batch: list = []
+        batch: list[memoryview] = []
         room = WRITE_PIECE - offset % WRITE_PIECE       # bytes to the next piece boundary
         for b in buffers:
-            mv = memoryview(b).cast("B")
+            mv = memoryview(readable_buffer(b)).cast("B")
             while len(mv):
                 take = min(len(mv), room)
                 batch.append(mv[:take] if take < len(mv) else mv)
@@ -206,7 +224,7 @@ class FileIO:
         if batch:
             self._pwritev_batch(batch, offset)
 
-    def _pwritev_batch(self, batch: list, offset: int) -> int:
+    def _pwritev_batch(self, batch: list[memoryview], offset: int) -> int:
         """One pwritev of batch (within one piece) at offset; the offset after it."""
         total = sum(len(b) for b in batch)
         try:
@@ -263,7 +281,7 @@ class FileIO:
         except OSError as exc:
             raise _io_error("fstat", self.path, exc) from exc
 
-    def data_extents(self, start: int, end: int):
+    def data_extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         """Yield (offset, length) of the data (non-hole) ranges in [start, end)."""
         pos = start
         while pos < end:
@@ -411,7 +429,8 @@ def place_synced(tmp: str, dest: str, why: str | tuple[Part, ...]) -> None:
 
 @contextlib.contextmanager
 def atomic_output(dest: str, *, overwrite: bool = False, what: str = "partial",
-                  why: str | tuple[Part, ...] = TO_REPLACE, placing_error=None):
+                  why: str | tuple[Part, ...] = TO_REPLACE,
+                  placing_error: Callable[[OSError], BaseException] | None = None) -> Iterator[str]:
     """Build a new file for dest under a temporary name beside it, then put it in place.
 
     Yields the temporary path (``.NAME.<8 hex digits>.<what>`` in dest's directory).
@@ -456,9 +475,9 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
-def pwrite_all(fd: int, data, offset: int) -> None:
+def pwrite_all(fd: int, data: ByteBuffer, offset: int) -> None:
     """os.pwrite until all of data is written (for files written outside FileIO)."""
-    _pwrite_pieces(fd, memoryview(data).cast("B"), offset)
+    _pwrite_pieces(fd, memoryview(readable_buffer(data)).cast("B"), offset)
 
 
 def _pwrite_pieces(fd: int, mv: memoryview, offset: int) -> None:

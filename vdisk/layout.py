@@ -21,7 +21,12 @@ import re
 import struct
 import uuid as _uuid
 
+import typing
+
 import crc32c as _crc32c
+
+if typing.TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 from .errors import CorruptImageError, FormatError, InvalidArgumentError, OutOfRangeError
 
@@ -164,7 +169,7 @@ CONSUMER_STRUCT = struct.Struct("<" + "".join(code for _, code in CONSUMER_FIELD
 assert CONSUMER_STRUCT.size == CONSUMER_ENTRY_SIZE - 4
 
 
-def crc32c(data) -> int:
+def crc32c(data: ReadableBuffer) -> int:
     return _crc32c.crc32c(data)
 
 
@@ -242,7 +247,7 @@ class Header:
 
     # --- bytes --------------------------------------------------------------
     def pack(self) -> bytes:
-        values = []
+        values: list[bytes | int] = []
         for name, _ in _FIELDS:
             if name == "magic":
                 values.append(MAGIC)
@@ -287,7 +292,7 @@ class Header:
         Raises CorruptImageError naming the field.  Run on every header read
         from disk before any size or offset in it is used.
         """
-        def bad(msg):
+        def bad(msg: str) -> typing.NoReturn:
             raise CorruptImageError(f"header: {msg}")
 
         if not MIN_BLOCK_SHIFT <= self.block_shift <= MAX_BLOCK_SHIFT:
@@ -350,7 +355,7 @@ class Header:
             bad("refcount table does not cover the metadata regions")
 
 
-def check_no_overlap(regions, where: str) -> None:
+def check_no_overlap(regions: typing.Iterable[tuple[str, int, int]], where: str) -> None:
     """Raise CorruptImageError if any two (name, offset, length) regions overlap."""
     spans = sorted((off, off + length, name) for name, off, length in regions)
     for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):

@@ -51,14 +51,23 @@ import json
 import os
 import socket as _socket
 import stat
-from typing import Iterator
+import typing
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from . import errors
 from .consumers import ConsumerInfo
 from .extents import Extents
 from .results import BackupResult, CheckResult
 from .snapshots import SnapshotInfo
-from ._types import PathArg
+from ._types import PathArg, Progress
+from .results import ImageInfo
+
+if TYPE_CHECKING:
+    from .disk import Disk
+
+#: a JSON object as it crosses the control channel: its shape is the protocol's
+#: (each request's answer is documented in vdisk/nbd/control.py), not checked here
+Wire = dict[str, Any]
 
 MAX_REQUEST = 1 << 20           # bytes of one request line, newline included
 MAX_ANSWER = 1 << 30            # an answer (a map of a large image) may be long, not endless
@@ -92,18 +101,18 @@ def runtime_dir(create: bool = False) -> str:
     return base
 
 
-def control_path(image, create_dir: bool = False) -> str:
+def control_path(image: PathArg, create_dir: bool = False) -> str:
     """The control socket of the server of the image file at `image` (the file must exist)."""
     st = os.stat(image)
     return os.path.join(runtime_dir(create_dir), f"{st.st_dev:x}-{st.st_ino:x}{SUFFIX}")
 
 
 # ---------------------------------------------------------------------------- the wire
-def encode(obj) -> bytes:
+def encode(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
-def error_answer(exc: BaseException) -> dict:
+def error_answer(exc: BaseException) -> Wire:
     """The answer for a failed request: the VdiskError subclass by name, and its message
     (with the notes the operation added)."""
     name = type(exc).__name__ if isinstance(exc, errors.VdiskError) else "VdiskError"
@@ -114,7 +123,7 @@ def error_answer(exc: BaseException) -> dict:
     return {"ok": False, "error": {"type": name, "message": msg}}
 
 
-def raise_error(err) -> None:
+def raise_error(err: object) -> typing.NoReturn:
     """Raise the error an answer names (an unknown or non-vdisk name: ControlError)."""
     if not isinstance(err, dict):
         raise errors.ControlError(f"malformed error answer {str(err)[:80]!r}")
@@ -124,35 +133,37 @@ def raise_error(err) -> None:
     raise cls(str(err.get("message", "")))
 
 
-def _snapshot_info(d: dict) -> SnapshotInfo:
+def _snapshot_info(d: Wire) -> SnapshotInfo:
     return SnapshotInfo(d["name"], d["change_id"], d["generation"], datetime.datetime.fromisoformat(d["created"]),
                         d["size"])
 
 
-def snapshot_dict(info: SnapshotInfo) -> dict:
+def snapshot_dict(info: SnapshotInfo) -> Wire:
     return {"name": info.name, "change_id": info.change_id, "generation": info.generation,
             "created": info.created.isoformat(), "size": info.size}
 
 
-def consumer_dict(info: ConsumerInfo) -> dict:
-    d = info._asdict()
+def consumer_dict(info: ConsumerInfo) -> Wire:
+    d: Wire = info._asdict()
     for k, v in d.items():
         if isinstance(v, datetime.datetime):
             d[k] = v.isoformat()
     return d
 
 
-def _consumer_info(d: dict) -> ConsumerInfo:
-    vals = {k: (datetime.datetime.fromisoformat(v) if k in ("created", "updated") and v else v)
-            for k, v in d.items()}
-    return ConsumerInfo(**{k: vals.get(k) for k in ConsumerInfo._fields})
+def _consumer_info(d: Wire) -> ConsumerInfo:
+    def when(v: Any) -> Any:
+        return datetime.datetime.fromisoformat(v) if v else v
+    vals: Wire = {k: d.get(k) for k in ConsumerInfo._fields}     # a field the answer lacks: None
+    return ConsumerInfo(name=vals["name"], change_id=vals["change_id"], generation=vals["generation"],
+                        created=when(vals["created"]), updated=when(vals["updated"]))
 
 
-def extents_list(ext) -> list:
+def extents_list(ext: Iterable[tuple[int, int]]) -> list[list[int]]:
     return [[int(o), int(n)] for o, n in ext]
 
 
-def _extents(runs) -> Extents:
+def _extents(runs: Iterable[Any]) -> Extents:
     return Extents([r[0] for r in runs], [r[1] for r in runs])
 
 
@@ -176,7 +187,7 @@ class Channel:
             raise
         self._buf = bytearray()
 
-    def request(self, op: str, **args):
+    def request(self, op: str, **args: Any) -> Any:
         self.sock.sendall(encode({"op": op, "args": args}))
         answer = self._line()
         try:
@@ -208,7 +219,7 @@ class Channel:
         self.sock.close()
 
 
-def find_server(path, timeout: float | None = None) -> Channel | None:
+def find_server(path: PathArg, timeout: float | None = None) -> Channel | None:
     """A channel to the server of the image at path, or None when no server listens for it
     (no socket, or a stale one a killed server left)."""
     try:
@@ -234,7 +245,7 @@ def connect(path: PathArg, timeout: float | None = None) -> "LiveDisk":
     return LiveDisk(os.fspath(path), ch)
 
 
-def _where(path) -> str:
+def _where(path: PathArg) -> str:
     try:
         return control_path(path)
     except (OSError, errors.ControlError) as exc:
@@ -262,10 +273,10 @@ class LiveConsumers:
     def values(self) -> list[ConsumerInfo]:
         return [_consumer_info(d) for d in self._live._call("consumer_list")]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter([c.name for c in self.values()])
 
-    def __contains__(self, name) -> bool:
+    def __contains__(self, name: object) -> bool:
         return any(c.name == name for c in self.values())
 
     def __len__(self) -> int:
@@ -277,7 +288,7 @@ class LiveConsumers:
                 return c
         raise errors.ConsumerNotFoundError(f"{self._live.path}: no consumer named {name!r} (register it first)")
 
-    def get(self, name: str, default=None):
+    def get(self, name: str, default: ConsumerInfo | None = None) -> ConsumerInfo | None:
         try:
             return self[name]
         except errors.ConsumerNotFoundError:
@@ -314,11 +325,11 @@ class LiveDisk:
 
     def __init__(self, path: str, channel: Channel):
         self.path = path
-        self._ch = channel
-        self.server = channel.request("hello")        # pid, export, address, read_only, path
+        self._ch: Channel | None = channel
+        self.server: Wire = channel.request("hello")        # pid, export, address, read_only, path
 
     # --- plumbing ---------------------------------------------------------------------
-    def _call(self, op: str, **args):
+    def _call(self, op: str, **args: Any) -> Any:
         if self._ch is None:
             raise errors.ClosedError(f"{self.path}: the control connection is closed")
         return self._ch.request(op, **args)
@@ -335,10 +346,10 @@ class LiveDisk:
     def __enter__(self) -> "LiveDisk":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> typing.NoReturn:
         if name.startswith("_"):
             raise AttributeError(name)
         raise NotServedLive(_served_line(self.path, self.server, name))
@@ -347,9 +358,9 @@ class LiveDisk:
         return f"<vdisk.LiveDisk {self.path!r} served by pid {self.server.get('pid')}>"
 
     # --- reading ----------------------------------------------------------------------
-    def info(self) -> dict:
+    def info(self) -> ImageInfo:
         """Disk.info() of the served image, with this handle's path and a served_by entry."""
-        out = self._call("info")
+        out: ImageInfo = self._call("info")
         out["path"] = self.path
         out["served_by"] = {"pid": self.server.get("pid"), "address": self.server.get("address")}
         return out
@@ -360,11 +371,11 @@ class LiveDisk:
     def host_map(self) -> list[tuple[int, int, int]]:
         return [(int(o), int(n), int(h)) for o, n, h in self._call("host_map")]
 
-    def _changes(self, since=None, consumer=None) -> tuple[Extents, str | None, str]:
-        r = self._call("changes", since=since, consumer=consumer)
+    def _changes(self, since: str | None = None, consumer: str | None = None) -> tuple[Extents, str | None, str]:
+        r: Wire = self._call("changes", since=since, consumer=consumer)
         return _extents(r["extents"]), r["change_id"], r["since"]
 
-    def changes_since(self, change_id) -> Extents:
+    def changes_since(self, change_id: str | None) -> Extents:
         return self._changes(since=change_id)[0]
 
     @property
@@ -385,11 +396,13 @@ class LiveDisk:
 
     def clients(self) -> dict[str, int]:
         """Connected NBD clients by export name (the live export as NAME)."""
-        return self._call("clients")
+        clients: dict[str, int] = self._call("clients")
+        return clients
 
     # --- changing ---------------------------------------------------------------------
     def checkpoint(self) -> str:
-        return self._call("checkpoint")
+        change_id: str = self._call("checkpoint")
+        return change_id
 
     def snapshot(self, name: str | None = None) -> _SnapshotHandle:
         return _SnapshotHandle(_snapshot_info(self._call("snapshot_create", name=name)))
@@ -403,9 +416,10 @@ class LiveDisk:
         """Refused while a client is connected to the live export."""
         self._call("snapshot_revert", name=name)
 
-    def backup(self, dest, *, since=None, consumer=None, compression="gzip", progress=None):
+    def backup(self, dest: PathArg, *, since: str | None = None, consumer: str | None = None,
+               compression: str | None = "gzip", progress: Progress | None = None) -> BackupResult:
         """vdisk.backup inside the server (DEST is written by the server process)."""
-        r = self._call("backup", dest=os.path.abspath(os.fspath(dest)), since=since, consumer=consumer,
+        r: Wire = self._call("backup", dest=os.path.abspath(os.fspath(dest)), since=since, consumer=consumer,
                        compression=compression)
         fields = {k: v for k, v in r.items() if k not in ("extents", "extent_runs")}
         res = BackupResult(extents=_extents(r["extent_runs"]), **fields)
@@ -413,24 +427,24 @@ class LiveDisk:
             progress(res.bytes_copied, res.bytes_copied)
         return res
 
-    def compact(self, *, progress=None) -> int:
+    def compact(self, *, progress: Progress | None = None) -> int:
         """Disk.compact inside the server (refused by a --read-only one): the bytes released."""
         r = self._call("compact")
         if progress:
             progress(r["blocks"], r["blocks"])
         return int(r["released"])
 
-    def check(self):
+    def check(self) -> CheckResult:
         """A read-only check of the served image's flushed state."""
         return CheckResult(**self._call("check"))
 
 
-def _served_line(path, server: dict, what: str, instead: str = "stop the server first") -> str:
+def _served_line(path: PathArg, server: Wire, what: str, instead: str = "stop the server first") -> str:
     return (f"{os.fspath(path)} is served by vdisk serve (pid {server.get('pid')}, {server.get('address')}): "
             f"{what} cannot run on a served image; {instead}")
 
 
-def served_refusal(path, what: str) -> NotServedLive | None:
+def served_refusal(path: PathArg, what: str) -> NotServedLive | None:
     """The one-line error for a command that reads the image file itself (convert, compare,
     clone, ...) when a server in another process holds it, or None when none serves it.  The
     line names the server and how to read the served state instead: a snapshot's NBD export."""
@@ -438,7 +452,7 @@ def served_refusal(path, what: str) -> NotServedLive | None:
     if ch is None:
         return None
     try:
-        server = ch.request("hello")
+        server: Wire = ch.request("hello")
     finally:
         ch.close()
     addr = str(server.get("address") or "")
@@ -450,7 +464,7 @@ def served_refusal(path, what: str) -> NotServedLive | None:
 
 
 @contextlib.contextmanager
-def refused_if_served(what: str, *paths) -> Iterator[None]:
+def refused_if_served(what: str, *paths: PathArg | None) -> Iterator[None]:
     """For a command that reads image files itself (convert, compare, clone): an
     ImageLockedError raised inside, for an image a server in another process holds,
     becomes that server's one-line refusal (served_refusal); the CLI and the Python
@@ -467,7 +481,7 @@ def refused_if_served(what: str, *paths) -> Iterator[None]:
         raise
 
 
-def open_or_connect(path, mode: str = "r"):
+def open_or_connect(path: PathArg, mode: str = "r") -> Disk | LiveDisk:
     """vdisk.open(path, mode), or, when a server in another process holds the image,
     a LiveDisk on its control channel (the CLI's route for live operations)."""
     from .disk import open as open_disk

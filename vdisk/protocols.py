@@ -56,7 +56,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+    from ._types import ByteBuffer, BytesOut
 
 Extent = tuple[int, int, bool]          # (offset, length, data)
 
@@ -73,11 +73,11 @@ class ImageReader(Protocol):
         """(offset, length, data) runs covering [start, end) in order; data False reads as zeros."""
         ...
 
-    def readinto(self, buf: WriteableBuffer, offset: int) -> int:
+    def readinto(self, buf: BytesOut, offset: int) -> int:
         """Fill buf with the guest bytes at offset; returns len(buf)."""
         ...
 
-    def readv(self, pieces: Sequence[tuple[WriteableBuffer, int]]) -> None:
+    def readv(self, pieces: Sequence[tuple[BytesOut, int]]) -> None:
         """readinto for each (buf, offset) piece, in one go."""
         ...
 
@@ -92,7 +92,7 @@ class ImageSink(Protocol):
 
     granule: int       #: the allocation unit in bytes
 
-    def write(self, data: WriteableBuffer, offset: int) -> None:
+    def write(self, data: ByteBuffer, offset: int) -> None:
         """The range reads as data (zero granules of a fresh sink stay unallocated)."""
         ...
 

@@ -19,15 +19,16 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from . import _fast
 from . import qcow2 as Q
-from .fileio import FileIO, start_writeback
+from .fileio import FileIO, readable_buffer, start_writeback
 
 if TYPE_CHECKING:
+    from ._types import ByteBuffer
     from .disk import Disk
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -35,9 +36,9 @@ RAW_GRANULE = 4 * KiB            # zero blocks of this size become holes in a fr
 ZERO_CHUNK = 8 * MiB             # zeros written at a time where a hole cannot be punched
 
 
-def nonzero_runs(view, granule: int) -> list[tuple[int, int]]:
+def nonzero_runs(view: ByteBuffer, granule: int) -> list[tuple[int, int]]:
     """Byte ranges [a, b) of view made of granules that are not all zeros."""
-    flat = np.frombuffer(memoryview(view).cast("B"), dtype=np.uint8)
+    flat = np.frombuffer(memoryview(readable_buffer(view)).cast("B"), dtype=np.uint8)
     zero = _fast.zero_blocks(flat, granule)
     if not len(zero):
         return []
@@ -47,6 +48,12 @@ def nonzero_runs(view, granule: int) -> list[tuple[int, int]]:
 
 
 # ---------------------------------------------------------------------------- writeback
+class WritebackPolicy(Protocol):
+    """What a sink tells of its writes (Writeback, RangeWriteback, NoWriteback)."""
+    def wrote(self, offset: int, nbytes: int) -> None: ...
+    def close(self) -> None: ...
+
+
 class Writeback:
     """Start writeback of an output while it is being written (convert).
 
@@ -71,8 +78,8 @@ class Writeback:
         self.high = 0            # how far the output is written
         self.done_to = 0         # DONTNEED was asked for up to here
         # the call itself submits the I/O (milliseconds): a thread makes it, off the copy's path
-        self._ranges: queue.Queue = queue.Queue()
-        self._thread = None
+        self._ranges: queue.Queue[tuple[int, int] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
         if hasattr(os, "posix_fadvise"):
             self._thread = threading.Thread(target=self._run, name="vdisk-convert-writeback", daemon=True)
             self._thread.start()
@@ -131,16 +138,17 @@ class NoWriteback:
 class RawSink:
     """A raw file (regular or block device), written through FileIO."""
 
-    def __init__(self, out: FileIO, *, fresh: bool, granule: int = RAW_GRANULE, writeback=None):
+    def __init__(self, out: FileIO, *, fresh: bool, granule: int = RAW_GRANULE,
+                 writeback: WritebackPolicy | None = None):
         self.out, self.fresh, self.granule = out, fresh, granule
         self.writeback = writeback or NoWriteback()
 
-    def write(self, data, offset: int) -> None:
+    def write(self, data: ByteBuffer, offset: int) -> None:
         if not self.fresh:
             self.out.pwrite(data, offset)
-            self.writeback.wrote(offset, len(memoryview(data).cast("B")))
+            self.writeback.wrote(offset, len(memoryview(readable_buffer(data)).cast("B")))
             return
-        mv = memoryview(data).cast("B")
+        mv = memoryview(readable_buffer(data)).cast("B")
         for a, b in nonzero_runs(mv, self.granule):
             self.out.pwrite(mv[a:b], offset + a)
             self.writeback.wrote(offset + a, b - a)
@@ -166,14 +174,14 @@ class Qcow2Sink:
 
     fresh = True
 
-    def __init__(self, out: FileIO, size: int, cluster_size: int, writeback=None):
+    def __init__(self, out: FileIO, size: int, cluster_size: int, writeback: WritebackPolicy | None = None):
         self.out = out
         self.writer = Q.Qcow2Writer(out, size, cluster_size)
         self.granule = cluster_size
         self.writeback = writeback or NoWriteback()
 
-    def write(self, data, offset: int) -> None:
-        mv = memoryview(data).cast("B")
+    def write(self, data: ByteBuffer, offset: int) -> None:
+        mv = memoryview(readable_buffer(data)).cast("B")
         for a, b in nonzero_runs(mv, self.granule):
             self.writer.write(mv[a:b], offset + a)
             self.writeback.wrote(offset + a, b - a)
@@ -193,13 +201,13 @@ class Qcow2Sink:
 class VdiskSink:
     """A vdisk image, written through its Disk (opened "r+" by the caller)."""
 
-    def __init__(self, disk: Disk, *, fresh: bool, writeback=None):
+    def __init__(self, disk: Disk, *, fresh: bool, writeback: WritebackPolicy | None = None):
         self.disk, self.fresh = disk, fresh
         self.granule = disk.block_size
         self.writeback = writeback or NoWriteback()
 
-    def write(self, data, offset: int) -> None:
-        mv = memoryview(data).cast("B")
+    def write(self, data: ByteBuffer, offset: int) -> None:
+        mv = memoryview(readable_buffer(data)).cast("B")
         runs = nonzero_runs(mv, self.granule) if self.fresh else [(0, len(mv))]
         for a, b in runs:
             self.disk.pwrite(mv[a:b], offset + a)

@@ -26,6 +26,12 @@ from .arrays import lazy_zeros, load_array, write_nonzero_pages
 from .errors import OutOfRangeError
 from .snapshots import SnapshotRecord, check_name
 
+if typing.TYPE_CHECKING:
+    from .allocator import Allocator
+    from .blocktable import BlockTable
+    from .fileio import FileIO
+    from .tracking import ChangeTracker
+
 
 class SnapshotHost(typing.NamedTuple):
     """What the operations call back in the Disk (under its lock):
@@ -50,7 +56,8 @@ class SnapshotHost(typing.NamedTuple):
 
 
 class SnapshotOps:
-    def __init__(self, fio, hdr: L.Header, alloc, bt, tracker, host: SnapshotHost):
+    def __init__(self, fio: FileIO, hdr: L.Header, alloc: Allocator, bt: BlockTable, tracker: ChangeTracker | None,
+                 host: SnapshotHost):
         self._io = fio
         self._hdr = hdr
         self._alloc = alloc

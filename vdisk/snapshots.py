@@ -33,9 +33,11 @@ if typing.TYPE_CHECKING:
     from .disk import Disk
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _fast
 from . import layout as L
+from ._types import BytesOut
 from .arrays import as_bytes_view as _as_bytes_view
 from .blocktable import plan_read
 from .errors import ClosedError, InvalidArgumentError, OutOfRangeError, ReadOnlyError
@@ -46,8 +48,14 @@ from .snapshot_table import SnapshotRecord as SnapshotRecord
 from .snapshot_table import check_name as check_name
 from .snapshot_table import is_backup_snapshot as is_backup_snapshot
 from .snapshot_table import parse_table as parse_table
-from .changeid import ANY
+from .changeid import ANY, ChangeId
 from .tracking import resolve
+
+
+#: a block table as the readers take it: a memoryview of its uint32 entries (or the array)
+TableView = typing.Union[memoryview, npt.NDArray[np.uint32]]
+#: check(): raises if the caller may no longer read (a closed or deleted view)
+Check = typing.Callable[[], None]
 
 
 class ViewHost(typing.NamedTuple):
@@ -61,10 +69,10 @@ class ViewHost(typing.NamedTuple):
         (StaleChangeIdError if the image did not issue it);
     load_frozen(offset, size, check): a frozen array of the file (the
         snapshot's counters), under the Disk's lock, check() first."""
-    read_through: typing.Callable
-    pread_through: typing.Callable
-    resolve: typing.Callable
-    load_frozen: typing.Callable
+    read_through: typing.Callable[[TableView, memoryview, int, Check], None]
+    pread_through: typing.Callable[[TableView, int, int, Check], bytes]
+    resolve: typing.Callable[[str | ChangeId | None, SnapshotRecord], int]
+    load_frozen: typing.Callable[[int, int, Check], npt.NDArray[np.uint32]]
 
 
 class Snapshot(io.RawIOBase):
@@ -72,15 +80,15 @@ class Snapshot(io.RawIOBase):
     read-only, seekable io.RawIOBase (writes raise ReadOnlyError, as on a Disk
     opened "r"), so io.BufferedReader, shutil.copyfileobj and the like take it."""
 
-    def __init__(self, disk: Disk, record: SnapshotRecord, table: np.ndarray, host: ViewHost):
+    def __init__(self, disk: Disk, record: SnapshotRecord, table: npt.NDArray[np.uint32], host: ViewHost):
         super().__init__()
         self._disk = disk
         self._host = host
         self._shift = disk.block_size.bit_length() - 1
         self._rec = record
         self._table = table
-        self._table_mv = memoryview(table)
-        self._counters: np.ndarray | None = None
+        self._table_mv = table.data        # memoryview(table)
+        self._counters: npt.NDArray[np.uint32] | None = None
         self._pos = 0
         self._closed = False
         self._lock = threading.Lock()
@@ -137,10 +145,10 @@ class Snapshot(io.RawIOBase):
             raise OutOfRangeError(f"read of {n} bytes at offset {offset} past the snapshot's size {self.size}")
         return self._host.pread_through(self._table_mv, n, offset, self._check_open)
 
-    def preadinto(self, buffer: WriteableBuffer, offset: int) -> int:
+    def preadinto(self, buffer: BytesOut, offset: int) -> int:
         if isinstance(buffer, np.ndarray) and not buffer.flags.c_contiguous:
             staging = np.empty(buffer.shape, dtype=buffer.dtype)
-            n = self.preadinto(staging, offset)
+            n = self.preadinto(staging.data, offset)
             buffer[...] = staging
             return n
         mv = _as_bytes_view(buffer)
@@ -224,7 +232,7 @@ class Snapshot(io.RawIOBase):
         return [(o + at, n, phys) for o, length in self.map()
                 for at, phys, n in plan_read(self._table_mv, self._shift, o, length)]
 
-    def changes_since(self, change_id: str | None) -> Extents:
+    def changes_since(self, change_id: str | ChangeId | None) -> Extents:
         """Blocks changed between the id's point and this snapshot (exact)."""
         self._check_open()
         if change_id == ANY:
@@ -235,7 +243,7 @@ class Snapshot(io.RawIOBase):
         starts, lengths = _fast.runs_above(counters, since, 0, nb)
         return Extents.from_block_runs(starts, lengths, self._shift, self.size)
 
-    def _load_counters(self) -> np.ndarray:
+    def _load_counters(self) -> npt.NDArray[np.uint32]:
         with self._lock:
             if self._counters is None:
                 # under the Disk's lock: a delete in another thread must not free the blocks under the read

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from . import layout as L
 from . import qcow2 as Q
@@ -27,6 +27,13 @@ from .disk import open as _open
 from .errors import InvalidArgumentError, UnsupportedFeatureError, VdiskWarning
 from .errors import Param, Part
 from .fileio import FileIO, HostMap, open_input
+from ._types import PathArg
+
+if TYPE_CHECKING:
+    from ._types import BytesOut
+    from .disk import Disk
+    from .protocols import ImageReader
+    from .snapshots import Snapshot
 
 SOURCE_FORMATS = ("raw", "qcow2", "vdisk")
 
@@ -89,7 +96,7 @@ FOREIGN_TRAILERS = (
 )
 
 
-def probe_format(path) -> tuple[str, str]:
+def probe_format(path: PathArg) -> tuple[str, str]:
     """(format name, what it is) of the file at path, by its magic: "qcow2",
     "vdisk" (its magic in either header slot), one of the formats of
     :data:`FOREIGN_FORMATS` that qemu-img reads and vdisk does not, or
@@ -122,7 +129,7 @@ def _probe(fio: FileIO) -> tuple[str, str]:
     return "raw", "a raw disk image"
 
 
-def detect_format(path) -> str:
+def detect_format(path: PathArg) -> str:
     """"qcow2", "vdisk", "raw", or the name of a foreign format (see :func:`probe_format`)."""
     return probe_format(path)[0]
 
@@ -160,7 +167,7 @@ class RawImage:
 
     format = "raw"
 
-    def __init__(self, path, fd: int | None = None):
+    def __init__(self, path: PathArg, fd: int | None = None):
         self.path = os.fspath(path)
         self._io = FileIO.adopt(open_input(self.path) if fd is None else fd, self.path)
         self.size = os.lseek(self._io.fd, 0, os.SEEK_END)     # st_size is 0 for a block device
@@ -175,10 +182,10 @@ class RawImage:
             yield pos, n, is_data
             pos += n
 
-    def readinto(self, buf, offset: int) -> int:
+    def readinto(self, buf: BytesOut, offset: int) -> int:
         return self._io.preadinto(buf, offset)     # the file shrank under us: zeros
 
-    def readv(self, pieces) -> None:
+    def readv(self, pieces: Sequence[tuple[BytesOut, int]]) -> None:
         for buf, offset in pieces:
             self.readinto(buf, offset)
 
@@ -193,14 +200,15 @@ class VdiskImage:
 
     format = "vdisk"
 
-    def __init__(self, path, snapshot: str | None = None, fd: int | None = None):
+    def __init__(self, path: PathArg, snapshot: str | None = None, fd: int | None = None):
         self.path = os.fspath(path)
         if fd is None:
             fd = open_input(self.path)
-        adopted = []
+        adopted: list[FileIO] = []
+        given = fd
 
-        def over_fd(p, writable):
-            adopted.append(FileIO.adopt(fd, p, writable))
+        def over_fd(p: str, writable: bool) -> FileIO:
+            adopted.append(FileIO.adopt(given, p, writable))
             return adopted[0]
         try:
             self._disk = _open(self.path, "r", io_factory=over_fd)
@@ -208,20 +216,20 @@ class VdiskImage:
             if not adopted:             # refused before the Disk took the descriptor
                 os.close(fd)
             raise
-        self._snap = None
+        self._snap: Snapshot | None = None
         try:
             if snapshot is not None:
                 self._snap = self._disk.open_snapshot(snapshot)
         except BaseException:
             self._disk.close()
             raise
-        view = self._snap if self._snap is not None else self._disk
+        view: Disk | Snapshot = self._snap if self._snap is not None else self._disk
         self._view = view
         self.size = view.size
         self.block_size = view.block_size
 
     @property
-    def disk(self):
+    def disk(self) -> Disk:
         """The Disk read (snapshots, consumers: what a conversion may carry over)."""
         return self._disk
 
@@ -241,10 +249,10 @@ class VdiskImage:
         if pos < end:
             yield pos, end - pos, False
 
-    def readinto(self, buf, offset: int) -> int:
+    def readinto(self, buf: BytesOut, offset: int) -> int:
         return self._view.preadinto(buf, offset)
 
-    def readv(self, pieces) -> None:
+    def readv(self, pieces: Sequence[tuple[BytesOut, int]]) -> None:
         for buf, offset in pieces:
             self.readinto(buf, offset)
 
@@ -255,9 +263,9 @@ class VdiskImage:
         self._disk.close()
 
 
-def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: str | None = None,
-               chain: tuple[str, ...] = (), warn_raw: bool = True, probed_vdisk_ok: bool = True,
-               format_param: str | None = "src_format"):
+def open_image(path: PathArg, fmt: str | None = None, *, allow_backing: bool | PathArg = False,
+               snapshot: str | None = None, chain: tuple[str, ...] = (), warn_raw: bool = True,
+               probed_vdisk_ok: bool = True, format_param: str | None = "src_format") -> ImageReader:
     """An image opened for reading (a :class:`vdisk.protocols.ImageReader`):
     RawImage, VdiskImage or qcow2.Qcow2Image, over one descriptor.
 
@@ -298,7 +306,7 @@ def open_image(path, fmt: str | None = None, *, allow_backing=False, snapshot: s
     return RawImage(path, fd=fd)
 
 
-def open_backing(path: str, fmt: str | None, chain: tuple[str, ...], named_by_image: bool):
+def open_backing(path: str, fmt: str | None, chain: tuple[str, ...], named_by_image: bool) -> ImageReader:
     """A backing file in a chain (qcow2.Qcow2Image's open_backing): its own
     backing files follow the relative-name rule.
 

@@ -29,20 +29,27 @@ from __future__ import annotations
 import errno
 import random
 import threading
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, TypeVar, Union
 
-from .fileio import FileIO, _io_error
+from .fileio import FileIO, _io_error, readable_buffer
+
+if TYPE_CHECKING:
+    from ._types import ByteBuffer
 
 SECTOR = 512
+_R = TypeVar("_R")
+#: a recorded change of the file: ("w", offset, data) a write, ("t", size) a truncate
+Op = Union[tuple[Literal["w"], int, bytes], tuple[Literal["t"], int]]
 
 
 class RecordingIO(FileIO):
-    def __init__(self, path, writable, create=False, overwrite=False):
+    def __init__(self, path: str, writable: bool, create: bool = False, overwrite: bool = False):
         super().__init__(path, writable, create=create, overwrite=overwrite)
         self.durable = bytearray(self._read_all())
-        self.pending: list[tuple] = []
+        self.pending: list[Op] = []
         self.fsyncs = 0
         self._rec_lock = threading.Lock()   # pending/durable bookkeeping (threads write at once)
-        self.on_fsync = None     # called (with self) before each fsync lands: crash states mid-operation
+        self.on_fsync: Callable[[RecordingIO], None] | None = None     # called (with self) before each fsync lands: crash states mid-operation
 
     def _read_all(self) -> bytes:
         out = bytearray()
@@ -55,27 +62,27 @@ class RecordingIO(FileIO):
         return bytes(out)
 
     # --- recorded calls -------------------------------------------------------
-    def pwrite(self, data, offset):
-        data = bytes(memoryview(data).cast("B"))
+    def pwrite(self, data: ByteBuffer, offset: int) -> None:
+        data = bytes(memoryview(readable_buffer(data)).cast("B"))
         with self._rec_lock:        # the file and the record in the same order
             super().pwrite(data, offset)
             self.pending.append(("w", offset, data))
 
-    def pwritev(self, buffers, offset):
-        self.pwrite(b"".join(bytes(memoryview(b).cast("B")) for b in buffers), offset)
+    def pwritev(self, buffers: Sequence[ByteBuffer], offset: int) -> None:
+        self.pwrite(b"".join(bytes(memoryview(readable_buffer(b)).cast("B")) for b in buffers), offset)
 
-    def truncate(self, size):
+    def truncate(self, size: int) -> None:
         with self._rec_lock:
             super().truncate(size)
             self.pending.append(("t", size))
 
-    def punch_hole(self, offset, length):
+    def punch_hole(self, offset: int, length: int) -> bool:
         end = min(offset + length, super().size())
         if end > offset:
             self.pwrite(bytes(end - offset), offset)
         return True
 
-    def fsync(self):
+    def fsync(self) -> None:
         if self.on_fsync is not None:
             self.on_fsync(self)
         with self._rec_lock:
@@ -87,7 +94,8 @@ class RecordingIO(FileIO):
             self.fsyncs += 1
 
     # --- crash states -----------------------------------------------------------
-    def crash_image(self, rng: random.Random | None = None, keep=None, torn: bool = False) -> bytes:
+    def crash_image(self, rng: random.Random | None = None, keep: Sequence[bool] | None = None,
+                    torn: bool = False) -> bytes:
         """The file after a power loss now.
 
         keep: a list of booleans, one per pending op (which writes reached
@@ -98,12 +106,12 @@ class RecordingIO(FileIO):
             durable, pending = bytes(self.durable), list(self.pending)
         if keep is None:
             keep = [rng.random() < 0.5 for _ in pending]
-        ops = []
+        ops: list[Op] = []
         for op, k in zip(pending, keep):
             if not k:
                 continue
             if torn and op[0] == "w" and len(op[2]) > SECTOR:
-                data = op[2]
+                data: bytes = op[2]
                 for s in range(0, len(data), SECTOR):
                     if rng.random() < 0.5:
                         ops.append(("w", op[1] + s, data[s:s + SECTOR]))
@@ -112,7 +120,7 @@ class RecordingIO(FileIO):
         return bytes(apply_ops(bytearray(durable), ops))
 
 
-def apply_ops(image: bytearray, ops) -> bytearray:
+def apply_ops(image: bytearray, ops: Sequence[Op]) -> bytearray:
     for op in ops:
         if op[0] == "w":
             _, off, data = op
@@ -150,7 +158,7 @@ class FaultPlan:
         self.fired: tuple[str, int, int] | None = None   # (kind, nth, errno) once the fault fired
         self.landed_after = 0     # calls that reached the file after the fault fired
         self.label = ""           # set by the caller: what is running (recorded in trace)
-        self.trace: list | None = None   # a list: every call appends (kind, n, label)
+        self.trace: list[tuple[str, int, str]] | None = None   # a list: every call appends (kind, n, label)
 
     def sites(self) -> list[tuple[str, int]]:
         """Every (kind, n) counted so far: after a dry run, the sites to fail in turn."""
@@ -187,19 +195,19 @@ class FaultyIO(FileIO):
     _inner = False           # inside a counted call (pwritev -> pwrite): not a call of its own
 
     @classmethod
-    def factory(cls, plan: FaultPlan):
+    def factory(cls, plan: FaultPlan) -> Callable[..., FaultyIO]:
         """An io_factory for vdisk.create / vdisk.open whose files share plan."""
-        def make(path, writable, create=False, overwrite=False):
+        def make(path: str, writable: bool, create: bool = False, overwrite: bool = False) -> FaultyIO:
             fio = cls(path, writable, create=create, overwrite=overwrite)
             fio.plan = plan
             return fio
         return make
 
-    def _maybe_fail(self, kind):
+    def _maybe_fail(self, kind: str) -> None:
         if self.plan is not None and self.plan._hit(kind):
             raise OSError(self.plan.err, f"injected fault: {kind} #{self.plan.nth}")
 
-    def _call(self, kind, op, *args):
+    def _call(self, kind: str, op: Callable[..., _R], *args: Any) -> _R:
         """op(*args) as one call of `kind`: fail it if it is the chosen one."""
         if self._inner:
             return op(*args)
@@ -220,8 +228,8 @@ class FaultyIO(FileIO):
             self.plan.landed_after += 1
         return result
 
-    def _land_partial(self, data, offset):
-        mv = memoryview(_joined(data)).cast("B")
+    def _land_partial(self, data: ByteBuffer | list[ByteBuffer], offset: int) -> None:
+        mv = memoryview(readable_buffer(_joined(data))).cast("B")
         half = len(mv) // 2 // SECTOR * SECTOR
         if half:
             self._inner = True
@@ -230,19 +238,19 @@ class FaultyIO(FileIO):
             finally:
                 self._inner = False
 
-    def pwrite(self, data, offset):
+    def pwrite(self, data: ByteBuffer, offset: int) -> None:
         return self._call("pwrite", super().pwrite, data, offset)
 
-    def pwritev(self, buffers, offset):
+    def pwritev(self, buffers: Sequence[ByteBuffer], offset: int) -> None:
         return self._call("pwrite", super().pwritev, buffers, offset)
 
-    def fsync(self):
+    def fsync(self) -> None:
         return self._call("fsync", super().fsync)
 
-    def truncate(self, size):
+    def truncate(self, size: int) -> None:
         return self._call("truncate", super().truncate, size)
 
-    def punch_hole(self, offset, length):
+    def punch_hole(self, offset: int, length: int) -> bool:
         return self._call("punch_hole", super().punch_hole, offset, length)
 
 
@@ -250,8 +258,8 @@ class FaultyRecordingIO(FaultyIO, RecordingIO):
     """FaultyIO over RecordingIO: fail a call, then take power-loss states."""
 
 
-def _joined(data):
+def _joined(data: ByteBuffer | list[ByteBuffer]) -> ByteBuffer:
     """A pwritev buffer list as one buffer (pwrite data passes through)."""
     if isinstance(data, list):
-        return b"".join(bytes(memoryview(b).cast("B")) for b in data)
+        return b"".join(bytes(memoryview(readable_buffer(b)).cast("B")) for b in data)
     return data

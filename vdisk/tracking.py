@@ -43,8 +43,10 @@ parsed once where it entered, or a string it parses.
 from __future__ import annotations
 
 import secrets
+import typing
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _fast
 from . import layout as L
@@ -55,6 +57,13 @@ from .errors import StaleChangeIdError
 from .extents import Extents
 from .arrays import lazy_zeros, page_runs as _page_runs
 from .layout import SECTOR, SUMMARY_SHIFT, regions_for
+
+if typing.TYPE_CHECKING:
+    from .fileio import FileIO
+
+_S = typing.TypeVar("_S", bound=np.generic)
+#: (starts, lengths) of block runs, as the kernels return them
+BlockRuns = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
 
 PAGE = 4096
 DEFAULT_ARM_BUDGET = 16     # write-ahead syncs per interval before arming every region at once
@@ -75,7 +84,7 @@ class CheckpointLog:
     generation g's token once it is closed; an entry whose generation does
     not fit its slot is ignored (reads as no entry)."""
 
-    def __init__(self, io, offset: int, capacity: int):
+    def __init__(self, io: FileIO, offset: int, capacity: int):
         """An empty log (a new region: all holes)."""
         self.io = io
         self.offset = offset
@@ -83,7 +92,7 @@ class CheckpointLog:
         self.entries = np.zeros((capacity, 2), dtype="<u8")     # (generation, token) per slot
 
     @classmethod
-    def load(cls, io, hdr) -> "CheckpointLog | None":
+    def load(cls, io: FileIO, hdr: L.Header) -> "CheckpointLog | None":
         if not hdr.has_log:
             return None
         n = hdr.log_capacity * L.LOG_ENTRY_SIZE
@@ -141,12 +150,30 @@ class CheckpointLog:
         raw = self.entries.view(np.uint8).reshape(-1)
         self.io.pwrite(raw[s0 * SECTOR:s1 * SECTOR].tobytes(), self.offset + s0 * SECTOR)
 
-    def change_id(self, hdr, generation: int) -> str | None:
+    def change_id(self, hdr: L.Header, generation: int) -> str | None:
         """The id of closed generation `generation` as this image issues it."""
         return issued_id(hdr, generation, self.token(generation))
 
 
-def counters_kept(hdr) -> int:
+class Epoch(typing.Protocol):
+    """What resolve reads of a header: the epoch, the open generation, the
+    first generation that was closed with a token (an L.Header, or an EpochOf)."""
+    @property
+    def tracking_uuid(self) -> bytes: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def legacy_generation(self) -> int: ...
+
+
+class EpochOf(typing.NamedTuple):
+    """An Epoch that is no header's (a snapshot's of an earlier epoch)."""
+    tracking_uuid: bytes
+    generation: int
+    legacy_generation: int
+
+
+def counters_kept(hdr: L.Header) -> int:
     """How many counters an open (and check) loads: up to the end of the page
     holding the last block.  A fold rewrites that page, and the counters past
     the end must survive it (they report the blocks a shrink cut if its
@@ -154,7 +181,7 @@ def counters_kept(hdr) -> int:
     return min(hdr.table_capacity, L.round_up(hdr.nblocks, COUNTERS_PER_PAGE))
 
 
-def id_of(hdr, log: "CheckpointLog | None", generation: int) -> str | None:
+def id_of(hdr: L.Header, log: "CheckpointLog | None", generation: int) -> str | None:
     """The id of closed generation `generation` (None if the image cannot name it)."""
     if generation < 1:
         return None
@@ -163,7 +190,7 @@ def id_of(hdr, log: "CheckpointLog | None", generation: int) -> str | None:
     return log.change_id(hdr, generation)
 
 
-def resolve(change_id, hdr, log: "CheckpointLog | None", limit: int | None = None,
+def resolve(change_id: str | ChangeId | None, hdr: Epoch, log: "CheckpointLog | None", limit: int | None = None,
             own: tuple[int, int] | None = None) -> int:
     """The generation a change id names, if this image may answer it.
 
@@ -174,7 +201,7 @@ def resolve(change_id, hdr, log: "CheckpointLog | None", limit: int | None = Non
     copy's, a lost commit's, or one the ring has overwritten), a tokenless id
     at or past legacy_generation.
     """
-    cid = ChangeId.parse(change_id)
+    cid = ChangeId.parse(change_id)     # None (any non-id) raises StaleChangeIdError
     change_id = cid.given           # the messages quote it as given
     _check_epoch(cid, hdr.tracking_uuid, hdr.generation if limit is None else limit)
     g = cid.generation
@@ -198,7 +225,7 @@ def resolve(change_id, hdr, log: "CheckpointLog | None", limit: int | None = Non
     return g
 
 
-def _diverged(change_id, g: int) -> str:
+def _diverged(change_id: str, g: int) -> str:
     return (f"change id {change_id!r}: this image did not issue it (its generation {g} has another checkpoint "
             f"token, or none any more): the id is from a copy of this image that diverged from it, from a "
             f"newer file this one was put back over, from a lost header commit, or older than the "
@@ -212,7 +239,8 @@ class ChangeTracker:
     clear_coarse(); this class knows where its regions are and what to write.
     """
 
-    def __init__(self, io, header, counters: np.ndarray, bitmap: bytes, writable: bool, loaded=None):
+    def __init__(self, io: FileIO, header: L.Header, counters: npt.NDArray[np.uint32], bitmap: bytes, writable: bool,
+                 loaded: list[tuple[int, int]] | None = None):
         """loaded: the (start, stop) ranges of counters read from the file
         (zero elsewhere); None means all of them."""
         self.io = io
@@ -299,9 +327,9 @@ class ChangeTracker:
 
     def _rebind(self) -> None:
         """Refresh the views mark and the arming check write through (after arrays change)."""
-        self._dirty_mv = memoryview(self.dirty)
-        self._groups_mv = memoryview(self.dirty_groups)
-        self._coarse_mv = memoryview(self._coarse)
+        self._dirty_mv = self.dirty.data            # memoryview(self.dirty)
+        self._groups_mv = self.dirty_groups.data
+        self._coarse_mv = self._coarse.data
 
     def _arm(self, r: int) -> None:
         """Make region r's bit durable; past the interval's arming budget, arm
@@ -327,7 +355,7 @@ class ChangeTracker:
         if len(todo):
             self._persist_regions(todo)
 
-    def _persist_regions(self, regions) -> None:
+    def _persist_regions(self, regions: npt.ArrayLike) -> None:
         regions = np.asarray(regions, dtype=np.int64)
         coarse = self._coarse.copy()
         coarse[regions] = 1
@@ -368,7 +396,7 @@ class ChangeTracker:
                 r = first + k
                 self._touched[r[r < len(self._touched)]] = 1
 
-    def write_counter_pages(self, pages) -> None:
+    def write_counter_pages(self, pages: npt.ArrayLike) -> None:
         raw = self.counters.view(np.uint8)
         base = self.hdr.counter_offset
         for start, stop in _page_runs(pages):
@@ -405,12 +433,12 @@ class ChangeTracker:
         self.io.pwrite(memoryview(self.bitmap)[lo:hi], self.hdr.bitmap_offset + lo)
 
     # --- queries -----------------------------------------------------------------
-    def changed_blocks(self, since: int):
+    def changed_blocks(self, since: int) -> BlockRuns:
         """Block runs (starts, lengths) changed after generation `since`."""
         return _fast.changed_runs(self.counters, self.dirty, self.summary, self.sole, self.dirty_groups,
                                   since, SUMMARY_SHIFT, self.hdr.nblocks)
 
-    def changed_blocks_in(self, since: int, b0: int, b1: int):
+    def changed_blocks_in(self, since: int, b0: int, b1: int) -> BlockRuns:
         """The runs of changed_blocks(since) that meet blocks [b0, b1), clipped
         to them: the kernel runs on the summary groups of the range only (one
         max-generation per 32 blocks), so the cost follows the range."""
@@ -438,7 +466,7 @@ class ChangeTracker:
     # --- geometry changes ---------------------------------------------------------
     def grow_arrays(self, capacity: int) -> None:
         """Reallocate the per-block arrays for a larger table capacity."""
-        def grown(a, n):
+        def grown(a: npt.NDArray[_S], n: int) -> npt.NDArray[_S]:
             b = lazy_zeros(n, a.dtype)
             b[:len(a)] = a
             return b
