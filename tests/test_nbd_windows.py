@@ -154,9 +154,9 @@ def test_walks_see_every_change_made_between_them_on_any_connection(image, tmp_p
         srv.stop_in_thread()
 
 
-def test_a_walk_asks_the_disk_once_per_window(image, tmp_path, monkeypatch):
-    """48 requests of 64 MiB over 3 GiB: with windows of 16x the request, the
-    Disk is asked about 3 times per context, not 48."""
+@pytest.fixture
+def disk_calls(monkeypatch) -> dict[str, int]:
+    """Counts of the Disk's changes_in and map_range calls (the block-status queries)."""
     calls = {"changes_in": 0, "map_range": 0}
     for name in calls:
         real = getattr(vdisk.disk.Disk, name)
@@ -165,6 +165,13 @@ def test_a_walk_asks_the_disk_once_per_window(image, tmp_path, monkeypatch):
             calls[_name] += 1
             return _real(self, *args)
         monkeypatch.setattr(vdisk.disk.Disk, name, counting)
+    return calls
+
+
+def test_a_walk_asks_the_disk_once_per_window(image, tmp_path, disk_calls):
+    """48 requests of 64 MiB over 3 GiB: with windows of 16x the request, the
+    Disk is asked about 3 times per context, not 48."""
+    calls = disk_calls
     srv = Server(image, socket=str(tmp_path / "w.sock"))
     srv.start_in_thread()
     try:
@@ -200,7 +207,7 @@ def test_a_disk_the_program_owns_is_asked_on_every_request(image, tmp_path):
             srv.stop_in_thread()
 
 
-def test_a_walk_of_a_large_sparse_disk_grows_its_windows(tmp_path, monkeypatch):
+def test_a_walk_of_a_large_sparse_disk_grows_its_windows(tmp_path, disk_calls):
     """A client walking a 1 TiB disk with few changes in 4 GiB requests (as
     nbdinfo --map does): each window starting where the last one ended covers
     WINDOW_GROWTH times its span, so the Disk is asked 3 times per context
@@ -211,14 +218,7 @@ def test_a_walk_of_a_large_sparse_disk_grows_its_windows(tmp_path, monkeypatch):
         d.consumers.register("c", d.checkpoint())
         for k in range(64):
             d.pwrite(b"\x07" * 4096, (k * 16 * GiB) + k * BS)
-    calls = {"changes_in": 0, "map_range": 0}
-    for name in calls:
-        real = getattr(vdisk.disk.Disk, name)
-
-        def counting(self, *args, _real=real, _name=name):
-            calls[_name] += 1
-            return _real(self, *args)
-        monkeypatch.setattr(vdisk.disk.Disk, name, counting)
+    calls = disk_calls
     srv = Server(path, socket=str(tmp_path / "b.sock"))
     srv.start_in_thread()
     try:
