@@ -10,7 +10,7 @@ Commands::
     vdisk checkpoint FILE [--output human|json]
     vdisk changes FILE --since ID|* [--output human|json]
     vdisk convert [-f FMT] [-O FMT] [-p] [--allow-backing] [--backing FILE] [--block-size N]
-                  [--snapshot NAME] [--overwrite] [--output human|json] SRC DST
+                  [--snapshot NAME] [-l SNAPSHOT] [-n] [--overwrite] [--output human|json] SRC DST
     vdisk compare [-f FMT] [-F FMT] [--allow-backing] [-p] [--output human|json] A B
     vdisk serve FILE (--socket PATH | --listen HOST:PORT) [--export NAME] [--read-only] [--pid-file PATH]
                 [--tls-cert F --tls-key F [--tls-ca F]] [--insecure]
@@ -831,7 +831,8 @@ def output_format(dst: str, given: str | None) -> str:
 @click.option("-l", "qcow2_snapshot", metavar="SNAPSHOT",
               help="Convert this internal snapshot of a qcow2 SRC (NAME, snapshot.name=NAME or snapshot.id=ID).")
 @click.option("-n", "existing", is_flag=True,
-              help="Write into the existing raw or vdisk image DST (at least as large as SRC), as qemu-img -n.")
+              help="Write into the existing raw, qcow2 (v3) or vdisk image DST (at least as large as SRC), as "
+                   "qemu-img -n.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
 @output_option
 def convert_(src: str, dst: str, src_format: str | None, dst_format: str | None, show_progress: bool,
@@ -842,8 +843,8 @@ def convert_(src: str, dst: str, src_format: str | None, dst_format: str | None,
     A vdisk DST is always a new image with a new identity (uuid and tracking epoch): no change id
     of SRC is valid on it, and it has no consumers; a qcow2 SRC's internal snapshots become its
     snapshots (a warning names snapshots left behind). 'vdisk clone' does the same for a vdisk SRC
-    keeping its block size, and with --snapshots its snapshots. With -n, DST is an existing raw or
-    vdisk image written in place."""
+    keeping its block size, and with --snapshots its snapshots. With -n, DST is an existing raw,
+    qcow2 (version 3, e.g. made by qemu-img create -o ...) or vdisk image written in place."""
     from vdisk.convert import convert as convert_image, open_image
     if existing and overwrite:
         _usage("-n writes into the existing DST, --overwrite replaces it: give one")

@@ -59,6 +59,7 @@ class Qcow2Image:
         self.backing = None
         self.backing_file: str | None = None
         self.backing_format: str | None = None
+        self.extension_types: list[int] = []        # the header extensions present, in order
         self._io: FileIO | None = None
         # fd: the image opened by the caller (fileio.open_input), owned from here on
         self._io = FileIO.adopt(open_input(self.path) if fd is None else fd, self.path)
@@ -386,6 +387,7 @@ class Qcow2Image:
 
     def _read_extensions(self, start: int, end: int) -> None:
         for typ, data in self._extensions(start, end):
+            self.extension_types.append(typ)
             if typ == EXT_BACKING_FORMAT:
                 if len(data) > MAX_BACKING_FORMAT_NAME:
                     raise self._corrupt(f"backing format name of {len(data)} bytes; at most "
