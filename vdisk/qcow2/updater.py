@@ -105,7 +105,14 @@ class Qcow2Updater:
         if h is not None and head[:4] == b"QFI\xfb":
             self._refuse(h)
         self.reader = Qcow2Image(self.path, fd=os.dup(io.fd))     # validates the rest, as for any input
-        r = self.reader
+        try:
+            self._open()
+        except BaseException:
+            self.reader.close()          # its descriptor shares io's open file (and so its locks)
+            raise
+
+    def _open(self) -> None:
+        io, r = self.io, self.reader
         if r.backing_file is not None:      # pragma: no cover - refused above from the header
             raise UnsupportedFeatureError(f"{self.path}: has a backing file")
         if EXT_BITMAPS in r.extension_types:
@@ -406,10 +413,11 @@ class Qcow2Updater:
                 new[idx] = (u64(base) + np.arange(len(idx), dtype=u64) * u64(C)) | u64(QCOW_OFLAG_COPIED)
                 pieces = []
                 for a, b in _runs(idx):
-                    lo_b, hi_b = (done + a) * C, min((done + b) * C, len(mv))
+                    first, last = int(idx[a]), int(idx[b - 1]) + 1     # clusters first..last-1 of the chunk
+                    lo_b, hi_b = (done + first) * C, min((done + last) * C, len(mv))
                     pieces.append(mv[lo_b:hi_b])
-                    if hi_b - lo_b < (b - a) * C:          # the short last cluster: pad to a whole one
-                        pieces.append(bytes((b - a) * C - (hi_b - lo_b)))
+                    if hi_b - lo_b < (last - first) * C:      # the short last cluster: pad to a whole one
+                        pieces.append(bytes((last - first) * C - (hi_b - lo_b)))
                 self.io.pwritev(pieces, base)
                 self._data += len(idx) * C
             if (new != old).any():
