@@ -66,7 +66,8 @@ from .reader import Qcow2Image
 from .structures import (COMPRESSED_SECTOR_SIZE, COMPRESSION_ZSTD, CRYPT_NONE, EXT_BITMAPS, INCOMPAT_CORRUPT,
                          INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, L1E_OFFSET_MASK, L1_WINDOW,
                          L2E_OFFSET_MASK, MAX_REFTABLE_SIZE, MiB, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
-                         QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, Qcow2Header, offset_to_l1_index,
+                         QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, Qcow2Header, decode_refcounts, encode_refcounts,
+                         offset_to_l1_index,
                          parse_compressed_l2_entry)
 
 HEADER_REFTABLE = struct.Struct(">QI")     # refcount_table_offset, refcount_table_clusters: bytes 48..59
@@ -180,21 +181,10 @@ class Qcow2Updater:
 
     # ------------------------------------------------------------------ refcounts (reference: qcow2-refcount.c)
     def _decode(self, raw: bytes) -> np.ndarray:
-        o = self.order
-        if o >= 3:
-            return np.frombuffer(raw, dtype=f">u{1 << (o - 3)}").astype(u64)
-        bits, per = 1 << o, 8 >> o          # sub-byte refcounts: the lowest bits first (get_refcount_ro0..2)
-        b = np.frombuffer(raw, dtype=np.uint8).astype(u64)
-        shifts = (np.arange(per, dtype=u64) * u64(bits))
-        return ((b[:, None] >> shifts) & u64((1 << bits) - 1)).reshape(-1)
+        return decode_refcounts(raw, self.order)
 
     def _encode(self, arr: np.ndarray) -> bytes:
-        o = self.order
-        if o >= 3:
-            return arr.astype(f">u{1 << (o - 3)}").tobytes()
-        bits, per = 1 << o, 8 >> o
-        shifts = (np.arange(per, dtype=u64) * u64(bits))
-        return (arr.reshape(-1, per) << shifts).sum(axis=1).astype(np.uint8).tobytes()
+        return encode_refcounts(arr, self.order)
 
     def _block_offset(self, b: int) -> int:
         if b in self._new_blocks:
