@@ -16,8 +16,9 @@ from click.testing import CliRunner
 import vdisk
 from vdisk.cli import main
 from vdisk_testkit.helpers import pattern
-from vdisk_testkit.qemu_helpers import (QEMU_IO, KiB, MiB, compressible, make_qcow2, needs_qemu, patch_header,
-                                        qemu_check, qemu_img, qemu_io, read_header, to_raw)
+from vdisk_testkit.qemu_helpers import (QEMU_IO, KiB, MiB, compressible, l1_entry_offset, make_qcow2, needs_qemu,
+                                        patch_header, qemu_check, qemu_img, qemu_io, read_header, read_u64, to_raw,
+                                        write_u64)
 
 pytestmark = needs_qemu
 
@@ -221,6 +222,24 @@ def test_convert_n_into_qcow2_refusals(tmp_path, case):
     err = vdisk.UnsupportedFeatureError if case not in ("corrupt bit", "smaller") else vdisk.VdiskError
     with pytest.raises(err):
         vdisk.convert(src, dst, src_format="raw", dst_format="qcow2", existing=True)
+
+
+def test_convert_n_into_qcow2_refuses_inconsistent_tables_and_itself(tmp_path):
+    """An L1 entry whose COPIED flag says refcount 1 while the L2 table is shared (qemu-img check's
+    "ERROR OFLAG_COPIED"): CorruptImageError before anything is written; SRC as its own DST: refused."""
+    dst = make_qcow2(tmp_path / "d.qcow2", MiB, "", ["write -P 1 0 64k"])
+    qemu_img("snapshot", "-c", "s", dst)           # the L2 table is shared: refcount 2, COPIED clear
+    entry = l1_entry_offset(dst, 0)
+    write_u64(dst, entry, read_u64(dst, entry) | (1 << 63))
+    before = open(dst, "rb").read()
+    src = tmp_path / "s.raw"
+    src.write_bytes(pattern(1, MiB))
+    with pytest.raises(vdisk.CorruptImageError, match="COPIED"):
+        vdisk.convert(src, dst, src_format="raw", dst_format="qcow2", existing=True)
+    assert open(dst, "rb").read() == before
+    same = make_qcow2(tmp_path / "same.qcow2", MiB, "", ["write -P 1 0 64k"])
+    r = run_cli("convert", "-n", same, same)
+    assert r.exit_code == 1 and "is the source image itself" in r.stderr
 
 
 def test_convert_n_into_qcow2_refuses_an_image_qemu_writes(tmp_path):

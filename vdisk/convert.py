@@ -36,7 +36,7 @@ from . import _fast
 from . import layout as L
 from .disk import create as _create
 from .disk import open as _open
-from .errors import InvalidArgumentError, UnsupportedFeatureError, VdiskWarning
+from .errors import InvalidArgumentError, VdiskWarning
 from .errors import TO_REPLACE, NoSuchFileError, Param, VdiskIOError
 from ._types import PathArg, SizeArg
 from .fileio import QEMU_PERM_ALL, QEMU_PERM_RESIZE, QEMU_PERM_WRITE, FileIO, atomic_output, open_regular, qemu_lock
