@@ -368,7 +368,8 @@ def test_convert_n_into_qcow2_interrupted_then_run_again(tmp_path, monkeypatch):
         if done >= 2 * MiB:
             raise Stop
 
-    monkeypatch.setattr("vdisk.convert.BATCH", 512 * KiB)      # progress is called per batch
+    import importlib
+    monkeypatch.setattr(importlib.import_module("vdisk.convert"), "BATCH", 512 * KiB)   # progress: per batch
     with pytest.raises(Stop):
         vdisk.convert(src, dst, src_format="raw", dst_format="qcow2", existing=True, progress=progress)
     r = qemu_check(dst)
