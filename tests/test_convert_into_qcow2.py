@@ -284,19 +284,21 @@ def _crash_states(rec, rng, n_random):
     return out
 
 
-@pytest.mark.parametrize("options,src_size,batch", [("cluster_size=512", 9 * MiB + 1024, 2 * MiB),
+@pytest.mark.parametrize("options,src_size,batch", [("cluster_size=512,refcount_bits=64", 3 * MiB + 1024, MiB),
                                                     ("cluster_size=4k", 1536 * KiB + 512, 384 * KiB)])
 def test_crash_at_every_write_and_fsync_of_the_updater(tmp_path, options, src_size, batch):
     """A power loss or a kill at every write and fsync of a convert -n into qcow2 (RecordingIO: each
     crash state keeps any subset of the writes since the last fsync, or a prefix of them, or
     sector-torn writes): qemu-img check finds no corruption (leaks allowed) and every guest cluster
     reads as before or as after, never anything else.  512-byte clusters also grow the refcount
-    table; the DST has an internal snapshot (shared clusters), which must read as before too."""
+    table (64-bit refcounts: every 2 MiB of file); the DST has an internal snapshot (shared
+    clusters), which must read as before too."""
     from vdisk.qcow2.updater import Qcow2Updater
     from vdisk.testing import RecordingIO
     import vdisk.qcow2.updater as U
-    size = 12 * MiB if "512" in options else 2 * MiB
+    size = 4 * MiB if "512" in options else 2 * MiB
     dst = dst_image(tmp_path, size, options)
+    table_before = read_header(dst)["refcount_table_offset"]
     qemu_img("snapshot", "-c", "s0", dst)
     qemu_io(dst, "write -P 0x3c 0 64k")
     old = raw_of(dst, tmp_path)
@@ -330,6 +332,8 @@ def test_crash_at_every_write_and_fsync_of_the_updater(tmp_path, options, src_si
         rec.close()
     assert_clean(dst)
     assert raw_of(dst, tmp_path) == new
+    if "512" in options:       # 64-bit refcounts of 512-byte clusters: a table cluster covers 2 MiB of file
+        assert read_header(dst)["refcount_table_offset"] != table_before
     assert len(states) >= 40, len(states)
     print(f"{len(states)} crash states")
     crash = tmp_path / "crash.qcow2"
