@@ -195,12 +195,14 @@ def test_the_cycle_check_sees_a_cycle():
 
 def test_qcow2_is_split_by_concern():
     """vdisk.qcow2 as dissect.hypervisor splits it: the structures (no I/O)
-    apart from the reader, the compressed-cluster code and the writer; the
-    writer and the compressed-cluster code know nothing of the reader."""
+    apart from the reader, the compressed-cluster code, the writer and the
+    updater (convert -n); the writer and the compressed-cluster code know
+    nothing of the reader, and the reader nothing of the updater over it."""
     graph = _module_graph()
     q = {m for m in graph if m.startswith("vdisk.qcow2.")}
     assert q == {"vdisk.qcow2.structures", "vdisk.qcow2.backing", "vdisk.qcow2.compressed", "vdisk.qcow2.reader",
-                 "vdisk.qcow2.writer"}
+                 "vdisk.qcow2.writer", "vdisk.qcow2.updater"}
+    assert "vdisk.qcow2.updater" not in graph["vdisk.qcow2.reader"] | graph["vdisk.qcow2.writer"]
     assert graph["vdisk.qcow2.structures"] <= {"vdisk.errors"}
     assert "vdisk.qcow2.reader" not in graph["vdisk.qcow2.writer"] | graph["vdisk.qcow2.compressed"]
     assert "vdisk.fileio" not in graph["vdisk.qcow2.structures"]

@@ -10,7 +10,7 @@ Commands::
     vdisk checkpoint FILE [--output human|json]
     vdisk changes FILE --since ID|* [--output human|json]
     vdisk convert [-f FMT] [-O FMT] [-p] [--allow-backing] [--backing FILE] [--block-size N]
-                  [--snapshot NAME] [--overwrite] [--output human|json] SRC DST
+                  [--snapshot NAME] [-l SNAPSHOT] [-n] [--overwrite] [--output human|json] SRC DST
     vdisk compare [-f FMT] [-F FMT] [--allow-backing] [-p] [--output human|json] A B
     vdisk serve FILE (--socket PATH | --listen HOST:PORT) [--export NAME] [--read-only] [--pid-file PATH]
                 [--tls-cert F --tls-key F [--tls-ca F]] [--insecure]
@@ -27,7 +27,9 @@ any -O).
 ``--output json`` of info, map and check is shaped as qemu-img's
 (``virtual-size``, ``actual-size``, ``cluster-size``; map's list of
 ``start``/``length``/``data``/``zero``/``offset``; check's counts
-``check-errors``, ``corruptions``, ``leaks``), with vdisk's own keys beside.
+``check-errors``, ``corruptions``, ``leaks``), with vdisk's own keys beside;
+for a raw or qcow2 image, info and map (JSON and human) say what qemu-img
+says (docs/CONVERT.md, "Info and map").
 
 Exit codes
 ----------
@@ -381,6 +383,7 @@ def image_info_json(file: str, image: Any) -> dict[str, Any]:
                            "actual-size": st.st_blocks * 512, "dirty-flag": bool(getattr(image, "dirty", False))}
     if image.format == "qcow2":
         out["cluster-size"] = image.cluster_size
+        out["format-specific"] = {"type": "qcow2", "data": image.format_specific()}
         if image.snapshots:                         # qemu-img leaves the key out when there are none
             out["snapshots"] = [{"id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
                                  "date-sec": s.date_sec, "date-nsec": s.date_nsec,
@@ -403,19 +406,50 @@ def _info_other(file: str, fmt: str, output: str) -> None:
     if output == "json":
         _emit_json(data)
         return
-    rows: list[tuple[str, object]] = [
-        ("image", file), ("file format", fmt),
-        ("virtual size", f"{_fmt_size(data['virtual-size'])} ({data['virtual-size']} bytes)"),
-        ("disk size", _fmt_size(data["actual-size"])),
-    ]
+    # qemu-img info's human layout (reference: qemu-img.c dump_human_image_info, bdrv_snapshot_dump)
+    lines = [f"image: {file}", f"file format: {fmt}",
+             f"virtual size: {qemu_size_str(data['virtual-size'])} ({data['virtual-size']} bytes)",
+             f"disk size: {qemu_size_str(data['actual-size'])}"]
     if fmt == "qcow2":
-        rows.append(("cluster_size", data["cluster-size"]))
+        lines.append(f"cluster_size: {data['cluster-size']}")
         if "backing-filename" in data:
-            rows.append(("backing file", data["backing-filename"]))
-        rows.append(("snapshots", len(data.get("snapshots", []))))
-        for snap in data.get("snapshots", []):
-            rows.append((f"snapshot {snap['id']}", snap["name"]))
-    _table(rows)
+            lines.append(f"backing file: {data['backing-filename']}")
+        if data.get("snapshots"):
+            lines.append("Snapshot list:")
+            lines.append(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
+            for snap in data["snapshots"]:
+                lines.append(_snapshot_line(snap))
+        spec = data.get("format-specific", {}).get("data", {})
+        if spec:
+            lines.append("Format specific information:")
+            for key, value in spec.items():
+                shown = str(value).lower() if isinstance(value, bool) else value
+                lines.append(f"    {key.replace('-', ' ')}: {shown}")
+    click.echo("\n".join(lines))
+
+
+def qemu_size_str(n: int) -> str:
+    """A size as qemu prints it (reference: util/cutils.c size_to_str): three significant digits and a
+    binary unit, "780 KiB", "1.18 MiB", "0 B"."""
+    import math
+    i = (math.frexp(n / (1000.0 / 1024.0))[1] - 1) // 10 if n else 0
+    i = max(0, min(i, 6))
+    value = n / (1 << (i * 10))
+    text = f"{value:.3g}"
+    if "e" in text:                # %g switches to exponents from 1000 on: qemu's units keep values below 1000
+        text = f"{value:.0f}"
+    return f"{text} {('', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei')[i]}B"
+
+
+def _snapshot_line(snap: dict[str, Any]) -> str:
+    """One row of qemu-img info's snapshot list (reference: bdrv_snapshot_dump)."""
+    import time
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap["date-sec"]))
+    secs = snap["vm-clock-sec"]
+    clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{snap['vm-clock-nsec'] // 1000000:03d}"
+    icount = "" if snap.get("icount") is None else str(snap["icount"])
+    return f"{snap['id']:<9} {snap['name']:<16} {qemu_size_str(snap['vm-state-size']):>8}{date:>20}{clock:>13}" \
+           f"{icount:>11}"
 
 
 def _given_or_probed(file: str, fmt: str | None) -> str | None:
@@ -563,6 +597,28 @@ def map_json(size: int, runs: list[tuple[int, int, int]]) -> list[dict[str, Any]
     return out
 
 
+def _c_hex(n: int) -> str:
+    """printf's %#x: 0 without the 0x."""
+    return f"{n:#x}" if n else "0"
+
+
+def _qemu_map(file: str, fmt: str) -> list[dict[str, Any]]:
+    """qemu-img map --output=json of a raw or qcow2 image."""
+    if fmt == "qcow2":
+        from vdisk.qcow2 import Qcow2Image
+        from vdisk.sources import open_image
+        image = open_image(file, fmt, warn_raw=False)
+        try:
+            assert isinstance(image, Qcow2Image)        # open_image's reader for "qcow2"
+            entries: list[dict[str, Any]] = image.qemu_map()
+            return entries
+        finally:
+            image.close()
+    from vdisk.convert import image_map         # raw: every range present, at its own offset, as qemu-img
+    return [{"start": r["start"], "length": r["length"], "depth": 0, "present": True, "zero": r["zero"],
+             "data": r["data"], "offset": r["start"]} for r in image_map(file, fmt)]
+
+
 @main.command(name="map")
 @file_argument
 @click.option("-f", "fmt", type=click.Choice(("raw", "qcow2", "vdisk")), help="Format of FILE (default: detected; else raw).")
@@ -573,18 +629,19 @@ def map_(file: str, fmt: str | None, output: str) -> None:
     Raw and qcow2 images too: their data runs (SEEK_DATA holes and zero or unallocated clusters read as zeros)."""
     fmt = _given_or_probed(file, fmt)
     if fmt is not None:
-        from vdisk.convert import image_map
-        runs = image_map(file, fmt)
+        entries = _qemu_map(file, fmt)
         if output == "json":
-            if fmt == "raw":            # as qemu-img: every range is present, at its own offset
-                _emit_json([dict(r, depth=0, present=True, offset=r["start"]) for r in runs])
-            else:
-                _emit_json([dict(r, depth=0, present=r["data"]) for r in runs])
+            _emit_json(entries)
             return
-        extents = [(r["start"], r["length"]) for r in runs if r["data"]]
-        click.echo(f"{'Offset':<16}Length")
-        for o, n in extents:
-            click.echo(f"{o:<#16x}{n:<#16x}".rstrip())
+        # qemu-img map's human layout (reference: qemu-img.c dump_map_entry): the ranges holding data
+        click.echo(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
+        for e in entries:
+            if e["data"] and "offset" not in e:
+                raise vdisk.UnsupportedFeatureError(
+                    f"{file}: contains compressed clusters, which have no host offset to show (as qemu-img "
+                    f"map says); use --output json")
+            if e["data"] and not e["zero"]:
+                click.echo(f"{_c_hex(e['start']):<16}{_c_hex(e['length']):<16}{_c_hex(e['offset']):<16}{file}")
         return
     with _open_or_connect(file) as d:
         if output == "json":
@@ -831,7 +888,8 @@ def output_format(dst: str, given: str | None) -> str:
 @click.option("-l", "qcow2_snapshot", metavar="SNAPSHOT",
               help="Convert this internal snapshot of a qcow2 SRC (NAME, snapshot.name=NAME or snapshot.id=ID).")
 @click.option("-n", "existing", is_flag=True,
-              help="Write into the existing raw or vdisk image DST (at least as large as SRC), as qemu-img -n.")
+              help="Write into the existing raw, qcow2 (v3) or vdisk image DST (at least as large as SRC), as "
+                   "qemu-img -n.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
 @output_option
 def convert_(src: str, dst: str, src_format: str | None, dst_format: str | None, show_progress: bool,
@@ -842,8 +900,8 @@ def convert_(src: str, dst: str, src_format: str | None, dst_format: str | None,
     A vdisk DST is always a new image with a new identity (uuid and tracking epoch): no change id
     of SRC is valid on it, and it has no consumers; a qcow2 SRC's internal snapshots become its
     snapshots (a warning names snapshots left behind). 'vdisk clone' does the same for a vdisk SRC
-    keeping its block size, and with --snapshots its snapshots. With -n, DST is an existing raw or
-    vdisk image written in place."""
+    keeping its block size, and with --snapshots its snapshots. With -n, DST is an existing raw,
+    qcow2 (version 3, e.g. made by qemu-img create -o ...) or vdisk image written in place."""
     from vdisk.convert import convert as convert_image, open_image
     if existing and overwrite:
         _usage("-n writes into the existing DST, --overwrite replaces it: give one")

@@ -36,13 +36,13 @@ from . import _fast
 from . import layout as L
 from .disk import create as _create
 from .disk import open as _open
-from .errors import InvalidArgumentError, UnsupportedFeatureError, VdiskWarning
+from .errors import InvalidArgumentError, VdiskWarning
 from .errors import TO_REPLACE, NoSuchFileError, Param, VdiskIOError
 from ._types import PathArg, SizeArg
-from .fileio import FileIO, atomic_output, open_regular
+from .fileio import QEMU_PERM_ALL, QEMU_PERM_RESIZE, QEMU_PERM_WRITE, FileIO, atomic_output, open_regular, qemu_lock
 from .protocols import ImageReader, ImageSink
 from .snapshots import is_backup_snapshot
-from .sinks import RAW_GRANULE as RAW_GRANULE, Qcow2Sink, RawSink, VdiskSink, Writeback
+from .sinks import RAW_GRANULE as RAW_GRANULE, Qcow2Sink, Qcow2UpdateSink, RawSink, VdiskSink, Writeback
 from .qcow2 import Qcow2Image
 # convert's names since before sources.py (kept: the API is a contract)
 from .sources import FOREIGN_FORMATS as FOREIGN_FORMATS, FOREIGN_TRAILERS as FOREIGN_TRAILERS
@@ -177,12 +177,17 @@ def convert(src: PathArg, dst: PathArg, *, src_format: str | None = None, dst_fo
     consumers, a :class:`NotCarriedWarning` says what is left behind.
 
     existing=True (``convert -n``, as qemu-img's -n): dst is an existing
-    raw or vdisk image (dst_format says which), at least as large as src,
-    written in place: every range of src is written into it (what src reads
-    as zeros is discarded or zeroed), the rest of dst is left as it is.  A
-    vdisk dst keeps its identity and its change tracking marks every block
-    written.  No temporary file: an interrupted conversion leaves dst part
-    written.
+    raw, qcow2 (version 3) or vdisk image (dst_format says which), at least
+    as large as src, written in place: every range of src is written into
+    it (what src reads as zeros is discarded or zeroed; zero clusters in a
+    qcow2 dst), the rest of dst is left as it is.  A vdisk dst keeps its
+    identity and its change tracking marks every block written.  A qcow2
+    dst keeps its internal snapshots and options; one with a backing file,
+    an external data file, encryption, extended L2 entries, persistent
+    dirty bitmaps, the dirty or corrupt bit, or version 2 is refused
+    (vdisk.qcow2.updater).  No temporary file: an interrupted conversion
+    leaves dst part written (a qcow2 dst: each cluster old or new, and at
+    most leaked clusters).
 
     src_format: "raw", "qcow2" or "vdisk"; None detects qcow2 and vdisk by
     their magic, refuses the formats qemu-img reads and vdisk does not
@@ -289,12 +294,14 @@ def _warn_not_carried(image: ImageReader, carry: bool, one_snapshot: bool) -> No
 
 
 def _convert_onto(image: ImageReader, dst: str, dst_format: str, progress: Progress | None) -> None:
-    """convert -n: write image into the existing raw or vdisk image dst."""
-    if dst_format == "qcow2":
-        raise UnsupportedFeatureError(f"{dst}: writing into an existing qcow2 image; the target must be a raw or "
-                                      f"vdisk image")
+    """convert -n: write image into the existing raw, qcow2 or vdisk image dst."""
     if not os.path.lexists(dst):
         raise NoSuchFileError(dst, "no such file (writing into an existing image needs one)")
+    if os.path.exists(dst) and os.path.samefile(image.path, dst):
+        raise InvalidArgumentError(f"{dst} is the source image itself")
+    if dst_format == "qcow2":
+        _convert_onto_qcow2(image, dst, progress)
+        return
     if dst_format == "vdisk":
         disk = _open(dst, "r+")
         try:
@@ -309,6 +316,24 @@ def _convert_onto(image: ImageReader, dst: str, dst_format: str, progress: Progr
         out.lock(exclusive=True)
         _check_large_enough(dst, out.size(), image)
         _copy_named(image, RawSink(out, fresh=False, granule=RAW_GRANULE), dst, progress)
+    finally:
+        out.close()
+
+
+def _convert_onto_qcow2(image: ImageReader, dst: str, progress: Progress | None) -> None:
+    """convert -n into an existing qcow2 v3 image (vdisk.qcow2.updater; the write order in docs/CONVERT.md).
+    The image is locked as qemu locks an image it writes (and flock'ed as vdisk's writers): a VM or
+    qemu-img using it makes this fail, and qemu refuses it while it is being written."""
+    out = FileIO(dst, writable=True)
+    try:
+        out.lock(exclusive=True)
+        qemu_lock(out, QEMU_PERM_ALL, QEMU_PERM_WRITE | QEMU_PERM_RESIZE)
+        sink = Qcow2UpdateSink(out)
+        try:
+            _check_large_enough(dst, sink.size, image)
+            _copy_named(image, sink, dst, progress)
+        finally:
+            sink.close()
     finally:
         out.close()
 

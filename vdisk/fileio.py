@@ -20,6 +20,7 @@ import errno
 import fcntl
 import os
 import stat
+import struct
 import uuid as _uuid
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
 
@@ -486,3 +487,54 @@ def _pwrite_pieces(fd: int, mv: memoryview, offset: int) -> None:
         n = os.pwrite(fd, mv[:WRITE_PIECE - offset % WRITE_PIECE], offset)
         mv = mv[n:]
         offset += n
+
+
+# ---------------------------------------------------------------------------- qemu's image locks
+# qemu (block/file-posix.c) locks single bytes of an image it opens with open
+# file description locks (F_OFD_SETLK): byte QEMU_LOCK_PERM_BASE + i (a read
+# lock) while it holds permission bit i, byte QEMU_LOCK_SHARED_BASE + i while
+# it does not let others take permission i.  A second opener tests those
+# bytes (F_OFD_GETLK) before it takes its own: that is how qemu-img refuses
+# an image a running VM writes ("Failed to get "write" lock").
+QEMU_LOCK_PERM_BASE = 100
+QEMU_LOCK_SHARED_BASE = 200
+QEMU_PERM_CONSISTENT_READ, QEMU_PERM_WRITE, QEMU_PERM_WRITE_UNCHANGED, QEMU_PERM_RESIZE = 0x1, 0x2, 0x4, 0x8
+QEMU_PERM_NAMES = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize"}
+QEMU_PERM_ALL = 0xF
+_FLOCK = "hhqqi4x"        # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
+
+
+def _ofd(fd: int, cmd: int, kind: int, offset: int) -> int:
+    raw = fcntl.fcntl(fd, cmd, struct.pack(_FLOCK, kind, os.SEEK_SET, offset, 1, 0))
+    return int(struct.unpack(_FLOCK, raw)[0])
+
+
+def qemu_lock(io: FileIO, perm: int, unshared: int) -> None:
+    """Take qemu's image locks on io as a qemu block node holding permissions
+    perm and sharing everything but unshared, after checking that no other
+    opener (qemu or vdisk) conflicts: ImageLockedError naming the path and
+    the permission, as qemu's "Failed to get ... lock".  Where the host has
+    no OFD locks (not Linux) nothing is taken."""
+    getlk, setlk = getattr(fcntl, "F_OFD_GETLK", None), getattr(fcntl, "F_OFD_SETLK", None)
+    if getlk is None or setlk is None:      # pragma: no cover - not Linux
+        return
+    try:
+        for i, name in QEMU_PERM_NAMES.items():
+            # we want permission i: nobody may hold "not shared" on it; we refuse to share it: nobody may hold it
+            for want, base, what in ((perm, QEMU_LOCK_SHARED_BASE, "another process does not share"),
+                                     (unshared, QEMU_LOCK_PERM_BASE, "another process holds")):
+                if want >> i & 1 and _ofd(io.fd, getlk, fcntl.F_WRLCK, base + i) != fcntl.F_UNLCK:
+                    raise ImageLockedError(f"{io.path} is in use: {what} its {name!r} permission (qemu's lock "
+                                           f"byte {base + i}; is a VM or qemu-img using the image?)")
+        for i in QEMU_PERM_NAMES:
+            if perm >> i & 1:
+                _ofd(io.fd, setlk, fcntl.F_RDLCK, QEMU_LOCK_PERM_BASE + i)
+            if unshared >> i & 1:
+                _ofd(io.fd, setlk, fcntl.F_RDLCK, QEMU_LOCK_SHARED_BASE + i)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise ImageLockedError(f"{io.path} is in use: another process took qemu's locks on it meanwhile") \
+                from None
+        if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):     # a file system without them
+            return
+        raise _io_error("fcntl(F_OFD_SETLK)", io.path, exc) from exc

@@ -42,7 +42,8 @@ The contract of a sink
 * ``write(data, offset)`` makes ``[offset, offset + len(data))`` read as
   data.  A *fresh* sink (a new, empty output) allocates nothing for a
   granule of zeros: it stays a hole, an unallocated cluster or block.
-  A qcow2 sink takes writes in increasing offset order only.
+  A fresh qcow2 sink takes writes in increasing offset order only (the
+  sink writing into an existing qcow2 image takes them in any order).
 * ``zero(offset, length)`` makes the range read as zeros (nothing to do
   on a fresh sink).
 * ``finish()`` writes what the format writes last and syncs the output

@@ -12,7 +12,8 @@ A *fresh* sink writes a new, empty output: granules of zeros are never
 allocated (holes in a raw file, unallocated qcow2 clusters and vdisk
 blocks), and ``zero`` has nothing to do.  A sink that is not fresh writes
 into an existing image (restore onto an earlier restore, ``convert -n``):
-every byte handed over is written, and ``zero`` punches or zeroes.
+every byte handed over is written, and ``zero`` punches or zeroes (a
+qcow2 image, :class:`Qcow2UpdateSink`: zero clusters).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import numpy as np
 from . import _fast
 from . import qcow2 as Q
 from .fileio import FileIO, readable_buffer, start_writeback
+from .qcow2.updater import Qcow2Updater
 
 if TYPE_CHECKING:
     from ._types import ByteBuffer
@@ -196,6 +198,44 @@ class Qcow2Sink:
 
     def abort(self) -> None:
         self.writeback.close()
+
+
+class Qcow2UpdateSink:
+    """An existing qcow2 image written in place (convert -n), through
+    :class:`vdisk.qcow2.updater.Qcow2Updater`: never fresh, any write order;
+    each range handed over is written into new clusters, zero ranges become
+    zero clusters, and :meth:`finish` commits the tables in the updater's
+    crash-safe order (its last step an fsync).  The caller opened out
+    read-write and took the locks; it closes out after :meth:`close`."""
+
+    fresh = False
+
+    def __init__(self, out: FileIO, writeback: WritebackPolicy | None = None):
+        self.out = out
+        self.updater = Qcow2Updater(out)
+        self.size = self.updater.size
+        self.granule = self.updater.C
+        self.writeback: WritebackPolicy = writeback or NoWriteback()
+
+    def write(self, data: ByteBuffer, offset: int) -> None:
+        self.updater.write(data, offset)
+        self.writeback.wrote(offset, len(memoryview(readable_buffer(data)).cast("B")))
+
+    def zero(self, offset: int, length: int) -> None:
+        if length > 0:
+            self.updater.zero(offset, length)
+
+    def finish(self) -> None:
+        self.updater.commit()
+        self.writeback.close()
+
+    def abort(self) -> None:
+        """Stop: what was not committed stays unreferenced (leaked clusters, which qemu-img check -r leaks
+        reclaims); every guest cluster reads as before or as after."""
+        self.writeback.close()
+
+    def close(self) -> None:
+        self.updater.close()
 
 
 class VdiskSink:

@@ -4,8 +4,11 @@ One module per concern, as dissect.hypervisor splits its qcow2 support:
 :mod:`~vdisk.qcow2.structures` (the on-disk records and constants, no I/O),
 :mod:`~vdisk.qcow2.backing` (which backing file may be followed),
 :mod:`~vdisk.qcow2.compressed` (compressed clusters),
-:mod:`~vdisk.qcow2.reader` (:class:`Qcow2Image`) and
-:mod:`~vdisk.qcow2.writer` (:class:`Qcow2Writer`).  Every name is
+:mod:`~vdisk.qcow2.reader` (:class:`Qcow2Image`),
+:mod:`~vdisk.qcow2.writer` (:class:`Qcow2Writer`) and
+:mod:`~vdisk.qcow2.updater` (:class:`~vdisk.qcow2.updater.Qcow2Updater`:
+writing into an existing image, ``convert -n``; its contract, the write
+order that keeps a crash to leaked clusters, is its module docstring).  Every name is
 also importable from the package, as from the one module it was.
 
 The layout follows qemu's docs/interop/qcow2.txt; helper names follow

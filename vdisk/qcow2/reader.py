@@ -28,6 +28,18 @@ from .structures import (BACKING, COMPRESSED, COMPRESSED_SECTOR_SIZE, COMPRESSIO
                          REFTABLE_WINDOW, REFT_OFFSET_MASK, REFT_RESERVED_MASK, SECTOR_SIZE, SNAPSHOT_ENTRY,
                          SUBCLUSTERS_PER_CLUSTER, V2_HEADER_LENGTH, V3_MIN_HEADER_LENGTH, ZERO, _round_up,
                          offset_to_l1_index, parse_compressed_l2_entry, probe, size_to_l1)
+from .structures import COMPAT_LAZY_REFCOUNTS, decode_refcounts
+
+
+# qemu's subcluster types (QCow2SubclusterType), and qemu-img map's flags for each:
+# (present, zero, data); MAP_NORMAL_HOLE: a data cluster whose host bytes are a hole, as qemu
+# sees it when it asks the host file (metadata preallocation)
+MAP_UNALLOCATED_PLAIN, MAP_UNALLOCATED_ALLOC, MAP_ZERO_PLAIN, MAP_ZERO_ALLOC, MAP_NORMAL, MAP_COMPRESSED, \
+    MAP_NORMAL_HOLE = range(7)
+MAP_FLAGS = {MAP_UNALLOCATED_PLAIN: (False, True, False), MAP_UNALLOCATED_ALLOC: (False, True, False),
+             MAP_ZERO_PLAIN: (True, True, False), MAP_ZERO_ALLOC: (True, True, False),
+             MAP_NORMAL: (True, False, True), MAP_COMPRESSED: (True, False, True), MAP_NORMAL_HOLE: (True, True, True)}
+MAP_HAS_OFFSET = np.array([False, True, False, True, True, False, True])
 
 
 class Qcow2Image:
@@ -59,6 +71,7 @@ class Qcow2Image:
         self.backing = None
         self.backing_file: str | None = None
         self.backing_format: str | None = None
+        self.extension_types: list[int] = []        # the header extensions present, in order
         self._io: FileIO | None = None
         # fd: the image opened by the caller (fileio.open_input), owned from here on
         self._io = FileIO.adopt(open_input(self.path) if fd is None else fd, self.path)
@@ -386,6 +399,7 @@ class Qcow2Image:
 
     def _read_extensions(self, start: int, end: int) -> None:
         for typ, data in self._extensions(start, end):
+            self.extension_types.append(typ)
             if typ == EXT_BACKING_FORMAT:
                 if len(data) > MAX_BACKING_FORMAT_NAME:
                     raise self._corrupt(f"backing format name of {len(data)} bytes; at most "
@@ -810,6 +824,149 @@ class Qcow2Image:
     @staticmethod
     def _zstd_ctx_factory():
         return _zstd_decompressor()       # one context per thread: they are not thread-safe
+
+    # ------------------------------------------------------------------ qemu-img map
+    def _subcluster_types(self, l1_index: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per read unit of clusters [c0, c1) of one L2 table: (qemu's subcluster type, host offset),
+        the types as MAP_* (reference: qcow2_get_subcluster_type)."""
+        g = self.geometry
+        per = SUBCLUSTERS_PER_CLUSTER if g.extended_l2 else 1
+        entries, bitmaps, _ = self._l2_table(l1_index)
+        if entries is None:
+            n = (c1 - c0) * per
+            return np.full(n, MAP_UNALLOCATED_PLAIN, np.uint8), np.zeros(n, np.uint64)
+        u64 = np.uint64
+        e = entries[c0:c1]
+        comp = (e & u64(QCOW_OFLAG_COMPRESSED)) != 0
+        host = np.where(comp, u64(0), e & u64(L2E_OFFSET_MASK))
+        if not g.extended_l2:
+            zero = ~comp & ((e & u64(QCOW_OFLAG_ZERO)) != 0)
+            t = np.where(zero, np.where(host != 0, MAP_ZERO_ALLOC, MAP_ZERO_PLAIN),
+                         np.where(host != 0, MAP_NORMAL, MAP_UNALLOCATED_PLAIN))
+            t = np.where(comp, MAP_COMPRESSED, t).astype(np.uint8)
+            return t, host
+        k = np.arange(SUBCLUSTERS_PER_CLUSTER, dtype=u64)
+        bm = bitmaps[c0:c1][:, None]
+        alloc = ((bm >> k) & u64(1)) != 0
+        zero = ((bm >> (k + u64(32))) & u64(1)) != 0
+        has = (host != 0)[:, None]
+        t = np.where(zero, np.where(has, MAP_ZERO_ALLOC, MAP_ZERO_PLAIN),
+                     np.where(alloc, MAP_NORMAL, np.where(has, MAP_UNALLOCATED_ALLOC, MAP_UNALLOCATED_PLAIN)))
+        t = np.where(comp[:, None], MAP_COMPRESSED, t).astype(np.uint8)
+        hosts = np.where(has, host[:, None] + (k << u64(g.unit_bits))[None, :], u64(0))
+        return t.reshape(-1), hosts.reshape(-1)
+
+    def _map_runs(self) -> Iterator[tuple[int, int, int, int]]:
+        """(guest offset, length, MAP_* type, host offset) runs over the virtual size, merged where the
+        type is the same and, for the types with a host offset, the host offsets run on."""
+        g = self.geometry
+        C = self.cluster_size
+        U = 1 << g.unit_bits
+        per_table = g.l2_entries * C
+        step = (1 << 16) // (SUBCLUSTERS_PER_CLUSTER if g.extended_l2 else 1)
+        pending = None
+        pos = 0
+        while pos < self.size:
+            l1i = offset_to_l1_index(g, pos)
+            base_t = l1i * per_table
+            c0 = (pos - base_t) // C
+            c1 = min(g.l2_entries, c0 + step, -(-(self.size - base_t) // C))
+            t, hosts = self._subcluster_types(l1i, c0, c1)
+            base = base_t + c0 * C
+            if len(t) > 1:
+                brk = (t[1:] != t[:-1]) | (MAP_HAS_OFFSET[t[1:]] & (np.diff(hosts.astype(np.int64)) != U))
+                starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
+            else:
+                starts = np.zeros(1, dtype=np.int64)
+            stops = np.append(starts[1:], len(t))
+            for a, b, typ, host in zip(starts.tolist(), stops.tolist(), t[starts].tolist(), hosts[starts].tolist()):
+                lo, hi = base + a * U, min(base + b * U, self.size)
+                if lo >= hi:
+                    continue
+                if pending is not None:
+                    p_off, p_len, p_typ, p_host = pending
+                    if p_typ == typ and p_off + p_len == lo and (not MAP_HAS_OFFSET[typ] or p_host + p_len == host):
+                        pending = (p_off, p_len + hi - lo, typ, p_host)
+                        continue
+                    yield pending
+                pending = (lo, hi - lo, typ, host)
+            pos = base + (c1 - c0) * C
+        if pending is not None:
+            yield pending
+
+    def metadata_preallocation(self) -> bool:
+        """qemu's guess that the image is preallocated with metadata only: more clusters have a refcount
+        than the host file has clusters allocated (reference: qcow2_detect_metadata_preallocation).  Then
+        qemu asks the host file where an allocated cluster is a hole (it reads as zeros)."""
+        C = self.cluster_size
+        h = self._active[0]
+        real_clusters = os.fstat(self._io.fd).st_blocks * 512 // C
+        threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+        end_cluster = -(-self.file_size // C)
+        rbe = C * 8 >> h.refcount_order
+        n = h.refcount_table_clusters * C // 8
+        count = 0
+        for first in range(0, min(n, -(-end_cluster // rbe)), REFTABLE_WINDOW):
+            k = min(REFTABLE_WINDOW, n - first)
+            table = np.frombuffer(self._io.pread(k * 8, h.refcount_table_offset + first * 8), ">u8") \
+                & np.uint64(REFT_OFFSET_MASK)
+            for i, off in enumerate(table.tolist()):
+                b = first + i
+                if not off or b * rbe >= end_cluster:
+                    continue
+                rc = decode_refcounts(self._io.pread(C, off), h.refcount_order)[:end_cluster - b * rbe]
+                count += int(np.count_nonzero(rc))
+                if count >= threshold:
+                    return True
+        return False
+
+    def qemu_map(self) -> list[dict]:
+        """What ``qemu-img map --output=json`` lists for this image (no backing file): every range of the
+        virtual size as ``{"start", "length", "depth", "present", "zero", "data"}`` and ``"offset"``
+        (the host offset) where qemu knows one, adjacent ranges merged when their flags agree and their
+        host offsets run on (reference: qemu-img.c img_map, qcow2_co_block_status)."""
+        if self.backing is not None:
+            raise UnsupportedFeatureError(f"{self.path}: qemu-img's map of an image with a backing file")
+        recurse = self.metadata_preallocation()
+        out: list[dict] = []
+
+        def add(off: int, length: int, typ: int, host: int) -> None:
+            if out and out[-1]["_t"] == typ and out[-1]["start"] + out[-1]["length"] == off and \
+                    (not MAP_HAS_OFFSET[typ] or out[-1]["offset"] + out[-1]["length"] == host):
+                out[-1]["length"] += length
+                return
+            present, zero, data = MAP_FLAGS[typ]
+            e = {"start": off, "length": length, "depth": 0, "present": present, "zero": zero, "data": data,
+                 "_t": typ}
+            if MAP_HAS_OFFSET[typ]:
+                e["offset"] = host
+            out.append(e)
+
+        for off, length, typ, host in self._map_runs():
+            if typ == MAP_NORMAL and recurse:        # qemu asks the host file (BDRV_BLOCK_RECURSE)
+                pos, h = off, host
+                while pos < off + length:
+                    is_data, until = self._host.segment(h)
+                    n = min(off + length - pos, until - h)
+                    add(pos, n, MAP_NORMAL if is_data else MAP_NORMAL_HOLE, h)
+                    pos += n
+                    h += n
+            else:
+                add(off, length, typ, host)
+        for e in out:
+            del e["_t"]
+        return out
+
+    def format_specific(self) -> dict:
+        """qemu-img info's "format-specific" data of the image (reference: qcow2_get_specific_info)."""
+        h = self._active[0]
+        if self.version == 2:
+            return {"compat": "0.10", "compression-type": "zlib", "refcount-bits": 1 << h.refcount_order}
+        return {"compat": "1.1", "compression-type": COMPRESSION_NAMES[self.compression_type],
+                "lazy-refcounts": bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS),
+                "refcount-bits": 1 << h.refcount_order,
+                "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
+                "extended-l2": self.geometry.extended_l2}
 
     # ------------------------------------------------------------------ info, close
     def info(self) -> dict:

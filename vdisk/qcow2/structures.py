@@ -47,6 +47,8 @@ INCOMPAT_DATA_FILE = 1 << 2
 INCOMPAT_COMPRESSION = 1 << 3
 INCOMPAT_EXTL2 = 1 << 4
 INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+COMPAT_LAZY_REFCOUNTS = 1 << 0
+AUTOCLEAR_BITMAPS = 1 << 0
 INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file", 3: "compression type",
                   4: "extended L2 entries"}
 COMPRESSION_ZLIB, COMPRESSION_ZSTD = 0, 1
@@ -213,6 +215,26 @@ def offset_to_l1_index(g: Geometry, offset: int) -> int:
 
 def offset_to_l2_index(g: Geometry, offset: int) -> int:
     return (offset >> g.cluster_bits) & (g.l2_entries - 1)
+
+
+def decode_refcounts(raw: bytes, order: int) -> np.ndarray:
+    """The refcounts of one refcount block (2**order bits each, big-endian; under 8 bits the lowest
+    bits of each byte first, as qemu's get_refcount_ro0..ro2), as uint64."""
+    if order >= 3:
+        return np.frombuffer(raw, dtype=f">u{1 << (order - 3)}").astype(np.uint64)
+    bits, per = 1 << order, 8 >> order
+    b = np.frombuffer(raw, dtype=np.uint8).astype(np.uint64)
+    shifts = np.arange(per, dtype=np.uint64) * np.uint64(bits)
+    return ((b[:, None] >> shifts) & np.uint64((1 << bits) - 1)).reshape(-1)
+
+
+def encode_refcounts(arr: np.ndarray, order: int) -> bytes:
+    """The bytes of a refcount block holding arr (the inverse of decode_refcounts)."""
+    if order >= 3:
+        return arr.astype(f">u{1 << (order - 3)}").tobytes()
+    bits, per = 1 << order, 8 >> order
+    shifts = np.arange(per, dtype=np.uint64) * np.uint64(bits)
+    return (arr.reshape(-1, per) << shifts).sum(axis=1).astype(np.uint8).tobytes()
 
 
 def parse_compressed_l2_entry(g: Geometry, entry):
