@@ -253,3 +253,16 @@ def test_segments_and_wire_refuse_what_they_cannot_answer():
     with pytest.raises(ValueError):
         _fast.block_status_wire(b, f, 0, 10, 0)            # no descriptor allowed
     assert _fast.block_status_wire(b, f, 5, 25, 2) == bytes.fromhex("00000005 00000000 0000000a 00000001")
+
+
+def test_read_buffers_are_not_zero_filled_but_sized():
+    """The server's large-read buffers come from _fast.empty_bytearray (no
+    memset: 11% of the server's CPU on 1 MiB reads at qd 16 was bytearray(n)'s
+    zero fill); preadinto then fills the data part whole."""
+    from vdisk import _fast
+    b = _fast.empty_bytearray(1 << 20)
+    assert type(b) is bytearray and len(b) == 1 << 20
+    b[:3] = b"abc"
+    assert bytes(b[:3]) == b"abc" and len(_fast.empty_bytearray(0)) == 0
+    with pytest.raises(ValueError):
+        _fast.empty_bytearray(-1)

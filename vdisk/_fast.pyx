@@ -12,6 +12,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, int64_t, uint64_t
 from libc.string cimport memcmp
 from libc.stdlib cimport calloc, malloc, realloc, free
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
 
 cnp.import_array()
 
@@ -581,3 +582,13 @@ def block_status_wire(const uint64_t[::1] bounds, const uint32_t[::1] flags, uin
             put_be32(p + 8 * s, <uint32_t> (z - a))
             put_be32(p + 8 * s + 4, flags[i + s])
     return out
+
+
+# ---------------------------------------------------------------------------
+def empty_bytearray(Py_ssize_t n):
+    """A bytearray of n bytes whose content is not set (bytearray(n) zero-fills
+    it: a memset as costly as the read that then overwrites it), for a buffer
+    the caller fills completely before anything reads it."""
+    if n < 0:
+        raise ValueError("empty_bytearray: negative size")
+    return PyByteArray_FromStringAndSize(NULL, n)

@@ -70,7 +70,7 @@ import stat
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .. import errors
+from .. import _fast, errors
 from . import protocol as P
 from .exports import Export, Image, describe
 
@@ -783,9 +783,11 @@ class Transmission(asyncio.Protocol):
 
     def _buffer(self, n: int) -> bytearray:
         """The connection's read buffer (HEAD + n bytes), reused only when the
-        transport holds no reference into it (everything written reached the socket)."""
+        transport holds no reference into it (everything written reached the socket).
+        A new one is not zero-filled: preadinto fills the data part whole (or
+        raises, and nothing is sent), and the header is packed in before it."""
         if len(self._buf) < self.HEAD + n or self.t.get_write_buffer_size():
-            self._buf = bytearray(self.HEAD + max(n, 1 << 16))
+            self._buf = _fast.empty_bytearray(self.HEAD + max(n, 1 << 16))
         return self._buf
 
     def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
