@@ -352,6 +352,7 @@ def test_second_server_on_a_served_image_fails_in_one_line(tmp_path, serve_proce
     (["--listen", "127.0.0.1:0", "--tls-cert", "/missing.pem", "--tls-key", "/missing.key"], ["/missing.pem"]),
     (["--listen", "no-port"], ["HOST:PORT"]),
     (["--socket", "s.sock", "--export", "a@b"], ["'a@b'"]),
+    (["--socket", ""], ["--socket ''"]),             # was a traceback (IndexError in create_unix_server)
 ])
 def test_cli_errors_are_one_line(tmp_path, args, words):
     img = make_image(tmp_path / "disk.vdk", size=MiB)
@@ -359,3 +360,17 @@ def test_cli_errors_are_one_line(tmp_path, args, words):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("vdisk: error: "), r.stderr
     assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_serve_until_stopped_before_start_says_so(tmp_path):
+    """A server not started has nothing to wait for: ServeError naming start(), not
+    AttributeError "'NoneType' object has no attribute 'wait'" (found by mypy)."""
+    import asyncio
+
+    from vdisk.nbd import Server
+    srv = Server(make_image(tmp_path / "disk.vdk", size=MiB), socket=str(tmp_path / "s.sock"))
+    try:
+        with pytest.raises(vdisk.ServeError, match=r"not started: call start\(\)"):
+            asyncio.run(srv.serve_until_stopped())
+    finally:
+        srv.disk.close()

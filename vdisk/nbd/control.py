@@ -62,9 +62,19 @@ import os
 import socket as _socket
 import struct
 import time
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Literal, TypeVar, overload
 
 from .. import errors, live
 from ..changeid import ANY
+
+if TYPE_CHECKING:
+    from ..consumers import ConsumerInfo
+    from ..results import CheckResult, CheckResultDict, ImageInfo
+    from .server import Server
+
+T = TypeVar("T")
+#: an operation: a coroutine function (ControlServer, **args) -> its JSON result
+Op = TypeVar("Op", bound=Callable[..., Coroutine[Any, Any, object]])
 
 log = logging.getLogger("vdisk.nbd")
 
@@ -75,19 +85,19 @@ _LONG = frozenset(("backup", "check", "compact"))      # the operations of the w
 class ControlServer:
     """The control listener of one nbd.Server (started and stopped by it)."""
 
-    def __init__(self, server):
+    def __init__(self, server: Server):
         self.server = server
         self.disk = server.disk
         self.path: str | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._ino: int | None = None
-        self._lock: asyncio.Lock | None = None       # backups and checks are carried out one at a time
+        # backups and checks are carried out one at a time (made in the loop: Server.start makes us)
+        self._lock = asyncio.Lock()
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vdisk-nbd-control")
-        self._tasks: set = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        self._lock = asyncio.Lock()
         try:
             path = live.control_path(self.disk.path, create_dir=True)
         except (OSError, errors.ControlError) as exc:
@@ -140,6 +150,7 @@ class ControlServer:
     # ---------------------------------------------------------------- one client
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None                 # start_unix_server runs each client as a task
         self._tasks.add(task)
         try:
             if len(self._tasks) > MAX_CLIENTS:
@@ -176,7 +187,7 @@ class ControlServer:
             except Exception:
                 pass
 
-    def _peer_allowed(self, writer) -> bool:
+    def _peer_allowed(self, writer: asyncio.StreamWriter) -> bool:
         sock = writer.get_extra_info("socket")
         try:
             raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -188,7 +199,7 @@ class ControlServer:
         log.warning("control channel: refused a client of uid %d", uid)
         return False
 
-    async def _answer(self, line: bytes) -> dict:
+    async def _answer(self, line: bytes) -> live.Wire:
         try:
             req = json.loads(line)
         except (ValueError, RecursionError):         # RecursionError: nesting deeper than the parser goes
@@ -227,23 +238,29 @@ class ControlServer:
         return {"ok": True, "result": result}
 
     # ---------------------------------------------------------------- helpers
-    def _in_worker(self, fn, *args):
-        return asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+    def _in_worker(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self._worker, fn)
 
     def _served(self, what: str) -> str:
         return (f"{self.disk.path} is served by vdisk serve (pid {os.getpid()}, {self.server.address}): "
                 f"{what}")
 
 
-def _op(fn):
+def _op(fn: Op) -> Op:
     _OPS[fn.__name__[4:]] = fn
     return fn
 
 
-_OPS: dict = {}
+_OPS: dict[str, Callable[..., Coroutine[Any, Any, object]]] = {}
 
 
-def _str(value, what: str, optional: bool = False):
+@overload
+def _str(value: object, what: str, optional: Literal[False] = False) -> str: ...
+@overload
+def _str(value: object, what: str, optional: Literal[True]) -> str | None: ...
+
+
+def _str(value: object, what: str, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
     if not isinstance(value, str):
@@ -252,29 +269,29 @@ def _str(value, what: str, optional: bool = False):
 
 
 @_op
-async def _op_hello(c: ControlServer) -> dict:
+async def _op_hello(c: ControlServer) -> live.Wire:
     from .. import __version__
     return {"pid": os.getpid(), "path": c.disk.path, "export": c.server.image.name, "address": c.server.address,
             "read_only": c.server.image.read_only, "version": __version__}
 
 
 @_op
-async def _op_info(c: ControlServer) -> dict:
+async def _op_info(c: ControlServer) -> ImageInfo:
     return c.disk.info()
 
 
 @_op
-async def _op_map(c: ControlServer) -> list:
+async def _op_map(c: ControlServer) -> list[list[int]]:
     return live.extents_list(c.disk.map())
 
 
 @_op
-async def _op_host_map(c: ControlServer) -> list:
+async def _op_host_map(c: ControlServer) -> list[list[int]]:
     return [list(run) for run in c.disk.host_map()]
 
 
 @_op
-async def _op_changes(c: ControlServer, since=None, consumer=None) -> dict:
+async def _op_changes(c: ControlServer, since: object = None, consumer: object = None) -> live.Wire:
     if (since is None) == (consumer is None):
         raise errors.InvalidArgumentError("give exactly one of since and consumer")
     if consumer is not None:
@@ -290,7 +307,7 @@ async def _op_checkpoint(c: ControlServer) -> str:
 
 
 @_op
-async def _op_snapshot_create(c: ControlServer, name=None) -> dict:
+async def _op_snapshot_create(c: ControlServer, name: object = None) -> live.Wire:
     snap = c.disk.snapshot(_str(name, "name", optional=True))
     try:
         info = snap.info
@@ -300,17 +317,20 @@ async def _op_snapshot_create(c: ControlServer, name=None) -> dict:
 
 
 @_op
-async def _op_snapshot_list(c: ControlServer) -> list:
+async def _op_snapshot_list(c: ControlServer) -> list[live.Wire]:
     return [live.snapshot_dict(i) for i in c.disk.snapshots]
 
 
 @_op
-async def _op_snapshot_delete(c: ControlServer, name, wait=None) -> None:
+async def _op_snapshot_delete(c: ControlServer, name: object, wait: object = None) -> None:
     name = _str(name, "name")
-    if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 86400):
-        raise errors.InvalidArgumentError(f"wait {wait!r}: seconds from 0 to 86400")
+    seconds: float | None = None
+    if wait is not None:
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 86400:
+            raise errors.InvalidArgumentError(f"wait {wait!r}: seconds from 0 to 86400")
+        seconds = wait
     export = f"{c.server.image.name}@{name}"
-    deadline = time.monotonic() + (wait or 0)
+    deadline = time.monotonic() + (seconds or 0)
     while True:
         if name not in {s.name for s in c.disk.snapshots}:
             raise errors.SnapshotNotFoundError(f"{c.disk.path}: no snapshot named {name!r}")
@@ -318,7 +338,7 @@ async def _op_snapshot_delete(c: ControlServer, name, wait=None) -> None:
         if not n:
             break
         if time.monotonic() >= deadline:
-            waited = f" after waiting {wait:g}s" if wait else ""
+            waited = f" after waiting {seconds:g}s" if seconds else ""
             raise errors.ImageLockedError(c._served(
                 f"snapshot {name!r} is read by {n} NBD client{'s' if n > 1 else ''} of export {export!r}{waited}; "
                 f"delete it once they disconnect (or pass --wait SECONDS)"))
@@ -327,7 +347,7 @@ async def _op_snapshot_delete(c: ControlServer, name, wait=None) -> None:
 
 
 @_op
-async def _op_snapshot_revert(c: ControlServer, name) -> None:
+async def _op_snapshot_revert(c: ControlServer, name: object) -> None:
     name = _str(name, "name")
     if name not in {s.name for s in c.disk.snapshots}:
         raise errors.SnapshotNotFoundError(f"{c.disk.path}: no snapshot named {name!r}")
@@ -339,71 +359,71 @@ async def _op_snapshot_revert(c: ControlServer, name) -> None:
     c.disk.revert(name)
 
 
-def _consumer(info) -> dict:
+def _consumer(info: ConsumerInfo) -> live.Wire:
     return live.consumer_dict(info)
 
 
 @_op
-async def _op_consumer_register(c: ControlServer, name, change_id=None) -> dict:
+async def _op_consumer_register(c: ControlServer, name: object, change_id: object = None) -> live.Wire:
     info = c.disk.consumers.register(_str(name, "name"), _str(change_id, "change_id", optional=True))
     return _consumer(info)
 
 
 @_op
-async def _op_consumer_update(c: ControlServer, name, change_id) -> dict:
+async def _op_consumer_update(c: ControlServer, name: object, change_id: object) -> live.Wire:
     info = c.disk.consumers.update(_str(name, "name"), _str(change_id, "change_id"))
     return _consumer(info)
 
 
 @_op
-async def _op_consumer_forget(c: ControlServer, name) -> None:
+async def _op_consumer_forget(c: ControlServer, name: object) -> None:
     c.disk.consumers.forget(_str(name, "name"))
 
 
 @_op
-async def _op_consumer_list(c: ControlServer) -> list:
+async def _op_consumer_list(c: ControlServer) -> list[live.Wire]:
     return [_consumer(i) for i in c.disk.consumers.values()]
 
 
 @_op
-async def _op_clients(c: ControlServer) -> dict:
+async def _op_clients(c: ControlServer) -> dict[str, int]:
     return dict(c.server.export_clients())
 
 
 @_op
-async def _op_backup(c: ControlServer, dest, since=None, consumer=None, compression="gzip") -> dict:
+async def _op_backup(c: ControlServer, dest: object, since: object = None, consumer: object = None,
+                     compression: object = "gzip") -> live.Wire:
     from ..backup import backup as run_backup
-    dest = _str(dest, "dest")
-    if not os.path.isabs(dest):
-        raise errors.InvalidArgumentError(f"dest {dest!r}: the server needs an absolute path")
-    _str(since, "since", optional=True)
-    _str(consumer, "consumer", optional=True)
-    res = await c._in_worker(lambda: run_backup(c.disk, dest, since=since, consumer=consumer,
-                                                    compression=_str(compression, "compression")))
-    out = res.to_dict()
-    out["extent_runs"] = live.extents_list(res.extents)
+    path = _str(dest, "dest")
+    if not os.path.isabs(path):
+        raise errors.InvalidArgumentError(f"dest {path!r}: the server needs an absolute path")
+    since_id = _str(since, "since", optional=True)
+    consumer_name = _str(consumer, "consumer", optional=True)
+    res = await c._in_worker(lambda: run_backup(c.disk, path, since=since_id, consumer=consumer_name,
+                                                compression=_str(compression, "compression")))
+    out: live.Wire = {**res.to_dict(), "extent_runs": live.extents_list(res.extents)}
     return out
 
 
 @_op
-async def _op_compact(c: ControlServer) -> dict:
+async def _op_compact(c: ControlServer) -> live.Wire:
     if c.server.image.read_only:
         raise errors.ReadOnlyError(c._served("it is served read-only, and compact writes the image; serve it "
                                              "without --read-only, or stop the server first"))
     seen = [0]
 
-    def run() -> dict:
+    def run() -> live.Wire:
         released = c.disk.compact(progress=lambda done, total: seen.__setitem__(0, total))
         return {"released": released, "blocks": seen[0]}
     return await c._in_worker(run)
 
 
 @_op
-async def _op_check(c: ControlServer) -> dict:
+async def _op_check(c: ControlServer) -> CheckResultDict:
     from ..check import _check as check_file
     from ..fileio import FileIO
 
-    def run():
+    def run() -> CheckResult:
         disk = c.disk
         with disk.quiesced():               # the file must not change while check reads it
             fio = FileIO(disk.path, writable=False)

@@ -34,11 +34,28 @@ reused (each request is queried, as before).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable, Union
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import _fast, errors
 from ..changeid import ANY
+from ..disk import Disk
 from . import protocol as P
+
+if TYPE_CHECKING:
+    from ..extents import Extents
+    from ..snapshots import Snapshot
+
+#: byte offsets (numpy uint64)
+Offsets = npt.NDArray[np.uint64]
+#: runs [offsets, ends) of bytes, sorted and disjoint
+Runs = tuple[Offsets, Offsets]
+#: a context's question: (offset, length) -> the runs its flag is set on that meet the range
+Query = Callable[[int, int], Runs]
+#: what an export reads: the live Disk or a Snapshot of it
+View = Union[Disk, "Snapshot"]
 
 
 class Context:
@@ -46,7 +63,7 @@ class Context:
 
     __slots__ = ("name", "export", "set_flags", "clear_flags", "_query", "_window")
 
-    def __init__(self, name: str, export: "Export", set_flags: int, clear_flags: int, query):
+    def __init__(self, name: str, export: "Export", set_flags: int, clear_flags: int, query: Query):
         self.name = name
         self.export = export
         self.set_flags = set_flags          # the flags of the runs query() returns
@@ -54,7 +71,7 @@ class Context:
         self._query = query                 # (offset, length) -> (offsets, ends) uint64 arrays
         self._window: Window | None = None  # the last answer, reused while the image is unchanged
 
-    def descriptors(self, offset: int, length: int, limit: int) -> np.ndarray:
+    def descriptors(self, offset: int, length: int, limit: int) -> npt.NDArray[np.uint64]:
         """(length, flags) rows from offset, covering at most length bytes and
         at most limit rows; never a zero length (see describe)."""
         offsets, ends = self._query(offset, length)
@@ -106,7 +123,7 @@ class Window:
 
     __slots__ = ("start", "stop", "version", "bounds", "flags")
 
-    def __init__(self, offsets: np.ndarray, ends: np.ndarray, start: int, stop: int, inside: int, outside: int,
+    def __init__(self, offsets: Offsets, ends: Offsets, start: int, stop: int, inside: int, outside: int,
                  version: int | None):
         self.start, self.stop = start, stop
         self.version = version              # the image's version it was computed at (None: never reused)
@@ -123,8 +140,8 @@ class Window:
         return _fast.block_status_wire(self.bounds, self.flags, start, stop, limit)
 
 
-def describe(offsets: np.ndarray, ends: np.ndarray, start: int, stop: int, inside: int, outside: int,
-             limit: int) -> np.ndarray:
+def describe(offsets: Offsets, ends: Offsets, start: int, stop: int, inside: int, outside: int,
+             limit: int) -> npt.NDArray[np.uint64]:
     """Descriptors of [start, stop) given sorted, disjoint runs [offsets, ends):
     an (n, 2) uint64 array of (length, flags), touching runs merged, at most
     limit rows, never a zero length.  Vectorized: a reply may hold 65536."""
@@ -163,7 +180,7 @@ def describe(offsets: np.ndarray, ends: np.ndarray, start: int, stop: int, insid
     return out[:limit]
 
 
-def _arrays(extents) -> tuple[np.ndarray, np.ndarray]:
+def _arrays(extents: Extents) -> Runs:
     offs = extents.offsets
     return offs, offs + extents.lengths
 
@@ -171,13 +188,13 @@ def _arrays(extents) -> tuple[np.ndarray, np.ndarray]:
 class Export:
     """One export: a name, a view (the Disk or a Snapshot), and whether it is writable."""
 
-    def __init__(self, image: "Image", name: str, view, read_only: bool, snapshot: str | None = None):
+    def __init__(self, image: "Image", name: str, view: View, read_only: bool, snapshot: str | None = None):
         self.image = image
         self.name = name
         self.view = view
         self.read_only = read_only
         self.snapshot = snapshot
-        self._cache: dict = {}
+        self._cache: dict[object, Runs] = {}     # a snapshot's answers, by question
 
     @property
     def reusable(self) -> bool:
@@ -212,7 +229,7 @@ class Export:
 
     # --- answers (a snapshot's never change: cached; the live disk's are asked each time,
     #     since a program serving its own Disk may write to it behind the server's back)
-    def _cached(self, key, compute):
+    def _cached(self, key: object, compute: Callable[[], Runs]) -> Runs:
         if self.live:
             return compute()
         hit = self._cache.get(key)
@@ -222,27 +239,29 @@ class Export:
             hit = self._cache[key] = compute()
         return hit
 
-    def allocated(self, offset: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    def allocated(self, offset: int, length: int) -> Runs:
         """Runs [offsets, ends) of allocated data that meet [offset, offset + length)."""
-        if self.live:
-            return _arrays(self.view.map_range(offset, length))
-        return self._cached("map", lambda: _arrays(self.view.map()))
+        view = self.view
+        if isinstance(view, Disk):              # the live export (a snapshot export's view is a Snapshot)
+            return _arrays(view.map_range(offset, length))
+        return self._cached("map", lambda: _arrays(view.map()))
 
-    def changed(self, change_id: str, offset: int = 0, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def changed(self, change_id: str, offset: int = 0, length: int | None = None) -> Runs:
         """Runs changed after change_id that meet [offset, offset + length) (all of
         them when length is None; raises StaleChangeIdError if the view cannot
         answer).  The live disk answers the range alone (Disk.changes_in: the
         cost follows the range, not the disk); a snapshot's whole answer is cached."""
-        if self.live:
+        view = self.view
+        if isinstance(view, Disk):              # the live export
             if length is None:
-                return _arrays(self.view.changes_since(change_id))
-            return _arrays(self.view.changes_in(change_id, offset, length))
-        return self._cached(("changes", change_id), lambda: _arrays(self.view.changes_since(change_id)))
+                return _arrays(view.changes_since(change_id))
+            return _arrays(view.changes_in(change_id, offset, length))
+        return self._cached(("changes", change_id), lambda: _arrays(view.changes_since(change_id)))
 
     def answers(self, change_id: str) -> bool:
         """Whether this view can answer change_id (without computing the answer on the live disk)."""
         try:
-            if self.live:
+            if isinstance(self.view, Disk):     # the live export
                 self.view.changes_in(change_id, 0, 0)
             else:
                 self.changed(change_id)
@@ -305,7 +324,7 @@ class Export:
 class Image:
     """The exports of one open Disk."""
 
-    def __init__(self, disk, name: str, read_only: bool, sole_writer: bool = False):
+    def __init__(self, disk: Disk, name: str, read_only: bool, sole_writer: bool = False):
         self.disk = disk
         self.name = name
         self.read_only = read_only or not disk.writable()

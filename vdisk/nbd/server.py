@@ -68,15 +68,16 @@ import socket as _socket
 import ssl
 import stat
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, cast
 
 from .. import _fast, errors
+from ..disk import Disk
 from . import protocol as P
-from .exports import Export, Image, describe
+from .exports import Context, Export, Image, describe
 
 if TYPE_CHECKING:
     from .._types import PathArg
-    from ..disk import Disk
+    from .control import ControlServer
 
 log = logging.getLogger("vdisk.nbd")
 
@@ -104,7 +105,8 @@ def is_loopback(host: str) -> bool:
         infos = _socket.getaddrinfo(host, None, type=_socket.SOCK_STREAM)
     except OSError:
         return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+    # str(): a host's addresses are AF_INET/AF_INET6 ones, whose sockaddr[0] is already the address text
+    return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -115,7 +117,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def tls_context(cert, key, ca=None) -> ssl.SSLContext:
+def tls_context(cert: PathArg, key: PathArg, ca: PathArg | None = None) -> ssl.SSLContext:
     """A server TLS context; with ca, clients must present a certificate it signed."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -142,37 +144,45 @@ class Wire(asyncio.Protocol):
 
     LIMIT = 2 * (P.MAX_OPTION_LENGTH + P.OPTION_HEADER.size)
 
-    def __init__(self, accept):
+    def __init__(self, accept: Callable[[Wire], Coroutine[Any, Any, None]]):
         self._accept = accept               # coroutine function (wire) run as the session's task
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport | None = None     # set by connection_made
         self.buffer = bytearray()
         self.eof = False
         self.lost = False
         self._exc: BaseException | None = None
-        self._waiter: asyncio.Future | None = None      # readexactly waiting for data
-        self._drained: asyncio.Future | None = None     # drain waiting for the transport's writes
+        self._waiter: asyncio.Future[None] | None = None      # readexactly waiting for data
+        self._drained: asyncio.Future[None] | None = None     # drain waiting for the transport's writes
         self._paused_writing = False
         self._paused_reading = False
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def stream(self) -> asyncio.Transport:
+        """The transport, which connection_made set before any other callback or call."""
+        t = self.transport
+        assert t is not None, "the connection is not made yet"
+        return t
 
     # --- asyncio callbacks
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream server's connection (create_server, create_unix_server): an asyncio.Transport
+        self.transport = cast(asyncio.Transport, transport)
         self.task = asyncio.get_running_loop().create_task(self._accept(self))
 
-    def data_received(self, data) -> None:
+    def data_received(self, data: bytes) -> None:
         self.buffer += data
         if len(self.buffer) > self.LIMIT and not self._paused_reading:
             self._paused_reading = True
-            self.transport.pause_reading()
+            self.stream.pause_reading()
         self._wake(self._waiter)
 
-    def eof_received(self):
+    def eof_received(self) -> bool | None:
         self.eof = True
         self._wake(self._waiter)
-        return None if self.transport.get_extra_info("sslcontext") is not None else True
+        return None if self.stream.get_extra_info("sslcontext") is not None else True
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.eof = True
         self._exc = exc
@@ -187,7 +197,7 @@ class Wire(asyncio.Protocol):
         self._wake(self._drained)
 
     @staticmethod
-    def _wake(fut) -> None:
+    def _wake(fut: asyncio.Future[None] | None) -> None:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
@@ -201,7 +211,7 @@ class Wire(asyncio.Protocol):
                 raise asyncio.IncompleteReadError(bytes(buf), n)
             if self._paused_reading:
                 self._paused_reading = False
-                self.transport.resume_reading()
+                self.stream.resume_reading()
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -211,11 +221,11 @@ class Wire(asyncio.Protocol):
         del buf[:n]
         if self._paused_reading and len(buf) <= self.LIMIT:
             self._paused_reading = False
-            self.transport.resume_reading()
+            self.stream.resume_reading()
         return data
 
-    def write(self, data) -> None:
-        self.transport.write(data)
+    def write(self, data: bytes) -> None:
+        self.stream.write(data)
 
     async def drain(self) -> None:
         if self.lost:
@@ -231,15 +241,15 @@ class Wire(asyncio.Protocol):
 
     async def start_tls(self, context: ssl.SSLContext) -> None:
         """TLS from here on (loop.start_tls: this protocol stays, on the new transport)."""
-        self.transport = await asyncio.get_running_loop().start_tls(self.transport, self, context,
+        self.transport = await asyncio.get_running_loop().start_tls(self.stream, self, context,
                                                                     server_side=True)
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
-    def get_extra_info(self, name: str, default=None):
-        return self.transport.get_extra_info(name, default)
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.stream.get_extra_info(name, default)
 
 
 class Connection:
@@ -255,7 +265,7 @@ class Connection:
         self.tls = False
         self.export: Export | None = None
         self.meta_export: str | None = None    # the export name the contexts were set for
-        self.contexts: list = []               # index i: context id i + 1
+        self.contexts: list[Context] = []      # index i: context id i + 1
         self.stopping = False
         self.proto: Transmission | None = None
 
@@ -263,7 +273,7 @@ class Connection:
     async def _read(self, n: int) -> bytes:
         return await self.wire.readexactly(n)
 
-    def _send(self, *parts) -> None:
+    def _send(self, *parts: bytes) -> None:
         w = self.wire
         for p in parts:
             w.write(p)
@@ -436,7 +446,7 @@ class Connection:
                 raise _BadOption("no count of queries")
             (count,) = P.U32.unpack_from(data, pos)
             pos += 4
-            queries = []
+            queries: list[str] = []
             for i in range(count):
                 q, used = self._parse_name(data[pos:], f"query {i}")
                 pos += used
@@ -484,7 +494,7 @@ class Connection:
     async def _transmission(self) -> None:
         """Hand the transport to a Transmission protocol; wait until it closes."""
         wire = self.wire
-        transport = wire.transport
+        transport = wire.stream
         leftover = bytes(wire.buffer)               # requests the client pipelined after GO
         wire.buffer.clear()
         proto = Transmission(self, transport, leftover)
@@ -499,7 +509,7 @@ class Connection:
         if proto.violation:
             log.warning("nbd client %s: %s; disconnected", self.peer, proto.violation)
 
-    def stop(self, task: asyncio.Task) -> None:
+    def stop(self, task: asyncio.Task[None]) -> None:
         """Server stop: a session in transmission finishes what it holds, then closes;
         one still negotiating is cut off."""
         self.stopping = True
@@ -523,23 +533,25 @@ class Transmission(asyncio.Protocol):
 
     HEAD = 32           # room before read data for the reply header (simple: 16, structured: 28)
 
-    def __init__(self, conn: Connection, transport, leftover: bytes):
+    def __init__(self, conn: Connection, transport: asyncio.Transport, leftover: bytes):
         self.conn = conn
         self.server = conn.server
-        self.export = conn.export
-        self.view = conn.export.view
+        export = conn.export
+        assert export is not None               # GO or EXPORT_NAME chose it: the handshake is over
+        self.export = export
+        self.view = export.view
         self.image = conn.image
         self.structured = conn.structured
         self.contexts = conn.contexts
         self.peer = conn.peer
         self.t = transport
         self.inbuf = bytearray(leftover)
-        self.out: list = []
+        self.out: list[bytes] = []      # the replies of this batch
         self.blocked = False            # waiting for a flush
         self.write_paused = False
         self.closing = False
         self.violation: str | None = None
-        self.closed = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._buf = bytearray(0)
         transport.set_write_buffer_limits(high=4 << 20)
 
@@ -547,12 +559,12 @@ class Transmission(asyncio.Protocol):
     def start(self) -> None:
         self._process()
 
-    def data_received(self, data) -> None:
+    def data_received(self, data: bytes) -> None:
         self.inbuf += data
         if not self.blocked and not self.write_paused:
             self._process()
 
-    def eof_received(self):
+    def eof_received(self) -> bool | None:
         self.closing = True             # the client is done sending: answer what it sent, then close
         if not self.blocked:
             self._process()
@@ -566,7 +578,7 @@ class Transmission(asyncio.Protocol):
                         self.peer, len(self.inbuf))
             self.inbuf.clear()
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -652,12 +664,14 @@ class Transmission(asyncio.Protocol):
             self.t.write(b"".join(out))
         out.clear()
 
-    def _send_now(self, part) -> None:
+    def _send_now(self, part: memoryview) -> None:
         """Write a large part at once, after what is gathered (no copy into a join)."""
         self._send_out()
         self.t.write(part)
 
-    def _request(self, cmd: int, flags: int, cookie: int, offset: int, length: int, payload) -> None:
+    def _request(self, cmd: int, flags: int, cookie: int, offset: int, length: int,
+                 payload: memoryview | None) -> None:
+        """One request; payload: a WRITE's data (None for every other command)."""
         err, msg = self._check(cmd, flags, offset, length)
         if err:
             self._reply_error(cmd, cookie, err, msg)
@@ -673,6 +687,7 @@ class Transmission(asyncio.Protocol):
                 self.image.touch()              # block status answers computed before are stale
             if cmd == P.NBD_CMD_WRITE:
                 if length:
+                    assert payload is not None      # _process passes a WRITE its payload
                     self.view.pwrite(payload, offset)
             elif cmd == P.NBD_CMD_TRIM:
                 if length:
@@ -690,7 +705,8 @@ class Transmission(asyncio.Protocol):
         except Exception as exc:
             self._failed(cmd, cookie, offset, length, exc)
 
-    def _failed(self, cmd: int, cookie: int, offset: int, length: int, exc: Exception) -> None:
+    def _failed(self, cmd: int, cookie: int, offset: int, length: int, exc: BaseException) -> None:
+        """Reply the error of a request that failed; an exception no NBD error names is raised again."""
         if isinstance(exc, errors.ReadOnlyError):
             self._reply_error(cmd, cookie, P.NBD_EPERM, str(exc))
             return
@@ -714,7 +730,7 @@ class Transmission(asyncio.Protocol):
         self._send_out()
         fut = self.server.flush_future()
 
-        def done(f):
+        def done(f: asyncio.Future[None]) -> None:
             self.blocked = False
             exc = f.exception()
             if exc is None:
@@ -776,10 +792,13 @@ class Transmission(asyncio.Protocol):
         self.out.append(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
 
     def _write_zeroes(self, flags: int, offset: int, length: int) -> None:
+        view = self.view
         if not flags & P.NBD_CMD_FLAG_NO_HOLE:
-            self.view.discard(offset, length)       # a hole: reads as zeros, blocks freed
+            view.discard(offset, length)            # a hole: reads as zeros, blocks freed
             return
-        self.view.write_zeros(offset, length)       # zeros written: every block stays allocated
+        if not isinstance(view, Disk):      # a snapshot export: read-only, so _check refused the request
+            raise errors.ReadOnlyError(f"export {self.export.name!r} is a snapshot, read-only")
+        view.write_zeros(offset, length)            # zeros written: every block stays allocated
 
     def _buffer(self, n: int) -> bytearray:
         """The connection's read buffer (HEAD + n bytes), reused only when the
@@ -822,7 +841,7 @@ class Transmission(asyncio.Protocol):
             return
         self._read_runs(flags, cookie, offset, length, None)
 
-    def _read_runs(self, flags: int, cookie: int, offset: int, length: int, data) -> None:
+    def _read_runs(self, flags: int, cookie: int, offset: int, length: int, data: bytes | None) -> None:
         """A structured read as data and hole chunks; with DF one chunk.  data: the
         range's content when already read (all zeros)."""
         offs, ends = self.export.allocated(offset, length)
@@ -856,7 +875,7 @@ class Transmission(asyncio.Protocol):
 
     def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
         limit = 1 if flags & P.NBD_CMD_FLAG_REQ_ONE else P.MAX_EXTENTS
-        chunks = []
+        chunks: list[bytes] = []
         for i, ctx in enumerate(self.contexts):
             try:
                 body = ctx.block_status(offset, length, limit)
@@ -912,12 +931,15 @@ class Server:
     off while serving and put back at close).
     """
 
-    def __init__(self, path_or_disk, *, socket=None, listen=None, export: str | None = None,
-                 read_only: bool = False, tls_cert=None, tls_key=None, tls_ca=None, insecure: bool = False,
-                 pid_file=None, min_block_size: int = 1, max_connections: int = 64, stop_timeout: float = 30,
-                 fold_period: float = 5):
+    def __init__(self, path_or_disk: PathArg | Disk, *, socket: PathArg | None = None, listen: str | None = None,
+                 export: str | None = None, read_only: bool = False, tls_cert: PathArg | None = None,
+                 tls_key: PathArg | None = None, tls_ca: PathArg | None = None, insecure: bool = False,
+                 pid_file: PathArg | None = None, min_block_size: int = 1, max_connections: int = 64,
+                 stop_timeout: float = 30, fold_period: float = 5):
         if (socket is None) == (listen is None):
             raise errors.InvalidArgumentError("give exactly one of socket=PATH or listen='HOST:PORT'")
+        if socket is not None and not os.fspath(socket):
+            raise errors.InvalidArgumentError("--socket '': give the path of the socket to create")
         if bool(tls_cert) != bool(tls_key):
             raise errors.InvalidArgumentError("TLS needs both --tls-cert and --tls-key")
         if tls_ca and not tls_cert:
@@ -932,22 +954,23 @@ class Server:
             raise errors.ServeError(
                 f"--listen {listen}: {self.listen[0] or 'every address'} is not a loopback address; "
                 f"serve it only with TLS (--tls-cert/--tls-key) or pass --insecure")
-        self.tls_context = tls_context(tls_cert, tls_key, tls_ca) if tls_cert else None
+        self.tls_context = tls_context(tls_cert, tls_key, tls_ca) if tls_cert and tls_key else None
         self.min_block = min_block_size
         self.stop_timeout = stop_timeout              # seconds a stop waits for sessions to finish
         self.fold_period = fold_period                # seconds between folds when writes went unflushed
         self.unflushed = 0                            # writes answered since the last flush began
-        self._fold_task: asyncio.Task | None = None
+        self._fold_task: asyncio.Task[None] | None = None
         self._saved_fold_interval: int | None = None
         self.max_connections = max_connections      # each may hold ~70 MiB at worst (a 32 MiB write in,
         #                                             a 32 MiB read out): the cap bounds the whole server
         self.pid_file = os.fspath(pid_file) if pid_file is not None else None
-        self._owns_disk = not hasattr(path_or_disk, "pread")
-        if self._owns_disk:
-            from .. import disk as _disk
-            self.disk = _disk.open(path_or_disk, "r" if read_only else "r+")
-        else:
+        if isinstance(path_or_disk, Disk):
+            self._owns_disk = False
             self.disk = path_or_disk
+        else:
+            from .. import disk as _disk
+            self._owns_disk = True
+            self.disk = _disk.open(path_or_disk, "r" if read_only else "r+")
         try:
             if export is None:
                 export = os.path.splitext(os.path.basename(self.disk.path))[0]
@@ -960,7 +983,7 @@ class Server:
             raise
         self.address: str | None = None       # "unix:PATH" or "HOST:PORT" once listening
         self._server: asyncio.base_events.Server | None = None
-        self._conns: dict[asyncio.Task, Connection] = {}
+        self._conns: dict[asyncio.Task[Any], Connection] = {}
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vdisk-nbd-flush")
         self._counter = 0
         self._stopped: asyncio.Event | None = None     # set when stop() begins
@@ -968,7 +991,7 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.control = None                    # the control channel (vdisk/nbd/control.py)
+        self.control: ControlServer | None = None      # the control channel (vdisk/nbd/control.py)
 
     def export_clients(self) -> dict[str, int]:
         """Connected clients by export name (the live export counted as NAME)."""
@@ -982,7 +1005,7 @@ class Server:
     def export_name(self) -> str:
         return self.image.name
 
-    def flush_future(self, presync: bool = False) -> asyncio.Future:
+    def flush_future(self, presync: bool = False) -> asyncio.Future[None]:
         """Disk.flush in the flush thread: every write acknowledged before, on any connection, durable
         (and the tracking bits folded).  presync: sync the file first without the Disk's lock."""
         self.unflushed = 0          # writes answered from now on: the next period's
@@ -1053,13 +1076,14 @@ class Server:
                 os.chmod(self.socket_path, 0o600)
                 self.address = f"unix:{self.socket_path}"
             else:
+                assert self.listen is not None      # __init__ took exactly one of socket and listen
                 host, port = self.listen
                 self._server = await self._loop.create_server(lambda: Wire(self._accept), host, port)
                 bound = self._server.sockets[0].getsockname()
                 self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         except OSError as exc:
             await self._close_image()
-            where = self.socket_path or f"{self.listen[0]}:{self.listen[1]}"
+            where = self.socket_path if self.listen is None else f"{self.listen[0]}:{self.listen[1]}"
             raise errors.ServeError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         self._serve_folds()
         from .control import ControlServer     # before the pid file: ready means live operations too
@@ -1076,7 +1100,9 @@ class Server:
         peer = wire.get_extra_info("peername")
         peer = f"#{self._counter} " + (f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix")
         task = asyncio.current_task()
-        if self._stopped.is_set():
+        assert task is not None                 # Wire.connection_made runs us as a task
+        stopped, _done = self._events()
+        if stopped.is_set():
             wire.close()
             return
         if len(self._conns) >= self.max_connections:
@@ -1095,14 +1121,15 @@ class Server:
         """Stop accepting, let in-flight requests finish, flush and close the image."""
         if self._stopped is None:
             return
-        if self._stopped.is_set():
-            await self._done.wait()
+        stopped, done = self._events()
+        if stopped.is_set():
+            await done.wait()
             return
-        self._stopped.set()
+        stopped.set()
         try:
             await self._stop()
         finally:
-            self._done.set()
+            done.set()
 
     async def _stop(self) -> None:
         if self._server is not None:
@@ -1150,10 +1177,17 @@ class Server:
             if self._owns_disk:
                 self.disk.close()
 
+    def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
+        """(stopped, done): set when stop() begins and when it has finished; start() makes them."""
+        if self._stopped is None or self._done is None:
+            raise errors.ServeError("the server is not started: call start() (or start_in_thread()) first")
+        return self._stopped, self._done
+
     async def serve_until_stopped(self) -> None:
         """Wait until stop() (called elsewhere, or by a signal) has finished."""
-        await self._stopped.wait()
-        await self._done.wait()
+        stopped, done = self._events()
+        await stopped.wait()
+        await done.wait()
 
     def run(self) -> None:
         """Serve until SIGTERM or SIGINT (in the main thread), then stop cleanly.
@@ -1163,20 +1197,19 @@ class Server:
         benchmarks/README.md), unless VDISK_NBD_UVLOOP=0 is in the
         environment or TLS is configured (qemu-img's STARTTLS fails on
         uvloop 0.23's start_tls: not investigated); asyncio's otherwise."""
-        async def main():
+        async def main() -> None:
             await self.start()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
             try:
-                await self._stopped.wait()
-                await self._done.wait()
+                await self.serve_until_stopped()
             finally:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
-        uvloop = _uvloop() if self.tls_context is None else None
-        if uvloop is not None:
-            uvloop.run(main())
+        run_uvloop = _uvloop_run() if self.tls_context is None else None
+        if run_uvloop is not None:
+            run_uvloop(main())
         else:
             asyncio.run(main())
 
@@ -1186,7 +1219,7 @@ class Server:
         ready = threading.Event()
         failure: list[BaseException] = []
 
-        def body():
+        def body() -> None:
             loop = asyncio.new_event_loop()
             self._loop = loop
             try:
@@ -1208,32 +1241,34 @@ class Server:
         return self
 
     async def _stopped_and_closed(self) -> None:
-        await self._stopped.wait()
-        await self._done.wait()
+        await self.serve_until_stopped()
 
     def stop_in_thread(self) -> None:
         if self._thread is None:
             return
-        asyncio.run_coroutine_threadsafe(self.stop(), self._loop).result()
+        loop = self._loop
+        assert loop is not None     # start_in_thread's thread set it before it started the server
+        asyncio.run_coroutine_threadsafe(self.stop(), loop).result()
         self._thread.join()
         self._thread = None
 
     def __enter__(self) -> "Server":
         return self.start_in_thread()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop_in_thread()
 
 
-def _uvloop():
-    """The uvloop module, if installed and not turned off (VDISK_NBD_UVLOOP=0)."""
+def _uvloop_run() -> Callable[[Coroutine[Any, Any, None]], None] | None:
+    """uvloop.run, if uvloop is installed and not turned off (VDISK_NBD_UVLOOP=0)."""
     if os.environ.get("VDISK_NBD_UVLOOP", "1") == "0":
         return None
     try:
         import uvloop
     except ImportError:
         return None
-    return uvloop if hasattr(uvloop, "run") else None
+    run: Callable[[Coroutine[Any, Any, None]], None] | None = getattr(uvloop, "run", None)   # uvloop >= 0.18
+    return run
 
 
 def _clear_stale_socket(path: str) -> None:
