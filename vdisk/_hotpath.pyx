@@ -114,13 +114,14 @@ cdef extern from *:
     #endif
     """
     int RWF_NOWAIT
-    int EOPNOTSUPP, EINVAL, EAGAIN
+    int EOPNOTSUPP, EINVAL, ENOSYS
 
-# Reads of at most this many bytes first try the page cache with the GIL held
+# Reads of at most NOWAIT_MAX bytes first try the page cache with the GIL held
 # (preadv2 with RWF_NOWAIT: it fails with EAGAIN rather than wait for the
 # disk) and release the GIL only for the read that must wait; releasing and
 # taking the GIL back cost about as much as the copy of a cached 4 KiB page.
-DEF NOWAIT_MAX = 64 * 1024
+cdef enum:
+    NOWAIT_MAX = 64 * 1024
 
 
 cdef extern from "pythread.h":
@@ -502,7 +503,7 @@ cdef class HotPath:
                       | (off & ((1 << self.shift) - 1)), RWF_NOWAIT)
         if got == n:
             return True
-        if got < 0 and (errno == EOPNOTSUPP or errno == EINVAL or errno == 38):     # 38: ENOSYS
+        if got < 0 and (errno == EOPNOTSUPP or errno == EINVAL or errno == ENOSYS):
             self.nowait = False     # not on this kernel or file system: the plain read from now on
         return False
 
