@@ -23,8 +23,12 @@ the live disk a query costs what its range's blocks cost.  Change ids are opaque
 
 Reuse (:class:`Window`): a context keeps its last answer, over a window of
 WINDOW_FACTOR times the request's range (a snapshot's: the whole view), and
-answers the next requests inside it from there, so a client mapping a 1 TiB
-disk in 4 GiB requests costs one query per 64 GiB.  On the live disk that
+answers the next requests inside it from there; a window that starts where
+the last one ended spans WINDOW_GROWTH times more (if the last one held at
+most WINDOW_GROW_SEGMENTS segments), so a client mapping a 1 TiB disk with
+few changes in 4 GiB requests costs 3 queries (64 GiB, 256 GiB, the rest),
+and each window is built and answered by the kernels _fast.segments and
+_fast.block_status_wire.  On the live disk that
 is sound only while nothing changes the Disk: the server owns it
 (Image.sole_writer) and calls Image.touch() before and after every change it
 makes (NBD writes, trims and zeroings, flushes, every control operation);
