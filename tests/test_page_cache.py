@@ -1,8 +1,9 @@
 """No write system call of vdisk crosses a WRITE_PIECE boundary of the file,
 so the page cache never holds the image's data in folios larger than
 WRITE_PIECE: on ext4 every small overwrite walks all of a folio's buffer
-heads, and random 4 KiB writes into 1 MiB folios cost four to five times the
-CPU of 256 KiB ones (vdisk/fileio.py, benchmarks/README.md "Page-cache folios")."""
+heads, and random 4 KiB writes into 1 MiB folios cost twice the CPU of
+256 KiB ones, into 2 MiB folios five times (vdisk/fileio.py,
+benchmarks/README.md "Page-cache folios")."""
 from __future__ import annotations
 
 import os

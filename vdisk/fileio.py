@@ -38,11 +38,11 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 # No write system call crosses a WRITE_PIECE boundary of the file.  A
 # buffered write makes page-cache folios as large as the write (up to its
 # alignment), and on ext4 every later small write into a folio walks all of
-# its buffer heads: a random 4 KiB overwrite cost 3.9 us of CPU in a file
-# written with 64 KiB writes, 6.5 us with 256 KiB, 18 us with 1 MiB and
-# 29 us with 2 MiB writes (benchmarks/README.md, "Page-cache folios"), while
+# its buffer heads: a random 4 KiB overwrite cost 2.7 us of CPU in a file
+# written with 64 KiB writes, 5.3 us with 256 KiB, 10.6 us with 1 MiB and
+# 25 us with 2 MiB writes (benchmarks/README.md, "Page-cache folios"), while
 # sequential 1 MiB reads cost the same in all of them and fresh sequential
-# writes in 256 KiB pieces cost about 10% more CPU than in 1 MiB ones.
+# writes in 256 KiB pieces cost about 2% more CPU than in 1 MiB ones.
 # vdisk/_hotpath.pyx splits its writes at the same boundaries.
 WRITE_PIECE = 256 << 10
 

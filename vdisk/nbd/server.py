@@ -699,8 +699,7 @@ class Transmission(asyncio.Protocol):
                     self._write_zeroes(flags, offset, length)
             # CACHE: the page cache serves reads; nothing to prefetch
             if cmd in _WRITES:
-                self.server.unflushed += 1      # the periodic fold flushes when this is non-zero
-                self.server.answered += 1       # ... and waits while this keeps moving
+                self.server.answered += 1       # the periodic fold: unflushed, and waits while this moves
             if cmd == P.NBD_CMD_FLUSH and not self.export.read_only or flags & P.NBD_CMD_FLAG_FUA and cmd in _WRITES:
                 self._flush_then_reply(cmd, cookie, offset, length)
                 return
@@ -961,8 +960,8 @@ class Server:
         self.min_block = min_block_size
         self.stop_timeout = stop_timeout              # seconds a stop waits for sessions to finish
         self.fold_period = fold_period                # seconds between folds when writes went unflushed
-        self.unflushed = 0                            # writes answered since the last flush began
         self.answered = 0                             # writes answered since the start
+        self._answered_at_flush = 0                   # ... when the last flush began
         self._fold_task: asyncio.Task[None] | None = None
         self._saved_fold_interval: int | None = None
         self.max_connections = max_connections      # each may hold ~70 MiB at worst (a 32 MiB write in,
@@ -997,6 +996,11 @@ class Server:
         self._closed = False
         self.control: ControlServer | None = None      # the control channel (vdisk/nbd/control.py)
 
+    @property
+    def unflushed(self) -> int:
+        """Writes, trims and zeroings answered since the last flush began."""
+        return self.answered - self._answered_at_flush
+
     def export_clients(self) -> dict[str, int]:
         """Connected clients by export name (the live export counted as NAME)."""
         out: dict[str, int] = {}
@@ -1012,7 +1016,7 @@ class Server:
     def flush_future(self, presync: bool = False) -> asyncio.Future[None]:
         """Disk.flush in the flush thread: every write acknowledged before, on any connection, durable
         (and the tracking bits folded).  presync: sync the file first without the Disk's lock."""
-        self.unflushed = 0          # writes answered from now on: the next period's
+        self._answered_at_flush = self.answered     # writes answered from now on: the next period's
         fn = self._presync_and_flush if presync else self.disk.flush
         self.image.touch()
         fut = asyncio.get_running_loop().run_in_executor(self._executor, fn)
