@@ -32,7 +32,8 @@ ALLOC = P.BASE_ALLOCATION
        limit=st.sampled_from([1, 2, 3, 65536]))
 def test_window_payload_equals_describe(points, window, request, limit):
     """Any request inside any window: the same descriptors as describe() over
-    the runs clipped to the request (the answer before windows), as wire bytes."""
+    the runs clipped to the request (the answer before windows), as wire bytes;
+    and as a whole reply chunk (header and context id from protocol.py's structs)."""
     w0, w1 = sorted(window)
     r0, r1 = sorted(request)
     r0, r1 = max(r0, w0), min(r1, w1)
@@ -44,9 +45,15 @@ def test_window_payload_equals_describe(points, window, request, limit):
     keep = (ends > w0) & (offs < w1)
     wo = np.maximum(offs[keep], np.uint64(w0))
     we = np.minimum(ends[keep], np.uint64(w1))
-    got = Window(wo, we, w0, w1, 1, 0, 0).payload(r0, r1, limit)
+    win = Window(wo, we, w0, w1, 1, 0, 0)
+    got = win.payload(r0, r1, limit)
     want = describe(offs, ends, r0, r1, 1, 0, limit).astype(">u4").tobytes()
     assert got == want
+    cookie = (r0 << 40) | (r1 << 8) | limit % 251          # every byte of the cookie's 8 in play
+    for ctx_id, done in ((1, True), (2 ** 32 - 1, False)):
+        head = P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE if done else 0,
+                                   P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, 4 + len(want))
+        assert win.chunk(r0, r1, limit, cookie, ctx_id, done) == head + P.U32.pack(ctx_id) + want
 
 
 def descs_of(runs, start: int, stop: int, inside: int, outside: int):
@@ -156,13 +163,15 @@ def test_walks_see_every_change_made_between_them_on_any_connection(image, tmp_p
 
 @pytest.fixture
 def disk_calls(monkeypatch) -> dict[str, int]:
-    """Counts of the Disk's changes_in and map_range calls (the block-status queries)."""
+    """Counts of the Disk's changes_in and map_range calls (the block-status
+    queries; not the zero-length changes_in that checks an id is answerable)."""
     calls = {"changes_in": 0, "map_range": 0}
     for name in calls:
         real = getattr(vdisk.disk.Disk, name)
 
         def counting(self, *args, _real=real, _name=name):
-            calls[_name] += 1
+            if args[-1]:
+                calls[_name] += 1
             return _real(self, *args)
         monkeypatch.setattr(vdisk.disk.Disk, name, counting)
     return calls
@@ -184,6 +193,66 @@ def test_a_walk_asks_the_disk_once_per_window(image, tmp_path, disk_calls):
         srv.stop_in_thread()
     per = -(-3 * GiB // (WINDOW_FACTOR * 64 * MiB))
     assert calls["changes_in"] <= per + 1 and calls["map_range"] <= per + 1, calls
+
+
+def test_connections_asking_the_same_share_the_window(image, tmp_path, disk_calls):
+    """A second connection walking an unchanged disk, twice, asks the Disk
+    nothing: the export keeps each question's windows, not the connection.  After a
+    write on either connection, the next walk asks again and sees it."""
+    calls = disk_calls
+    srv = Server(image, socket=str(tmp_path / "w.sock"))
+    srv.start_in_thread()
+    try:
+        a = Client(srv.socket_path).connect("", contexts=[ALLOC, DIRTY])
+        first = walk(a, 0, 3 * GiB, 256 * MiB)
+        a.close()
+        for k in calls:
+            calls[k] = 0
+        b = Client(srv.socket_path).connect("", contexts=[ALLOC, DIRTY])
+        assert walk(b, 0, 3 * GiB, 256 * MiB) == first
+        assert walk(b, 0, 3 * GiB, 256 * MiB) == first        # the walk's windows are all kept
+        assert calls == {"changes_in": 0, "map_range": 0}, calls
+        assert b.call(P.NBD_CMD_WRITE, 2 * BS + 9, 3, 0, b"\x06" * 3).error == 0
+        c = Client(srv.socket_path).connect("", contexts=[ALLOC, DIRTY])
+        got = {k: merged(v) for k, v in walk(c, 0, 3 * GiB, 256 * MiB).items()}
+        assert calls["changes_in"] > 0
+        assert got[DIRTY] == merged(truth(srv.disk, 0, 3 * GiB)[DIRTY]) != merged(first[DIRTY])
+        b.close()
+        c.close()
+    finally:
+        srv.stop_in_thread()
+
+
+def test_a_consumer_moved_between_two_connections_answers_each_its_own_id(image, tmp_path, monkeypatch):
+    """Connection a selects qemu:dirty-bitmap:c while c is at its first id,
+    then c is updated to a newer checkpoint (the control channel) and
+    connection b selects the same name: the two contexts ask different
+    questions, so a's walk keeps reporting everything since c's first id
+    (b's shorter answer, computed at the same image version, is never
+    handed to a: that would under-report)."""
+    import subprocess
+    import sys
+    monkeypatch.setenv("VDISK_RUNTIME_DIR", str(tmp_path / "run"))     # the control channel's, this test's own
+    with vdisk.open(image) as d:
+        old = d.consumers["c"].change_id
+    srv = Server(image, socket=str(tmp_path / "w.sock"))
+    srv.start_in_thread()
+    try:
+        a = Client(srv.socket_path).connect("", contexts=[ALLOC, DIRTY])
+        newer = srv.disk.checkpoint()
+        r = subprocess.run([sys.executable, "-m", "vdisk", "consumer", "update", image, "c", newer],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        b = Client(srv.socket_path).connect("", contexts=[ALLOC, DIRTY])
+        got_b = merged(walk(b, 0, 3 * GiB, 256 * MiB)[DIRTY])
+        got_a = merged(walk(a, 0, 3 * GiB, 256 * MiB)[DIRTY])
+        want_a = merged(descs_of(list(srv.disk.changes_in(old, 0, 3 * GiB)), 0, 3 * GiB, P.NBD_STATE_DIRTY, 0))
+        assert got_a == want_a and any(f for _, f in got_a)
+        assert got_b == [(3 * GiB, 0)]          # nothing changed since the newer checkpoint
+        a.close()
+        b.close()
+    finally:
+        srv.stop_in_thread()
 
 
 def test_a_disk_the_program_owns_is_asked_on_every_request(image, tmp_path):

@@ -542,13 +542,54 @@ cdef inline void put_be32(uint8_t *p, uint32_t v) noexcept nogil:
     p[3] = v & 0xFF
 
 
+cdef inline void put_be16(uint8_t *p, uint16_t v) noexcept nogil:
+    p[0] = v >> 8
+    p[1] = v & 0xFF
+
+
 def block_status_wire(const uint64_t[::1] bounds, const uint32_t[::1] flags, uint64_t start, uint64_t stop,
                       Py_ssize_t limit) -> bytes:
     """NBD block status descriptors (big-endian u32 length, u32 flags) of
     [start, stop) from segments(): the segments it meets, the first and last
     clipped to it, at most limit of them (the last one then whole, as far as
     stop).  bounds[0] <= start < stop <= bounds[-1], stop - start < 2**32."""
+    return _block_status(bounds, flags, start, stop, limit, 0, 0, 0, 0, 0, False)
+
+
+cdef class Segments:
+    """segments() of [start, stop) kept as typed views, answering requests
+    inside it with block_status_wire / block_status_chunk (as methods: no
+    buffer is taken from the arrays per request).  bounds and flags are the
+    numpy arrays segments() made."""
+    cdef readonly object bounds, flags
+    cdef const uint64_t[::1] b
+    cdef const uint32_t[::1] f
+
+    def __init__(self, const uint64_t[::1] offsets, const uint64_t[::1] ends, uint64_t start, uint64_t stop,
+                 uint32_t inside, uint32_t outside):
+        self.bounds, self.flags = segments(offsets, ends, start, stop, inside, outside)
+        self.b = self.bounds
+        self.f = self.flags
+
+    def __len__(self):
+        return self.f.shape[0]
+
+    def wire(self, uint64_t start, uint64_t stop, Py_ssize_t limit) -> bytes:
+        """block_status_wire(bounds, flags, start, stop, limit)."""
+        return _block_status(self.b, self.f, start, stop, limit, 0, 0, 0, 0, 0, False)
+
+    def chunk(self, uint64_t start, uint64_t stop, Py_ssize_t limit, uint32_t magic, uint16_t reply_flags,
+              uint16_t reply_type, uint64_t cookie, uint32_t context_id) -> bytes:
+        """block_status_chunk(bounds, flags, start, stop, limit, ...)."""
+        return _block_status(self.b, self.f, start, stop, limit, magic, reply_flags, reply_type, cookie,
+                             context_id, True)
+
+
+cdef bytes _block_status(const uint64_t[::1] bounds, const uint32_t[::1] flags, uint64_t start, uint64_t stop,
+                         Py_ssize_t limit, uint32_t magic, uint16_t reply_flags, uint16_t reply_type,
+                         uint64_t cookie, uint32_t context_id, bint chunk):
     cdef Py_ssize_t n = flags.shape[0], lo, hi, mid, i, j, cnt, s
+    cdef Py_ssize_t head = 24 if chunk else 0       # chunk header (20) and context id (4)
     cdef uint64_t a, z
     cdef uint8_t *p
     if bounds.shape[0] != n + 1 or n == 0 or limit < 1:
@@ -573,8 +614,17 @@ def block_status_wire(const uint64_t[::1] bounds, const uint32_t[::1] flags, uin
                 hi = mid
         j = lo
         cnt = j - i if j - i < limit else limit
-    out = PyBytes_FromStringAndSize(NULL, cnt * 8)
+    out = PyBytes_FromStringAndSize(NULL, head + cnt * 8)
     p = <uint8_t *> PyBytes_AS_STRING(out)
+    if chunk:
+        put_be32(p, magic)
+        put_be16(p + 4, reply_flags)
+        put_be16(p + 6, reply_type)
+        put_be32(p + 8, <uint32_t> (cookie >> 32))
+        put_be32(p + 12, <uint32_t> cookie)
+        put_be32(p + 16, <uint32_t> (4 + cnt * 8))
+        put_be32(p + 20, context_id)
+        p += 24
     with nogil:
         for s in range(cnt):
             a = bounds[i + s] if bounds[i + s] > start else start

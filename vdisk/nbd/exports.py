@@ -23,12 +23,15 @@ the live disk a query costs what its range's blocks cost.  Change ids are opaque
 
 Reuse (:class:`Window`): a context keeps its last answer, over a window of
 WINDOW_FACTOR times the request's range (a snapshot's: the whole view), and
-answers the next requests inside it from there; a window that starts where
+answers the next requests inside it from there.  The window is kept by the
+export, under what the context asks (allocation, or changes since one
+change id), the last WINDOWS_PER_QUESTION of them, so every connection
+asking the same question shares them: a second map of an unchanged disk
+(another connection, another backup tool) asks the Disk nothing.  A window that starts where
 the last one ended spans WINDOW_GROWTH times more (if the last one held at
 most WINDOW_GROW_SEGMENTS segments), so a client mapping a 1 TiB disk with
 few changes in 4 GiB requests costs 3 queries (64 GiB, 256 GiB, the rest),
-and each window is built and answered by the kernels _fast.segments and
-_fast.block_status_wire.  On the live disk that
+and each window is built and answered by the kernel _fast.Segments.  On the live disk that
 is sound only while nothing changes the Disk: the server owns it
 (Image.sole_writer) and calls Image.touch() before and after every change it
 makes (NBD writes, trims and zeroings, flushes, every control operation);
@@ -65,15 +68,18 @@ View = Union[Disk, "Snapshot"]
 class Context:
     """One selectable meta context of one export: the runs its flag is set on."""
 
-    __slots__ = ("name", "export", "set_flags", "clear_flags", "_query", "_window")
+    __slots__ = ("name", "export", "set_flags", "clear_flags", "_query", "key")
 
-    def __init__(self, name: str, export: "Export", set_flags: int, clear_flags: int, query: Query):
+    def __init__(self, name: str, export: "Export", set_flags: int, clear_flags: int, query: Query,
+                 key: object):
         self.name = name
         self.export = export
         self.set_flags = set_flags          # the flags of the runs query() returns
         self.clear_flags = clear_flags      # the flags elsewhere
         self._query = query                 # (offset, length) -> (offsets, ends) uint64 arrays
-        self._window: Window | None = None  # the last answer, reused while the image is unchanged
+        # what query() answers ("allocated", or ("changed", change id)): the export keeps the
+        # last window under it, shared by every context asking the same (Export.windows)
+        self.key = key
 
     def descriptors(self, offset: int, length: int, limit: int) -> npt.NDArray[np.uint64]:
         """(length, flags) rows from offset, covering at most length bytes and
@@ -81,19 +87,23 @@ class Context:
         offsets, ends = self._query(offset, length)
         return describe(offsets, ends, offset, offset + length, self.set_flags, self.clear_flags, limit)
 
-    def block_status(self, offset: int, length: int, limit: int) -> bytes:
-        """The descriptors of descriptors() as the wire writes them (big-endian
-        u32 pairs), from a Window: on an export whose answers can be reused
-        (Export.reusable), one query answers the requests of the next
+    def window(self, start: int, stop: int) -> "Window":
+        """A Window answering [start, stop) (its chunk() is the reply): one the
+        export keeps, or a new one, kept.  On an export whose answers can be
+        reused (Export.reusable), one query answers the requests of the next
         WINDOW_FACTOR times the range, as long as the image's version stays."""
-        stop = offset + length
-        w = self._window
-        version = self.export.image.version
-        if w is None or not w.answers(offset, stop, version):
-            w = self._window = self._compute(offset, length, version)
-        return w.payload(offset, stop, limit)
+        export = self.export
+        version = export.image.version
+        kept = export.windows.get(self.key, ())
+        for w in kept:
+            if w.answers(start, stop, version):
+                return w
+        w = self._compute(start, stop - start, version, kept[-1] if kept else None)
+        export.keep_window(self.key, w)
+        return w
 
-    def _compute(self, offset: int, length: int, version: int) -> "Window":
+    def _compute(self, offset: int, length: int, version: int, last: "Window | None") -> "Window":
+        """A new window from offset (last: the one it replaces, whose end a walk starts from)."""
         export = self.export
         if not export.live:                     # a snapshot's whole answer (cached by the export)
             offsets, ends = self._query(0, export.size)
@@ -101,8 +111,8 @@ class Context:
         stop = offset + length
         if export.reusable:
             span = max(WINDOW_FACTOR * length, WINDOW_MIN)
-            w = self._window
-            if w is not None and w.stop == offset and len(w.flags) <= WINDOW_GROW_SEGMENTS:
+            w = last
+            if w is not None and w.stop == offset and len(w.segments) <= WINDOW_GROW_SEGMENTS:
                 span = max(span, WINDOW_GROWTH * (w.stop - w.start))    # a walk: fewer, larger windows
             stop = min(export.size, offset + span)
         offsets, ends = self._query(offset, stop - offset)
@@ -114,26 +124,28 @@ WINDOW_FACTOR = 16          # a live context's query covers this many times the 
 WINDOW_MIN = 1 << 30        # ... and at least this much (both clipped to the export's size);
 WINDOW_GROWTH = 4           # a query starting where the last window ended covers 4 times its span,
 WINDOW_GROW_SEGMENTS = 1 << 14      # if that window had at most this many segments (its memory: 12 bytes each)
+WINDOWS_KEPT = 16           # questions an export keeps windows for (more: it forgets them all) ...
+WINDOWS_PER_QUESTION = 4    # ... and windows per question
+CONTEXTS_KEPT = 64          # context names an export remembers its answer for (more: it forgets them all)
 
 
 class Window:
     """The block status of one context over [start, stop), as segments:
     boundaries ``bounds`` (strictly increasing, from start to stop) and the
     flags of each segment between two of them, touching runs merged (built
-    and read by the kernels _fast.segments and _fast.block_status_wire).  A
+    and read by the kernel _fast.Segments).  A
     request inside the window is answered by two binary searches and its
     descriptors written straight into the reply's bytes, so a client walking
     a disk costs one query per window, not one per request."""
 
-    __slots__ = ("start", "stop", "version", "bounds", "flags")
+    __slots__ = ("start", "stop", "version", "segments")
 
     def __init__(self, offsets: Offsets, ends: Offsets, start: int, stop: int, inside: int, outside: int,
                  version: int | None):
         self.start, self.stop = start, stop
         self.version = version              # the image's version it was computed at (None: never reused)
-        self.bounds, self.flags = _fast.segments(np.ascontiguousarray(offsets, dtype=np.uint64),
-                                                 np.ascontiguousarray(ends, dtype=np.uint64),
-                                                 start, stop, inside, outside)
+        self.segments = _fast.Segments(np.ascontiguousarray(offsets, dtype=np.uint64),
+                                       np.ascontiguousarray(ends, dtype=np.uint64), start, stop, inside, outside)
 
     def answers(self, start: int, stop: int, version: int) -> bool:
         return self.version == version and self.start <= start and stop <= self.stop
@@ -141,7 +153,13 @@ class Window:
     def payload(self, start: int, stop: int, limit: int) -> bytes:
         """Descriptors of [start, stop) (inside the window, start < stop): the
         segments it meets, the first and last clipped to it, at most limit."""
-        return _fast.block_status_wire(self.bounds, self.flags, start, stop, limit)
+        return self.segments.wire(start, stop, limit)
+
+    def chunk(self, start: int, stop: int, limit: int, cookie: int, context_id: int, done: bool) -> bytes:
+        """payload() as a whole NBD_REPLY_TYPE_BLOCK_STATUS chunk: header, context id, descriptors."""
+        return self.segments.chunk(start, stop, limit, P.NBD_STRUCTURED_REPLY_MAGIC,
+                                   P.NBD_REPLY_FLAG_DONE if done else 0, P.NBD_REPLY_TYPE_BLOCK_STATUS,
+                                   cookie, context_id)
 
 
 def describe(offsets: Offsets, ends: Offsets, start: int, stop: int, inside: int, outside: int,
@@ -199,6 +217,19 @@ class Export:
         self.read_only = read_only
         self.snapshot = snapshot
         self._cache: dict[object, Runs] = {}     # a snapshot's answers, by question
+        self._contexts: dict[str, tuple[int, Context | None]] = {}    # name -> (image version, context)
+        # the last windows of each question (Context.key), oldest first
+        self.windows: dict[object, list[Window]] = {}
+
+    def keep_window(self, key: object, window: "Window") -> None:
+        """Keep window among the answers to key's question: the last
+        WINDOWS_PER_QUESTION of the image's version (a walk of a 1 TiB disk
+        makes 3), for at most WINDOWS_KEPT questions."""
+        windows = self.windows
+        if key not in windows and len(windows) >= WINDOWS_KEPT:
+            windows.clear()
+        kept = [w for w in windows.get(key, ()) if w.version == window.version][-(WINDOWS_PER_QUESTION - 1):]
+        windows[key] = kept + [window]
 
     @property
     def reusable(self) -> bool:
@@ -281,8 +312,23 @@ class Export:
         return {info.name: info.change_id or ANY for info in self.image.disk.consumers.values()}
 
     def _context_for(self, name: str) -> Context | None:
+        """The context of that name (None: not offered), reused while the
+        image's version stays, as answers are (a handshake asks for each)."""
+        if not self.reusable:
+            return self._new_context(name)
+        version = self.image.version
+        hit = self._contexts.get(name)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        ctx = self._new_context(name)
+        if len(self._contexts) >= CONTEXTS_KEPT:
+            self._contexts.clear()
+        self._contexts[name] = (version, ctx)
+        return ctx
+
+    def _new_context(self, name: str) -> Context | None:
         if name == P.BASE_ALLOCATION:
-            return Context(name, self, 0, P.NBD_STATE_HOLE | P.NBD_STATE_ZERO, self.allocated)
+            return Context(name, self, 0, P.NBD_STATE_HOLE | P.NBD_STATE_ZERO, self.allocated, "allocated")
         if not name.startswith(P.QEMU_DIRTY_BITMAP) or not self.image.disk.track_changes:
             return None
         key = name[len(P.QEMU_DIRTY_BITMAP):]
@@ -291,7 +337,8 @@ class Export:
         cid = self._consumer_ids().get(key, key)
         if not self.answers(cid):           # an id this view cannot answer is not offered
             return None
-        return Context(name, self, P.NBD_STATE_DIRTY, 0, lambda off, n: self.changed(cid, off, n))
+        return Context(name, self, P.NBD_STATE_DIRTY, 0, lambda off, n: self.changed(cid, off, n),
+                       ("changed", cid))
 
     def list_contexts(self, queries: list[str]) -> list[str]:
         """Names answering NBD_OPT_LIST_META_CONTEXT: an empty list or a leaf-less

@@ -142,7 +142,10 @@ class Wire(asyncio.Protocol):
     to the Transmission protocol as they are, with ``eof`` (the client
     half-closed), through public names only.  Input is bounded as a
     StreamReader bounds it: reading pauses while more than LIMIT bytes wait
-    unread (an option is at most MAX_OPTION_LENGTH)."""
+    unread (an option is at most MAX_OPTION_LENGTH).  Writes are gathered
+    and sent at the next drain, close or hand-over (``flush``): one send for
+    an option's replies (GO's are four, header and data apart), not one per
+    piece, each waking the client."""
 
     LIMIT = 2 * (P.MAX_OPTION_LENGTH + P.OPTION_HEADER.size)
 
@@ -157,6 +160,7 @@ class Wire(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None     # drain waiting for the transport's writes
         self._paused_writing = False
         self._paused_reading = False
+        self._out: list[bytes] = []         # written, not yet sent (flush)
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -214,6 +218,7 @@ class Wire(asyncio.Protocol):
             if self._paused_reading:
                 self._paused_reading = False
                 self.stream.resume_reading()
+            self.flush()                    # never wait for the client with its answer unsent
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -227,9 +232,20 @@ class Wire(asyncio.Protocol):
         return data
 
     def write(self, data: bytes) -> None:
-        self.stream.write(data)
+        if data:
+            self._out.append(data)
+
+    def flush(self) -> None:
+        """Send what was written since the last flush, in one transport write."""
+        out = self._out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if not self.lost:
+                self.stream.write(data)
 
     async def drain(self) -> None:
+        self.flush()
         if self.lost:
             raise ConnectionResetError("connection lost")
         while self._paused_writing:
@@ -248,6 +264,7 @@ class Wire(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            self.flush()
             self.transport.close()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -496,6 +513,7 @@ class Connection:
     async def _transmission(self) -> None:
         """Hand the transport to a Transmission protocol; wait until it closes."""
         wire = self.wire
+        wire.flush()                                # GO's or EXPORT_NAME's replies
         transport = wire.stream
         leftover = bytes(wire.buffer)               # requests the client pipelined after GO
         wire.buffer.clear()
@@ -636,6 +654,9 @@ class Transmission(asyncio.Protocol):
                         finally:
                             payload.release()
                     pos += size + length
+                elif cmd == P.NBD_CMD_BLOCK_STATUS:        # a client mapping a disk sends hundreds
+                    pos += size
+                    self._request_status(flags, cookie, offset, length)
                 else:
                     pos += size
                     if cmd == P.NBD_CMD_DISC:
@@ -682,9 +703,6 @@ class Transmission(asyncio.Protocol):
             if cmd == P.NBD_CMD_READ:
                 self._read(flags, cookie, offset, length)
                 return
-            if cmd == P.NBD_CMD_BLOCK_STATUS:
-                self._block_status(flags, cookie, offset, length)
-                return
             if cmd in _WRITES:
                 self.image.touch()              # block status answers computed before are stale
             if cmd == P.NBD_CMD_WRITE:
@@ -706,6 +724,17 @@ class Transmission(asyncio.Protocol):
             self._ok(cookie)
         except Exception as exc:
             self._failed(cmd, cookie, offset, length, exc)
+
+    def _request_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        """_request for BLOCK_STATUS, without its dispatch (the same checks and errors)."""
+        err, msg = self._check(P.NBD_CMD_BLOCK_STATUS, flags, offset, length)
+        if err:
+            self._reply_error(P.NBD_CMD_BLOCK_STATUS, cookie, err, msg)
+            return
+        try:
+            self._block_status(flags, cookie, offset, length)
+        except Exception as exc:
+            self._failed(P.NBD_CMD_BLOCK_STATUS, cookie, offset, length, exc)
 
     def _failed(self, cmd: int, cookie: int, offset: int, length: int, exc: BaseException) -> None:
         """Reply the error of a request that failed; an exception no NBD error names is raised again."""
@@ -876,21 +905,24 @@ class Transmission(asyncio.Protocol):
             pos += n
 
     def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        """One chunk per context, each built whole by a kernel (Window.chunk), the last one DONE."""
         limit = 1 if flags & P.NBD_CMD_FLAG_REQ_ONE else P.MAX_EXTENTS
-        chunks: list[bytes] = []
-        for i, ctx in enumerate(self.contexts):
-            try:
-                body = ctx.block_status(offset, length, limit)
-            except (errors.StaleChangeIdError, errors.UnsupportedFeatureError) as exc:
-                # the id stopped being answerable (tracking reset): refuse, never a partial answer
-                self._reply_error(P.NBD_CMD_BLOCK_STATUS, cookie, P.NBD_EINVAL, str(exc))
-                return
-            chunks.append(P.U32.pack(i + 1) + body)
-        last = len(chunks) - 1
-        for i, body in enumerate(chunks):
-            self.out.append(P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC,
-                                                P.NBD_REPLY_FLAG_DONE if i == last else 0,
-                                                P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, len(body)) + body)
+        stop = offset + length
+        contexts = self.contexts
+        last = len(contexts)
+        windows = []
+        try:
+            for ctx in contexts:
+                windows.append(ctx.window(offset, stop))
+        except (errors.StaleChangeIdError, errors.UnsupportedFeatureError) as exc:
+            # the id stopped being answerable (tracking reset): refuse, never a partial answer
+            self._reply_error(P.NBD_CMD_BLOCK_STATUS, cookie, P.NBD_EINVAL, str(exc))
+            return
+        out = self.out
+        i = 0
+        for w in windows:
+            i += 1
+            out.append(w.chunk(offset, stop, limit, cookie, i, i == last))
 
 
 class _BadOption(Exception):
