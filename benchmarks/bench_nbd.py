@@ -21,7 +21,9 @@ random over the region, at queue depth 1 and 16, each fio run time-based;
 and ``nbdinfo --map=qemu:dirty-bitmap:NAME`` of a 1 TiB image (64 KiB
 blocks) whose consumer / bitmap has 0.1% of its blocks changed (scattered;
 another 0.1% allocated but unchanged), timed from start to exit, output
-discarded.  Every round runs both servers, one after the other, in
+discarded; and the same map right after an untimed 4 KiB write (the same
+bytes again into a changed block: the dirty extents stay, but `vdisk
+serve` must compute its answer anew, as after any write).  Every round runs both servers, one after the other, in
 alternating order.  The ratio is vdisk / qemu-nbd throughput (= qemu-nbd
 time / vdisk time for the map row), the median of the per-round ratios,
 with their range: **> 1 means vdisk is faster**.  Nothing is asserted on a
@@ -74,7 +76,9 @@ ROWS = {
     "randwrite_qd1": ("random 4 KiB writes, qd 1", "randwrite", "4k", 1),
     "randwrite_qd16": ("random 4 KiB writes, qd 16", "randwrite", "4k", 16),
     "map": ("`nbdinfo --map=qemu:dirty-bitmap:` of 1 TiB, 0.1% changed", None, None, None),
+    "map_after_write": ("the same map right after a 4 KiB write (no earlier answer reusable)", None, None, None),
 }
+MAP_ROWS = ("map", "map_after_write")
 
 
 # ---------------------------------------------------------------------------- images
@@ -318,7 +322,7 @@ def main(argv=None) -> int:
     results: dict[str, dict] = {}
     servers = []
     try:
-        io_rows = [r for r in rows if r != "map"]
+        io_rows = [r for r in rows if r not in MAP_ROWS]
         if io_rows:
             print(f"building the {args.mib} MiB images ...", file=sys.stderr, flush=True)
             img, q = make_io_images(work, size)
@@ -341,7 +345,8 @@ def main(argv=None) -> int:
             for s in servers:
                 s.stop()
             servers.clear()
-        if "map" in rows:
+        map_rows = [r for r in rows if r in MAP_ROWS]
+        if map_rows:
             print("building the 1 TiB images ...", file=sys.stderr, flush=True)
             img, q, changed = make_map_images(work, sockdir)
             sv = nbdserve.vdisk_serve(img, os.path.join(sockdir, "v"), "m")
@@ -352,27 +357,31 @@ def main(argv=None) -> int:
             write_blocks(sq, changed, 2)
             uris = {"vdisk": sv.uri, "qemu": sq.uri}
             pids = {"vdisk": sv.pid, "qemu": sq.pid}
-            outputs = {}
-
-            def measure(side):
-                c0 = cpu_seconds(pids[side])
-                t, text = nbdinfo_map(uris[side])
-                outputs[side] = text
-                return Sample(t, (cpu_seconds(pids[side]) - c0) * 1e3)
-
-            res = alternate(args.rounds, measure)
-            rv, rq = dirty_runs(outputs["vdisk"]), dirty_runs(outputs["qemu"])
+            servers_of = {"vdisk": sv, "qemu": sq}
             want = sum(1 for _ in changed) * BS
-            if rv != rq or sum(n for _, n in rv) != want:
-                print(f"WARNING: the dirty maps differ: vdisk {len(rv)} runs ({sum(n for _, n in rv)} bytes), "
-                      f"qemu-nbd {len(rq)} runs ({sum(n for _, n in rq)} bytes), written {want} bytes",
-                      file=sys.stderr)
-                results["map_mismatch"] = True
-            results["map"] = res
-            line, ratio = row_line(ROWS["map"][0], res, "time")
-            lines.append(line)
-            print(f"map: ratio {ratio:.3f}  vdisk {[x.rate for x in res['vdisk']]}  qemu {[x.rate for x in res['qemu']]}",
-                  file=sys.stderr, flush=True)
+            for name in map_rows:
+                outputs = {}
+
+                def measure(side, name=name, outputs=outputs):
+                    if name == "map_after_write":      # untimed: one block rewritten with its own bytes
+                        write_blocks(servers_of[side], changed[:1], 2)
+                    c0 = cpu_seconds(pids[side])
+                    t, text = nbdinfo_map(uris[side])
+                    outputs[side] = text
+                    return Sample(t, (cpu_seconds(pids[side]) - c0) * 1e3)
+
+                res = alternate(args.rounds, measure)
+                rv, rq = dirty_runs(outputs["vdisk"]), dirty_runs(outputs["qemu"])
+                if rv != rq or sum(n for _, n in rv) != want:
+                    print(f"WARNING: {name}: the dirty maps differ: vdisk {len(rv)} runs ({sum(n for _, n in rv)} "
+                          f"bytes), qemu-nbd {len(rq)} runs ({sum(n for _, n in rq)} bytes), written {want} bytes",
+                          file=sys.stderr)
+                    results[f"{name}_mismatch"] = True
+                results[name] = res
+                line, ratio = row_line(ROWS[name][0], res, "time")
+                lines.append(line)
+                print(f"{name}: ratio {ratio:.3f}  vdisk {[round(x.rate * 1e3, 1) for x in res['vdisk']]} ms  "
+                      f"qemu {[round(x.rate * 1e3, 1) for x in res['qemu']]} ms", file=sys.stderr, flush=True)
     finally:
         for s in servers:
             s.stop()
