@@ -161,9 +161,18 @@ class Sample:
     cpu_us: float      # server CPU per op (µs), or per map (ms) for the map row
 
 
+CLIENT_PREFIX: list[str] = []      # ["taskset", "-c", "1"] under --pin
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Every thread of process pid onto one CPU (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), {cpu})
+
+
 def fio(uri: str, pid: int, rw: str, bs: str, depth: int, size: int, runtime: float) -> Sample:
     """One fio run against the server with that pid: its throughput and the server's CPU per op."""
-    cmd = ["fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+    cmd = CLIENT_PREFIX + ["fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
            f"--iodepth={depth}", f"--size={size}", "--time_based", f"--runtime={runtime}",
            "--randrepeat=1", "--norandommap", "--output-format=json"]
     c0 = cpu_seconds(pid)
@@ -181,7 +190,7 @@ def fio(uri: str, pid: int, rw: str, bs: str, depth: int, size: int, runtime: fl
 
 def nbdinfo_map(uri: str) -> tuple[float, str]:
     t0 = time.perf_counter()
-    out = subprocess.run(["nbdinfo", f"--map=qemu:dirty-bitmap:{CONSUMER}", "--json", uri], capture_output=True,
+    out = subprocess.run(CLIENT_PREFIX + ["nbdinfo", f"--map=qemu:dirty-bitmap:{CONSUMER}", "--json", uri], capture_output=True,
                          text=True, timeout=600)
     t = time.perf_counter() - t0
     if out.returncode:
@@ -268,7 +277,9 @@ def header(args, size: int) -> list[str]:
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines += ["", f"Run {when}: {tool_versions()}. I/O region {size // MiB} MiB, fio runs of {args.runtime:g} s, "
                   f"{args.rounds} alternating rounds per row; load average before the run "
-                  f"{os.getloadavg()[0]:.2f}. Each side: median [min–max] of the rounds; ratio = vdisk / qemu-nbd "
+                  f"{os.getloadavg()[0]:.2f}"
+                  + ("; both servers pinned to CPU 0 and the clients to CPU 1 (`--pin`)" if args.pin else "")
+                  + f". Each side: median [min–max] of the rounds; ratio = vdisk / qemu-nbd "
                   f"throughput (map row: qemu-nbd time / vdisk time), median [min–max] of the per-round ratios, "
                   f"**> 1 means vdisk is faster**. Server CPU: user + system time of the server process (every thread) "
                   f"during the client's run, per request (map row: per nbdinfo run), median of the rounds.",
@@ -297,6 +308,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mib", type=int, help="I/O region in MiB (default 1024)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all: {','.join(ROWS)})")
     ap.add_argument("--quick", action="store_true", help="128 MiB, 1 s runs, 3 rounds")
+    ap.add_argument("--pin", action="store_true",
+                    help="both servers (every thread) on CPU 0, the clients on CPU 1: no run depends on where "
+                         "the scheduler happens to place a server beside its client")
     ap.add_argument("--json", help="write every round's figures here")
     ap.add_argument("--output", help="also write the table to this file")
     ap.add_argument("--update-readme", action="store_true", help="replace the NBD results block of benchmarks/README.md")
@@ -305,6 +319,8 @@ def main(argv=None) -> int:
     for name, normal, quick in (("mib", 1024, 128), ("runtime", 3.0, 1.0), ("rounds", 5, 3)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else normal)
+    if args.pin:
+        CLIENT_PREFIX[:] = ["taskset", "-c", "1"]
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -332,6 +348,9 @@ def main(argv=None) -> int:
             servers.append(sq)
             uris = {"vdisk": sv.uri, "qemu": sq.uri}
             pids = {"vdisk": sv.pid, "qemu": sq.pid}
+            if args.pin:
+                for pid in pids.values():
+                    pin(pid, 0)
             for name in io_rows:
                 label, rw, bsz, depth = ROWS[name]
                 res = alternate(args.rounds, lambda side: fio(uris[side], pids[side], rw, bsz, depth, size,
@@ -357,6 +376,9 @@ def main(argv=None) -> int:
             write_blocks(sq, changed, 2)
             uris = {"vdisk": sv.uri, "qemu": sq.uri}
             pids = {"vdisk": sv.pid, "qemu": sq.pid}
+            if args.pin:
+                for pid in pids.values():
+                    pin(pid, 0)
             servers_of = {"vdisk": sv, "qemu": sq}
             want = sum(1 for _ in changed) * BS
             for name in map_rows:
