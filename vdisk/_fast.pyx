@@ -558,9 +558,9 @@ def block_status_wire(const uint64_t[::1] bounds, const uint32_t[::1] flags, uin
 
 cdef class Segments:
     """segments() of [start, stop) kept as typed views, answering requests
-    inside it with block_status_wire / block_status_chunk (as methods: no
-    buffer is taken from the arrays per request).  bounds and flags are the
-    numpy arrays segments() made."""
+    inside it: wire() is block_status_wire, chunk() the same descriptors as
+    a whole structured reply chunk (no buffer is taken from the arrays per
+    request).  bounds and flags are the numpy arrays segments() made."""
     cdef readonly object bounds, flags
     cdef const uint64_t[::1] b
     cdef const uint32_t[::1] f
@@ -580,7 +580,9 @@ cdef class Segments:
 
     def chunk(self, uint64_t start, uint64_t stop, Py_ssize_t limit, uint32_t magic, uint16_t reply_flags,
               uint16_t reply_type, uint64_t cookie, uint32_t context_id) -> bytes:
-        """block_status_chunk(bounds, flags, start, stop, limit, ...)."""
+        """The chunk of wire()'s descriptors: its header (big-endian u32 magic,
+        u16 reply_flags, u16 reply_type, u64 cookie, u32 length of what
+        follows), context_id (u32), then the descriptors: one bytes object."""
         return _block_status(self.b, self.f, start, stop, limit, magic, reply_flags, reply_type, cookie,
                              context_id, True)
 

@@ -77,8 +77,8 @@ class Context:
         self.set_flags = set_flags          # the flags of the runs query() returns
         self.clear_flags = clear_flags      # the flags elsewhere
         self._query = query                 # (offset, length) -> (offsets, ends) uint64 arrays
-        # what query() answers ("allocated", or ("changed", change id)): the export keeps the
-        # last window under it, shared by every context asking the same (Export.windows)
+        # what query() answers ("allocated", or ("changed", change id)): the export keeps its
+        # last windows under it, shared by every context asking the same (Export.windows)
         self.key = key
 
     def descriptors(self, offset: int, length: int, limit: int) -> npt.NDArray[np.uint64]:
