@@ -654,9 +654,6 @@ class Transmission(asyncio.Protocol):
                         finally:
                             payload.release()
                     pos += size + length
-                elif cmd == P.NBD_CMD_BLOCK_STATUS:        # a client mapping a disk sends hundreds
-                    pos += size
-                    self._request_status(flags, cookie, offset, length)
                 else:
                     pos += size
                     if cmd == P.NBD_CMD_DISC:
@@ -700,6 +697,9 @@ class Transmission(asyncio.Protocol):
             self._reply_error(cmd, cookie, err, msg)
             return
         try:
+            if cmd == P.NBD_CMD_BLOCK_STATUS:       # first: a client mapping a disk sends hundreds
+                self._block_status(flags, cookie, offset, length)
+                return
             if cmd == P.NBD_CMD_READ:
                 self._read(flags, cookie, offset, length)
                 return
@@ -724,17 +724,6 @@ class Transmission(asyncio.Protocol):
             self._ok(cookie)
         except Exception as exc:
             self._failed(cmd, cookie, offset, length, exc)
-
-    def _request_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
-        """_request for BLOCK_STATUS, without its dispatch (the same checks and errors)."""
-        err, msg = self._check(P.NBD_CMD_BLOCK_STATUS, flags, offset, length)
-        if err:
-            self._reply_error(P.NBD_CMD_BLOCK_STATUS, cookie, err, msg)
-            return
-        try:
-            self._block_status(flags, cookie, offset, length)
-        except Exception as exc:
-            self._failed(P.NBD_CMD_BLOCK_STATUS, cookie, offset, length, exc)
 
     def _failed(self, cmd: int, cookie: int, offset: int, length: int, exc: BaseException) -> None:
         """Reply the error of a request that failed; an exception no NBD error names is raised again."""
