@@ -52,6 +52,7 @@ for p in (ROOT, HERE):
         sys.path.insert(0, p)
 
 import vdisk  # noqa: E402
+from vdisk.nbd.polling import DEFAULT_POLL_US  # noqa: E402
 from vdisk_testkit import nbdserve  # noqa: E402
 from vdisk_testkit.nbdkill import NBD_CMD_FLUSH, NBD_CMD_WRITE, Client  # noqa: E402
 
@@ -279,6 +280,8 @@ def header(args, size: int) -> list[str]:
                   f"{args.rounds} alternating rounds per row; load average before the run "
                   f"{os.getloadavg()[0]:.2f}"
                   + ("; both servers pinned to CPU 0 and the clients to CPU 1 (`--pin`)" if args.pin else "")
+                  + (f"; vdisk serve --poll-us {args.poll_us}" if args.poll_us is not None else
+                     f"; vdisk serve with its defaults (--poll-us {DEFAULT_POLL_US})")
                   + f". Each side: median [min–max] of the rounds; ratio = vdisk / qemu-nbd "
                   f"throughput (map row: qemu-nbd time / vdisk time), median [min–max] of the per-round ratios, "
                   f"**> 1 means vdisk is faster**. Server CPU: user + system time of the server process (every thread) "
@@ -311,6 +314,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pin", action="store_true",
                     help="both servers (every thread) on CPU 0, the clients on CPU 1: no run depends on where "
                          "the scheduler happens to place a server beside its client")
+    ap.add_argument("--poll-us", type=int,
+                    help="pass --poll-us to vdisk serve (default: the server's default; 0 turns its spin off)")
     ap.add_argument("--json", help="write every round's figures here")
     ap.add_argument("--output", help="also write the table to this file")
     ap.add_argument("--update-readme", action="store_true", help="replace the NBD results block of benchmarks/README.md")
@@ -322,6 +327,7 @@ def main(argv=None) -> int:
     if args.pin:
         CLIENT_PREFIX[:] = ["taskset", "-c", "1"]
     rows = [r for r in args.rows.split(",") if r]
+    serve_args = [] if args.poll_us is None else ["--poll-us", str(args.poll_us)]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {list(ROWS)}")
@@ -342,7 +348,7 @@ def main(argv=None) -> int:
         if io_rows:
             print(f"building the {args.mib} MiB images ...", file=sys.stderr, flush=True)
             img, q = make_io_images(work, size)
-            sv = nbdserve.vdisk_serve(img, os.path.join(sockdir, "v"), "io")
+            sv = nbdserve.vdisk_serve(img, os.path.join(sockdir, "v"), "io", extra=serve_args)
             servers.append(sv)
             sq = nbdserve.qemu_nbd(q, os.path.join(sockdir, "q"), "io", bitmap=CONSUMER)
             servers.append(sq)
@@ -368,7 +374,7 @@ def main(argv=None) -> int:
         if map_rows:
             print("building the 1 TiB images ...", file=sys.stderr, flush=True)
             img, q, changed = make_map_images(work, sockdir)
-            sv = nbdserve.vdisk_serve(img, os.path.join(sockdir, "v"), "m")
+            sv = nbdserve.vdisk_serve(img, os.path.join(sockdir, "v"), "m", extra=serve_args)
             servers.append(sv)
             sq = nbdserve.qemu_nbd(q, os.path.join(sockdir, "q"), "m", bitmap=CONSUMER)
             servers.append(sq)

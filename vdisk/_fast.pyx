@@ -644,3 +644,48 @@ def empty_bytearray(Py_ssize_t n):
     if n < 0:
         raise ValueError("empty_bytearray: negative size")
     return PyByteArray_FromStringAndSize(NULL, n)
+
+
+# ---------------------------------------------------------------------------
+cdef extern from "<sys/epoll.h>" nogil:
+    cdef struct epoll_event:
+        uint32_t events
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+cdef extern from "<time.h>" nogil:
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec *tp)
+    int CLOCK_MONOTONIC
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+
+cdef inline int64_t monotonic_ns() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return <int64_t> t.tv_sec * 1000000000 + t.tv_nsec
+
+
+def spin_until_ready(int epfd, int64_t budget_ns) -> int:
+    """Busy-poll the epoll set epfd (epoll_wait with timeout 0, without the
+    GIL) until one of its descriptors is ready or budget_ns passed: the
+    nanoseconds it took, or -1 when the budget ran out (or epoll_wait failed,
+    which the caller's next real wait reports)."""
+    cdef epoll_event ev
+    cdef int n
+    cdef int64_t start, now, took = -1
+    with nogil:
+        start = monotonic_ns()
+        while True:
+            n = epoll_wait(epfd, &ev, 1, 0)
+            now = monotonic_ns()
+            if n > 0:
+                took = now - start
+                break
+            if n < 0 or now - start >= budget_ns:
+                break
+            sched_yield()           # a task waiting for this CPU (the client, maybe) runs first
+    return took

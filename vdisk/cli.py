@@ -13,7 +13,7 @@ Commands::
                   [--snapshot NAME] [-l SNAPSHOT] [-n] [--overwrite] [--output human|json] SRC DST
     vdisk compare [-f FMT] [-F FMT] [--allow-backing] [-p] [--output human|json] A B
     vdisk serve FILE (--socket PATH | --listen HOST:PORT) [--export NAME] [--read-only] [--pid-file PATH]
-                [--tls-cert F --tls-key F [--tls-ca F]] [--insecure]
+                [--tls-cert F --tls-key F [--tls-ca F]] [--insecure] [--poll-us MICROSECONDS]
 
 Sizes are bytes or take a unit: 512, 64KiB, 1.5G, 10T (K/M/G/T are
 binary; KB/MB/GB/TB decimal).  ``create`` rounds a size up to a multiple
@@ -1116,9 +1116,12 @@ def merge_(dest: str, deltas: tuple[str, ...], show_progress: bool, output: str)
 @click.option("--tls-key", type=click.Path(), help="Private key of --tls-cert (PEM).")
 @click.option("--tls-ca", type=click.Path(), help="Accept only clients with a certificate this CA signed.")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --listen without TLS.")
+@click.option("--poll-us", type=click.IntRange(0, 1000), metavar="MICROSECONDS",
+              help="Spin up to this long for the next request after replying, while requests come that fast "
+                   "(default 50; 0: off).")
 def serve_(file: str, socket_path: str | None, listen: str | None, export_name: str | None, read_only: bool,
            pid_file: str | None, tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
-           insecure: bool) -> None:
+           insecure: bool, poll_us: int | None) -> None:
     """Serve FILE over NBD until SIGTERM/SIGINT (then flush and exit 0).
 
     Exports: "" and NAME are the live image, NAME@SNAPSHOT each snapshot
@@ -1136,8 +1139,9 @@ def serve_(file: str, socket_path: str | None, listen: str | None, export_name: 
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    polling = {} if poll_us is None else {"poll_us": poll_us}      # default: vdisk/nbd/polling.py
     Server(file, socket=socket_path, listen=listen, export=export_name, read_only=read_only, pid_file=pid_file,
-           tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, insecure=insecure).run()
+           tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, insecure=insecure, **polling).run()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ status of a dirty bitmap costs what its range's blocks cost
 
 Modules: protocol.py declares the wire (constants and structs, named as in
 the NBD spec), exports.py is the glue to a Disk, server.py the asyncio
-server and its lifecycle, control.py the control channel through which
+server and its lifecycle, polling.py its spin for the next request after
+replying (``--poll-us``, default 50 µs, off with 0), control.py the control channel through which
 other processes take snapshots, record consumers and run backups of the
 served image (the client side and the wire: vdisk/live.py).
 """
