@@ -171,3 +171,16 @@ def test_cli_refuses_a_budget_out_of_range(tmp_path):
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "--poll-us" in lines[0], out.stderr
+
+
+def test_the_handshake_spins_for_the_next_option(served):
+    """Each option's replies are followed by a spin for the client's next option, as requests are."""
+    start, sock = served
+    srv = start(1000)
+    try:
+        for _ in range(20):
+            Client(sock).connect(contexts=["base:allocation"]).close()      # four options each, no request
+        p = srv.polling
+        assert p.caught >= 20, (p.caught, p.missed)
+    finally:
+        srv.stop_in_thread()

@@ -152,12 +152,15 @@ class Wire(asyncio.Protocol):
     unread (an option is at most MAX_OPTION_LENGTH).  Writes are gathered
     and sent at the next drain, close or hand-over (``flush``): one send for
     an option's replies (GO's are four, header and data apart), not one per
-    piece, each waking the client."""
+    piece, each waking the client; then the server's spin (polling.py)
+    watches for the next option, as it watches for requests later."""
 
     LIMIT = 2 * (P.MAX_OPTION_LENGTH + P.OPTION_HEADER.size)
 
-    def __init__(self, accept: Callable[[Wire], Coroutine[Any, Any, None]]):
+    def __init__(self, accept: Callable[[Wire], Coroutine[Any, Any, None]], polling: Polling | None = None):
         self._accept = accept               # coroutine function (wire) run as the session's task
+        self.polling = polling if polling is not None else Polling(0)   # the server's spin (polling.py)
+        self._fd = -1
         self.transport: asyncio.Transport | None = None     # set by connection_made
         self.buffer = bytearray()
         self.eof = False
@@ -181,9 +184,13 @@ class Wire(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream server's connection (create_server, create_unix_server): an asyncio.Transport
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
+        self.polling.add(self._fd, self)        # until the Transmission protocol takes it over
         self.task = asyncio.get_running_loop().create_task(self._accept(self))
 
     def data_received(self, data: bytes) -> None:
+        self.polling.arrived()
         self.buffer += data
         if len(self.buffer) > self.LIMIT and not self._paused_reading:
             self._paused_reading = True
@@ -196,6 +203,7 @@ class Wire(asyncio.Protocol):
         return None if self.stream.get_extra_info("sslcontext") is not None else True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.polling.remove(self._fd, self)
         self.lost = True
         self.eof = True
         self._exc = exc
@@ -243,13 +251,15 @@ class Wire(asyncio.Protocol):
             self._out.append(data)
 
     def flush(self) -> None:
-        """Send what was written since the last flush, in one transport write."""
+        """Send what was written since the last flush, in one transport write, then
+        let the server spin a little for the client's next option."""
         out = self._out
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
             if not self.lost:
                 self.stream.write(data)
+                self.polling.replied()
 
     async def drain(self) -> None:
         self.flush()
@@ -1130,7 +1140,7 @@ class Server:
                 _clear_stale_socket(self.socket_path)
                 old = os.umask(0o177)           # the socket is born 0600
                 try:
-                    self._server = await self._loop.create_unix_server(lambda: Wire(self._accept),
+                    self._server = await self._loop.create_unix_server(lambda: Wire(self._accept, self.polling),
                                                                        self.socket_path)
                 finally:
                     os.umask(old)
@@ -1139,7 +1149,7 @@ class Server:
             else:
                 assert self.listen is not None      # __init__ took exactly one of socket and listen
                 host, port = self.listen
-                self._server = await self._loop.create_server(lambda: Wire(self._accept), host, port)
+                self._server = await self._loop.create_server(lambda: Wire(self._accept, self.polling), host, port)
                 bound = self._server.sockets[0].getsockname()
                 self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         except OSError as exc:
