@@ -98,8 +98,9 @@ def test_polling_off_is_inert():
     finally:
         a.close()
         b.close()
-    with pytest.raises(vdisk.VdiskError, match="poll_us"):
-        Server("/nonexistent/p.vdk", socket="/x", poll_us=-1)     # refused before the image is opened
+    for bad in (-1, 1001, 2.5, True):
+        with pytest.raises(vdisk.VdiskError, match="poll_us"):
+            Server("/nonexistent/p.vdk", socket="/x", poll_us=bad)    # refused before the image is opened
 
 
 @pytest.fixture

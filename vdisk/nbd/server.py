@@ -598,7 +598,7 @@ class Transmission(asyncio.Protocol):
     def start(self) -> None:
         sock = self.t.get_extra_info("socket")
         self.fd = sock.fileno() if sock is not None else -1
-        self.server.polling.add(self.fd, self)
+        self.polling.add(self.fd, self)
         self._process()
 
     def data_received(self, data: bytes) -> None:
@@ -997,7 +997,7 @@ class Server:
             raise errors.InvalidArgumentError("--tls-ca needs --tls-cert and --tls-key")
         if not fold_period > 0:
             raise errors.InvalidArgumentError(f"fold_period {fold_period}: seconds, more than 0")
-        if not 0 <= poll_us <= MAX_POLL_US:
+        if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= MAX_POLL_US:
             raise errors.InvalidArgumentError(f"poll_us {poll_us}: microseconds from 0 (off) to {MAX_POLL_US}")
         if min_block_size < 1 or min_block_size & (min_block_size - 1) or min_block_size > 65536:
             raise errors.InvalidArgumentError(f"min_block_size {min_block_size}: a power of two from 1 to 65536")
