@@ -10,6 +10,7 @@ refuses a budget out of range, naming the flag.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -105,14 +106,24 @@ def test_polling_off_is_inert():
 
 @pytest.fixture
 def served(tmp_path):
+    """serve(poll_us): a context giving (server, its socket, a connected client), all stopped after."""
     path = str(tmp_path / "p.vdk")
     with vdisk.create(path, 16 * MiB, block_size=64 * KiB) as d:
         d.pwrite(b"\x07" * MiB, 0)
     sock = str(tmp_path / "p.sock")
 
-    def start(poll_us: int) -> Server:
-        return Server(path, socket=sock, poll_us=poll_us).start_in_thread()
-    yield start, sock
+    @contextlib.contextmanager
+    def serve(poll_us: int):
+        srv = Server(path, socket=sock, poll_us=poll_us).start_in_thread()
+        try:
+            c = Client(sock).connect()
+            try:
+                yield srv, sock, c
+            finally:
+                c.close()
+        finally:
+            srv.stop_in_thread()
+    return serve
 
 
 def qd1(c: Client, n: int, pause: float = 0.0) -> None:
@@ -123,23 +134,14 @@ def qd1(c: Client, n: int, pause: float = 0.0) -> None:
 
 
 def test_a_client_at_queue_depth_1_is_caught_by_the_spin(served):
-    start, sock = served
-    srv = start(1000)                   # 1 ms: room for a loaded machine's client
-    try:
-        c = Client(sock).connect()
+    with served(1000) as (srv, _sock, c):         # 1 ms: room for a loaded machine's client
         qd1(c, 400)
         p = srv.polling
         assert p.caught >= 200, (p.caught, p.missed)     # most requests arrive while it spins
-        c.close()
-    finally:
-        srv.stop_in_thread()
 
 
 def test_idle_or_slow_clients_make_no_spins(served):
-    start, sock = served
-    srv = start(1000)
-    try:
-        c = Client(sock).connect()
+    with served(1000) as (srv, _sock, c):
         qd1(c, 50)
         p = srv.polling
         before = p.caught + p.missed
@@ -147,21 +149,12 @@ def test_idle_or_slow_clients_make_no_spins(served):
         qd1(c, 20, pause=0.01)          # a request every 10 ms: far slower than the budget
         spins = p.caught + p.missed - before
         assert spins <= 2, (p.caught, p.missed)          # always spinning would be 20
-        c.close()
-    finally:
-        srv.stop_in_thread()
 
 
 def test_poll_us_0_serves_without_spinning(served):
-    start, sock = served
-    srv = start(0)
-    try:
-        c = Client(sock).connect()
+    with served(0) as (srv, _sock, c):
         qd1(c, 100)
         assert not srv.polling.enabled and (srv.polling.caught, srv.polling.missed) == (0, 0)
-        c.close()
-    finally:
-        srv.stop_in_thread()
 
 
 def test_cli_refuses_a_budget_out_of_range(tmp_path):
@@ -176,12 +169,9 @@ def test_cli_refuses_a_budget_out_of_range(tmp_path):
 
 def test_the_handshake_spins_for_the_next_option(served):
     """Each option's replies are followed by a spin for the client's next option, as requests are."""
-    start, sock = served
-    srv = start(1000)
-    try:
+    with served(1000) as (srv, sock, _c):
+        before = srv.polling.caught
         for _ in range(20):
             Client(sock).connect(contexts=["base:allocation"]).close()      # four options each, no request
         p = srv.polling
-        assert p.caught >= 20, (p.caught, p.missed)
-    finally:
-        srv.stop_in_thread()
+        assert p.caught - before >= 20, (p.caught, p.missed)
