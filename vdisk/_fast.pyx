@@ -4,7 +4,9 @@ folds and scans, table walks.
 
 Every function takes typed memoryviews and returns arrays or scalars.  The
 Python callers check index ranges before calling in (these kernels run with
-bounds checking off), and each loop releases the GIL.
+bounds checking off), and each loop releases the GIL.  Three helpers of the
+NBD server sit at the end: Segments (block status replies), empty_bytearray
+(read buffers) and spin_until_ready (the spin after replies, polling.py).
 """
 import numpy as np
 cimport numpy as cnp
