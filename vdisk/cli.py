@@ -1116,7 +1116,7 @@ def merge_(dest: str, deltas: tuple[str, ...], show_progress: bool, output: str)
 @click.option("--tls-key", type=click.Path(), help="Private key of --tls-cert (PEM).")
 @click.option("--tls-ca", type=click.Path(), help="Accept only clients with a certificate this CA signed.")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --listen without TLS.")
-@click.option("--poll-us", type=click.IntRange(0, 1000), metavar="MICROSECONDS",     # 1000: server.MAX_POLL_US
+@click.option("--poll-us", type=click.IntRange(0, 1000), metavar="MICROSECONDS",     # 1000: polling.MAX_POLL_US
               help="Spin up to this long for the next request after replying, while requests come that fast "
                    "(default 50; 0: off).")
 def serve_(file: str, socket_path: str | None, listen: str | None, export_name: str | None, read_only: bool,

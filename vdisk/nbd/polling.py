@@ -41,6 +41,8 @@ from .. import _fast
 DEFAULT_POLL_US = 50
 """The server's default spin budget (µs).  A 4 KiB request's round trip
 across two CPUs of the benchmark host waits 40-50 µs for the client."""
+MAX_POLL_US = 1000
+"""The largest budget a server takes (``poll_us``, ``--poll-us``)."""
 
 
 class Polling:
@@ -61,6 +63,15 @@ class Polling:
     @property
     def enabled(self) -> bool:
         return self._ep is not None
+
+    def watch(self, transport: asyncio.BaseTransport, owner: object) -> int:
+        """Watch the socket of owner's transport: its descriptor (-1 when not watched), for remove()."""
+        if self._ep is None:
+            return -1
+        sock = transport.get_extra_info("socket")
+        fd = sock.fileno() if sock is not None else -1
+        self.add(fd, owner)
+        return fd
 
     def add(self, fd: int, owner: object) -> None:
         """Watch a connection's socket (its descriptor number may be a closed one's again)."""
@@ -90,7 +101,7 @@ class Polling:
             pass
 
     def arrived(self) -> None:
-        """Bytes of a request arrived (Transmission.data_received): the wait ends."""
+        """Bytes of an option or a request arrived (data_received): the wait ends."""
         since = self._idle_since
         if since:
             self.last_wait_ns = time.monotonic_ns() - since

@@ -80,7 +80,7 @@ from .. import _fast, errors
 from ..disk import Disk
 from . import protocol as P
 from .exports import Context, Export, Image, describe
-from .polling import DEFAULT_POLL_US, Polling
+from .polling import DEFAULT_POLL_US, MAX_POLL_US, Polling
 
 if TYPE_CHECKING:
     from .._types import PathArg
@@ -90,7 +90,6 @@ log = logging.getLogger("vdisk.nbd")
 
 SERVE_FOLD_INTERVAL = 1 << 62      # Disk.fold_interval while serving: no automatic fold in the loop's thread
 FOLD_MAX_PERIODS = 12              # under writes that never pause, a periodic fold every 12 fold_periods
-MAX_POLL_US = 1000                 # the largest spin budget a server takes (poll_us)
 
 
 class ProtocolViolation(Exception):
@@ -184,9 +183,7 @@ class Wire(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream server's connection (create_server, create_unix_server): an asyncio.Transport
         self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        self._fd = sock.fileno() if sock is not None else -1
-        self.polling.add(self._fd, self)        # until the Transmission protocol takes it over
+        self._fd = self.polling.watch(transport, self)      # until the Transmission protocol takes it over
         self.task = asyncio.get_running_loop().create_task(self._accept(self))
 
     def data_received(self, data: bytes) -> None:
@@ -596,9 +593,7 @@ class Transmission(asyncio.Protocol):
 
     # ---------------------------------------------------------------- asyncio callbacks
     def start(self) -> None:
-        sock = self.t.get_extra_info("socket")
-        self.fd = sock.fileno() if sock is not None else -1
-        self.polling.add(self.fd, self)
+        self.fd = self.polling.watch(self.t, self)
         self._process()
 
     def data_received(self, data: bytes) -> None:
