@@ -720,6 +720,50 @@ def test_disk_lock_is_a_reentrant_lock_the_hot_path_honours(tmp_path):
     d.close()
 
 
+def test_disk_lock_wait_times_out_and_is_interrupted_by_a_signal():
+    """A thread waiting for the DiskLock another thread holds: a timeout ends
+    the wait after (not before) the timeout, a signal's handler runs during
+    the wait (Ctrl-C raises KeyboardInterrupt in it), and once the holder
+    lets go the waiter takes it."""
+    import signal
+
+    from vdisk._hotpath import DiskLock
+    lk = DiskLock()
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with lk:
+            held.set()
+            release.wait(10)
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(10)
+    t0 = time.monotonic()
+    assert lk.acquire(timeout=0.15) is False
+    waited = time.monotonic() - t0
+    assert 0.14 <= waited < 2, waited
+    assert lk.acquire(blocking=False) is False
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            lk.acquire()                        # blocks: only the handler ends it
+        assert time.monotonic() - t0 < 3
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    release.set()
+    assert lk.acquire(timeout=10) is True       # handed over once the holder is done
+    assert lk._is_owned()
+    lk.release()
+    t.join(10)
+
+
 def _release_elsewhere(lk) -> None:
     err = []
 

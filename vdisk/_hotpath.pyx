@@ -15,9 +15,7 @@ from libc.string cimport memset
 from libc.errno cimport errno, EINTR
 from posix.unistd cimport pread as c_pread, pwrite as c_pwrite
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock, PyThread_acquire_lock,
-                               PyThread_release_lock, PyThread_get_thread_ident, NOWAIT_LOCK, PyLockStatus,
-                               PY_LOCK_ACQUIRED, PY_LOCK_INTR)
+from cpython.pythread cimport PyThread_get_thread_ident
 
 cdef bint all_zero(const uint8_t *p, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
@@ -124,8 +122,31 @@ cdef enum:
     NOWAIT_MAX = 64 * 1024
 
 
-cdef extern from "pythread.h":
-    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock, long long microseconds, int intr_flag) nogil
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_trylock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+    int pthread_mutex_timedlock(pthread_mutex_t *m, const timespec *abstime)
+
+cdef extern from "<time.h>" nogil:
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    int CLOCK_REALTIME, CLOCK_MONOTONIC
+
+
+cdef enum:
+    WAIT_SLICE_NS = 20 * 1000 * 1000     # a waiter wakes this often to run signal handlers
+
+
+cdef int64_t clock_ns(int clk) noexcept nogil:
+    cdef timespec ts
+    clock_gettime(clk, &ts)
+    return <int64_t> ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
 cdef class DiskLock:
@@ -133,43 +154,55 @@ cdef class DiskLock:
 
     The same semantics as ``threading.RLock`` (acquire, release, ``with``;
     the owning thread may take it again), but the hot path takes and drops
-    it with a C call, not two Python method calls per request.  The owner
-    and count change only with the GIL held; a thread that must wait
-    releases the GIL and can be interrupted by signals, as RLock can.
+    it with a C call, not two Python method calls per request: an
+    uncontended take is one pthread_mutex_trylock (a PyThread lock reads
+    the clock on every take, even a non-blocking one, on CPython 3.11).
+    The owner and count change only with the GIL held; a thread that must
+    wait releases the GIL and runs signal handlers every WAIT_SLICE_NS
+    (a KeyboardInterrupt ends the wait), as RLock can be interrupted.
     """
-    cdef PyThread_type_lock lock
+    cdef pthread_mutex_t mutex
     cdef unsigned long owner
     cdef Py_ssize_t count
 
     def __cinit__(self):
-        self.lock = PyThread_allocate_lock()
-        if self.lock == NULL:
+        if pthread_mutex_init(&self.mutex, NULL) != 0:
             raise MemoryError("vdisk._hotpath: no memory for a lock")
         self.count = 0
 
     def __dealloc__(self):
-        if self.lock != NULL:
-            PyThread_free_lock(self.lock)
+        pthread_mutex_destroy(&self.mutex)
 
     cdef int enter(self, bint blocking=True, long long timeout_us=-1) except -1:
         """1 when acquired, 0 when not (non-blocking, or timed out)."""
         cdef unsigned long me = <unsigned long> PyThread_get_thread_ident()
-        cdef PyLockStatus st
+        cdef int64_t deadline = 0, now, wake
+        cdef timespec until
+        cdef int rc
         if self.count and self.owner == me:
             self.count += 1
             return 1
-        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
-            if not blocking:
+        if pthread_mutex_trylock(&self.mutex) != 0:
+            if not blocking or timeout_us == 0:
                 return 0
+            if timeout_us > 0:
+                deadline = clock_ns(CLOCK_MONOTONIC) + timeout_us * 1000
             while True:
                 with nogil:
-                    st = PyThread_acquire_lock_timed(self.lock, timeout_us, 1)
-                if st == PY_LOCK_ACQUIRED:
+                    wake = WAIT_SLICE_NS
+                    if timeout_us > 0:
+                        now = clock_ns(CLOCK_MONOTONIC)
+                        if deadline - now < wake:
+                            wake = deadline - now if deadline > now else 0
+                    wake += clock_ns(CLOCK_REALTIME)
+                    until.tv_sec = wake // 1000000000
+                    until.tv_nsec = wake % 1000000000
+                    rc = pthread_mutex_timedlock(&self.mutex, &until)
+                if rc == 0:
                     break
-                if st == PY_LOCK_INTR:
-                    PyErr_CheckSignals()        # a KeyboardInterrupt raises here
-                    continue
-                return 0                        # timed out
+                PyErr_CheckSignals()            # a KeyboardInterrupt raises here
+                if timeout_us > 0 and clock_ns(CLOCK_MONOTONIC) >= deadline:
+                    return 0                    # timed out
         self.owner = me
         self.count = 1
         return 1
@@ -178,7 +211,7 @@ cdef class DiskLock:
         self.count -= 1
         if self.count == 0:
             self.owner = 0
-            PyThread_release_lock(self.lock)
+            pthread_mutex_unlock(&self.mutex)
 
     def acquire(self, bint blocking=True, double timeout=-1) -> bool:
         """Take the lock (again, if this thread holds it); False on a timeout."""
@@ -209,7 +242,7 @@ cdef class DiskLock:
         state = (self.count, self.owner)
         self.count = 0
         self.owner = 0
-        PyThread_release_lock(self.lock)
+        pthread_mutex_unlock(&self.mutex)
         return state
 
     def _acquire_restore(self, state) -> None:
