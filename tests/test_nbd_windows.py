@@ -11,6 +11,8 @@ once per window, not once per request.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -54,6 +56,56 @@ def test_window_payload_equals_describe(points, window, request, limit):
         head = P.CHUNK_HEADER.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE if done else 0,
                                    P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, 4 + len(want))
         assert win.chunk(r0, r1, limit, cookie, ctx_id, done) == head + P.U32.pack(ctx_id) + want
+
+
+@settings(max_examples=300, deadline=None)
+@given(before=st.lists(st.integers(0, 200), max_size=30, unique=True),
+       after=st.lists(st.integers(0, 200), max_size=30, unique=True),
+       window=st.tuples(st.integers(0, 200), st.integers(0, 200)),
+       written=st.lists(st.tuples(st.integers(0, 220), st.integers(0, 40)), max_size=12))
+def test_a_patched_window_equals_the_window_computed_anew(before, after, window, written):
+    """Window.patch: a window of the runs `before`, patched for written
+    ranges (some outside it, overlapping, touching, more than PATCH_RANGES)
+    where the truth became the runs `after` (and stayed `before` elsewhere),
+    has the segments of a window computed from that truth."""
+    w0, w1 = sorted(window)
+    if w0 == w1:
+        return
+    ranges = [(a, a + n) for a, n in written]
+
+    def runs(points):
+        pts = sorted(points)[:len(points) // 2 * 2]
+        return np.array(pts[0::2], dtype=np.uint64), np.array(pts[1::2], dtype=np.uint64)
+
+    def bitmap(offs, ends, lo=0, hi=240):
+        m = np.zeros(hi, dtype=bool)
+        for o, e in zip(offs.tolist(), ends.tolist()):
+            m[max(o, lo):min(e, hi)] = True
+        return m
+
+    old, new = bitmap(*runs(before)), bitmap(*runs(after))
+    truth = old.copy()
+    for a, b in ranges:             # the Disk changed where it was written, nowhere else
+        truth[a:b] = new[a:b]
+
+    def query(off, n):              # the runs meeting [off, off + n), clipped to it
+        o, e = _runs_of(truth[off:off + n])
+        return o + np.uint64(off), e + np.uint64(off)
+    win = Window(*_clip(*_runs_of(old), w0, w1), w0, w1, 1, 0, 0)
+    win.patch(ranges, query)
+    want = Window(*_clip(*_runs_of(truth), w0, w1), w0, w1, 1, 0, 0)
+    assert win.segments.bounds.tolist() == want.segments.bounds.tolist()
+    assert win.segments.flags.tolist() == want.segments.flags.tolist()
+
+
+def _runs_of(mask):
+    idx = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
+    return idx[0::2].astype(np.uint64), idx[1::2].astype(np.uint64)
+
+
+def _clip(offs, ends, w0, w1):
+    keep = (ends > w0) & (offs < w1)
+    return np.maximum(offs[keep], np.uint64(w0)), np.minimum(ends[keep], np.uint64(w1))
 
 
 def descs_of(runs, start: int, stop: int, inside: int, outside: int):
@@ -219,6 +271,63 @@ def test_connections_asking_the_same_share_the_window(image, tmp_path, disk_call
         assert got[DIRTY] == merged(truth(srv.disk, 0, 3 * GiB)[DIRTY]) != merged(first[DIRTY])
         b.close()
         c.close()
+    finally:
+        srv.stop_in_thread()
+
+
+def test_after_a_write_a_walk_asks_the_disk_about_the_written_blocks_only(image, tmp_path, monkeypatch):
+    """A walk keeps its windows; then writes, a trim, zeroings and a flush
+    through the server, on two connections: the next walk asks the Disk
+    only about the blocks those touched (each query at most the rounded-out
+    range: no window is computed anew), and answers what the Disk answers.
+    A failed write makes the next walk ask everything anew."""
+    asked: list[tuple[str, int, int]] = []
+    for name in ("changes_in", "map_range"):
+        real = getattr(vdisk.disk.Disk, name)
+
+        def recording(self, *args, _real=real, _name=name):
+            if args[-1] and threading.current_thread() is not threading.main_thread():     # the server's
+                asked.append((_name, args[-2], args[-1]))
+            return _real(self, *args)
+        monkeypatch.setattr(vdisk.disk.Disk, name, recording)
+    srv = Server(image, socket=str(tmp_path / "w.sock"))
+    srv.start_in_thread()
+    try:
+        a = Client(srv.socket_path).connect("", contexts=[ALLOC, DIRTY])
+        b = Client(srv.socket_path).connect("", contexts=[ALLOC])
+        walk(a, 0, 3 * GiB, 256 * MiB)
+        assert max(n for _, _, n in asked) >= 1 * GiB              # the first walk built windows
+        changes = [(a, P.NBD_CMD_WRITE, 2 * GiB + 7 * BS + 5, 10, 0), (b, P.NBD_CMD_WRITE, 3 * BS - 2, 4, 0),
+                   (b, P.NBD_CMD_TRIM, 997 * 33 * BS, 2 * BS, 0), (a, P.NBD_CMD_WRITE_ZEROES, 997 * 34 * BS, BS, 0),
+                   (b, P.NBD_CMD_WRITE_ZEROES, 40 * BS, BS, P.NBD_CMD_FLAG_NO_HOLE), (a, P.NBD_CMD_FLUSH, 0, 0, 0)]
+        for conn, cmd, off, n, flags in changes:
+            asked.clear()
+            data = b"\x09" * n if cmd == P.NBD_CMD_WRITE else b""
+            assert conn.call(cmd, off, n, flags, data).error == 0
+            got = {k: merged(v) for k, v in walk(a, 0, 3 * GiB, 256 * MiB).items()}
+            assert got == {k: merged(v) for k, v in truth(srv.disk, 0, 3 * GiB).items()}
+            if cmd == P.NBD_CMD_FLUSH:
+                assert asked == [], f"a flush made the walk ask {asked}"
+                continue
+            lo, hi = off // BS * BS, -(-(off + n) // BS) * BS       # the blocks it touched
+            assert asked and all(lo <= o and o + length <= hi for _, o, length in asked), (cmd, asked)
+        asked.clear()
+        assert a.call(P.NBD_CMD_WRITE, 3 * GiB - 10, 20, 0, b"\x01" * 20).error != 0     # past the end
+        walk(a, 0, 3 * GiB, 256 * MiB)
+        assert asked == [], asked                  # refused before it ran: nothing changed
+        real_pwrite = vdisk.disk.Disk.pwrite
+
+        def failing(self, data, offset):
+            real_pwrite(self, data, offset)         # done, then it fails: the answers may have changed
+            raise vdisk.VdiskIOError("injected")
+        monkeypatch.setattr(vdisk.disk.Disk, "pwrite", failing)
+        assert a.call(P.NBD_CMD_WRITE, 5 * BS, 3, 0, b"\x02" * 3).error != 0
+        monkeypatch.setattr(vdisk.disk.Disk, "pwrite", real_pwrite)
+        got = {k: merged(v) for k, v in walk(a, 0, 3 * GiB, 256 * MiB).items()}
+        assert got == {k: merged(v) for k, v in truth(srv.disk, 0, 3 * GiB).items()}
+        assert max(n for _, _, n in asked) >= 1 * GiB, asked     # every window computed anew
+        a.close()
+        b.close()
     finally:
         srv.stop_in_thread()
 

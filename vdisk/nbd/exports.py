@@ -32,12 +32,18 @@ the last one ended spans WINDOW_GROWTH times more (if the last one held at
 most WINDOW_GROW_SEGMENTS segments), so a client mapping a 1 TiB disk with
 few changes in 4 GiB requests costs 3 queries (64 GiB, 256 GiB, the rest),
 and each window is built and answered by the kernel _fast.Segments.  On the live disk that
-is sound only while nothing changes the Disk: the server owns it
-(Image.sole_writer) and calls Image.touch() before and after every change it
-makes (NBD writes, trims and zeroings, flushes, every control operation);
-a window computed at another version is computed anew.  A Disk a program
-passes to the server may change behind its back: its answers are never
-reused (each request is queried, as before).
+is sound only while nothing else changes the Disk: the server owns it
+(Image.sole_writer), tells the Image what it wrote (Image.wrote: NBD
+writes, trims and zeroings, the byte range rounded out to blocks) and
+calls Image.touch() for every other change (every control operation, a
+write or flush that failed); a window computed at another version is
+computed anew, and a kept window asks the Disk anew about the blocks
+written since it was computed, and only those (Window.patch: a map right
+after a 4 KiB write asks about one block, not 1 TiB).  A flush changes no
+answer (its fold turns dirty bits into counters of the open generation,
+changed since every id as before).  A Disk a program passes to the server
+may change behind its back: its answers are never reused (each request is
+queried, as before).
 """
 from __future__ import annotations
 
@@ -93,12 +99,17 @@ class Context:
         reused (Export.reusable), one query answers the requests of the next
         WINDOW_FACTOR times the range, as long as the image's version stays."""
         export = self.export
-        version = export.image.version
+        image = export.image
+        version = image.version
         kept = export.windows.get(self.key, ())
         for w in kept:
             if w.answers(start, stop, version):
+                if export.live and w.seen < len(image.written):     # the server wrote since: ask those blocks
+                    w.patch(image.written[w.seen:], self._query)
+                    w.seen = len(image.written)
                 return w
         w = self._compute(start, stop - start, version, kept[-1] if kept else None)
+        w.seen = len(image.written)
         export.keep_window(self.key, w)
         return w
 
@@ -138,17 +149,49 @@ class Window:
     descriptors written straight into the reply's bytes, so a client walking
     a disk costs one query per window, not one per request."""
 
-    __slots__ = ("start", "stop", "version", "segments")
+    __slots__ = ("start", "stop", "version", "seen", "inside", "outside", "segments")
 
     def __init__(self, offsets: Offsets, ends: Offsets, start: int, stop: int, inside: int, outside: int,
                  version: int | None):
         self.start, self.stop = start, stop
         self.version = version              # the image's version it was computed at (None: never reused)
-        self.segments = _fast.Segments(np.ascontiguousarray(offsets, dtype=np.uint64),
-                                       np.ascontiguousarray(ends, dtype=np.uint64), start, stop, inside, outside)
+        self.seen = 0                       # how many of Image.written it reflects (the live disk's)
+        self.inside, self.outside = inside, outside
+        self.segments = self._segments(offsets, ends)
+
+    def _segments(self, offsets: Offsets, ends: Offsets) -> _fast.Segments:
+        return _fast.Segments(np.ascontiguousarray(offsets, dtype=np.uint64),
+                              np.ascontiguousarray(ends, dtype=np.uint64), self.start, self.stop,
+                              self.inside, self.outside)
 
     def answers(self, start: int, stop: int, version: int) -> bool:
         return self.version == version and self.start <= start and stop <= self.stop
+
+    def patch(self, written: list[tuple[int, int]], query: Query) -> None:
+        """Bring the window up to date after the server wrote the byte ranges
+        written (Image.wrote): each range that meets the window is asked anew
+        (query: the context's question, on those blocks only) and its answer
+        replaces the window's there; the rest of the window stands, since
+        nothing else changed the Disk (Image.touch() otherwise).  Past
+        PATCH_RANGES ranges, the span covering them is asked once."""
+        ranges = _merged([(max(a, self.start), min(b, self.stop)) for a, b in written
+                          if a < self.stop and b > self.start])
+        if not ranges:
+            return
+        if len(ranges) > PATCH_RANGES:
+            ranges = [(ranges[0][0], ranges[-1][1])]
+        seg = self.segments
+        inside = seg.flags == self.inside
+        offs, ends = seg.bounds[:-1][inside], seg.bounds[1:][inside]
+        for a, b in ranges:
+            new_o, new_e = query(a, b - a)
+            new_o = np.maximum(np.asarray(new_o, dtype=np.uint64), np.uint64(a))
+            new_e = np.minimum(np.asarray(new_e, dtype=np.uint64), np.uint64(b))
+            keep = new_e > new_o
+            before, after = offs < a, ends > b      # the old runs' pieces outside [a, b)
+            offs = np.concatenate([offs[before], new_o[keep], np.maximum(offs[after], np.uint64(b))])
+            ends = np.concatenate([np.minimum(ends[before], np.uint64(a)), new_e[keep], ends[after]])
+        self.segments = self._segments(offs, ends)
 
     def payload(self, start: int, stop: int, limit: int) -> bytes:
         """Descriptors of [start, stop) (inside the window, start < stop): the
@@ -160,6 +203,21 @@ class Window:
         return self.segments.chunk(start, stop, limit, P.NBD_STRUCTURED_REPLY_MAGIC,
                                    P.NBD_REPLY_FLAG_DONE if done else 0, P.NBD_REPLY_TYPE_BLOCK_STATUS,
                                    cookie, context_id)
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, overlapping or touching ranges joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(r for r in ranges if r[1] > r[0]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+PATCH_RANGES = 8            # a window patched for more ranges than this asks the span covering them once
+WRITES_KEPT = 4096          # writes Image.written holds; one more: every answer is computed anew (touch)
 
 
 def describe(offsets: Offsets, ends: Offsets, start: int, stop: int, inside: int, outside: int,
@@ -380,15 +438,32 @@ class Image:
         self.name = name
         self.read_only = read_only or not disk.writable()
         # sole_writer: every change to the Disk goes through the server (it opened the Disk
-        # itself), which calls touch() before and after each; else answers are never reused
+        # itself), which calls wrote() after each write and touch() for any other change;
+        # else answers are never reused
         self.sole_writer = sole_writer
         self.version = 0
+        # the block-aligned byte ranges the server wrote at this version, in order: a kept
+        # window of the live export asks them anew, no more (Window.patch)
+        self.written: list[tuple[int, int]] = []
         self._live = Export(self, name, disk, self.read_only)
         self._snapshots: dict[str, Export] = {}
 
     def touch(self) -> None:
         """The Disk changes (or may have changed): block status answers computed before are stale."""
         self.version += 1
+        self.written = []
+
+    def wrote(self, offset: int, length: int) -> None:
+        """The server wrote, trimmed or zeroed [offset, offset + length) of the
+        live Disk, and nothing else changed: answers computed before stand
+        outside the range's blocks (the next request inside a kept window asks
+        those blocks anew).  Only the server calls it, as the Disk's sole
+        writer; any other change calls touch()."""
+        if len(self.written) >= WRITES_KEPT:
+            self.touch()
+            return
+        bs = self.disk.block_size
+        self.written.append((offset - offset % bs, -(-(offset + length) // bs) * bs))
 
     def names(self) -> list[str]:
         """The export names NBD_OPT_LIST shows: NAME, then NAME@S for each snapshot."""

@@ -724,8 +724,6 @@ class Transmission(asyncio.Protocol):
             if cmd == P.NBD_CMD_READ:
                 self._read(flags, cookie, offset, length)
                 return
-            if cmd in _WRITES:
-                self.image.touch()              # block status answers computed before are stale
             if cmd == P.NBD_CMD_WRITE:
                 if length:
                     assert payload is not None      # _process passes a WRITE its payload
@@ -738,12 +736,15 @@ class Transmission(asyncio.Protocol):
                     self._write_zeroes(flags, offset, length)
             # CACHE: the page cache serves reads; nothing to prefetch
             if cmd in _WRITES:
+                self.image.wrote(offset, length)    # block status asks these blocks anew, no others
                 self.server.answered += 1       # the periodic fold: unflushed, and waits while this moves
             if cmd == P.NBD_CMD_FLUSH and not self.export.read_only or flags & P.NBD_CMD_FLAG_FUA and cmd in _WRITES:
                 self._flush_then_reply(cmd, cookie, offset, length)
                 return
             self._ok(cookie)
         except Exception as exc:
+            if cmd in _WRITES:
+                self.image.touch()              # a failed change may have done part of it: ask everything anew
             self._failed(cmd, cookie, offset, length, exc)
 
     def _failed(self, cmd: int, cookie: int, offset: int, length: int, exc: BaseException) -> None:
@@ -1065,9 +1066,14 @@ class Server:
         (and the tracking bits folded).  presync: sync the file first without the Disk's lock."""
         self._answered_at_flush = self.answered     # writes answered from now on: the next period's
         fn = self._presync_and_flush if presync else self.disk.flush
-        self.image.touch()
+        # a flush changes no block status answer (its fold turns dirty bits into counters of the
+        # open generation: changed since every id, as before); a failed one may have: ask anew
         fut = asyncio.get_running_loop().run_in_executor(self._executor, fn)
-        fut.add_done_callback(lambda _f: self.image.touch())
+
+        def done(f: asyncio.Future[None]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                self.image.touch()
+        fut.add_done_callback(done)
         return fut
 
     def _presync_and_flush(self) -> None:
