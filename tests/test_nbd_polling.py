@@ -4,7 +4,8 @@ What must hold: the spin ends when any watched connection's socket becomes
 readable; a connection's closed socket number, reused by a later one, does
 not take the later one's registration with it; a client at queue depth 1
 is caught by the spin; a server whose clients are idle or slow does not
-spin (one spin at most after a burst); poll_us 0 turns it off; the CLI
+spin (one spin at most after a burst), nor after block status alone (a
+client walking the map); poll_us 0 turns it off; the CLI
 refuses a budget out of range, naming the flag.
 """
 from __future__ import annotations
@@ -149,6 +150,23 @@ def test_idle_or_slow_clients_make_no_spins(served):
         qd1(c, 20, pause=0.01)          # a request every 10 ms: far slower than the budget
         spins = p.caught + p.missed - before
         assert spins <= 2, (p.caught, p.missed)          # always spinning would be 20
+
+
+def test_block_status_alone_is_not_followed_by_a_spin(served):
+    """A client walking the map (block status only, at queue depth 1) gets no
+    spin after its replies; a read among its requests brings the spin back."""
+    with served(1000) as (srv, sock, _c):
+        c = Client(sock).connect(contexts=["base:allocation"])
+        try:
+            p = srv.polling
+            before = p.caught + p.missed
+            for i in range(100):
+                assert isinstance(c.block_status((i % 16) * 64 * KiB, 64 * KiB), dict)
+            assert p.caught + p.missed - before <= 1, (p.caught, p.missed)     # the handshake's last, at most
+            qd1(c, 100)
+            assert p.caught >= 50, (p.caught, p.missed)
+        finally:
+            c.close()
 
 
 def test_poll_us_0_serves_without_spinning(served):

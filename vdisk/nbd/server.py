@@ -33,7 +33,9 @@ Contracts
   replies, it spins up to poll_us (default 50 µs) for the next request,
   as long as requests have been coming that quickly (vdisk/nbd/polling.py):
   a client at queue depth 1 then does not wait for the server's thread to
-  be woken, which on a virtual machine costs tens of microseconds.
+  be woken, which on a virtual machine costs tens of microseconds.  Not
+  after a burst of block status requests alone: a client walking the map
+  works through each reply first, and runs best beside the server.
 * Folds never run in the loop's thread.  While serving, the Disk's
   automatic fold (every Disk.fold_interval writes: counter pages, then
   fdatasync) is turned off (fold_interval set to
@@ -651,12 +653,14 @@ class Transmission(asyncio.Protocol):
         pos = 0
         size = P.REQUEST.size
         unpack = P.REQUEST.unpack_from
+        data = False                    # a request other than BLOCK_STATUS among them (see below)
         try:
             while not self.blocked and not self.write_paused:
                 avail = len(buf) - pos
                 if avail < size:
                     break
                 magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+                data = data or cmd != P.NBD_CMD_BLOCK_STATUS
                 if magic != P.NBD_REQUEST_MAGIC:
                     self._disconnect(f"request magic {magic:#x}, expected {P.NBD_REQUEST_MAGIC:#x}")
                     return
@@ -692,8 +696,12 @@ class Transmission(asyncio.Protocol):
         self._send_out()
         if self.closing and not self.blocked:
             self.t.close()
-        elif not buf and not self.blocked and not self.write_paused:
-            self.polling.replied()      # everything answered: spin a little for the next request
+        elif data and not buf and not self.blocked and not self.write_paused:
+            # everything answered: spin a little for the next request.  Not after block status
+            # alone: a client walking the disk's map works through each reply before it asks
+            # again, and a spinning server draws the scheduler to put it on the other CPU
+            # (benchmarks/README.md, the map rows)
+            self.polling.replied()
 
     def _send_out(self) -> None:
         out = self.out
