@@ -153,8 +153,9 @@ def test_idle_or_slow_clients_make_no_spins(served):
 
 
 def test_block_status_alone_is_not_followed_by_a_spin(served):
-    """A client walking the map (block status only, at queue depth 1) gets no
-    spin after its replies; a read among its requests brings the spin back."""
+    """A client walking the map (block status only, at queue depth 1) that may
+    run beside the server (here: in its process) gets no spin after its
+    replies; a read among its requests brings the spin back."""
     with served(1000) as (srv, sock, _c):
         c = Client(sock).connect(contexts=["base:allocation"])
         try:
@@ -167,6 +168,56 @@ def test_block_status_alone_is_not_followed_by_a_spin(served):
             assert p.caught >= 50, (p.caught, p.missed)
         finally:
             c.close()
+
+
+WALKER = """
+import sys
+from vdisk_testkit.nbd_client import Client
+c = Client(sys.argv[1]).connect(contexts=["base:allocation"])
+for i in range(100):
+    assert isinstance(c.block_status((i % 16) * 65536, 65536), dict)
+c.close()
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to keep a client apart")
+def test_block_status_is_followed_by_a_spin_for_a_client_kept_on_another_cpu(served):
+    """The same walk from a process pinned to a CPU the server's thread may not
+    use (taskset): the two can never share a CPU, so the spin saves the
+    server's wakeup as for reads."""
+    cpus = sorted(os.sched_getaffinity(0))
+    main = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus[0]})          # the server's thread, started now, inherits it
+    try:
+        with served(1000) as (srv, sock, _c):
+            os.sched_setaffinity(0, main)
+            p = srv.polling
+            before = p.caught + p.missed
+            out = subprocess.run(["taskset", "-c", str(cpus[1]), sys.executable, "-c", WALKER, sock],
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stderr
+            assert p.caught + p.missed - before >= 50, (p.caught, p.missed)
+    finally:
+        os.sched_setaffinity(0, main)
+
+
+def test_peer_apart_tells_a_client_that_may_share_our_cpus():
+    from vdisk.nbd.polling import peer_apart
+    a, b = socket.socketpair()                  # this process on both ends: the same CPUs
+    try:
+        assert peer_apart(a) is False
+    finally:
+        a.close()
+        b.close()
+    srv = socket.create_server(("127.0.0.1", 0))
+    try:
+        c = socket.create_connection(srv.getsockname())
+        s, _ = srv.accept()
+        assert peer_apart(s) is True            # TCP: a client we cannot ask
+        s.close()
+        c.close()
+    finally:
+        srv.close()
 
 
 def test_poll_us_0_serves_without_spinning(served):

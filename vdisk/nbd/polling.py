@@ -22,12 +22,17 @@ The spin is bounded and adaptive, so an idle server burns nothing:
   spin that times out, then none until requests come quickly again.  The
   factor 2 is there because a wait measured while the thread slept holds
   its own wakeup, which the spin would have saved;
-* the server asks for it (``replied``) only after a burst that held a
-  request other than block status: a client walking the map (nbdinfo
-  --map, a backup tool) works through each reply before it asks again, and
-  a spinning server draws the scheduler to wake that client on the other
-  CPU rather than beside the server (on the benchmark host a map of 1 TiB
-  took 45 ms with the spin against 32-41 ms without: benchmarks/README.md).
+* after a burst of block status requests alone it spins only for a client
+  that can never run beside the server (``replied(data=False)``): a
+  client walking the map (nbdinfo --map, a backup tool) works through each
+  reply before it asks again, and when it may share the server's CPU it
+  runs fastest there, which the scheduler arranges only while the server
+  sleeps (a spinning server draws it to the other CPU: on the benchmark
+  host a map of 1 TiB took 45 ms with the spin against 32-41 ms without,
+  benchmarks/README.md).  A client is *apart* (peer_apart) when it is a
+  local process whose CPU affinity shares no CPU with the server's, or
+  not a local process (TCP): for it the spin saves the server's wakeup
+  as for data requests.
 
 The spin watches every connection's socket (one epoll set of the
 transmission sockets, level-triggered), so a request on another
@@ -39,7 +44,10 @@ therefore wait at most ``max_ns`` longer.  ``max_ns`` 0 turns it off.
 from __future__ import annotations
 
 import asyncio
+import os
 import select
+import socket
+import struct
 import time
 
 from .. import _fast
@@ -60,6 +68,7 @@ class Polling:
         self.max_ns = max_ns
         self._ep = select.epoll() if max_ns else None
         self._owners: dict[int, object] = {}     # fd -> the connection that registered it
+        self._apart: set[int] = set()             # the fds whose clients can never run beside the server
         self._queued = False
         self._idle_since = 0                      # monotonic ns when the loop went idle; 0: not waiting
         self.last_wait_ns = 1 << 62               # the last measured wait; long: do not spin yet
@@ -76,11 +85,12 @@ class Polling:
             return -1
         sock = transport.get_extra_info("socket")
         fd = sock.fileno() if sock is not None else -1
-        self.add(fd, owner)
+        self.add(fd, owner, apart=sock is None or peer_apart(sock))
         return fd
 
-    def add(self, fd: int, owner: object) -> None:
-        """Watch a connection's socket (its descriptor number may be a closed one's again)."""
+    def add(self, fd: int, owner: object, apart: bool = True) -> None:
+        """Watch a connection's socket (its descriptor number may be a closed one's
+        again); apart: its client can never run beside the server (peer_apart)."""
         ep = self._ep
         if ep is None or fd < 0:
             return
@@ -94,6 +104,10 @@ class Polling:
         except OSError:                           # not a pollable descriptor: the spin ignores it
             return
         self._owners[fd] = owner
+        if apart:
+            self._apart.add(fd)
+        else:
+            self._apart.discard(fd)
 
     def remove(self, fd: int, owner: object) -> None:
         """Stop watching it; only its owner's registration is removed (not a later socket's)."""
@@ -101,6 +115,7 @@ class Polling:
         if ep is None or self._owners.get(fd) is not owner:
             return
         del self._owners[fd]
+        self._apart.discard(fd)
         try:
             ep.unregister(fd)
         except OSError:
@@ -113,9 +128,11 @@ class Polling:
             self.last_wait_ns = time.monotonic_ns() - since
             self._idle_since = 0
 
-    def replied(self) -> None:
-        """A connection answered everything it had: spin once the loop has nothing else to run."""
-        if self._ep is not None and not self._queued:
+    def replied(self, data: bool = True) -> None:
+        """A connection answered everything it had: spin once the loop has nothing
+        else to run.  data False: the burst was block status alone, spin only if
+        a watched client is apart (see the module docstring)."""
+        if self._ep is not None and not self._queued and (data or self._apart):
             self._queued = True
             asyncio.get_running_loop().call_soon(self._spin)
 
@@ -137,3 +154,18 @@ class Polling:
             self._ep.close()
             self._ep = None
         self._owners.clear()
+        self._apart.clear()
+
+
+def peer_apart(sock: socket.socket) -> bool:
+    """Whether the client behind a connected socket can never run on a CPU
+    this thread may run on: a local (Unix socket) client whose CPU affinity
+    and ours are disjoint, or a client we cannot ask (TCP, or its process
+    gone or not ours to ask)."""
+    if sock.family != getattr(socket, "AF_UNIX", None) or not hasattr(socket, "SO_PEERCRED"):
+        return True
+    try:
+        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        return pid <= 0 or not (os.sched_getaffinity(pid) & os.sched_getaffinity(0))
+    except (OSError, AttributeError, struct.error):
+        return True

@@ -33,9 +33,10 @@ Contracts
   replies, it spins up to poll_us (default 50 µs) for the next request,
   as long as requests have been coming that quickly (vdisk/nbd/polling.py):
   a client at queue depth 1 then does not wait for the server's thread to
-  be woken, which on a virtual machine costs tens of microseconds.  Not
-  after a burst of block status requests alone: a client walking the map
-  works through each reply first, and runs best beside the server.
+  be woken, which on a virtual machine costs tens of microseconds.  After
+  a burst of block status requests alone, only for a client that can never
+  run on the server's CPU: a client walking the map that may share it runs
+  fastest beside the server, which the scheduler arranges while it sleeps.
 * Folds never run in the loop's thread.  While serving, the Disk's
   automatic fold (every Disk.fold_interval writes: counter pages, then
   fdatasync) is turned off (fold_interval set to
@@ -696,12 +697,11 @@ class Transmission(asyncio.Protocol):
         self._send_out()
         if self.closing and not self.blocked:
             self.t.close()
-        elif data and not buf and not self.blocked and not self.write_paused:
-            # everything answered: spin a little for the next request.  Not after block status
-            # alone: a client walking the disk's map works through each reply before it asks
-            # again, and a spinning server draws the scheduler to put it on the other CPU
-            # (benchmarks/README.md, the map rows)
-            self.polling.replied()
+        elif not buf and not self.blocked and not self.write_paused:
+            # everything answered: spin a little for the next request; after block status alone,
+            # only for a client that cannot run beside us (polling.py: a client walking the map
+            # that may share our CPU runs fastest there, which a spinning server prevents)
+            self.polling.replied(data)
 
     def _send_out(self) -> None:
         out = self.out
