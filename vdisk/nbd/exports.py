@@ -181,16 +181,17 @@ class Window:
         if len(ranges) > PATCH_RANGES:
             ranges = [(ranges[0][0], ranges[-1][1])]
         seg = self.segments
-        inside = seg.flags == self.inside
-        offs, ends = seg.bounds[:-1][inside], seg.bounds[1:][inside]
+        first = 0 if seg.flags[0] == self.inside else 1     # segments alternate: neighbours never equal
+        offs, ends = seg.bounds[first:-1:2], seg.bounds[first + 1::2]   # the runs with `inside` (views)
         for a, b in ranges:
             new_o, new_e = query(a, b - a)
             new_o = np.maximum(np.asarray(new_o, dtype=np.uint64), np.uint64(a))
             new_e = np.minimum(np.asarray(new_e, dtype=np.uint64), np.uint64(b))
             keep = new_e > new_o
-            before, after = offs < a, ends > b      # the old runs' pieces outside [a, b)
-            offs = np.concatenate([offs[before], new_o[keep], np.maximum(offs[after], np.uint64(b))])
-            ends = np.concatenate([np.minimum(ends[before], np.uint64(a)), new_e[keep], ends[after]])
+            # the old runs' pieces outside [a, b): those starting before a, those ending after b
+            lo, hi = int(np.searchsorted(offs, a, "left")), int(np.searchsorted(ends, b, "right"))
+            offs = np.concatenate([offs[:lo], new_o[keep], np.maximum(offs[hi:], np.uint64(b))])
+            ends = np.concatenate([np.minimum(ends[:lo], np.uint64(a)), new_e[keep], ends[hi:]])
         self.segments = self._segments(offs, ends)
 
     def payload(self, start: int, stop: int, limit: int) -> bytes:
