@@ -129,14 +129,40 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_destroy(pthread_mutex_t *m)
     int pthread_mutex_trylock(pthread_mutex_t *m)
     int pthread_mutex_unlock(pthread_mutex_t *m)
-    int pthread_mutex_timedlock(pthread_mutex_t *m, const timespec *abstime)
 
 cdef extern from "<time.h>" nogil:
     cdef struct timespec:
         long tv_sec
         long tv_nsec
     int clock_gettime(int clk, timespec *ts)
-    int CLOCK_REALTIME, CLOCK_MONOTONIC
+    int CLOCK_MONOTONIC
+
+cdef extern from *:
+    """
+    #include <pthread.h>
+    #include <time.h>
+    /* Wait up to ns for the mutex: 0 when taken, else an errno (ETIMEDOUT).  On the
+       monotonic clock where the C library has pthread_mutex_clocklock (glibc 2.30),
+       so a step of the wall clock neither stretches nor cuts the wait. */
+    static int vdisk_mutex_wait(pthread_mutex_t *m, long long ns) {
+        struct timespec t;
+    #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 30))
+        clockid_t clk = CLOCK_MONOTONIC;
+    #else
+        clockid_t clk = CLOCK_REALTIME;
+    #endif
+        clock_gettime(clk, &t);
+        ns += t.tv_nsec;
+        t.tv_sec += (time_t) (ns / 1000000000LL);
+        t.tv_nsec = (long) (ns % 1000000000LL);
+    #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 30))
+        return pthread_mutex_clocklock(m, clk, &t);
+    #else
+        return pthread_mutex_timedlock(m, &t);
+    #endif
+    }
+    """
+    int vdisk_mutex_wait(pthread_mutex_t *m, long long ns) nogil
 
 
 cdef enum:
@@ -177,7 +203,6 @@ cdef class DiskLock:
         """1 when acquired, 0 when not (non-blocking, or timed out)."""
         cdef unsigned long me = <unsigned long> PyThread_get_thread_ident()
         cdef int64_t deadline = 0, now, wake
-        cdef timespec until
         cdef int rc
         if self.count and self.owner == me:
             self.count += 1
@@ -194,10 +219,7 @@ cdef class DiskLock:
                         now = clock_ns(CLOCK_MONOTONIC)
                         if deadline - now < wake:
                             wake = deadline - now if deadline > now else 0
-                    wake += clock_ns(CLOCK_REALTIME)
-                    until.tv_sec = wake // 1000000000
-                    until.tv_nsec = wake % 1000000000
-                    rc = pthread_mutex_timedlock(&self.mutex, &until)
+                    rc = vdisk_mutex_wait(&self.mutex, wake)
                 if rc == 0:
                     break
                 PyErr_CheckSignals()            # a KeyboardInterrupt raises here
