@@ -22,8 +22,8 @@ and ``nbdinfo --map=qemu:dirty-bitmap:NAME`` of a 1 TiB image (64 KiB
 blocks) whose consumer / bitmap has 0.1% of its blocks changed (scattered;
 another 0.1% allocated but unchanged), timed from start to exit, output
 discarded; and the same map right after an untimed 4 KiB write (the same
-bytes again into a changed block: the dirty extents stay, but `vdisk
-serve` must compute its answer anew, as after any write).  Every round runs both servers, one after the other, in
+bytes again into a changed block: the dirty extents stay, and `vdisk
+serve` asks the Disk anew about the written block, as after any write).  Every round runs both servers, one after the other, in
 alternating order.  The ratio is vdisk / qemu-nbd throughput (= qemu-nbd
 time / vdisk time for the map row), the median of the per-round ratios,
 with their range: **> 1 means vdisk is faster**.  Nothing is asserted on a
@@ -77,7 +77,7 @@ ROWS = {
     "randwrite_qd1": ("random 4 KiB writes, qd 1", "randwrite", "4k", 1),
     "randwrite_qd16": ("random 4 KiB writes, qd 16", "randwrite", "4k", 16),
     "map": ("`nbdinfo --map=qemu:dirty-bitmap:` of 1 TiB, 0.1% changed", None, None, None),
-    "map_after_write": ("the same map right after a 4 KiB write (no earlier answer reusable)", None, None, None),
+    "map_after_write": ("the same map right after a 4 KiB write (the written block asked anew)", None, None, None),
 }
 MAP_ROWS = ("map", "map_after_write")
 
