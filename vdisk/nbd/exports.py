@@ -459,7 +459,11 @@ class Image:
         live Disk, and nothing else changed: answers computed before stand
         outside the range's blocks (the next request inside a kept window asks
         those blocks anew).  Only the server calls it, as the Disk's sole
-        writer; any other change calls touch()."""
+        writer; any other change calls touch().  Nothing is kept while the
+        live export holds no window (one computed later sees the write) or its
+        answers are never reused."""
+        if not self.sole_writer or not self._live.windows:
+            return
         if len(self.written) >= WRITES_KEPT:
             self.touch()
             return
