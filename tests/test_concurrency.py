@@ -789,3 +789,35 @@ def _acquire_elsewhere(lk) -> bool:
     t.start()
     t.join()
     return got == [True]
+
+
+def test_alone_is_the_only_thread_of_the_only_interpreter():
+    """The hot path keeps the GIL through its system calls only when no other
+    thread could want it: the only thread state of the only interpreter.  A
+    thread counts from its start (before it runs) until it has ended; a
+    second interpreter counts too (it shares the GIL).  Asked in a fresh
+    interpreter: this one may hold threads that earlier tests left."""
+    code = textwrap.dedent("""
+        import threading, time
+        from vdisk._hotpath import alone_now
+        assert alone_now()
+        t = threading.Thread(target=time.sleep, args=(0.5,))
+        assert alone_now()                  # made, not started: no thread state yet
+        t.start()
+        assert not alone_now()
+        t.join()
+        assert alone_now()
+        try:
+            import _xxsubinterpreters as sub
+        except ImportError:
+            print("no subinterpreters")
+        else:
+            i = sub.create()
+            assert not alone_now()
+            sub.destroy(i)
+            assert alone_now()
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
+

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -118,26 +121,27 @@ def test_a_converted_image_has_no_folio_above_a_piece(tmp_path):
     assert sizes and max(sizes) <= PIECE, sorted(set(sizes))
 
 
-def test_reads_from_the_cache_and_from_the_disk_agree(tmp_path):
-    """Reads of at most 64 KiB within one block first try the page cache with
-    the GIL held (preadv2 with RWF_NOWAIT) and fall back to the plain read when
-    the pages are not all there: every case reads what was written."""
+@pytest.mark.parametrize("beside", ["alone", "beside a thread"])
+def test_reads_from_the_cache_and_from_the_disk_agree(tmp_path, beside):
+    """Alone (the only thread of the process), the hot path reads with the
+    GIL held.  Beside another thread, reads of at most 64 KiB within one
+    block first try the page cache with the GIL held (preadv2 with
+    RWF_NOWAIT) and fall back to the plain read, the GIL released, when the
+    pages are not all there.  Either way every case reads what was written
+    (pagecache.reads_agree).  The alone case runs in a fresh interpreter:
+    this one may hold threads that earlier tests left (a pool's workers)."""
     img = str(tmp_path / "r.vdk")
-    bs = 64 << 10
-    with vdisk.create(img, 8 * MiB, block_size=bs) as d:
-        data = {i: pattern(i, bs) for i in range(0, 128, 3)}
-        for i, block in data.items():
-            d.pwrite(block, i * bs)
-        d.flush()
-        for i, block in data.items():           # cached
-            assert d.pread(bs, i * bs) == block
-            assert d.pread(4096, i * bs + 8192) == block[8192:12288]
-        pagecache.evict(img)                    # nothing cached: EAGAIN, then the blocking read
-        for i, block in list(data.items())[:10]:
-            assert d.pread(4096, i * bs + 4096) == block[4096:8192]
-        pagecache.evict(img)
-        for i, block in list(data.items())[:10]:    # part of the block cached: a short cached read
-            assert d.pread(4096, i * bs) == block[:4096]
-            assert d.pread(bs, i * bs) == block
-        assert d.pread(bs, 1 * bs) == bytes(bs)     # never written: zeros, no read at all
-        assert d.pread(100, 4 * bs - 50) == data[3][-50:] + bytes(50)     # two blocks: the plain path
+    if beside == "alone":
+        subprocess.run([sys.executable, "-c", "import sys, vdisk._hotpath as h, vdisk_testkit.pagecache as p\n"
+                        "assert h.alone_now()\np.reads_agree(sys.argv[1])\nassert h.alone_now()", img],
+                       check=True, timeout=120)
+        return
+    stop = threading.Event()
+    parked = threading.Thread(target=stop.wait)
+    parked.start()
+    try:
+        assert not vdisk._hotpath.alone_now()
+        pagecache.reads_agree(img)
+    finally:
+        stop.set()
+        parked.join()

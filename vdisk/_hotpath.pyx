@@ -16,6 +16,8 @@ from libc.errno cimport errno, EINTR
 from posix.unistd cimport pread as c_pread, pwrite as c_pwrite
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport PyThread_get_thread_ident
+from cpython.pystate cimport (PyInterpreterState, PyInterpreterState_Head, PyInterpreterState_Next,
+                              PyInterpreterState_ThreadHead, PyThreadState_Next)
 
 cdef bint all_zero(const uint8_t *p, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
@@ -114,12 +116,31 @@ cdef extern from *:
     int RWF_NOWAIT
     int EOPNOTSUPP, EINVAL, ENOSYS
 
-# Reads of at most NOWAIT_MAX bytes first try the page cache with the GIL held
-# (preadv2 with RWF_NOWAIT: it fails with EAGAIN rather than wait for the
-# disk) and release the GIL only for the read that must wait; releasing and
-# taking the GIL back cost about as much as the copy of a cached 4 KiB page.
+# Who holds the GIL while a system call of the hot path runs.  Alone (the
+# only thread state of the only interpreter), nobody could take it: the call
+# keeps it, as releasing and taking it back would only cost.  Beside other
+# threads, reads of at most NOWAIT_MAX bytes first try the page cache with
+# the GIL held (preadv2 with RWF_NOWAIT: EAGAIN rather than wait for the
+# disk) and release it only for the read that must wait; writes release it.
+# Which costs less, a GIL round trip or preadv2's extra kernel work (the
+# iovec import), differs by machine (benchmarks/README.md, "Alone with the
+# GIL").
 cdef enum:
     NOWAIT_MAX = 64 * 1024
+
+
+cdef inline bint alone() noexcept:
+    """True when the caller (holding the GIL) is the only thread state of the
+    only interpreter.  A thread started later is counted from the moment its
+    start is asked for (its state exists before it runs)."""
+    cdef PyInterpreterState *interp = PyInterpreterState_Head()
+    return (PyInterpreterState_Next(interp) == NULL
+            and PyThreadState_Next(PyInterpreterState_ThreadHead(interp)) == NULL)
+
+
+def alone_now():
+    """alone() as the hot path sees it now (for the tests)."""
+    return alone()
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -459,8 +480,11 @@ cdef class HotPath:
         try:
             if not self.can_read:
                 return 1
-            with nogil:
+            if alone():
                 err = read_table_runs(self.fd, &table[0], self.shift, buf, offset, n)
+            else:
+                with nogil:
+                    err = read_table_runs(self.fd, &table[0], self.shift, buf, offset, n)
         finally:
             self.lock.leave()
         return 1 if err else 0
@@ -537,10 +561,13 @@ cdef class HotPath:
             if b == b1 and self.table[b] == 0:
                 memset(buf, 0, n)
                 return out
-            if b == b1 and n <= NOWAIT_MAX and self.nowait and self.cached_read(buf, off, n):
-                return out
-            with nogil:
+            if alone():
                 err = self.read_runs(buf, off, n)
+            elif b == b1 and n <= NOWAIT_MAX and self.nowait and self.cached_read(buf, off, n):
+                return out
+            else:
+                with nogil:
+                    err = self.read_runs(buf, off, n)
             if err:
                 return self.read_slow(length, offset)   # raises the VdiskIOError
             return out
@@ -610,8 +637,11 @@ cdef class HotPath:
                             # a region to arm: Python does it (the blocks marked so far are written there too)
                             return self.write_slow(data, offset)
                 if self.direct:
-                    with nogil:
+                    if alone():
                         err = self.write_runs(src, off, n)
+                    else:
+                        with nogil:
+                            err = self.write_runs(src, off, n)
                     if err:
                         return self.write_slow(data, offset)   # repeats it; raises
                 else:

@@ -15,6 +15,9 @@ import struct
 
 import numpy as np
 
+import vdisk
+from vdisk_testkit.helpers import pattern
+
 PAGE = mmap.PAGESIZE
 KPF_COMPOUND_HEAD = 1 << 15
 KPF_COMPOUND_TAIL = 1 << 16
@@ -78,3 +81,28 @@ def evict(path: str) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def reads_agree(img: str) -> None:
+    """Create img (8 MiB, 64 KiB blocks), write blocks, and read them back
+    cached, evicted, partly cached, never written and across two blocks:
+    every read must return what was written (AssertionError otherwise)."""
+    bs = 64 << 10
+    with vdisk.create(img, 8 << 20, block_size=bs) as d:
+        data = {i: pattern(i, bs) for i in range(0, 128, 3)}
+        for i, block in data.items():
+            d.pwrite(block, i * bs)
+        d.flush()
+        for i, block in data.items():           # cached
+            assert d.pread(bs, i * bs) == block
+            assert d.pread(4096, i * bs + 8192) == block[8192:12288]
+        evict(img)                    # nothing cached: EAGAIN, then the blocking read
+        for i, block in list(data.items())[:10]:
+            assert d.pread(4096, i * bs + 4096) == block[4096:8192]
+        evict(img)
+        for i, block in list(data.items())[:10]:    # part of the block cached: a short cached read
+            assert d.pread(4096, i * bs) == block[:4096]
+            assert d.pread(bs, i * bs) == block
+        assert d.pread(bs, 1 * bs) == bytes(bs)     # never written: zeros, no read at all
+        assert d.pread(100, 4 * bs - 50) == data[3][-50:] + bytes(50)     # two blocks: the plain path
+
