@@ -21,7 +21,8 @@ random over the region, at queue depth 1 and 16, each fio run time-based;
 and ``nbdinfo --map=qemu:dirty-bitmap:NAME`` of a 1 TiB image (64 KiB
 blocks) whose consumer / bitmap has 0.1% of its blocks changed (scattered;
 another 0.1% allocated but unchanged), timed from start to exit, output
-discarded; and the same map right after an untimed 4 KiB write (the same
+discarded, five runs per side in each round (``--map-runs``; the round's
+figure is their median, the server CPU their mean); and the same map right after an untimed 4 KiB write (the same
 bytes again into a changed block: the dirty extents stay, and `vdisk
 serve` asks the Disk anew about the written block, as after any write).  Every round runs both servers, one after the other, in
 alternating order.  The ratio is vdisk / qemu-nbd throughput (= qemu-nbd
@@ -316,6 +317,8 @@ def main(argv=None) -> int:
                          "the scheduler happens to place a server beside its client")
     ap.add_argument("--poll-us", type=int,
                     help="pass --poll-us to vdisk serve (default: the server's default; 0 turns its spin off)")
+    ap.add_argument("--map-runs", type=int, default=5,
+                    help="nbdinfo runs per side in each round of a map row; the round's figure is their median (default 5)")
     ap.add_argument("--json", help="write every round's figures here")
     ap.add_argument("--output", help="also write the table to this file")
     ap.add_argument("--update-readme", action="store_true", help="replace the NBD results block of benchmarks/README.md")
@@ -391,12 +394,16 @@ def main(argv=None) -> int:
                 outputs = {}
 
                 def measure(side, name=name, outputs=outputs):
-                    if name == "map_after_write":      # untimed: one block rewritten with its own bytes
-                        write_blocks(servers_of[side], changed[:1], 2)
-                    c0 = cpu_seconds(pids[side])
-                    t, text = nbdinfo_map(uris[side])
-                    outputs[side] = text
-                    return Sample(t, (cpu_seconds(pids[side]) - c0) * 1e3)
+                    times, cpu = [], 0.0
+                    for _ in range(args.map_runs):
+                        if name == "map_after_write":      # untimed: one block rewritten with its own bytes
+                            write_blocks(servers_of[side], changed[:1], 2)
+                        c0 = cpu_seconds(pids[side])
+                        t, text = nbdinfo_map(uris[side])
+                        cpu += cpu_seconds(pids[side]) - c0
+                        times.append(t)
+                        outputs[side] = text
+                    return Sample(float(np.median(times)), cpu / args.map_runs * 1e3)
 
                 res = alternate(args.rounds, measure)
                 rv, rq = dirty_runs(outputs["vdisk"]), dirty_runs(outputs["qemu"])
