@@ -11,14 +11,19 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import zipfile
 
 import warnings
 
+import hypothesis
+import hypothesis.strategies as st
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import vdisk
+from vdisk.arrays import distinct
 from vdisk.cli import main
 
 from vdisk_testkit.qemu_helpers import needs_qemu
@@ -541,6 +546,41 @@ def test_info_imports_neither_h5py_nor_tqdm(image):
             "print('h5py' in sys.modules, 'tqdm' in sys.modules, file=sys.stderr)")
     r = subprocess.run([sys.executable, "-c", code, str(image)], capture_output=True, text=True, timeout=60)
     assert r.stderr.splitlines()[-1] == "False False", r.stderr
+
+
+def test_writes_flushes_and_tracking_import_no_numpy_ma(tmp_path):
+    """numpy 2's np.unique imports numpy.ma on first use (8-15 ms): a process's
+    first flush paid it.  Writes, flushes, a checkpoint, changes_since, a
+    snapshot, a discard, a resize and a reopen import no numpy.ma."""
+    code = textwrap.dedent("""
+        import sys, vdisk
+        p = sys.argv[1]
+        with vdisk.create(p, 64 << 20) as d:
+            d.pwrite(b"x" * 4096, 0)
+            d.flush()
+            cid = d.checkpoint()
+            d.pwrite(b"y" * 100000, 3 * 65536)
+            assert d.changes_since(cid).nbytes == 131072
+            d.snapshot("s1")
+            d.pwrite(b"z" * 4096, 0)
+            d.discard(0, 65536)
+            d.resize(128 << 20)
+        with vdisk.open(p, "r+") as d:
+            d.pwrite(b"q" * 4096, 4096)
+            d.flush()
+        print("numpy.ma" in sys.modules, file=sys.stderr)
+    """)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.vdk")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stderr.splitlines()[-1] == "False", r.stderr
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(st.lists(st.integers(0, 2 ** 40), max_size=200), st.sampled_from(["int64", "uint32", "int32"]))
+def test_distinct_is_numpys_unique(values, dtype):
+    a = np.array([v % (2 ** 31) for v in values], dtype=dtype)
+    got, want = distinct(a), np.unique(a)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
 
 
 def test_lazy_names_are_the_functions():

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from . import _fast
 from . import layout as L
-from .arrays import lazy_zeros, write_pages
+from .arrays import distinct, lazy_zeros, write_pages
 from .errors import CorruptImageError, OutOfRangeError
 
 REFS_PER_PAGE = 4096 // L.REFCOUNT_BYTES
@@ -159,7 +159,7 @@ class Allocator:
     def add_refs(self, used: np.ndarray) -> None:
         """One more reference to every block of used (a new table maps them)."""
         self.refcounts[used] += 1
-        self.dirty_pages.update(np.unique(used // REFS_PER_PAGE).tolist())
+        self.dirty_pages.update(distinct(used // REFS_PER_PAGE).tolist())
 
     # --- release ------------------------------------------------------------------
     def decref_later(self, p: int) -> None:

@@ -55,7 +55,7 @@ from .changeid import parse_change_id as parse_change_id                        
 from .changeid import _check_epoch, issued_id
 from .errors import StaleChangeIdError
 from .extents import Extents
-from .arrays import lazy_zeros, page_runs as _page_runs
+from .arrays import distinct, lazy_zeros, page_runs as _page_runs
 from .layout import SECTOR, SUMMARY_SHIFT, regions_for
 
 if typing.TYPE_CHECKING:
@@ -309,7 +309,7 @@ class ChangeTracker:
         """mark() for every block of an array of block numbers (revert: the
         blocks whose mapping changes)."""
         self.dirty[blocks] = 1
-        self.dirty_groups[np.unique(blocks >> SUMMARY_SHIFT)] = 1
+        self.dirty_groups[blocks >> SUMMARY_SHIFT] = 1
 
     @property
     def coarse(self) -> np.ndarray:
@@ -380,7 +380,7 @@ class ChangeTracker:
         self._touch_regions_of(groups)
         _fast.fold(self.dirty, self.dirty_groups, self.counters, self.summary, self.sole, groups,
                    generation, SUMMARY_SHIFT, nblocks)
-        pages = np.unique(groups >> (10 - SUMMARY_SHIFT))   # 1024 counters per 4 KiB page
+        pages = distinct(groups >> (10 - SUMMARY_SHIFT))   # 1024 counters per 4 KiB page
         self.write_counter_pages(pages)
         return True
 
