@@ -47,8 +47,9 @@ Reopened, the image satisfies the crash contract above (tests/test_faults.py
 fails every call site of a workload in turn and checks it).
 
 Threads: every public method takes the Disk's lock (a reentrant C lock, shared
-with the Cython hot path); data I/O runs in
-os.pread/os.pwrite, which release the GIL.  ``flush()`` and the automatic
+with the Cython hot path); data I/O releases the GIL while it waits
+(the hot path keeps it when the caller is the process's only thread, and
+for a read the page cache holds: vdisk/_hotpath.pyx).  ``flush()`` and the automatic
 fold hold it only for steps 1 and 5 and run steps 2-4 (the fsyncs and the
 table write, from a copy of the changed table pages taken at step 1)
 without it, so other threads read and write meanwhile: what they write is
