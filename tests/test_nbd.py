@@ -242,6 +242,7 @@ def test_sigkill_after_flush_loses_nothing_flushed_and_tracking_covers(tmp_path,
         data = pattern(40 + i, 20 * KiB)
         assert a.call(P.NBD_CMD_WRITE, 12 * MiB + i * 100 * KiB, len(data), 0, data).error == 0
     srv.kill()
+    a.close(), b.close()
     with vdisk.open(img, "r+") as d:
         now = d.pread(size, 0)
         for off, data in flushed.items():
@@ -308,7 +309,7 @@ def test_golden_against_qemu_nbd_dirty_bitmap_and_allocation(tmp_path, serve_pro
         assert srv.stop() == 0
     finally:
         qproc.terminate()
-        qproc.wait(30)
+        qproc.communicate(timeout=30)
 
 
 def test_sigterm_answers_requests_in_flight_then_exits_0(tmp_path, serve_process):
@@ -331,6 +332,7 @@ def test_sigterm_answers_requests_in_flight_then_exits_0(tmp_path, serve_process
             answered.append(c.reply())
         except EOFError:
             break
+    c.close()
     assert srv.stop() == 0
     assert all(r.error == 0 for r in answered) and [r.cookie for r in answered] == list(range(1, len(answered) + 1))
     data = image_bytes(img)

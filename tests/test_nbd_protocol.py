@@ -24,6 +24,14 @@ BS = 64 * KiB
 SIZE = 4 * MiB + 1536          # not a multiple of the block size: the last block is partial
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fuzz_harness_closed():
+    """The fuzz harness keeps one server and bystander for all its inputs:
+    stopped and closed once this module's tests are done."""
+    yield
+    fuzz_nbd.close_state()
+
+
 @pytest.fixture
 def server(tmp_path):
     """A server in a thread over an image with data at [0, 100 KiB) and a snapshot."""
@@ -79,6 +87,7 @@ def test_handshake_flags_and_info(server):
     assert c.meta(P.NBD_OPT_SET_META_CONTEXT, "", stale) == {}
     assert c.option(P.NBD_OPT_ABORT)[-1][0] == P.NBD_REP_ACK
     assert c.closed_by_server()
+    c.close()
 
 
 def test_export_name_option_and_no_zeroes(server):
@@ -96,6 +105,7 @@ def test_export_name_option_and_no_zeroes(server):
     c.greeting()
     c.send(P.OPTION_HEADER.pack(P.IHAVEOPT, P.NBD_OPT_EXPORT_NAME, 3) + b"bad")
     assert c.closed_by_server()
+    c.close()
 
 
 def test_bad_requests_get_clean_errors(server):
@@ -215,7 +225,8 @@ def test_hostile_lengths_disconnect_one_client_only(server, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "vdisk.nbd"]
     assert len(lines) == 3 and all("disconnected" in m and "\n" not in m for m in lines), lines
     assert "4294967295" in lines[0] and "IHAVEOPT" not in lines[0]
-    bystander.close()
+    for x in (bystander, bad, bad2, bad3):
+        x.close()
 
 
 # ---------------------------------------------------------------------------- fuzz
@@ -360,6 +371,7 @@ def test_pipelined_requests_after_go_and_disc_finishes_them(server):
     r = c.reply(read_length=5)
     assert (r.cookie, r.error, r.data) == (3, 0, b"xyz!!")
     assert c.closed_by_server()
+    c.close()
     assert server.disk.pread(5, MiB) == b"xyz!!"
 
 
@@ -401,6 +413,7 @@ def test_connection_cap(tmp_path, caplog):
         extra = Client(srv.socket_path)
         with pytest.raises((EOFError, ConnectionError, OSError)):
             extra.greeting()
+        extra.close()
         assert any("refused, 2 connections" in r.getMessage() for r in caplog.records)
         assert a.read(0, 4) == bytes(4)
         a.close()

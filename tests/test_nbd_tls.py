@@ -57,6 +57,7 @@ def test_starttls_with_qemu_img_and_nbdinfo(tmp_path, certs, serve_process):
         assert c.option(opt, data)[-1][0] == P.NBD_REP_ERR_TLS_REQD
     c.send(P.OPTION_HEADER.pack(P.IHAVEOPT, P.NBD_OPT_EXPORT_NAME, 4) + b"disk")
     assert c.closed_by_server()                           # EXPORT_NAME cannot be refused: a disconnect
+    c.close()
     # STARTTLS from the raw client, then the session goes on inside TLS
     c = Client((host, port))
     c.greeting()

@@ -141,6 +141,7 @@ class Client:
             self.contexts = got
         replies = self.option(P.NBD_OPT_GO, self.info_data(export))
         if replies[-1][0] != P.NBD_REP_ACK:
+            self.close()                    # the caller never gets this client: nothing else would
             raise ProtocolError(f"GO {export!r} refused: {replies[-1]}")
         for rtype, data in replies:
             if rtype == P.NBD_REP_INFO and P.U16.unpack_from(data)[0] == P.NBD_INFO_EXPORT:

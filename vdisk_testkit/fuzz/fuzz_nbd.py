@@ -86,11 +86,27 @@ class _State:
         assert _recv_exact(self.bystander, GUARDED) == b"\x5a" * GUARDED, "the bystander's data changed"
 
 
+    def close(self) -> None:
+        self.bystander.close()
+        self.server.stop_in_thread()
+        logging.getLogger("vdisk.nbd").removeHandler(self.findings)
+        logging.getLogger("vdisk.nbd").propagate = True
+
+
 def state() -> _State:
     global _STATE
     if _STATE is None:
         _STATE = _State()
     return _STATE
+
+
+def close_state() -> None:
+    """Stop the harness's server and close its bystander (a test run's end;
+    under atheris the process ends with them)."""
+    global _STATE
+    if _STATE is not None:
+        _STATE.close()
+        _STATE = None
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:
