@@ -10,6 +10,7 @@ import ast
 import gc
 import os
 import re
+from pathlib import Path
 
 import vdisk
 
@@ -23,7 +24,7 @@ PARTS = ["allocator.py", "blocktable.py", "snapshot_ops.py", "header.py", "snaps
 def _imports(path: str) -> list[tuple[int, str]]:
     """(line, module) of every import in the file, at any depth, outside
     ``if TYPE_CHECKING:`` blocks (those never run)."""
-    tree = ast.parse(open(path).read())
+    tree = ast.parse(Path(path).read_text())
     skip = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
@@ -56,7 +57,7 @@ def test_nothing_outside_disk_py_names_the_disks_private_state():
             path = os.path.join(root, name)
             if not name.endswith(".py") or path == os.path.join(PKG, "disk.py"):
                 continue
-            for i, line in enumerate(open(path), 1):
+            for i, line in enumerate(Path(path).read_text().splitlines(), 1):
                 code = line.split("#", 1)[0]
                 found += [f"{os.path.relpath(path, PKG)}:{i}: {m}" for m in pattern.findall(code)]
     assert not found, found
@@ -94,7 +95,7 @@ def test_the_cython_layer_never_names_the_disks_private_state():
     by_string = re.compile(r"getattr\([^)]*[\"']_")
     found = []
     for path in _cython_sources():
-        for i, line in enumerate(open(path), 1):
+        for i, line in enumerate(Path(path).read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
             bare = re.sub(r"\"[^\"]*\"|'[^']*'", '""', code)      # names in messages are no access
             for rx, text in ((access, bare), (disk_names, bare), (by_string, code)):
@@ -120,7 +121,7 @@ def _module_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for mod, path in modules.items():
         package = mod if path.endswith("__init__.py") else mod.rpartition(".")[0]
-        tree = ast.parse(open(path).read())
+        tree = ast.parse(Path(path).read_text())
         skip = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
@@ -222,7 +223,7 @@ def test_files_are_put_in_place_by_fileio_only():
             rel = os.path.relpath(path, PKG)
             if not name.endswith(".py") or rel == "fileio.py":
                 continue
-            for i, line in enumerate(open(path), 1):
+            for i, line in enumerate(Path(path).read_text().splitlines(), 1):
                 code = line.split("#", 1)[0]
                 for call in ("os.replace(", "os.rename(", "os.link(", "place_synced(", " place(", "os.renames("):
                     if call in code and (rel, call) not in allowed:

@@ -41,7 +41,7 @@ def distinct(a: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.integer[Any]]:
     """The distinct values of an integer array, ascending: np.unique's answer
     without its cost on first use (numpy 2's np.unique imports numpy.ma, 8-15
     ms here, which every process's first flush would pay)."""
-    a = np.sort(a, kind="stable")
+    a = np.sort(a)
     if len(a) < 2:
         return a
     keep = np.empty(len(a), dtype=bool)

@@ -253,6 +253,7 @@ class NbdKillCampaign:
         sock = os.path.join(self.sockdir, f"k{self.round % 2}")
         srv = nbdserve.vdisk_serve(self.path, sock, "k")
         how = "?"
+        c = None
         try:
             c = Client(sock, "k")
             assert c.size == self.size, f"export size {c.size}, image {self.size}"
@@ -262,6 +263,8 @@ class NbdKillCampaign:
             how = self._requests(c, rng.randint(1, self.max_requests), after_flush)
         finally:
             srv.kill()
+            if c is not None:
+                c.sock.close()          # the server is gone: no DISC to send
             try:
                 os.unlink(sock)
             except FileNotFoundError:

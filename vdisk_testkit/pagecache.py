@@ -96,7 +96,7 @@ def reads_agree(img: str) -> None:
         for i, block in data.items():           # cached
             assert d.pread(bs, i * bs) == block
             assert d.pread(4096, i * bs + 8192) == block[8192:12288]
-        evict(img)                    # nothing cached: EAGAIN, then the blocking read
+        evict(img)                              # nothing cached: EAGAIN, then the blocking read
         for i, block in list(data.items())[:10]:
             assert d.pread(4096, i * bs + 4096) == block[4096:8192]
         evict(img)
@@ -105,4 +105,3 @@ def reads_agree(img: str) -> None:
             assert d.pread(bs, i * bs) == block
         assert d.pread(bs, 1 * bs) == bytes(bs)     # never written: zeros, no read at all
         assert d.pread(100, 4 * bs - 50) == data[3][-50:] + bytes(50)     # two blocks: the plain path
-

@@ -85,7 +85,6 @@ class _State:
         assert (magic, err, cookie) == (P.NBD_SIMPLE_REPLY_MAGIC, 0, self.cookie), (magic, err, cookie)
         assert _recv_exact(self.bystander, GUARDED) == b"\x5a" * GUARDED, "the bystander's data changed"
 
-
     def close(self) -> None:
         self.bystander.close()
         self.server.stop_in_thread()

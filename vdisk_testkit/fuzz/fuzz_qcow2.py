@@ -23,6 +23,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -152,14 +153,14 @@ def build_seed_files(directory: str) -> dict[str, bytes]:
         _qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, p, size)
         if cmds:
             _qemu("qemu-io", "-f", "qcow2", *itertools.chain.from_iterable(("-c", c) for c in cmds), p)
-        out[name] = open(p, "rb").read()
+        out[name] = Path(p).read_bytes()
     # an internal snapshot, then more writes
     p = os.path.join(directory, "snap.qcow2")
     _qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p, "32K")
     _qemu("qemu-io", "-f", "qcow2", "-c", "write -P 7 0 1k", p)
     _qemu("qemu-img", "snapshot", "-c", "one", p)
     _qemu("qemu-io", "-f", "qcow2", "-c", "write -P 8 512 1k", p)
-    out["snap-512"] = open(p, "rb").read()
+    out["snap-512"] = Path(p).read_bytes()
     # a backing file named relative to the image (reachable with ALLOW_BACKING: base.raw, base.qcow2)
     for fmt in ("raw", "qcow2"):
         base = os.path.join(directory, "base." + fmt)
@@ -172,7 +173,7 @@ def build_seed_files(directory: str) -> dict[str, bytes]:
         _qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "base." + fmt,
               "-F", fmt, p, "16K")
         _qemu("qemu-io", "-f", "qcow2", "-c", "write -P 4 1k 1k", p)
-        out[f"backing-{fmt}"] = open(p, "rb").read()
+        out[f"backing-{fmt}"] = Path(p).read_bytes()
     return out
 
 

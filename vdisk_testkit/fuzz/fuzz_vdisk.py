@@ -44,6 +44,7 @@ import os
 import random
 import struct
 import tempfile
+from pathlib import Path
 
 import vdisk
 from vdisk import layout as L
@@ -256,7 +257,7 @@ def build_seed_images(directory: str) -> dict[str, bytes]:
         d.pwrite(_pattern(5, 50), 12 * bs)
         d.checkpoint()
         d.pwrite(_pattern(6, 200), bs + 10)
-    out["snaps"] = open(p, "rb").read()
+    out["snaps"] = Path(p).read_bytes()
 
     p = os.path.join(directory, "crash.img")
     with vdisk.create(p, 256 * KiB, block_size=bs, coarse_region_size=bs * 4) as d:
@@ -265,14 +266,14 @@ def build_seed_images(directory: str) -> dict[str, bytes]:
         d.pwrite(_pattern(8, 100), 2 * bs)           # in place: arms a coarse bit
         d.pwrite(_pattern(9, 100), 40 * bs)
         d.flush()
-        out["crash"] = open(p, "rb").read()            # as a power loss would leave it
+        out["crash"] = Path(p).read_bytes()            # as a power loss would leave it
 
     p = os.path.join(directory, "untracked.img")
     with vdisk.create(p, 32 * KiB, block_size=bs, track_changes=False) as d:
         d.pwrite(_pattern(10, 2 * bs), 3 * bs)
         d.snapshot("only")
         d.pwrite(_pattern(11, 10), 3 * bs)
-    out["untracked"] = open(p, "rb").read()
+    out["untracked"] = Path(p).read_bytes()
 
     p = os.path.join(directory, "grown.img")
     with vdisk.create(p, 16 * KiB, block_size=bs) as d:
@@ -282,7 +283,7 @@ def build_seed_images(directory: str) -> dict[str, bytes]:
         d.pwrite(_pattern(13, bs), 5 * MiB - bs)
         d.snapshot("after-grow")
         d.resize(8 * KiB)
-    out["grown"] = open(p, "rb").read()
+    out["grown"] = Path(p).read_bytes()
     # counters one step from their limits: the next checkpoint, snapshot or commit meets the guard
     for name, fields in (("gen-limit", {"generation": L.MAX_GENERATION - 1}),
                          ("id-limit", {"snapshot_next_id": L.MAX_SNAPSHOT_ID - 1}),
